@@ -1,0 +1,159 @@
+"""Small frozen records passed between pipeline stages.
+
+The flow is ``Message -> (Reading | SampleBlock) -> Window -> FeatureVector -> Score -> Alert``.
+Stages never pass loose dicts; arrays carry their shape and dtype in the docstring of the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a reading comes from: the tags taken from the topic template, in template order.
+
+    ``machine`` and ``sensor`` are always present (the config validator requires them in the template).
+    """
+
+    tags: tuple[tuple[str, str], ...]
+
+    @property
+    def machine(self) -> str:
+        return self.tag("machine")
+
+    @property
+    def sensor(self) -> str:
+        return self.tag("sensor")
+
+    def tag(self, name: str) -> str:
+        for key, value in self.tags:
+            if key == name:
+                return value
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.tags)
+
+    @classmethod
+    def of(cls, **tags: str) -> Source:
+        """Build a source from keyword tags (tests and the simulator use this)."""
+        return cls(tuple(tags.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT message as received; ``mid`` identifies it for the manual acknowledgement."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    received_ns: int
+    retained: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """Process values of one source at one timestamp (a scalar reading has the single field ``value``)."""
+
+    source: Source
+    time_ns: int
+    fields: Mapping[str, float]
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleBlock:
+    """A block of equally spaced samples of one channel (vibration).
+
+    ``samples``: float32, shape ``(n,)``; sample ``i`` was taken at ``start_ns + i * 1e9 / rate_hz``.
+    """
+
+    source: Source
+    start_ns: int
+    rate_hz: float
+    samples: np.ndarray
+    channel: str = "value"
+    seq: int | None = None
+
+    @property
+    def end_ns(self) -> int:
+        """Time of the last sample."""
+        return self.start_ns + round((len(self.samples) - 1) * NS_PER_S / self.rate_hz)
+
+
+Decoded = Reading | SampleBlock
+
+WindowKind = Literal["vibration", "process"]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A fixed-length slice of one source's stream, ready for feature extraction.
+
+    ``data``: float64, shape ``(len(channels), n_samples)``.
+    ``times_s``: float64, shape ``(n_samples,)``, seconds since ``start_ns`` (process windows; for
+    vibration windows the samples are equally spaced at ``rate_hz``).
+    """
+
+    source: Source
+    kind: WindowKind
+    start_ns: int
+    end_ns: int
+    channels: tuple[str, ...]
+    data: np.ndarray
+    times_s: np.ndarray
+    rate_hz: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureVector:
+    """Features of one window. ``values``: float32, shape ``(len(names),)``."""
+
+    window: Window
+    names: tuple[str, ...]
+    values: np.ndarray
+    spec_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """A model's verdict on one window: higher is more anomalous; ``threshold`` comes from the manifest."""
+
+    source: Source
+    start_ns: int
+    end_ns: int
+    model_id: str
+    model_version: str
+    score: float
+    threshold: float
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.score > self.threshold
+
+
+AlertState = Literal["raised", "cleared"]
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert event decided by the alert policy (see ``agent/schemas/alert.schema.json``)."""
+
+    source: Source
+    state: AlertState
+    model_id: str
+    model_version: str
+    score: float
+    threshold: float
+    window_start_ns: int
+    window_end_ns: int
+    time_ns: int
+    details: Mapping[str, object] = field(default_factory=dict)
