@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-unit check lint typecheck models clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup ## run the agent against a local broker and database with the gateway simulator (~1 min)
+	$(PY) scripts/demo.py
+
+test: setup ## unit and integration tests (integration tests start their own Mosquitto and InfluxDB)
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check agent tests scripts
+	$(VENV)/bin/ruff format --check agent tests scripts
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+check: lint typecheck test ## what CI runs, and more
+
+models: setup ## rebuild the shipped models in models/ (deterministic)
+	$(VENV)/bin/pdm-agent train --out models
+
+clean:
+	rm -rf run .pytest_cache .mypy_cache .ruff_cache

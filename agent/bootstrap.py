@@ -1,0 +1,241 @@
+"""The composition root: the only module that builds concrete objects from the config and wires them.
+
+``build_agent(config)`` reads like the pipeline: MQTT -> ingest -> spool -> InfluxDB writer, and
+windows -> features -> inference -> alerts. Models are loaded, verified and warmed up here, before any
+connection is made, so a bad model stops the start with a clear error instead of failing later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from agent import schema
+from agent.alerts.policy import ThresholdAlertPolicy
+from agent.config import Config
+from agent.decode.json_v1 import DecodeLimits
+from agent.decode.topic import TopicTemplate
+from agent.features.windows import Windower
+from agent.inference.manifest import Manifest
+from agent.inference.model import OnnxAnomalyModel
+from agent.inference.router import AnomalyModel, ModelRouter
+from agent.ingest.mqtt import MqttConnection, MqttSettings
+from agent.metrics import Metrics
+from agent.pipeline import IngestWorker, ScoringWorker
+from agent.records import Message, Window
+from agent.spool.sqlite import Spool
+from agent.storage.line_protocol import format_point
+from agent.storage.points import RawVibrationPolicy
+from agent.storage.sinks import InfluxV1Sink, InfluxV2Sink
+from agent.storage.writer import SpoolWriter
+from agent.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Agent:
+    """A built agent. ``start`` connects and starts the threads; ``stop`` drains and flushes them."""
+
+    config: Config
+    metrics: Metrics
+    topics: Topics
+    mqtt: MqttConnection
+    spool: Spool
+    writer: SpoolWriter
+    ingest: IngestWorker
+    scoring: ScoringWorker
+    router: ModelRouter
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _stop_requested: threading.Event = field(default_factory=threading.Event)
+    _heartbeat: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.writer.start()
+        self.scoring.start()
+        self.ingest.start()
+        self.mqtt.start()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        logger.info(
+            "agent %s started: models %s",
+            self.config.agent.id,
+            ", ".join(f"{m.model_id} {m.version}" for m in self.router.models) or "none",
+        )
+
+    def request_stop(self) -> None:
+        """Ask ``run_until_signal`` to return (thread-safe)."""
+        self._stop_requested.set()
+
+    def stop(self) -> None:
+        """Stop in pipeline order so that whatever was accepted is stored before the process exits."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        budget = self.config.agent.shutdown_timeout_s
+        self.ingest.stop(budget)
+        self.scoring.stop(budget)
+        self.publish_heartbeat()
+        self.mqtt.stop()
+        self.writer.stop(budget)
+        self.spool.close()
+        logger.info("agent %s stopped: %s", self.config.agent.id, self.summary())
+
+    def run_until_signal(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop gracefully."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s, stopping", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        self.start()
+        self._stop_requested.wait()
+        self.stop()
+
+    def summary(self) -> dict[str, float]:
+        snap = self.metrics.snapshot()
+        snap["spool.depth"] = self.spool.depth()
+        return snap
+
+    def publish_heartbeat(self) -> None:
+        """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB."""
+        snap = self.summary()
+        now_ns = time.time_ns()
+        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
+        self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
+        fields = {k.replace("{", "_").replace("}", "").replace("=", "_").replace(",", "_"): float(v) for k, v in snap.items()}
+        if fields and not self.spool.closed:
+            self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.wait(self.config.agent.heartbeat_s):
+            try:
+                self.publish_heartbeat()
+            except Exception:
+                logger.exception("heartbeat failed")
+
+
+def load_models(config: Config) -> ModelRouter:
+    """Load, verify (sha256, feature spec hash) and warm up every configured model."""
+    routes: list[tuple[tuple[str, ...], AnomalyModel]] = []
+    for entry in config.inference.models:
+        manifest = Manifest.load(entry.path)
+        model = OnnxAnomalyModel(manifest, entry.path, threads=config.inference.threads)
+        routes.append((entry.sensors, model))
+    return ModelRouter(routes)
+
+
+def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
+    s = config.storage
+    if s.api == "v1":
+        sink = InfluxV1Sink(
+            url=s.url,
+            database=s.v1.database,
+            retention_policy=s.v1.retention_policy,
+            username=s.v1.username,
+            password=s.v1.password,
+            timeout_s=s.timeout_s,
+        )
+        if s.v1.create_database:
+            try:
+                sink.create_database()
+            except Exception as exc:
+                # The database may be down at start; the spool holds the data until it is back.
+                logger.warning("could not create database %s now (%s); will keep retrying writes", s.v1.database, exc)
+        return sink
+    return InfluxV2Sink(url=s.url, org=s.v2.org, bucket=s.v2.bucket, token=s.v2.token, timeout_s=s.timeout_s)
+
+
+def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
+    """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
+    metrics = metrics or Metrics()
+    router = load_models(config)
+    template = TopicTemplate(config.mqtt.topic_template)
+    topics = Topics(config.agent.id, config.mqtt.base_topic)
+
+    messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
+    windows: queue.Queue[Window] = queue.Queue(maxsize=config.queues.windows_max)
+
+    def enqueue(message: Message) -> None:
+        # Runs on paho's network thread: only enqueue. A full queue blocks it, which stops reading from
+        # the socket, so the broker holds further messages (backpressure, counted).
+        if messages.full():
+            metrics.inc("ingest.backpressure_waits")
+        messages.put(message)
+
+    mqtt = MqttConnection(
+        MqttSettings(
+            host=config.mqtt.host,
+            port=config.mqtt.port,
+            client_id=config.mqtt.client_id or f"pdm-agent-{config.agent.id}",
+            protocol=config.mqtt.protocol,
+            username=config.mqtt.username,
+            password=config.mqtt.password,
+            keepalive_s=config.mqtt.keepalive_s,
+            reconnect_min_s=config.mqtt.reconnect_min_s,
+            reconnect_max_s=config.mqtt.reconnect_max_s,
+            session_expiry_s=config.mqtt.session_expiry_s,
+            subscriptions=config.mqtt.subscriptions or (template.subscription(),),
+            qos=config.mqtt.qos,
+            status_topic=topics.status,
+            online_payload=topics.status_payload("online"),
+            offline_payload=topics.status_payload("offline"),
+        ),
+        on_message=enqueue,
+        metrics=metrics,
+    )
+
+    spool = Spool(config.spool.path, config.spool.max_rows, config.spool.drop_policy, metrics)
+    writer = SpoolWriter(
+        spool,
+        build_sink(config),
+        metrics,
+        batch_size=config.storage.batch_size,
+        flush_interval_s=config.storage.flush_interval_s,
+        backoff_min_s=config.storage.backoff_min_s,
+        backoff_max_s=config.storage.backoff_max_s,
+    )
+    raw = config.storage.raw_vibration
+    ingest = IngestWorker(
+        messages=messages,
+        windows=windows,
+        template=template,
+        limits=DecodeLimits(max_payload_bytes=config.mqtt.max_payload_bytes, max_future_s=config.mqtt.max_future_s),
+        spool=spool,
+        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks),
+        windower=Windower(router.spec_for, metrics),
+        broker=mqtt,
+        topics=topics,
+        metrics=metrics,
+        put_timeout_s=config.queues.put_timeout_s,
+    )
+    scoring = ScoringWorker(
+        windows=windows,
+        router=router,
+        policy=ThresholdAlertPolicy(config.alerts.raise_after_windows, config.alerts.clear_after_windows),
+        spool=spool,
+        broker=mqtt,
+        topics=topics,
+        metrics=metrics,
+        max_batch=config.inference.max_batch,
+        on_alert=ingest.notify_alert,
+    )
+    return Agent(
+        config=config,
+        metrics=metrics,
+        topics=topics,
+        mqtt=mqtt,
+        spool=spool,
+        writer=writer,
+        ingest=ingest,
+        scoring=scoring,
+        router=router,
+    )

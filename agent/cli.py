@@ -1,0 +1,136 @@
+"""``pdm-agent``: the command line. Each subcommand keeps its own flags next to its code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path("config/agent.yaml")
+
+logger = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(threadName)-10s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.bootstrap import build_agent  # heavy imports (onnxruntime) only when running
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid configuration {args.config}: {exc}", file=sys.stderr)
+        return 1
+    _setup_logging(args.log_level or config.agent.log_level)
+    try:
+        agent = build_agent(config)
+    except Exception as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    agent.run_until_signal()
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    if args.models:
+        from agent.bootstrap import load_models
+        from agent.inference.manifest import ModelError
+
+        try:
+            router = load_models(config)
+        except ModelError as exc:
+            print(f"invalid model: {exc}", file=sys.stderr)
+            return 1
+        for model in router.models:
+            print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
+    print(f"{args.file}: ok")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from agent.simulator import gateway
+
+    _setup_logging(args.log_level or "INFO")
+    return gateway.main(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from agent.training import cli as training_cli
+
+    _setup_logging(args.log_level or "INFO")
+    return training_cli.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdm-agent",
+        description="Edge predictive-maintenance agent: MQTT sensor data -> InfluxDB, quantized ONNX "
+        "anomaly models, MQTT alerts.",
+    )
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override the log level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent",
+        description="Subscribe to the gateway's topics, store every reading in InfluxDB, score windows with the "
+        "configured models and publish alerts. Stops gracefully on SIGTERM/SIGINT.",
+    )
+    run.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser(
+        "validate-config",
+        help="check a config file and exit 0 (valid) or 1 (the key path and the reason)",
+        description="Validate a config file without connecting to anything. With --models, also load and "
+        "verify every configured model (sha256, feature spec hash).",
+    )
+    validate.add_argument("file", type=Path, help="the YAML config file")
+    validate.add_argument("--models", action="store_true", help="also load and verify the configured models")
+    validate.set_defaults(func=cmd_validate)
+
+    from agent.simulator import gateway
+    from agent.training import cli as training_cli
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the factory gateway simulator",
+        description="Publish simulated machines (vibration blocks, temperature, current, pressure) over MQTT, "
+        "with faults scheduled by config or --fault, and write the ground truth of the faults.",
+    )
+    gateway.add_arguments(simulate)
+    simulate.set_defaults(func=cmd_simulate)
+
+    train = sub.add_parser(
+        "train",
+        help="build the shipped models (train, export to ONNX, quantize to INT8, write manifests)",
+        description="Train the anomaly models on normal data from the simulator, export them to ONNX, quantize "
+        "them with calibrated static INT8 quantization and write manifest.json and MODEL_CARD.md.",
+    )
+    training_cli.add_arguments(train)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

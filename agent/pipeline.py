@@ -1,0 +1,323 @@
+"""The two pipeline workers that move records between the stages.
+
+```
+MQTT thread --Message--> [messages queue] --> IngestWorker: topic -> decode -> spool (durable) -> ack
+                                                   |                      (dead letter on bad input)
+                                                   +--Window--> [windows queue] --> ScoringWorker:
+                                                        features -> model (one batch) -> alert policy
+                                                        -> MQTT alert; features, scores, alerts -> spool
+spool --> SpoolWriter thread --> InfluxDB
+```
+Each worker is one thread that owns the pure, non-thread-safe objects it uses (windower, alert policy).
+Queues are bounded; waits and drops are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from agent.alerts.payload import alert_payload
+from agent.alerts.policy import ThresholdAlertPolicy
+from agent.decode.errors import DecodeError
+from agent.decode.json_v1 import DecodeLimits, decode
+from agent.decode.topic import TopicTemplate
+from agent.features.extract import extract_matrix
+from agent.features.windows import Windower
+from agent.inference.router import AnomalyModel, ModelRouter
+from agent.metrics import Metrics
+from agent.records import Alert, FeatureVector, Message, Reading, SampleBlock, Score, Source, Window
+from agent.spool.sqlite import Spool
+from agent.storage.points import (
+    RawVibrationPolicy,
+    alert_lines,
+    block_lines,
+    feature_lines,
+    reading_lines,
+    score_lines,
+)
+from agent.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+
+
+class Broker(Protocol):
+    """The MQTT side the workers need; ``agent.ingest.mqtt.MqttConnection`` provides it (thread-safe)."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object: ...
+
+    def ack(self, mid: int, qos: int) -> None: ...
+
+
+def drain(q: queue.Queue, first_timeout_s: float, limit: int) -> list:
+    """Wait up to ``first_timeout_s`` for one item, then take whatever else is ready, up to ``limit``."""
+    try:
+        items = [q.get(timeout=first_timeout_s)]
+    except queue.Empty:
+        return []
+    while len(items) < limit:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
+class _Worker(threading.Thread):
+    """A daemon thread that runs ``step`` until stopped, then ``finish`` to drain its input."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop_event.set()
+        self.join(timeout_s)
+        if self.is_alive():
+            logger.warning("%s did not stop within %.1f s", self.name, timeout_s)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.step()
+            except Exception:
+                # A bug in one batch must not kill the pipeline; the batch is lost to processing only,
+                # never to storage (unacknowledged messages are redelivered by the broker).
+                logger.exception("%s: unexpected error; continuing", self.name)
+                time.sleep(_POLL_S)
+        try:
+            self.finish()
+        except Exception:
+            logger.exception("%s: error while draining at stop", self.name)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Process what is still queued (called once, after stop)."""
+
+
+class IngestWorker(_Worker):
+    """Decodes messages, makes their readings durable in the spool, acknowledges, and builds windows."""
+
+    def __init__(
+        self,
+        messages: queue.Queue[Message],
+        windows: queue.Queue[Window],
+        template: TopicTemplate,
+        limits: DecodeLimits,
+        spool: Spool,
+        raw_policy: RawVibrationPolicy,
+        windower: Windower,
+        broker: Broker,
+        topics: Topics,
+        metrics: Metrics,
+        put_timeout_s: float,
+        batch_max: int = 500,
+    ) -> None:
+        super().__init__("ingest")
+        self._messages = messages
+        self._windows = windows
+        self._template = template
+        self._limits = limits
+        self._spool = spool
+        self._raw = raw_policy
+        self._windower = windower
+        self._broker = broker
+        self._topics = topics
+        self._metrics = metrics
+        self._put_timeout_s = put_timeout_s
+        self._batch_max = batch_max
+        self._alerted: deque[Source] = deque()
+
+    def notify_alert(self, source: Source) -> None:
+        """Called by the scoring worker (another thread): keep raw blocks around this source's alert."""
+        self._alerted.append(source)
+
+    def step(self) -> None:
+        batch = drain(self._messages, _POLL_S, self._batch_max)
+        if batch:
+            self.process(batch)
+
+    def finish(self) -> None:
+        while batch := drain(self._messages, 0, self._batch_max):
+            self.process(batch)
+
+    def process(self, batch: Sequence[Message]) -> None:
+        while self._alerted:
+            self._raw.on_alert(self._alerted.popleft())
+        lines: list[str] = []
+        decoded: list[Reading | SampleBlock] = []
+        for msg in batch:
+            self._metrics.inc("ingest.messages")
+            try:
+                source = self._template.match(msg.topic)
+                items = decode(source, msg.payload, msg.received_ns, self._limits)
+            except DecodeError as exc:
+                self._reject(msg, exc)
+                continue
+            for item in items:
+                if isinstance(item, Reading):
+                    lines.extend(reading_lines(item))
+                    self._metrics.inc("ingest.readings")
+                else:
+                    self._metrics.inc("ingest.blocks")
+                    self._metrics.inc("ingest.samples", len(item.samples))
+                    for block in self._raw.decide(item):
+                        lines.extend(block_lines(block))
+            decoded.extend(items)
+        if lines:
+            self._append_durably(lines)
+        # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
+        # and reported on the dead-letter topic).
+        for msg in batch:
+            if msg.qos > 0:
+                self._broker.ack(msg.mid, msg.qos)
+        for item in decoded:
+            for window in self._windower.add(item):
+                self._put_window(window)
+
+    def _append_durably(self, lines: list[str]) -> None:
+        delay = _POLL_S
+        while True:
+            try:
+                self._spool.append(lines)
+                return
+            except Exception:
+                # Disk full or locked: do not acknowledge, keep trying; the broker keeps the messages.
+                self._metrics.inc("spool.append_failures")
+                logger.exception("spool append failed; retrying in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _reject(self, msg: Message, exc: DecodeError) -> None:
+        self._metrics.inc("decode.errors", reason=exc.code)
+        logger.warning("rejected message on %s: %s (%s)", msg.topic, exc.detail, exc.code)
+        payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
+        self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
+
+    def _put_window(self, window: Window) -> None:
+        try:
+            self._windows.put(window, timeout=self._put_timeout_s)
+            self._metrics.inc("windows.queued")
+        except queue.Full:
+            # Explicit, counted drop: scoring is behind; the readings themselves are stored.
+            self._metrics.inc("windows.dropped", reason="queue_full")
+            logger.warning("windows queue full for %.1f s; window of %s dropped", self._put_timeout_s, window.source)
+
+
+class ScoringWorker(_Worker):
+    """Scores the windows that are ready together, one model run per model, and applies the alert policy."""
+
+    def __init__(
+        self,
+        windows: queue.Queue[Window],
+        router: ModelRouter,
+        policy: ThresholdAlertPolicy,
+        spool: Spool,
+        broker: Broker,
+        topics: Topics,
+        metrics: Metrics,
+        max_batch: int,
+        on_alert: Callable[[Source], None],
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        super().__init__("scoring")
+        self._windows = windows
+        self._router = router
+        self._policy = policy
+        self._spool = spool
+        self._broker = broker
+        self._topics = topics
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._on_alert = on_alert
+        self._clock_ns = clock_ns
+
+    def step(self) -> None:
+        batch = drain(self._windows, _POLL_S, self._max_batch)
+        if batch:
+            self.process(batch)
+
+    def finish(self) -> None:
+        while batch := drain(self._windows, 0, self._max_batch):
+            self.process(batch)
+
+    def process(self, batch: Sequence[Window]) -> None:
+        groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
+        for window in batch:
+            model = self._router.model_for(window.source)
+            if model is None:
+                self._metrics.inc("windows.unassigned")
+                continue
+            groups.setdefault(id(model), (model, []))[1].append(window)
+        lines: list[str] = []
+        for model, windows in groups.values():
+            lines.extend(self._score(model, windows))
+        if lines:
+            self._spool.append(lines)
+
+    def _score(self, model: AnomalyModel, windows: list[Window]) -> list[str]:
+        x = extract_matrix(model.spec, windows)
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            self._metrics.inc("windows.rejected", int((~finite).sum()), reason="non_finite_features")
+            windows = [w for w, ok in zip(windows, finite, strict=True) if ok]
+            x = x[finite]
+        if not windows:
+            return []
+        t0 = time.perf_counter()
+        scores = model.score(x)
+        elapsed = time.perf_counter() - t0
+        self._metrics.inc("inference.runs", model=model.model_id)
+        self._metrics.inc("windows.scored", len(windows), model=model.model_id)
+        self._metrics.set("inference.last_batch_ms", elapsed * 1e3, model=model.model_id)
+        self._metrics.set("inference.last_batch_size", len(windows), model=model.model_id)
+        names = model.spec.feature_names()
+        spec_hash = model.spec.spec_hash()
+        lines: list[str] = []
+        now_ns = self._clock_ns()
+        for window, row, value in zip(windows, x, scores, strict=True):
+            score = Score(
+                source=window.source,
+                start_ns=window.start_ns,
+                end_ns=window.end_ns,
+                model_id=model.model_id,
+                model_version=model.version,
+                score=float(value),
+                threshold=model.threshold,
+            )
+            fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
+            lines.extend(feature_lines(fv, model.model_id, model.version))
+            lines.extend(score_lines(score))
+            alert = self._policy.update(score, now_ns)
+            if alert is not None:
+                lines.extend(alert_lines(alert, str(alert.details["event_id"])))
+                self._publish_alert(alert)
+        return lines
+
+    def _publish_alert(self, alert: Alert) -> None:
+        self._metrics.inc("alerts.published", state=alert.state)
+        logger.info(
+            "alert %s: %s/%s score %.3g > %.3g (%s %s)",
+            alert.state,
+            alert.source.machine,
+            alert.source.sensor,
+            alert.score,
+            alert.threshold,
+            alert.model_id,
+            alert.model_version,
+        )
+        topic = self._topics.alerts(alert.source.machine, alert.source.sensor)
+        self._broker.publish(topic, alert_payload(alert, self._topics.agent_id), qos=1, retain=False)
+        if alert.state == "raised":
+            self._on_alert(alert.source)
