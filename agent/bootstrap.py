@@ -191,6 +191,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         ),
         on_message=enqueue,
         metrics=metrics,
+        status_payload=topics.status_payload,
     )
 
     spool = Spool(config.spool.path, config.spool.max_rows, config.spool.drop_policy, metrics)

@@ -63,10 +63,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from agent.simulator import gateway
+    from agent.simulator import cli as simulator_cli
 
     _setup_logging(args.log_level or "INFO")
-    return gateway.main(args)
+    return simulator_cli.main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--models", action="store_true", help="also load and verify the configured models")
     validate.set_defaults(func=cmd_validate)
 
-    from agent.simulator import gateway
+    from agent.simulator import cli as simulator_cli
     from agent.training import cli as training_cli
 
     simulate = sub.add_parser(
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish simulated machines (vibration blocks, temperature, current, pressure) over MQTT, "
         "with faults scheduled by config or --fault, and write the ground truth of the faults.",
     )
-    gateway.add_arguments(simulate)
+    simulator_cli.add_arguments(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
     train = sub.add_parser(

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.decode.topic import TopicTemplate
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -84,9 +86,10 @@ class MqttSection:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ConfigError("mqtt.reconnect_max_s", "must be >= mqtt.reconnect_min_s")
         _positive("mqtt.max_payload_bytes", self.max_payload_bytes)
-        for name in ("{machine}", "{sensor}"):
-            if name not in self.topic_template:
-                raise ConfigError("mqtt.topic_template", f"must contain {name}")
+        try:
+            TopicTemplate(self.topic_template)
+        except ValueError as exc:
+            raise ConfigError("mqtt.topic_template", str(exc)) from None
 
 
 @dataclass(frozen=True)

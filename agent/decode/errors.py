@@ -1,0 +1,56 @@
+"""The decode stage's one error type: a stable ``code`` for counters, a specific ``detail`` for people.
+
+Codes (see ``docs/contracts.md``): ``topic``, ``too_large``, ``not_utf8``, ``json``, ``not_object``,
+``version``, ``timestamp``, ``value``, ``shape``, ``encoding``, ``rate``. They label the
+``decode.errors`` counter and appear in the dead-letter message, so they never change meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+DecodeErrorCode = Literal[
+    "topic",
+    "too_large",
+    "not_utf8",
+    "json",
+    "not_object",
+    "version",
+    "timestamp",
+    "value",
+    "shape",
+    "encoding",
+    "rate",
+]
+
+CODES: Final[frozenset[str]] = frozenset(get_args(DecodeErrorCode))
+
+
+class DecodeError(Exception):
+    """A message that cannot become readings; permanent (redelivery would fail the same way).
+
+    >>> str(DecodeError("value", "field 'temperature' is NaN"))
+    "value: field 'temperature' is NaN"
+    """
+
+    def __init__(self, code: DecodeErrorCode, detail: str) -> None:
+        if code not in CODES:
+            raise ValueError(f"unknown decode error code {code!r}")
+        super().__init__(code, detail)
+        self.code: DecodeErrorCode = code
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+def quote(value: object, limit: int = 48) -> str:
+    """``repr`` of untrusted input, shortened so that an error message never echoes a whole payload.
+
+    >>> quote("x" * 100, limit=10)
+    "'xxxxxxxxxx'… (100 chars)"
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} chars)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[:limit] + "…"

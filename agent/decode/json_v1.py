@@ -1,0 +1,520 @@
+"""Decoder of inbound payloads, JSON schema version 1 (``docs/contracts.md``): bytes in, records out.
+
+Pure: no I/O, no clock (the arrival time is an argument). Strict, so that publisher mistakes surface as
+a specific ``DecodeError`` on the dead-letter topic instead of as odd data in InfluxDB: unknown keys,
+duplicate keys, booleans and non-finite values are refused. Shapes:
+
+- a bare JSON number, or ``{"value": x}``: a scalar ``Reading`` (field ``value``);
+- ``{"fields": {name: x, ...}}``: a ``Reading`` with several fields of one timestamp;
+- ``{"samples": [...], "rate_hz": r}`` or ``{"data": "<base64>", "encoding": "f32le"|"i16le",
+  "scale": s (i16le only), "rate_hz": r}``: a ``SampleBlock`` (optional ``"channel"``, default ``value``).
+
+Common keys: ``"v"`` (only 1; missing means 1), ``"ts"`` (epoch seconds or RFC 3339 with an offset) or
+``"ts_ns"`` (integer epoch nanoseconds), ``"seq"`` (integer). Without a timestamp the arrival time is used.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Final
+
+import numpy as np
+
+from agent.decode.errors import DecodeError, quote
+from agent.records import NS_PER_S, Decoded, Reading, SampleBlock, Source
+
+SCHEMA_VERSION: Final = 1
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_Y2000_NS: Final = 946_684_800 * NS_PER_S
+
+_COMMON_KEYS: Final = ("v", "ts", "ts_ns", "seq")
+# The key that selects a shape, and the keys that shape allows besides the common ones.
+_SHAPE_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "value": ("value",),
+    "fields": ("fields",),
+    "samples": ("samples", "rate_hz", "channel"),
+    "data": ("data", "encoding", "scale", "rate_hz", "channel"),
+}
+_SHAPE_NAMES: Final = {
+    "value": "a scalar reading",
+    "fields": "a fields reading",
+    "samples": "a sample block",
+    "data": "an encoded sample block",
+}
+_ALLOWED_KEYS: Final = frozenset(_COMMON_KEYS).union(*_SHAPE_KEYS.values())
+_ALLOWED_LIST: Final = ", ".join(sorted(_ALLOWED_KEYS))
+
+_ENCODINGS: Final[dict[str, str]] = {"f32le": "<f4", "i16le": "<i2"}
+
+# Field keys InfluxDB refuses or the agent writes itself (``seq`` is stored beside the fields).
+_RESERVED_FIELDS: Final = frozenset({"time", "seq"})
+_MAX_NAME_CHARS: Final = 128
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+_RFC3339: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?"
+)
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+
+_MISSING: Final = object()
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds that protect the agent from absurd input; anything beyond them is rejected, not clipped."""
+
+    max_payload_bytes: int = 1_048_576
+    max_samples: int = 262_144
+    min_time_ns: int = _Y2000_NS
+    """Timestamps before this are refused (default 2000-01-01T00:00:00Z): a clock that was never set."""
+    max_future_s: float = 86_400
+    """Timestamps more than this after the arrival time are refused (a wrong unit or a wrong clock)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload_bytes", "max_samples", "max_future_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"DecodeLimits.{name} must be > 0, got {value!r}")
+
+
+DEFAULT_LIMITS: Final = DecodeLimits()
+
+
+def decode(
+    source: Source, payload: bytes, received_ns: int, limits: DecodeLimits = DEFAULT_LIMITS
+) -> list[Decoded]:
+    """The readings of one message; raises ``DecodeError`` with a stable code and a specific detail."""
+    size = len(payload)
+    if size > limits.max_payload_bytes:
+        raise DecodeError("too_large", f"payload is {size:,} bytes, limit {limits.max_payload_bytes:,}")
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(
+            "not_utf8",
+            f"payload is not valid UTF-8: byte {exc.start} (0x{payload[exc.start]:02x}): {exc.reason}",
+        ) from None
+    doc = _parse_json(text)
+    if isinstance(doc, dict):
+        return [_decode_object(source, doc, received_ns, limits)]
+    if isinstance(doc, int | float) and not isinstance(doc, bool):
+        return [Reading(source, received_ns, {"value": _number(doc, "the payload")})]
+    if isinstance(doc, bool):
+        raise DecodeError("value", f"the payload is {_kind(doc)}, not a number")
+    raise DecodeError("not_object", f"payload is {_kind(doc)}; expected a JSON object or a number")
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        # NaN/Infinity literals (which Python's json accepts) become floats here so that the value check
+        # can name the field; every number is checked for finiteness, which also catches 1e999 -> inf.
+        return json.loads(text, parse_constant=float, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        if not text.strip():
+            raise DecodeError("json", "payload is empty") from None
+        raise DecodeError(
+            "json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise DecodeError("json", "JSON is nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DecodeError("shape", f"duplicate key {quote(key)}")
+            seen.add(key)
+    return out
+
+
+def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits: DecodeLimits) -> Decoded:
+    # The version first: another version may have other keys.
+    if "v" in doc:
+        _check_version(doc["v"])
+    for key in doc:
+        if key not in _ALLOWED_KEYS:
+            close = difflib.get_close_matches(key, _ALLOWED_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DecodeError("shape", f"unknown key {quote(key)}{hint}; allowed keys: {_ALLOWED_LIST}")
+    kinds = [key for key in _SHAPE_KEYS if key in doc]
+    if not kinds:
+        raise DecodeError(
+            "shape", "payload has none of 'value', 'fields', 'samples', 'data'; give exactly one"
+        )
+    if len(kinds) > 1:
+        raise DecodeError(
+            "shape",
+            f"payload has both {kinds[0]!r} and {kinds[1]!r}; "
+            "give exactly one of value, fields, samples, data",
+        )
+    kind = kinds[0]
+    allowed = _COMMON_KEYS + _SHAPE_KEYS[kind]
+    for key in doc:
+        if key not in allowed:
+            raise DecodeError(
+                "shape",
+                f"key {key!r} does not apply to {_SHAPE_NAMES[kind]} (its keys: {', '.join(allowed)})",
+            )
+
+    time_ns = _timestamp(doc, received_ns, limits)
+    seq = _seq(doc.get("seq", _MISSING))
+    if kind == "value":
+        return Reading(source, time_ns, {"value": _number(doc["value"], "value")}, seq)
+    if kind == "fields":
+        return Reading(source, time_ns, _fields(doc["fields"]), seq)
+
+    rate_hz = _rate(doc.get("rate_hz", _MISSING))
+    channel = _channel(doc.get("channel", "value"))
+    samples = _samples_list(doc["samples"], limits) if kind == "samples" else _samples_data(doc, limits)
+    samples.flags.writeable = False  # part of a frozen record
+    return SampleBlock(source, time_ns, rate_hz, samples, channel, seq)
+
+
+def _check_version(v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise DecodeError("version", f"'v' must be the integer {SCHEMA_VERSION}, got {_kind(v)}")
+    if v != SCHEMA_VERSION:
+        raise DecodeError(
+            "version", f"payload version {v} is not supported; this agent reads version {SCHEMA_VERSION}"
+        )
+
+
+# --- values ---------------------------------------------------------------------------------------------
+
+
+def _number(x: object, what: str) -> float:
+    if type(x) is float:  # the common case first
+        if math.isfinite(x):
+            return x
+        raise DecodeError("value", f"{what} is {_non_finite_name(x)}; values must be finite")
+    if isinstance(x, int) and not isinstance(x, bool):
+        try:
+            return float(x)
+        except OverflowError:
+            raise DecodeError(
+                "value", f"{what} is an integer of {len(str(abs(x)))} digits, too large for a double"
+            ) from None
+    raise DecodeError("value", f"{what} is {_kind(x)}, not a number")
+
+
+def _fields(raw: object) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise DecodeError("shape", f"'fields' must be an object of name: number, got {_kind(raw)}")
+    if not raw:
+        raise DecodeError("shape", "'fields' is empty")
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        _check_name(name, "field name")
+        if name in _RESERVED_FIELDS:
+            raise DecodeError("shape", f"field name {name!r} is reserved")
+        if name.startswith("_"):
+            raise DecodeError("shape", f"field name {quote(name)} starts with '_', which InfluxDB reserves")
+        out[name] = _number(value, f"field {quote(name)}")
+    return out
+
+
+def _channel(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise DecodeError("shape", f"'channel' must be a string, got {_kind(raw)}")
+    _check_name(raw, "'channel'")
+    return raw
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name:
+        raise DecodeError("shape", f"{what} is empty")
+    if len(name) > _MAX_NAME_CHARS:
+        raise DecodeError("shape", f"{what} {quote(name)} is longer than {_MAX_NAME_CHARS} characters")
+    if _CONTROL_CHARS.search(name):
+        raise DecodeError("shape", f"{what} {quote(name)} contains a control character")
+
+
+def _seq(raw: object) -> int | None:
+    if raw is _MISSING:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise DecodeError("shape", f"'seq' must be an integer, got {_kind(raw)}")
+    if not _INT64_MIN <= raw <= _INT64_MAX:
+        raise DecodeError("shape", f"'seq' {raw} does not fit a 64-bit integer")
+    return raw
+
+
+def _rate(raw: object) -> float:
+    if raw is _MISSING:
+        raise DecodeError("rate", "a sample block needs 'rate_hz' (samples per second)")
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise DecodeError("rate", f"'rate_hz' must be a number, got {_kind(raw)}")
+    try:
+        rate = float(raw)
+    except OverflowError:
+        rate = math.inf
+    if not (math.isfinite(rate) and rate > 0):
+        raise DecodeError("rate", f"'rate_hz' must be a positive finite number, got {_kind(raw)}")
+    return rate
+
+
+# --- sample blocks ---------------------------------------------------------------------------------------
+
+
+def _samples_list(raw: object, limits: DecodeLimits) -> np.ndarray:
+    if not isinstance(raw, list):
+        raise DecodeError("shape", f"'samples' must be an array of numbers, got {_kind(raw)}")
+    n = len(raw)
+    if n == 0:
+        raise DecodeError("shape", "'samples' is empty")
+    if n > limits.max_samples:
+        raise DecodeError("too_large", f"'samples' has {n:,} items, limit {limits.max_samples:,}")
+    # One C-speed pass over the types: numpy would silently turn true into 1.0 and "1" into 1.0.
+    if not set(map(type, raw)) <= {float, int}:
+        for i, x in enumerate(raw):
+            _number(x, f"samples[{i}]")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(raw, dtype=np.float32)
+    except OverflowError:  # a Python int beyond a double
+        for i, x in enumerate(raw):
+            _number(x, f"samples[{i}]")
+        raise
+
+    def describe(i: int) -> str:
+        before = float(raw[i])
+        if math.isfinite(before):
+            return f"= {before:g} is outside the float32 range (±3.4e38)"
+        return f"is {_non_finite_name(before)}; values must be finite"
+
+    _check_finite(out, describe)
+    return out
+
+
+def _samples_data(doc: dict[str, Any], limits: DecodeLimits) -> np.ndarray:
+    data = doc["data"]
+    if not isinstance(data, str):
+        raise DecodeError("encoding", f"'data' must be a base64 string, got {_kind(data)}")
+    if "encoding" not in doc:
+        raise DecodeError("encoding", "'data' needs an 'encoding': one of " + ", ".join(_ENCODINGS))
+    encoding = doc["encoding"]
+    if not isinstance(encoding, str):
+        raise DecodeError("encoding", f"'encoding' must be a string, got {_kind(encoding)}")
+    if encoding not in _ENCODINGS:
+        raise DecodeError(
+            "encoding", f"unknown encoding {quote(encoding)}; known encodings: {', '.join(_ENCODINGS)}"
+        )
+    scale = _scale(doc) if encoding == "i16le" else None
+    if scale is None and "scale" in doc:
+        raise DecodeError("encoding", f"'scale' applies only to encoding 'i16le', not {encoding!r}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DecodeError(
+            "encoding", f"'data' is not valid base64 (standard alphabet, padded): {exc}"
+        ) from None
+    dtype = np.dtype(_ENCODINGS[encoding])
+    if not raw:
+        raise DecodeError("shape", "'data' is empty")
+    if len(raw) % dtype.itemsize:
+        raise DecodeError(
+            "encoding",
+            f"'data' decodes to {len(raw):,} bytes, not a multiple of {dtype.itemsize} ({encoding})",
+        )
+    n = len(raw) // dtype.itemsize
+    if n > limits.max_samples:
+        raise DecodeError("too_large", f"'data' holds {n:,} samples, limit {limits.max_samples:,}")
+    values = np.frombuffer(raw, dtype=dtype)
+    if scale is None:
+        out = values.astype(np.float32)  # a copy in native byte order
+        _check_finite(out, _non_finite_sample(out))
+        return out
+    # int16 -> float64 (exact), times scale, one rounding to float32.
+    with np.errstate(over="ignore"):
+        out = (values.astype(np.float64) * scale).astype(np.float32)
+    _check_finite(
+        out, lambda i: f"= {int(values[i])} × scale {scale:g} is outside the float32 range (±3.4e38)"
+    )
+    return out
+
+
+def _scale(doc: dict[str, Any]) -> float:
+    if "scale" not in doc:
+        raise DecodeError("encoding", "encoding 'i16le' needs 'scale' (sample = int16 value × scale)")
+    raw = doc["scale"]
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise DecodeError("encoding", f"'scale' must be a number, got {_kind(raw)}")
+    try:
+        scale = float(raw)
+    except OverflowError:
+        scale = math.inf
+    if not (math.isfinite(scale) and scale > 0):
+        raise DecodeError("encoding", f"'scale' must be a positive finite number, got {_kind(raw)}")
+    return scale
+
+
+def _check_finite(out: np.ndarray, describe: Callable[[int], str]) -> None:
+    finite = np.isfinite(out)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise DecodeError("value", f"samples[{i}] {describe(i)}")
+
+
+def _non_finite_sample(out: np.ndarray) -> Callable[[int], str]:
+    return lambda i: f"is {_non_finite_name(float(out[i]))}; values must be finite"
+
+
+# --- timestamps ------------------------------------------------------------------------------------------
+
+
+def _timestamp(doc: dict[str, Any], received_ns: int, limits: DecodeLimits) -> int:
+    if "ts" in doc and "ts_ns" in doc:
+        raise DecodeError("timestamp", "payload has both 'ts' and 'ts_ns'; give one")
+    if "ts_ns" in doc:
+        raw = doc["ts_ns"]
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise DecodeError(
+                "timestamp", f"'ts_ns' must be an integer (epoch nanoseconds), got {_kind(raw)}"
+            )
+        ns, unit_ns = raw, 1
+    elif "ts" in doc:
+        raw = doc["ts"]
+        if isinstance(raw, str):
+            ns, unit_ns = _parse_rfc3339(raw), 0
+        elif isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise DecodeError(
+                "timestamp", f"'ts' must be epoch seconds or an RFC 3339 string, got {_kind(raw)}"
+            )
+        elif isinstance(raw, float) and not math.isfinite(raw):
+            raise DecodeError("timestamp", f"'ts' is {_non_finite_name(raw)}")
+        else:
+            ns, unit_ns = _seconds_to_ns(raw), NS_PER_S
+    else:
+        return received_ns
+
+    latest_ns = received_ns + int(limits.max_future_s * NS_PER_S)
+    if ns < limits.min_time_ns:
+        raise DecodeError(
+            "timestamp",
+            f"timestamp {format_time(ns)} is before {_short(format_time(limits.min_time_ns))}"
+            + _unit_hint(raw, unit_ns, limits.min_time_ns, latest_ns),
+        )
+    if ns > latest_ns:
+        raise DecodeError(
+            "timestamp",
+            f"timestamp {format_time(ns)} is {_seconds_text(ns - received_ns)} after its arrival "
+            f"(limit {limits.max_future_s:g} s)" + _unit_hint(raw, unit_ns, limits.min_time_ns, latest_ns),
+        )
+    return ns
+
+
+def _seconds_to_ns(seconds: int | float) -> int:
+    """Epoch seconds to nanoseconds, reading a float as the decimal the publisher wrote.
+
+    >>> _seconds_to_ns(1732575600.1)  # float arithmetic would give ...600099999744
+    1732575600100000000
+    """
+    if isinstance(seconds, int):
+        return seconds * NS_PER_S
+    # repr() is the shortest decimal that reads back as the same double: the publisher's digits.
+    return int((Decimal(repr(seconds)) * NS_PER_S).to_integral_value(ROUND_HALF_EVEN))
+
+
+def _parse_rfc3339(text: str) -> int:
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise DecodeError(
+            "timestamp", f"'ts' {quote(text)} is not an RFC 3339 time such as '2024-11-25T23:00:00.25Z'"
+        )
+    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = m.groups()
+    if zulu is None and sign is None:
+        raise DecodeError(
+            "timestamp", f"'ts' {quote(text)} has no UTC offset; add 'Z' or an offset such as '+01:00'"
+        )
+    try:
+        offset = timedelta(0) if zulu else timedelta(hours=int(off_h), minutes=int(off_m))
+        tz = timezone(-offset if sign == "-" else offset)
+        dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz)
+    except ValueError as exc:
+        raise DecodeError("timestamp", f"'ts' {quote(text)} is not a valid time: {exc}") from None
+    whole_s = (dt - _EPOCH) // timedelta(seconds=1)
+    frac_ns = int((frac or "")[:9].ljust(9, "0"))  # digits beyond nanoseconds are dropped
+    return whole_s * NS_PER_S + frac_ns
+
+
+def _unit_hint(raw: object, unit_ns: int, lo_ns: int, hi_ns: int) -> str:
+    """A hint when the number would be a plausible time in another unit (ms sent as ``ts``, ...)."""
+    if not unit_ns or isinstance(raw, bool) or not isinstance(raw, int | float):
+        return ""
+    for name, ns_per_unit in (
+        ("seconds", NS_PER_S),
+        ("milliseconds", 10**6),
+        ("microseconds", 10**3),
+        ("nanoseconds", 1),
+    ):
+        if ns_per_unit != unit_ns and lo_ns <= raw * ns_per_unit <= hi_ns:
+            return f"; the value looks like epoch {name}"
+    return ""
+
+
+def format_time(ns: int) -> str:
+    """RFC 3339 UTC with as many fraction digits as needed; never fails (for error messages).
+
+    >>> format_time(946_684_800_250_000_000)
+    '2000-01-01T00:00:00.25Z'
+    """
+    whole, frac = divmod(ns, NS_PER_S)
+    try:
+        dt = _EPOCH + timedelta(seconds=whole)
+    except OverflowError:
+        return f"{ns / NS_PER_S:.6g} s since 1970"
+    text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
+    if frac:
+        text += f".{frac:09d}".rstrip("0")
+    return text + "Z"
+
+
+def _seconds_text(ns: int) -> str:
+    seconds = ns / NS_PER_S
+    return f"{seconds:,.0f} s" if seconds < 1e9 else f"{seconds:.3g} s"
+
+
+def _short(text: str) -> str:
+    return text.removesuffix("T00:00:00Z")
+
+
+# --- messages --------------------------------------------------------------------------------------------
+
+
+def _non_finite_name(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
+
+
+def _kind(x: object) -> str:
+    """How a JSON value is called in an error message."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return f"a boolean ({'true' if x else 'false'})"
+    if isinstance(x, str):
+        return f"a string {quote(x)}"
+    if isinstance(x, list):
+        return "an array"
+    if isinstance(x, dict):
+        return "an object"
+    if isinstance(x, float) and not math.isfinite(x):
+        return _non_finite_name(x)
+    return quote(x)

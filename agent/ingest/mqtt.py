@@ -1,0 +1,479 @@
+"""MQTT adapter: the only module that talks to paho-mqtt (2.x).
+
+Threads:
+
+- ``start()`` and ``stop()`` are called by the owner (the composition root), once each.
+- paho's network thread (``loop_start``) runs every callback of this class, including the
+  ``on_message`` callback handed to ``MqttConnection``. That callback must only enqueue: while it runs,
+  the socket is not read and keepalive pings are not answered. If it blocks on a full queue, the broker
+  stops sending once its in-flight window of unacknowledged QoS 1 messages is full (backpressure).
+- ``ack()`` and ``publish()`` may be called from any thread: paho 2 queues outgoing packets under its own
+  locks and wakes the network thread through a socket pair.
+
+Delivery: subscriptions use QoS 1 with manual acknowledgement (``manual_ack=True``), so the broker keeps
+a message until ``ack()`` is called, which the pipeline does once the readings are durable. The session
+is persistent (``clean_start`` false, MQTT 5 session expiry, or ``clean_session`` false for 3.1.1), so
+messages that were not acknowledged before a disconnect are redelivered after the reconnect.
+
+``Message.mid`` is ``connection number << 16 | MQTT packet id``. A packet id only means something on the
+connection that delivered it: after a reconnect the broker numbers again (from 1 when it lost the
+session), so acknowledging an old packet id would acknowledge a different, not yet durable message.
+``ack()`` therefore ignores (and counts) acknowledgements of messages from an earlier connection; the
+broker redelivers those messages if it still has them.
+
+Availability: the last will sets the retained status topic to ``offline`` when the connection drops
+without a DISCONNECT; every successful connect publishes ``online`` (retained); ``stop()`` publishes
+``offline`` and waits for it before disconnecting (a clean disconnect does not fire the will).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.metrics import Metrics
+from agent.records import Message
+
+logger = logging.getLogger(__name__)
+
+
+class _DropReconnectNoise(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR after every failed reconnect attempt; the outage
+    is already reported once by ``_on_connect_fail`` and counted, so this line is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_logger = logging.getLogger(f"{__name__}.paho")
+_paho_logger.addFilter(_DropReconnectNoise())
+
+MessageInfo = paho.MQTTMessageInfo
+
+StatusPayload = Callable[[Literal["online", "offline"]], bytes]
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Connection settings; validated here so that a bad value fails at start, not at the first reconnect."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    """Must be stable across restarts: the broker keeps the session (and unacknowledged messages) under it."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: str | None = None
+    """Never logged: ``repr`` masks it."""
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    """Reconnect delays double from the minimum up to this cap, and reset after a successful connect."""
+    subscriptions: tuple[str, ...] = ()
+    qos: Literal[0, 1] = 1
+    """QoS of the subscriptions. 1 means at-least-once with manual acknowledgement."""
+    clean_start: bool = False
+    session_expiry_s: int = 86_400
+    """MQTT 5 only: how long the broker keeps the session (and unacknowledged messages) while disconnected."""
+    status_topic: str | None = None
+    """Retained ``online``/``offline`` status with the last will; ``None`` disables both."""
+    online_payload: bytes = b'{"v":1,"state":"online"}'
+    offline_payload: bytes = b'{"v":1,"state":"offline"}'
+    """Also the last-will payload."""
+    max_queued_messages: int = 10_000
+    """Outgoing messages paho keeps while disconnected; beyond it ``publish`` fails (counted)."""
+    stop_timeout_s: float = 5.0
+    """How long ``stop()`` waits for the broker to confirm the ``offline`` status."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, reason: str) -> ValueError:
+            return ValueError(f"MqttSettings.{name}: {reason}")
+
+        if not self.host:
+            raise bad("host", "must not be empty")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise bad("port", f"must be 1..65535, got {self.port!r}")
+        if self.protocol not in ("5", "3.1.1"):
+            raise bad("protocol", f"must be '5' or '3.1.1', got {self.protocol!r}")
+        if not isinstance(self.keepalive_s, int) or not 0 < self.keepalive_s <= 65535:
+            raise bad("keepalive_s", f"must be an integer 1..65535, got {self.keepalive_s!r}")
+        if not self.reconnect_min_s > 0:
+            raise bad("reconnect_min_s", f"must be > 0, got {self.reconnect_min_s!r}")
+        if not self.reconnect_max_s >= self.reconnect_min_s:
+            raise bad(
+                "reconnect_max_s",
+                f"must be >= reconnect_min_s ({self.reconnect_min_s}), got {self.reconnect_max_s!r}",
+            )
+        if self.qos not in (0, 1):
+            raise bad("qos", f"must be 0 or 1, got {self.qos!r}")
+        if isinstance(self.subscriptions, str) or not all(
+            isinstance(s, str) and s for s in self.subscriptions
+        ):
+            raise bad(
+                "subscriptions", f"must be a tuple of non-empty topic filters, got {self.subscriptions!r}"
+            )
+        if not self.clean_start and not self.client_id:
+            raise bad("client_id", "is required for a persistent session (clean_start false)")
+        if not isinstance(self.session_expiry_s, int) or not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise bad("session_expiry_s", f"must be an integer 0..4294967295, got {self.session_expiry_s!r}")
+        if self.status_topic is not None and (
+            not self.status_topic or any(c in self.status_topic for c in "+#")
+        ):
+            raise bad("status_topic", f"must be a topic name without wildcards, got {self.status_topic!r}")
+        if not self.max_queued_messages > 0:
+            raise bad("max_queued_messages", f"must be > 0, got {self.max_queued_messages!r}")
+        if self.password is not None and self.username is None:
+            raise bad("password", "needs a username")
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "password" and value is not None:
+                value = "***"
+            parts.append(f"{f.name}={value!r}")
+        return f"MqttSettings({', '.join(parts)})"
+
+
+class MqttConnection:
+    """One MQTT client: subscribes, hands messages to ``on_message``, acknowledges and publishes.
+
+    ``status_payload``, when given, builds the status payloads at the moment they are sent (so their
+    time is current; the last will is rebuilt before every connection attempt); otherwise the fixed
+    ``online_payload``/``offline_payload`` of the settings are used.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        on_message: Callable[[Message], None],
+        metrics: Metrics,
+        status_payload: StatusPayload | None = None,
+    ) -> None:
+        self._settings = settings
+        self._deliver = on_message
+        self._metrics = metrics
+        self._status_payload = status_payload
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._lock = threading.Lock()
+        # Connection number (see Message.mid) and the unacknowledged QoS 1 messages (mids) of this connection.
+        self._generation = 0
+        self._pending: set[int] = set()
+        self._subscribe_mid: int | None = None
+        self._started = False
+        self._stopping = False
+        self._unreachable_logged = False
+        self._client = self._build_client()
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def _build_client(self) -> paho.Client:
+        s = self._settings
+        v5 = s.protocol == "5"
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            # 3.1.1 sets the session flag here; MQTT 5 refuses it here and takes clean_start at connect.
+            clean_session=None if v5 else s.clean_start,
+            manual_ack=True,
+        )
+        client.enable_logger(_paho_logger)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)  # type: ignore[arg-type]
+        client.max_queued_messages_set(s.max_queued_messages)
+        if s.status_topic:
+            client.will_set(s.status_topic, self._status("offline"), qos=1, retain=True)
+        client.on_pre_connect = self._on_pre_connect
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> None:
+        """Start the network thread and connect in the background; a broker that is down is retried."""
+        if self._started:
+            raise RuntimeError("MqttConnection.start() called twice")
+        self._started = True
+        s = self._settings
+        properties = None
+        clean_start: bool | Literal[3] = s.clean_start
+        if s.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = s.session_expiry_s
+        else:
+            clean_start = paho.MQTT_CLEAN_START_FIRST_ONLY  # ignored by 3.1.1 (see clean_session)
+        self._client.connect_async(
+            s.host, s.port, keepalive=s.keepalive_s, clean_start=clean_start, properties=properties
+        )
+        self._client.loop_start()
+        logger.info(
+            "connecting to MQTT broker %s:%s as %r (MQTT %s), subscriptions %s",
+            s.host,
+            s.port,
+            s.client_id,
+            s.protocol,
+            ", ".join(s.subscriptions) or "none",
+        )
+
+    def stop(self) -> None:
+        """Publish ``offline`` and wait for it (``stop_timeout_s``), disconnect, join the network thread."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        s = self._settings
+        if s.status_topic and self._connected.is_set():
+            info = self._client.publish(s.status_topic, self._status("offline"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(s.stop_timeout_s)
+                published = info.is_published()
+            except (RuntimeError, ValueError) as exc:
+                logger.debug("offline status not sent: %s", exc)
+                published = False
+            if not published:
+                logger.warning("broker did not confirm the offline status within %.1f s", s.stop_timeout_s)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        self._subscribed.clear()
+        self._metrics.set("mqtt.connected", 0)
+        logger.info("MQTT connection to %s:%s closed", s.host, s.port)
+
+    @property
+    def is_connected(self) -> bool:
+        """True between a successful CONNACK and the next disconnect."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float | None = None) -> bool:
+        """Wait until the broker has granted every subscription of the current connection."""
+        return self._subscribed.wait(timeout_s)
+
+    # --- any thread -----------------------------------------------------------------------------------
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a message (its ``Message.mid``) once its readings are durable; QoS 0 needs nothing.
+
+        A message received on an earlier connection is not acknowledged (counted as ``mqtt.acks_stale``).
+        """
+        if qos == 0:
+            return
+        with self._lock:
+            current = mid in self._pending
+            self._pending.discard(mid)
+        if not current:
+            self._metrics.inc("mqtt.acks_stale")
+            logger.debug("message %s was received on an earlier connection; not acknowledged", _mid_text(mid))
+            return
+        rc = self._client.ack(mid & _PACKET_ID_MASK, qos)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._metrics.inc("mqtt.acks")
+        else:
+            self._metrics.inc("mqtt.ack_errors", reason=paho.error_string(rc))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> MessageInfo:
+        """Queue a message; QoS 1 messages published while disconnected are sent after the reconnect.
+
+        ``info.wait_for_publish(timeout)`` waits for the broker's PUBACK. A full outgoing queue is
+        counted (``mqtt.publish_errors``) and raises ``ValueError`` from ``wait_for_publish``.
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0:
+            # paho keeps a QoS > 0 message and sends it after reconnecting, but reports NO_CONN, which would
+            # make wait_for_publish raise at once instead of waiting for the PUBACK it will get.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            self._metrics.inc("mqtt.publish_queued_offline")
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._metrics.inc("mqtt.published")
+        else:
+            reason = paho.error_string(info.rc)
+            self._metrics.inc("mqtt.publish_errors", reason=reason)
+            logger.warning("publish to %s failed: %s", topic, reason)
+        return info
+
+    # --- paho's network thread ------------------------------------------------------------------------
+    # paho re-raises callback exceptions, which would end its network thread: every callback catches.
+
+    def _status(self, state: Literal["online", "offline"]) -> bytes:
+        if self._status_payload is not None:
+            return self._status_payload(state)
+        return self._settings.online_payload if state == "online" else self._settings.offline_payload
+
+    def _on_pre_connect(self, client: paho.Client, _userdata: Any) -> None:
+        try:
+            if self._settings.status_topic and self._status_payload is not None:
+                client.will_set(self._settings.status_topic, self._status("offline"), qos=1, retain=True)
+        except Exception:
+            logger.exception("could not refresh the last will")
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        s = self._settings
+        try:
+            if reason_code.is_failure:
+                # Do not mark connected: the broker closes the connection and paho retries with backoff.
+                self._metrics.inc("mqtt.connect_failures", reason=_label(reason_code))
+                logger.error("MQTT broker %s:%s refused the connection: %s", s.host, s.port, reason_code)
+                return
+            self._unreachable_logged = False
+            with self._lock:
+                self._generation += 1
+                self._pending.clear()
+            if s.subscriptions:
+                result, mid = client.subscribe([(topic, int(s.qos)) for topic in s.subscriptions])
+                self._subscribe_mid = mid
+                if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    logger.error("could not send SUBSCRIBE: %s", paho.error_string(result))
+            else:
+                self._subscribed.set()
+            if s.status_topic:
+                client.publish(s.status_topic, self._status("online"), qos=1, retain=True)
+            self._connected.set()
+            self._metrics.inc("mqtt.connects")
+            self._metrics.set("mqtt.connected", 1)
+            logger.info(
+                "connected to MQTT broker %s:%s (session present: %s)", s.host, s.port, flags.session_present
+            )
+        except Exception:
+            logger.exception("error in MQTT on_connect")
+
+    def _on_subscribe(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        try:
+            if mid != self._subscribe_mid:
+                return
+            ok = True
+            for topic, rc in zip(self._settings.subscriptions, reason_codes, strict=False):
+                if rc.is_failure:
+                    ok = False
+                    self._metrics.inc("mqtt.subscribe_failures", reason=_label(rc))
+                    logger.error("MQTT broker refused the subscription %s: %s", topic, rc)
+                elif rc.value < self._settings.qos:
+                    logger.warning(
+                        "subscription %s granted QoS %s only (asked %s)", topic, rc.value, self._settings.qos
+                    )
+            if ok:
+                self._subscribed.set()
+                logger.info("subscribed to %s", ", ".join(self._settings.subscriptions))
+        except Exception:
+            logger.exception("error in MQTT on_subscribe")
+
+    def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
+        try:
+            s = self._settings
+            self._metrics.inc("mqtt.connect_failures", reason="unreachable")
+            if self._unreachable_logged:
+                logger.debug("MQTT broker %s:%s still unreachable", s.host, s.port)
+            else:
+                self._unreachable_logged = True
+                logger.warning(
+                    "MQTT broker %s:%s unreachable; retrying every %s..%s s",
+                    s.host,
+                    s.port,
+                    s.reconnect_min_s,
+                    s.reconnect_max_s,
+                )
+        except Exception:
+            logger.exception("error in MQTT on_connect_fail")
+
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        try:
+            was_connected = self._connected.is_set()
+            self._connected.clear()
+            self._subscribed.clear()
+            self._metrics.set("mqtt.connected", 0)
+            with self._lock:
+                unacked = len(self._pending)
+                self._pending.clear()
+            # Without a DISCONNECT packet from the broker (always so in 3.1.1), paho reports a lost socket
+            # as "Unspecified error".
+            from_broker = flags.is_disconnect_packet_from_server
+            reason = str(reason_code) if from_broker or reason_code.value != 128 else "Connection lost"
+            if self._stopping or not was_connected:
+                logger.debug("MQTT disconnected: %s", reason)
+                return
+            self._metrics.inc("mqtt.disconnects", reason=reason.lower().replace(" ", "_"))
+            logger.warning(
+                "MQTT connection to %s:%s ended: %s; %d unacknowledged message(s) will be redelivered if the "
+                "broker kept the session; reconnecting",
+                self._settings.host,
+                self._settings.port,
+                reason,
+                unacked,
+            )
+        except Exception:
+            logger.exception("error in MQTT on_disconnect")
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            received_ns = time.time_ns()
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                # Brokers should refuse such topics; keep the message so that it is dead-lettered, not lost.
+                topic = msg._topic.decode("utf-8", errors="replace")
+            with self._lock:
+                mid = self._generation << 16 | msg.mid
+                if msg.qos > 0:
+                    self._pending.add(mid)
+            message = Message(
+                topic=topic,
+                payload=bytes(msg.payload),
+                qos=msg.qos,
+                mid=mid,
+                received_ns=received_ns,
+                retained=bool(msg.retain),
+            )
+            self._metrics.inc("mqtt.messages")
+            self._deliver(message)
+        except Exception:
+            # Not acknowledged: the broker redelivers it after the next reconnect.
+            self._metrics.inc("mqtt.callback_errors")
+            logger.exception("could not hand over the MQTT message %s", getattr(msg, "mid", "?"))
+
+
+_PACKET_ID_MASK = 0xFFFF
+
+
+def _mid_text(mid: int) -> str:
+    return f"{mid & _PACKET_ID_MASK} of connection {mid >> 16}"
+
+
+def _label(reason_code: ReasonCode) -> str:
+    """A counter label from a reason code: ``Not authorized`` -> ``not_authorized``."""
+    return str(reason_code).lower().replace(" ", "_")

@@ -1,0 +1,137 @@
+"""Every outbound MQTT topic and the small payloads that go with them, in one place.
+
+Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
+
+| topic | retained | payload |
+|---|---|---|
+| ``{base}/status`` | yes | ``{"v":1,"state":"online"|"offline","agent_id":..,"time":..}``; will: offline |
+| ``{base}/heartbeat`` | yes | counters (built by the composition root) |
+| ``{base}/alerts/{machine}/{sensor}`` | no, QoS 1 | alert JSON, ``agent/schemas/alert.schema.json`` |
+| ``{base}/state/{machine}`` | yes | ``{"v":1,"machine":..,"alerts":{sensor: state}}`` |
+| ``{base}/deadletter`` | no | ``{"v":1,"topic","code","reason","payload_excerpt","payload_bytes","time"}`` |
+
+Times in payloads are RFC 3339 UTC with milliseconds (``2024-11-25T23:00:00.250Z``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+SCHEMA_VERSION: Final = 1
+EXCERPT_BYTES: Final = 256
+
+StatusState = Literal["online", "offline"]
+
+_NOT_IN_LEVEL: Final = ("/", "+", "#", "\x00")
+
+
+def format_rfc3339(time_ns: int) -> str:
+    """UTC time with milliseconds, as used in every outbound payload.
+
+    >>> format_rfc3339(1_732_575_600_250_000_000)
+    '2024-11-25T23:00:00.250Z'
+    """
+    seconds, ns = divmod(time_ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns // 1_000_000:03d}Z"
+
+
+def _level(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in _NOT_IN_LEVEL):
+        raise ValueError(f"{name} must be a non-empty string without '/', '+', '#' or NUL, got {value!r}")
+    return value
+
+
+class Topics:
+    """Outbound topic names of one agent, and the builders of the status, dead-letter and state payloads.
+
+    >>> t = Topics("edge-01")
+    >>> t.status, t.alerts("press-7", "vibration"), t.alerts_filter
+    ('pdm/edge-01/status', 'pdm/edge-01/alerts/press-7/vibration', 'pdm/edge-01/alerts/+/+')
+    """
+
+    def __init__(self, agent_id: str, base_template: str = "pdm/{agent_id}") -> None:
+        self.agent_id = _level("agent_id", agent_id)
+        try:
+            base = base_template.format(agent_id=agent_id)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"base topic {base_template!r}: only the placeholder {{agent_id}} is allowed ({exc!r})"
+            ) from None
+        for level in base.split("/"):
+            _level(f"base topic {base_template!r}: level", level)
+        self.base: Final = base
+
+    @property
+    def status(self) -> str:
+        """Retained ``online``/``offline``; the last will sets ``offline`` when the agent vanishes."""
+        return f"{self.base}/status"
+
+    @property
+    def heartbeat(self) -> str:
+        """Retained counters, refreshed periodically."""
+        return f"{self.base}/heartbeat"
+
+    @property
+    def deadletter(self) -> str:
+        """Rejected input with the reason (not retained)."""
+        return f"{self.base}/deadletter"
+
+    def alerts(self, machine: str, sensor: str) -> str:
+        return f"{self.base}/alerts/{_level('machine', machine)}/{_level('sensor', sensor)}"
+
+    @property
+    def alerts_filter(self) -> str:
+        """Subscription filter for every alert of this agent."""
+        return f"{self.base}/alerts/+/+"
+
+    def state(self, machine: str) -> str:
+        """Retained alert state of one machine."""
+        return f"{self.base}/state/{_level('machine', machine)}"
+
+    @property
+    def state_filter(self) -> str:
+        return f"{self.base}/state/+"
+
+    def status_payload(self, state: StatusState, time_ns: int | None = None) -> bytes:
+        if state not in ("online", "offline"):
+            raise ValueError(f"status state must be 'online' or 'offline', got {state!r}")
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "state": state,
+                "agent_id": self.agent_id,
+                "time": format_rfc3339(time.time_ns() if time_ns is None else time_ns),
+            }
+        )
+
+    def deadletter_payload(
+        self, topic: str, code: str, reason: str, payload: bytes, time_ns: int | None = None
+    ) -> bytes:
+        """The report of one rejected message: where it came from, why, and its first 256 bytes as text."""
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "topic": topic,
+                "code": code,
+                "reason": reason,
+                "payload_excerpt": bytes(payload[:EXCERPT_BYTES]).decode("utf-8", errors="replace"),
+                "payload_bytes": len(payload),
+                "time": format_rfc3339(time.time_ns() if time_ns is None else time_ns),
+            }
+        )
+
+    def state_payload(self, machine: str, alerts: Mapping[str, str]) -> bytes:
+        """Retained per-machine state: the alert state of each of its sensors."""
+        return _dump({"v": SCHEMA_VERSION, "machine": machine, "alerts": dict(alerts)})
+
+    def __repr__(self) -> str:
+        return f"Topics(agent_id={self.agent_id!r}, base={self.base!r})"
+
+
+def _dump(body: Mapping[str, object]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
