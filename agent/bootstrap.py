@@ -111,7 +111,9 @@ class Agent:
         now_ns = time.time_ns()
         body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
         self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
-        fields = {k.replace("{", "_").replace("}", "").replace("=", "_").replace(",", "_"): float(v) for k, v in snap.items()}
+        fields = {
+            k.replace("{", "_").replace("}", "").replace("=", "_").replace(",", "_"): float(v) for k, v in snap.items()
+        }
         if fields and not self.spool.closed:
             self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
 
@@ -205,13 +207,14 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         backoff_max_s=config.storage.backoff_max_s,
     )
     raw = config.storage.raw_vibration
+    raw_policy = RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks)
     ingest = IngestWorker(
         messages=messages,
         windows=windows,
         template=template,
         limits=DecodeLimits(max_payload_bytes=config.mqtt.max_payload_bytes, max_future_s=config.mqtt.max_future_s),
         spool=spool,
-        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks),
+        raw_policy=raw_policy,
         windower=Windower(router.spec_for, metrics),
         broker=mqtt,
         topics=topics,
@@ -227,7 +230,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         topics=topics,
         metrics=metrics,
         max_batch=config.inference.max_batch,
-        on_alert=ingest.notify_alert,
+        raw_policy=raw_policy,
     )
     return Agent(
         config=config,

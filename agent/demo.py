@@ -214,12 +214,24 @@ def run_demo(
         truth = workdir / "ground_truth.jsonl"
         sim = subprocess.run(
             [
-                sys.executable, "-m", "agent", "simulate",
-                "--config", str(simulator_config),
-                "--host", host, "--port", str(port),
-                "--duration", str(duration_s), "--speed", str(speed),
-                "--ground-truth", str(truth),
-                "--stats-json", str(workdir / "simulator_stats.json"),
+                sys.executable,
+                "-m",
+                "agent",
+                "simulate",
+                "--config",
+                str(simulator_config),
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--duration",
+                str(duration_s),
+                "--speed",
+                str(speed),
+                "--ground-truth",
+                str(truth),
+                "--stats-json",
+                str(workdir / "simulator_stats.json"),
             ],
             capture_output=True,
             text=True,
@@ -236,14 +248,18 @@ def run_demo(
         time.sleep(0.5)  # the final heartbeat is retained; give the listener a moment to receive it
 
         counters = listener.heartbeat.get("counters", {})
-        sink = InfluxV1Sink(url=url, database=database, retention_policy=None, username=None, password=None, timeout_s=30)
+        sink = InfluxV1Sink(
+            url=url, database=database, retention_policy=None, username=None, password=None, timeout_s=30
+        )
         report = DemoReport(
             messages_published=int(stats["messages"]),
             messages_received=int(counters.get("ingest.messages", 0)),
             readings_received=int(counters.get("ingest.readings", 0)),
             decode_errors=int(sum(v for k, v in counters.items() if k.startswith("decode.errors"))),
             readings_stored=_count(sink, f'SELECT count("seq") FROM "{schema.READING}"'),
-            vibration_samples_stored=_count(sink, f'SELECT count("{schema.VIBRATION_FIELD}") FROM "{schema.VIBRATION}"'),
+            vibration_samples_stored=_count(
+                sink, f'SELECT count("{schema.VIBRATION_FIELD}") FROM "{schema.VIBRATION}"'
+            ),
             windows_scored=int(sum(v for k, v in counters.items() if k.startswith("windows.scored"))),
             scores_stored=_count(sink, f'SELECT count("{schema.SCORE_FIELD}") FROM "{schema.SCORE}"'),
             alerts=list(listener.alerts),
@@ -289,8 +305,13 @@ def _match(report: DemoReport) -> None:
             continue
         end_ns = _parse_time(alert.body["window"]["end"])
         hit = next(
-            (f for f in report.faults if f.machine == alert.machine and end_ns >= f.start_ns
-             and (f.end_ns is None or _parse_time(alert.body["window"]["start"]) <= f.end_ns + 30 * NS)),
+            (
+                f
+                for f in report.faults
+                if f.machine == alert.machine
+                and end_ns >= f.start_ns
+                and (f.end_ns is None or _parse_time(alert.body["window"]["start"]) <= f.end_ns + 30 * NS)
+            ),
             None,
         )
         if hit is None:

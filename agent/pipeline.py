@@ -18,9 +18,8 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -48,6 +47,7 @@ from agent.topics import Topics
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+T = TypeVar("T")
 
 
 class Broker(Protocol):
@@ -56,6 +56,16 @@ class Broker(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object: ...
 
     def ack(self, mid: int, qos: int) -> None: ...
+
+
+def to_lines(encode: Callable[[T], list[str]], record: T, metrics: Metrics) -> list[str]:
+    """Line-protocol lines of one record; a record InfluxDB cannot hold is counted and logged, not raised."""
+    try:
+        return encode(record)
+    except ValueError as exc:
+        metrics.inc("storage.unencodable", kind=type(record).__name__)
+        logger.warning("%s not stored: %s", type(record).__name__, exc)
+        return []
 
 
 def drain(q: queue.Queue, first_timeout_s: float, limit: int) -> list:
@@ -137,11 +147,6 @@ class IngestWorker(_Worker):
         self._metrics = metrics
         self._put_timeout_s = put_timeout_s
         self._batch_max = batch_max
-        self._alerted: deque[Source] = deque()
-
-    def notify_alert(self, source: Source) -> None:
-        """Called by the scoring worker (another thread): keep raw blocks around this source's alert."""
-        self._alerted.append(source)
 
     def step(self) -> None:
         batch = drain(self._messages, _POLL_S, self._batch_max)
@@ -153,8 +158,6 @@ class IngestWorker(_Worker):
             self.process(batch)
 
     def process(self, batch: Sequence[Message]) -> None:
-        while self._alerted:
-            self._raw.on_alert(self._alerted.popleft())
         lines: list[str] = []
         decoded: list[Reading | SampleBlock] = []
         for msg in batch:
@@ -167,13 +170,13 @@ class IngestWorker(_Worker):
                 continue
             for item in items:
                 if isinstance(item, Reading):
-                    lines.extend(reading_lines(item))
+                    lines.extend(to_lines(reading_lines, item, self._metrics))
                     self._metrics.inc("ingest.readings")
                 else:
                     self._metrics.inc("ingest.blocks")
                     self._metrics.inc("ingest.samples", len(item.samples))
                     for block in self._raw.decide(item):
-                        lines.extend(block_lines(block))
+                        lines.extend(to_lines(block_lines, block, self._metrics))
             decoded.extend(items)
         if lines:
             self._append_durably(lines)
@@ -228,7 +231,7 @@ class ScoringWorker(_Worker):
         topics: Topics,
         metrics: Metrics,
         max_batch: int,
-        on_alert: Callable[[Source], None],
+        raw_policy: RawVibrationPolicy,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__("scoring")
@@ -240,7 +243,7 @@ class ScoringWorker(_Worker):
         self._topics = topics
         self._metrics = metrics
         self._max_batch = max_batch
-        self._on_alert = on_alert
+        self._raw = raw_policy
         self._clock_ns = clock_ns
 
     def step(self) -> None:
@@ -297,12 +300,16 @@ class ScoringWorker(_Worker):
                 threshold=model.threshold,
             )
             fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
-            lines.extend(feature_lines(fv, model.model_id, model.version))
-            lines.extend(score_lines(score))
+            lines.extend(to_lines(lambda f: feature_lines(f, model.model_id, model.version), fv, self._metrics))
+            lines.extend(to_lines(score_lines, score, self._metrics))
             alert = self._policy.update(score, now_ns)
             if alert is not None:
-                lines.extend(alert_lines(alert, str(alert.details["event_id"])))
+                lines.extend(to_lines(lambda a: alert_lines(a, str(a.details["event_id"])), alert, self._metrics))
                 self._publish_alert(alert)
+                if alert.state == "raised":
+                    # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
+                    for block in self._raw.on_alert(alert.source):
+                        lines.extend(to_lines(block_lines, block, self._metrics))
         return lines
 
     def _publish_alert(self, alert: Alert) -> None:
@@ -319,5 +326,3 @@ class ScoringWorker(_Worker):
         )
         topic = self._topics.alerts(alert.source.machine, alert.source.sensor)
         self._broker.publish(topic, alert_payload(alert, self._topics.agent_id), qos=1, retain=False)
-        if alert.state == "raised":
-            self._on_alert(alert.source)

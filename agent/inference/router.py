@@ -15,10 +15,17 @@ from agent.records import Source
 class AnomalyModel(Protocol):
     """A loaded, verified and warmed-up model. ``score`` is called from the scoring worker only."""
 
-    model_id: str
-    version: str
-    threshold: float
-    spec: FeatureSpec
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def spec(self) -> FeatureSpec: ...
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """float32 ``(n, F)`` features -> float32 ``(n,)`` scores, higher is more anomalous."""

@@ -1,0 +1,153 @@
+"""ONNX Runtime adapter for anomaly models: a verified, warmed-up session that turns features into scores.
+
+The model only scores (higher = more anomalous); comparing with ``threshold`` is the thresholder's job and
+deciding whether to notify is the alert policy's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.features.spec import FeatureSpec
+from agent.inference.errors import ModelError
+from agent.inference.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+_ORT_TYPES = {"float32": "tensor(float)"}
+
+
+class OnnxAnomalyModel:
+    """One anomaly model loaded from its directory, checked against its manifest.
+
+    Built once by the composition root (or a command), then called from the inference worker thread only:
+    ``score`` is not meant to be called from several threads at once (ONNX Runtime allows it, but the
+    worker batches windows instead). Construction raises ``ModelError``; ``score`` raises ``ValueError``.
+    """
+
+    def __init__(self, manifest: Manifest, model_dir: Path, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self._manifest = manifest
+        self._spec = manifest.spec()
+        path = Path(model_dir) / manifest.file
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle worker threads would otherwise spin for a while after each run, stealing CPU from ingest
+        # and the database writer on a 2-core box; the models are far too small to need spinning.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
+            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self._check_session(path)
+        self._input = manifest.inputs[0].name
+        self._output = manifest.outputs[0].name
+        self._warm_up()
+        logger.info(
+            "loaded model %s version %s (%s, %d features, threshold %.6g)",
+            manifest.model_id,
+            manifest.version,
+            manifest.file,
+            manifest.n_features,
+            manifest.threshold,
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path, threads: int = 1) -> OnnxAnomalyModel:
+        """Read and verify the manifest in ``model_dir`` and build the model."""
+        return cls(Manifest.load(model_dir), model_dir, threads)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def model_id(self) -> str:
+        return self._manifest.model_id
+
+    @property
+    def version(self) -> str:
+        return self._manifest.version
+
+    @property
+    def threshold(self) -> float:
+        return self._manifest.threshold
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self._spec
+
+    @property
+    def n_features(self) -> int:
+        return self._manifest.n_features
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Anomaly scores of feature rows. ``x``: float32 ``(n, F)`` → float32 ``(n,)``."""
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"features must be a numpy array, got {type(x).__name__}")
+        if x.dtype != np.float32:
+            raise ValueError(f"features must be float32, got {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(
+                f"features must have shape (n, {self.n_features}) for model {self.model_id}, got {x.shape}"
+            )
+        if x.shape[0] == 0:
+            return np.empty(0, dtype=np.float32)
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x).all(axis=1)).sum())
+            raise ValueError(f"features contain NaN or infinity in {bad} of {x.shape[0]} rows")
+        (scores,) = self._session.run([self._output], {self._input: np.ascontiguousarray(x)})
+        return np.asarray(scores, dtype=np.float32).reshape(x.shape[0])
+
+    def _check_session(self, path: Path) -> None:
+        expected_in, expected_out = self._manifest.inputs, self._manifest.outputs
+        actual_in, actual_out = self._session.get_inputs(), self._session.get_outputs()
+        for kind, expected, actual in (
+            ("input", expected_in, actual_in),
+            ("output", expected_out, actual_out),
+        ):
+            if [t.name for t in expected] != [a.name for a in actual]:
+                raise ModelError(
+                    f"{path}: graph {kind}s {[a.name for a in actual]} do not match the manifest's "
+                    f"{[t.name for t in expected]}"
+                )
+            for t, a in zip(expected, actual, strict=True):
+                if a.type != _ORT_TYPES.get(t.dtype):
+                    raise ModelError(
+                        f"{path}: graph {kind} {a.name!r} has type {a.type}, manifest says {t.dtype}"
+                    )
+                if len(a.shape) != len(t.shape):
+                    raise ModelError(
+                        f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}"
+                    )
+                for got, want in zip(a.shape, t.shape, strict=True):
+                    # A named manifest axis ("batch") must be dynamic in the graph; a number must match.
+                    if (isinstance(want, int) and got != want) or (
+                        isinstance(want, str) and isinstance(got, int)
+                    ):
+                        raise ModelError(
+                            f"{path}: graph {kind} {a.name!r} has shape {a.shape}, "
+                            f"manifest says {list(t.shape)}"
+                        )
+
+    def _warm_up(self) -> None:
+        # The first Run of a session allocates its memory arena, pre-packs weights and picks kernels, which
+        # takes many times longer than a steady-state call. Paying that here, at start, keeps the first real
+        # window from missing its deadline and makes a broken model fail at load instead of on live data.
+        for batch in (1, 8):
+            x = np.zeros((batch, self.n_features), dtype=np.float32)
+            (scores,) = self._session.run([self._output], {self._input: x})
+            if np.shape(scores) != (batch,) or not np.isfinite(scores).all():
+                raise ModelError(
+                    f"model {self.model_id}: warm-up returned {scores!r} for a batch of {batch} zero rows"
+                )

@@ -1,0 +1,167 @@
+"""Records to line protocol, with the names of ``agent.schema`` (pure), and the raw vibration policy.
+
+Every function returns a list of lines (no trailing newlines) and raises ``ValueError`` when a record
+cannot be written (a non-finite value, an empty name); the caller counts and reports that.
+Source tags come first and the stage's own tags (``channel``, ``model_id``, ``model_version``,
+``state``) override a source tag of the same name, so a line never carries a tag key twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Mapping
+from typing import Literal, get_args
+
+import numpy as np
+
+from agent import schema
+from agent.records import NS_PER_S, Alert, FeatureVector, Reading, SampleBlock, Score, Source
+from agent.storage.line_protocol import FieldValue, escape_key, escape_measurement, format_point, format_tags
+
+
+def _tags(source: Source, **extra: str) -> dict[str, str]:
+    tags = dict(source.tags)
+    tags.update(extra)
+    return tags
+
+
+def reading_lines(r: Reading) -> list[str]:
+    """One ``reading`` point: the source tags, the reading's fields, and ``seq`` (int) when present."""
+    fields: dict[str, FieldValue] = dict(r.fields)
+    if r.seq is not None:
+        fields["seq"] = int(r.seq)
+    return [format_point(schema.READING, dict(r.source.tags), fields, r.time_ns)]
+
+
+def sample_times_ns(b: SampleBlock) -> np.ndarray:
+    """int64 ``(n,)``: time of each sample, rounded to the nanosecond exactly as ``SampleBlock.end_ns``."""
+    offsets = np.arange(len(b.samples), dtype=np.float64) * NS_PER_S / b.rate_hz
+    return np.round(offsets).astype(np.int64) + np.int64(b.start_ns)
+
+
+def block_lines(b: SampleBlock) -> list[str]:
+    """One ``vibration`` point per sample, tagged with the channel (the hot path: vectorized formatting)."""
+    samples = np.asarray(b.samples)
+    if samples.ndim != 1:
+        raise ValueError(f"samples must have shape (n,), not {samples.shape}")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        raise ValueError(f"block of {b.source.as_dict()} has {int((~finite).sum())} non-finite samples")
+    tags = format_tags(_tags(b.source, **{schema.TAG_CHANNEL: b.channel}))
+    prefix = f"{escape_measurement(schema.VIBRATION)}{tags} {escape_key(schema.VIBRATION_FIELD)}="
+    # astype(str) gives the shortest repr of each float32 ("0.1", not "0.10000000149011612").
+    values = samples.astype(str).tolist()
+    times = sample_times_ns(b).tolist()
+    return [f"{prefix}{v} {t}" for v, t in zip(values, times, strict=True)]
+
+
+def _model_tags(source: Source, model_id: str, model_version: str, **extra: str) -> dict[str, str]:
+    return _tags(source, **{schema.TAG_MODEL_ID: model_id, schema.TAG_MODEL_VERSION: model_version}, **extra)
+
+
+def feature_lines(fv: FeatureVector, model_id: str, model_version: str) -> list[str]:
+    """One ``features`` point at the window's end: one float field per feature name."""
+    values = np.asarray(fv.values)
+    if values.shape != (len(fv.names),):
+        raise ValueError(f"{len(fv.names)} feature names but values of shape {values.shape}")
+    # Via the shortest float32 repr: 0.1 is stored as 0.1, not as 0.10000000149011612.
+    if values.dtype == np.float32:
+        floats = [float(v) for v in values.astype(str)]
+    else:
+        floats = values.astype(np.float64).tolist()
+    fields: Mapping[str, FieldValue] = dict(zip(fv.names, floats, strict=True))
+    tags = _model_tags(fv.window.source, model_id, model_version)
+    return [format_point(schema.FEATURES, tags, fields, fv.window.end_ns)]
+
+
+def score_lines(s: Score) -> list[str]:
+    """One ``anomaly_score`` point at the window's end: score, threshold, anomalous, window start."""
+    fields: dict[str, FieldValue] = {
+        schema.SCORE_FIELD: float(s.score),
+        schema.THRESHOLD_FIELD: float(s.threshold),
+        schema.ANOMALOUS_FIELD: s.is_anomalous,
+        schema.WINDOW_START_FIELD: int(s.start_ns),
+    }
+    return [format_point(schema.SCORE, _model_tags(s.source, s.model_id, s.model_version), fields, s.end_ns)]
+
+
+def alert_lines(a: Alert, event_id: str) -> list[str]:
+    """One ``alert`` point at the event time, tagged with the state (raised/cleared)."""
+    fields: dict[str, FieldValue] = {
+        schema.ALERT_SCORE_FIELD: float(a.score),
+        schema.ALERT_THRESHOLD_FIELD: float(a.threshold),
+        schema.ALERT_EVENT_FIELD: event_id,
+    }
+    tags = _model_tags(a.source, a.model_id, a.model_version, **{schema.ALERT_STATE_TAG: a.state})
+    return [format_point(schema.ALERT, tags, fields, a.time_ns)]
+
+
+RawMode = Literal["all", "every_n", "around_alerts", "none"]
+RAW_MODES: tuple[str, ...] = get_args(RawMode)
+
+
+class RawVibrationPolicy:
+    """Which raw vibration blocks to store (pure, stateful per source and channel; thread-safe).
+
+    - ``all``: every block; ``none``: no block;
+    - ``every_n``: the first block of each source/channel and then every ``every_n``-th;
+    - ``around_alerts``: keep the last ``keep_blocks`` blocks of each source/channel in a ring (not
+      stored); ``on_alert(source)`` releases the ring and the next ``keep_blocks`` blocks of that source
+      are stored too, so an alert comes with raw data from before and after it.
+
+    ``decide`` is called by the ingest worker for each block, ``on_alert`` by the alert stage when an
+    alert is raised (possibly from another thread). Memory is bounded by ``keep_blocks`` blocks per
+    source and channel.
+    """
+
+    def __init__(self, mode: RawMode, every_n: int = 1, keep_blocks: int = 0) -> None:
+        if mode not in RAW_MODES:
+            raise ValueError(f"raw vibration mode {mode!r} is not one of {', '.join(RAW_MODES)}")
+        if every_n < 1:
+            raise ValueError(f"every_n must be >= 1, not {every_n}")
+        if keep_blocks < 0 or (mode == "around_alerts" and keep_blocks < 1):
+            raise ValueError(f"keep_blocks must be >= 1 for around_alerts, >= 0 otherwise, not {keep_blocks}")
+        self.mode = mode
+        self.every_n = every_n
+        self.keep_blocks = keep_blocks
+        self._lock = threading.Lock()
+        self._count: dict[tuple[Source, str], int] = {}
+        self._ring: dict[tuple[Source, str], deque[SampleBlock]] = {}
+        self._after: dict[tuple[Source, str], int] = {}
+
+    def decide(self, block: SampleBlock) -> list[SampleBlock]:
+        """The blocks to store now (the given one, or none of them)."""
+        if self.mode == "all":
+            return [block]
+        if self.mode == "none":
+            return []
+        key = (block.source, block.channel)
+        with self._lock:
+            if self.mode == "every_n":
+                count = self._count.get(key, 0)
+                self._count[key] = count + 1
+                return [block] if count % self.every_n == 0 else []
+            # around_alerts
+            if self._after.get(key, 0) > 0:
+                self._after[key] -= 1
+                return [block]
+            ring = self._ring.get(key)
+            if ring is None:
+                ring = self._ring[key] = deque(maxlen=self.keep_blocks)
+            ring.append(block)
+            return []
+
+    def on_alert(self, source: Source) -> list[SampleBlock]:
+        """An alert was raised for ``source``: the ring's blocks to store now (oldest first)."""
+        if self.mode != "around_alerts":
+            return []
+        released: list[SampleBlock] = []
+        with self._lock:
+            for key, ring in self._ring.items():
+                if key[0] == source:
+                    released.extend(ring)
+                    ring.clear()
+                    self._after[key] = self.keep_blocks
+        released.sort(key=lambda b: b.start_ns)
+        return released

@@ -1,0 +1,136 @@
+"""``pdm-agent train``: rebuild the shipped anomaly models from simulated data with fixed seeds.
+
+``pdm-agent train`` writes both models into ``models/`` (about a minute on 2 cores);
+``pdm-agent train --quick --out DIR`` is the tiny run the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.training.autoencoder import AutoencoderConfig
+from agent.training.quantize import CALIBRATION_METHODS, QuantizeConfig
+from agent.training.simdata import (
+    DEFAULT_PROCESS_MINUTES,
+    DEFAULT_VIBRATION_MINUTES,
+    DataPlan,
+    Dataset,
+    process_dataset,
+    vibration_dataset,
+)
+from agent.training.train import Evaluation, train_anomaly_model
+
+logger = logging.getLogger(__name__)
+
+# model id -> (directory under --out, dataset builder)
+MODELS: dict[str, tuple[str, Callable[[DataPlan], Dataset]]] = {
+    "vibration-anomaly": ("vibration_anomaly", vibration_dataset),
+    "process-anomaly": ("process_anomaly", process_dataset),
+}
+DEFAULT_SEED = 42
+DEFAULT_VERSION = "1.0.0"
+QUICK_AUTOENCODER = AutoencoderConfig(max_epochs=30, patience=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models"), help="output directory (default: models)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"simulator and training seed (default {DEFAULT_SEED})"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_VIBRATION_MINUTES,
+        help=f"simulated minutes of vibration per machine and split (default {DEFAULT_VIBRATION_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--process-minutes",
+        type=float,
+        default=DEFAULT_PROCESS_MINUTES,
+        help="simulated minutes of process values per machine and split; they arrive once a second, so "
+        f"they need a longer span than vibration (default {DEFAULT_PROCESS_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)"
+    )
+    parser.add_argument(
+        "--model", choices=["all", *MODELS], default="all", help="which model to build (default all)"
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=sorted(CALIBRATION_METHODS),
+        default="minmax",
+        help="INT8 calibration method (default minmax)",
+    )
+    parser.add_argument(
+        "--ship",
+        choices=["auto", "int8", "fp32"],
+        default="auto",
+        help="file named in the manifest; auto = INT8 unless it measures slower than FP32 (default auto)",
+    )
+    parser.add_argument(
+        "--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.minutes <= 0 or args.process_minutes <= 0:
+        logger.error("--minutes and --process-minutes must be > 0")
+        return 2
+    if args.quick:
+        plan = DataPlan.quick(args.seed)
+        autoencoder, latency_runs = QUICK_AUTOENCODER, 50
+    else:
+        plan = DataPlan(seed=args.seed, vibration_minutes=args.minutes, process_minutes=args.process_minutes)
+        autoencoder, latency_runs = AutoencoderConfig(), 400
+    command = _command(args)
+    names = list(MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        subdir, build = MODELS[name]
+        started = time.monotonic()
+        data = build(plan)
+        manifest = train_anomaly_model(
+            name,
+            data.spec,
+            data.train,
+            data.val,
+            args.out / subdir,
+            seed=args.seed,
+            version=args.model_version,
+            evaluation=Evaluation(test=data.test, faults=data.faults),
+            data_description=data.description,
+            created_by=command,
+            autoencoder=autoencoder,
+            quantization=QuantizeConfig(calibration=args.calibration),
+            ship=args.ship,
+            latency_runs=latency_runs,
+        )
+        det = manifest.metrics.get("detection_rate", {})
+        print(
+            f"{name}: {args.out / subdir / manifest.file} threshold {manifest.threshold:g}, "
+            f"false alarms {manifest.metrics.get('false_alarm_rate_test', 0):.3%}, detection "
+            + ", ".join(f"{k} {v['rate']:.0%}" for k, v in det.items())
+            + f" ({time.monotonic() - started:.0f} s)"
+        )
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that rebuilds these files (the output directory is left out: it does not change them)."""
+    parts = ["pdm-agent train", f"--seed {args.seed}"]
+    if args.quick:
+        parts.append("--quick")
+    else:
+        parts += [f"--minutes {args.minutes:g}", f"--process-minutes {args.process_minutes:g}"]
+    if args.model != "all":
+        parts.append(f"--model {args.model}")
+    parts += [
+        f"--calibration {args.calibration}",
+        f"--ship {args.ship}",
+        f"--model-version {args.model_version}",
+    ]
+    return " ".join(parts)

@@ -1,0 +1,190 @@
+"""Records to line protocol (schema names, tags, times) and the raw vibration storage policy."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from agent import schema
+from agent.records import Alert, FeatureVector, Reading, SampleBlock, Score, Source, Window
+from agent.storage.points import (
+    RawVibrationPolicy,
+    alert_lines,
+    block_lines,
+    feature_lines,
+    reading_lines,
+    sample_times_ns,
+    score_lines,
+)
+
+SRC = Source.of(site="s1", line="l 1", machine="m1", sensor="vibration")
+PROC = Source.of(site="s1", line="l1", machine="m1", sensor="process")
+T0 = 1_732_575_600_250_000_000
+
+
+def _block(source: Source = SRC, n: int = 4, start_ns: int = T0, rate_hz: float = 10240.0,
+           channel: str = "value") -> SampleBlock:
+    samples = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    return SampleBlock(source=source, start_ns=start_ns, rate_hz=rate_hz, samples=samples, channel=channel)
+
+
+def test_reading_line_has_source_tags_fields_and_seq() -> None:
+    r = Reading(source=PROC, time_ns=T0, fields={"temperature": 61.2, "current": 12.4}, seq=7)
+    assert reading_lines(r) == [
+        f"reading,line=l1,machine=m1,sensor=process,site=s1 temperature=61.2,current=12.4,seq=7i {T0}"
+    ]
+
+
+def test_reading_without_seq_has_no_seq_field() -> None:
+    r = Reading(source=PROC, time_ns=T0, fields={"value": 1.5})
+    assert reading_lines(r) == [f"{schema.READING},line=l1,machine=m1,sensor=process,site=s1 value=1.5 {T0}"]
+
+
+def test_block_gives_one_point_per_sample_with_channel_tag() -> None:
+    samples = np.array([0.1, -0.25, 0.0, 3.0], np.float32)
+    b = SampleBlock(source=SRC, start_ns=T0, rate_hz=4.0, samples=samples, channel="x")
+    assert block_lines(b) == [
+        f"vibration,channel=x,line=l\\ 1,machine=m1,sensor=vibration,site=s1 value=0.1 {T0}",
+        f"vibration,channel=x,line=l\\ 1,machine=m1,sensor=vibration,site=s1 value=-0.25 {T0 + 250_000_000}",
+        f"vibration,channel=x,line=l\\ 1,machine=m1,sensor=vibration,site=s1 value=0.0 {T0 + 500_000_000}",
+        f"vibration,channel=x,line=l\\ 1,machine=m1,sensor=vibration,site=s1 value=3.0 {T0 + 750_000_000}",
+    ]
+
+
+def test_block_times_end_at_the_blocks_end_ns_and_values_round_trip() -> None:
+    b = SampleBlock(source=SRC, start_ns=T0, rate_hz=10240.0,
+                    samples=np.random.default_rng(0).normal(size=10240).astype(np.float32))
+    lines = block_lines(b)
+    assert len(lines) == 10240
+    times = [int(line.rsplit(" ", 1)[1]) for line in lines]
+    assert times == sample_times_ns(b).tolist()
+    assert times[0] == b.start_ns and times[-1] == b.end_ns
+    assert all(t1 > t0 for t0, t1 in itertools.pairwise(times))
+    values = np.array([float(line.split("value=")[1].split(" ")[0]) for line in lines], dtype=np.float32)
+    np.testing.assert_array_equal(values, b.samples)  # shortest float32 repr round-trips exactly
+
+
+def test_empty_block_gives_no_lines() -> None:
+    assert block_lines(_block(n=0)) == []
+
+
+def test_block_with_non_finite_samples_is_refused() -> None:
+    samples = np.array([0.0, np.nan, np.inf], np.float32)
+    b = SampleBlock(source=SRC, start_ns=T0, rate_hz=100.0, samples=samples)
+    with pytest.raises(ValueError, match="2 non-finite"):
+        block_lines(b)
+
+
+def test_stage_tag_overrides_a_source_tag_of_the_same_name() -> None:
+    src = Source.of(machine="m1", sensor="vibration", channel="from-topic")
+    (line, *_) = block_lines(_block(source=src, channel="x"))
+    assert line.startswith("vibration,channel=x,machine=m1,sensor=vibration value=")
+
+
+def _window(source: Source = SRC) -> Window:
+    return Window(source=source, kind="vibration", start_ns=T0, end_ns=T0 + 1000, channels=("value",),
+                  data=np.zeros((1, 4)), times_s=np.zeros(4), rate_hz=4.0)
+
+
+def test_feature_line_at_window_end_with_model_tags() -> None:
+    values = np.array([0.5, 3.25, 0.1], np.float32)
+    fv = FeatureVector(window=_window(), names=("rms", "kurtosis", "band_1"), values=values, spec_hash="abc")
+    assert feature_lines(fv, "vib-ae", "1.2.0") == [
+        "features,line=l\\ 1,machine=m1,model_id=vib-ae,model_version=1.2.0,sensor=vibration,site=s1 "
+        f"rms=0.5,kurtosis=3.25,band_1=0.1 {T0 + 1000}"  # float32 0.1 as "0.1", not 0.10000000149011612
+    ]
+
+
+def test_feature_line_with_non_finite_feature_is_refused() -> None:
+    values = np.array([np.nan], np.float32)
+    fv = FeatureVector(window=_window(), names=("rms",), values=values, spec_hash="abc")
+    with pytest.raises(ValueError, match="rms"):
+        feature_lines(fv, "vib-ae", "1")
+
+
+def test_score_line() -> None:
+    s = Score(source=PROC, start_ns=T0, end_ns=T0 + 5, model_id="proc", model_version="3", score=0.75,
+              threshold=0.5)
+    assert score_lines(s) == [
+        "anomaly_score,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1 "
+        f"score=0.75,threshold=0.5,anomalous=true,window_start_ns={T0}i {T0 + 5}"
+    ]
+
+
+def test_alert_line() -> None:
+    a = Alert(source=PROC, state="raised", model_id="proc", model_version="3", score=0.75, threshold=0.5,
+              window_start_ns=T0, window_end_ns=T0 + 5, time_ns=T0 + 9)
+    assert alert_lines(a, "evt-1") == [
+        "alert,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1,state=raised "
+        f'score=0.75,threshold=0.5,event_id="evt-1" {T0 + 9}'
+    ]
+
+
+# -- raw vibration policy ------------------------------------------------------------------------
+
+
+def _blocks(k: int, source: Source = SRC, channel: str = "value") -> list[SampleBlock]:
+    return [_block(source=source, start_ns=T0 + i * 10**9, channel=channel) for i in range(k)]
+
+
+def test_policy_all_and_none() -> None:
+    b = _block()
+    assert RawVibrationPolicy("all").decide(b) == [b]
+    assert RawVibrationPolicy("none").decide(b) == []
+    assert RawVibrationPolicy("all").on_alert(SRC) == []
+
+
+def test_policy_every_n_stores_the_first_and_every_nth_block_per_source() -> None:
+    policy = RawVibrationPolicy("every_n", every_n=3)
+    other = Source.of(machine="m2", sensor="vibration")
+    kept = [i for i, b in enumerate(_blocks(7)) if policy.decide(b)]
+    kept_other = [i for i, b in enumerate(_blocks(4, source=other)) if policy.decide(b)]
+    assert kept == [0, 3, 6]
+    assert kept_other == [0, 3]
+
+
+def test_policy_around_alerts_stores_the_ring_and_the_blocks_after_an_alert() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=2)
+    blocks = _blocks(8)
+    assert [policy.decide(b) for b in blocks[:4]] == [[], [], [], []]
+    assert policy.on_alert(SRC) == blocks[2:4]  # the last keep_blocks before the alert
+    assert policy.decide(blocks[4]) == [blocks[4]]
+    assert policy.decide(blocks[5]) == [blocks[5]]
+    assert policy.decide(blocks[6]) == []  # back to the ring
+    assert policy.on_alert(SRC) == [blocks[6]]  # only what arrived since
+
+
+def test_policy_around_alerts_is_per_source() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=1)
+    other = Source.of(machine="m2", sensor="vibration")
+    (a,) = _blocks(1)
+    (b,) = _blocks(1, source=other)
+    policy.decide(a)
+    policy.decide(b)
+    assert policy.on_alert(other) == [b]
+    assert policy.decide(_block(source=SRC)) == []
+    assert policy.on_alert(SRC) != []
+
+
+def test_policy_around_alerts_releases_every_channel_of_the_source() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=1)
+    x, y = _blocks(1, channel="x")[0], _blocks(1, channel="y")[0]
+    policy.decide(x)
+    policy.decide(y)
+    assert {b.channel for b in policy.on_alert(SRC)} == {"x", "y"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "every_n", "keep_blocks", "message"),
+    [
+        ("sometimes", 1, 0, "not one of"),
+        ("every_n", 0, 0, "every_n"),
+        ("around_alerts", 1, 0, "keep_blocks"),
+        ("all", 1, -1, "keep_blocks"),
+    ],
+)
+def test_policy_refuses_bad_settings(mode: str, every_n: int, keep_blocks: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RawVibrationPolicy(mode, every_n, keep_blocks)  # type: ignore[arg-type]
