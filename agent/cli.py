@@ -76,6 +76,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return training_cli.main(args)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from agent.evaluation import cli as evaluation_cli
+
+    _setup_logging(args.log_level or "WARNING")
+    return evaluation_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pdm-agent",
@@ -124,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training_cli.add_arguments(train)
     train.set_defaults(func=cmd_train)
+
+    from agent.evaluation import cli as evaluation_cli
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate the models on public datasets with the published protocols",
+        description="Run a published evaluation protocol on a dataset folder and print the results next to "
+        "the published ones (--json for one JSON object).",
+    )
+    evaluation_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 
