@@ -1,0 +1,178 @@
+"""The agent built by the composition root, in-process, against a real Mosquitto and InfluxDB 1.6.7."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.bootstrap import build_agent
+from agent.config import parse_config
+from agent.decode.encode import encode_block, encode_fields
+from agent.storage.sinks import InfluxV1Sink
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Subscriber:
+    """A separate MQTT client that records what the agent publishes."""
+
+    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+        self.messages: list[tuple[str, dict]] = []
+        self.arrived = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{time.monotonic_ns()}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.arrived:
+            self.messages.append((msg.topic, json.loads(msg.payload)))
+            self.arrived.notify_all()
+
+    def wait_for(self, predicate, timeout_s: float = 20.0) -> list[tuple[str, dict]]:
+        with self.arrived:
+            self.arrived.wait_for(lambda: predicate(self.messages), timeout_s)
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str, raw_mode: str = "all"):
+    return parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "subscriptions": ["factory/#"]},
+            "storage": {
+                "url": influxdb_v1.url,
+                "v1": {"database": database},
+                "flush_interval_s": 0.2,
+                "raw_vibration": {"mode": raw_mode},
+            },
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "inference": {
+                "models": [
+                    {"path": str(REPO / "models/vibration_anomaly"), "sensors": ["vibration"]},
+                    {"path": str(REPO / "models/process_anomaly"), "sensors": ["process"]},
+                ]
+            },
+        }
+    )
+
+
+@pytest.fixture
+def running_agent(mosquitto, influxdb_v1, influx_db_name, tmp_path):
+    agent_id = f"it-{time.monotonic_ns()}"
+    agent = build_agent(_config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id))
+    sub = Subscriber(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/#"])
+    agent.start()
+    assert agent.mqtt.wait_subscribed(20)
+    yield agent, sub
+    agent.stop()
+    sub.close()
+
+
+def _publish(mosquitto, items: list[tuple[str, bytes]]) -> None:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    for topic, payload in items:
+        client.publish(topic, payload, qos=1).wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()
+
+
+def test_bad_input_is_dead_lettered_with_its_reason_and_good_input_is_stored(
+    running_agent, mosquitto, influxdb_v1, influx_db_name
+):
+    agent, sub = running_agent
+    t0 = time.time_ns() - 10**9
+    _publish(
+        mosquitto,
+        [
+            ("factory/s1/l1/m01/process", b'{"v":1,"fields":{"temperature":'),
+            ("factory/s1/l1/m01/process", encode_fields({"temperature": 61.5, "current": 12.0}, ts_ns=t0, seq=1)),
+            ("factory/s1/l1/m01", encode_fields({"temperature": 1.0}, ts_ns=t0, seq=2)),
+            ("factory/s1/l1/m01/process", b'{"v":1,"value":true}'),
+            ("factory/s1/l1/m01/process", encode_fields({"temperature": 62.0, "current": 12.1}, ts_ns=t0 + 10**9)),
+        ],
+    )
+    deadletter = f"pdm/{agent.config.agent.id}/deadletter"
+    seen = sub.wait_for(lambda msgs: sum(t == deadletter for t, _ in msgs) >= 3)
+    codes = sorted(body["code"] for topic, body in seen if topic == deadletter)
+    assert codes == ["json", "topic", "value"]
+    assert all(body["reason"] for topic, body in seen if topic == deadletter)
+    assert agent.writer.flush(20)
+
+    sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
+    rows = sink.query('SELECT "temperature", "current" FROM "reading" WHERE "machine" = \'m01\'')
+    assert [v[1:] for v in rows[0]["values"]] == [[61.5, 12.0], [62.0, 12.1]]
+    assert agent.metrics.get("decode.errors") == 3
+    assert agent.metrics.get("ingest.messages") == 5
+
+
+def test_vibration_blocks_are_windowed_scored_and_stored(running_agent, mosquitto, influxdb_v1, influx_db_name):
+    agent, _ = running_agent
+    model = agent.router.model_for(_source("vibration"))
+    assert model is not None
+    rate = 10240.0
+    n_blocks = 6
+    block = 2048
+    rng = np.random.default_rng(0)
+    t = np.arange(n_blocks * block) / rate
+    signal = (0.5 * np.sin(2 * np.pi * 24.7 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    start = time.time_ns() - 60 * 10**9
+    step_ns = round(block * 1e9 / rate)
+    _publish(
+        mosquitto,
+        [
+            (
+                "factory/s1/l1/m07/vibration",
+                encode_block(signal[i * block : (i + 1) * block], rate, ts_ns=start + i * step_ns, seq=i),
+            )
+            for i in range(n_blocks)
+        ],
+    )
+    expected_windows = (n_blocks * block - model.spec.window_samples) // model.spec.hop_samples + 1
+    deadline = time.monotonic() + 20
+    while agent.metrics.get("windows.scored") < expected_windows and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.writer.flush(20)
+
+    sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
+    samples = sink.query("SELECT count(\"value\") FROM \"vibration\" WHERE \"machine\" = 'm07'")
+    assert samples[0]["values"][0][1] == n_blocks * block
+    scores = sink.query("SELECT \"score\", \"threshold\" FROM \"anomaly_score\" WHERE \"machine\" = 'm07'")
+    assert len(scores[0]["values"]) == expected_windows
+    features = sink.query("SELECT \"kurtosis\", \"rms\" FROM \"features\" WHERE \"machine\" = 'm07'")
+    rms = [row[2] for row in features[0]["values"]]
+    assert rms == pytest.approx([float(np.sqrt(np.mean(signal[:4096].astype(np.float64) ** 2)))] * len(rms), rel=0.05)
+
+
+def test_stop_publishes_offline_status(mosquitto, influxdb_v1, influx_db_name, tmp_path):
+    agent_id = f"it-{time.monotonic_ns()}"
+    agent = build_agent(_config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id))
+    agent.start()
+    assert agent.mqtt.wait_subscribed(20)
+    agent.stop()
+    sub = Subscriber(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/status"])
+    try:
+        seen = sub.wait_for(lambda msgs: len(msgs) >= 1)
+        assert seen[-1][1]["state"] == "offline"
+    finally:
+        sub.close()
+
+
+def _source(sensor: str):
+    from agent.records import Source
+
+    return Source.of(site="s1", line="l1", machine="m01", sensor=sensor)
