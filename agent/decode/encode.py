@@ -88,9 +88,7 @@ def encode_block(
         step = _positive("scale", scale)
         counts = np.rint(arr.astype(np.float64) / step)
         if counts.min() < _I16_MIN or counts.max() > _I16_MAX:
-            raise ValueError(
-                f"samples: range [{arr.min()}, {arr.max()}] does not fit int16 with scale {step}"
-            )
+            raise ValueError(f"samples: range [{arr.min()}, {arr.max()}] does not fit int16 with scale {step}")
         payload["encoding"] = "i16le"
         payload["scale"] = step
         payload["data"] = _b64(counts.astype("<i2").tobytes())
