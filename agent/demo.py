@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +121,12 @@ class _Listener:
         self._client.connect(host, port)
         self._client.loop_start()
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, reason_code: object, properties: object
+    ) -> None:
         client.subscribe([(f"{self._base}/alerts/#", 1), (f"{self._base}/status", 1), (f"{self._base}/heartbeat", 1)])
 
-    def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         body = json.loads(msg.payload)
         if "/alerts/" in msg.topic:
             self.alerts.append(ReceivedAlert(msg.topic, body))
@@ -185,7 +187,7 @@ def run_demo(
     speed: float = 1.0,
     simulator_config: Path = REPO / "config" / "simulator.yaml",
     workdir: Path | None = None,
-    log=print,  # type: ignore[no-untyped-def]
+    log: Callable[[str], None] = print,
 ) -> DemoReport:
     """Run the whole scenario and return what was measured (the caller prints ``report.render()``)."""
     with ExitStack() as stack:
@@ -206,7 +208,7 @@ def run_demo(
             stdout=agent_log,
             stderr=subprocess.STDOUT,
         )
-        stack.callback(lambda: agent.poll() is None and agent.kill())
+        stack.callback(_kill_if_running, agent)
         if not listener.online.wait(60):
             raise RuntimeError(f"the agent did not come online; see {workdir / 'agent.log'}")
         log("demo: agent online; starting the gateway simulator")
@@ -271,6 +273,12 @@ def run_demo(
             log(f"demo: agent log tail:\n{(workdir / 'agent.log').read_text()[-3000:]}")
         return report
     raise AssertionError("unreachable")
+
+
+def _kill_if_running(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
 
 
 def _wait_until_drained(listener: _Listener, published: int, timeout_s: float) -> None:

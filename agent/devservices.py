@@ -103,8 +103,7 @@ class Service:
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                logger.warning("%s (pid %d) ignored SIGTERM for %.1f s: killing it", self.name, process.pid,
-                               timeout_s)
+                logger.warning("%s (pid %d) ignored SIGTERM for %.1f s: killing it", self.name, process.pid, timeout_s)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 process.wait()
@@ -262,8 +261,18 @@ def _launch(
     for _ in range(attempts if port is None else 1):
         chosen = port if port is not None else free_port()
         argv, log_path, url, ready, extra_ports = build(chosen)
-        service = Service(name=name, host=HOST, port=chosen, url=url, process=None, workdir=workdir,
-                          argv=argv, log_path=log_path, ready=ready, extra_ports=extra_ports)
+        service = Service(
+            name=name,
+            host=HOST,
+            port=chosen,
+            url=url,
+            process=None,
+            workdir=workdir,
+            argv=argv,
+            log_path=log_path,
+            ready=ready,
+            extra_ports=extra_ports,
+        )
         try:
             service.start()
         except ServiceError as exc:
@@ -339,8 +348,13 @@ def start_influxdb_v1(workdir: Path | str, port: int | None = None) -> Service:
             "\n[continuous_queries]\n"
             "  log-enabled = false\n"
         )
-        return ([binary, "run", "-config", str(conf_path)], None, f"http://{HOST}:{chosen}",
-                lambda s: _http_status(s, "/ping") == 204, (rpc_port,))
+        return (
+            [binary, "run", "-config", str(conf_path)],
+            None,
+            f"http://{HOST}:{chosen}",
+            lambda s: _http_status(s, "/ping") == 204,
+            (rpc_port,),
+        )
 
     return _launch("influxdb", workdir, port, build)
 

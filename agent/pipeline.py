@@ -32,7 +32,7 @@ from agent.features.extract import extract_matrix
 from agent.features.windows import Windower
 from agent.inference.router import AnomalyModel, ModelRouter
 from agent.metrics import Metrics
-from agent.records import Alert, FeatureVector, Message, Reading, SampleBlock, Score, Source, Window
+from agent.records import Alert, FeatureVector, Message, Reading, SampleBlock, Score, Window
 from agent.spool.sqlite import Spool
 from agent.storage.points import (
     RawVibrationPolicy,

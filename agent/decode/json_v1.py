@@ -93,9 +93,7 @@ class DecodeLimits:
 DEFAULT_LIMITS: Final = DecodeLimits()
 
 
-def decode(
-    source: Source, payload: bytes, received_ns: int, limits: DecodeLimits = DEFAULT_LIMITS
-) -> list[Decoded]:
+def decode(source: Source, payload: bytes, received_ns: int, limits: DecodeLimits = DEFAULT_LIMITS) -> list[Decoded]:
     """The readings of one message; raises ``DecodeError`` with a stable code and a specific detail."""
     size = len(payload)
     if size > limits.max_payload_bytes:
@@ -125,9 +123,7 @@ def _parse_json(text: str) -> Any:
     except json.JSONDecodeError as exc:
         if not text.strip():
             raise DecodeError("json", "payload is empty") from None
-        raise DecodeError(
-            "json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+        raise DecodeError("json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise DecodeError("json", "JSON is nested too deeply") from None
 
@@ -154,14 +150,11 @@ def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits
             raise DecodeError("shape", f"unknown key {quote(key)}{hint}; allowed keys: {_ALLOWED_LIST}")
     kinds = [key for key in _SHAPE_KEYS if key in doc]
     if not kinds:
-        raise DecodeError(
-            "shape", "payload has none of 'value', 'fields', 'samples', 'data'; give exactly one"
-        )
+        raise DecodeError("shape", "payload has none of 'value', 'fields', 'samples', 'data'; give exactly one")
     if len(kinds) > 1:
         raise DecodeError(
             "shape",
-            f"payload has both {kinds[0]!r} and {kinds[1]!r}; "
-            "give exactly one of value, fields, samples, data",
+            f"payload has both {kinds[0]!r} and {kinds[1]!r}; give exactly one of value, fields, samples, data",
         )
     kind = kinds[0]
     allowed = _COMMON_KEYS + _SHAPE_KEYS[kind]
@@ -190,9 +183,7 @@ def _check_version(v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise DecodeError("version", f"'v' must be the integer {SCHEMA_VERSION}, got {_kind(v)}")
     if v != SCHEMA_VERSION:
-        raise DecodeError(
-            "version", f"payload version {v} is not supported; this agent reads version {SCHEMA_VERSION}"
-        )
+        raise DecodeError("version", f"payload version {v} is not supported; this agent reads version {SCHEMA_VERSION}")
 
 
 # --- values ---------------------------------------------------------------------------------------------
@@ -312,18 +303,14 @@ def _samples_data(doc: dict[str, Any], limits: DecodeLimits) -> np.ndarray:
     if not isinstance(encoding, str):
         raise DecodeError("encoding", f"'encoding' must be a string, got {_kind(encoding)}")
     if encoding not in _ENCODINGS:
-        raise DecodeError(
-            "encoding", f"unknown encoding {quote(encoding)}; known encodings: {', '.join(_ENCODINGS)}"
-        )
+        raise DecodeError("encoding", f"unknown encoding {quote(encoding)}; known encodings: {', '.join(_ENCODINGS)}")
     scale = _scale(doc) if encoding == "i16le" else None
     if scale is None and "scale" in doc:
         raise DecodeError("encoding", f"'scale' applies only to encoding 'i16le', not {encoding!r}")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise DecodeError(
-            "encoding", f"'data' is not valid base64 (standard alphabet, padded): {exc}"
-        ) from None
+        raise DecodeError("encoding", f"'data' is not valid base64 (standard alphabet, padded): {exc}") from None
     dtype = np.dtype(_ENCODINGS[encoding])
     if not raw:
         raise DecodeError("shape", "'data' is empty")
@@ -343,9 +330,7 @@ def _samples_data(doc: dict[str, Any], limits: DecodeLimits) -> np.ndarray:
     # int16 -> float64 (exact), times scale, one rounding to float32.
     with np.errstate(over="ignore"):
         out = (values.astype(np.float64) * scale).astype(np.float32)
-    _check_finite(
-        out, lambda i: f"= {int(values[i])} × scale {scale:g} is outside the float32 range (±3.4e38)"
-    )
+    _check_finite(out, lambda i: f"= {int(values[i])} × scale {scale:g} is outside the float32 range (±3.4e38)")
     return out
 
 
@@ -384,18 +369,14 @@ def _timestamp(doc: dict[str, Any], received_ns: int, limits: DecodeLimits) -> i
     if "ts_ns" in doc:
         raw = doc["ts_ns"]
         if isinstance(raw, bool) or not isinstance(raw, int):
-            raise DecodeError(
-                "timestamp", f"'ts_ns' must be an integer (epoch nanoseconds), got {_kind(raw)}"
-            )
+            raise DecodeError("timestamp", f"'ts_ns' must be an integer (epoch nanoseconds), got {_kind(raw)}")
         ns, unit_ns = raw, 1
     elif "ts" in doc:
         raw = doc["ts"]
         if isinstance(raw, str):
             ns, unit_ns = _parse_rfc3339(raw), 0
         elif isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise DecodeError(
-                "timestamp", f"'ts' must be epoch seconds or an RFC 3339 string, got {_kind(raw)}"
-            )
+            raise DecodeError("timestamp", f"'ts' must be epoch seconds or an RFC 3339 string, got {_kind(raw)}")
         elif isinstance(raw, float) and not math.isfinite(raw):
             raise DecodeError("timestamp", f"'ts' is {_non_finite_name(raw)}")
         else:
@@ -434,14 +415,10 @@ def _seconds_to_ns(seconds: int | float) -> int:
 def _parse_rfc3339(text: str) -> int:
     m = _RFC3339.fullmatch(text)
     if m is None:
-        raise DecodeError(
-            "timestamp", f"'ts' {quote(text)} is not an RFC 3339 time such as '2024-11-25T23:00:00.25Z'"
-        )
+        raise DecodeError("timestamp", f"'ts' {quote(text)} is not an RFC 3339 time such as '2024-11-25T23:00:00.25Z'")
     year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = m.groups()
     if zulu is None and sign is None:
-        raise DecodeError(
-            "timestamp", f"'ts' {quote(text)} has no UTC offset; add 'Z' or an offset such as '+01:00'"
-        )
+        raise DecodeError("timestamp", f"'ts' {quote(text)} has no UTC offset; add 'Z' or an offset such as '+01:00'")
     try:
         offset = timedelta(0) if zulu else timedelta(hours=int(off_h), minutes=int(off_m))
         tz = timezone(-offset if sign == "-" else offset)

@@ -58,9 +58,7 @@ class TopicTemplate:
                 if name in names:
                     self._invalid(f"placeholder {{{name}}} appears twice")
                 if name in _RESERVED_TAGS:
-                    self._invalid(
-                        f"placeholder {{{name}}} clashes with the tag {name!r} that the agent adds itself"
-                    )
+                    self._invalid(f"placeholder {{{name}}} clashes with the tag {name!r} that the agent adds itself")
                 names.append(name)
                 levels.append((name, None))
                 continue
@@ -72,9 +70,7 @@ class TopicTemplate:
                     "of the form {name} (letters, digits, '_')"
                 )
             if any(c in level for c in _FORBIDDEN_IN_LEVEL):
-                self._invalid(
-                    f"level {index} {level!r} contains a wildcard; use a {{name}} placeholder instead"
-                )
+                self._invalid(f"level {index} {level!r} contains a wildcard; use a {{name}} placeholder instead")
             if index == 1 and level.startswith("$"):
                 self._invalid(f"topics starting with '$' ({level!r}) are reserved for the broker")
             levels.append((None, level))
@@ -98,8 +94,7 @@ class TopicTemplate:
         if len(parts) != len(self._levels):
             raise DecodeError(
                 "topic",
-                f"topic {quote(topic)} has {len(parts)} levels, "
-                f"template {self._template!r} has {len(self._levels)}",
+                f"topic {quote(topic)} has {len(parts)} levels, template {self._template!r} has {len(self._levels)}",
             )
         tags: list[tuple[str, str]] = []
         for index, (part, (name, literal)) in enumerate(zip(parts, self._levels, strict=True), start=1):
@@ -137,15 +132,8 @@ class TopicTemplate:
                 out.append(str(literal))
                 continue
             value = tags[name]
-            if (
-                not isinstance(value, str)
-                or not value
-                or "/" in value
-                or any(c in value for c in _FORBIDDEN_IN_LEVEL)
-            ):
-                raise ValueError(
-                    f"tag {name}={value!r}: must be a non-empty string without '/', '+', '#' or NUL"
-                )
+            if not isinstance(value, str) or not value or "/" in value or any(c in value for c in _FORBIDDEN_IN_LEVEL):
+                raise ValueError(f"tag {name}={value!r}: must be a non-empty string without '/', '+', '#' or NUL")
             out.append(value)
         return "/".join(out)
 

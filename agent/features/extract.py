@@ -96,16 +96,12 @@ def _check_window(spec: FeatureSpec, window: Window, i: int) -> None:
     if window.kind != spec.kind:
         raise ValueError(f"{where}: kind {window.kind!r} does not match the spec kind {spec.kind!r}")
     if tuple(window.channels) != spec.channels:
-        raise ValueError(
-            f"{where}: channels {list(window.channels)} do not match the spec {list(spec.channels)}"
-        )
+        raise ValueError(f"{where}: channels {list(window.channels)} do not match the spec {list(spec.channels)}")
     expected = (len(spec.channels), spec.window_samples)
     if window.data.shape != expected:
         raise ValueError(f"{where}: data shape {window.data.shape} does not match the spec {expected}")
     if window.times_s.shape != (spec.window_samples,):
-        raise ValueError(
-            f"{where}: times_s shape {window.times_s.shape} does not match ({spec.window_samples},)"
-        )
+        raise ValueError(f"{where}: times_s shape {window.times_s.shape} does not match ({spec.window_samples},)")
     if spec.kind == "vibration":
         rate = window.rate_hz
         if rate is None or not np.isfinite(rate) or rate <= 0:

@@ -143,9 +143,7 @@ class FeatureSpec:
                 or edge < 0
                 or edge != int(edge)
             ):
-                raise ValueError(
-                    f"feature spec: band_edges_hz must be whole, finite, non-negative hertz, got {edge!r}"
-                )
+                raise ValueError(f"feature spec: band_edges_hz must be whole, finite, non-negative hertz, got {edge!r}")
         if any(b <= a for a, b in itertools.pairwise(edges)):
             raise ValueError(f"feature spec: band_edges_hz must be strictly increasing, got {list(edges)}")
         # Normalise to floats so that (0, 100) and (0.0, 100.0) are the same spec with the same hash.

@@ -123,8 +123,7 @@ class Manifest:
         schema_version = _get(data, "schema_version", int, where)
         if schema_version != SCHEMA_VERSION:
             raise ModelError(
-                f"{where}: schema_version {schema_version} is not supported "
-                f"(this agent reads {SCHEMA_VERSION})"
+                f"{where}: schema_version {schema_version} is not supported (this agent reads {SCHEMA_VERSION})"
             )
         task = _get(data, "task", str, where)
         if task not in TASKS:
@@ -151,8 +150,7 @@ class Manifest:
             )
         if len(outputs) != 1 or outputs[0].shape != ("batch",) or outputs[0].dtype != "float32":
             raise ModelError(
-                f"{where}: outputs must be one float32 tensor of shape ['batch'], "
-                f"got {[t.to_dict() for t in outputs]}"
+                f"{where}: outputs must be one float32 tensor of shape ['batch'], got {[t.to_dict() for t in outputs]}"
             )
         return cls(
             schema_version=schema_version,

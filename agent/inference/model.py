@@ -44,9 +44,7 @@ class OnnxAnomalyModel:
         # and the database writer on a 2-core box; the models are far too small to need spinning.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
             raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
         self._check_session(path)
@@ -123,21 +121,16 @@ class OnnxAnomalyModel:
                 )
             for t, a in zip(expected, actual, strict=True):
                 if a.type != _ORT_TYPES.get(t.dtype):
-                    raise ModelError(
-                        f"{path}: graph {kind} {a.name!r} has type {a.type}, manifest says {t.dtype}"
-                    )
+                    raise ModelError(f"{path}: graph {kind} {a.name!r} has type {a.type}, manifest says {t.dtype}")
                 if len(a.shape) != len(t.shape):
                     raise ModelError(
                         f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}"
                     )
                 for got, want in zip(a.shape, t.shape, strict=True):
                     # A named manifest axis ("batch") must be dynamic in the graph; a number must match.
-                    if (isinstance(want, int) and got != want) or (
-                        isinstance(want, str) and isinstance(got, int)
-                    ):
+                    if (isinstance(want, int) and got != want) or (isinstance(want, str) and isinstance(got, int)):
                         raise ModelError(
-                            f"{path}: graph {kind} {a.name!r} has shape {a.shape}, "
-                            f"manifest says {list(t.shape)}"
+                            f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}"
                         )
 
     def _warm_up(self) -> None:
@@ -148,6 +141,4 @@ class OnnxAnomalyModel:
             x = np.zeros((batch, self.n_features), dtype=np.float32)
             (scores,) = self._session.run([self._output], {self._input: x})
             if np.shape(scores) != (batch,) or not np.isfinite(scores).all():
-                raise ModelError(
-                    f"model {self.model_id}: warm-up returned {scores!r} for a batch of {batch} zero rows"
-                )
+                raise ModelError(f"model {self.model_id}: warm-up returned {scores!r} for a batch of {batch} zero rows")

@@ -116,19 +116,13 @@ class MqttSettings:
             )
         if self.qos not in (0, 1):
             raise bad("qos", f"must be 0 or 1, got {self.qos!r}")
-        if isinstance(self.subscriptions, str) or not all(
-            isinstance(s, str) and s for s in self.subscriptions
-        ):
-            raise bad(
-                "subscriptions", f"must be a tuple of non-empty topic filters, got {self.subscriptions!r}"
-            )
+        if isinstance(self.subscriptions, str) or not all(isinstance(s, str) and s for s in self.subscriptions):
+            raise bad("subscriptions", f"must be a tuple of non-empty topic filters, got {self.subscriptions!r}")
         if not self.clean_start and not self.client_id:
             raise bad("client_id", "is required for a persistent session (clean_start false)")
         if not isinstance(self.session_expiry_s, int) or not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
             raise bad("session_expiry_s", f"must be an integer 0..4294967295, got {self.session_expiry_s!r}")
-        if self.status_topic is not None and (
-            not self.status_topic or any(c in self.status_topic for c in "+#")
-        ):
+        if self.status_topic is not None and (not self.status_topic or any(c in self.status_topic for c in "+#")):
             raise bad("status_topic", f"must be a topic name without wildcards, got {self.status_topic!r}")
         if not self.max_queued_messages > 0:
             raise bad("max_queued_messages", f"must be > 0, got {self.max_queued_messages!r}")
@@ -353,9 +347,7 @@ class MqttConnection:
             self._connected.set()
             self._metrics.inc("mqtt.connects")
             self._metrics.set("mqtt.connected", 1)
-            logger.info(
-                "connected to MQTT broker %s:%s (session present: %s)", s.host, s.port, flags.session_present
-            )
+            logger.info("connected to MQTT broker %s:%s (session present: %s)", s.host, s.port, flags.session_present)
         except Exception:
             logger.exception("error in MQTT on_connect")
 

@@ -127,9 +127,7 @@ class Spool:
                 keep = list(lines[-self.max_rows :])
             dropped = len(lines) - len(keep)
             with self._transaction() as conn:
-                conn.executemany(
-                    "INSERT INTO spool (line, enqueued_ns) VALUES (?, ?)", ((line, now) for line in keep)
-                )
+                conn.executemany("INSERT INTO spool (line, enqueued_ns) VALUES (?, ?)", ((line, now) for line in keep))
                 depth += len(keep)
                 if depth > self.max_rows:  # only with "oldest"
                     removed = conn.execute(
@@ -156,7 +154,11 @@ class Spool:
             self._last_drop_log = now
         logger.warning(
             "spool %s is full (%d lines): dropped %d %s lines (drop_policy=%s; counted in spool.dropped)",
-            self.path, self.max_rows, total, self.drop_policy, self.drop_policy,
+            self.path,
+            self.max_rows,
+            total,
+            self.drop_policy,
+            self.drop_policy,
         )
 
     def peek(self, limit: int) -> list[tuple[int, str]]:
@@ -195,8 +197,7 @@ class Spool:
                 dead_depth = self._dead_depth + len(items)
                 if dead_depth > self.dead_letter_max_rows:
                     trimmed = conn.execute(
-                        "DELETE FROM dead_letter WHERE id IN "
-                        "(SELECT id FROM dead_letter ORDER BY id LIMIT ?)",
+                        "DELETE FROM dead_letter WHERE id IN (SELECT id FROM dead_letter ORDER BY id LIMIT ?)",
                         (dead_depth - self.dead_letter_max_rows,),
                     ).rowcount
                     dead_depth -= trimmed
@@ -212,9 +213,11 @@ class Spool:
     def dead_letters(self, limit: int = 1000) -> list[tuple[str, str]]:
         """Up to ``limit`` dead-lettered ``(line, reason)``, oldest first (inspection, tests, demo)."""
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT line, reason FROM dead_letter ORDER BY id LIMIT ?", (limit,)
-            ).fetchall()
+            rows = (
+                self._connection()
+                .execute("SELECT line, reason FROM dead_letter ORDER BY id LIMIT ?", (limit,))
+                .fetchall()
+            )
         return [(str(line), str(reason)) for line, reason in rows]
 
     @property

@@ -266,9 +266,7 @@ class InfluxV2Sink:
     writer's job, with the spool behind it.
     """
 
-    def __init__(
-        self, url: str, org: str, bucket: str, token: str | None = None, timeout_s: float = 10.0
-    ) -> None:
+    def __init__(self, url: str, org: str, bucket: str, token: str | None = None, timeout_s: float = 10.0) -> None:
         # Imported here so that the v1 path and the unit tests do not pay for the client's import.
         from influxdb_client import InfluxDBClient
         from influxdb_client.client.write_api import SYNCHRONOUS

@@ -159,14 +159,16 @@ class SpoolWriter:
             self.metrics.inc("storage.write_failures", kind="retryable")
             delay = max(self._next_backoff(), exc.retry_after_s or 0.0)
             log = logger.warning if self._failures == 1 else logger.debug
-            log("InfluxDB write failed, will retry in %.1f s (%d lines spooled): %s", delay,
-                self.spool.depth(), exc)
+            log("InfluxDB write failed, will retry in %.1f s (%d lines spooled): %s", delay, self.spool.depth(), exc)
             return delay
         except PermanentWriteError as exc:
             self.metrics.inc("storage.write_failures", kind="config")
             self._failures += 1
-            logger.error("InfluxDB refused the write, keeping the data spooled and retrying in %.0f s: %s",
-                         self.backoff_max_s, exc)
+            logger.error(
+                "InfluxDB refused the write, keeping the data spooled and retrying in %.0f s: %s",
+                self.backoff_max_s,
+                exc,
+            )
             return self.backoff_max_s
         if self._failures:
             logger.info("InfluxDB writes succeed again")
@@ -189,8 +191,9 @@ class SpoolWriter:
         """
         if len(items) == 1:
             self.spool.dead_letter(items, str(error))  # counted there, in spool.dead_lettered
-            logger.warning("InfluxDB rejected a line, moved it to the dead letters: %s | line: %.200s",
-                           error, items[0][1])
+            logger.warning(
+                "InfluxDB rejected a line, moved it to the dead letters: %s | line: %.200s", error, items[0][1]
+            )
             return
         middle = len(items) // 2
         for half in (items[:middle], items[middle:]):

@@ -113,9 +113,7 @@ def fit_autoencoder(
     if x_train.ndim != 2 or x_val.ndim != 2 or x_train.shape[1] != x_val.shape[1]:
         raise ValueError(f"x_train {x_train.shape} and x_val {x_val.shape} must be (n, F) with the same F")
     if len(x_train) < 2 or len(x_val) < 1:
-        raise ValueError(
-            f"need at least 2 training rows and 1 validation row, got {len(x_train)}, {len(x_val)}"
-        )
+        raise ValueError(f"need at least 2 training rows and 1 validation row, got {len(x_train)}, {len(x_val)}")
     if not (np.isfinite(x_train).all() and np.isfinite(x_val).all()):
         raise ValueError("training data contain NaN or infinity")
 
@@ -132,8 +130,7 @@ def fit_autoencoder(
     rng = np.random.default_rng(seed)
     sizes = (x_train.shape[1], *config.hidden, x_train.shape[1])
     weights = [
-        rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
-        for fan_in, fan_out in itertools.pairwise(sizes)
+        rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out)) for fan_in, fan_out in itertools.pairwise(sizes)
     ]
     biases = [np.zeros(fan_out) for fan_out in sizes[1:]]
     params = [*weights, *biases]

@@ -54,12 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulated minutes of process values per machine and split; they arrive once a second, so "
         f"they need a longer span than vibration (default {DEFAULT_PROCESS_MINUTES:g})",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)"
-    )
-    parser.add_argument(
-        "--model", choices=["all", *MODELS], default="all", help="which model to build (default all)"
-    )
+    parser.add_argument("--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)")
+    parser.add_argument("--model", choices=["all", *MODELS], default="all", help="which model to build (default all)")
     parser.add_argument(
         "--calibration",
         choices=sorted(CALIBRATION_METHODS),
@@ -72,9 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="file named in the manifest; auto = INT8 unless it measures slower than FP32 (default auto)",
     )
-    parser.add_argument(
-        "--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})"
-    )
+    parser.add_argument("--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -47,22 +47,16 @@ def build_onnx(model: Autoencoder, metadata: Mapping[str, str] | None = None) ->
     for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"layer{i}.weight"))
         inits.append(numpy_helper.from_array(b.astype(np.float32), f"layer{i}.bias"))
-        nodes.append(
-            helper.make_node("MatMul", [h, f"layer{i}.weight"], [f"layer{i}.matmul"], name=f"layer{i}_matmul")
-        )
+        nodes.append(helper.make_node("MatMul", [h, f"layer{i}.weight"], [f"layer{i}.matmul"], name=f"layer{i}_matmul"))
         out = "reconstruction" if i == last else f"layer{i}.linear"
-        nodes.append(
-            helper.make_node("Add", [f"layer{i}.matmul", f"layer{i}.bias"], [out], name=f"layer{i}_add")
-        )
+        nodes.append(helper.make_node("Add", [f"layer{i}.matmul", f"layer{i}.bias"], [out], name=f"layer{i}_add"))
         if i < last:
             nodes.append(helper.make_node("Relu", [out], [f"layer{i}.relu"], name=f"layer{i}_relu"))
             h = f"layer{i}.relu"
     nodes += [
         helper.make_node("Sub", ["reconstruction", "z"], ["error"], name=SCORE_NODES[0]),
         helper.make_node("Mul", ["error", "error"], ["squared_error"], name=SCORE_NODES[1]),
-        helper.make_node(
-            "ReduceMean", ["squared_error"], [OUTPUT_NAME], name=SCORE_NODES[2], axes=[1], keepdims=0
-        ),
+        helper.make_node("ReduceMean", ["squared_error"], [OUTPUT_NAME], name=SCORE_NODES[2], axes=[1], keepdims=0),
     ]
     graph = helper.make_graph(
         nodes,

@@ -174,9 +174,7 @@ def _quantization_section(qz: dict[str, Any], diff: dict[str, Any]) -> list[str]
         ]
         for name in ("fp32", "int8"):
             if name in lat:
-                lines.append(
-                    f"| {name.upper()} | " + " | ".join(f"{v:g} us" for v in lat[name].values()) + " |"
-                )
+                lines.append(f"| {name.upper()} | " + " | ".join(f"{v:g} us" for v in lat[name].values()) + " |")
         lines.append("")
     lines.append(f"Shipped: **{str(qz.get('shipped', '?')).upper()}**, because {qz.get('ship_reason', '?')}.")
     return lines

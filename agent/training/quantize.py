@@ -59,9 +59,7 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_METHODS:
-            raise ValueError(
-                f"calibration must be one of {sorted(CALIBRATION_METHODS)}, got {self.calibration!r}"
-            )
+            raise ValueError(f"calibration must be one of {sorted(CALIBRATION_METHODS)}, got {self.calibration!r}")
         for name in ("activation_type", "weight_type"):
             if getattr(self, name) not in _QUANT_TYPES:
                 raise ValueError(f"{name} must be one of {sorted(_QUANT_TYPES)}, got {getattr(self, name)!r}")
@@ -82,14 +80,11 @@ class RowsReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter(
-            {INPUT_NAME: self._rows[i : i + self._batch_size]}
-            for i in range(0, len(self._rows), self._batch_size)
+            {INPUT_NAME: self._rows[i : i + self._batch_size]} for i in range(0, len(self._rows), self._batch_size)
         )
 
 
-def quantize(
-    fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig
-) -> dict[str, Any]:
+def quantize(fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig) -> dict[str, Any]:
     """Write the INT8 QDQ model; return the recipe part of the report (what was done, on what data)."""
     rows = np.ascontiguousarray(calibration_rows, dtype=np.float32)
     if rows.ndim != 2 or len(rows) == 0:
@@ -166,9 +161,7 @@ def _score_reads_float(path: Path) -> None:
         ]
         del proto.graph.node[:]
         proto.graph.node.extend(keep)
-        used = {name for node in proto.graph.node for name in node.input} | {
-            o.name for o in proto.graph.output
-        }
+        used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
     live_inits = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(live_inits)
@@ -189,10 +182,7 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 def run_scores(sess: ort.InferenceSession, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Scores of all rows (float32 ``(n,)``), in batches."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    out = [
-        sess.run([OUTPUT_NAME], {INPUT_NAME: rows[i : i + batch_size]})[0]
-        for i in range(0, len(rows), batch_size)
-    ]
+    out = [sess.run([OUTPUT_NAME], {INPUT_NAME: rows[i : i + batch_size]})[0] for i in range(0, len(rows), batch_size)]
     return np.concatenate(out).astype(np.float32) if out else np.empty(0, np.float32)
 
 

@@ -108,9 +108,7 @@ def vibration_dataset(plan: DataPlan, faults: bool = True) -> Dataset:
     """Vibration feature rows for the ``vibration-anomaly`` model."""
     seconds = plan.vibration_minutes * 60
 
-    def rows(
-        profiles: list[MachineProfile], duration_s: float, fault: tuple[str, float] | None = None
-    ) -> np.ndarray:
+    def rows(profiles: list[MachineProfile], duration_s: float, fault: tuple[str, float] | None = None) -> np.ndarray:
         return np.concatenate(
             [vibration_rows(_machine(p, plan.seed, fault), duration_s, VIBRATION_SPEC) for p in profiles]
         )
@@ -122,12 +120,8 @@ def process_dataset(plan: DataPlan, faults: bool = True) -> Dataset:
     """Process feature rows for the ``process-anomaly`` model."""
     seconds = plan.process_minutes * 60
 
-    def rows(
-        profiles: list[MachineProfile], duration_s: float, fault: tuple[str, float] | None = None
-    ) -> np.ndarray:
-        return np.concatenate(
-            [process_rows(_machine(p, plan.seed, fault), duration_s, PROCESS_SPEC) for p in profiles]
-        )
+    def rows(profiles: list[MachineProfile], duration_s: float, fault: tuple[str, float] | None = None) -> np.ndarray:
+        return np.concatenate([process_rows(_machine(p, plan.seed, fault), duration_s, PROCESS_SPEC) for p in profiles])
 
     return _dataset(plan, PROCESS_SPEC, rows, seconds, PROCESS_FAULTS if faults else (), "process")
 

@@ -137,9 +137,7 @@ def train_anomaly_model(
 
     model, fit = fit_autoencoder(x_train, x_val, seed, autoencoder)
     fp32_path, int8_path = out_dir / FP32_FILE, out_dir / INT8_FILE
-    export_onnx(
-        model, fp32_path, {"model_id": name, "version": version, "feature_spec_hash": spec.spec_hash()}
-    )
+    export_onnx(model, fp32_path, {"model_id": name, "version": version, "feature_spec_hash": spec.spec_hash()})
     fp32 = q.session(fp32_path)
     _check_export(model.score(x_val), q.run_scores(fp32, x_val))
     recipe = q.quantize(fp32_path, int8_path, x_train, quantization)
@@ -159,9 +157,7 @@ def train_anomaly_model(
     held_out = x_val if evaluation.test is None else np.concatenate([x_val, evaluation.test])
     metrics["int8_vs_fp32"] = {
         k: _sig(v) if isinstance(v, float) else v
-        for k, v in q.compare_scores(
-            q.run_scores(fp32, held_out), q.run_scores(int8, held_out), threshold
-        ).items()
+        for k, v in q.compare_scores(q.run_scores(fp32, held_out), q.run_scores(int8, held_out), threshold).items()
     }
     if evaluation.test is not None:
         test_scores = q.run_scores(shipped, evaluation.test)

@@ -149,11 +149,11 @@ def test_vibration_blocks_are_windowed_scored_and_stored(running_agent, mosquitt
     assert agent.writer.flush(20)
 
     sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
-    samples = sink.query("SELECT count(\"value\") FROM \"vibration\" WHERE \"machine\" = 'm07'")
+    samples = sink.query('SELECT count("value") FROM "vibration" WHERE "machine" = \'m07\'')
     assert samples[0]["values"][0][1] == n_blocks * block
-    scores = sink.query("SELECT \"score\", \"threshold\" FROM \"anomaly_score\" WHERE \"machine\" = 'm07'")
+    scores = sink.query('SELECT "score", "threshold" FROM "anomaly_score" WHERE "machine" = \'m07\'')
     assert len(scores[0]["values"]) == expected_windows
-    features = sink.query("SELECT \"kurtosis\", \"rms\" FROM \"features\" WHERE \"machine\" = 'm07'")
+    features = sink.query('SELECT "kurtosis", "rms" FROM "features" WHERE "machine" = \'m07\'')
     rms = [row[2] for row in features[0]["values"]]
     assert rms == pytest.approx([float(np.sqrt(np.mean(signal[:4096].astype(np.float64) ** 2)))] * len(rms), rel=0.05)
 

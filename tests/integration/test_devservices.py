@@ -103,8 +103,9 @@ def test_services_die_with_a_killed_parent(tmp_path: Path) -> None:
         "print(s.process.pid, s.port, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"  # no atexit, no cleanup: only the kernel can help
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == -9, proc.stderr
     pid, port = (int(x) for x in proc.stdout.split())
     deadline = time.monotonic() + 30.0

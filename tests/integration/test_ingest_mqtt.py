@@ -129,9 +129,7 @@ def connections() -> Iterator[Callable[..., MqttConnection]]:
     """Builds connections and stops whatever a test left running."""
     made: list[MqttConnection] = []
 
-    def make(
-        broker: Service, on_message: Callable[[Message], None], metrics: Metrics | None = None, **kw: object
-    ):
+    def make(broker: Service, on_message: Callable[[Message], None], metrics: Metrics | None = None, **kw: object):
         settings = MqttSettings(
             host=broker.host,
             port=broker.port,
@@ -383,9 +381,7 @@ def test_reconnects_and_resubscribes_after_the_broker_restarts(
     assert (metrics.get("mqtt.acks_stale"), metrics.get("mqtt.acks")) == (1, 1)
 
 
-def test_broker_down_at_start_is_retried_until_it_is_up(
-    tmp_path: Path, connections, observers, prefix: str
-) -> None:
+def test_broker_down_at_start_is_retried_until_it_is_up(tmp_path: Path, connections, observers, prefix: str) -> None:
     port = devservices.free_port()
     inbox, metrics = Inbox(), Metrics()
     nobody = SimpleNamespace(host=devservices.HOST, port=port)

@@ -55,8 +55,12 @@ def v1_sink(influxdb_v1: Service, influx_db_name: str) -> Iterator[InfluxV1Sink]
 
 
 def _writer(spool: Spool, sink: Any, metrics: Metrics, **kwargs: float) -> SpoolWriter:
-    options: dict[str, float] = {"batch_size": 500, "flush_interval_s": 0.05, "backoff_min_s": 0.01,
-                                 "backoff_max_s": 0.2}
+    options: dict[str, float] = {
+        "batch_size": 500,
+        "flush_interval_s": 0.05,
+        "backoff_min_s": 0.01,
+        "backoff_max_s": 0.2,
+    }
     options.update(kwargs)
     return SpoolWriter(spool, sink, metrics, **options)  # type: ignore[arg-type]
 
@@ -101,7 +105,10 @@ def test_spooled_readings_and_vibration_land_in_influxdb_v1(
 def test_escaped_names_and_values_round_trip_through_influxdb_v1(v1_sink: InfluxV1Sink) -> None:
     tags = {"tag key,=": "va lue,=x", "plain": "ok"}
     fields: dict[str, float | int | bool | str] = {
-        "s": 'quote " and backslash \\ here', "f,=ld x": 1e-07, "i": -42, "b": True
+        "s": 'quote " and backslash \\ here',
+        "f,=ld x": 1e-07,
+        "i": -42,
+        "b": True,
     }
     v1_sink.write([format_point("meas ure,ment", tags, fields, T0)])
     (series,) = v1_sink.query('SELECT * FROM "meas ure,ment"')
@@ -213,8 +220,9 @@ def test_v2_sink_writes_through_the_spool_to_victoria_metrics(
     source = Source.of(site="s1", line="l1", machine=machine, sensor="process")
     now = time.time_ns()
     for i in range(20):
-        spool.append(reading_lines(Reading(source=source, time_ns=now + i * 10**7,
-                                           fields={"temperature": 60.0 + i}, seq=i)))
+        spool.append(
+            reading_lines(Reading(source=source, time_ns=now + i * 10**7, fields={"temperature": 60.0 + i}, seq=i))
+        )
     sink = InfluxV2Sink(victoria_metrics.url, org="plant", bucket="pdm", token="not-checked", timeout_s=30.0)
     writer = _writer(spool, sink, metrics)
     writer.start()
@@ -228,8 +236,13 @@ def test_v2_sink_writes_through_the_spool_to_victoria_metrics(
     by_name = {s["metric"]["__name__"]: s for s in series}
     assert set(by_name) == {"reading_temperature", "reading_seq"}
     temperature = by_name["reading_temperature"]
-    assert temperature["metric"] == {"__name__": "reading_temperature", "site": "s1", "line": "l1",
-                                     "machine": machine, "sensor": "process"}
+    assert temperature["metric"] == {
+        "__name__": "reading_temperature",
+        "site": "s1",
+        "line": "l1",
+        "machine": machine,
+        "sensor": "process",
+    }
     assert temperature["values"] == [60.0 + i for i in range(20)]
     assert temperature["timestamps"] == [(now + i * 10**7) // 10**6 for i in range(20)]  # stored in ms
     assert by_name["reading_seq"]["values"] == list(range(20))

@@ -89,9 +89,7 @@ def test_block_from_list_matches_numpy_float32() -> None:
 def test_block_from_base64_f32le_matches_numpy() -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal(4096).astype("<f4")
-    payload = json.dumps(
-        {"ts": T0_S, "rate_hz": 25600.5, "encoding": "f32le", "data": b64(x), "channel": "x"}
-    )
+    payload = json.dumps({"ts": T0_S, "rate_hz": 25600.5, "encoding": "f32le", "data": b64(x), "channel": "x"})
     item = one(payload)
     assert isinstance(item, SampleBlock)
     assert item.rate_hz == 25600.5
@@ -103,9 +101,7 @@ def test_block_from_base64_f32le_matches_numpy() -> None:
 
 def test_block_from_base64_i16le_is_int16_times_scale() -> None:
     counts = np.array([-32768, -1, 0, 1, 1234, 32767], dtype="<i2")
-    payload = json.dumps(
-        {"ts": T0_S, "rate_hz": 10240, "encoding": "i16le", "scale": 0.001, "data": b64(counts)}
-    )
+    payload = json.dumps({"ts": T0_S, "rate_hz": 10240, "encoding": "i16le", "scale": 0.001, "data": b64(counts)})
     item = one(payload)
     expected = (counts.astype(np.float64) * 0.001).astype(np.float32)
     np.testing.assert_array_equal(item.samples, expected)
@@ -149,9 +145,7 @@ def test_round_trip_scalar_and_fields_with_the_encoder() -> None:
         Reading(SOURCE, ts_ns, {"value": 61.2}, 4)
     ]
     fields = {"temperature": 61.2, "current": 12.4}
-    assert decode(SOURCE, encode.encode_fields(fields), ARRIVAL_NS) == [
-        Reading(SOURCE, ARRIVAL_NS, fields, None)
-    ]
+    assert decode(SOURCE, encode.encode_fields(fields), ARRIVAL_NS) == [Reading(SOURCE, ARRIVAL_NS, fields, None)]
 
 
 # --- timestamps ------------------------------------------------------------------------------------------
@@ -180,9 +174,7 @@ def test_ts_epoch_seconds_or_rfc3339(ts: object, expected_ns: int) -> None:
 
 
 def test_ts_ns_is_exact() -> None:
-    assert (
-        one(f'{{"ts_ns":{T0_S * NS_PER_S + 123_456_789},"value":1}}').time_ns == T0_S * NS_PER_S + 123_456_789
-    )
+    assert one(f'{{"ts_ns":{T0_S * NS_PER_S + 123_456_789},"value":1}}').time_ns == T0_S * NS_PER_S + 123_456_789
 
 
 def test_missing_timestamp_means_arrival_time() -> None:

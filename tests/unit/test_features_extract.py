@@ -60,9 +60,7 @@ def band_power_reference(x: np.ndarray, rate: float, lo: float, hi: float, last:
     return float(pxx[inside].sum() * (f[1] - f[0]))
 
 
-def sine(
-    freq_hz: float, amplitude: float, n: int = 4096, rate: float = RATE, phase: float = 0.3
-) -> np.ndarray:
+def sine(freq_hz: float, amplitude: float, n: int = 4096, rate: float = RATE, phase: float = 0.3) -> np.ndarray:
     return amplitude * np.sin(2 * np.pi * freq_hz * np.arange(n) / rate + phase)
 
 

@@ -18,9 +18,7 @@ VIB = FeatureSpec(
     channels=("value",),
     band_edges_hz=(0, 100, 500, 1000, 2000, 3000, 5000),
 )
-PROC = FeatureSpec(
-    kind="process", window_samples=60, hop_samples=10, channels=("temperature", "current", "pressure")
-)
+PROC = FeatureSpec(kind="process", window_samples=60, hop_samples=10, channels=("temperature", "current", "pressure"))
 
 
 def test_vibration_feature_names_are_stats_then_one_band_per_edge_pair() -> None:
@@ -49,9 +47,7 @@ def test_vibration_without_bands_has_only_the_seven_stats() -> None:
 
 def test_process_feature_names_are_grouped_per_channel_in_spec_order() -> None:
     stats = ("mean", "std", "slope", "min", "max", "last")
-    assert PROC.feature_names() == tuple(
-        f"{ch}_{s}" for ch in ("temperature", "current", "pressure") for s in stats
-    )
+    assert PROC.feature_names() == tuple(f"{ch}_{s}" for ch in ("temperature", "current", "pressure") for s in stats)
     assert PROC.feature_names()[:3] == ("temperature_mean", "temperature_std", "temperature_slope")
 
 
@@ -190,9 +186,7 @@ def test_from_dict_rejects_a_non_mapping() -> None:
         ({"version": "1"}, "version"),
     ],
 )
-def test_from_dict_rejects_invalid_values_with_the_field_name(
-    changes: dict[str, object], message: str
-) -> None:
+def test_from_dict_rejects_invalid_values_with_the_field_name(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FeatureSpec.from_dict(VIB.to_dict() | changes)
 

@@ -24,8 +24,9 @@ PROC = Source.of(site="s1", line="l1", machine="m1", sensor="process")
 T0 = 1_732_575_600_250_000_000
 
 
-def _block(source: Source = SRC, n: int = 4, start_ns: int = T0, rate_hz: float = 10240.0,
-           channel: str = "value") -> SampleBlock:
+def _block(
+    source: Source = SRC, n: int = 4, start_ns: int = T0, rate_hz: float = 10240.0, channel: str = "value"
+) -> SampleBlock:
     samples = np.linspace(-1.0, 1.0, n, dtype=np.float32)
     return SampleBlock(source=source, start_ns=start_ns, rate_hz=rate_hz, samples=samples, channel=channel)
 
@@ -54,8 +55,9 @@ def test_block_gives_one_point_per_sample_with_channel_tag() -> None:
 
 
 def test_block_times_end_at_the_blocks_end_ns_and_values_round_trip() -> None:
-    b = SampleBlock(source=SRC, start_ns=T0, rate_hz=10240.0,
-                    samples=np.random.default_rng(0).normal(size=10240).astype(np.float32))
+    b = SampleBlock(
+        source=SRC, start_ns=T0, rate_hz=10240.0, samples=np.random.default_rng(0).normal(size=10240).astype(np.float32)
+    )
     lines = block_lines(b)
     assert len(lines) == 10240
     times = [int(line.rsplit(" ", 1)[1]) for line in lines]
@@ -84,8 +86,16 @@ def test_stage_tag_overrides_a_source_tag_of_the_same_name() -> None:
 
 
 def _window(source: Source = SRC) -> Window:
-    return Window(source=source, kind="vibration", start_ns=T0, end_ns=T0 + 1000, channels=("value",),
-                  data=np.zeros((1, 4)), times_s=np.zeros(4), rate_hz=4.0)
+    return Window(
+        source=source,
+        kind="vibration",
+        start_ns=T0,
+        end_ns=T0 + 1000,
+        channels=("value",),
+        data=np.zeros((1, 4)),
+        times_s=np.zeros(4),
+        rate_hz=4.0,
+    )
 
 
 def test_feature_line_at_window_end_with_model_tags() -> None:
@@ -105,8 +115,7 @@ def test_feature_line_with_non_finite_feature_is_refused() -> None:
 
 
 def test_score_line() -> None:
-    s = Score(source=PROC, start_ns=T0, end_ns=T0 + 5, model_id="proc", model_version="3", score=0.75,
-              threshold=0.5)
+    s = Score(source=PROC, start_ns=T0, end_ns=T0 + 5, model_id="proc", model_version="3", score=0.75, threshold=0.5)
     assert score_lines(s) == [
         "anomaly_score,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1 "
         f"score=0.75,threshold=0.5,anomalous=true,window_start_ns={T0}i {T0 + 5}"
@@ -114,8 +123,17 @@ def test_score_line() -> None:
 
 
 def test_alert_line() -> None:
-    a = Alert(source=PROC, state="raised", model_id="proc", model_version="3", score=0.75, threshold=0.5,
-              window_start_ns=T0, window_end_ns=T0 + 5, time_ns=T0 + 9)
+    a = Alert(
+        source=PROC,
+        state="raised",
+        model_id="proc",
+        model_version="3",
+        score=0.75,
+        threshold=0.5,
+        window_start_ns=T0,
+        window_end_ns=T0 + 5,
+        time_ns=T0 + 9,
+    )
     assert alert_lines(a, "evt-1") == [
         "alert,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1,state=raised "
         f'score=0.75,threshold=0.5,event_id="evt-1" {T0 + 9}'

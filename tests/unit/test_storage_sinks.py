@@ -59,8 +59,13 @@ def server() -> Iterator[FakeServer]:
             length = int(self.headers.get("Content-Length") or 0)
             parts = urllib.parse.urlsplit(self.path)
             state.requests.append(
-                Recorded(self.command, parts.path, urllib.parse.parse_qs(parts.query), dict(self.headers),
-                         self.rfile.read(length))
+                Recorded(
+                    self.command,
+                    parts.path,
+                    urllib.parse.parse_qs(parts.query),
+                    dict(self.headers),
+                    self.rfile.read(length),
+                )
             )
             self.send_response(state.status)
             for key, value in state.headers.items():
@@ -207,8 +212,13 @@ def test_v2_write_request_shape_and_token(server: FakeServer) -> None:
 
 @pytest.mark.parametrize(
     ("status", "kind", "rejects_data"),
-    [(400, PermanentWriteError, True), (401, PermanentWriteError, False), (404, PermanentWriteError, False),
-     (503, RetryableWriteError, None), (429, RetryableWriteError, None)],
+    [
+        (400, PermanentWriteError, True),
+        (401, PermanentWriteError, False),
+        (404, PermanentWriteError, False),
+        (503, RetryableWriteError, None),
+        (429, RetryableWriteError, None),
+    ],
 )
 def test_v2_errors_are_classified_without_the_token(
     server: FakeServer, status: int, kind: type, rejects_data: bool | None

@@ -62,8 +62,7 @@ def make_writer(spool: Spool, metrics: Metrics) -> Iterator[Callable[..., SpoolW
     writers: list[SpoolWriter] = []
 
     def make(sink: ScriptedSink, **kwargs: float) -> SpoolWriter:
-        options = {"batch_size": 10, "flush_interval_s": 3600.0, "backoff_min_s": 0.001,
-                   "backoff_max_s": 0.01}
+        options = {"batch_size": 10, "flush_interval_s": 3600.0, "backoff_min_s": 0.001, "backoff_max_s": 0.01}
         options.update(kwargs)
         w = SpoolWriter(spool, sink, metrics, rng=random.Random(1), **options)  # type: ignore[arg-type]
         writers.append(w)
@@ -198,9 +197,7 @@ def test_a_retryable_error_during_isolation_keeps_the_rest_for_later(
     assert metrics.get("storage.write_failures", kind="retryable") == 1
 
 
-def test_stop_writes_what_is_left_before_returning(
-    spool: Spool, make_writer: Callable[..., SpoolWriter]
-) -> None:
+def test_stop_writes_what_is_left_before_returning(spool: Spool, make_writer: Callable[..., SpoolWriter]) -> None:
     sink = ScriptedSink()
     writer = make_writer(sink, batch_size=1000)  # a partial batch and an hour-long interval: not due
     spool.append(_lines(7))
@@ -257,8 +254,6 @@ def test_unexpected_sink_exceptions_do_not_kill_the_thread(
         ({"flush_interval_s": -1.0}, "flush_interval_s"),
     ],
 )
-def test_bad_settings_are_refused(
-    spool: Spool, metrics: Metrics, kwargs: dict[str, float], message: str
-) -> None:
+def test_bad_settings_are_refused(spool: Spool, metrics: Metrics, kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpoolWriter(spool, ScriptedSink(), metrics, **kwargs)  # type: ignore[arg-type]

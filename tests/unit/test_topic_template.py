@@ -16,9 +16,7 @@ DEFAULT = "factory/{site}/{line}/{machine}/{sensor}"
 
 def test_match_gives_the_tags_in_template_order() -> None:
     source = TopicTemplate(DEFAULT).match("factory/berlin/l1/press-7/vibration")
-    assert source == Source(
-        (("site", "berlin"), ("line", "l1"), ("machine", "press-7"), ("sensor", "vibration"))
-    )
+    assert source == Source((("site", "berlin"), ("line", "l1"), ("machine", "press-7"), ("sensor", "vibration")))
     assert (source.machine, source.sensor) == ("press-7", "vibration")
 
 

@@ -64,9 +64,7 @@ def test_status_payload() -> None:
 
 def test_deadletter_payload_carries_reason_and_an_excerpt() -> None:
     payload = b'{"value":NaN,"pad":"' + b"x" * 1000 + b'"}'
-    body = json.loads(
-        Topics("edge-01").deadletter_payload("factory/b/l/m/s", "value", "value is NaN", payload, T_NS)
-    )
+    body = json.loads(Topics("edge-01").deadletter_payload("factory/b/l/m/s", "value", "value is NaN", payload, T_NS))
     assert body["v"] == 1
     assert body["topic"] == "factory/b/l/m/s"
     assert body["code"] == "value"
@@ -83,9 +81,7 @@ def test_deadletter_excerpt_of_binary_payload_is_text() -> None:
 
 
 def test_state_payload() -> None:
-    body = json.loads(
-        Topics("edge-01").state_payload("press-7", {"vibration": "raised", "process": "cleared"})
-    )
+    body = json.loads(Topics("edge-01").state_payload("press-7", {"vibration": "raised", "process": "cleared"}))
     assert body == {"v": 1, "machine": "press-7", "alerts": {"vibration": "raised", "process": "cleared"}}
 
 

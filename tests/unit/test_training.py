@@ -32,15 +32,11 @@ def _features(n: int, f: int = 12, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fitted() -> Any:
-    return fit_autoencoder(
-        _features(600), _features(200, seed=1), seed=3, config=AutoencoderConfig(max_epochs=40)
-    )
+    return fit_autoencoder(_features(600), _features(200, seed=1), seed=3, config=AutoencoderConfig(max_epochs=40))
 
 
 def test_fit_is_deterministic_for_a_seed(fitted: Any) -> None:
-    again, _ = fit_autoencoder(
-        _features(600), _features(200, seed=1), seed=3, config=AutoencoderConfig(max_epochs=40)
-    )
+    again, _ = fit_autoencoder(_features(600), _features(200, seed=1), seed=3, config=AutoencoderConfig(max_epochs=40))
     model, _ = fitted
     for a, b in zip(model.weights + model.biases, again.weights + again.biases, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -87,9 +83,7 @@ def test_int8_score_is_computed_in_float_from_the_unquantized_input(fitted: Any,
     producers = {out: n for n in proto.graph.node for out in n.output}
     for node in proto.graph.node:
         if node.name in (*NORMALIZE_NODES, *SCORE_NODES):
-            assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers), (
-                node.name
-            )
+            assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers), node.name
     # Far outside the calibrated range the first layer saturates; the score must not hide that.
     x = _features(20, seed=7)
     x[:, 2] += 50 * model.scale[2]

@@ -1,0 +1,124 @@
+"""Static INT8 quantization of the defect classifier and its comparison with the FP32 parent.
+
+The layers (MatMul, Add, Relu) are quantized (QDQ, calibrated on training feature rows); the input
+standardization, the Softmax and the ArgMax stay in float. The recipe, calibration reader and session
+settings are those of the anomaly models (``agent.training.quantize``); only the graph's node and
+output names differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+from agent.training import quantize as q
+from agent.training.defect_mlp import FLOAT_NODES, INPUT_NAME, LABEL, PROBABILITIES
+
+logger = logging.getLogger(__name__)
+
+_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+
+
+def quantize_classifier(
+    fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: q.QuantizeConfig
+) -> dict[str, Any]:
+    """Write the INT8 QDQ classifier; return the recipe (what was done, on what data)."""
+    rows = np.ascontiguousarray(calibration_rows, dtype=np.float32)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise ValueError(f"calibration rows must be a non-empty (n, F) array, got {rows.shape}")
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+    if config.calibration == "percentile":
+        extra["CalibPercentile"] = config.percentile
+    root = logging.getLogger()  # the quantizer's quant_pre_process hint goes to the root logger
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_static(
+            str(fp32_path),
+            str(int8_path),
+            q.RowsReader(rows),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=_QUANT_TYPES[config.activation_type],
+            weight_type=_QUANT_TYPES[config.weight_type],
+            nodes_to_exclude=list(FLOAT_NODES),
+            calibrate_method=q.CALIBRATION_METHODS[config.calibration],
+            extra_options=extra,
+        )
+    finally:
+        root.setLevel(level)
+    return {
+        "method": "static",
+        "format": "QDQ",
+        "tool": f"onnxruntime.quantization.quantize_static (onnxruntime {ort.__version__})",
+        "activation_type": config.activation_type,
+        "weight_type": config.weight_type,
+        "calibration_method": config.calibration
+        + (f" (p{config.percentile})" if config.calibration == "percentile" else ""),
+        "per_channel": config.per_channel,
+        "reduce_range": config.reduce_range,
+        "excluded_nodes": list(FLOAT_NODES),
+        "calibration_samples": len(rows),
+        "calibration_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
+    }
+
+
+def run_classifier(sess: ort.InferenceSession, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities of all rows, float32 ``(n, C)``, in batches."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = [
+        sess.run([PROBABILITIES], {INPUT_NAME: rows[i : i + batch_size]})[0] for i in range(0, len(rows), batch_size)
+    ]
+    n_classes = int(sess.get_outputs()[0].shape[1])
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, n_classes), np.float32)
+
+
+def compare_probabilities(fp32: np.ndarray, int8: np.ndarray) -> dict[str, float | int]:
+    """How far the INT8 probabilities are from FP32's, and how often the predicted class agrees."""
+    diff = np.abs(fp32.astype(np.float64) - int8.astype(np.float64))
+    return {
+        "rows": len(fp32),
+        "label_agreement": float(np.mean(fp32.argmax(axis=1) == int8.argmax(axis=1))) if len(fp32) else 1.0,
+        "max_abs_prob_diff": float(diff.max()) if len(fp32) else 0.0,
+        "mean_abs_prob_diff": float(diff.mean()) if len(fp32) else 0.0,
+    }
+
+
+def measure_latency(
+    paths: dict[str, Path], rows: np.ndarray, batches: Sequence[int] = (1, 32), runs: int = 400, repeats: int = 5
+) -> dict[str, Any]:
+    """p50 microseconds per ``session.run`` (both outputs) for each model and batch size, one thread.
+
+    Interleaved rounds, as in ``agent.training.quantize.measure_latency``; a record of this machine only.
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    sessions = {name: q.session(path) for name, path in paths.items()}
+    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in sessions for b in batches}
+    feeds = {b: {INPUT_NAME: np.ascontiguousarray(np.resize(rows, (b, rows.shape[1])))} for b in batches}
+    outputs = [PROBABILITIES, LABEL]
+    for sess in sessions.values():
+        for b in batches:
+            for _ in range(20):
+                sess.run(outputs, feeds[b])
+    for _ in range(repeats):
+        for b in batches:
+            for name, sess in sessions.items():
+                times = samples[(name, b)]
+                for _ in range(runs):
+                    t0 = time.perf_counter_ns()
+                    sess.run(outputs, feeds[b])
+                    times.append((time.perf_counter_ns() - t0) / 1e3)
+    result: dict[str, Any] = {"unit": "microseconds per run, p50", "threads": 1, "runs": runs * repeats}
+    for name in sessions:
+        result[name] = {f"batch{b}_p50_us": round(float(np.median(samples[(name, b)])), 1) for b in batches}
+    result["cpu"] = q.cpu_description()
+    return result
