@@ -375,3 +375,26 @@ def start_victoria_metrics(workdir: Path | str, port: int | None = None) -> Serv
         return argv, None, f"http://{HOST}:{chosen}", lambda s: _http_status(s, "/health") == 200, ()
 
     return _launch("victoria-metrics", workdir, port, build)
+
+
+def victoria_metrics_series(service: Service, match: str, expected_samples: int, timeout_s: float = 60.0) -> list[dict]:
+    """Series matching the selector ``match`` once at least ``expected_samples`` are searchable (or the timeout).
+
+    VictoriaMetrics names InfluxDB series ``{measurement}_{field}``; tags become labels. It acknowledges a
+    write before the rows are searchable (they are buffered for about a second, and /internal/force_flush
+    only flushes what has already reached the storage), hence the polling.
+    """
+    import json
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"match[]": match, "start": "0"})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urllib.request.urlopen(f"{service.url}/internal/force_flush", timeout=10).read()
+        with urllib.request.urlopen(f"{service.url}/api/v1/export?{query}", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        series = [json.loads(line) for line in lines if line.strip()]
+        if sum(len(s["values"]) for s in series) >= expected_samples or time.monotonic() > deadline:
+            return series
+        time.sleep(0.1)

@@ -12,6 +12,7 @@ import pytest
 from agent.bootstrap import build_agent
 from agent.config import parse_config
 from agent.decode.encode import encode_block, encode_fields
+from agent.devservices import victoria_metrics_series
 from agent.storage.sinks import InfluxV1Sink
 
 pytestmark = pytest.mark.integration
@@ -176,3 +177,41 @@ def _source(sensor: str):
     from agent.records import Source
 
     return Source.of(site="s1", line="l1", machine="m01", sensor=sensor)
+
+
+def test_the_v2_write_path_stores_readings_through_the_agent(mosquitto, victoria_metrics, tmp_path):
+    """storage.api v2 (influxdb-client), against VictoriaMetrics, which accepts the v2 write API."""
+    agent_id = f"it-{time.monotonic_ns()}"
+    config = parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+            "storage": {
+                "api": "v2",
+                "url": victoria_metrics.url,
+                "v2": {"org": "plant", "bucket": "pdm", "token": "t"},
+            },
+            "spool": {"path": str(tmp_path / "spool.db")},
+        }
+    )
+    agent = build_agent(config)
+    agent.start()
+    try:
+        assert agent.mqtt.wait_subscribed(20)
+        machine = f"v2-{time.monotonic_ns()}"
+        t0 = time.time_ns() - 10 * 10**9
+        _publish(
+            mosquitto,
+            [
+                (f"factory/s1/l1/{machine}/process", encode_fields({"pressure": 3.0 + i}, ts_ns=t0 + i * 10**9))
+                for i in range(5)
+            ],
+        )
+        deadline = time.monotonic() + 20
+        while agent.metrics.get("ingest.readings") < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.writer.flush(20)
+    finally:
+        agent.stop()
+    series = victoria_metrics_series(victoria_metrics, f'{{__name__="reading_pressure",machine="{machine}"}}', 5)
+    assert [s["values"] for s in series] == [[3.0, 4.0, 5.0, 6.0, 7.0]]

@@ -5,10 +5,7 @@ Waits have generous deadlines (a slow CI box must not fail them); nothing here m
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 
 from agent import devservices, schema
-from agent.devservices import Service
+from agent.devservices import Service, victoria_metrics_series
 from agent.metrics import Metrics
 from agent.records import Reading, SampleBlock, Source
 from agent.spool.sqlite import Spool
@@ -194,25 +191,6 @@ def test_nothing_is_lost_while_influxdb_is_stopped_and_restarted(
 # -- the v2 write API, against VictoriaMetrics ---------------------------------------------------
 
 
-def _vm_export(vm: Service, match: str) -> list[dict[str, Any]]:
-    """All series matching ``match``, once VictoriaMetrics has made them searchable."""
-    urllib.request.urlopen(f"{vm.url}/internal/force_flush", timeout=10).read()
-    query = urllib.parse.urlencode({"match[]": match, "start": "0"})
-    with urllib.request.urlopen(f"{vm.url}/api/v1/export?{query}", timeout=10) as response:
-        return [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
-
-
-def _wait_for_vm_samples(vm: Service, match: str, expected: int) -> list[dict[str, Any]]:
-    # VictoriaMetrics acknowledges a write before the rows are searchable (they are buffered for about
-    # a second, and /internal/force_flush only flushes what has already reached the storage).
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        series = _vm_export(vm, match)
-        if sum(len(s["values"]) for s in series) >= expected or time.monotonic() > deadline:
-            return series
-        time.sleep(0.1)
-
-
 def test_v2_sink_writes_through_the_spool_to_victoria_metrics(
     spool: Spool, victoria_metrics: Service, metrics: Metrics, request: pytest.FixtureRequest
 ) -> None:
@@ -232,7 +210,7 @@ def test_v2_sink_writes_through_the_spool_to_victoria_metrics(
         writer.stop()
         sink.close()
     # VictoriaMetrics names influx series {measurement}_{field}; tags become labels.
-    series = _wait_for_vm_samples(victoria_metrics, f'{{__name__=~"reading_.*",machine="{machine}"}}', 40)
+    series = victoria_metrics_series(victoria_metrics, f'{{__name__=~"reading_.*",machine="{machine}"}}', 40)
     by_name = {s["metric"]["__name__"]: s for s in series}
     assert set(by_name) == {"reading_temperature", "reading_seq"}
     temperature = by_name["reading_temperature"]
@@ -257,5 +235,5 @@ def test_v2_write_to_a_stopped_service_is_retryable_and_works_after_restart(tmp_
         vm.restart()
         sink.write([f"outage v=2 {time.time_ns()}"])
         sink.close()
-        series = _wait_for_vm_samples(vm, '{__name__="outage_v"}', 1)
+        series = victoria_metrics_series(vm, '{__name__="outage_v"}', 1)
         assert [s["values"] for s in series] == [[2]]
