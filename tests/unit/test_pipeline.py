@@ -1,0 +1,199 @@
+"""The pipeline workers' contracts, with fakes for the I/O adapters (spool, broker, model)."""
+
+import json
+import queue
+
+import numpy as np
+import pytest
+
+from agent.alerts.policy import ThresholdAlertPolicy
+from agent.decode.encode import encode_fields
+from agent.decode.json_v1 import DecodeLimits
+from agent.decode.topic import TopicTemplate
+from agent.features.spec import FeatureSpec
+from agent.features.windows import Windower
+from agent.inference.router import ModelRouter
+from agent.metrics import Metrics
+from agent.pipeline import IngestWorker, ScoringWorker
+from agent.records import Message, Reading, Source, Window
+from agent.storage.points import RawVibrationPolicy
+from agent.topics import Topics
+
+T0 = 1_790_000_000 * 10**9
+SPEC = FeatureSpec(kind="process", window_samples=3, hop_samples=1, channels=("temperature",))
+
+
+class Journal:
+    """One ordered record of what the fakes were asked to do."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+
+class FakeSpool:
+    def __init__(self, journal: Journal, failures: int = 0) -> None:
+        self.journal = journal
+        self.failures = failures
+        self.lines: list[str] = []
+
+    def append(self, lines):
+        if self.failures:
+            self.failures -= 1
+            self.journal.events.append(("append_failed",))
+            raise OSError("disk full")
+        self.lines.extend(lines)
+        self.journal.events.append(("append", len(lines)))
+        return len(lines)
+
+
+class FakeBroker:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.published: list[tuple[str, dict]] = []
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        self.published.append((topic, json.loads(payload)))
+        self.journal.events.append(("publish", topic))
+
+    def ack(self, mid, qos):
+        self.journal.events.append(("ack", mid))
+
+
+class FakeModel:
+    """Scores a window by its mean temperature; records each batch it is given."""
+
+    model_id = "fake"
+    version = "0.1"
+    threshold = 100.0
+    spec = SPEC
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(len(x))
+        return x[:, SPEC.feature_names().index("temperature_mean")].astype(np.float32)
+
+
+def _message(mid: int, payload: bytes, topic: str = "factory/s1/l1/m01/process") -> Message:
+    return Message(topic=topic, payload=payload, qos=1, mid=mid, received_ns=T0 + 10**12)
+
+
+def _ingest(journal: Journal, spool: FakeSpool, router: ModelRouter, windows: queue.Queue, metrics: Metrics):
+    return IngestWorker(
+        messages=queue.Queue(),
+        windows=windows,
+        template=TopicTemplate("factory/{site}/{line}/{machine}/{sensor}"),
+        limits=DecodeLimits(),
+        spool=spool,  # type: ignore[arg-type]
+        raw_policy=RawVibrationPolicy("none"),
+        windower=Windower(router.spec_for, metrics),
+        broker=FakeBroker(journal),
+        topics=Topics("edge-01"),
+        metrics=metrics,
+        put_timeout_s=0.01,
+    )
+
+
+@pytest.fixture
+def router() -> ModelRouter:
+    return ModelRouter([(("process",), FakeModel())])
+
+
+def test_messages_are_acknowledged_only_after_their_readings_are_in_the_spool(router):
+    journal, metrics, windows = Journal(), Metrics(), queue.Queue()
+    spool = FakeSpool(journal)
+    worker = _ingest(journal, spool, router, windows, metrics)
+    worker.process([_message(i, encode_fields({"temperature": 20.0 + i}, ts_ns=T0 + i * 10**9)) for i in range(1, 4)])
+    assert journal.events == [("append", 3), ("ack", 1), ("ack", 2), ("ack", 3)]
+    assert metrics.get("ingest.readings") == 3
+
+
+def test_a_failing_spool_delays_the_acknowledgement_until_the_readings_are_durable(router):
+    journal, metrics = Journal(), Metrics()
+    worker = _ingest(journal, FakeSpool(journal, failures=2), router, queue.Queue(), metrics)
+    worker.process([_message(7, encode_fields({"temperature": 20.0}, ts_ns=T0))])
+    assert journal.events == [("append_failed",), ("append_failed",), ("append", 1), ("ack", 7)]
+    assert metrics.get("spool.append_failures") == 2
+
+
+def test_rejected_messages_are_dead_lettered_counted_and_acknowledged(router):
+    journal, metrics = Journal(), Metrics()
+    worker = _ingest(journal, FakeSpool(journal), router, queue.Queue(), metrics)
+    worker.process([_message(1, b"{not json"), _message(2, b"1.0", topic="factory/s1/l1/m01")])
+    broker = worker._broker
+    assert [(topic, body["code"]) for topic, body in broker.published] == [
+        ("pdm/edge-01/deadletter", "json"),
+        ("pdm/edge-01/deadletter", "topic"),
+    ]
+    assert ("ack", 1) in journal.events and ("ack", 2) in journal.events
+    assert metrics.get("decode.errors", reason="json") == 1
+    assert metrics.get("decode.errors", reason="topic") == 1
+
+
+def test_completed_windows_go_to_the_scoring_queue_and_a_full_queue_drops_counted(router):
+    journal, metrics = Journal(), Metrics()
+    windows: queue.Queue[Window] = queue.Queue(maxsize=2)
+    worker = _ingest(journal, FakeSpool(journal), router, windows, metrics)
+    worker.process([_message(i, encode_fields({"temperature": 20.0}, ts_ns=T0 + i * 10**9)) for i in range(6)])
+    # 6 readings, window 3, hop 1: 4 windows; the queue holds 2, the other 2 are dropped and counted.
+    assert windows.qsize() == 2
+    assert metrics.get("windows.dropped", reason="queue_full") == 2
+
+
+def _windows(temperatures: list[float], machine: str = "m01") -> list[Window]:
+    metrics = Metrics()
+    router = ModelRouter([(("process",), FakeModel())])
+    windower = Windower(router.spec_for, metrics)
+
+    source = Source.of(site="s1", line="l1", machine=machine, sensor="process")
+    out: list[Window] = []
+    for i, t in enumerate(temperatures):
+        out.extend(windower.add(Reading(source, T0 + i * 10**9, {"temperature": t})))
+    return out
+
+
+def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
+    journal, metrics = Journal(), Metrics()
+    model = FakeModel()
+    spool, broker = FakeSpool(journal), FakeBroker(journal)
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([(("process",), model)]),
+        policy=ThresholdAlertPolicy(raise_after=2, clear_after=2),
+        spool=spool,  # type: ignore[arg-type]
+        broker=broker,
+        topics=Topics("edge-01"),
+        metrics=metrics,
+        max_batch=64,
+        raw_policy=RawVibrationPolicy("none"),
+    )
+    batch = _windows([20, 20, 20, 500, 500, 500, 500]) + _windows([20] * 7, machine="m02")
+    worker.process(batch)
+    assert model.batches == [len(batch)]
+    assert metrics.get("windows.scored") == len(batch)
+    alerts = [body for topic, body in broker.published if "/alerts/" in topic]
+    assert [(a["machine"], a["state"]) for a in alerts] == [("m01", "raised")]
+    assert broker.published[0][0] == "pdm/edge-01/alerts/m01/process"
+    # Features and score of every window, and the alert event, in one spool append.
+    assert [e for e in journal.events if e[0] == "append"] == [("append", 2 * len(batch) + 1)]
+    assert sum(line.startswith("anomaly_score,") for line in spool.lines) == len(batch)
+    assert sum(line.startswith("alert,") for line in spool.lines) == 1
+
+
+def test_windows_of_sensors_without_a_model_are_counted_not_scored():
+    metrics = Metrics()
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([(("vibration",), FakeModel())]),
+        policy=ThresholdAlertPolicy(1, 1),
+        spool=FakeSpool(Journal()),  # type: ignore[arg-type]
+        broker=FakeBroker(Journal()),
+        topics=Topics("edge-01"),
+        metrics=metrics,
+        max_batch=64,
+        raw_policy=RawVibrationPolicy("none"),
+    )
+    worker.process(_windows([1.0, 2.0, 3.0]))
+    assert metrics.get("windows.unassigned") == 1
+    assert metrics.get("windows.scored") == 0
