@@ -25,6 +25,7 @@ import numpy as np
 
 from agent.alerts.payload import alert_payload
 from agent.alerts.policy import ThresholdAlertPolicy
+from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.errors import DecodeError
 from agent.decode.json_v1 import DecodeLimits, decode
 from agent.decode.topic import TopicTemplate
@@ -122,7 +123,7 @@ class IngestWorker(_Worker):
     def __init__(
         self,
         messages: queue.Queue[Message],
-        windows: queue.Queue[Window],
+        windows: queue.Queue[Window | Reading],
         template: TopicTemplate,
         limits: DecodeLimits,
         spool: Spool,
@@ -132,9 +133,11 @@ class IngestWorker(_Worker):
         topics: Topics,
         metrics: Metrics,
         put_timeout_s: float,
+        baseline: CommissioningScorer | None = None,
         batch_max: int = 500,
     ) -> None:
         super().__init__("ingest")
+        self._baseline = baseline
         self._messages = messages
         self._windows = windows
         self._template = template
@@ -187,7 +190,9 @@ class IngestWorker(_Worker):
                 self._broker.ack(msg.mid, msg.qos)
         for item in decoded:
             for window in self._windower.add(item):
-                self._put_window(window)
+                self._put(window)
+            if self._baseline is not None and isinstance(item, Reading) and self._baseline.handles(item.source):
+                self._put(item)
 
     def _append_durably(self, lines: list[str]) -> None:
         delay = _POLL_S
@@ -208,22 +213,25 @@ class IngestWorker(_Worker):
         payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
         self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
 
-    def _put_window(self, window: Window) -> None:
+    def _put(self, item: Window | Reading) -> None:
         try:
-            self._windows.put(window, timeout=self._put_timeout_s)
+            self._windows.put(item, timeout=self._put_timeout_s)
             self._metrics.inc("windows.queued")
         except queue.Full:
             # Explicit, counted drop: scoring is behind; the readings themselves are stored.
             self._metrics.inc("windows.dropped", reason="queue_full")
-            logger.warning("windows queue full for %.1f s; window of %s dropped", self._put_timeout_s, window.source)
+            logger.warning("scoring queue full for %.1f s; item of %s dropped", self._put_timeout_s, item.source)
 
 
 class ScoringWorker(_Worker):
-    """Scores the windows that are ready together, one model run per model, and applies the alert policy."""
+    """Scores the windows that are ready together, one model run per model, and applies the alert policy.
+
+    Process readings in the queue go to the per-machine commissioning baselines (one step each).
+    """
 
     def __init__(
         self,
-        windows: queue.Queue[Window],
+        windows: queue.Queue[Window | Reading],
         router: ModelRouter,
         policy: ThresholdAlertPolicy,
         spool: Spool,
@@ -232,9 +240,11 @@ class ScoringWorker(_Worker):
         metrics: Metrics,
         max_batch: int,
         raw_policy: RawVibrationPolicy,
+        baseline: CommissioningScorer | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__("scoring")
+        self._baseline = baseline
         self._windows = windows
         self._router = router
         self._policy = policy
@@ -255,15 +265,18 @@ class ScoringWorker(_Worker):
         while batch := drain(self._windows, 0, self._max_batch):
             self.process(batch)
 
-    def process(self, batch: Sequence[Window]) -> None:
+    def process(self, batch: Sequence[Window | Reading]) -> None:
         groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
+        lines: list[str] = []
         for window in batch:
+            if isinstance(window, Reading):
+                lines.extend(self._score_step(window))
+                continue
             model = self._router.model_for(window.source)
             if model is None:
                 self._metrics.inc("windows.unassigned")
                 continue
             groups.setdefault(id(model), (model, []))[1].append(window)
-        lines: list[str] = []
         for model, windows in groups.values():
             lines.extend(self._score(model, windows))
         if lines:
@@ -301,15 +314,26 @@ class ScoringWorker(_Worker):
             )
             fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
             lines.extend(to_lines(lambda f: feature_lines(f, model.model_id, model.version), fv, self._metrics))
-            lines.extend(to_lines(score_lines, score, self._metrics))
-            alert = self._policy.update(score, now_ns)
-            if alert is not None:
-                lines.extend(to_lines(lambda a: alert_lines(a, str(a.details["event_id"])), alert, self._metrics))
-                self._publish_alert(alert)
-                if alert.state == "raised":
-                    # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
-                    for block in self._raw.on_alert(alert.source):
-                        lines.extend(to_lines(block_lines, block, self._metrics))
+            lines.extend(self._decide(score, now_ns))
+        return lines
+
+    def _score_step(self, reading: Reading) -> list[str]:
+        if self._baseline is None:
+            return []
+        score = self._baseline.score(reading)
+        return [] if score is None else self._decide(score, self._clock_ns())
+
+    def _decide(self, score: Score, now_ns: int) -> list[str]:
+        """Store the score, run the alert policy, publish what it decides; returns the lines to spool."""
+        lines = to_lines(score_lines, score, self._metrics)
+        alert = self._policy.update(score, now_ns)
+        if alert is not None:
+            lines.extend(to_lines(lambda a: alert_lines(a, str(a.details["event_id"])), alert, self._metrics))
+            self._publish_alert(alert)
+            if alert.state == "raised":
+                # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
+                for block in self._raw.on_alert(alert.source):
+                    lines.extend(to_lines(block_lines, block, self._metrics))
         return lines
 
     def _publish_alert(self, alert: Alert) -> None:

@@ -6,6 +6,7 @@ import queue
 import numpy as np
 import pytest
 
+from agent.alerts.payload import rfc3339
 from agent.alerts.policy import ThresholdAlertPolicy
 from agent.decode.encode import encode_fields
 from agent.decode.json_v1 import DecodeLimits
@@ -197,3 +198,34 @@ def test_windows_of_sensors_without_a_model_are_counted_not_scored():
     worker.process(_windows([1.0, 2.0, 3.0]))
     assert metrics.get("windows.unassigned") == 1
     assert metrics.get("windows.scored") == 0
+
+
+def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned():
+    from agent.commissioning.baseline import CommissioningConfig
+    from agent.commissioning.scorer import MODEL_ID, CommissioningScorer
+
+    journal, metrics = Journal(), Metrics()
+    broker = FakeBroker(journal)
+    scorer = CommissioningScorer(CommissioningConfig(commissioning_steps=100), ["process"], ["temperature"], metrics)
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([]),
+        policy=ThresholdAlertPolicy(raise_after=3, clear_after=3),
+        spool=FakeSpool(journal),  # type: ignore[arg-type]
+        broker=broker,
+        topics=Topics("edge-01"),
+        metrics=metrics,
+        max_batch=64,
+        raw_policy=RawVibrationPolicy("none"),
+        baseline=scorer,
+    )
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
+    rng = np.random.default_rng(3)
+    temperatures = list(55 + 0.2 * rng.standard_normal(200)) + [65.0] * 60
+    worker.process([Reading(source, T0 + i * 10**9, {"temperature": float(t)}) for i, t in enumerate(temperatures)])
+    assert metrics.get("commissioning.steps", phase="commissioning") == 100
+    assert metrics.get("commissioning.steps", phase="monitoring") == len(temperatures) - 100
+    alerts = [body for topic, body in broker.published if "/alerts/" in topic]
+    assert [(a["model"]["id"], a["state"]) for a in alerts] == [(MODEL_ID, "raised")]
+    # Raised on the step change, not on the healthy readings before it.
+    assert alerts[0]["first_detected"] >= rfc3339(T0 + 200 * 10**9)
