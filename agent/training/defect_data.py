@@ -31,7 +31,10 @@ class DatasetError(Exception):
 
 @dataclass(frozen=True)
 class Recording:
-    """One recording: ``samples`` float64 ``(n,)`` at ``rate_hz``, shaft speed ``rpm``."""
+    """One recording: ``samples`` float64 ``(n,)`` at ``rate_hz``, shaft speed ``rpm``.
+
+    ``diameter_in``: the defect's diameter in inches (``None`` for healthy data or when not given).
+    """
 
     file: str
     fault: str
@@ -40,6 +43,7 @@ class Recording:
     rpm: float
     rate_hz: float
     samples: np.ndarray
+    diameter_in: float | None = None
 
     @property
     def label(self) -> int:
@@ -87,6 +91,7 @@ def load_cwru(data_dir: Path) -> list[Recording]:
                 rpm=rpm,
                 rate_hz=rate,
                 samples=samples,
+                diameter_in=None if e.get("diameter_in") is None else float(e["diameter_in"]),
             )
         )
     return out

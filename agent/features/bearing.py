@@ -1,0 +1,394 @@
+"""Bearing-defect features of a vibration window at a known shaft speed: the defect classifier's inputs.
+
+Training (``agent.training.defect_train``, ``agent.evaluation.cwru``) and serving
+(``agent.inference.classifier``) both call ``extract_bearing_matrix``; ``BearingFeatureSpec`` fixes the
+window, the bands and the bearing geometry, and its ``spec_hash()`` goes into the classifier's manifest.
+
+Unlike ``agent.features.extract``, these features need the shaft speed (``rpm``) of each window, because
+the bearing characteristic frequencies are multiples of it: ``f = multiplier * rpm / 60``. The features
+therefore follow speed changes, and a model trained at 1730-1800 rpm sees comparable inputs at another
+speed. They also take the sampling rate of each window (12 kHz on CWRU, 10240 Hz in the simulator).
+
+Definitions (``x``: the samples of one window, ``n`` of them, float64, mean removed first):
+
+- time domain: ``log10_rms = log10(rms + 1e-12)``; ``crest_factor = max|x| / rms``; ``kurtosis``
+  (Pearson, 3 for a Gaussian); ``skewness``; ``shape_factor = rms / mean|x|``;
+  ``impulse_factor = max|x| / mean|x|`` (ratios are 0 for a constant window);
+- ``band_rel_{lo}_{hi}hz = log10(P_band / P_total + 1e-12)``: the share of each band in the power of
+  all the bands (``P_total``, their sum; powers from the Hann-windowed one-sided periodogram of
+  ``agent.features.extract.band_powers``), so it depends neither on the signal's amplitude nor on the
+  power above the last edge (which the sampling rate decides);
+- envelope spectrum, per envelope band ``[lo, hi)`` (index ``b``): the window's FFT is kept in that band
+  only (an ideal band-pass around the structural resonances that bearing impacts ring), turned into the
+  analytic signal (positive frequencies doubled, inverse FFT) whose modulus is the envelope; the envelope,
+  mean removed and Hann-windowed, is transformed again: ``E(f)`` is its amplitude spectrum. Then, for each
+  characteristic frequency ``c`` (``shaft`` = 1, ``bpfi``, ``bpfo``, ``bsf``, ``ftf``) and harmonic
+  ``h = 1..harmonics``::
+
+      env{b}_{c}_{h}x = log10((max E over |f - h*f_c| <= tol) / median(E over the reference range) + 1e-12)
+      tol = max(tolerance_bins * fs / n, tolerance_rel * h * f_c)
+
+  with the reference range ``[0.5 * f_shaft, 1.2 * harmonics * max_c f_c]`` (clipped to the envelope
+  band's width). A defect that strikes at ``f_c`` makes the peaks at its harmonics stand far above the
+  envelope's median level; the ratio does not depend on the amplitude of the signal;
+  ``env{b}_kurtosis`` is the Pearson kurtosis of the band-passed signal (impulsiveness in that band).
+
+All arithmetic is float64, results float32. Non-finite samples, a bad rate or rpm, or an envelope band
+above the Nyquist frequency raise ``ValueError``. Numpy only.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from agent.features.extract import band_powers
+from agent.records import Window
+
+# Bump whenever a change to this module changes any feature value or name for the same spec.
+BEARING_FEATURE_CODE_VERSION: Final = 1
+KIND: Final = "bearing"
+
+# SKF 6205-2RS JEM (CWRU drive end), as multiples of the shaft frequency.
+SKF_6205: Final = (("bpfi", 5.4152), ("bpfo", 3.5848), ("bsf", 4.7135), ("ftf", 0.39828))
+
+TIME_STATS: Final = ("log10_rms", "crest_factor", "kurtosis", "skewness", "shape_factor", "impulse_factor")
+_EPS: Final = 1e-12
+_KEYS: Final = (
+    "kind",
+    "window_samples",
+    "hop_samples",
+    "channels",
+    "band_edges_hz",
+    "envelope_bands_hz",
+    "harmonics",
+    "tolerance_bins",
+    "tolerance_rel",
+    "multipliers",
+    "version",
+)
+
+
+@dataclass(frozen=True)
+class BearingFeatureSpec:
+    """What the defect classifier consumes; versioned and hashed into its manifest.
+
+    ``band_edges_hz``: whole hertz, increasing; ``envelope_bands_hz``: ``(lo, hi)`` pairs; both must lie
+    below the Nyquist frequency of every window (checked at extraction). ``multipliers``: the bearing's
+    characteristic frequencies as ``(name, multiple of shaft speed)``. Invalid values raise ``ValueError``.
+    """
+
+    window_samples: int = 4096
+    hop_samples: int = 2048
+    channels: tuple[str, ...] = ("value",)
+    band_edges_hz: tuple[float, ...] = (0, 250, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 5000)
+    envelope_bands_hz: tuple[tuple[float, float], ...] = ((500, 2500), (2500, 5000))
+    harmonics: int = 3
+    tolerance_bins: float = 1.5
+    tolerance_rel: float = 0.02
+    multipliers: tuple[tuple[str, float], ...] = SKF_6205
+    version: int = BEARING_FEATURE_CODE_VERSION
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"bearing feature spec: {field} {why}, got {getattr(self, field)!r}")
+
+        if not _is_int(self.window_samples) or not 256 <= self.window_samples <= 1 << 20:
+            fail("window_samples", "must be an integer in [256, 1048576]")
+        if not _is_int(self.hop_samples) or not 1 <= self.hop_samples <= self.window_samples:
+            fail("hop_samples", "must be an integer in [1, window_samples]")
+        if len(self.channels) != 1 or not all(isinstance(c, str) and c for c in self.channels):
+            fail("channels", "must be exactly one channel name")
+        edges = tuple(float(e) for e in self.band_edges_hz)
+        if len(edges) < 2 or any(b <= a for a, b in itertools.pairwise(edges)) or edges[0] < 0:
+            fail("band_edges_hz", "must be at least two increasing, non-negative edges")
+        if any(e != int(e) for e in edges):
+            fail("band_edges_hz", "must be whole hertz")
+        bands = tuple((float(lo), float(hi)) for lo, hi in self.envelope_bands_hz)
+        if not bands or any(not 0 < lo < hi or lo != int(lo) or hi != int(hi) for lo, hi in bands):
+            fail("envelope_bands_hz", "must be non-empty (lo, hi) pairs of whole hertz with 0 < lo < hi")
+        if not _is_int(self.harmonics) or not 1 <= self.harmonics <= 10:
+            fail("harmonics", "must be an integer in [1, 10]")
+        for name in ("tolerance_bins", "tolerance_rel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e3:
+                fail(name, "must be a non-negative number")
+        mults = tuple((str(n), float(m)) for n, m in self.multipliers)
+        if not mults or any(not n.isidentifier() or not m > 0 for n, m in mults):
+            fail("multipliers", "must be (identifier, positive multiple of shaft speed) pairs")
+        if len({n for n, _ in mults}) != len(mults) or "shaft" in {n for n, _ in mults}:
+            fail("multipliers", "must have unique names other than 'shaft'")
+        if not _is_int(self.version) or self.version < 1:
+            fail("version", "must be a positive integer")
+        # Normalise so that equal specs written with ints or floats hash alike.
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "band_edges_hz", edges)
+        object.__setattr__(self, "envelope_bands_hz", bands)
+        object.__setattr__(self, "tolerance_bins", float(self.tolerance_bins))
+        object.__setattr__(self, "tolerance_rel", float(self.tolerance_rel))
+        object.__setattr__(self, "multipliers", mults)
+
+    @property
+    def frequencies(self) -> tuple[tuple[str, float], ...]:
+        """Characteristic frequencies evaluated in the envelope spectrum, shaft speed first."""
+        return (("shaft", 1.0), *self.multipliers)
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the features in extraction order (the columns of ``extract_bearing_matrix``)."""
+        return _feature_names(self)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``from_dict(to_dict())`` gives back an equal spec."""
+        return {
+            "kind": KIND,
+            "window_samples": self.window_samples,
+            "hop_samples": self.hop_samples,
+            "channels": list(self.channels),
+            "band_edges_hz": list(self.band_edges_hz),
+            "envelope_bands_hz": [list(b) for b in self.envelope_bands_hz],
+            "harmonics": self.harmonics,
+            "tolerance_bins": self.tolerance_bins,
+            "tolerance_rel": self.tolerance_rel,
+            "multipliers": [[n, m] for n, m in self.multipliers],
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BearingFeatureSpec:
+        """Strict inverse of ``to_dict``: unknown or missing keys and invalid values raise ``ValueError``."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"bearing feature spec must be a mapping, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in _KEYS)
+        missing = [k for k in _KEYS if k not in d]
+        if unknown or missing:
+            raise ValueError(f"bearing feature spec: unknown key(s) {unknown}, missing key(s) {missing}")
+        if d["kind"] != KIND:
+            raise ValueError(f"bearing feature spec: kind must be {KIND!r}, got {d['kind']!r}")
+        try:
+            return cls(
+                window_samples=d["window_samples"],
+                hop_samples=d["hop_samples"],
+                channels=tuple(d["channels"]),
+                band_edges_hz=tuple(d["band_edges_hz"]),
+                envelope_bands_hz=tuple((lo, hi) for lo, hi in d["envelope_bands_hz"]),
+                harmonics=d["harmonics"],
+                tolerance_bins=d["tolerance_bins"],
+                tolerance_rel=d["tolerance_rel"],
+                multipliers=tuple((n, m) for n, m in d["multipliers"]),
+                version=d["version"],
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bearing feature spec: {exc}") from exc
+
+    def canonical_json(self) -> str:
+        """The exact text that ``spec_hash`` digests: sorted keys, no spaces."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    def spec_hash(self) -> str:
+        """sha256 hex digest of ``canonical_json()`` (the version is part of it)."""
+        return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+    @property
+    def is_supported(self) -> bool:
+        return self.version == BEARING_FEATURE_CODE_VERSION
+
+    def require_supported(self) -> None:
+        if not self.is_supported:
+            raise ValueError(
+                f"bearing feature spec version {self.version} is not computed by this agent's feature code "
+                f"(version {BEARING_FEATURE_CODE_VERSION}): retrain the classifier with this agent version"
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_names(spec: BearingFeatureSpec) -> tuple[str, ...]:
+    names = list(TIME_STATS)
+    edges = spec.band_edges_hz
+    names += [f"band_rel_{int(lo)}_{int(hi)}hz" for lo, hi in itertools.pairwise(edges)]
+    for b in range(len(spec.envelope_bands_hz)):
+        names.append(f"env{b}_kurtosis")
+        names += [f"env{b}_{c}_{h}x" for c, _ in spec.frequencies for h in range(1, spec.harmonics + 1)]
+    return tuple(names)
+
+
+def extract_bearing_matrix(
+    spec: BearingFeatureSpec, windows: Sequence[Window], rpm: float | Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Bearing features of vibration windows: float32 ``(len(windows), spec.n_features)``.
+
+    ``rpm``: the shaft speed of all windows (a number) or of each window (a sequence). Raises
+    ``ValueError`` if a window does not match the spec (kind, channels, length, rate) or holds
+    non-finite values.
+    """
+    spec.require_supported()
+    rpms = np.asarray(rpm, dtype=np.float64)
+    if rpms.ndim > 1 or (rpms.ndim == 1 and len(rpms) != len(windows)):
+        raise ValueError(f"rpm must be one number or one per window ({len(windows)}), got shape {rpms.shape}")
+    rpms = np.broadcast_to(rpms, (len(windows),))
+    if not windows:
+        return np.empty((0, spec.n_features), dtype=np.float32)
+    for i, w in enumerate(windows):
+        where = f"window {i} ({w.source})"
+        if w.kind != "vibration" or tuple(w.channels) != spec.channels:
+            raise ValueError(f"{where}: needs a vibration window of channels {list(spec.channels)}")
+        if w.data.shape != (1, spec.window_samples):
+            raise ValueError(f"{where}: data shape {w.data.shape} is not (1, {spec.window_samples})")
+        if w.rate_hz is None:
+            raise ValueError(f"{where}: a vibration window needs rate_hz")
+    x = np.stack([w.data[0] for w in windows]).astype(np.float64, copy=False)
+    rates = np.array([w.rate_hz for w in windows], dtype=np.float64)
+    return bearing_features(spec, x, rates, rpms).astype(np.float32)
+
+
+def bearing_features(spec: BearingFeatureSpec, x: np.ndarray, rate_hz: np.ndarray, rpm: np.ndarray) -> np.ndarray:
+    """Features of ``x`` float64 ``(m, n)`` sampled at ``rate_hz`` ``(m,)`` at shaft speeds ``rpm`` ``(m,)``.
+
+    Returns float64 ``(m, spec.n_features)`` in the order of ``spec.feature_names()``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    m, n = x.shape
+    rate_hz = np.broadcast_to(np.asarray(rate_hz, dtype=np.float64), (m,))
+    rpm = np.broadcast_to(np.asarray(rpm, dtype=np.float64), (m,))
+    if not np.isfinite(x).all():
+        raise ValueError(f"{int((~np.isfinite(x).all(axis=1)).sum())} window(s) hold non-finite values")
+    if not (np.isfinite(rate_hz).all() and (rate_hz > 0).all()):
+        raise ValueError(f"rate_hz must be finite and > 0, got {np.unique(rate_hz).tolist()}")
+    if not (np.isfinite(rpm).all() and (rpm > 0).all()):
+        raise ValueError(f"rpm must be finite and > 0, got {np.unique(rpm).tolist()}")
+    top = max(spec.band_edges_hz[-1], max(hi for _, hi in spec.envelope_bands_hz))
+    if top > float(rate_hz.min()) / 2:
+        raise ValueError(
+            f"bands up to {top:g} Hz need a sampling rate of at least {2 * top:g} Hz, got {rate_hz.min():g} Hz"
+        )
+    # Chunks of ~1 MiB of samples keep the FFT temporaries in cache.
+    rows = max(1, (1 << 17) // n)
+    if m > rows:
+        return np.concatenate(
+            [
+                bearing_features(spec, x[i : i + rows], rate_hz[i : i + rows], rpm[i : i + rows])
+                for i in range(0, m, rows)
+            ]
+        )
+    x = x - x.mean(axis=1, keepdims=True)
+    parts = [_time_stats(x)]
+    power = band_powers(x, rate_hz, spec.band_edges_hz)
+    total = power.sum(axis=1, keepdims=True)
+    share = np.divide(power, total, out=np.zeros_like(power), where=total > 0)
+    parts.append(np.log10(share + _EPS))
+    spectrum = np.fft.rfft(x, axis=1)
+    freqs = np.fft.rfftfreq(n)[None, :] * rate_hz[:, None]  # (m, n_bins)
+    for lo, hi in spec.envelope_bands_hz:
+        passed, envelope = _band_envelope(spectrum, freqs, n, lo, hi)
+        parts.append(_kurtosis(passed)[:, None])
+        envelope -= envelope.mean(axis=1, keepdims=True)
+        env_spectrum = np.abs(np.fft.rfft(envelope * _hann(n), axis=1))
+        parts.append(_peak_ratios(spec, env_spectrum, rate_hz, rpm, n, hi - lo))
+    return np.concatenate(parts, axis=1)
+
+
+def band_envelope(x: np.ndarray, rate_hz: float, lo_hz: float, hi_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Band-pass ``x`` ``(m, n)`` to ``[lo_hz, hi_hz)`` (FFT mask) and take its Hilbert envelope.
+
+    Returns ``(band_passed, envelope)``, both float64 ``(m, n)``. The envelope of a carrier amplitude-modulated
+    inside the band is its modulation: ``(1 + 0.5 cos 2π·50t) · cos 2π·1000t`` has envelope ``1 + 0.5 cos 2π·50t``.
+
+    >>> t = np.arange(1200) / 12000.0
+    >>> modulation = 1 + 0.5 * np.cos(2 * np.pi * 50 * t)
+    >>> _, env = band_envelope((modulation * np.cos(2 * np.pi * 1000 * t))[None], 12000.0, 500, 2000)
+    >>> bool(np.allclose(env[0], modulation))
+    True
+    """
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    n = x.shape[1]
+    freqs = np.fft.rfftfreq(n)[None, :] * float(rate_hz)
+    return _band_envelope(np.fft.rfft(x, axis=1), freqs, n, lo_hz, hi_hz)
+
+
+def _band_envelope(
+    spectrum: np.ndarray, freqs: np.ndarray, n: int, lo: float, hi: float
+) -> tuple[np.ndarray, np.ndarray]:
+    band = np.where((freqs >= lo) & (freqs < hi), spectrum, 0.0)
+    passed = np.fft.irfft(band, n=n, axis=1)
+    full = np.zeros((band.shape[0], n), dtype=np.complex128)
+    full[:, : band.shape[1]] = 2.0 * band  # analytic signal: negative frequencies dropped, positive doubled
+    if n % 2 == 0:
+        full[:, n // 2] /= 2.0  # the Nyquist bin is its own mirror (always outside a band below Nyquist)
+    return passed, np.abs(np.fft.ifft(full, axis=1))
+
+
+def _time_stats(d: np.ndarray) -> np.ndarray:
+    """``TIME_STATS`` of each mean-removed row of ``d`` ``(m, n)``.
+
+    >>> _time_stats(np.array([[1.0, -1.0, 1.0, -1.0]])).round(6).tolist()
+    [[0.0, 1.0, 1.0, 0.0, 1.0, 1.0]]
+    """
+    rms = np.sqrt(np.mean(d * d, axis=1))
+    peak = np.abs(d).max(axis=1)
+    mean_abs = np.abs(d).mean(axis=1)
+    m2 = rms * rms
+    varies = m2 > (1e-10 * np.maximum(peak, _EPS)) ** 2
+    m3 = np.mean(d**3, axis=1)
+    skew = np.divide(m3, m2**1.5, out=np.zeros_like(m2), where=varies)
+    crest = np.divide(peak, rms, out=np.zeros_like(rms), where=varies)
+    shape = np.divide(rms, mean_abs, out=np.zeros_like(rms), where=varies)
+    impulse = np.divide(peak, mean_abs, out=np.zeros_like(rms), where=varies)
+    return np.stack([np.log10(rms + _EPS), crest, _kurtosis(d), skew, shape, impulse], axis=1)
+
+
+def _kurtosis(x: np.ndarray) -> np.ndarray:
+    """Pearson kurtosis of each row (0 for a constant row)."""
+    d = x - x.mean(axis=1, keepdims=True)
+    m2 = np.mean(d * d, axis=1)
+    m4 = np.mean(d**4, axis=1)
+    scale = np.abs(d).max(axis=1)
+    return np.divide(m4, m2 * m2, out=np.zeros_like(m2), where=m2 > (1e-10 * np.maximum(scale, _EPS)) ** 2)
+
+
+def _peak_ratios(
+    spec: BearingFeatureSpec, env_spectrum: np.ndarray, rate_hz: np.ndarray, rpm: np.ndarray, n: int, width: float
+) -> np.ndarray:
+    """``env{b}_{c}_{h}x`` of each row of the envelope amplitude spectrum ``(m, n // 2 + 1)``."""
+    m, n_bins = env_spectrum.shape
+    out = np.empty((m, len(spec.frequencies) * spec.harmonics), dtype=np.float64)
+    top_multiple = max(mult for _, mult in spec.frequencies) * spec.harmonics
+    for i in range(m):
+        df = rate_hz[i] / n
+        shaft = rpm[i] / 60.0
+        ref_lo = max(1, math.floor(0.5 * shaft / df))
+        ref_hi = min(n_bins, math.ceil(min(1.2 * top_multiple * shaft, width) / df) + 1)
+        level = float(np.median(env_spectrum[i, ref_lo:ref_hi])) if ref_hi > ref_lo else 0.0
+        row = env_spectrum[i]
+        j = 0
+        for _, mult in spec.frequencies:
+            for h in range(1, spec.harmonics + 1):
+                f = h * mult * shaft
+                tol = max(spec.tolerance_bins * df, spec.tolerance_rel * f)
+                lo = max(0, math.ceil((f - tol) / df))
+                hi = min(n_bins, math.floor((f + tol) / df) + 1)
+                peak = float(row[lo:hi].max()) if hi > lo else 0.0
+                out[i, j] = math.log10(peak / level + _EPS) if level > 0 else 0.0
+                j += 1
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _hann(n: int) -> np.ndarray:
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+    w.setflags(write=False)
+    return w

@@ -1,0 +1,135 @@
+"""``pdm-agent evaluate cwru`` and the defect classifier build, on a tiny generated CWRU-like dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import cli
+from agent.features.bearing import SKF_6205
+from agent.inference.classifier import ClassifierManifest, OnnxDefectClassifier
+from agent.inference.errors import ModelError
+from agent.records import Source, Window
+from agent.training.defect_train import train_defect_classifier
+
+RATE = 12000
+MULT = dict(SKF_6205)
+LOAD_RPM = {0: 1797.0, 1: 1772.0, 2: 1750.0}
+
+
+def signal(kind: str, rpm: float, n: int, seed: int, rate: float = RATE) -> np.ndarray:
+    """Shaft harmonics and noise, plus resonance-ringing impacts at the defect frequency of ``kind``."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    shaft = rpm / 60
+    x = 0.05 * np.sin(2 * np.pi * shaft * t) + 0.05 * rng.standard_normal(n)
+    if kind == "normal":
+        return x
+    defect = {"inner_race": MULT["bpfi"], "outer_race": MULT["bpfo"], "ball": 2 * MULT["bsf"]}[kind] * shaft
+    ring_t = np.arange(int(0.003 * rate)) / rate
+    ring = np.exp(-2 * np.pi * 3000 * 0.05 * ring_t) * np.sin(2 * np.pi * 3000 * ring_t)
+    for t0 in np.arange(rng.uniform(0, 1 / defect), t[-1], 1 / defect):
+        gain = 1.0
+        if kind == "inner_race":  # the defect passes through the load zone once per revolution
+            gain = 0.6 + 0.4 * np.cos(2 * np.pi * shaft * t0)
+        elif kind == "ball":  # the ball's defect enters the load zone once per cage revolution
+            gain = 0.6 + 0.4 * np.cos(2 * np.pi * MULT["ftf"] * shaft * t0)
+        i = round(t0 * rate)
+        x[i : i + len(ring)] += gain * ring[: n - i]
+    return x
+
+
+def write_dataset(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    recordings = [("normal", 0, 3 * 8192)] + [
+        (kind, load, 16384) for load in LOAD_RPM for kind in ("inner_race", "outer_race", "ball")
+    ]
+    for seed, (kind, load, n) in enumerate(recordings, start=1):
+        name = f"{kind}_{load}.npz"
+        rpm = LOAD_RPM[load]
+        np.savez(
+            folder / name, de=signal(kind, rpm, n, seed).astype(np.float32), fs=np.int32(RATE), rpm=np.float32(rpm)
+        )
+        diameter = None if kind == "normal" else (0.014 if load == 2 else 0.007)
+        index.append({"file": name, "kind": kind, "diameter_in": diameter, "load_hp": load, "rpm": rpm, "fs_hz": RATE})
+    (folder / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("datasets") / "cwru")
+
+
+def test_evaluate_cwru_json_has_cross_load_random_split_and_quantized(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["evaluate", "cwru", "--data", str(dataset), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"cross_load", "cross_load_faults_only", "random_split", "quantized"} <= set(result)
+    rotations = result["cross_load"]["rotations"]
+    assert sorted(rotations) == ["test_load_0", "test_load_1", "test_load_2"]
+    for r in rotations.values():
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
+        assert np.array(r["confusion"]).shape == (4, 4)
+        assert np.array(r["confusion"])[0].sum() == 3  # the healthy part standing for this load
+    assert result["cross_load"]["mean_macro_f1"] >= 0.9  # the synthetic faults are easy
+    assert np.array(result["cross_load_faults_only"]["rotations"]["test_load_1"]["confusion"]).shape == (3, 3)
+    assert {"accuracy", "macro_f1", "published"} <= set(result["random_split"])
+    assert sorted(result["cross_fault_size"]["folds"]) == ["test_diameter_0.007in", "test_diameter_0.014in"]
+    quantized = result["quantized"]
+    assert set(quantized["cross_load"]["rotations"]) == set(rotations)
+    assert {"accuracy", "macro_f1", "label_agreement"} <= set(quantized["random_split"])
+
+
+def test_evaluate_cwru_accepts_the_datasets_root_and_prints_tables(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["evaluate", "cwru", "--data", str(dataset.parent), "--no-quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "Cross-load, four classes" in out and "Random split" in out
+
+
+def test_evaluate_cwru_says_clearly_when_the_data_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PDM_DATASETS", str(tmp_path / "nowhere"))
+    assert cli.main(["evaluate", "cwru"]) == 2
+    err = capsys.readouterr().err
+    assert "index.json not found" in err and "PDM_DATASETS" in err
+
+
+def test_built_classifier_loads_verifies_and_classifies_windows_at_another_rate(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "defect_classifier"
+    manifest = train_defect_classifier(dataset, out, seed=3, ship="int8", evaluate=False, latency_runs=5)
+    assert manifest.class_names == ("normal", "inner_race", "outer_race", "ball")
+    assert (out / "MODEL_CARD.md").is_file() and manifest.file == "model.int8.onnx"
+    model = OnnxDefectClassifier.load(out)
+    rate, rpm = 10240.0, 1790.0
+    windows = [
+        Window(
+            source=Source.of(machine="m01", sensor="vibration"),
+            kind="vibration",
+            start_ns=0,
+            end_ns=1,
+            channels=("value",),
+            data=signal(kind, rpm, 4096, seed=100 + i, rate=rate)[None],
+            times_s=np.arange(4096) / rate,
+            rate_hz=rate,
+        )
+        for i, kind in enumerate(("outer_race", "inner_race"))
+    ]
+    predictions = model.classify(windows, rpm)
+    assert [p.class_name for p in predictions] == ["outer_race", "inner_race"]
+    assert predictions[0].as_dict()["defect"] == "outer_race"
+    assert sum(predictions[0].as_dict()["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+    data = json.loads((out / "manifest.json").read_text())
+    data["feature_spec"]["harmonics"] = 2
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="feature_spec_hash mismatch"):
+        ClassifierManifest.load(out)
