@@ -18,17 +18,19 @@ from types import FrameType
 
 from agent import schema
 from agent.alerts.policy import ThresholdAlertPolicy
+from agent.commissioning.scorer import CommissioningScorer
 from agent.config import Config
 from agent.decode.json_v1 import DecodeLimits
 from agent.decode.topic import TopicTemplate
 from agent.features.windows import Windower
+from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.manifest import Manifest
 from agent.inference.model import OnnxAnomalyModel
 from agent.inference.router import AnomalyModel, ModelRouter
-from agent.ingest.mqtt import MqttConnection, MqttSettings
+from agent.ingest.mqtt import MqttConnection, MqttSettings, MqttTls
 from agent.metrics import Metrics
-from agent.pipeline import IngestWorker, ScoringWorker
-from agent.records import Message, Window
+from agent.pipeline import DefectStage, IngestWorker, ScoringWorker, ShaftSpeeds
+from agent.records import Message, Reading, Window
 from agent.spool.sqlite import Spool
 from agent.storage.line_protocol import format_point
 from agent.storage.points import RawVibrationPolicy
@@ -164,7 +166,17 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
     topics = Topics(config.agent.id, config.mqtt.base_topic)
 
     messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
-    windows: queue.Queue[Window] = queue.Queue(maxsize=config.queues.windows_max)
+    # Windows for the models and process readings for the commissioning baselines, in arrival order.
+    windows: queue.Queue[Window | Reading] = queue.Queue(maxsize=config.queues.windows_max)
+    d = config.inference.defect
+    speeds = ShaftSpeeds(d.speed_field, d.default_rpm)
+    defect = (
+        None
+        if d.path is None
+        else DefectStage(OnnxDefectClassifier.load(d.path, threads=config.inference.threads), d.sensors, speeds)
+    )
+    c = config.commissioning
+    baseline = CommissioningScorer(c.to_commissioning_config(), c.sensors, c.channels, metrics) if c.enabled else None
 
     def enqueue(message: Message) -> None:
         # Runs on paho's network thread: only enqueue. A full queue blocks it, which stops reading from
@@ -181,12 +193,22 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
             protocol=config.mqtt.protocol,
             username=config.mqtt.username,
             password=config.mqtt.password,
+            tls=MqttTls(
+                ca_file=config.mqtt.tls.ca_file,
+                cert_file=config.mqtt.tls.cert_file,
+                key_file=config.mqtt.tls.key_file,
+                insecure_skip_verify=config.mqtt.tls.insecure_skip_verify,
+            )
+            if config.mqtt.tls.enabled
+            else None,
+            require_tls=config.mqtt.require_tls,
             keepalive_s=config.mqtt.keepalive_s,
             reconnect_min_s=config.mqtt.reconnect_min_s,
             reconnect_max_s=config.mqtt.reconnect_max_s,
             session_expiry_s=config.mqtt.session_expiry_s,
             subscriptions=config.mqtt.subscriptions or (template.subscription(),),
             qos=config.mqtt.qos,
+            silence_timeout_s=config.mqtt.silence_timeout_s,
             status_topic=topics.status,
             online_payload=topics.status_payload("online"),
             offline_payload=topics.status_payload("offline"),
@@ -220,6 +242,8 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         topics=topics,
         metrics=metrics,
         put_timeout_s=config.queues.put_timeout_s,
+        baseline=baseline,
+        speeds=speeds,
     )
     scoring = ScoringWorker(
         windows=windows,
@@ -231,6 +255,8 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         metrics=metrics,
         max_batch=config.inference.max_batch,
         raw_policy=raw_policy,
+        baseline=baseline,
+        defect=defect,
     )
     return Agent(
         config=config,

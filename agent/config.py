@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.commissioning.baseline import CommissioningConfig
+from agent.commissioning.detector import DetectorConfig
 from agent.decode.topic import TopicTemplate
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -56,6 +59,94 @@ class AgentSection:
         _positive("agent.shutdown_timeout_s", self.shutdown_timeout_s)
 
 
+def _readable_file(path: str, file: Path) -> None:
+    """Refuse a missing or unreadable file at load time (not at the first connection attempt)."""
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+
+
+def _read_secret(path: str, file: Path) -> str:
+    """The secret in ``file``: its one line without the line break. Errors name the file, never its content."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, f"{file} is not UTF-8 text") from None
+    secret = text.removesuffix("\n").removesuffix("\r")  # the newline that `echo` and editors add
+    if not secret:
+        raise ConfigError(path, f"{file} is empty")
+    if "\n" in secret or "\r" in secret:
+        raise ConfigError(path, f"{file} has more than one line; it must hold the secret only")
+    return secret
+
+
+def _secret_from_file(section: object, path: str, value_field: str, file_field: str) -> None:
+    """Put the content of ``{file_field}`` into ``{value_field}`` of a frozen section (read once, at load)."""
+    file = getattr(section, file_field)
+    if file is None:
+        return
+    secret = _read_secret(f"{path}.{file_field}", file)
+    current = getattr(section, value_field)
+    if current is not None and current != secret:  # equal: dataclasses.replace() of a loaded section
+        raise ConfigError(f"{path}.{file_field}", f"give either {path}.{value_field} or {path}.{file_field}, not both")
+    object.__setattr__(section, value_field, secret)
+
+
+@dataclass(frozen=True)
+class MqttTlsSection:
+    enabled: bool = False
+    """Connect with TLS (usually port 8883). Off: plaintext, refused when ``mqtt.require_tls`` is true."""
+    ca_file: Path | None = None
+    """PEM file of the CA(s) that signed the broker's certificate; ``None`` uses the system trust store."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that require one (``require_certificate true``); with ``key_file``."""
+    key_file: Path | None = None
+    """Unencrypted private key (PEM) of ``cert_file``; keep it readable by the agent's user only."""
+    insecure_skip_verify: bool = False
+    """Accept any server certificate and host name: encrypted but not authenticated. Tests only."""
+
+    def __post_init__(self) -> None:
+        files = {name: getattr(self, name) for name in ("ca_file", "cert_file", "key_file")}
+        if not self.enabled:
+            # Half a TLS setup is a mistake, not a wish for plaintext.
+            for name, value in {**files, "insecure_skip_verify": self.insecure_skip_verify or None}.items():
+                if value is not None:
+                    raise ConfigError(f"mqtt.tls.{name}", "is set but mqtt.tls.enabled is false")
+            return
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise ConfigError(f"mqtt.tls.{missing}", "cert_file and key_file go together: give both or neither")
+        for name, value in files.items():
+            if value is not None:
+                _readable_file(f"mqtt.tls.{name}", value)
+        _check_tls_files(self)
+
+
+def _check_tls_files(tls: MqttTlsSection) -> None:
+    """Load the PEM files once, so that a wrong file is refused at start with its key path."""
+
+    def encrypted_key() -> bytes:
+        raise ConfigError("mqtt.tls.key_file", "is encrypted; give an unencrypted key readable by the agent only")
+
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if tls.ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError("mqtt.tls.ca_file", f"{tls.ca_file} holds no usable PEM certificate: {exc}") from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=encrypted_key)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                "mqtt.tls.cert_file", f"cannot load {tls.cert_file} with key {tls.key_file}: {exc.reason or exc}"
+            ) from None
+
+
 @dataclass(frozen=True)
 class MqttSection:
     host: str = "127.0.0.1"
@@ -64,11 +155,19 @@ class MqttSection:
     """Defaults to ``pdm-agent-{agent.id}``; must be stable for the persistent session."""
     protocol: Literal["5", "3.1.1"] = "5"
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """Broker password; better ``${ENV}`` or ``password_file``. Never logged, not in ``repr``."""
+    password_file: Path | None = None
+    """File holding the password (one line), read once at load; exclusive with ``password``."""
+    tls: MqttTlsSection = field(default_factory=MqttTlsSection)
+    require_tls: bool = False
+    """Refuse to start without ``tls.enabled``: credentials and data never cross the network in plaintext."""
     keepalive_s: int = 30
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
     session_expiry_s: int = 86_400
+    silence_timeout_s: float = 0.0
+    """Liveness watchdog: reconnect when no message arrived for this long while connected; 0 = off."""
     topic_template: str = "factory/{site}/{line}/{machine}/{sensor}"
     subscriptions: tuple[str, ...] = ()
     """Topic filters; empty means the one derived from the template (placeholders become ``+``)."""
@@ -86,6 +185,15 @@ class MqttSection:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ConfigError("mqtt.reconnect_max_s", "must be >= mqtt.reconnect_min_s")
         _positive("mqtt.max_payload_bytes", self.max_payload_bytes)
+        if self.silence_timeout_s < 0:
+            raise ConfigError("mqtt.silence_timeout_s", f"must be >= 0 (0 = off), got {self.silence_timeout_s}")
+        if self.require_tls and not self.tls.enabled:
+            raise ConfigError(
+                "mqtt.require_tls",
+                "is true but mqtt.tls.enabled is false: refusing a plaintext connection to the broker "
+                "(enable mqtt.tls or set require_tls: false)",
+            )
+        _secret_from_file(self, "mqtt", "password", "password_file")
         try:
             TopicTemplate(self.topic_template)
         except ValueError as exc:
@@ -97,16 +205,28 @@ class InfluxV1Section:
     database: str = "pdm"
     retention_policy: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """Never logged, not in ``repr``; better ``${ENV}`` or ``password_file``."""
+    password_file: Path | None = None
+    """File holding the password (one line), read once at load; exclusive with ``password``."""
     create_database: bool = True
     """Issue ``CREATE DATABASE`` at start (idempotent); turn off when the user may not."""
+
+    def __post_init__(self) -> None:
+        _secret_from_file(self, "storage.v1", "password", "password_file")
 
 
 @dataclass(frozen=True)
 class InfluxV2Section:
     org: str = "pdm"
     bucket: str = "pdm"
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
+    """API token; never logged, not in ``repr``; better ``${ENV}`` or ``token_file``."""
+    token_file: Path | None = None
+    """File holding the token (one line), read once at load; exclusive with ``token``."""
+
+    def __post_init__(self) -> None:
+        _secret_from_file(self, "storage.v2", "token", "token_file")
 
 
 @dataclass(frozen=True)
@@ -168,12 +288,30 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class DefectSection:
+    path: Path | None = None
+    """Directory of the defect classifier (manifest.json + ONNX); null = no defect classification."""
+    sensors: tuple[str, ...] = ("vibration*",)
+    """Glob patterns on the ``sensor`` tag of the vibration sources whose anomalous windows are classified."""
+    speed_field: str = "rpm"
+    """Field of the machine's process readings that carries the shaft speed in rpm (its latest value is used)."""
+    default_rpm: float | None = None
+    """Shaft speed used until a speed reading arrives; null = do not classify a machine of unknown speed."""
+
+    def __post_init__(self) -> None:
+        if self.default_rpm is not None:
+            _positive("inference.defect.default_rpm", self.default_rpm)
+
+
+@dataclass(frozen=True)
 class InferenceSection:
     models: tuple[ModelEntry, ...] = ()
     threads: int = 1
     """ONNX Runtime intra-op threads per session."""
     max_batch: int = 256
     """Windows ready at the same time are scored together, up to this many per run."""
+    defect: DefectSection = field(default_factory=DefectSection)
+    """The defect classifier run on anomalous vibration windows."""
 
     def __post_init__(self) -> None:
         _positive("inference.threads", self.threads)
@@ -190,6 +328,39 @@ class AlertsSection:
     def __post_init__(self) -> None:
         _positive("alerts.raise_after_windows", self.raise_after_windows)
         _positive("alerts.clear_after_windows", self.clear_after_windows)
+
+
+@dataclass(frozen=True)
+class CommissioningSection:
+    enabled: bool = False
+    """Learn each machine's normal from its first readings on the device, then score every reading."""
+    sensors: tuple[str, ...] = ("process*",)
+    """Glob patterns on the ``sensor`` tag of the multi-field process readings to learn and score."""
+    channels: tuple[str, ...] = ("temperature", "current", "pressure")
+    """Field names forming one multivariate step, in this order; readings lacking one are counted and skipped."""
+    commissioning_steps: int = 400
+    """Readings learned before scoring starts (the SKAB protocol's 400 rows)."""
+    commissioning_s: float | None = None
+    """If set, commissioning ends at the first reading this many seconds after the first one instead."""
+    smoothing_steps: int = 30
+    """Length of the causal moving average of the standardized signals, in readings."""
+    threshold_factor: float = 2.4
+    """Threshold = this factor times the largest score seen during commissioning (label-free)."""
+
+    def to_commissioning_config(self) -> CommissioningConfig:
+        try:
+            return CommissioningConfig(
+                commissioning_steps=self.commissioning_steps,
+                commissioning_s=self.commissioning_s,
+                detector=DetectorConfig(smoothing_steps=self.smoothing_steps, threshold_factor=self.threshold_factor),
+            )
+        except ValueError as exc:
+            raise ConfigError("commissioning", str(exc)) from None
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ConfigError("commissioning.channels", "needs at least one field name")
+        self.to_commissioning_config()
 
 
 @dataclass(frozen=True)
@@ -213,6 +384,7 @@ class Config:
     spool: SpoolSection = field(default_factory=SpoolSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     alerts: AlertsSection = field(default_factory=AlertsSection)
+    commissioning: CommissioningSection = field(default_factory=CommissioningSection)
     queues: QueuesSection = field(default_factory=QueuesSection)
 
 

@@ -91,9 +91,12 @@ class DemoReport:
         ]
         for alert in self.alerts:
             b = alert.body
+            defect = b.get("defect")
+            verdict = f", defect {defect['defect']} (p={defect['probability']:.2f})" if defect else ""
             lines.append(
                 f"  - {b['state']:<8} {b['machine']}/{b['sensor']} score {b['score']:.3g} > threshold "
-                f"{b['threshold']:.3g} ({b['model']['id']} {b['model']['version']}) window ends {b['window']['end']}"
+                f"{b['threshold']:.3g} ({b['model']['id']} {b['model']['version']}){verdict}, "
+                f"window ends {b['window']['end']}"
             )
         lines.append("injected faults:")
         for f in self.faults:
@@ -167,7 +170,8 @@ def _agent_config(path: Path, host: str, port: int, url: str, database: str, wor
     data["storage"].update(url=url, flush_interval_s=0.5)
     data["storage"]["v1"]["database"] = database
     data["spool"]["path"] = str(workdir / "spool.db")
-    for model in data["inference"]["models"]:
+    # The copy lives in the work dir: make the example's relative model paths absolute.
+    for model in [*data["inference"]["models"], data["inference"]["defect"]]:
         model["path"] = str((REPO / "config" / model["path"]).resolve())
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return agent_id

@@ -287,20 +287,45 @@ def _launch(
     raise last_error
 
 
-def start_mosquitto(workdir: Path | str, port: int | None = None, extra_conf: str = "") -> Service:
-    """Start an anonymous, non-persistent Mosquitto broker listening on 127.0.0.1 only."""
+def start_mosquitto(
+    workdir: Path | str,
+    port: int | None = None,
+    extra_conf: str = "",
+    *,
+    certfile: Path | str | None = None,
+    keyfile: Path | str | None = None,
+    cafile: Path | str | None = None,
+    password_file: Path | str | None = None,
+) -> Service:
+    """Start a non-persistent Mosquitto broker listening on 127.0.0.1 only; anonymous unless told otherwise.
+
+    ``certfile`` and ``keyfile`` (PEM) make the listener TLS-only (``cafile``: the CA that client
+    certificates would be checked against; clients are not required to present one). ``password_file``
+    (made with ``mosquitto_passwd``) turns anonymous access off: clients need a user name and password.
+    """
     binary = require_binary("mosquitto", MOSQUITTO_PACKAGE)
     workdir = Path(workdir)
+    if (certfile is None) != (keyfile is None):
+        raise ServiceError("start_mosquitto: certfile and keyfile go together")
 
     # Started as root, mosquitto switches to the user "mosquitto", which cannot write into our work dir.
     run_as = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
+    tls = ""
+    if certfile is not None and keyfile is not None:
+        tls = f"certfile {Path(certfile).resolve()}\nkeyfile {Path(keyfile).resolve()}\ntls_version tlsv1.2\n"
+        if cafile is not None:
+            tls += f"cafile {Path(cafile).resolve()}\nrequire_certificate false\n"
+    auth = "allow_anonymous true\n"
+    if password_file is not None:
+        auth = f"allow_anonymous false\npassword_file {Path(password_file).resolve()}\n"
 
     def build(chosen: int) -> tuple[list[str], Path | None, str, ReadyCheck, tuple[int, ...]]:
         log_path = workdir / "mosquitto.log"
         conf_path = workdir / "mosquitto.conf"
         conf_path.write_text(
             f"listener {chosen} {HOST}\n"
-            "allow_anonymous true\n"
+            f"{tls}"
+            f"{auth}"
             "persistence false\n"
             f"log_dest file {log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
@@ -308,7 +333,8 @@ def start_mosquitto(workdir: Path | str, port: int | None = None, extra_conf: st
             f"{run_as}"
             f"{extra_conf}\n"
         )
-        return [binary, "-c", str(conf_path)], log_path, f"mqtt://{HOST}:{chosen}", _port_open, ()
+        scheme = "mqtts" if certfile is not None else "mqtt"
+        return [binary, "-c", str(conf_path)], log_path, f"{scheme}://{HOST}:{chosen}", _port_open, ()
 
     return _launch("mosquitto", workdir, port, build)
 

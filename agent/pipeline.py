@@ -14,11 +14,14 @@ Queues are bounded; waits and drops are counted.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -31,14 +34,16 @@ from agent.decode.json_v1 import DecodeLimits, decode
 from agent.decode.topic import TopicTemplate
 from agent.features.extract import extract_matrix
 from agent.features.windows import Windower
+from agent.inference.classifier import DefectPrediction
 from agent.inference.router import AnomalyModel, ModelRouter
 from agent.metrics import Metrics
-from agent.records import Alert, FeatureVector, Message, Reading, SampleBlock, Score, Window
+from agent.records import Alert, FeatureVector, Message, Reading, SampleBlock, Score, Source, Window
 from agent.spool.sqlite import Spool
 from agent.storage.points import (
     RawVibrationPolicy,
     alert_lines,
     block_lines,
+    defect_lines,
     feature_lines,
     reading_lines,
     score_lines,
@@ -81,6 +86,51 @@ def drain(q: queue.Queue, first_timeout_s: float, limit: int) -> list:
         except queue.Empty:
             break
     return items
+
+
+class ShaftSpeeds:
+    """Latest shaft speed per machine, from a field of its process readings (the defect classifier needs it).
+
+    Written by the ingest worker, read by the scoring worker: single dict assignments and lookups are
+    atomic in CPython, and a reader seeing the previous speed for one window is harmless.
+    """
+
+    def __init__(self, speed_field: str, default_rpm: float | None) -> None:
+        self._field = speed_field
+        self._default = default_rpm
+        self._rpm: dict[str, float] = {}
+
+    def observe(self, reading: Reading) -> None:
+        value = reading.fields.get(self._field)
+        if value is not None and value > 0:
+            self._rpm[reading.source.machine] = float(value)
+
+    def rpm(self, machine: str) -> float | None:
+        return self._rpm.get(machine, self._default)
+
+
+class DefectClassifier(Protocol):
+    """``agent.inference.classifier.OnnxDefectClassifier``; called from the scoring worker only."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    def classify(self, windows: Sequence[Window], rpm: Sequence[float]) -> list[DefectPrediction]: ...
+
+
+@dataclass(frozen=True)
+class DefectStage:
+    """Which anomalous windows get a defect class, and with what speed."""
+
+    classifier: DefectClassifier
+    sensors: tuple[str, ...]
+    speeds: ShaftSpeeds
+
+    def handles(self, source: Source) -> bool:
+        return any(fnmatch.fnmatchcase(source.sensor, p) for p in self.sensors)
 
 
 class _Worker(threading.Thread):
@@ -134,10 +184,12 @@ class IngestWorker(_Worker):
         metrics: Metrics,
         put_timeout_s: float,
         baseline: CommissioningScorer | None = None,
+        speeds: ShaftSpeeds | None = None,
         batch_max: int = 500,
     ) -> None:
         super().__init__("ingest")
         self._baseline = baseline
+        self._speeds = speeds
         self._messages = messages
         self._windows = windows
         self._template = template
@@ -175,6 +227,8 @@ class IngestWorker(_Worker):
                 if isinstance(item, Reading):
                     lines.extend(to_lines(reading_lines, item, self._metrics))
                     self._metrics.inc("ingest.readings")
+                    if self._speeds is not None:
+                        self._speeds.observe(item)
                 else:
                     self._metrics.inc("ingest.blocks")
                     self._metrics.inc("ingest.samples", len(item.samples))
@@ -241,10 +295,12 @@ class ScoringWorker(_Worker):
         max_batch: int,
         raw_policy: RawVibrationPolicy,
         baseline: CommissioningScorer | None = None,
+        defect: DefectStage | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__("scoring")
         self._baseline = baseline
+        self._defect = defect
         self._windows = windows
         self._router = router
         self._policy = policy
@@ -302,7 +358,8 @@ class ScoringWorker(_Worker):
         spec_hash = model.spec.spec_hash()
         lines: list[str] = []
         now_ns = self._clock_ns()
-        for window, row, value in zip(windows, x, scores, strict=True):
+        defects = self._classify(windows, scores, model.threshold)
+        for i, (window, row, value) in enumerate(zip(windows, x, scores, strict=True)):
             score = Score(
                 source=window.source,
                 start_ns=window.start_ns,
@@ -314,8 +371,49 @@ class ScoringWorker(_Worker):
             )
             fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
             lines.extend(to_lines(lambda f: feature_lines(f, model.model_id, model.version), fv, self._metrics))
-            lines.extend(self._decide(score, now_ns))
+            defect = defects.get(i)
+            if defect is not None:
+                lines.extend(self._defect_lines(window, defect))
+            lines.extend(self._decide(score, now_ns, defect))
         return lines
+
+    def _classify(self, windows: list[Window], scores: np.ndarray, threshold: float) -> dict[int, DefectPrediction]:
+        """Defect class of each anomalous window of a classified sensor whose machine speed is known."""
+        stage = self._defect
+        if stage is None:
+            return {}
+        chosen: list[int] = []
+        rpms: list[float] = []
+        for i, (window, score) in enumerate(zip(windows, scores, strict=True)):
+            if score <= threshold or not stage.handles(window.source):
+                continue
+            rpm = stage.speeds.rpm(window.source.machine)
+            if rpm is None:
+                self._metrics.inc("defect.skipped", reason="unknown_speed")
+                continue
+            chosen.append(i)
+            rpms.append(rpm)
+        if not chosen:
+            return {}
+        try:
+            predictions = stage.classifier.classify([windows[i] for i in chosen], rpms)
+        except ValueError as exc:
+            # E.g. a sampling rate too low for the classifier's bands: the anomaly still alerts, unclassified.
+            self._metrics.inc("defect.skipped", len(chosen), reason="unusable_window")
+            logger.warning("defect classification skipped: %s", exc)
+            return {}
+        self._metrics.inc("defect.classified", len(chosen))
+        return dict(zip(chosen, predictions, strict=True))
+
+    def _defect_lines(self, window: Window, prediction: DefectPrediction) -> list[str]:
+        assert self._defect is not None
+        clf = self._defect.classifier
+        probabilities = prediction.as_dict()["probabilities"]
+        return to_lines(
+            lambda w: defect_lines(w, clf.model_id, clf.version, prediction.class_name, probabilities),
+            window,
+            self._metrics,
+        )
 
     def _score_step(self, reading: Reading) -> list[str]:
         if self._baseline is None:
@@ -323,11 +421,13 @@ class ScoringWorker(_Worker):
         score = self._baseline.score(reading)
         return [] if score is None else self._decide(score, self._clock_ns())
 
-    def _decide(self, score: Score, now_ns: int) -> list[str]:
+    def _decide(self, score: Score, now_ns: int, defect: DefectPrediction | None = None) -> list[str]:
         """Store the score, run the alert policy, publish what it decides; returns the lines to spool."""
         lines = to_lines(score_lines, score, self._metrics)
         alert = self._policy.update(score, now_ns)
         if alert is not None:
+            if defect is not None and alert.state == "raised":
+                alert = dataclasses.replace(alert, details={**alert.details, "defect": defect.as_dict()})
             lines.extend(to_lines(lambda a: alert_lines(a, str(a.details["event_id"])), alert, self._metrics))
             self._publish_alert(alert)
             if alert.state == "raised":

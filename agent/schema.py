@@ -27,6 +27,12 @@ THRESHOLD_FIELD: Final = "threshold"
 ANOMALOUS_FIELD: Final = "anomalous"
 WINDOW_START_FIELD: Final = "window_start_ns"
 
+# Defect classification of anomalous vibration windows: one point per classified window, at its end.
+DEFECT: Final = "defect"
+DEFECT_CLASS_TAG: Final = "defect"
+DEFECT_PROBABILITY_FIELD: Final = "probability"
+DEFECT_PROBABILITY_PREFIX: Final = "p_"  # one field per class: p_normal, p_inner_race, ...
+
 # Alert events: one point per raised/cleared event.
 ALERT: Final = "alert"
 ALERT_STATE_TAG: Final = "state"

@@ -39,4 +39,6 @@ def alert_payload(alert: Alert, agent_id: str) -> bytes:
         "first_detected": rfc3339(int(details.get("first_detected_ns", alert.window_start_ns))),  # type: ignore[call-overload]
         "time": rfc3339(alert.time_ns),
     }
+    if "defect" in details:
+        body["defect"] = details["defect"]
     return json.dumps(body, separators=(",", ":")).encode()

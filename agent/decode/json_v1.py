@@ -21,6 +21,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -124,6 +125,12 @@ def _parse_json(text: str) -> Any:
         if not text.strip():
             raise DecodeError("json", "payload is empty") from None
         raise DecodeError("json", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except ValueError:
+        # Python refuses to convert integer literals longer than sys.get_int_max_str_digits() (4300 by
+        # default, a guard against quadratic-time parsing) with a plain ValueError, not a JSONDecodeError.
+        raise DecodeError(
+            "json", f"a number in the payload has more than {sys.get_int_max_str_digits():,} digits"
+        ) from None
     except RecursionError:
         raise DecodeError("json", "JSON is nested too deeply") from None
 
@@ -183,7 +190,9 @@ def _check_version(v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise DecodeError("version", f"'v' must be the integer {SCHEMA_VERSION}, got {_kind(v)}")
     if v != SCHEMA_VERSION:
-        raise DecodeError("version", f"payload version {v} is not supported; this agent reads version {SCHEMA_VERSION}")
+        raise DecodeError(
+            "version", f"payload version {quote(v)} is not supported; this agent reads version {SCHEMA_VERSION}"
+        )
 
 
 # --- values ---------------------------------------------------------------------------------------------
@@ -242,7 +251,7 @@ def _seq(raw: object) -> int | None:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise DecodeError("shape", f"'seq' must be an integer, got {_kind(raw)}")
     if not _INT64_MIN <= raw <= _INT64_MAX:
-        raise DecodeError("shape", f"'seq' {raw} does not fit a 64-bit integer")
+        raise DecodeError("shape", f"'seq' {quote(raw)} does not fit a 64-bit integer")
     return raw
 
 
@@ -455,7 +464,7 @@ def format_time(ns: int) -> str:
     try:
         dt = _EPOCH + timedelta(seconds=whole)
     except OverflowError:
-        return f"{ns / NS_PER_S:.6g} s since 1970"
+        return f"{_seconds_text(ns)} since 1970"
     text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
     if frac:
         text += f".{frac:09d}".rstrip("0")
@@ -463,8 +472,16 @@ def format_time(ns: int) -> str:
 
 
 def _seconds_text(ns: int) -> str:
-    seconds = ns / NS_PER_S
-    return f"{seconds:,.0f} s" if seconds < 1e9 else f"{seconds:.3g} s"
+    """Seconds for a message; also for integers beyond a float (a ``ts`` of hundreds of digits).
+
+    >>> _seconds_text(-10**330)
+    '-1.00e+321 s'
+    """
+    try:
+        seconds = ns / NS_PER_S
+    except OverflowError:
+        return f"{Decimal(ns) / NS_PER_S:.3g} s"
+    return f"{seconds:,.0f} s" if abs(seconds) < 1e9 else f"{seconds:.3g} s"
 
 
 def _short(text: str) -> str:

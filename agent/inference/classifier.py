@@ -251,6 +251,14 @@ class OnnxDefectClassifier:
         return self._manifest
 
     @property
+    def model_id(self) -> str:
+        return self._manifest.model_id
+
+    @property
+    def version(self) -> str:
+        return self._manifest.version
+
+    @property
     def spec(self) -> BearingFeatureSpec:
         return self._spec
 

@@ -21,6 +21,17 @@ session), so acknowledging an old packet id would acknowledge a different, not y
 ``ack()`` therefore ignores (and counts) acknowledgements of messages from an earlier connection; the
 broker redelivers those messages if it still has them.
 
+Security: with ``tls`` set, the connection uses TLS 1.2+ and verifies the broker's certificate against
+``tls.ca_file`` (or the system trust store) and the host name; a failed verification is counted
+(``mqtt.connect_failures{reason=tls_verify_failed}``) and logged with OpenSSL's reason, and the client
+keeps retrying with backoff. ``require_tls`` refuses settings without TLS. The password is never logged
+and masked in ``repr``.
+
+Liveness: with ``silence_timeout_s`` > 0, a watchdog thread forces a reconnect (``mqtt.watchdog_reconnects``)
+when the connection is up but no message arrived for that long: a broker that hangs (SIGSTOP, a dead
+bridge, a half-open TCP connection that keepalive has not caught yet) then looks like a lost connection,
+which paho repairs with its usual reconnect and backoff.
+
 Availability: the last will sets the retained status topic to ``offline`` when the connection drops
 without a DISCONNECT; every successful connect publishes ``online`` (retained); ``stop()`` publishes
 ``offline`` and waits for it before disconnecting (a clean disconnect does not fire the will).
@@ -29,10 +40,15 @@ without a DISCONNECT; every successful connect publishes ``online`` (retained); 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
@@ -64,6 +80,45 @@ StatusPayload = Callable[[Literal["online", "offline"]], bytes]
 
 
 @dataclass(frozen=True)
+class MqttTls:
+    """TLS of the broker connection (TLS 1.2 or later)."""
+
+    ca_file: Path | None = None
+    """PEM file of the CA(s) the broker's certificate must chain to; ``None``: the system trust store."""
+    cert_file: Path | None = None
+    """Client certificate (PEM), for brokers that require one; needs ``key_file``."""
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+    """Neither the certificate nor the host name is checked: encrypted, not authenticated (tests only)."""
+
+    def context(self) -> ssl.SSLContext:
+        """The client context; ``ValueError`` naming the file when one cannot be loaded."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.ca_file))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"MqttTls.ca_file: cannot load {self.ca_file}: {exc}") from None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("MqttTls.cert_file: cert_file and key_file go together")
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file), password=_no_key_password)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"MqttTls.cert_file: cannot load {self.cert_file} / {self.key_file}: {exc}") from None
+        if self.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def _no_key_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for the passphrase of an encrypted key.
+    raise ValueError("the private key is encrypted; the agent needs an unencrypted key")
+
+
+@dataclass(frozen=True)
 class MqttSettings:
     """Connection settings; validated here so that a bad value fails at start, not at the first reconnect."""
 
@@ -75,6 +130,10 @@ class MqttSettings:
     username: str | None = None
     password: str | None = None
     """Never logged: ``repr`` masks it."""
+    tls: MqttTls | None = None
+    """``None``: plaintext TCP."""
+    require_tls: bool = False
+    """Refuse settings without ``tls`` (so that a plaintext connection is never attempted)."""
     keepalive_s: int = 30
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
@@ -94,6 +153,8 @@ class MqttSettings:
     """Outgoing messages paho keeps while disconnected; beyond it ``publish`` fails (counted)."""
     stop_timeout_s: float = 5.0
     """How long ``stop()`` waits for the broker to confirm the ``offline`` status."""
+    silence_timeout_s: float = 0.0
+    """Force a reconnect when connected but no message arrived for this long; 0 turns the watchdog off."""
 
     def __post_init__(self) -> None:
         def bad(name: str, reason: str) -> ValueError:
@@ -128,6 +189,12 @@ class MqttSettings:
             raise bad("max_queued_messages", f"must be > 0, got {self.max_queued_messages!r}")
         if self.password is not None and self.username is None:
             raise bad("password", "needs a username")
+        if self.require_tls and self.tls is None:
+            raise bad("require_tls", "is true but tls is not configured: refusing a plaintext connection")
+        if isinstance(self.silence_timeout_s, bool) or not self.silence_timeout_s >= 0:
+            raise bad("silence_timeout_s", f"must be >= 0 (0 = off), got {self.silence_timeout_s!r}")
+        if self.silence_timeout_s and not self.subscriptions:
+            raise bad("silence_timeout_s", "needs subscriptions: without them no message is expected")
 
     def __repr__(self) -> str:
         parts = []
@@ -167,7 +234,13 @@ class MqttConnection:
         self._subscribe_mid: int | None = None
         self._started = False
         self._stopping = False
-        self._unreachable_logged = False
+        # The last connection failure logged (reason label): repeats of the same failure go to DEBUG.
+        self._failure_logged: str | None = None
+        self._attempt_answered = False  # a CONNACK (or a refusal) arrived for the current attempt
+        # Liveness watchdog: time (monotonic) of the last message or (re)connect.
+        self._last_activity = time.monotonic()
+        self._watchdog_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self._client = self._build_client()
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -184,6 +257,9 @@ class MqttConnection:
             manual_ack=True,
         )
         client.enable_logger(_paho_logger)
+        if s.tls is not None:
+            # check_hostname (on unless insecure_skip_verify) makes the handshake verify the host name too.
+            client.tls_set_context(s.tls.context())
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)  # type: ignore[arg-type]
@@ -216,19 +292,30 @@ class MqttConnection:
         )
         self._client.loop_start()
         logger.info(
-            "connecting to MQTT broker %s:%s as %r (MQTT %s), subscriptions %s",
+            "connecting to MQTT broker %s:%s as %r (MQTT %s, %s), subscriptions %s",
             s.host,
             s.port,
             s.client_id,
             s.protocol,
+            _transport_text(s.tls),
             ", ".join(s.subscriptions) or "none",
         )
+        if s.tls is not None and s.tls.insecure_skip_verify:
+            logger.warning(
+                "MQTT TLS certificate verification is OFF (insecure_skip_verify): the broker is not authenticated"
+            )
+        if s.silence_timeout_s:
+            self._watchdog = threading.Thread(target=self._watchdog_loop, name="mqtt-watchdog", daemon=True)
+            self._watchdog.start()
 
     def stop(self) -> None:
         """Publish ``offline`` and wait for it (``stop_timeout_s``), disconnect, join the network thread."""
         if not self._started or self._stopping:
             return
         self._stopping = True
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
         s = self._settings
         if s.status_topic and self._connected.is_set():
             info = self._client.publish(s.status_topic, self._status("offline"), qos=1, retain=True)
@@ -310,6 +397,7 @@ class MqttConnection:
         return self._settings.online_payload if state == "online" else self._settings.offline_payload
 
     def _on_pre_connect(self, client: paho.Client, _userdata: Any) -> None:
+        self._attempt_answered = False
         try:
             if self._settings.status_topic and self._status_payload is not None:
                 client.will_set(self._settings.status_topic, self._status("offline"), qos=1, retain=True)
@@ -328,13 +416,26 @@ class MqttConnection:
         try:
             if reason_code.is_failure:
                 # Do not mark connected: the broker closes the connection and paho retries with backoff.
-                self._metrics.inc("mqtt.connect_failures", reason=_label(reason_code))
-                logger.error("MQTT broker %s:%s refused the connection: %s", s.host, s.port, reason_code)
+                label = _label(reason_code)
+                self._attempt_answered = True
+                self._metrics.inc("mqtt.connect_failures", reason=label)
+                hint = "; check the user name and password" if label in _CREDENTIAL_REFUSALS else ""
+                self._log_failure(
+                    label,
+                    logging.ERROR,
+                    "MQTT broker %s:%s refused the connection: %s%s",
+                    s.host,
+                    s.port,
+                    reason_code,
+                    hint,
+                )
                 return
-            self._unreachable_logged = False
+            self._failure_logged = None
+            self._attempt_answered = True
             with self._lock:
                 self._generation += 1
                 self._pending.clear()
+                self._last_activity = time.monotonic()
             if s.subscriptions:
                 result, mid = client.subscribe([(topic, int(s.qos)) for topic in s.subscriptions])
                 self._subscribe_mid = mid
@@ -381,20 +482,87 @@ class MqttConnection:
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         try:
             s = self._settings
-            self._metrics.inc("mqtt.connect_failures", reason="unreachable")
-            if self._unreachable_logged:
-                logger.debug("MQTT broker %s:%s still unreachable", s.host, s.port)
-            else:
-                self._unreachable_logged = True
-                logger.warning(
-                    "MQTT broker %s:%s unreachable; retrying every %s..%s s",
+            # paho calls this from inside its ``except OSError`` around the connection attempt.
+            exc = sys.exc_info()[1]
+            retry = f"; retrying every {s.reconnect_min_s:g}..{s.reconnect_max_s:g} s"
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = "tls_verify_failed"
+                self._log_failure(
+                    reason,
+                    logging.ERROR,
+                    "MQTT broker %s:%s: TLS certificate verification failed: %s (is the broker's certificate "
+                    "signed by the configured CA, and does it name the host %r?)%s",
                     s.host,
                     s.port,
-                    s.reconnect_min_s,
-                    s.reconnect_max_s,
+                    exc.verify_message or exc.reason or exc,
+                    s.host,
+                    retry,
                 )
+            elif isinstance(exc, ssl.SSLError) or _in_tls_handshake(exc):
+                reason = "tls_error"
+                detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
+                self._log_failure(
+                    reason,
+                    logging.ERROR,
+                    "MQTT broker %s:%s: TLS handshake failed: %s (does the port speak TLS?)%s",
+                    s.host,
+                    s.port,
+                    detail,
+                    retry,
+                )
+            else:
+                reason = "unreachable"
+                detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+                self._log_failure(
+                    reason, logging.WARNING, "MQTT broker %s:%s unreachable%s%s", s.host, s.port, detail, retry
+                )
+            self._metrics.inc("mqtt.connect_failures", reason=reason)
         except Exception:
             logger.exception("error in MQTT on_connect_fail")
+
+    def _log_failure(self, reason: str, level: int, msg: str, *args: object) -> None:
+        """Log a connection failure once; while it repeats with the same reason, only at DEBUG."""
+        if self._failure_logged == reason:
+            logger.debug(msg, *args)
+        else:
+            self._failure_logged = reason
+            logger.log(level, msg, *args)
+
+    # --- the watchdog thread --------------------------------------------------------------------------
+
+    def _watchdog_loop(self) -> None:
+        period = min(1.0, self._settings.silence_timeout_s / 4)
+        while not self._watchdog_stop.wait(period):
+            try:
+                self._check_silence(time.monotonic())
+            except Exception:
+                logger.exception("error in the MQTT watchdog")
+
+    def _check_silence(self, now: float) -> None:
+        timeout = self._settings.silence_timeout_s
+        if not self._connected.is_set():
+            return  # paho is reconnecting already
+        with self._lock:
+            silent_s = now - self._last_activity
+            if silent_s < timeout:
+                return
+            self._last_activity = now  # one forced reconnect per silence period
+        self._metrics.inc("mqtt.watchdog_reconnects")
+        logger.warning(
+            "no MQTT message for %.1f s on %s (silence_timeout_s %g): forcing a reconnect",
+            silent_s,
+            ", ".join(self._settings.subscriptions),
+            timeout,
+        )
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            # Shutting the socket down (not closing it: paho's thread owns it) wakes paho's select() with
+            # an end of stream; paho then reports a lost connection and reconnects with its backoff. The
+            # base-class call bypasses SSLSocket.shutdown, which would drop the TLS state under paho's feet.
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError as exc:
+                logger.debug("watchdog: socket shutdown failed: %s", exc)
 
     def _on_disconnect(
         self,
@@ -416,6 +584,22 @@ class MqttConnection:
             # as "Unspecified error".
             from_broker = flags.is_disconnect_packet_from_server
             reason = str(reason_code) if from_broker or reason_code.value != 128 else "Connection lost"
+            if not was_connected and not self._attempt_answered and not self._stopping:
+                # The broker closed the connection before any CONNACK: it did not accept the client at all
+                # (a plaintext client on a TLS port, a client certificate it rejects, a connection limit).
+                self._attempt_answered = True
+                self._metrics.inc("mqtt.connect_failures", reason="closed_before_connack")
+                self._log_failure(
+                    "closed_before_connack",
+                    logging.ERROR,
+                    "MQTT connection to %s:%s ended before the broker accepted it (%s); the client speaks %s: "
+                    "is that what the port expects, does the broker want a client certificate? See the broker's log",
+                    self._settings.host,
+                    self._settings.port,
+                    reason,
+                    "TLS" if self._settings.tls else "plaintext",
+                )
+                return
             if self._stopping or not was_connected:
                 logger.debug("MQTT disconnected: %s", reason)
                 return
@@ -443,6 +627,7 @@ class MqttConnection:
                 mid = self._generation << 16 | msg.mid
                 if msg.qos > 0:
                     self._pending.add(mid)
+                self._last_activity = time.monotonic()
             message = Message(
                 topic=topic,
                 payload=bytes(msg.payload),
@@ -460,6 +645,25 @@ class MqttConnection:
 
 
 _PACKET_ID_MASK = 0xFFFF
+
+# MQTT 5 "Bad user name or password" / "Not authorized"; 3.1.1 return codes 4 and 5 map to the same texts.
+_CREDENTIAL_REFUSALS = frozenset({"bad_user_name_or_password", "not_authorized"})
+
+
+def _in_tls_handshake(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (a reset, a timeout) came out of the TLS handshake, not out of the TCP connect."""
+    if exc is None:
+        return False
+    return any(frame.name == "do_handshake" for frame in traceback.extract_tb(exc.__traceback__))
+
+
+def _transport_text(tls: MqttTls | None) -> str:
+    if tls is None:
+        return "plaintext"
+    if tls.insecure_skip_verify:
+        return "TLS without verification"
+    ca = tls.ca_file or "the system trust store"
+    return f"TLS, CA {ca}" + (", client certificate" if tls.cert_file else "")
 
 
 def _mid_text(mid: int) -> str:

@@ -25,7 +25,7 @@ from agent.simulator import noise
 BEARING_KINDS = ("bearing_outer", "bearing_inner", "bearing_ball")
 FAULT_KINDS = (*BEARING_KINDS, "imbalance", "overheating", "sensor_stuck", "dropout")
 SENSORS = ("vibration", "process")
-PROCESS_FIELDS = ("temperature", "current", "pressure")
+PROCESS_FIELDS = ("temperature", "current", "pressure", "rpm")
 
 # Sensor that each fault kind shows up on; sensor_stuck and dropout name it explicitly.
 _IMPLIED_SENSOR = {kind: "vibration" for kind in (*BEARING_KINDS, "imbalance")} | {"overheating": "process"}
@@ -396,4 +396,12 @@ class SimulatedMachine:
         current += p.current_noise_a * noise.normal(self._key, _S_CURRENT, index)[0]
         pressure = p.pressure_bar * (1 + 0.005 * loads[1])
         pressure += p.pressure_noise_bar * noise.normal(self._key, _S_PRESSURE, index)[0]
-        return {"temperature": float(temperature), "current": float(current), "pressure": float(pressure)}
+        # The gateway also reports shaft speed (a tachometer or the drive): the defect classifier's bearing
+        # frequencies follow it.
+        rpm = 60.0 * self._shaft_hz(t)[0]
+        return {
+            "temperature": float(temperature),
+            "current": float(current),
+            "pressure": float(pressure),
+            "rpm": float(rpm),
+        }

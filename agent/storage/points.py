@@ -16,7 +16,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from agent import schema
-from agent.records import NS_PER_S, Alert, FeatureVector, Reading, SampleBlock, Score, Source
+from agent.records import NS_PER_S, Alert, FeatureVector, Reading, SampleBlock, Score, Source, Window
 from agent.storage.line_protocol import FieldValue, escape_key, escape_measurement, format_point, format_tags
 
 
@@ -95,6 +95,16 @@ def alert_lines(a: Alert, event_id: str) -> list[str]:
     }
     tags = _model_tags(a.source, a.model_id, a.model_version, **{schema.ALERT_STATE_TAG: a.state})
     return [format_point(schema.ALERT, tags, fields, a.time_ns)]
+
+
+def defect_lines(
+    window: Window, model_id: str, model_version: str, class_name: str, probabilities: Mapping[str, float]
+) -> list[str]:
+    """One ``defect`` point at the window's end: the class as a tag, its probability and one per class."""
+    fields: dict[str, FieldValue] = {schema.DEFECT_PROBABILITY_FIELD: float(probabilities[class_name])}
+    fields.update({f"{schema.DEFECT_PROBABILITY_PREFIX}{name}": float(p) for name, p in probabilities.items()})
+    tags = _model_tags(window.source, model_id, model_version, **{schema.DEFECT_CLASS_TAG: class_name})
+    return [format_point(schema.DEFECT, tags, fields, window.end_ns)]
 
 
 RawMode = Literal["all", "every_n", "around_alerts", "none"]

@@ -5,13 +5,17 @@ defect. Readings must all reach InfluxDB, the fault must raise an alert that a s
 receives, and the healthy machines must raise none.
 """
 
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from agent.demo import run_demo
 
 pytestmark = pytest.mark.integration
+
+ALERT_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "agent/schemas/alert.schema.json").read_text())
 
 SCENARIO = """\
 broker: {host: 127.0.0.1, port: 1883}
@@ -40,3 +44,7 @@ def test_injected_fault_alerts_and_healthy_machines_do_not(tmp_path: Path, monke
     assert report.matched.get("m02:bearing_outer"), "the injected bearing fault raised no alert"
     assert report.false_alerts == []
     assert {a.machine for a in report.alerts} == {"m02"}
+    raised = report.matched["m02:bearing_outer"][0].body
+    assert raised["defect"]["defect"] == "outer_race", raised.get("defect")
+    for alert in report.alerts:
+        jsonschema.validate(alert.body, ALERT_SCHEMA)

@@ -86,7 +86,7 @@ def test_publishes_every_block_and_reading_with_contiguous_seq_and_exact_device_
         assert [b["ts_ns"] - stats.start_ns for b in blocks] == [sample_time_ns(k * block, rate) for k in range(15)]
         assert [r["ts_ns"] - stats.start_ns for r in readings] == [0, NS_PER_S, 2 * NS_PER_S]
         assert all(b["encoding"] == "f32le" and b["rate_hz"] == rate for b in blocks)
-        assert all(r["fields"].keys() == {"temperature", "current", "pressure"} for r in readings)
+        assert all(r["fields"].keys() == {"temperature", "current", "pressure", "rpm"} for r in readings)
     assert stats.by_kind == {"vibration": 30, "process": 6}
     assert stats.per_machine == {"m01": 18, "m02": 18}
     assert (stats.messages, stats.samples, stats.readings, stats.unacked) == (36, 30 * block, 6, 0)
