@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ MODELS: dict[str, tuple[str, Callable[[DataPlan], Dataset]]] = {
     "vibration-anomaly": ("vibration_anomaly", vibration_dataset),
     "process-anomaly": ("process_anomaly", process_dataset),
 }
+DEFECT_MODEL = "defect-classifier"
 DEFAULT_SEED = 42
 DEFAULT_VERSION = "1.0.0"
 QUICK_AUTOENCODER = AutoencoderConfig(max_epochs=30, patience=5)
@@ -55,7 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"they need a longer span than vibration (default {DEFAULT_PROCESS_MINUTES:g})",
     )
     parser.add_argument("--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)")
-    parser.add_argument("--model", choices=["all", *MODELS], default="all", help="which model to build (default all)")
+    parser.add_argument(
+        "--model",
+        choices=["all", *MODELS, DEFECT_MODEL],
+        default="all",
+        help="which model to build (default all; the defect classifier needs the CWRU data, see --cwru-data)",
+    )
+    parser.add_argument(
+        "--cwru-data",
+        type=Path,
+        default=None,
+        help="CWRU folder for the defect classifier (default $PDM_DATASETS/cwru or ../shared/datasets/cwru); "
+        "with --model all and no data there, the classifier is skipped with a message",
+    )
     parser.add_argument(
         "--calibration",
         choices=sorted(CALIBRATION_METHODS),
@@ -82,6 +96,12 @@ def main(args: argparse.Namespace) -> int:
         plan = DataPlan(seed=args.seed, vibration_minutes=args.minutes, process_minutes=args.process_minutes)
         autoencoder, latency_runs = AutoencoderConfig(), 400
     command = _command(args)
+    if args.model in ("all", DEFECT_MODEL) and not args.quick:
+        status = _train_defect_classifier(args)
+        if status != 0 and args.model == DEFECT_MODEL:
+            return status
+    if args.model == DEFECT_MODEL:
+        return 0
     names = list(MODELS) if args.model == "all" else [args.model]
     for name in names:
         subdir, build = MODELS[name]
@@ -111,6 +131,26 @@ def main(args: argparse.Namespace) -> int:
             + f" ({time.monotonic() - started:.0f} s)"
         )
     return 0
+
+
+def _train_defect_classifier(args: argparse.Namespace) -> int:
+    """The CWRU defect classifier (``agent.training.defect_train``), into ``--out``/defect_classifier."""
+    from agent.evaluation.cwru import default_data_dir
+    from agent.training import defect_train
+
+    data = args.cwru_data if args.cwru_data is not None else default_data_dir()
+    if not (Path(data) / "index.json").exists() and args.model == "all":
+        print(f"defect-classifier: skipped, no CWRU data at {data} (pass --cwru-data DIR)", file=sys.stderr)
+        return 0
+    ns = argparse.Namespace(
+        data=data,
+        out=args.out / "defect_classifier",
+        seed=args.seed,
+        model_version=args.model_version,
+        ship=args.ship,
+        no_evaluate=False,
+    )
+    return defect_train.main(ns)
 
 
 def _command(args: argparse.Namespace) -> str:
