@@ -49,15 +49,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     if args.models:
         from agent.bootstrap import load_models
+        from agent.inference.classifier import OnnxDefectClassifier
         from agent.inference.manifest import ModelError
 
         try:
             router = load_models(config)
+            defect_path = config.inference.defect.path
+            classifier = None if defect_path is None else OnnxDefectClassifier.load(defect_path)
         except ModelError as exc:
             print(f"invalid model: {exc}", file=sys.stderr)
             return 1
         for model in router.models:
             print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
+        if classifier is not None:
+            names = ", ".join(classifier.class_names)
+            print(f"defect classifier {classifier.model_id} {classifier.version}: ok ({names})")
     print(f"{args.file}: ok")
     return 0
 
