@@ -242,11 +242,13 @@ class IngestWorker(_Worker):
         for msg in batch:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
+        # Once the scoring queue has stayed full for put_timeout_s, the rest of this batch does not wait again.
+        wait_s = self._put_timeout_s
         for item in decoded:
             for window in self._windower.add(item):
-                self._put(window)
+                wait_s = self._put(window, wait_s)
             if self._baseline is not None and isinstance(item, Reading) and self._baseline.handles(item.source):
-                self._put(item)
+                wait_s = self._put(item, wait_s)
 
     def _append_durably(self, lines: list[str]) -> None:
         delay = _POLL_S
@@ -267,14 +269,17 @@ class IngestWorker(_Worker):
         payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
         self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
 
-    def _put(self, item: Window | Reading) -> None:
+    def _put(self, item: Window | Reading, wait_s: float) -> float:
+        """Queue an item for scoring; returns how long the next put of this batch may wait."""
         try:
-            self._windows.put(item, timeout=self._put_timeout_s)
+            self._windows.put(item, timeout=wait_s) if wait_s > 0 else self._windows.put_nowait(item)
             self._metrics.inc("windows.queued")
+            return wait_s
         except queue.Full:
             # Explicit, counted drop: scoring is behind; the readings themselves are stored.
             self._metrics.inc("windows.dropped", reason="queue_full")
-            logger.warning("scoring queue full for %.1f s; item of %s dropped", self._put_timeout_s, item.source)
+            logger.warning("scoring queue full; %s of %s dropped", type(item).__name__, item.source)
+            return 0.0
 
 
 class ScoringWorker(_Worker):
