@@ -254,8 +254,12 @@ class StorageSection:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
     raw_vibration: RawVibrationSection = field(default_factory=RawVibrationSection)
+    require_tls: bool = False
+    """Refuse a plaintext (http://) InfluxDB URL."""
 
     def __post_init__(self) -> None:
+        if self.require_tls and not self.url.startswith("https://"):
+            raise ConfigError("storage.require_tls", "is true but storage.url is not https://: refusing plaintext")
         if not re.match(r"https?://", self.url):
             raise ConfigError("storage.url", f"must start with http:// or https://, got {self.url!r}")
         _positive("storage.batch_size", self.batch_size)

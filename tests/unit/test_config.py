@@ -43,6 +43,10 @@ def test_every_key_of_the_example_config_is_commented():
         ({"inference": {"models": {"path": "m"}}}, "inference.models", "expected a list"),
         ({"agent": {"id": "a/b"}}, "agent.id", "topic level"),
         ({"alerts": []}, "alerts", "expected a mapping"),
+        ({"storage": {"require_tls": True}}, "storage.require_tls", "not https://"),
+        ({"commissioning": {"channels": []}}, "commissioning.channels", "at least one"),
+        ({"commissioning": {"commissioning_steps": 10}}, "commissioning", "smoothing_steps"),
+        ({"inference": {"defect": {"default_rpm": 0}}}, "inference.defect.default_rpm", "must be > 0"),
     ],
 )
 def test_invalid_values_are_refused_with_key_path_and_reason(data, path, reason):
