@@ -231,7 +231,7 @@ class InfluxV2Section:
 
 @dataclass(frozen=True)
 class RawVibrationSection:
-    mode: Literal["all", "every_n", "around_alerts", "none"] = "every_n"
+    mode: Literal["all", "every_n", "around_alerts", "none"] = "around_alerts"
     """Which raw vibration blocks are stored: all, one block in ``every_n``, the blocks around an alert, none."""
     every_n: int = 10
     keep_blocks: int = 10

@@ -41,6 +41,8 @@ def test_injected_fault_alerts_and_healthy_machines_do_not(tmp_path: Path, monke
     assert report.decode_errors == 0
     assert report.readings_stored == report.readings_received > 0
     assert report.windows_scored > 0 and report.scores_stored == report.windows_scored
+    # raw_vibration around_alerts: the 10 blocks of 2048 samples before the alert of m02 and the 10 after it.
+    assert report.vibration_samples_stored == 2 * 10 * 2048
     assert report.matched.get("m02:bearing_outer"), "the injected bearing fault raised no alert"
     assert report.false_alerts == []
     assert {a.machine for a in report.alerts} == {"m02"}
