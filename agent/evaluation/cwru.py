@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from agent.evaluation.datasets import dataset_dir
 from agent.features.bearing import BearingFeatureSpec
 from agent.training import quantize as q
 from agent.training.defect_data import (
@@ -74,13 +74,8 @@ PUBLISHED_RANDOM_SPLIT = {
 
 
 def default_data_dir() -> Path:
-    """``$PDM_DATASETS/cwru``, else ``../shared/datasets/cwru`` (from the working directory or the repo)."""
-    root = os.environ.get("PDM_DATASETS")
-    if root:
-        return Path(root) / "cwru"
-    here = Path("../shared/datasets/cwru")
-    repo = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "cwru"
-    return here if here.is_dir() or not repo.is_dir() else repo
+    """The CWRU folder when ``--data`` is not given (see ``agent.evaluation.datasets``)."""
+    return dataset_dir("cwru")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import pandas as pd
 
 from agent.commissioning import CommissioningBaseline, CommissioningConfig
 from agent.commissioning.detector import Detector
+from agent.evaluation.datasets import dataset_dir
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +134,8 @@ class SkabFile:
 
 
 def default_data_dir() -> Path:
-    """``$PDM_DATASETS/skab``, else ``../shared/datasets/skab`` (from the working directory or the repo)."""
-    root = os.environ.get("PDM_DATASETS")
-    if root:
-        return Path(root) / "skab"
-    here = Path("../shared/datasets/skab")
-    repo = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "skab"
-    return here if here.is_dir() or not repo.is_dir() else repo
+    """The SKAB folder when ``--data`` is not given (see ``agent.evaluation.datasets``)."""
+    return dataset_dir("skab")
 
 
 def load_skab(data_dir: Path) -> tuple[list[SkabFile], list[str]]:

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.features.bearing import BearingFeatureSpec, extract_bearing_matrix
 from agent.inference.errors import ModelError
 from agent.inference.manifest import MANIFEST_FILE, SCHEMA_VERSION, TensorInfo, sha256_file
+from agent.inference.session import open_session
 from agent.records import Window
 
 logger = logging.getLogger(__name__)
@@ -222,21 +222,10 @@ class OnnxDefectClassifier:
     """
 
     def __init__(self, manifest: ClassifierManifest, model_dir: Path, threads: int = 1) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
         self._manifest = manifest
         self._spec = manifest.spec()
         path = Path(model_dir) / manifest.file
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see OnnxAnomalyModel
-        try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self._session = open_session(path, threads)
         self._check_session(path)
         self._warm_up()
         logger.info("loaded classifier %s version %s (%s)", manifest.model_id, manifest.version, manifest.file)

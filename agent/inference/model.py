@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.features.spec import FeatureSpec
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
+from agent.inference.session import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +30,10 @@ class OnnxAnomalyModel:
     """
 
     def __init__(self, manifest: Manifest, model_dir: Path, threads: int = 1) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
         self._manifest = manifest
         self._spec = manifest.spec()
         path = Path(model_dir) / manifest.file
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle worker threads would otherwise spin for a while after each run, stealing CPU from ingest
-        # and the database writer on a 2-core box; the models are far too small to need spinning.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self._session = open_session(path, threads)
         self._check_session(path)
         self._input = manifest.inputs[0].name
         self._output = manifest.outputs[0].name

@@ -1,0 +1,27 @@
+"""The one way the agent opens an ONNX Runtime session (anomaly models, the defect classifier)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from agent.inference.errors import ModelError
+
+
+def open_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads; ``ModelError`` if ONNX Runtime cannot load the file."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle worker threads would otherwise spin for a while after each run, stealing CPU from ingest
+    # and the database writer on a 2-core box; the models are far too small to need spinning.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
