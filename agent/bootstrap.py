@@ -147,13 +147,15 @@ def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
             username=s.v1.username,
             password=s.v1.password,
             timeout_s=s.timeout_s,
+            create_database=s.v1.create_database,
         )
         if s.v1.create_database:
             try:
                 sink.create_database()
             except Exception as exc:
-                # The database may be down at start; the spool holds the data until it is back.
-                logger.warning("could not create database %s now (%s); will keep retrying writes", s.v1.database, exc)
+                # The database may be down at start: the spool holds the data, and the sink creates the
+                # database when a write finds it missing.
+                logger.warning("could not create database %s now (%s); will create it on write", s.v1.database, exc)
         return sink
     return InfluxV2Sink(url=s.url, org=s.v2.org, bucket=s.v2.bucket, token=s.v2.token, timeout_s=s.timeout_s)
 

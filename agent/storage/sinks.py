@@ -145,9 +145,11 @@ class InfluxV1Sink:
         username: str | None = None,
         password: str | None = None,
         timeout_s: float = 10.0,
+        create_database: bool = False,
     ) -> None:
         if not database:
             raise ValueError("database must not be empty")
+        self.create_missing_database = create_database
         parts, url_user, url_password = _safe_url(url)
         self.url = parts.geturl().rstrip("/")
         self.database = database
@@ -213,7 +215,13 @@ class InfluxV1Sink:
         if self.retention_policy:
             params["rp"] = self.retention_policy
         what = f"write of {len(lines)} lines to {self.url} db {self.database!r}"
-        status, body, retry_after = self._request("POST", "/write", params, "\n".join(lines).encode(), what)
+        payload = "\n".join(lines).encode()
+        status, body, retry_after = self._request("POST", "/write", params, payload, what)
+        if status == 404 and self.create_missing_database and b"database not found" in body:
+            # The database was down at start (or lost its data): create it now rather than retry forever.
+            logger.warning("database %r not found on %s; creating it", self.database, self.url)
+            self.create_database()
+            status, body, retry_after = self._request("POST", "/write", params, payload, what)
         if not 200 <= status < 300:
             raise classify_status(status, body, retry_after, what)
 
