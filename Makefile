@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit check lint typecheck models clean
+.PHONY: setup demo test test-unit check lint typecheck models bench clean
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,9 @@ check: lint typecheck test ## what CI runs, and more
 
 models: setup ## rebuild the shipped models in models/ (deterministic)
 	$(VENV)/bin/pdm-agent train --out models
+
+bench: setup ## throughput, latency and memory against the machine's limits (~8 min; see docs/benchmarks.md)
+	$(PY) benchmarks/run.py --out benchmarks/results
 
 clean:
 	rm -rf run .pytest_cache .mypy_cache .ruff_cache

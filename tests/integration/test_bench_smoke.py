@@ -1,0 +1,71 @@
+"""The benchmark runs end to end in its quick form and reports every rate it promises (no thresholds).
+
+Speed targets are judged from the ratios of a full run (``docs/benchmarks.md``), never by a timed test:
+this test only checks that ``benchmarks/run.py --quick`` starts its services, drives the agent, and
+writes the JSON and the markdown table with the expected keys and nonzero rates.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+SUMMARY_KEYS = {
+    "agent_max_msgs_per_s",
+    "agent_max_readings_per_s",
+    "agent_max_samples_per_s",
+    "agent_zero_loss",
+    "agent_peak_rss_mb",
+    "bare_receive_msgs_per_s",
+    "ratio_agent_over_bare_receive",
+    "bare_backlog_drain_msgs_per_s",
+    "bare_influx_points_per_s",
+    "writer_influx_points_per_s",
+    "ratio_writer_over_bare_influx",
+    "int8_over_fp32",
+    "alert_onset_p50_ms",
+    "alert_onset_p99_ms",
+    "targets",
+}
+
+
+def test_quick_benchmark_writes_json_and_table_with_nonzero_rates(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.md").read_text().startswith("# Benchmark results")
+    assert {"machine", "limits", "throughput", "alerts", "scaling", "summary"} <= result.keys()
+    summary = result["summary"]
+    assert summary.keys() >= SUMMARY_KEYS
+    for key in (
+        "agent_max_msgs_per_s",
+        "agent_max_readings_per_s",
+        "agent_max_samples_per_s",
+        "bare_receive_msgs_per_s",
+        "bare_backlog_drain_msgs_per_s",
+        "bare_influx_points_per_s",
+        "writer_influx_points_per_s",
+        "agent_peak_rss_mb",
+    ):
+        assert summary[key] > 0, key
+    assert result["throughput"]["steps"], "no throughput step ran"
+    assert result["alerts"]["alerts_matched"] > 0, "no injected fault produced an alert"
+    assert summary["alert_onset_p99_ms"] > 0
+    for name, model in result["limits"]["onnx"].items():
+        assert model["fp32_batch1_us"] > 0 and model["int8_batch1_us"] > 0, name
+    assert result["scaling"]["machines"], "no scaling point ran"
+    assert all(p["peak_rss_mb"] > 0 for p in result["scaling"]["machines"])
