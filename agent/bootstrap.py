@@ -257,6 +257,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         metrics=metrics,
         max_batch=config.inference.max_batch,
         raw_policy=raw_policy,
+        store_raw=ingest.store_raw,
         baseline=baseline,
         defect=defect,
     )

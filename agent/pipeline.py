@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -190,6 +191,7 @@ class IngestWorker(_Worker):
         super().__init__("ingest")
         self._baseline = baseline
         self._speeds = speeds
+        self._raw_released: deque[SampleBlock] = deque()
         self._messages = messages
         self._windows = windows
         self._template = template
@@ -203,14 +205,23 @@ class IngestWorker(_Worker):
         self._put_timeout_s = put_timeout_s
         self._batch_max = batch_max
 
+    def store_raw(self, blocks: Sequence[SampleBlock]) -> None:
+        """Raw blocks released by an alert (called from the scoring thread; stored with the next batch).
+
+        Formatting thousands of sample lines would delay the next alerts if the scoring thread did it.
+        """
+        self._raw_released.extend(blocks)
+
     def step(self) -> None:
         batch = drain(self._messages, _POLL_S, self._batch_max)
-        if batch:
+        if batch or self._raw_released:
             self.process(batch)
 
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
             self.process(batch)
+        if self._raw_released:
+            self.process([])
 
     def process(self, batch: Sequence[Message]) -> None:
         lines: list[str] = []
@@ -235,13 +246,8 @@ class IngestWorker(_Worker):
                     for block in self._raw.decide(item):
                         lines.extend(to_lines(block_lines, block, self._metrics))
             decoded.extend(items)
-        if lines:
-            self._append_durably(lines)
-        # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
-        # and reported on the dead-letter topic).
-        for msg in batch:
-            if msg.qos > 0:
-                self._broker.ack(msg.mid, msg.qos)
+        # Windows go to scoring before the spool commit: alerts do not wait for the disk, and scoring a
+        # reading that is not yet durable is harmless (the acknowledgement below still waits for it).
         # Once the scoring queue has stayed full for put_timeout_s, the rest of this batch does not wait again.
         wait_s = self._put_timeout_s
         for item in decoded:
@@ -249,6 +255,15 @@ class IngestWorker(_Worker):
                 wait_s = self._put(window, wait_s)
             if self._baseline is not None and isinstance(item, Reading) and self._baseline.handles(item.source):
                 wait_s = self._put(item, wait_s)
+        while self._raw_released:
+            lines.extend(to_lines(block_lines, self._raw_released.popleft(), self._metrics))
+        if lines:
+            self._append_durably(lines)
+        # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
+        # and reported on the dead-letter topic).
+        for msg in batch:
+            if msg.qos > 0:
+                self._broker.ack(msg.mid, msg.qos)
 
     def _append_durably(self, lines: list[str]) -> None:
         delay = _POLL_S
@@ -299,6 +314,7 @@ class ScoringWorker(_Worker):
         metrics: Metrics,
         max_batch: int,
         raw_policy: RawVibrationPolicy,
+        store_raw: Callable[[Sequence[SampleBlock]], None],
         baseline: CommissioningScorer | None = None,
         defect: DefectStage | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
@@ -315,6 +331,7 @@ class ScoringWorker(_Worker):
         self._metrics = metrics
         self._max_batch = max_batch
         self._raw = raw_policy
+        self._store_raw = store_raw
         self._clock_ns = clock_ns
 
     def step(self) -> None:
@@ -437,8 +454,7 @@ class ScoringWorker(_Worker):
             self._publish_alert(alert)
             if alert.state == "raised":
                 # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
-                for block in self._raw.on_alert(alert.source):
-                    lines.extend(to_lines(block_lines, block, self._metrics))
+                self._store_raw(self._raw.on_alert(alert.source))
         return lines
 
     def _publish_alert(self, alert: Alert) -> None:

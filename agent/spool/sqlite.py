@@ -172,9 +172,16 @@ class Spool:
         """Delete delivered lines (ids already gone, e.g. dropped meanwhile, are ignored)."""
         if not ids:
             return
+        lo, hi = min(ids), max(ids)
+        # The writer acks what it peeked: usually a contiguous run of ids, deleted in one range statement
+        # (a quarter of the lock time of one DELETE per id, measured in benchmarks/spool_micro.py).
+        contiguous = hi - lo + 1 == len(ids) == len(set(ids))
         with self._lock:
             with self._transaction() as conn:
-                deleted = conn.executemany("DELETE FROM spool WHERE id = ?", ((i,) for i in ids)).rowcount
+                if contiguous:
+                    deleted = conn.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, hi)).rowcount
+                else:
+                    deleted = conn.executemany("DELETE FROM spool WHERE id = ?", ((i,) for i in ids)).rowcount
             self._depth -= deleted
             depth = self._depth
         self._metrics.inc("spool.acked", deleted)

@@ -16,7 +16,7 @@ from agent.features.windows import Windower
 from agent.inference.router import ModelRouter
 from agent.metrics import Metrics
 from agent.pipeline import IngestWorker, ScoringWorker
-from agent.records import Message, Reading, Source, Window
+from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
 
@@ -168,6 +168,7 @@ def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
         metrics=metrics,
         max_batch=64,
         raw_policy=RawVibrationPolicy("none"),
+        store_raw=lambda blocks: None,
     )
     batch = _windows([20, 20, 20, 500, 500, 500, 500]) + _windows([20] * 7, machine="m02")
     worker.process(batch)
@@ -194,6 +195,7 @@ def test_windows_of_sensors_without_a_model_are_counted_not_scored():
         metrics=metrics,
         max_batch=64,
         raw_policy=RawVibrationPolicy("none"),
+        store_raw=lambda blocks: None,
     )
     worker.process(_windows([1.0, 2.0, 3.0]))
     assert metrics.get("windows.unassigned") == 1
@@ -217,6 +219,7 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
         metrics=metrics,
         max_batch=64,
         raw_policy=RawVibrationPolicy("none"),
+        store_raw=lambda blocks: None,
         baseline=scorer,
     )
     source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
@@ -229,3 +232,37 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
     assert [(a["model"]["id"], a["state"]) for a in alerts] == [(MODEL_ID, "raised")]
     # Raised on the step change, not on the healthy readings before it.
     assert alerts[0]["first_detected"] >= rfc3339(T0 + 200 * 10**9)
+
+
+def test_raw_blocks_released_by_an_alert_are_stored_by_the_ingest_worker(router):
+    journal, metrics = Journal(), Metrics()
+    spool = FakeSpool(journal)
+    worker = _ingest(journal, spool, router, queue.Queue(), metrics)
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="vibration")
+    block = SampleBlock(source, T0, 10240.0, np.arange(64, dtype=np.float32))
+    worker.store_raw([block, block])
+    worker.step()  # no message is waiting: the released blocks are stored anyway
+    assert journal.events == [("append", 128)]
+    assert all(line.startswith("vibration,") for line in spool.lines)
+
+
+def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
+    released: list = []
+    raw = RawVibrationPolicy("around_alerts", keep_blocks=2)
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
+    for i in range(3):
+        raw.decide(SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32)))
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([(("process",), FakeModel())]),
+        policy=ThresholdAlertPolicy(raise_after=1, clear_after=1),
+        spool=FakeSpool(Journal()),  # type: ignore[arg-type]
+        broker=FakeBroker(Journal()),
+        topics=Topics("edge-01"),
+        metrics=Metrics(),
+        max_batch=64,
+        raw_policy=raw,
+        store_raw=released.extend,
+    )
+    worker.process(_windows([500, 500, 500]))
+    assert [b.start_ns for b in released] == [T0 + 1 * 10**9, T0 + 2 * 10**9]

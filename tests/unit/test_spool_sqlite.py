@@ -208,3 +208,12 @@ def test_concurrent_appends_and_acks_lose_nothing(spool: Spool) -> None:
     expected = [f"m,p={k} v={i}i {i}" for k in range(n_threads) for i in range(per_thread)]
     assert sorted(delivered) == sorted(expected)
     assert spool.depth() == 0
+
+
+def test_ack_deletes_exactly_the_given_ids_contiguous_or_not(spool: Spool) -> None:
+    spool.append([f"m v={i} {i}" for i in range(10)])
+    ids = [i for i, _ in spool.peek(10)]
+    spool.ack(ids[2:5])  # a contiguous run: one range delete
+    spool.ack([ids[0], ids[7], ids[9]])  # scattered ids
+    assert [line for _, line in spool.peek(10)] == [f"m v={i} {i}" for i in (1, 5, 6, 8)]
+    assert spool.depth() == 4
