@@ -17,8 +17,8 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests scripts
-	$(VENV)/bin/ruff format --check agent tests scripts
+	$(VENV)/bin/ruff check agent tests scripts benchmarks
+	$(VENV)/bin/ruff format --check agent tests scripts benchmarks
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -72,9 +72,7 @@ class CommissioningScorer:
             self._metrics.inc("commissioning.steps", phase="commissioning")
             return None
         if before != "monitoring":
-            logger.info(
-                "commissioning of %s done: threshold %.4g; scoring starts", reading.source, result.threshold
-            )
+            logger.info("commissioning of %s done: threshold %.4g; scoring starts", reading.source, result.threshold)
         self._metrics.inc("commissioning.steps", phase="monitoring")
         return Score(
             source=reading.source,
