@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from agent.training.export import mlp_graph
 
 OPSET = 17
 IR_VERSION = 8
@@ -152,25 +154,7 @@ def fit_mlp(
 def build_onnx(model: DefectMlp, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
     """The classifier graph of ``model`` (see the module docstring); passes the full checker."""
     f, c = model.n_features, len(model.class_names)
-    inits = [
-        numpy_helper.from_array(model.mean.astype(np.float32), "mean"),
-        numpy_helper.from_array(model.scale.astype(np.float32), "scale"),
-    ]
-    nodes = [
-        helper.make_node("Sub", [INPUT_NAME, "mean"], ["centered"], name=FLOAT_NODES[0]),
-        helper.make_node("Div", ["centered", "scale"], ["z"], name=FLOAT_NODES[1]),
-    ]
-    h = "z"
-    last = len(model.weights) - 1
-    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
-        inits.append(numpy_helper.from_array(w.astype(np.float32), f"layer{i}.weight"))
-        inits.append(numpy_helper.from_array(b.astype(np.float32), f"layer{i}.bias"))
-        nodes.append(helper.make_node("MatMul", [h, f"layer{i}.weight"], [f"layer{i}.matmul"], name=f"layer{i}_matmul"))
-        out = "logits" if i == last else f"layer{i}.linear"
-        nodes.append(helper.make_node("Add", [f"layer{i}.matmul", f"layer{i}.bias"], [out], name=f"layer{i}_add"))
-        if i < last:
-            nodes.append(helper.make_node("Relu", [out], [f"layer{i}.relu"], name=f"layer{i}_relu"))
-            h = f"layer{i}.relu"
+    inits, nodes = mlp_graph(model.mean, model.scale, model.weights, model.biases, "logits", FLOAT_NODES[:2])
     nodes += [
         helper.make_node("Softmax", ["logits"], [PROBABILITIES], name=FLOAT_NODES[2], axis=-1),
         helper.make_node("ArgMax", ["logits"], [LABEL], name=FLOAT_NODES[3], axis=1, keepdims=0),

@@ -14,7 +14,7 @@ quantizer can keep them in float.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,28 +31,45 @@ NORMALIZE_NODES = ("normalize_sub", "normalize_div")
 SCORE_NODES = ("score_sub", "score_square", "score_mean")
 
 
-def build_onnx(model: Autoencoder, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
-    """The scoring graph of ``model`` as an ONNX model that passes the full checker."""
-    f = model.n_features
+def mlp_graph(
+    mean: np.ndarray,
+    scale: np.ndarray,
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+    output: str,
+    normalize_names: Sequence[str],
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """Initializers and nodes of ``(x - mean) / scale`` (tensor ``z``) through dense ReLU layers to ``output``.
+
+    Scaling is explicit Sub/Div (the ai.onnx.ml Scaler op blocks quantization) and every layer is
+    MatMul + Add, never fused to Gemm (the 4-bit MatMulNBits quantizer skips Gemm); see DESIGN.md.
+    """
     inits = [
-        numpy_helper.from_array(model.mean.astype(np.float32), "mean"),
-        numpy_helper.from_array(model.scale.astype(np.float32), "scale"),
+        numpy_helper.from_array(mean.astype(np.float32), "mean"),
+        numpy_helper.from_array(scale.astype(np.float32), "scale"),
     ]
     nodes = [
-        helper.make_node("Sub", [INPUT_NAME, "mean"], ["centered"], name=NORMALIZE_NODES[0]),
-        helper.make_node("Div", ["centered", "scale"], ["z"], name=NORMALIZE_NODES[1]),
+        helper.make_node("Sub", [INPUT_NAME, "mean"], ["centered"], name=normalize_names[0]),
+        helper.make_node("Div", ["centered", "scale"], ["z"], name=normalize_names[1]),
     ]
     h = "z"
-    last = len(model.weights) - 1
-    for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         inits.append(numpy_helper.from_array(w.astype(np.float32), f"layer{i}.weight"))
         inits.append(numpy_helper.from_array(b.astype(np.float32), f"layer{i}.bias"))
         nodes.append(helper.make_node("MatMul", [h, f"layer{i}.weight"], [f"layer{i}.matmul"], name=f"layer{i}_matmul"))
-        out = "reconstruction" if i == last else f"layer{i}.linear"
+        out = output if i == last else f"layer{i}.linear"
         nodes.append(helper.make_node("Add", [f"layer{i}.matmul", f"layer{i}.bias"], [out], name=f"layer{i}_add"))
         if i < last:
             nodes.append(helper.make_node("Relu", [out], [f"layer{i}.relu"], name=f"layer{i}_relu"))
             h = f"layer{i}.relu"
+    return inits, nodes
+
+
+def build_onnx(model: Autoencoder, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
+    """The scoring graph of ``model`` as an ONNX model that passes the full checker."""
+    f = model.n_features
+    inits, nodes = mlp_graph(model.mean, model.scale, model.weights, model.biases, "reconstruction", NORMALIZE_NODES)
     nodes += [
         helper.make_node("Sub", ["reconstruction", "z"], ["error"], name=SCORE_NODES[0]),
         helper.make_node("Mul", ["error", "error"], ["squared_error"], name=SCORE_NODES[1]),
