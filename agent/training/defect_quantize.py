@@ -8,8 +8,6 @@ output names differ.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,59 +15,16 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from agent.training import quantize as q
 from agent.training.defect_mlp import FLOAT_NODES, INPUT_NAME, LABEL, PROBABILITIES
-
-logger = logging.getLogger(__name__)
-
-_QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
 
 def quantize_classifier(
     fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: q.QuantizeConfig
 ) -> dict[str, Any]:
     """Write the INT8 QDQ classifier; return the recipe (what was done, on what data)."""
-    rows = np.ascontiguousarray(calibration_rows, dtype=np.float32)
-    if rows.ndim != 2 or len(rows) == 0:
-        raise ValueError(f"calibration rows must be a non-empty (n, F) array, got {rows.shape}")
-    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
-    if config.calibration == "percentile":
-        extra["CalibPercentile"] = config.percentile
-    root = logging.getLogger()  # the quantizer's quant_pre_process hint goes to the root logger
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        quantize_static(
-            str(fp32_path),
-            str(int8_path),
-            q.RowsReader(rows),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=_QUANT_TYPES[config.activation_type],
-            weight_type=_QUANT_TYPES[config.weight_type],
-            nodes_to_exclude=list(FLOAT_NODES),
-            calibrate_method=q.CALIBRATION_METHODS[config.calibration],
-            extra_options=extra,
-        )
-    finally:
-        root.setLevel(level)
-    return {
-        "method": "static",
-        "format": "QDQ",
-        "tool": f"onnxruntime.quantization.quantize_static (onnxruntime {ort.__version__})",
-        "activation_type": config.activation_type,
-        "weight_type": config.weight_type,
-        "calibration_method": config.calibration
-        + (f" (p{config.percentile})" if config.calibration == "percentile" else ""),
-        "per_channel": config.per_channel,
-        "reduce_range": config.reduce_range,
-        "excluded_nodes": list(FLOAT_NODES),
-        "calibration_samples": len(rows),
-        "calibration_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
-    }
+    return q.quantize_static_qdq(fp32_path, int8_path, calibration_rows, config, list(FLOAT_NODES))
 
 
 def run_classifier(sess: ort.InferenceSession, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:

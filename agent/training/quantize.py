@@ -85,14 +85,22 @@ class RowsReader(CalibrationDataReader):
 
 
 def quantize(fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig) -> dict[str, Any]:
-    """Write the INT8 QDQ model; return the recipe part of the report (what was done, on what data)."""
+    """Write the INT8 QDQ anomaly model; return the recipe part of the report (what was done, on what data)."""
+    recipe = quantize_static_qdq(fp32_path, int8_path, calibration_rows, config, [*NORMALIZE_NODES, *SCORE_NODES])
+    _score_reads_float(Path(int8_path))
+    return recipe
+
+
+def quantize_static_qdq(
+    fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig, excluded: list[str]
+) -> dict[str, Any]:
+    """Static QDQ quantization of any of our graphs, ``excluded`` nodes kept in float; returns the recipe."""
     rows = np.ascontiguousarray(calibration_rows, dtype=np.float32)
     if rows.ndim != 2 or len(rows) == 0:
         raise ValueError(f"calibration rows must be a non-empty (n, F) array, got {rows.shape}")
     extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
-    excluded = [*NORMALIZE_NODES, *SCORE_NODES]
     # The quantizer logs a root-logger warning suggesting quant_pre_process; we skip that on purpose
     # (it fuses MatMul+Add into Gemm, see DESIGN.md), so silence it for the duration of the call.
     root = logging.getLogger()
@@ -114,7 +122,6 @@ def quantize(fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, con
         )
     finally:
         root.setLevel(level)
-    _score_reads_float(Path(int8_path))
     return {
         "method": "static",
         "format": "QDQ",
