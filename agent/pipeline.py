@@ -137,9 +137,10 @@ class DefectStage:
 class _Worker(threading.Thread):
     """A daemon thread that runs ``step`` until stopped, then ``finish`` to drain its input."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, metrics: Metrics) -> None:
         super().__init__(name=name, daemon=True)
         self._stop_event = threading.Event()
+        self._metrics = metrics
 
     def stop(self, timeout_s: float) -> None:
         self._stop_event.set()
@@ -154,6 +155,7 @@ class _Worker(threading.Thread):
             except Exception:
                 # A bug in one batch must not kill the pipeline; the batch is lost to processing only,
                 # never to storage (unacknowledged messages are redelivered by the broker).
+                self._metrics.inc("pipeline.errors", worker=self.name)
                 logger.exception("%s: unexpected error; continuing", self.name)
                 time.sleep(_POLL_S)
         try:
@@ -188,7 +190,7 @@ class IngestWorker(_Worker):
         speeds: ShaftSpeeds | None = None,
         batch_max: int = 500,
     ) -> None:
-        super().__init__("ingest")
+        super().__init__("ingest", metrics)
         self._baseline = baseline
         self._speeds = speeds
         self._raw_released: deque[SampleBlock] = deque()
@@ -319,7 +321,7 @@ class ScoringWorker(_Worker):
         defect: DefectStage | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
-        super().__init__("scoring")
+        super().__init__("scoring", metrics)
         self._baseline = baseline
         self._defect = defect
         self._windows = windows

@@ -266,3 +266,20 @@ def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
     )
     worker.process(_windows([500, 500, 500]))
     assert [b.start_ns for b in released] == [T0 + 1 * 10**9, T0 + 2 * 10**9]
+
+
+def test_an_unexpected_error_in_a_batch_is_counted_and_the_worker_keeps_running(router):
+    journal, metrics = Journal(), Metrics()
+    worker = _ingest(journal, FakeSpool(journal), router, queue.Queue(), metrics)
+    calls = []
+
+    def failing_step() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        worker._stop_event.set()
+
+    worker.step = failing_step  # type: ignore[method-assign]
+    worker.run()
+    assert len(calls) == 2
+    assert metrics.get("pipeline.errors", worker="ingest") == 1
