@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from agent import schema
-from agent.alerts.policy import ThresholdAlertPolicy
+from agent.alerts.engine import AlertEngine
+from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.config import Config
 from agent.decode.json_v1 import DecodeLimits
 from agent.decode.topic import TopicTemplate
 from agent.features.windows import Windower
+from agent.health.selfmetrics import agent_fields
+from agent.health.server import HealthServer, build_health_server
 from agent.inference.classifier import OnnxDefectClassifier
-from agent.inference.manifest import Manifest
 from agent.inference.model import OnnxAnomalyModel
-from agent.inference.router import AnomalyModel, ModelRouter
+from agent.inference.registry import CurrentClassifier, ModelRegistry, default_builders
+from agent.inference.router import AnomalyModel, ModelRouter, ModelSlot
 from agent.ingest.mqtt import MqttConnection, MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.pipeline import DefectStage, IngestWorker, ScoringWorker, ShaftSpeeds
@@ -57,12 +60,21 @@ class Agent:
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_requested: threading.Event = field(default_factory=threading.Event)
     _heartbeat: threading.Thread | None = None
+    registry: ModelRegistry | None = None
+    """The model registry (``inference.models_dir``), whose watcher swaps in new model versions."""
+    health: HealthServer | None = None
+    """HTTP ``/healthz``, ``/readyz`` and ``/metrics`` (``health`` section)."""
 
     def start(self) -> None:
+        if self.health is not None:
+            self.health.start()  # first: a port in use stops the start before any thread runs
+        self.scoring.restore()
         self.writer.start()
         self.scoring.start()
         self.ingest.start()
         self.mqtt.start()
+        if self.registry is not None:
+            self.registry.start(self.config.inference.reload_interval_s)
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._heartbeat.start()
         logger.info(
@@ -83,10 +95,16 @@ class Agent:
         budget = self.config.agent.shutdown_timeout_s
         self.ingest.stop(budget)
         self.scoring.stop(budget)
+        if self.registry is not None:
+            self.registry.stop(budget)
+        if self._heartbeat is not None:
+            self._heartbeat.join(budget)
         self.publish_heartbeat()
         self.mqtt.stop()
         self.writer.stop(budget)
         self.spool.close()
+        if self.health is not None:
+            self.health.stop()
         logger.info("agent %s stopped: %s", self.config.agent.id, self.summary())
 
     def run_until_signal(self) -> None:
@@ -113,9 +131,7 @@ class Agent:
         now_ns = time.time_ns()
         body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
         self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
-        fields = {
-            k.replace("{", "_").replace("}", "").replace("=", "_").replace(",", "_"): float(v) for k, v in snap.items()
-        }
+        fields = agent_fields(self.metrics.collect())
         if fields and not self.spool.closed:
             self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
 
@@ -127,14 +143,46 @@ class Agent:
                 logger.exception("heartbeat failed")
 
 
+@dataclass(frozen=True)
+class Models:
+    """The loaded models: the anomaly router, the defect classifier, and the registry that keeps them current."""
+
+    router: ModelRouter
+    classifier: OnnxDefectClassifier | CurrentClassifier | None
+    registry: ModelRegistry | None
+
+
 def load_models(config: Config) -> ModelRouter:
-    """Load, verify (sha256, feature spec hash) and warm up every configured model."""
-    routes: list[tuple[tuple[str, ...], AnomalyModel]] = []
-    for entry in config.inference.models:
-        manifest = Manifest.load(entry.path)
-        model = OnnxAnomalyModel(manifest, entry.path, threads=config.inference.threads)
-        routes.append((entry.sensors, model))
-    return ModelRouter(routes)
+    """Load, verify (sha256, feature spec hash) and warm up every configured anomaly model."""
+    return build_models(config, Metrics()).router
+
+
+def build_models(config: Config, metrics: Metrics) -> Models:
+    """Load, verify and warm up every configured model: pinned ``path`` entries, and ``model_id`` entries
+    through the registry of ``inference.models_dir`` (newest usable version). Raises ``ModelError``."""
+    inf = config.inference
+    registry = None
+    if inf.models_dir is not None:
+        registry = ModelRegistry(inf.models_dir, metrics, default_builders(inf.threads))
+    routes: list[tuple[tuple[str, ...], AnomalyModel | ModelSlot[AnomalyModel]]] = []
+    for entry in inf.models:
+        if entry.model_id is not None:
+            assert registry is not None  # the config requires models_dir for model_id entries
+            routes.append((entry.sensors, registry.track(entry.model_id, "anomaly")))
+        else:
+            assert entry.path is not None
+            model = OnnxAnomalyModel.load(entry.path, threads=inf.threads)
+            metrics.set("models.loaded", 1, model=model.model_id, version=model.version)
+            routes.append((entry.sensors, model))
+    d = inf.defect
+    classifier: OnnxDefectClassifier | CurrentClassifier | None = None
+    if d.model_id is not None:
+        assert registry is not None
+        classifier = CurrentClassifier(registry.track(d.model_id, "classifier"))
+    elif d.path is not None:
+        classifier = OnnxDefectClassifier.load(d.path, threads=inf.threads)
+        metrics.set("models.loaded", 1, model=classifier.model_id, version=classifier.version)
+    return Models(ModelRouter(routes), classifier, registry)
 
 
 def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
@@ -163,7 +211,8 @@ def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
 def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
     """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
     metrics = metrics or Metrics()
-    router = load_models(config)
+    models = build_models(config, metrics)
+    router = models.router
     template = TopicTemplate(config.mqtt.topic_template)
     topics = Topics(config.agent.id, config.mqtt.base_topic)
 
@@ -172,17 +221,19 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
     windows: queue.Queue[Window | Reading] = queue.Queue(maxsize=config.queues.windows_max)
     d = config.inference.defect
     speeds = ShaftSpeeds(d.speed_field, d.default_rpm)
-    defect = (
-        None
-        if d.path is None
-        else DefectStage(OnnxDefectClassifier.load(d.path, threads=config.inference.threads), d.sensors, speeds)
-    )
+    defect = None if models.classifier is None else DefectStage(models.classifier, d.sensors, speeds)
     c = config.commissioning
     baseline = CommissioningScorer(c.to_commissioning_config(), c.sensors, c.channels, metrics) if c.enabled else None
+
+    # Operator commands to the alert engine: few, small, applied by the scoring worker between batches.
+    commands: queue.Queue[Message] = queue.Queue(maxsize=1000)
 
     def enqueue(message: Message) -> None:
         # Runs on paho's network thread: only enqueue. A full queue blocks it, which stops reading from
         # the socket, so the broker holds further messages (backpressure, counted).
+        if message.topic == topics.commands:
+            commands.put(message)
+            return
         if messages.full():
             metrics.inc("ingest.backpressure_waits")
         messages.put(message)
@@ -208,7 +259,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
             reconnect_min_s=config.mqtt.reconnect_min_s,
             reconnect_max_s=config.mqtt.reconnect_max_s,
             session_expiry_s=config.mqtt.session_expiry_s,
-            subscriptions=config.mqtt.subscriptions or (template.subscription(),),
+            subscriptions=(*(config.mqtt.subscriptions or (template.subscription(),)), topics.commands),
             qos=config.mqtt.qos,
             silence_timeout_s=config.mqtt.silence_timeout_s,
             status_topic=topics.status,
@@ -250,7 +301,10 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
     scoring = ScoringWorker(
         windows=windows,
         router=router,
-        policy=ThresholdAlertPolicy(config.alerts.raise_after_windows, config.alerts.clear_after_windows),
+        engine=AlertEngine(config.alerts.rulebook(), metrics=metrics),
+        commands=commands,
+        state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
+        top_features=config.alerts.top_features,
         spool=spool,
         broker=mqtt,
         topics=topics,
@@ -260,6 +314,16 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         store_raw=ingest.store_raw,
         baseline=baseline,
         defect=defect,
+    )
+    health = build_health_server(
+        config,
+        metrics,
+        readiness={
+            "mqtt": lambda: mqtt.is_connected,
+            "models": lambda: len(router.models) == len(config.inference.models),
+            "spool": spool.check_writable,
+        },
+        liveness={"ingest": ingest.is_alive, "scoring": scoring.is_alive, "writer": lambda: writer.alive},
     )
     return Agent(
         config=config,
@@ -271,4 +335,6 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         ingest=ingest,
         scoring=scoring,
         router=router,
+        registry=models.registry,
+        health=health,
     )

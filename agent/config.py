@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.alerts.rules import AlertRule, RuleBook
 from agent.commissioning.baseline import CommissioningConfig
 from agent.commissioning.detector import DetectorConfig
 from agent.decode.topic import TopicTemplate
@@ -279,14 +280,22 @@ class SpoolSection:
         _positive("spool.max_rows", self.max_rows)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelEntry:
-    path: Path
-    """Directory holding ``manifest.json`` and the ONNX file it names."""
+    path: Path | None = None
+    """Directory holding ``manifest.json`` and the ONNX file it names (pinned: loaded once, at start)."""
+    model_id: str | None = None
+    """Instead of ``path``: the model id, whose newest usable version in ``inference.models_dir`` runs."""
     sensors: tuple[str, ...]
     """Glob patterns on the ``sensor`` tag of the sources this model scores."""
 
     def __post_init__(self) -> None:
+        if self.path is None and self.model_id is None:
+            raise ConfigError("inference.models[].path", "is required (or model_id, to use inference.models_dir)")
+        if self.path is not None and self.model_id is not None:
+            raise ConfigError("inference.models[].model_id", "give either path or model_id, not both")
+        if self.model_id is not None and not self.model_id.strip():
+            raise ConfigError("inference.models[].model_id", "must not be empty")
         if not self.sensors:
             raise ConfigError("inference.models[].sensors", "needs at least one pattern")
 
@@ -295,6 +304,8 @@ class ModelEntry:
 class DefectSection:
     path: Path | None = None
     """Directory of the defect classifier (manifest.json + ONNX); null = no defect classification."""
+    model_id: str | None = None
+    """Instead of ``path``: the classifier's model id, whose newest usable version in ``inference.models_dir`` runs."""
     sensors: tuple[str, ...] = ("vibration*",)
     """Glob patterns on the ``sensor`` tag of the vibration sources whose anomalous windows are classified."""
     speed_field: str = "rpm"
@@ -303,6 +314,8 @@ class DefectSection:
     """Shaft speed used until a speed reading arrives; null = do not classify a machine of unknown speed."""
 
     def __post_init__(self) -> None:
+        if self.path is not None and self.model_id is not None:
+            raise ConfigError("inference.defect.model_id", "give either inference.defect.path or model_id, not both")
         if self.default_rpm is not None:
             _positive("inference.defect.default_rpm", self.default_rpm)
 
@@ -310,6 +323,11 @@ class DefectSection:
 @dataclass(frozen=True)
 class InferenceSection:
     models: tuple[ModelEntry, ...] = ()
+    models_dir: Path | None = None
+    """Model registry: each subdirectory with a ``manifest.json`` is one version of one model; entries that
+    name a ``model_id`` run its highest usable version (``agent/inference/registry.py``)."""
+    reload_interval_s: float = 10.0
+    """How often ``models_dir`` is rescanned for new versions, swapped in without a restart; 0 = never."""
     threads: int = 1
     """ONNX Runtime intra-op threads per session."""
     max_batch: int = 256
@@ -320,18 +338,35 @@ class InferenceSection:
     def __post_init__(self) -> None:
         _positive("inference.threads", self.threads)
         _positive("inference.max_batch", self.max_batch)
+        if self.reload_interval_s < 0:
+            raise ConfigError("inference.reload_interval_s", f"must be >= 0 (0 disables), got {self.reload_interval_s}")
+        if self.models_dir is not None and not self.models_dir.is_dir():
+            raise ConfigError("inference.models_dir", f"{self.models_dir} is not a directory")
+        if self.models_dir is None:
+            for i, entry in enumerate(self.models):
+                if entry.model_id is not None:
+                    raise ConfigError(f"inference.models[{i}].model_id", "needs inference.models_dir to look it up in")
+            if self.defect.model_id is not None:
+                raise ConfigError("inference.defect.model_id", "needs inference.models_dir to look it up in")
 
 
 @dataclass(frozen=True)
 class AlertsSection:
-    raise_after_windows: int = 2
-    """Consecutive windows above the threshold before an alert is raised."""
-    clear_after_windows: int = 5
-    """Consecutive windows at or below the threshold before a raised alert is cleared."""
+    default: AlertRule = field(default_factory=AlertRule)
+    """The rule of every alert type without its own entry in ``types`` (knobs: ``agent/alerts/rules.py``)."""
+    types: dict[str, AlertRule] = field(default_factory=dict)
+    """Rules by alert type (the model id, e.g. ``vibration-anomaly``); keys not given take the built-in defaults."""
+    state_path: Path | None = None
+    """The alert engine's state file (open events, silences); default: ``alert_state.json`` beside the spool."""
+    top_features: int = 5
+    """Contributing features named in each alert (0 = none)."""
 
     def __post_init__(self) -> None:
-        _positive("alerts.raise_after_windows", self.raise_after_windows)
-        _positive("alerts.clear_after_windows", self.clear_after_windows)
+        if self.top_features < 0 or self.top_features > 10:
+            raise ConfigError("alerts.top_features", f"must be between 0 and 10, got {self.top_features}")
+
+    def rulebook(self) -> RuleBook:
+        return RuleBook(self.default, dict(self.types))
 
 
 @dataclass(frozen=True)
@@ -381,6 +416,22 @@ class QueuesSection:
 
 
 @dataclass(frozen=True)
+class HealthSection:
+    enabled: bool = True
+    """Serve ``/healthz``, ``/readyz`` and Prometheus ``/metrics`` over HTTP."""
+    host: str = "127.0.0.1"
+    """Listen address: 127.0.0.1 keeps it on the box; 0.0.0.0 lets a Prometheus server elsewhere scrape it."""
+    port: int = 9108
+    """TCP port; 0 picks a free one (tests)."""
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("health.host", "must not be empty")
+        if not 0 <= self.port < 65536:
+            raise ConfigError("health.port", f"must be 0..65535 (0 = any free port), got {self.port}")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
@@ -390,6 +441,7 @@ class Config:
     alerts: AlertsSection = field(default_factory=AlertsSection)
     commissioning: CommissioningSection = field(default_factory=CommissioningSection)
     queues: QueuesSection = field(default_factory=QueuesSection)
+    health: HealthSection = field(default_factory=HealthSection)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -441,6 +493,9 @@ class _Context:
             if "[]" in exc.path:
                 raise ConfigError(f"{path}.{exc.path.rsplit('.', 1)[-1]}", exc.reason) from None
             raise
+        except ValueError as exc:
+            # Value classes of other modules (e.g. AlertRule) validate themselves with plain ValueErrors.
+            raise ConfigError(path, str(exc)) from None
 
     def convert(self, hint: Any, value: Any, path: str) -> Any:
         origin = typing.get_origin(hint)
@@ -458,6 +513,15 @@ class _Context:
                 choices = ", ".join(repr(a) for a in args)
                 raise ConfigError(path, f"must be one of {choices}, got {value!r}")
             return value
+        if origin is dict:
+            if not isinstance(value, Mapping):
+                raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+            out = {}
+            for key, item in value.items():
+                if not isinstance(key, str) or not key:
+                    raise ConfigError(path, f"keys must be non-empty strings, got {key!r}")
+                out[key] = self.convert(args[1], item, f"{path}.{key}")
+            return out
         if origin is tuple:
             if not isinstance(value, list):
                 raise ConfigError(path, f"expected a list, got {_kind(value)}")

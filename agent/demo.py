@@ -94,8 +94,9 @@ class DemoReport:
             defect = b.get("defect")
             verdict = f", defect {defect['defect']} (p={defect['probability']:.2f})" if defect else ""
             lines.append(
-                f"  - {b['state']:<8} {b['machine']}/{b['sensor']} score {b['score']:.3g} > threshold "
-                f"{b['threshold']:.3g} ({b['model']['id']} {b['model']['version']}){verdict}, "
+                f"  - {b['state']:<6} {b['reason']:<12} {b['machine']}/{b['sensor']} {b['severity']} "
+                f"score {b['score']:.3g} (threshold "
+                f"{b['threshold']:.3g}, {b['model']['id']} {b['model']['version']}){verdict}, "
                 f"window ends {b['window']['end']}"
             )
         lines.append("injected faults:")
@@ -166,6 +167,7 @@ def _agent_config(path: Path, host: str, port: int, url: str, database: str, wor
     data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
     agent_id = f"demo-{os.getpid()}"
     data["agent"].update(id=agent_id, heartbeat_s=2, log_level="INFO")
+    data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
     data["mqtt"].update(host=host, port=port)
     data["storage"].update(url=url, flush_interval_s=0.5)
     data["storage"]["v1"]["database"] = database
@@ -313,7 +315,7 @@ def _parse_time(text: str) -> int:
 def _match(report: DemoReport) -> None:
     """An alert matches a fault of its machine when its window ends after the fault's onset."""
     for alert in report.alerts:
-        if alert.body["state"] != "raised":
+        if alert.body["state"] != "new":
             continue
         end_ns = _parse_time(alert.body["window"]["end"])
         hit = next(

@@ -4,18 +4,19 @@
 MQTT thread --Message--> [messages queue] --> IngestWorker: topic -> decode -> spool (durable) -> ack
                                                    |                      (dead letter on bad input)
                                                    +--Window--> [windows queue] --> ScoringWorker:
-                                                        features -> model (one batch) -> alert policy
+                                                        features -> model (one batch) -> alert engine
                                                         -> MQTT alert; features, scores, alerts -> spool
+MQTT thread --operator command--> [commands queue] --> ScoringWorker: alert engine -> reply, state file
 spool --> SpoolWriter thread --> InfluxDB
 ```
-Each worker is one thread that owns the pure, non-thread-safe objects it uses (windower, alert policy).
+Each worker is one thread that owns the pure, non-thread-safe objects it uses (windower, alert engine).
 Queues are bounded; waits and drops are counted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
+import json
 import logging
 import queue
 import threading
@@ -27,8 +28,9 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from agent.alerts.payload import alert_payload
-from agent.alerts.policy import ThresholdAlertPolicy
+from agent.alerts.engine import AlertEngine, CommandError
+from agent.alerts.payload import alert_payload, machine_state_payload
+from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.errors import DecodeError
 from agent.decode.json_v1 import DecodeLimits, decode
@@ -44,6 +46,7 @@ from agent.storage.points import (
     RawVibrationPolicy,
     alert_lines,
     block_lines,
+    command_lines,
     defect_lines,
     feature_lines,
     reading_lines,
@@ -300,16 +303,18 @@ class IngestWorker(_Worker):
 
 
 class ScoringWorker(_Worker):
-    """Scores the windows that are ready together, one model run per model, and applies the alert policy.
+    """Scores the windows that are ready together, one model run per model, and runs the alert engine.
 
-    Process readings in the queue go to the per-machine commissioning baselines (one step each).
+    Process readings in the queue go to the per-machine commissioning baselines (one step each). Operator
+    commands (acknowledge, silence) arrive on their own queue and are applied between batches; the engine's
+    state is saved after every step that changed it, before the commands are acknowledged to the broker.
     """
 
     def __init__(
         self,
         windows: queue.Queue[Window | Reading],
         router: ModelRouter,
-        policy: ThresholdAlertPolicy,
+        engine: AlertEngine,
         spool: Spool,
         broker: Broker,
         topics: Topics,
@@ -319,6 +324,9 @@ class ScoringWorker(_Worker):
         store_raw: Callable[[Sequence[SampleBlock]], None],
         baseline: CommissioningScorer | None = None,
         defect: DefectStage | None = None,
+        commands: queue.Queue[Message] | None = None,
+        state_store: AlertStateStore | None = None,
+        top_features: int = 5,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__("scoring", metrics)
@@ -326,7 +334,10 @@ class ScoringWorker(_Worker):
         self._defect = defect
         self._windows = windows
         self._router = router
-        self._policy = policy
+        self._engine = engine
+        self._commands = commands
+        self._state_store = state_store
+        self._top_features = top_features
         self._spool = spool
         self._broker = broker
         self._topics = topics
@@ -336,18 +347,38 @@ class ScoringWorker(_Worker):
         self._store_raw = store_raw
         self._clock_ns = clock_ns
 
+    def restore(self) -> int:
+        """Continue the open alert events of the previous run (call before ``start``); returns how many."""
+        if self._state_store is None:
+            return 0
+        state = self._state_store.load()
+        if state is None:
+            return 0
+        try:
+            restored = self._engine.restore(state, self._clock_ns())
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.error("alert state %s not restored: %s", self._state_store.path, exc)
+            self._metrics.inc("alerts.state_errors", reason="restore")
+            return 0
+        self._publish_machine_states()
+        logger.info("restored %d open alert event(s) from %s", restored, self._state_store.path)
+        return restored
+
     def step(self) -> None:
         batch = drain(self._windows, _POLL_S, self._max_batch)
-        if batch:
-            self.process(batch)
+        self.process(batch)
 
     def finish(self) -> None:
         while batch := drain(self._windows, 0, self._max_batch):
             self.process(batch)
+        self.process([])
 
     def process(self, batch: Sequence[Window | Reading]) -> None:
-        groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
+        commands = drain(self._commands, 0, 100) if self._commands is not None else []
         lines: list[str] = []
+        for msg in commands:
+            lines.extend(self._command(msg))
+        groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
         for window in batch:
             if isinstance(window, Reading):
                 lines.extend(self._score_step(window))
@@ -359,8 +390,15 @@ class ScoringWorker(_Worker):
             groups.setdefault(id(model), (model, []))[1].append(window)
         for model, windows in groups.values():
             lines.extend(self._score(model, windows))
+        for alert in self._engine.tick(self._clock_ns()):
+            lines.extend(self._handle_alert(alert))
         if lines:
             self._spool.append(lines)
+        self._publish_machine_states()
+        self._save_state()
+        for msg in commands:
+            if msg.qos > 0:
+                self._broker.ack(msg.mid, msg.qos)
 
     def _score(self, model: AnomalyModel, windows: list[Window]) -> list[str]:
         x = extract_matrix(model.spec, windows)
@@ -378,11 +416,14 @@ class ScoringWorker(_Worker):
         self._metrics.inc("windows.scored", len(windows), model=model.model_id)
         self._metrics.set("inference.last_batch_ms", elapsed * 1e3, model=model.model_id)
         self._metrics.set("inference.last_batch_size", len(windows), model=model.model_id)
+        self._metrics.observe("inference.seconds", elapsed, model=model.model_id)
+        self._metrics.observe("inference.window_seconds", elapsed / len(windows), model=model.model_id)
         names = model.spec.feature_names()
         spec_hash = model.spec.spec_hash()
         lines: list[str] = []
         now_ns = self._clock_ns()
         defects = self._classify(windows, scores, model.threshold)
+        explained = self._explain(model, x, scores, names)
         for i, (window, row, value) in enumerate(zip(windows, x, scores, strict=True)):
             score = Score(
                 source=window.source,
@@ -398,8 +439,28 @@ class ScoringWorker(_Worker):
             defect = defects.get(i)
             if defect is not None:
                 lines.extend(self._defect_lines(window, defect))
-            lines.extend(self._decide(score, now_ns, defect))
+            lines.extend(self._decide(score, now_ns, defect, explained.get(i, ())))
         return lines
+
+    def _explain(
+        self, model: AnomalyModel, x: np.ndarray, scores: np.ndarray, names: Sequence[str]
+    ) -> dict[int, tuple[tuple[str, float], ...]]:
+        """Top contributing features of the anomalous windows, when the model can say (``explain``)."""
+        explain = getattr(model, "explain", None)
+        hot = np.flatnonzero(scores > model.threshold)
+        if explain is None or not len(hot) or not self._top_features:
+            return {}
+        try:
+            contributions = np.asarray(explain(x[hot]), dtype=np.float64)
+        except ValueError as exc:
+            self._metrics.inc("alerts.unexplained", model=model.model_id)
+            logger.debug("no top features for %s: %s", model.model_id, exc)
+            return {}
+        out: dict[int, tuple[tuple[str, float], ...]] = {}
+        for i, row in zip(hot.tolist(), contributions, strict=True):
+            top = np.argsort(-row, kind="stable")[: self._top_features]
+            out[i] = tuple((names[k], round(float(row[k]), 4)) for k in top)
+        return out
 
     def _classify(self, windows: list[Window], scores: np.ndarray, threshold: float) -> dict[int, DefectPrediction]:
         """Defect class of each anomalous window of a classified sensor whose machine speed is known."""
@@ -445,31 +506,99 @@ class ScoringWorker(_Worker):
         score = self._baseline.score(reading)
         return [] if score is None else self._decide(score, self._clock_ns())
 
-    def _decide(self, score: Score, now_ns: int, defect: DefectPrediction | None = None) -> list[str]:
-        """Store the score, run the alert policy, publish what it decides; returns the lines to spool."""
+    def _decide(
+        self,
+        score: Score,
+        now_ns: int,
+        defect: DefectPrediction | None = None,
+        top_features: Sequence[tuple[str, float]] = (),
+    ) -> list[str]:
+        """Store the score, run the alert engine, publish what it decides; returns the lines to spool."""
         lines = to_lines(score_lines, score, self._metrics)
-        alert = self._policy.update(score, now_ns)
-        if alert is not None:
-            if defect is not None and alert.state == "raised":
-                alert = dataclasses.replace(alert, details={**alert.details, "defect": defect.as_dict()})
-            lines.extend(to_lines(lambda a: alert_lines(a, str(a.details["event_id"])), alert, self._metrics))
-            self._publish_alert(alert)
-            if alert.state == "raised":
-                # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
-                self._store_raw(self._raw.on_alert(alert.source))
+        verdict = defect.as_dict() if defect is not None else None
+        for alert in self._engine.observe(score, now_ns, verdict, top_features):
+            lines.extend(self._handle_alert(alert))
         return lines
 
-    def _publish_alert(self, alert: Alert) -> None:
-        self._metrics.inc("alerts.published", state=alert.state)
+    def _handle_alert(self, alert: Alert) -> list[str]:
+        """Publish (unless silenced) and store one lifecycle message; a new event also releases raw vibration."""
+        self._metrics.inc("alerts.events", state=alert.state, alert_type=alert.alert_type)
         logger.info(
-            "alert %s: %s/%s score %.3g > %.3g (%s %s)",
+            "alert %s (%s) %s %s/%s %s: score %.3g, threshold %.3g (%s %s)%s",
             alert.state,
+            alert.reason,
+            alert.event_id[:8],
             alert.source.machine,
             alert.source.sensor,
+            alert.severity,
             alert.score,
             alert.threshold,
             alert.model_id,
             alert.model_version,
+            " [silenced]" if alert.silenced else "",
         )
-        topic = self._topics.alerts(alert.source.machine, alert.source.sensor)
-        self._broker.publish(topic, alert_payload(alert, self._topics.agent_id), qos=1, retain=False)
+        if alert.silenced:
+            self._metrics.inc("alerts.silenced", state=alert.state)
+        else:
+            self._metrics.inc("alerts.published", state=alert.state)
+            topic = self._topics.alerts(alert.source.machine, alert.source.sensor)
+            self._broker.publish(topic, alert_payload(alert, self._topics.agent_id), qos=1, retain=False)
+        if alert.state == "new" and alert.reason == "raised":
+            # Raw vibration around the alert (storage.raw_vibration.mode = around_alerts).
+            self._store_raw(self._raw.on_alert(alert.source))
+        return to_lines(alert_lines, alert, self._metrics)
+
+    def _command(self, msg: Message) -> list[str]:
+        """Apply one operator command; reply on the result topic and record it (accepted or not)."""
+        now_ns = self._clock_ns()
+        body: object = None
+        try:
+            body = json.loads(msg.payload)
+            outcome = self._engine.command(body, now_ns)
+        except (ValueError, CommandError) as exc:
+            code, detail = (exc.code, exc.detail) if isinstance(exc, CommandError) else ("bad_json", str(exc))
+            fields = body if isinstance(body, dict) else {}
+            command, by = str(fields.get("command", "")), str(fields.get("by", ""))
+            self._metrics.inc("commands.rejected", reason=code)
+            logger.warning("operator command refused (%s): %s", code, detail)
+            self._reply(command, by, False, f"{code}: {detail}", now_ns)
+            machine = fields.get("machine")
+            return command_lines(
+                command, False, by, f"{code}: {detail}", machine if isinstance(machine, str) else None, now_ns
+            )
+        self._metrics.inc("commands.accepted", command=outcome.command)
+        logger.info("operator command %s by %s: %s", outcome.command, outcome.by, outcome.detail)
+        self._reply(outcome.command, outcome.by, True, outcome.detail, now_ns)
+        machine = body.get("machine") if isinstance(body, dict) else None
+        if outcome.alerts:
+            machine = outcome.alerts[0].source.machine
+        lines = command_lines(outcome.command, True, outcome.by, outcome.detail, machine, now_ns)
+        for alert in outcome.alerts:
+            lines.extend(self._handle_alert(alert))
+        return lines
+
+    def _reply(self, command: str, by: str, accepted: bool, detail: str, now_ns: int) -> None:
+        payload = self._topics.command_result_payload(command, by, accepted, detail, now_ns)
+        self._broker.publish(self._topics.command_result, payload, qos=1, retain=False)
+
+    def _publish_machine_states(self) -> None:
+        changed = self._engine.changed_machines
+        if not changed:
+            return
+        now_ns = self._clock_ns()
+        for machine in sorted(changed):
+            state = self._engine.machine_state(machine, now_ns)
+            payload = machine_state_payload(state, self._topics.agent_id, now_ns)
+            self._broker.publish(self._topics.state(machine), payload, qos=1, retain=True)
+        changed.clear()
+
+    def _save_state(self) -> None:
+        if self._state_store is None or not self._engine.dirty:
+            return
+        try:
+            self._state_store.save(self._engine.to_state())
+        except OSError as exc:
+            # The engine keeps running from memory; the next step tries again (dirty stays set).
+            self._engine.dirty = True
+            self._metrics.inc("alerts.state_errors", reason="save")
+            logger.error("alert state not saved to %s: %s", self._state_store.path, exc)

@@ -7,7 +7,7 @@ Stages never pass loose dicts; arrays carry their shape and dtype in the docstri
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -140,20 +140,40 @@ class Score:
         return self.score > self.threshold
 
 
-AlertState = Literal["raised", "cleared"]
+AlertState = Literal["new", "update", "clear"]
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    """An alert event decided by the alert policy (see ``agent/schemas/alert.schema.json``)."""
+    """One message of an alert event's lifecycle, decided by the alert engine (``agent/alerts/engine.py``).
 
-    source: Source
+    An event (one ``event_id``) follows one (source, alert type) from ``new`` through ``update``s to
+    ``clear``; ``seq`` counts its messages from 1. ``reason`` says why this message exists (``raised``,
+    ``severity``, ``defect``, ``renotify``, ``acknowledged``, ``flapping``, ``unsilenced``, ``recovered``,
+    ``no_data``). ``silenced``: decided while an operator's silence covers it, so it is stored but not
+    published. ``defect``: the classifier's verdict (``DefectPrediction.as_dict()``); ``top_features``:
+    (feature name, contribution) of the latest hot window, largest first. Payload:
+    ``agent/schemas/alert.schema.json``.
+    """
+
+    event_id: str
+    seq: int
     state: AlertState
+    reason: str
+    alert_type: str
+    source: Source
+    severity: str
     model_id: str
     model_version: str
     score: float
     threshold: float
+    peak_score: float
     window_start_ns: int
     window_end_ns: int
+    first_detected_ns: int
     time_ns: int
-    details: Mapping[str, object] = field(default_factory=dict)
+    defect: Mapping[str, object] | None = None
+    top_features: tuple[tuple[str, float], ...] = ()
+    acknowledged_by: str | None = None
+    silenced: bool = False
+    flapping: bool = False

@@ -11,6 +11,7 @@ from typing import Final
 
 # Process readings: one point per reading, one field per named value (a scalar reading: ``value``).
 READING: Final = "reading"
+READING_SEQ_FIELD: Final = "seq"  # the publisher's sequence number (integer), when the payload has one
 
 # Raw vibration samples (stored according to ``storage.raw_vibration``): one point per sample.
 VIBRATION: Final = "vibration"
@@ -33,12 +34,28 @@ DEFECT_CLASS_TAG: Final = "defect"
 DEFECT_PROBABILITY_FIELD: Final = "probability"
 DEFECT_PROBABILITY_PREFIX: Final = "p_"  # one field per class: p_normal, p_inner_race, ...
 
-# Alert events: one point per raised/cleared event.
+# Alert events: one point per published lifecycle message (new, update, clear), at the decision time.
+# Tags: the source tags, model tags, ``state``, ``alert_type`` and ``severity``.
 ALERT: Final = "alert"
-ALERT_STATE_TAG: Final = "state"
+ALERT_STATE_TAG: Final = "state"  # new | update | clear
+ALERT_TYPE_TAG: Final = "alert_type"
+ALERT_SEVERITY_TAG: Final = "severity"  # warning | major | critical
 ALERT_SCORE_FIELD: Final = "score"
 ALERT_THRESHOLD_FIELD: Final = "threshold"
 ALERT_EVENT_FIELD: Final = "event_id"
+ALERT_SEQ_FIELD: Final = "seq"  # 1 for ``new``, +1 for each message of the event
+ALERT_ACTIVE_FIELD: Final = "active"  # 1 while the event is open (new/update), 0 on clear
+ALERT_DEFECT_FIELD: Final = "defect"  # defect class (string), when classified
+ALERT_ACKED_FIELD: Final = "acknowledged"  # 1 once an operator acknowledged the event
+ALERT_SILENCED_FIELD: Final = "silenced"  # 1 while a silence covers it (not published on MQTT then)
+ALERT_FLAPPING_FIELD: Final = "flapping"  # 1 while flapping suppression holds the event open
+
+# Operator commands on the command topic (acknowledge, silence, unsilence), accepted or rejected.
+ALERT_COMMAND: Final = "alert_command"
+COMMAND_TAG: Final = "command"
+COMMAND_RESULT_TAG: Final = "result"  # accepted | rejected
+COMMAND_BY_FIELD: Final = "by"
+COMMAND_DETAIL_FIELD: Final = "detail"
 
 # Tags added to features, scores and alerts.
 TAG_MODEL_ID: Final = "model_id"
@@ -47,3 +64,39 @@ TAG_MODEL_VERSION: Final = "model_version"
 # Agent self-metrics (heartbeat): one point per heartbeat, one field per counter.
 AGENT: Final = "agent"
 TAG_AGENT_ID: Final = "agent_id"
+# The fields the dashboards read, named as ``agent/health/selfmetrics.py`` renders the metrics: dotted names
+# in snake_case, a counter also as the sum over its labels (``decode_errors``), a histogram as its recent
+# quantiles (``storage_write_seconds_p99``). A field exists once its metric has been counted or set.
+AGENT_FIELDS: Final = (
+    "ingest_messages",
+    "ingest_readings",
+    "ingest_samples",
+    "windows_scored",
+    "storage_points_written",
+    "spool_depth",
+    "spool_oldest_age_s",
+    "spool_appended",
+    "spool_acked",
+    "spool_dropped",
+    "spool_dead_lettered",
+    "storage_backoff_s",
+    "mqtt_connected",
+    "alerts_published",
+    "alerts_silenced",
+    "storage_write_seconds_p50",
+    "storage_write_seconds_p99",
+    # errors
+    "decode_errors",
+    "storage_write_failures",
+    "storage_writer_errors",
+    "storage_unencodable",
+    "spool_append_failures",
+    "pipeline_errors",
+    "mqtt_publish_errors",
+    "mqtt_callback_errors",
+    "windows_dropped",
+    "windows_rejected",
+    "alerts_state_errors",
+)
+# Per-label families the dashboards read by prefix: ``inference_seconds_p99_model_vibration_anomaly``.
+AGENT_FIELD_PREFIXES: Final = ("inference_seconds_p50_", "inference_seconds_p99_")

@@ -7,7 +7,9 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | ``{base}/status`` | yes | ``{"v":1,"state":"online"|"offline","agent_id":..,"time":..}``; will: offline |
 | ``{base}/heartbeat`` | yes | counters (built by the composition root) |
 | ``{base}/alerts/{machine}/{sensor}`` | no, QoS 1 | alert JSON, ``agent/schemas/alert.schema.json`` |
-| ``{base}/state/{machine}`` | yes | ``{"v":1,"machine":..,"alerts":{sensor: state}}`` |
+| ``{base}/state/{machine}`` | yes | ``{"v":1,"machine","state":"ok"|severity,"open_alerts":[..],"silences":[..]}`` |
+| ``{base}/commands`` (subscribed) | no | operator commands: ack, silence, unsilence (see ``docs/contracts.md``) |
+| ``{base}/commands/result`` | no | ``{"v":1,"command","by","accepted","detail","time"}`` |
 | ``{base}/deadletter`` | no | ``{"v":1,"topic","code","reason","payload_excerpt","payload_bytes","time"}`` |
 
 Times in payloads are RFC 3339 UTC with milliseconds (``2024-11-25T23:00:00.250Z``).
@@ -97,6 +99,16 @@ class Topics:
     def state_filter(self) -> str:
         return f"{self.base}/state/+"
 
+    @property
+    def commands(self) -> str:
+        """Operator commands to the alert engine (the agent subscribes to it)."""
+        return f"{self.base}/commands"
+
+    @property
+    def command_result(self) -> str:
+        """The agent's reply to each command: accepted and what it did, or refused and why."""
+        return f"{self.base}/commands/result"
+
     def status_payload(self, state: StatusState, time_ns: int | None = None) -> bytes:
         if state not in ("online", "offline"):
             raise ValueError(f"status state must be 'online' or 'offline', got {state!r}")
@@ -125,9 +137,18 @@ class Topics:
             }
         )
 
-    def state_payload(self, machine: str, alerts: Mapping[str, str]) -> bytes:
-        """Retained per-machine state: the alert state of each of its sensors."""
-        return _dump({"v": SCHEMA_VERSION, "machine": machine, "alerts": dict(alerts)})
+    def command_result_payload(self, command: str, by: str, accepted: bool, detail: str, time_ns: int) -> bytes:
+        """The reply to one operator command."""
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "command": command,
+                "by": by,
+                "accepted": accepted,
+                "detail": detail,
+                "time": format_rfc3339(time_ns),
+            }
+        )
 
     def __repr__(self) -> str:
         return f"Topics(agent_id={self.agent_id!r}, base={self.base!r})"

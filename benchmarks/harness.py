@@ -126,6 +126,7 @@ class AgentProcess:
     def write_config(self) -> Path:
         data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
         data["agent"].update(id=self.agent_id, heartbeat_s=self.heartbeat_s, log_level="WARNING")
+        data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
         data["mqtt"].update(host=self.mqtt_host, port=self.mqtt_port, session_expiry_s=0)
         data["storage"].update(url=self.influx_url)
         data["storage"]["raw_vibration"].update(mode=self.raw_vibration, every_n=10)

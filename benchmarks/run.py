@@ -481,7 +481,7 @@ def bench_alerts(
     onset, decision, false_alerts, raised = [], [], 0, 0
     for alert in alerts:
         body = alert.body
-        if body.get("state") != "raised" or body.get("sensor") != "vibration":
+        if body.get("state") != "new" or body.get("sensor") != "vibration":
             continue
         raised += 1
         j = int(body["machine"][1:])

@@ -38,6 +38,7 @@ def main() -> None:
             data["storage"]["url"] = f"http://127.0.0.1:{devservices.free_port()}"  # nothing listens: an outage
             data["storage"]["v1"]["create_database"] = False
             data["spool"]["path"] = str(work / "spool.db")
+            data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
             for model in [*data["inference"]["models"], data["inference"]["defect"]]:
                 model["path"] = str((REPO / "config" / model["path"]).resolve())
             (work / "agent.yaml").write_text(yaml.safe_dump(data))

@@ -476,6 +476,7 @@ class Rig:
         assert self.broker is not None and self.influxdb is not None
         data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
         data["agent"].update(id=self.agent_id, heartbeat_s=1, log_level="INFO", shutdown_timeout_s=20)
+        data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
         data["mqtt"].update(
             host=self.broker.host, port=self.broker.port, reconnect_min_s=0.5, reconnect_max_s=2, keepalive_s=10
         )

@@ -3,42 +3,69 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from typing import Any
 
 from agent.records import Alert
+from agent.topics import format_rfc3339
 
-ALERT_SCHEMA_VERSION = 1
-
-
-def rfc3339(time_ns: int) -> str:
-    """Nanoseconds since the epoch as an RFC 3339 UTC string with microseconds.
-
-    >>> rfc3339(1_700_000_000_123_456_789)
-    '2023-11-14T22:13:20.123456Z'
-    """
-    dt = datetime.fromtimestamp(time_ns // 1000 / 1e6, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+ALERT_SCHEMA_VERSION = 2
 
 
-def alert_payload(alert: Alert, agent_id: str) -> bytes:
-    """Serialize an alert for the MQTT alerts topic."""
-    details = alert.details
-    body = {
+def alert_body(alert: Alert, agent_id: str) -> dict[str, Any]:
+    """The payload of one lifecycle message as a JSON-able dict."""
+    body: dict[str, Any] = {
         "schema_version": ALERT_SCHEMA_VERSION,
-        "event_id": details["event_id"],
+        "event_id": alert.event_id,
+        "seq": alert.seq,
         "state": alert.state,
+        "reason": alert.reason,
         "agent_id": agent_id,
+        "alert_type": alert.alert_type,
+        "severity": alert.severity,
         "tags": alert.source.as_dict(),
         "machine": alert.source.machine,
         "sensor": alert.source.sensor,
         "score": alert.score,
         "threshold": alert.threshold,
-        "peak_score": details.get("peak_score", alert.score),
+        "peak_score": alert.peak_score,
         "model": {"id": alert.model_id, "version": alert.model_version},
-        "window": {"start": rfc3339(alert.window_start_ns), "end": rfc3339(alert.window_end_ns)},
-        "first_detected": rfc3339(int(details.get("first_detected_ns", alert.window_start_ns))),  # type: ignore[call-overload]
-        "time": rfc3339(alert.time_ns),
+        "window": {"start": format_rfc3339(alert.window_start_ns), "end": format_rfc3339(alert.window_end_ns)},
+        "first_detected": format_rfc3339(alert.first_detected_ns),
+        "time": format_rfc3339(alert.time_ns),
+        "acknowledged_by": alert.acknowledged_by,
+        "flapping": alert.flapping,
+        "top_features": [{"name": n, "contribution": c} for n, c in alert.top_features],
     }
-    if "defect" in details:
-        body["defect"] = details["defect"]
-    return json.dumps(body, separators=(",", ":")).encode()
+    if alert.defect is not None:
+        body["defect"] = dict(alert.defect)
+    return body
+
+
+def alert_payload(alert: Alert, agent_id: str) -> bytes:
+    """Serialize an alert for the MQTT alerts topic."""
+    return _dump(alert_body(alert, agent_id))
+
+
+def machine_state_payload(state: Mapping[str, Any], agent_id: str, time_ns: int) -> bytes:
+    """The retained ``{base}/state/{machine}`` payload from ``AlertEngine.machine_state``."""
+    body = {
+        "v": 1,
+        "agent_id": agent_id,
+        "machine": state["machine"],
+        "state": state["state"],
+        "open_alerts": [
+            {**{k: v for k, v in a.items() if k != "since_ns"}, "since": format_rfc3339(a["since_ns"])}
+            for a in state["open_alerts"]
+        ],
+        "silences": [
+            {**{k: v for k, v in s.items() if k != "until_ns"}, "until": format_rfc3339(s["until_ns"])}
+            for s in state["silences"]
+        ],
+        "time": format_rfc3339(time_ns),
+    }
+    return _dump(body)
+
+
+def _dump(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()

@@ -21,6 +21,11 @@ _RESERVED_TAGS: Final = frozenset(
     {
         schema.TAG_CHANNEL,
         schema.ALERT_STATE_TAG,
+        schema.ALERT_TYPE_TAG,
+        schema.ALERT_SEVERITY_TAG,
+        schema.DEFECT_CLASS_TAG,
+        schema.COMMAND_TAG,
+        schema.COMMAND_RESULT_TAG,
         schema.TAG_MODEL_ID,
         schema.TAG_MODEL_VERSION,
         schema.TAG_AGENT_ID,

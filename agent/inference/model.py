@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from agent.features.spec import FeatureSpec
 from agent.inference.errors import ModelError
@@ -18,6 +20,8 @@ from agent.inference.session import open_session
 
 logger = logging.getLogger(__name__)
 
+TASK = "anomaly"
+EXPLAIN_VALUE = "squared_error"
 _ORT_TYPES = {"float32": "tensor(float)"}
 
 
@@ -30,9 +34,18 @@ class OnnxAnomalyModel:
     """
 
     def __init__(self, manifest: Manifest, model_dir: Path, threads: int = 1) -> None:
+        spec = manifest.spec()
+        if manifest.task != TASK or manifest.threshold is None or not isinstance(spec, FeatureSpec):
+            raise ModelError(
+                f"{model_dir}: model {manifest.model_id!r} is a {manifest.task!r} model, not an {TASK!r} model",
+                reason="task",
+            )
         self._manifest = manifest
-        self._spec = manifest.spec()
+        self._spec = spec
+        self._threshold = manifest.threshold
         path = Path(model_dir) / manifest.file
+        self._path = path
+        self._explainer: ort.InferenceSession | None = None
         self._session = open_session(path, threads)
         self._check_session(path)
         self._input = manifest.inputs[0].name
@@ -50,7 +63,7 @@ class OnnxAnomalyModel:
     @classmethod
     def load(cls, model_dir: Path, threads: int = 1) -> OnnxAnomalyModel:
         """Read and verify the manifest in ``model_dir`` and build the model."""
-        return cls(Manifest.load(model_dir), model_dir, threads)
+        return cls(Manifest.load(model_dir, TASK), model_dir, threads)
 
     @property
     def manifest(self) -> Manifest:
@@ -66,7 +79,7 @@ class OnnxAnomalyModel:
 
     @property
     def threshold(self) -> float:
-        return self._manifest.threshold
+        return self._threshold
 
     @property
     def spec(self) -> FeatureSpec:
@@ -94,6 +107,31 @@ class OnnxAnomalyModel:
         (scores,) = self._session.run([self._output], {self._input: np.ascontiguousarray(x)})
         return np.asarray(scores, dtype=np.float32).reshape(x.shape[0])
 
+    def explain(self, x: np.ndarray) -> np.ndarray:
+        """Each feature's share of the score of each row (float64 ``(n, F)``, rows sum to 1).
+
+        For the autoencoders of ``agent/training/export.py`` the score is the mean of the per-feature squared
+        reconstruction errors (graph value ``squared_error``), so the shares say which features the model
+        could not reconstruct. The explaining session is built on first use (alerts only) from the verified
+        file, with that value as an extra output; the scoring session is untouched. A graph without it
+        raises ``ValueError``.
+        """
+        if self._explainer is None:
+            self._explainer = self._build_explainer()
+        (errors,) = self._explainer.run([EXPLAIN_VALUE], {self._input: np.ascontiguousarray(x, dtype=np.float32)})
+        errors = np.asarray(errors, dtype=np.float64).reshape(x.shape[0], self.n_features)
+        total = errors.sum(axis=1, keepdims=True)
+        return np.divide(errors, total, out=np.zeros_like(errors), where=total > 0)
+
+    def _build_explainer(self) -> ort.InferenceSession:
+        model = onnx.load(str(self._path))
+        if not any(EXPLAIN_VALUE in node.output for node in model.graph.node):
+            raise ValueError(f"model {self.model_id} has no {EXPLAIN_VALUE!r} value to explain its score with")
+        model.graph.output.append(onnx.helper.make_tensor_value_info(EXPLAIN_VALUE, onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
     def _check_session(self, path: Path) -> None:
         expected_in, expected_out = self._manifest.inputs, self._manifest.outputs
         actual_in, actual_out = self._session.get_inputs(), self._session.get_outputs()
@@ -104,20 +142,25 @@ class OnnxAnomalyModel:
             if [t.name for t in expected] != [a.name for a in actual]:
                 raise ModelError(
                     f"{path}: graph {kind}s {[a.name for a in actual]} do not match the manifest's "
-                    f"{[t.name for t in expected]}"
+                    f"{[t.name for t in expected]}",
+                    reason="shape",
                 )
             for t, a in zip(expected, actual, strict=True):
                 if a.type != _ORT_TYPES.get(t.dtype):
-                    raise ModelError(f"{path}: graph {kind} {a.name!r} has type {a.type}, manifest says {t.dtype}")
+                    raise ModelError(
+                        f"{path}: graph {kind} {a.name!r} has type {a.type}, manifest says {t.dtype}", reason="shape"
+                    )
                 if len(a.shape) != len(t.shape):
                     raise ModelError(
-                        f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}"
+                        f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}",
+                        reason="shape",
                     )
                 for got, want in zip(a.shape, t.shape, strict=True):
                     # A named manifest axis ("batch") must be dynamic in the graph; a number must match.
                     if (isinstance(want, int) and got != want) or (isinstance(want, str) and isinstance(got, int)):
                         raise ModelError(
-                            f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}"
+                            f"{path}: graph {kind} {a.name!r} has shape {a.shape}, manifest says {list(t.shape)}",
+                            reason="shape",
                         )
 
     def _warm_up(self) -> None:
@@ -126,6 +169,12 @@ class OnnxAnomalyModel:
         # window from missing its deadline and makes a broken model fail at load instead of on live data.
         for batch in (1, 8):
             x = np.zeros((batch, self.n_features), dtype=np.float32)
-            (scores,) = self._session.run([self._output], {self._input: x})
+            try:
+                (scores,) = self._session.run([self._output], {self._input: x})
+            except Exception as exc:  # ORT's own exception types: a graph that loads but cannot run
+                raise ModelError(f"model {self.model_id}: warm-up failed: {exc}", reason="warmup") from exc
             if np.shape(scores) != (batch,) or not np.isfinite(scores).all():
-                raise ModelError(f"model {self.model_id}: warm-up returned {scores!r} for a batch of {batch} zero rows")
+                raise ModelError(
+                    f"model {self.model_id}: warm-up returned {scores!r} for a batch of {batch} zero rows",
+                    reason="warmup",
+                )

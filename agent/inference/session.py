@@ -24,4 +24,4 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-        raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}", reason="onnx") from exc

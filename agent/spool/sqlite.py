@@ -18,6 +18,7 @@ acks and dead-letters. Ids only grow (``AUTOINCREMENT``), so an id in flight is 
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -34,6 +35,8 @@ DropPolicy = Literal["oldest", "newest"]
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 DROP_LOG_INTERVAL_S = 10.0
 DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
+MIN_FREE_BYTES = 16 * 1024 * 1024
+"""Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -49,6 +52,10 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     dead_ns INTEGER NOT NULL
 );
 """
+
+
+class SpoolNotWritable(Exception):
+    """The spool cannot take appends now; the message says why."""
 
 
 class Spool:
@@ -76,6 +83,7 @@ class Spool:
         self._metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.Lock()
         self._last_drop_log = -float("inf")
+        self._write_error: str | None = None  # the error of the last failed transaction, None after a commit
         self._dropped_since_log = 0
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +97,8 @@ class Spool:
         self._depth = int(self._conn.execute("SELECT count(*) FROM spool").fetchone()[0])
         self._dead_depth = int(self._conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
         self._metrics.set("spool.depth", self._depth)
+        # Sampled when the metrics are read (heartbeat, /metrics): the age grows while nothing happens.
+        self._metrics.set_function("spool.oldest_age_s", self._oldest_age_if_open)
         if self._depth:
             logger.info("spool %s resumes with %d undelivered lines", self.path, self._depth)
 
@@ -101,14 +111,19 @@ class Spool:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """The connection inside BEGIN IMMEDIATE ... COMMIT, rolled back on error; call with the lock held."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self._write_error = f"{type(exc).__name__}: {exc}"  # for writable(), until a commit succeeds
             raise
+        self._write_error = None
 
     def append(self, lines: Sequence[str]) -> int:
         """Store ``lines`` durably in one transaction; returns how many of them were kept.
@@ -245,6 +260,48 @@ class Spool:
         if row is None:
             return 0.0
         return max(0.0, (time.time_ns() - int(row[0])) / 1e9)
+
+    def _oldest_age_if_open(self) -> float | None:
+        return None if self._conn is None else self.oldest_age_s()
+
+    def check_writable(self, min_free_bytes: int = MIN_FREE_BYTES) -> bool:
+        """True if an append would be accepted now; otherwise raise ``SpoolNotWritable`` saying why.
+
+        Checks, cheaply (for a readiness probe): the spool is open, its last transaction did not fail
+        (a full or failing disk, a read-only file), the file system has ``min_free_bytes`` free for the
+        agent's user, and the write lock can be taken (``BEGIN IMMEDIATE`` then ``ROLLBACK``).
+        """
+        if self._conn is None:
+            raise SpoolNotWritable(f"spool {self.path} is closed")
+        if self._write_error is not None:
+            raise SpoolNotWritable(f"spool {self.path}: the last write failed: {self._write_error}")
+        if str(self.path) != ":memory:":
+            try:
+                stat = os.statvfs(self.path.parent)
+            except OSError as exc:
+                raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system: {exc}") from exc
+            free = stat.f_bavail * stat.f_frsize
+            if free < min_free_bytes:
+                raise SpoolNotWritable(
+                    f"spool {self.path}: only {free} bytes free on its file system (need {min_free_bytes})"
+                )
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise SpoolNotWritable(f"spool {self.path}: cannot take the write lock: {exc}") from exc
+        return True
+
+    def writable(self, min_free_bytes: int = MIN_FREE_BYTES) -> bool:
+        """``check_writable`` as a bool (the reason is lost: prefer ``check_writable`` for a readiness check)."""
+        try:
+            return self.check_writable(min_free_bytes)
+        except (SpoolNotWritable, RuntimeError):
+            return False
 
     def close(self) -> None:
         """Checkpoint the WAL into the database file and close; idempotent."""

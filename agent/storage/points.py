@@ -86,15 +86,36 @@ def score_lines(s: Score) -> list[str]:
     return [format_point(schema.SCORE, _model_tags(s.source, s.model_id, s.model_version), fields, s.end_ns)]
 
 
-def alert_lines(a: Alert, event_id: str) -> list[str]:
-    """One ``alert`` point at the event time, tagged with the state (raised/cleared)."""
+def alert_lines(a: Alert) -> list[str]:
+    """One ``alert`` point per lifecycle message at its decision time (silenced ones too, flagged)."""
     fields: dict[str, FieldValue] = {
         schema.ALERT_SCORE_FIELD: float(a.score),
         schema.ALERT_THRESHOLD_FIELD: float(a.threshold),
-        schema.ALERT_EVENT_FIELD: event_id,
+        schema.ALERT_EVENT_FIELD: a.event_id,
+        schema.ALERT_SEQ_FIELD: int(a.seq),
+        schema.ALERT_ACTIVE_FIELD: 0 if a.state == "clear" else 1,
+        schema.ALERT_ACKED_FIELD: 0 if a.acknowledged_by is None else 1,
+        schema.ALERT_SILENCED_FIELD: int(a.silenced),
+        schema.ALERT_FLAPPING_FIELD: int(a.flapping),
     }
-    tags = _model_tags(a.source, a.model_id, a.model_version, **{schema.ALERT_STATE_TAG: a.state})
+    if a.defect is not None:
+        fields[schema.ALERT_DEFECT_FIELD] = str(a.defect["defect"])
+    tags = _model_tags(
+        a.source,
+        a.model_id,
+        a.model_version,
+        **{schema.ALERT_STATE_TAG: a.state, schema.ALERT_TYPE_TAG: a.alert_type, schema.ALERT_SEVERITY_TAG: a.severity},
+    )
     return [format_point(schema.ALERT, tags, fields, a.time_ns)]
+
+
+def command_lines(command: str, accepted: bool, by: str, detail: str, machine: str | None, time_ns: int) -> list[str]:
+    """One ``alert_command`` point per operator command, accepted or rejected, with what it did or why not."""
+    tags = {schema.COMMAND_TAG: command or "invalid", schema.COMMAND_RESULT_TAG: "accepted" if accepted else "rejected"}
+    if machine:
+        tags["machine"] = machine
+    fields: dict[str, FieldValue] = {schema.COMMAND_BY_FIELD: by or "unknown", schema.COMMAND_DETAIL_FIELD: detail}
+    return [format_point(schema.ALERT_COMMAND, tags, fields, time_ns)]
 
 
 def defect_lines(

@@ -1,7 +1,7 @@
 """The InfluxDB writer: one thread that drains the spool into a sink, in batches, and never loses a line.
 
 - Success: the batch is acked (deleted from the spool), ``storage.points_written`` counts its lines and
-  the ``storage.write_latency_s`` gauge shows how long the write took.
+  the ``storage.write_seconds`` histogram records how long the write took.
 - ``RetryableWriteError`` (database or network away): the batch stays in the spool; the writer backs
   off exponentially from ``backoff_min_s`` to ``backoff_max_s`` with jitter (so that many agents do not
   come back in lockstep), or for the server's ``Retry-After`` when it is longer.
@@ -89,6 +89,11 @@ class SpoolWriter:
             logger.warning("InfluxDB writer did not stop within %.1f s (a write is in progress)", timeout_s)
         elif self.spool.depth():
             logger.info("InfluxDB writer stopped with %d lines still spooled", self.spool.depth())
+
+    @property
+    def alive(self) -> bool:
+        """True while the writer thread runs (for the liveness check)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the spool is empty (delivered or dead-lettered); False if not within ``timeout_s``."""
@@ -179,7 +184,7 @@ class SpoolWriter:
         """Write and ack ``items``, or raise the sink's error (nothing acked then)."""
         started = time.monotonic()
         self.sink.write([line for _, line in items])
-        self.metrics.set("storage.write_latency_s", time.monotonic() - started)
+        self.metrics.observe("storage.write_seconds", time.monotonic() - started)
         self.spool.ack([i for i, _ in items])
         self.metrics.inc("storage.points_written", len(items))
 

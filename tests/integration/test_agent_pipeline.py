@@ -1,12 +1,9 @@
 """The agent built by the composition root, in-process, against a real Mosquitto and InfluxDB 1.6.7."""
 
-import json
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 
 from agent.bootstrap import build_agent
@@ -14,44 +11,19 @@ from agent.config import parse_config
 from agent.decode.encode import encode_block, encode_fields
 from agent.devservices import victoria_metrics_series
 from agent.storage.sinks import InfluxV1Sink
+from tests.integration.mqtt_helpers import Subscriber
+from tests.integration.mqtt_helpers import publish as _publish
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Subscriber:
-    """A separate MQTT client that records what the agent publishes."""
-
-    def __init__(self, host: str, port: int, topics: list[str]) -> None:
-        self.messages: list[tuple[str, dict]] = []
-        self.arrived = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub-{time.monotonic_ns()}")
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        for topic in topics:
-            self.client.subscribe(topic, qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self.arrived:
-            self.messages.append((msg.topic, json.loads(msg.payload)))
-            self.arrived.notify_all()
-
-    def wait_for(self, predicate, timeout_s: float = 20.0) -> list[tuple[str, dict]]:
-        with self.arrived:
-            self.arrived.wait_for(lambda: predicate(self.messages), timeout_s)
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
 def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str, raw_mode: str = "all"):
     return parse_config(
         {
             "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "subscriptions": ["factory/#"]},
             "storage": {
                 "url": influxdb_v1.url,
@@ -80,16 +52,6 @@ def running_agent(mosquitto, influxdb_v1, influx_db_name, tmp_path):
     yield agent, sub
     agent.stop()
     sub.close()
-
-
-def _publish(mosquitto, items: list[tuple[str, bytes]]) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}")
-    client.connect(mosquitto.host, mosquitto.port)
-    client.loop_start()
-    for topic, payload in items:
-        client.publish(topic, payload, qos=1).wait_for_publish(10)
-    client.loop_stop()
-    client.disconnect()
 
 
 def test_bad_input_is_dead_lettered_with_its_reason_and_good_input_is_stored(
@@ -185,6 +147,7 @@ def test_the_v2_write_path_stores_readings_through_the_agent(mosquitto, victoria
     config = parse_config(
         {
             "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
             "storage": {
                 "api": "v2",

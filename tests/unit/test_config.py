@@ -84,3 +84,19 @@ def test_unparseable_yaml_is_refused(tmp_path):
     bad.write_text("mqtt: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_alert_rules_per_type_and_their_validation():
+    config = parse_config(
+        {"alerts": {"default": {"raise_n": 3, "raise_m": 5}, "types": {"commissioning-baseline": {"clear_after": 30}}}}
+    )
+    book = config.alerts.rulebook()
+    assert (book.rule("vibration-anomaly").raise_n, book.rule("vibration-anomaly").raise_m) == (3, 5)
+    assert book.rule("commissioning-baseline").clear_after == 30
+    with pytest.raises(ConfigError) as info:
+        parse_config({"alerts": {"types": {"vib": {"enter": 1.0, "exit": 1.5}}}})
+    assert info.value.path == "alerts.types.vib" and "exit" in info.value.reason
+    with pytest.raises(ConfigError, match=r"alerts.default.raise_k: unknown key"):
+        parse_config({"alerts": {"default": {"raise_k": 3}}})
+    with pytest.raises(ConfigError, match=r"alerts.types: expected a mapping"):
+        parse_config({"alerts": {"types": ["vib"]}})

@@ -10,8 +10,9 @@ import pytest
 
 from agent import cli
 from agent.features.bearing import SKF_6205
-from agent.inference.classifier import ClassifierManifest, OnnxDefectClassifier
+from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
+from agent.inference.manifest import Manifest
 from agent.records import Source, Window
 from agent.training.defect_train import train_defect_classifier
 
@@ -132,4 +133,4 @@ def test_built_classifier_loads_verifies_and_classifies_windows_at_another_rate(
     data["feature_spec"]["harmonics"] = 2
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="feature_spec_hash mismatch"):
-        ClassifierManifest.load(out)
+        Manifest.load(out, task="classifier")

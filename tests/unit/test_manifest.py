@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,61 @@ def test_load_rejects_a_feature_spec_of_another_feature_code_version(model_dir: 
     _edit(model_dir, bump)
     with pytest.raises(ModelError, match="feature_spec version 99 is not computed by this agent"):
         Manifest.load(model_dir)
+
+
+# The defect classifier's manifest is the same format with task "classifier" and its own keys.
+CLASSIFIER = REPO / "models" / "defect_classifier"
+
+
+@pytest.fixture
+def classifier_dir(tmp_path: Path) -> Path:
+    dst = tmp_path / "classifier"
+    shutil.copytree(CLASSIFIER, dst)
+    return dst
+
+
+@pytest.mark.parametrize("model_dir", [*SHIPPED, CLASSIFIER], ids=lambda p: p.name)
+def test_shipped_manifests_are_written_back_byte_for_byte(model_dir: Path) -> None:
+    manifest = Manifest.load(model_dir)
+    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False) + "\n"
+    assert text == (model_dir / MANIFEST_FILE).read_text()
+
+
+def test_a_classifier_manifest_has_class_names_and_no_threshold() -> None:
+    manifest = Manifest.load(CLASSIFIER, task="classifier")
+    assert manifest.task == "classifier" and manifest.threshold is None
+    assert manifest.class_names == ("normal", "inner_race", "outer_race", "ball")
+    assert "threshold" not in manifest.to_dict() and "class_names" not in Manifest.load(SHIPPED[0]).to_dict()
+
+
+def test_load_refuses_a_model_of_another_task_than_asked(classifier_dir: Path) -> None:
+    with pytest.raises(ModelError, match="is a 'classifier' model, used here as 'anomaly'") as info:
+        Manifest.load(classifier_dir, task="anomaly")
+    assert info.value.reason == "task"
+
+
+@pytest.mark.parametrize(
+    ("change", "message", "reason"),
+    [
+        (lambda d: d.update(threshold=1.0), "unknown key 'threshold' (a key of task 'anomaly' manifests)", "manifest"),
+        (lambda d: d.pop("class_names"), "missing key 'class_names'", "manifest"),
+        (lambda d: d.update(class_names=["only"]), "class_names must be two or more distinct strings", "manifest"),
+        (lambda d: d["outputs"].pop(), "inputs/outputs must be", "shape"),
+        (lambda d: d["feature_spec"].update(harmonics=2), "feature_spec_hash mismatch", "feature_spec"),
+        (lambda d: d["feature_spec"].update(harmonics=99), "not a valid BearingFeatureSpec", "feature_spec"),
+    ],
+)
+def test_load_refuses_a_bad_classifier_manifest_with_its_reason(
+    classifier_dir: Path, change: Any, message: str, reason: str
+) -> None:
+    _edit(classifier_dir, change)
+    with pytest.raises(ModelError, match=re.escape(message)) as info:
+        Manifest.load(classifier_dir)
+    assert info.value.reason == reason
+
+
+def test_sha256_and_feature_spec_refusals_carry_their_reason(model_dir: Path) -> None:
+    _edit(model_dir, lambda d: d.update(sha256="0" * 64))
+    with pytest.raises(ModelError) as info:
+        Manifest.load(model_dir)
+    assert info.value.reason == "sha256"

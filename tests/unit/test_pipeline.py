@@ -6,8 +6,8 @@ import queue
 import numpy as np
 import pytest
 
-from agent.alerts.payload import rfc3339
-from agent.alerts.policy import ThresholdAlertPolicy
+from agent.alerts.engine import AlertEngine
+from agent.alerts.rules import AlertRule, RuleBook
 from agent.decode.encode import encode_fields
 from agent.decode.json_v1 import DecodeLimits
 from agent.decode.topic import TopicTemplate
@@ -18,9 +18,15 @@ from agent.metrics import Metrics
 from agent.pipeline import IngestWorker, ScoringWorker
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.storage.points import RawVibrationPolicy
-from agent.topics import Topics
+from agent.topics import Topics, format_rfc3339
 
 T0 = 1_790_000_000 * 10**9
+
+
+def _engine(raise_n: int, clear_after: int) -> AlertEngine:
+    return AlertEngine(RuleBook(AlertRule(raise_n=raise_n, raise_m=raise_n, clear_after=clear_after)))
+
+
 SPEC = FeatureSpec(kind="process", window_samples=3, hop_samples=1, channels=("temperature",))
 
 
@@ -161,7 +167,7 @@ def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
     worker = ScoringWorker(
         windows=queue.Queue(),
         router=ModelRouter([(("process",), model)]),
-        policy=ThresholdAlertPolicy(raise_after=2, clear_after=2),
+        engine=_engine(raise_n=2, clear_after=2),
         spool=spool,  # type: ignore[arg-type]
         broker=broker,
         topics=Topics("edge-01"),
@@ -175,7 +181,7 @@ def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
     assert model.batches == [len(batch)]
     assert metrics.get("windows.scored") == len(batch)
     alerts = [body for topic, body in broker.published if "/alerts/" in topic]
-    assert [(a["machine"], a["state"]) for a in alerts] == [("m01", "raised")]
+    assert [(a["machine"], a["state"]) for a in alerts] == [("m01", "new")]
     assert broker.published[0][0] == "pdm/edge-01/alerts/m01/process"
     # Features and score of every window, and the alert event, in one spool append.
     assert [e for e in journal.events if e[0] == "append"] == [("append", 2 * len(batch) + 1)]
@@ -188,7 +194,7 @@ def test_windows_of_sensors_without_a_model_are_counted_not_scored():
     worker = ScoringWorker(
         windows=queue.Queue(),
         router=ModelRouter([(("vibration",), FakeModel())]),
-        policy=ThresholdAlertPolicy(1, 1),
+        engine=_engine(raise_n=1, clear_after=1),
         spool=FakeSpool(Journal()),  # type: ignore[arg-type]
         broker=FakeBroker(Journal()),
         topics=Topics("edge-01"),
@@ -212,7 +218,7 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
     worker = ScoringWorker(
         windows=queue.Queue(),
         router=ModelRouter([]),
-        policy=ThresholdAlertPolicy(raise_after=3, clear_after=3),
+        engine=_engine(raise_n=3, clear_after=3),
         spool=FakeSpool(journal),  # type: ignore[arg-type]
         broker=broker,
         topics=Topics("edge-01"),
@@ -229,9 +235,9 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
     assert metrics.get("commissioning.steps", phase="commissioning") == 100
     assert metrics.get("commissioning.steps", phase="monitoring") == len(temperatures) - 100
     alerts = [body for topic, body in broker.published if "/alerts/" in topic]
-    assert [(a["model"]["id"], a["state"]) for a in alerts] == [(MODEL_ID, "raised")]
+    assert [(a["model"]["id"], a["state"]) for a in alerts] == [(MODEL_ID, "new")]
     # Raised on the step change, not on the healthy readings before it.
-    assert alerts[0]["first_detected"] >= rfc3339(T0 + 200 * 10**9)
+    assert alerts[0]["first_detected"] >= format_rfc3339(T0 + 200 * 10**9)
 
 
 def test_raw_blocks_released_by_an_alert_are_stored_by_the_ingest_worker(router):
@@ -255,7 +261,7 @@ def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
     worker = ScoringWorker(
         windows=queue.Queue(),
         router=ModelRouter([(("process",), FakeModel())]),
-        policy=ThresholdAlertPolicy(raise_after=1, clear_after=1),
+        engine=_engine(raise_n=1, clear_after=1),
         spool=FakeSpool(Journal()),  # type: ignore[arg-type]
         broker=FakeBroker(Journal()),
         topics=Topics("edge-01"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import Metrics
-from agent.spool.sqlite import Spool
+from agent.spool.sqlite import Spool, SpoolNotWritable
 
 
 def _lines(n: int, start: int = 0) -> list[str]:
@@ -217,3 +217,63 @@ def test_ack_deletes_exactly_the_given_ids_contiguous_or_not(spool: Spool) -> No
     spool.ack([ids[0], ids[7], ids[9]])  # scattered ids
     assert [line for _, line in spool.peek(10)] == [f"m v={i} {i}" for i in (1, 5, 6, 8)]
     assert spool.depth() == 4
+
+
+def test_oldest_age_is_a_gauge_read_when_the_metrics_are_read(tmp_path: Path, metrics: Metrics) -> None:
+    spool = Spool(tmp_path / "spool.db", max_rows=10, metrics=metrics)
+    assert metrics.snapshot()["spool.oldest_age_s"] == 0.0
+    spool.append(_lines(1))
+    assert metrics.snapshot()["spool.oldest_age_s"] >= 0.0
+    spool.close()
+    assert "spool.oldest_age_s" not in metrics.snapshot()  # a closed spool has no age to report
+
+
+def test_an_open_healthy_spool_is_writable(spool: Spool) -> None:
+    assert spool.check_writable() is True
+    assert spool.writable()
+    spool.append(_lines(3))  # the probe's BEGIN IMMEDIATE/ROLLBACK left nothing behind
+    assert spool.depth() == 3 and spool.writable()
+
+
+def test_a_closed_spool_is_not_writable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_rows=10)
+    spool.close()
+    assert not spool.writable()
+    with pytest.raises(SpoolNotWritable, match="closed"):
+        spool.check_writable()
+
+
+def test_too_little_free_space_makes_the_spool_unwritable(spool: Spool) -> None:
+    with pytest.raises(SpoolNotWritable, match="bytes free"):
+        spool.check_writable(min_free_bytes=2**62)
+    assert not spool.writable(min_free_bytes=2**62)
+
+
+def test_a_failed_write_makes_the_spool_unwritable_until_a_write_succeeds(spool: Spool) -> None:
+    spool._connection().execute("PRAGMA busy_timeout=0")  # fail at once instead of waiting 5 s for the lock
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            spool.append(_lines(1))
+        with pytest.raises(SpoolNotWritable, match=r"last write failed.*locked"):
+            spool.check_writable()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert not spool.writable()  # still the failed write: only a successful one clears it
+    assert spool.append(_lines(1)) == 1
+    assert spool.writable()
+
+
+def test_a_held_write_lock_makes_the_spool_unwritable(spool: Spool) -> None:
+    spool._connection().execute("PRAGMA busy_timeout=0")
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SpoolNotWritable, match="write lock"):
+            spool.check_writable()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert spool.writable()

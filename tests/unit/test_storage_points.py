@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -13,6 +14,7 @@ from agent.storage.points import (
     RawVibrationPolicy,
     alert_lines,
     block_lines,
+    command_lines,
     feature_lines,
     reading_lines,
     sample_times_ns,
@@ -124,20 +126,42 @@ def test_score_line() -> None:
 
 def test_alert_line() -> None:
     a = Alert(
+        event_id="evt-1",
+        seq=2,
+        state="update",
+        reason="defect",
+        alert_type="proc",
         source=PROC,
-        state="raised",
+        severity="major",
         model_id="proc",
         model_version="3",
         score=0.75,
         threshold=0.5,
+        peak_score=0.8,
         window_start_ns=T0,
         window_end_ns=T0 + 5,
+        first_detected_ns=T0 - 5,
         time_ns=T0 + 9,
+        defect={"defect": "outer_race", "probability": 0.9, "probabilities": {}},
+        acknowledged_by="maria",
     )
-    assert alert_lines(a, "evt-1") == [
-        "alert,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1,state=raised "
-        f'score=0.75,threshold=0.5,event_id="evt-1" {T0 + 9}'
+    assert alert_lines(a) == [
+        "alert,alert_type=proc,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,severity=major,"
+        f'site=s1,state=update score=0.75,threshold=0.5,event_id="evt-1",seq=2i,active=1i,acknowledged=1i,'
+        f'silenced=0i,flapping=0i,defect="outer_race" {T0 + 9}'
     ]
+    cleared = dataclasses.replace(a, state="clear", defect=None, acknowledged_by=None, silenced=True)
+    assert "active=0i,acknowledged=0i,silenced=1i" in alert_lines(cleared)[0]
+
+
+def test_command_line() -> None:
+    assert command_lines("silence", True, "maria", "machine m02 silenced for 60 s", "m02", T0) == [
+        'alert_command,command=silence,machine=m02,result=accepted by="maria",detail="machine m02 silenced for 60 s" '
+        f"{T0}"
+    ]
+    assert command_lines("", False, "", "bad_json: x", None, T0)[0].startswith(
+        'alert_command,command=invalid,result=rejected by="unknown"'
+    )
 
 
 # -- raw vibration policy ------------------------------------------------------------------------

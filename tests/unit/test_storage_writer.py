@@ -97,7 +97,30 @@ def test_lines_are_written_in_batches_acked_and_counted(
     assert all(len(call) <= 10 for call in sink.calls)
     assert spool.depth() == 0
     assert metrics.get("storage.points_written") == 25
-    assert metrics.get("storage.write_latency_s") >= 0.0
+    # One duration per successful write, in the write latency histogram.
+    assert metrics.get("storage.write_seconds") == len(sink.calls) == 3
+    assert (metrics.quantile("storage.write_seconds", 0.99) or -1.0) >= 0.0
+
+
+def test_failed_writes_are_counted_by_kind_and_not_timed(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+) -> None:
+    attempts = iter([RetryableWriteError("database away"), None])
+    sink = ScriptedSink(lambda _lines: next(attempts))
+    spool.append(_lines(3))
+    writer = make_writer(sink)
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert metrics.get("storage.write_failures", kind="retryable") == 1
+    assert metrics.get("storage.write_seconds") == 1  # only the write that succeeded
+
+
+def test_alive_follows_the_writer_thread(spool: Spool, metrics: Metrics) -> None:
+    writer = SpoolWriter(spool, ScriptedSink(), metrics)
+    assert not writer.alive
+    writer.start()
+    assert writer.alive
+    writer.stop(FLUSH_TIMEOUT_S)
+    assert not writer.alive
 
 
 def test_partial_batch_waits_for_the_flush_interval_unless_flushed(

@@ -80,9 +80,18 @@ def test_deadletter_excerpt_of_binary_payload_is_text() -> None:
     assert body["payload_bytes"] == 4
 
 
-def test_state_payload() -> None:
-    body = json.loads(Topics("edge-01").state_payload("press-7", {"vibration": "raised", "process": "cleared"}))
-    assert body == {"v": 1, "machine": "press-7", "alerts": {"vibration": "raised", "process": "cleared"}}
+def test_command_topics_and_result_payload() -> None:
+    t = Topics("edge-01")
+    assert (t.commands, t.command_result) == ("pdm/edge-01/commands", "pdm/edge-01/commands/result")
+    body = json.loads(t.command_result_payload("ack", "maria", True, "event e1 acknowledged", T_NS))
+    assert body == {
+        "v": 1,
+        "command": "ack",
+        "by": "maria",
+        "accepted": True,
+        "detail": "event e1 acknowledged",
+        "time": "2024-11-25T23:00:00.250Z",
+    }
 
 
 def test_format_rfc3339_has_milliseconds() -> None:
