@@ -30,7 +30,7 @@ def reading_lines(r: Reading) -> list[str]:
     """One ``reading`` point: the source tags, the reading's fields, and ``seq`` (int) when present."""
     fields: dict[str, FieldValue] = dict(r.fields)
     if r.seq is not None:
-        fields["seq"] = int(r.seq)
+        fields[schema.READING_SEQ_FIELD] = int(r.seq)
     return [format_point(schema.READING, dict(r.source.tags), fields, r.time_ns)]
 
 
