@@ -522,7 +522,6 @@ class ScoringWorker(_Worker):
 
     def _handle_alert(self, alert: Alert) -> list[str]:
         """Publish (unless silenced) and store one lifecycle message; a new event also releases raw vibration."""
-        self._metrics.inc("alerts.events", state=alert.state, alert_type=alert.alert_type)
         logger.info(
             "alert %s (%s) %s %s/%s %s: score %.3g, threshold %.3g (%s %s)%s",
             alert.state,

@@ -142,7 +142,8 @@ class AlertEngine:
         self._tracks: dict[Key, _Track] = {}
         self._silences: list[Silence] = []
         self.dirty = False
-        """True when the persisted state changed since ``to_state`` was last called."""
+        """True when a message, a command or a silence changed the state since ``to_state`` was last called
+        (the latest score of an open event is not worth a disk write per window; it is saved with the next one)."""
         self.changed_machines: set[str] = set()
         """Machines whose retained state changed; the caller publishes ``machine_state`` and clears the set."""
 
@@ -192,7 +193,6 @@ class AlertEngine:
         hot_starts = [start for hot, start in track.recent if hot]
         if not hot_starts or len(hot_starts) < rule.raise_n:
             return []
-        assert track.hot_since_ns is not None or not track.recent[-1][0]
         if rule.min_duration_s and (
             track.hot_since_ns is None or score.end_ns - track.hot_since_ns < rule.min_duration_s * NS_PER_S
         ):
@@ -240,7 +240,6 @@ class AlertEngine:
         event.window_start_ns, event.window_end_ns = score.start_ns, score.end_ns
         event.model_id, event.model_version = score.model_id, score.model_version
         event.peak_score = max(event.peak_score, score.score)
-        self.dirty = True
         if hot:
             event.last_hot_ns = now_ns
             features = tuple(top_features)
