@@ -2,13 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit check lint typecheck models bench clean
+.PHONY: setup demo demo-adaptation test test-unit check lint typecheck models bench bench-quant clean
 
 setup:
 	@scripts/setup.sh
 
 demo: setup ## run the agent against a local broker and database with the gateway simulator (~1 min)
 	$(PY) scripts/demo.py
+
+demo-adaptation: setup ## a two-pole motor in a four-pole fleet gets its own LoRA adapter on the device (~2 min)
+	$(PY) scripts/demo_adaptation.py
 
 test: setup ## unit and integration tests (integration tests start their own Mosquitto and InfluxDB)
 	$(PY) -m pytest -q
@@ -30,6 +33,9 @@ models: setup ## rebuild the shipped models in models/ (deterministic)
 
 bench: setup ## throughput, latency and memory against the machine's limits (~8 min; see docs/benchmarks.md)
 	$(PY) benchmarks/run.py --out benchmarks/results
+
+bench-quant: setup ## quantization targets: size, accuracy and latency ratios of every candidate (~8 min; docs/quantization.md)
+	$(PY) benchmarks/quantization.py --json benchmarks/results/quantization.json
 
 clean:
 	rm -rf run .pytest_cache .mypy_cache .ruff_cache

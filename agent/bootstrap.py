@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from agent import schema
+from agent.adaptation.auto import AutoAdapter
+from agent.adaptation.lora import LoraConfig
+from agent.adaptation.serving import AdapterStore
 from agent.alerts.engine import AlertEngine
 from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
@@ -64,11 +67,15 @@ class Agent:
     """The model registry (``inference.models_dir``), whose watcher swaps in new model versions."""
     health: HealthServer | None = None
     """HTTP ``/healthz``, ``/readyz`` and ``/metrics`` (``health`` section)."""
+    auto_adapter: AutoAdapter | None = None
+    """Trains per-machine adapters at the end of commissioning (``adaptation.auto``), on its own thread."""
 
     def start(self) -> None:
         if self.health is not None:
             self.health.start()  # first: a port in use stops the start before any thread runs
         self.scoring.restore()
+        if self.auto_adapter is not None:
+            self.auto_adapter.start()
         self.writer.start()
         self.scoring.start()
         self.ingest.start()
@@ -97,6 +104,8 @@ class Agent:
         self.scoring.stop(budget)
         if self.registry is not None:
             self.registry.stop(budget)
+        if self.auto_adapter is not None:
+            self.auto_adapter.stop(budget)
         if self._heartbeat is not None:
             self._heartbeat.join(budget)
         self.publish_heartbeat()
@@ -208,6 +217,25 @@ def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
     return InfluxV2Sink(url=s.url, org=s.v2.org, bucket=s.v2.bucket, token=s.v2.token, timeout_s=s.timeout_s)
 
 
+def build_adaptation(config: Config, metrics: Metrics) -> tuple[AdapterStore | None, AutoAdapter | None]:
+    """The per-machine adapter store and, with ``adaptation.auto``, the trainer that fills it."""
+    a = config.adaptation
+    if not a.enabled:
+        return None, None
+    root = a.dir or config.spool.path.parent / "adapters"
+    store = AdapterStore(root, metrics, reload_interval_s=a.reload_interval_s, threads=config.inference.threads)
+    if not a.auto.enabled:
+        return store, None
+    lora = LoraConfig(
+        rank=a.auto.rank,
+        alpha=a.auto.alpha,
+        layers=a.auto.layers or None,
+        refit_standardization=a.auto.refit_standardization,
+    )
+    auto = AutoAdapter(store, metrics, a.auto.windows, a.auto.min_anomalous_fraction, lora, a.auto.models)
+    return store, auto
+
+
 def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
     """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
     metrics = metrics or Metrics()
@@ -281,6 +309,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         backoff_min_s=config.storage.backoff_min_s,
         backoff_max_s=config.storage.backoff_max_s,
     )
+    adapters, auto_adapter = build_adaptation(config, metrics)
     raw = config.storage.raw_vibration
     raw_policy = RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks)
     ingest = IngestWorker(
@@ -305,6 +334,8 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         commands=commands,
         state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
         top_features=config.alerts.top_features,
+        adapters=adapters,
+        auto_adapter=auto_adapter,
         spool=spool,
         broker=mqtt,
         topics=topics,
@@ -337,4 +368,5 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         router=router,
         registry=models.registry,
         health=health,
+        auto_adapter=auto_adapter,
     )

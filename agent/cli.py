@@ -48,22 +48,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
     if args.models:
-        from agent.bootstrap import load_models
-        from agent.inference.classifier import OnnxDefectClassifier
+        from agent.bootstrap import build_models
         from agent.inference.manifest import ModelError
+        from agent.metrics import Metrics
 
         try:
-            router = load_models(config)
-            defect_path = config.inference.defect.path
-            classifier = None if defect_path is None else OnnxDefectClassifier.load(defect_path)
+            models = build_models(config, Metrics())
         except ModelError as exc:
             print(f"invalid model: {exc}", file=sys.stderr)
             return 1
-        for model in router.models:
+        for model in models.router.models:
             print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
-        if classifier is not None:
-            names = ", ".join(classifier.class_names)
-            print(f"defect classifier {classifier.model_id} {classifier.version}: ok ({names})")
+        if models.classifier is not None:
+            names = ", ".join(models.classifier.class_names)
+            print(f"defect classifier {models.classifier.model_id} {models.classifier.version}: ok ({names})")
     print(f"{args.file}: ok")
     return 0
 
@@ -80,6 +78,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level or "INFO")
     return training_cli.main(args)
+
+
+def cmd_model_quantize(args: argparse.Namespace) -> int:
+    from agent.quantization import cli as quantization_cli
+
+    _setup_logging(args.log_level or "WARNING")
+    return quantization_cli.main(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -131,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="build the shipped models (train, export to ONNX, quantize to INT8, write manifests)",
-        description="Train the anomaly models on normal data from the simulator, export them to ONNX, quantize "
-        "them with calibrated static INT8 quantization and write manifest.json and MODEL_CARD.md.",
+        help="build the shipped models (train, export to ONNX, quantize, gate, write manifests)",
+        description="Train the anomaly models on normal data from the simulator (and the defect classifier on "
+        "CWRU), export them to ONNX, build and gate the quantized candidates (pdm-agent model quantize) and "
+        "write manifest.json, MODEL_CARD.md, calibration.npz and eval.npz.",
     )
     training_cli.add_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -148,6 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation_cli.add_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from agent.quantization import cli as quantization_cli
+
+    model = sub.add_parser("model", help="work on a built model (quantize)", description="Commands on a model dir.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    quantize = model_sub.add_parser(
+        "quantize",
+        help="build quantized candidates of a model's FP32 parent, measure them and gate which one ships",
+        description="Build INT8 static (MinMax/Percentile/Entropy, per tensor and per channel), INT8 dynamic, "
+        "4-bit weight-only (round-to-nearest and GPTQ) and mixed-precision candidates from the FP32 model, "
+        "measure accuracy on held-out data and latency on this machine, and pick the cheapest that passes.",
+    )
+    quantization_cli.add_arguments(quantize)
+    quantize.set_defaults(func=cmd_model_quantize)
+
+    from agent.adaptation import cli as adaptation_cli
+
+    adaptation_cli.add_parser(sub)
     return parser
 
 

@@ -370,6 +370,52 @@ class AlertsSection:
 
 
 @dataclass(frozen=True)
+class AdaptationAutoSection:
+    enabled: bool = False
+    """Adapt each machine's anomaly models at the end of its commissioning period (its first windows)."""
+    windows: int = 400
+    """Windows of a machine's normal operation to adapt on (the last 20 % are held out for its threshold)."""
+    min_anomalous_fraction: float = 0.0
+    """Adapt only when the base model flagged at least this fraction of them (0 = every machine)."""
+    models: tuple[str, ...] = ()
+    """Model ids to adapt automatically; empty = every anomaly model."""
+    rank: int = 1
+    """Rank r of the low-rank matrices A (fan_in x r) and B (r x fan_out)."""
+    alpha: float = 2.0
+    """Scale of the update: W + (alpha / rank) * A @ B."""
+    layers: tuple[str, ...] = ()
+    """Dense layers (MatMul node names) to adapt; empty = all of them."""
+    refit_standardization: bool = False
+    """Also use the machine's own input mean and scale (helps at another operating point; docs/adaptation.md)."""
+
+    def __post_init__(self) -> None:
+        if self.windows < 20:
+            raise ConfigError("adaptation.auto.windows", f"must be >= 20, got {self.windows}")
+        if not 0.0 <= self.min_anomalous_fraction <= 1.0:
+            raise ConfigError("adaptation.auto.min_anomalous_fraction", "must be between 0 and 1")
+        _positive("adaptation.auto.rank", self.rank)
+        _positive("adaptation.auto.alpha", self.alpha)
+
+
+@dataclass(frozen=True)
+class AdaptationSection:
+    enabled: bool = False
+    """Serve per-machine LoRA adapters of the anomaly models (``dir/{model_id}/{machine}/adapter.json``)."""
+    dir: Path | None = None
+    """Where adapters are found and written (automatic mode, ``pdm-agent adapt``); default: ``adapters`` beside
+    the spool."""
+    reload_interval_s: float = 10.0
+    """How often ``dir`` is rescanned for new or changed adapters; 0 = only at start and after training."""
+    auto: AdaptationAutoSection = field(default_factory=AdaptationAutoSection)
+
+    def __post_init__(self) -> None:
+        if self.reload_interval_s < 0:
+            raise ConfigError("adaptation.reload_interval_s", f"must be >= 0, got {self.reload_interval_s}")
+        if self.auto.enabled and not self.enabled:
+            raise ConfigError("adaptation.auto.enabled", "needs adaptation.enabled: true (adapters must be served)")
+
+
+@dataclass(frozen=True)
 class CommissioningSection:
     enabled: bool = False
     """Learn each machine's normal from its first readings on the device, then score every reading."""
@@ -440,6 +486,7 @@ class Config:
     inference: InferenceSection = field(default_factory=InferenceSection)
     alerts: AlertsSection = field(default_factory=AlertsSection)
     commissioning: CommissioningSection = field(default_factory=CommissioningSection)
+    adaptation: AdaptationSection = field(default_factory=AdaptationSection)
     queues: QueuesSection = field(default_factory=QueuesSection)
     health: HealthSection = field(default_factory=HealthSection)
 

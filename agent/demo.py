@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,20 @@ class Fault:
     end_ns: int | None
 
 
+@dataclass(frozen=True)
+class AdapterScores:
+    """How one machine's vibration windows were scored by one path: the base model or its adapter."""
+
+    machine: str
+    adapter: str  # "" = the base model
+    windows: int
+    over_threshold: int
+
+    @property
+    def fraction(self) -> float:
+        return self.over_threshold / self.windows if self.windows else 0.0
+
+
 @dataclass
 class DemoReport:
     messages_published: int
@@ -66,6 +80,8 @@ class DemoReport:
     false_alerts: list[ReceivedAlert] = field(default_factory=list)
     detection_delay_s: dict[str, float] = field(default_factory=dict)
     agent_exit_code: int | None = None
+    scores_by_adapter: list[AdapterScores] = field(default_factory=list)
+    """Vibration windows per machine and model path (base or adapter), with adaptation enabled."""
 
     @property
     def ok(self) -> bool:
@@ -107,7 +123,16 @@ class DemoReport:
             verdict = f"ALERTED ({len(hits)} alert(s), first {delay:.1f} s after onset)" if hits else "MISSED"
             lines.append(f"  - {f.machine} {f.kind}: {verdict}")
         lines.append(f"alerts on healthy machines         : {len(self.false_alerts)}")
-        lines.append(f"result                             : {'OK' if self.ok else 'FAILED'}")
+        if self.scores_by_adapter:
+            lines.append("vibration windows over the threshold, by machine and model path:")
+            for row in self.scores_by_adapter:
+                path = f"adapter {row.adapter}" if row.adapter else "base model"
+                lines.append(
+                    f"  - {row.machine} {path:<28}: {row.over_threshold:>4} of {row.windows:>4} "
+                    f"({100 * row.fraction:.1f} %)"
+                )
+        if not self.scores_by_adapter:  # the adaptation demo judges its own result
+            lines.append(f"result                             : {'OK' if self.ok else 'FAILED'}")
         return "\n".join(lines)
 
 
@@ -163,8 +188,11 @@ def _services(workdir: Path) -> Iterator[tuple[str, int, str]]:
         yield host, port, url
 
 
-def _agent_config(path: Path, host: str, port: int, url: str, database: str, workdir: Path) -> str:
+def _agent_config(
+    path: Path, host: str, port: int, url: str, database: str, workdir: Path, overrides: Mapping[str, object]
+) -> str:
     data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
+    data.update(overrides)
     agent_id = f"demo-{os.getpid()}"
     data["agent"].update(id=agent_id, heartbeat_s=2, log_level="INFO")
     data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
@@ -194,15 +222,19 @@ def run_demo(
     simulator_config: Path = REPO / "config" / "simulator.yaml",
     workdir: Path | None = None,
     log: Callable[[str], None] = print,
+    agent_overrides: Mapping[str, Mapping[str, object]] | None = None,
 ) -> DemoReport:
-    """Run the whole scenario and return what was measured (the caller prints ``report.render()``)."""
+    """Run the whole scenario and return what was measured (the caller prints ``report.render()``).
+
+    ``agent_overrides``: sections of the agent's config replaced on top of ``config/agent.yaml``.
+    """
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pdm-demo-")))
         host, port, url = stack.enter_context(_services(workdir))
         database = f"pdm_demo_{os.getpid()}"
         config_path = workdir / "agent.yaml"
-        agent_id = _agent_config(config_path, host, port, url, database, workdir)
+        agent_id = _agent_config(config_path, host, port, url, database, workdir, agent_overrides or {})
         log(f"demo: broker mqtt://{host}:{port}, InfluxDB {url} database {database}, work dir {workdir}")
 
         listener = _Listener(host, port, agent_id)
@@ -275,10 +307,27 @@ def run_demo(
             agent_exit_code=exit_code,
         )
         _match(report)
+        if (agent_overrides or {}).get("adaptation"):
+            report.scores_by_adapter = _scores_by_adapter(sink)
         if not report.ok:
             log(f"demo: agent log tail:\n{(workdir / 'agent.log').read_text()[-3000:]}")
         return report
     raise AssertionError("unreachable")
+
+
+def _scores_by_adapter(sink: InfluxV1Sink) -> list[AdapterScores]:
+    """Vibration windows over and under their threshold, per machine and per model path (base or adapter)."""
+    rows = sink.query(
+        f'SELECT "{schema.SCORE_FIELD}", "{schema.THRESHOLD_FIELD}" FROM "{schema.SCORE}" '
+        f'WHERE "sensor" = \'vibration\' GROUP BY "machine", "{schema.TAG_ADAPTER}"'
+    )
+    out = []
+    for series in rows:
+        tags = series.get("tags", {})
+        values = series.get("values", [])
+        over = sum(1 for _, score, threshold in values if score > threshold)
+        out.append(AdapterScores(tags.get("machine", ""), tags.get(schema.TAG_ADAPTER, ""), len(values), over))
+    return sorted(out, key=lambda a: (a.machine, a.adapter != "", a.adapter))
 
 
 def _kill_if_running(process: subprocess.Popen[bytes]) -> None:

@@ -24,10 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 
+from agent.adaptation.auto import AutoAdapter
+from agent.adaptation.serving import AdaptableModel, AdapterStore, adapter_id
 from agent.alerts.engine import AlertEngine, CommandError
 from agent.alerts.payload import alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
@@ -327,6 +329,8 @@ class ScoringWorker(_Worker):
         commands: queue.Queue[Message] | None = None,
         state_store: AlertStateStore | None = None,
         top_features: int = 5,
+        adapters: AdapterStore | None = None,
+        auto_adapter: AutoAdapter | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         super().__init__("scoring", metrics)
@@ -338,6 +342,8 @@ class ScoringWorker(_Worker):
         self._commands = commands
         self._state_store = state_store
         self._top_features = top_features
+        self._adapters = adapters
+        self._auto = auto_adapter
         self._spool = spool
         self._broker = broker
         self._topics = topics
@@ -410,7 +416,7 @@ class ScoringWorker(_Worker):
         if not windows:
             return []
         t0 = time.perf_counter()
-        scores = model.score(x)
+        scores, thresholds, adapters = self._run_model(model, windows, x)
         elapsed = time.perf_counter() - t0
         self._metrics.inc("inference.runs", model=model.model_id)
         self._metrics.inc("windows.scored", len(windows), model=model.model_id)
@@ -422,8 +428,8 @@ class ScoringWorker(_Worker):
         spec_hash = model.spec.spec_hash()
         lines: list[str] = []
         now_ns = self._clock_ns()
-        defects = self._classify(windows, scores, model.threshold)
-        explained = self._explain(model, x, scores, names)
+        defects = self._classify(windows, scores, thresholds)
+        explained = self._explain(model, x, scores, [a is None for a in adapters])
         for i, (window, row, value) in enumerate(zip(windows, x, scores, strict=True)):
             score = Score(
                 source=window.source,
@@ -432,7 +438,8 @@ class ScoringWorker(_Worker):
                 model_id=model.model_id,
                 model_version=model.version,
                 score=float(value),
-                threshold=model.threshold,
+                threshold=float(thresholds[i]),
+                adapter=adapters[i],
             )
             fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
             lines.extend(to_lines(lambda f: feature_lines(f, model.model_id, model.version), fv, self._metrics))
@@ -442,12 +449,52 @@ class ScoringWorker(_Worker):
             lines.extend(self._decide(score, now_ns, defect, explained.get(i, ())))
         return lines
 
+    def _run_model(
+        self, model: AnomalyModel, windows: Sequence[Window], x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Scores, thresholds and adapter of each window: the model itself for machines without an adapter
+        (unchanged, in one run), each adapted machine's adapter and threshold for the others."""
+        n = len(windows)
+        thresholds = np.full(n, model.threshold, dtype=np.float64)
+        adapters: list[str | None] = [None] * n
+        store = self._adapters
+        if store is None or getattr(model, "directory", None) is None:
+            return model.score(x), thresholds, adapters
+        adaptable = cast(AdaptableModel, model)
+        store.refresh(adaptable)
+        by_machine: dict[str, list[int]] = {}
+        for i, window in enumerate(windows):
+            by_machine.setdefault(window.source.machine, []).append(i)
+        plain = [i for m, rows in by_machine.items() if store.adapter_for(adaptable, m) is None for i in rows]
+        if len(plain) == n:
+            scores = model.score(x)
+        else:
+            scores = np.empty(n, dtype=np.float32)
+            if plain:
+                scores[plain] = model.score(x[plain])
+            for machine, rows in by_machine.items():
+                manifest = store.adapter_for(adaptable, machine)
+                if manifest is None:
+                    continue
+                scores[rows] = store.score(adaptable, machine, x[rows])
+                if manifest.threshold is not None:
+                    thresholds[rows] = manifest.threshold
+                name = adapter_id(manifest)
+                for i in rows:
+                    adapters[i] = name
+        if self._auto is not None:
+            for machine, rows in by_machine.items():
+                if adapters[rows[0]] is None:
+                    self._auto.observe(adaptable, machine, x[rows], scores[rows] > model.threshold)
+        return scores, thresholds, adapters
+
     def _explain(
-        self, model: AnomalyModel, x: np.ndarray, scores: np.ndarray, names: Sequence[str]
+        self, model: AnomalyModel, x: np.ndarray, scores: np.ndarray, explainable: Sequence[bool]
     ) -> dict[int, tuple[tuple[str, float], ...]]:
-        """Top contributing features of the anomalous windows, when the model can say (``explain``)."""
+        """Top contributing features of the anomalous windows scored by the base model (``explain``)."""
         explain = getattr(model, "explain", None)
-        hot = np.flatnonzero(scores > model.threshold)
+        names = model.spec.feature_names()
+        hot = np.flatnonzero((scores > model.threshold) & np.asarray(explainable, dtype=bool))
         if explain is None or not len(hot) or not self._top_features:
             return {}
         try:
@@ -462,14 +509,16 @@ class ScoringWorker(_Worker):
             out[i] = tuple((names[k], round(float(row[k]), 4)) for k in top)
         return out
 
-    def _classify(self, windows: list[Window], scores: np.ndarray, threshold: float) -> dict[int, DefectPrediction]:
+    def _classify(
+        self, windows: list[Window], scores: np.ndarray, thresholds: np.ndarray
+    ) -> dict[int, DefectPrediction]:
         """Defect class of each anomalous window of a classified sensor whose machine speed is known."""
         stage = self._defect
         if stage is None:
             return {}
         chosen: list[int] = []
         rpms: list[float] = []
-        for i, (window, score) in enumerate(zip(windows, scores, strict=True)):
+        for i, (window, score, threshold) in enumerate(zip(windows, scores, thresholds, strict=True)):
             if score <= threshold or not stage.handles(window.source):
                 continue
             rpm = stage.speeds.rpm(window.source.machine)

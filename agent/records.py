@@ -125,7 +125,11 @@ class FeatureVector:
 
 @dataclass(frozen=True, slots=True)
 class Score:
-    """A model's verdict on one window: higher is more anomalous; ``threshold`` comes from the manifest."""
+    """A model's verdict on one window: higher is more anomalous.
+
+    ``threshold`` comes from the manifest, or from the machine's adapter when ``adapter`` names one
+    (``agent.adaptation.serving.adapter_id``: machine and the start of the adapter file's sha256).
+    """
 
     source: Source
     start_ns: int
@@ -134,6 +138,7 @@ class Score:
     model_version: str
     score: float
     threshold: float
+    adapter: str | None = None
 
     @property
     def is_anomalous(self) -> bool:
@@ -174,6 +179,7 @@ class Alert:
     time_ns: int
     defect: Mapping[str, object] | None = None
     top_features: tuple[tuple[str, float], ...] = ()
+    adapter: str | None = None
     acknowledged_by: str | None = None
     silenced: bool = False
     flapping: bool = False

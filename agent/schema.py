@@ -60,6 +60,7 @@ COMMAND_DETAIL_FIELD: Final = "detail"
 # Tags added to features, scores and alerts.
 TAG_MODEL_ID: Final = "model_id"
 TAG_MODEL_VERSION: Final = "model_version"
+TAG_ADAPTER: Final = "adapter"  # scores of a machine with a LoRA adapter: which one (machine@sha256 prefix)
 
 # Agent self-metrics (heartbeat): one point per heartbeat, one field per counter.
 AGENT: Final = "agent"

@@ -52,6 +52,7 @@ class _Event:
     window_end_ns: int
     first_detected_ns: int
     seq: int = 0
+    adapter: str | None = None
     defect: dict[str, Any] | None = None
     top_features: tuple[tuple[str, float], ...] = ()
     acknowledged_by: str | None = None
@@ -207,6 +208,7 @@ class AlertEngine:
             source=key[0],
             model_id=score.model_id,
             model_version=score.model_version,
+            adapter=score.adapter,
             severity=rule.severity(ratio),
             score=score.score,
             threshold=score.threshold,
@@ -238,7 +240,7 @@ class AlertEngine:
         event.score = score.score
         event.threshold = score.threshold
         event.window_start_ns, event.window_end_ns = score.start_ns, score.end_ns
-        event.model_id, event.model_version = score.model_id, score.model_version
+        event.model_id, event.model_version, event.adapter = score.model_id, score.model_version, score.adapter
         event.peak_score = max(event.peak_score, score.score)
         if hot:
             event.last_hot_ns = now_ns
@@ -516,6 +518,7 @@ class AlertEngine:
             time_ns=now_ns,
             defect=dict(event.defect) if event.defect is not None else None,
             top_features=event.top_features,
+            adapter=event.adapter,
             acknowledged_by=event.acknowledged_by,
             silenced=silenced,
             flapping=event.flapping,

@@ -29,7 +29,7 @@ def alert_body(alert: Alert, agent_id: str) -> dict[str, Any]:
         "score": alert.score,
         "threshold": alert.threshold,
         "peak_score": alert.peak_score,
-        "model": {"id": alert.model_id, "version": alert.model_version},
+        "model": {"id": alert.model_id, "version": alert.model_version, "adapter": alert.adapter},
         "window": {"start": format_rfc3339(alert.window_start_ns), "end": format_rfc3339(alert.window_end_ns)},
         "first_detected": format_rfc3339(alert.first_detected_ns),
         "time": format_rfc3339(alert.time_ns),

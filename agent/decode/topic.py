@@ -28,6 +28,7 @@ _RESERVED_TAGS: Final = frozenset(
         schema.COMMAND_RESULT_TAG,
         schema.TAG_MODEL_ID,
         schema.TAG_MODEL_VERSION,
+        schema.TAG_ADAPTER,
         schema.TAG_AGENT_ID,
         "time",
     }

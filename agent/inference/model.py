@@ -78,6 +78,11 @@ class OnnxAnomalyModel:
         return self._manifest.version
 
     @property
+    def directory(self) -> Path:
+        """The model's directory (its manifest and ONNX file): where per-machine adapters find their base."""
+        return self._path.parent
+
+    @property
     def threshold(self) -> float:
         return self._threshold
 

@@ -83,7 +83,8 @@ def score_lines(s: Score) -> list[str]:
         schema.ANOMALOUS_FIELD: s.is_anomalous,
         schema.WINDOW_START_FIELD: int(s.start_ns),
     }
-    return [format_point(schema.SCORE, _model_tags(s.source, s.model_id, s.model_version), fields, s.end_ns)]
+    extra = {} if s.adapter is None else {schema.TAG_ADAPTER: s.adapter}
+    return [format_point(schema.SCORE, _model_tags(s.source, s.model_id, s.model_version, **extra), fields, s.end_ns)]
 
 
 def alert_lines(a: Alert) -> list[str]:

@@ -74,13 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--calibration",
         choices=sorted(CALIBRATION_METHODS),
         default="minmax",
-        help="INT8 calibration method (default minmax)",
+        help="calibration of model.int8.onnx, the static INT8 candidate kept next to the parent (default minmax; "
+        "the gate tries every method)",
     )
     parser.add_argument(
         "--ship",
         choices=["auto", "int8", "fp32"],
         default="auto",
-        help="file named in the manifest; auto = INT8 unless it measures slower than FP32 (default auto)",
+        help="file named in the manifest; auto = the quantization gate's choice (agent.quantization.gate: the "
+        "cheapest candidate that keeps accuracy on held-out data and is not slower than FP32; default auto)",
     )
     parser.add_argument("--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})")
 

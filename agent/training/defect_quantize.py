@@ -8,8 +8,6 @@ output names differ.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.training import quantize as q
-from agent.training.defect_mlp import FLOAT_NODES, INPUT_NAME, LABEL, PROBABILITIES
+from agent.training.defect_mlp import FLOAT_NODES, INPUT_NAME, PROBABILITIES
 
 
 def quantize_classifier(
@@ -46,34 +44,3 @@ def compare_probabilities(fp32: np.ndarray, int8: np.ndarray) -> dict[str, float
         "max_abs_prob_diff": float(diff.max()) if len(fp32) else 0.0,
         "mean_abs_prob_diff": float(diff.mean()) if len(fp32) else 0.0,
     }
-
-
-def measure_latency(
-    paths: dict[str, Path], rows: np.ndarray, batches: Sequence[int] = (1, 32), runs: int = 400, repeats: int = 5
-) -> dict[str, Any]:
-    """p50 microseconds per ``session.run`` (both outputs) for each model and batch size, one thread.
-
-    Interleaved rounds, as in ``agent.training.quantize.measure_latency``; a record of this machine only.
-    """
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
-    sessions = {name: q.session(path) for name, path in paths.items()}
-    samples: dict[tuple[str, int], list[float]] = {(n, b): [] for n in sessions for b in batches}
-    feeds = {b: {INPUT_NAME: np.ascontiguousarray(np.resize(rows, (b, rows.shape[1])))} for b in batches}
-    outputs = [PROBABILITIES, LABEL]
-    for sess in sessions.values():
-        for b in batches:
-            for _ in range(20):
-                sess.run(outputs, feeds[b])
-    for _ in range(repeats):
-        for b in batches:
-            for name, sess in sessions.items():
-                times = samples[(name, b)]
-                for _ in range(runs):
-                    t0 = time.perf_counter_ns()
-                    sess.run(outputs, feeds[b])
-                    times.append((time.perf_counter_ns() - t0) / 1e3)
-    result: dict[str, Any] = {"unit": "microseconds per run, p50", "threads": 1, "runs": runs * repeats}
-    for name in sessions:
-        result[name] = {f"batch{b}_p50_us": round(float(np.median(samples[(name, b)])), 1) for b in batches}
-    result["cpu"] = q.cpu_description()
-    return result

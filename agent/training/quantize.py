@@ -35,7 +35,13 @@ from agent.training.export import INPUT_NAME, NORMALIZE_NODES, OUTPUT_NAME, SCOR
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+# ORT's Distribution calibrator is meant for FP8; for INT8 it gives wrong ranges (DESIGN.md). Refused by name.
+REFUSED_CALIBRATION_METHODS = {"distribution": "Distribution calibration is meant for FP8, not for INT8 (DESIGN.md)"}
 _QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
 
@@ -58,6 +64,8 @@ class QuantizeConfig:
     weight_type: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.calibration.lower() in REFUSED_CALIBRATION_METHODS:
+            raise ValueError(REFUSED_CALIBRATION_METHODS[self.calibration.lower()])
         if self.calibration not in CALIBRATION_METHODS:
             raise ValueError(f"calibration must be one of {sorted(CALIBRATION_METHODS)}, got {self.calibration!r}")
         for name in ("activation_type", "weight_type"):
@@ -87,7 +95,7 @@ class RowsReader(CalibrationDataReader):
 def quantize(fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig) -> dict[str, Any]:
     """Write the INT8 QDQ anomaly model; return the recipe part of the report (what was done, on what data)."""
     recipe = quantize_static_qdq(fp32_path, int8_path, calibration_rows, config, [*NORMALIZE_NODES, *SCORE_NODES])
-    _score_reads_float(Path(int8_path))
+    score_reads_float(Path(int8_path))
     return recipe
 
 
@@ -138,7 +146,7 @@ def quantize_static_qdq(
     }
 
 
-def _score_reads_float(path: Path) -> None:
+def score_reads_float(path: Path) -> None:
     """Make the (float) score tail read float tensors, not the Q/DQ copies the quantizer routed it to.
 
     ``quantize_static`` sends every consumer of a quantized tensor through the same QuantizeLinear →

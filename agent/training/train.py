@@ -3,8 +3,11 @@
 Output directory layout::
 
     model.fp32.onnx   the exported autoencoder scoring graph (FP32 parent)
-    model.int8.onnx   its static INT8 (QDQ) quantization
-    manifest.json     names the shipped file (see ``choose_shipped``), its sha256, spec, threshold, metrics
+    model.int8.onnx   its static INT8 (QDQ) quantization (a copy of that candidate)
+    candidates/       every quantized candidate (``agent.quantization``), measured and gated
+    model.<name>.onnx the gate's choice, when it is not the FP32 parent
+    calibration.npz   the calibration rows; eval.npz the held-out rows the gate measured on
+    manifest.json     names the shipped file (the gate's choice), its sha256, spec, threshold, metrics
     MODEL_CARD.md     the same facts for people
 
 Everything except the measured latencies is a function of the inputs and the seed: a rerun writes the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,9 @@ import onnxruntime as ort
 
 from agent.features.spec import FeatureSpec
 from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha256_file
+from agent.quantization.data import CALIBRATION_FILE, EVAL_FILE, Rows, save_rows, subsample
+from agent.quantization.gate import PARENT
+from agent.quantization.workflow import Settings, quantize_model
 from agent.training import quantize as q
 from agent.training.autoencoder import AutoencoderConfig, fit_autoencoder
 from agent.training.export import INPUT_NAME, OUTPUT_NAME, export_onnx
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FP32_FILE = "model.fp32.onnx"
 INT8_FILE = "model.int8.onnx"
+CANDIDATES_DIR = "candidates"
 
 Ship = Literal["auto", "int8", "fp32"]
 
@@ -72,26 +80,64 @@ def threshold_from_scores(scores: np.ndarray) -> float:
     return _sig(max(tail, MAX_FACTOR * float(s.max())))
 
 
-def choose_shipped(latency: Mapping[str, Any], ship: Ship) -> tuple[str, str]:
-    """Which file to ship, and why: INT8 only if it is not slower than its FP32 parent (DESIGN.md).
+CALIBRATION_ROWS = 512  # training rows in calibration.npz (evenly spaced)
+EVAL_ROWS_PER_LABEL = 1000  # held-out normal and anomalous rows in eval.npz (evenly spaced)
 
-    ``latency`` is ``measure_latency``'s record with ``fp32`` and ``int8`` entries. With ``ship`` other
-    than ``auto`` the choice is forced (for reproducible builds and tests) and the reason says so.
 
-    >>> lat = {"fp32": {"batch1_p50_us": 20.0, "batch32_p50_us": 30.0},
-    ...        "int8": {"batch1_p50_us": 35.0, "batch32_p50_us": 50.0}}
-    >>> choose_shipped(lat, "auto")[0]
-    'model.fp32.onnx'
+def anomaly_eval_rows(healthy: np.ndarray, faults: Mapping[str, np.ndarray] | None) -> Rows | None:
+    """Held-out rows for the gate: healthy (y=0) and faulty (y=1, as many from every fault kind)."""
+    if not faults:
+        return None
+    normal = healthy[subsample(len(healthy), EVAL_ROWS_PER_LABEL)]
+    per_kind = max(1, EVAL_ROWS_PER_LABEL // len(faults))
+    bad = np.concatenate([rows[subsample(len(rows), per_kind)] for _, rows in sorted(faults.items())])
+    return Rows(
+        np.concatenate([normal, bad]).astype(np.float32),
+        np.r_[np.zeros(len(normal), np.int64), np.ones(len(bad), np.int64)],
+    )
+
+
+def quantize_and_choose(
+    fp32_path: Path,
+    calibration: np.ndarray,
+    eval_rows: Rows | None,
+    out_dir: Path,
+    ship: Ship,
+    calibration_method: str = "minmax",
+    latency_runs: int = 400,
+) -> tuple[str, dict[str, Any]]:
+    """Write calibration.npz/eval.npz, build and gate every candidate (``agent.quantization``).
+
+    Writes ``candidates/`` and ``model.int8.onnx`` (the static INT8 candidate of ``calibration_method``,
+    per tensor) into ``out_dir``; with ``ship="auto"`` the gate's choice is copied to ``model.<name>.onnx``.
+    Returns the shipped file name and the manifest's quantization record.
     """
-    if ship == "int8":
-        return INT8_FILE, "forced by --ship int8"
-    if ship == "fp32":
-        return FP32_FILE, "forced by --ship fp32"
-    slower = [key for key in latency["fp32"] if latency["int8"][key] > latency["fp32"][key]]
-    if slower:
-        detail = ", ".join(f"{k}: int8 {latency['int8'][k]} vs fp32 {latency['fp32'][k]} us" for k in slower)
-        return FP32_FILE, f"INT8 is slower than its FP32 parent on this CPU ({detail}); never ship that"
-    return INT8_FILE, "INT8 is not slower than FP32 at any measured batch size"
+    out_dir = Path(out_dir)
+    save_rows(out_dir / CALIBRATION_FILE, calibration)
+    files = {"calibration": CALIBRATION_FILE}
+    if eval_rows is not None:
+        save_rows(out_dir / EVAL_FILE, eval_rows.x, eval_rows.y)
+        files["evaluation"] = EVAL_FILE
+    settings = Settings(runs=max(20, latency_runs // 2))
+    outcome = quantize_model(
+        fp32_path, calibration, eval_rows, out_dir / CANDIDATES_DIR, settings, data_files=files, relative_to=out_dir
+    )
+    int8_name = f"int8-static-{calibration_method}-tensor"
+    shutil.copyfile(outcome.paths[int8_name], out_dir / INT8_FILE)
+    record = outcome.record
+    chosen = outcome.decision.chosen
+    if ship == "auto":
+        shipped_file = FP32_FILE if chosen == PARENT else f"model.{chosen}.onnx"
+        if chosen != PARENT:
+            shutil.copyfile(outcome.chosen_path, out_dir / shipped_file)
+    else:
+        shipped_file = INT8_FILE if ship == "int8" else FP32_FILE
+        record["ship_reason"] = f"forced by --ship {ship} (the gate chose {chosen}: {record['ship_reason']})"
+        record["shipped"] = ship
+    record["shipped_file"] = shipped_file
+    record["int8_file"] = INT8_FILE
+    record["int8_recipe"] = int8_name
+    return shipped_file, record
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +186,14 @@ def train_anomaly_model(
     export_onnx(model, fp32_path, {"model_id": name, "version": version, "feature_spec_hash": spec.spec_hash()})
     fp32 = q.session(fp32_path)
     _check_export(model.score(x_val), q.run_scores(fp32, x_val))
-    recipe = q.quantize(fp32_path, int8_path, x_train, quantization)
+    calibration = x_train[subsample(len(x_train), CALIBRATION_ROWS)]
+    eval_rows = anomaly_eval_rows(x_val if evaluation.test is None else evaluation.test, evaluation.faults)
+    shipped_file, quant_record = quantize_and_choose(
+        fp32_path, calibration, eval_rows, out_dir, ship, quantization.calibration, latency_runs
+    )
     int8 = q.session(int8_path)
-
-    latency = q.measure_latency({"fp32": fp32_path, "int8": int8_path}, x_val, runs=latency_runs)
-    shipped_file, ship_reason = choose_shipped(latency, ship)
-    shipped = int8 if shipped_file == INT8_FILE else fp32
-    logger.info("%s: shipping %s (%s)", name, shipped_file, ship_reason)
+    shipped = q.session(out_dir / shipped_file)
+    logger.info("%s: shipping %s (%s)", name, shipped_file, quant_record["ship_reason"])
 
     val_scores = q.run_scores(shipped, x_val)
     threshold = threshold_from_scores(val_scores)
@@ -174,19 +221,6 @@ def train_anomaly_model(
             for scores in [q.run_scores(shipped, rows)]
         }
 
-    quant_record = {
-        **recipe,
-        "fp32_file": FP32_FILE,
-        "fp32_sha256": sha256_file(fp32_path),
-        "int8_file": INT8_FILE,
-        "int8_sha256": sha256_file(int8_path),
-        "size_bytes_fp32": fp32_path.stat().st_size,
-        "size_bytes_int8": int8_path.stat().st_size,
-        "size_ratio_int8_over_fp32": _sig(int8_path.stat().st_size / fp32_path.stat().st_size),
-        "latency": latency,
-        "shipped": "int8" if shipped_file == INT8_FILE else "fp32",
-        "ship_reason": ship_reason,
-    }
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model_id=name,

@@ -19,7 +19,7 @@ from agent.training import quantize as q
 from agent.training.autoencoder import AutoencoderConfig, fit_autoencoder
 from agent.training.export import NORMALIZE_NODES, SCORE_NODES, build_onnx, export_onnx
 from agent.training.simdata import VIBRATION_SPEC, vibration_rows
-from agent.training.train import FP32_FILE, INT8_FILE, choose_shipped, threshold_from_scores
+from agent.training.train import FP32_FILE, INT8_FILE, threshold_from_scores
 
 
 def _features(n: int, f: int = 12, seed: int = 0) -> np.ndarray:
@@ -115,21 +115,6 @@ def test_threshold_is_never_below_one_and_a_half_times_the_largest_healthy_score
         threshold_from_scores(np.array([1.0, np.nan]))
 
 
-def test_int8_is_shipped_only_when_it_is_not_slower() -> None:
-    slow = {
-        "fp32": {"batch1_p50_us": 10.0, "batch32_p50_us": 20.0},
-        "int8": {"batch1_p50_us": 9.0, "batch32_p50_us": 25.0},
-    }
-    fast = {
-        "fp32": {"batch1_p50_us": 10.0, "batch32_p50_us": 20.0},
-        "int8": {"batch1_p50_us": 9.0, "batch32_p50_us": 15.0},
-    }
-    assert choose_shipped(slow, "auto")[0] == FP32_FILE
-    assert "batch32" in choose_shipped(slow, "auto")[1]
-    assert choose_shipped(fast, "auto")[0] == INT8_FILE
-    assert choose_shipped(slow, "int8") == (INT8_FILE, "forced by --ship int8")
-
-
 def test_vibration_rows_come_from_the_windower() -> None:
     machine = SimulatedMachine(fleet_profile(0, 1), seed=1)
     rows = vibration_rows(machine, 1.0, VIBRATION_SPEC)  # 10240 samples: windows at 0, 2048, 4096, 6144
@@ -143,8 +128,8 @@ def _train(out: Path, *extra: str) -> int:
 
 
 def _without_measurements(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Everything but the latencies (and the ship reason that quotes them): those are timings."""
-    quant = {k: v for k, v in manifest["quantization"].items() if k not in ("latency", "ship_reason")}
+    """Everything but the latencies (and the gate verdicts and ship reason that quote them): those are timings."""
+    quant = {k: v for k, v in manifest["quantization"].items() if k not in ("latency", "gate", "ship_reason")}
     return {**manifest, "quantization": quant}
 
 

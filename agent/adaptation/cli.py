@@ -1,0 +1,172 @@
+"""``pdm-agent adapt``: train one machine's LoRA adapter on the device, from a file or from InfluxDB.
+
+    pdm-agent adapt --model models/vibration_anomaly --machine m04 --config config/agent.yaml --since 2h
+    pdm-agent adapt --model models/defect_classifier --machine m04 --data confirmed.npz --out adapters/...
+
+Data: ``--data FILE.npz`` with ``x`` (float32 feature rows in time order, one column per feature name of the
+model's manifest) and, for a classifier, ``y`` (class indices or class names confirmed by a technician);
+or, for an anomaly model, the machine's own feature rows that the agent stored in InfluxDB (``features``
+measurement, the ``storage`` settings of ``--config``), the oldest first: its commissioning period.
+The adapter goes to ``--out``, by default ``{adaptation.dir}/{model_id}/{machine}`` of ``--config``, where a
+running agent with ``adaptation.enabled`` picks it up without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from agent import schema
+from agent.config import Config, ConfigError, load_config
+from agent.inference.manifest import Manifest
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "adapt",
+        help="train a machine's LoRA adapter on the frozen base model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, required=True, help="base model directory (manifest.json + ONNX)")
+    p.add_argument("--machine", required=True, help="the machine tag the adapter is for")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", type=Path, help=".npz with x (and y for a classifier)")
+    source.add_argument("--since", help="read the machine's stored features from InfluxDB, e.g. 2h, 30m, 1d")
+    p.add_argument("--limit", type=int, default=600, help="at most this many windows (default: %(default)s)")
+    p.add_argument("--config", type=Path, help="agent config: InfluxDB settings and adaptation.dir")
+    p.add_argument("--out", type=Path, help="adapter directory (default: {adaptation.dir}/{model_id}/{machine})")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=8.0)
+    p.add_argument("--refit-standardization", action="store_true", help="also use the machine's own input scaling")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, OSError, ConfigError, KeyError) as exc:
+        print(f"pdm-agent adapt: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agent.adaptation.adapt import adapt_machine
+    from agent.adaptation.lora import LoraConfig
+
+    manifest_data = json.loads((args.model / "manifest.json").read_text(encoding="utf-8"))
+    manifest = Manifest.from_dict(manifest_data, str(args.model / "manifest.json"))
+    config = load_config(args.config) if args.config else None
+    if args.data is not None:
+        x, y = _from_file(args.data, manifest)
+    elif args.since is not None:
+        if config is None:
+            raise ValueError("--since reads InfluxDB: give --config with the storage settings")
+        if manifest.task != "anomaly":
+            raise ValueError("a classifier adapts on technician-confirmed labels: give --data with x and y")
+        x, y = _from_influx(config, manifest, args.machine, args.since, args.limit), None
+    else:
+        raise ValueError("give --data FILE.npz or --since DURATION")
+    x = x[: args.limit]
+    y = None if y is None else y[: args.limit]
+    if len(x) < 20:
+        raise ValueError(f"only {len(x)} windows of machine {args.machine}; at least 20 are needed")
+    out = args.out or _default_out(config, manifest.model_id, args.machine)
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}"
+    result = adapt_machine(
+        args.model,
+        args.machine,
+        x,
+        staging,
+        y=y,
+        config=LoraConfig(rank=args.rank, alpha=args.alpha, refit_standardization=args.refit_standardization),
+        seed=args.seed,
+        description=f"pdm-agent adapt from {args.data or f'InfluxDB, last {args.since}'}",
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    size = (out / result.file).stat().st_size
+    base_size = (args.model / manifest.file).stat().st_size
+    print(f"adapter for machine {args.machine} of {manifest.model_id} {manifest.version}: {out}")
+    print(f"  windows            : {result.data['count']} (sha256 {result.data['sha256'][:16]}...)")
+    print(f"  rank / alpha       : {result.rank} / {result.alpha:g} on {', '.join(result.layers)}")
+    print(f"  held-out (before)  : {result.metrics['before']}")
+    print(f"  held-out (after)   : {result.metrics['after']}")
+    if result.threshold is not None:
+        print(f"  threshold          : {result.threshold:g} (base {manifest.threshold:g})")
+    print(f"  training           : {result.training['seconds']} s, peak {result.training['peak_memory_bytes']} B")
+    print(f"  size               : {size} B ({100 * size / base_size:.1f} % of the base file)")
+    return 0
+
+
+def _from_file(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
+    with np.load(path, allow_pickle=False) as data:
+        if "x" not in data:
+            raise ValueError(f"{path}: no array 'x' (feature rows)")
+        x = np.asarray(data["x"], dtype=np.float32)
+        y_raw = data.get("y")
+    if x.ndim != 2 or x.shape[1] != manifest.n_features:
+        raise ValueError(f"{path}: x must have shape (n, {manifest.n_features}) for {manifest.model_id}, got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: x contains NaN or infinity")
+    if manifest.task == "anomaly":
+        return x, None
+    if y_raw is None:
+        raise ValueError(f"{path}: a classifier needs labels 'y' (class indices or names)")
+    names = list(manifest.class_names or ())
+    if y_raw.dtype.kind in "US":
+        unknown = sorted(set(y_raw.tolist()) - set(names))
+        if unknown:
+            raise ValueError(f"{path}: unknown classes {unknown}; the model knows {names}")
+        y = np.array([names.index(v) for v in y_raw.tolist()], dtype=np.int64)
+    else:
+        y = np.asarray(y_raw, dtype=np.int64)
+        if y.min() < 0 or y.max() >= len(names):
+            raise ValueError(f"{path}: class indices must be in 0..{len(names) - 1}")
+    if len(y) != len(x):
+        raise ValueError(f"{path}: {len(x)} rows in x but {len(y)} labels in y")
+    return x, y
+
+
+def _from_influx(config: Config, manifest: Manifest, machine: str, since: str, limit: int) -> np.ndarray:
+    from agent.bootstrap import build_sink
+    from agent.storage.sinks import InfluxV1Sink, quote_identifier
+
+    if not _DURATION.match(since):
+        raise ValueError(f"--since must look like 30m, 2h or 1d, got {since!r}")
+    sink = build_sink(config)
+    if not isinstance(sink, InfluxV1Sink):
+        raise ValueError("reading features needs storage.api v1 (InfluxQL)")
+    names = list(manifest.feature_names)
+    columns = ", ".join(quote_identifier(n) for n in names)
+    machine_literal = machine.replace("\\", "\\\\").replace("'", "\\'")
+    rows = sink.query(
+        f"SELECT {columns} FROM {quote_identifier(schema.FEATURES)} "
+        f"WHERE {quote_identifier(schema.TAG_MODEL_ID)} = '{manifest.model_id}' AND \"machine\" = '{machine_literal}' "
+        f"AND time > now() - {since} ORDER BY time ASC LIMIT {int(limit)}"
+    )
+    values = [v[1:] for series in rows for v in series.get("values", [])]
+    if not values:
+        raise ValueError(f"no stored features of machine {machine} for {manifest.model_id} in the last {since}")
+    x = np.array([[np.nan if c is None else c for c in row] for row in values], dtype=np.float32)
+    complete = np.isfinite(x).all(axis=1)
+    return x[complete]
+
+
+def _default_out(config: Config | None, model_id: str, machine: str) -> Path:
+    if config is None:
+        raise ValueError("give --out, or --config to use its adaptation.dir")
+    root = config.adaptation.dir or config.spool.path.parent / "adapters"
+    (root / model_id).mkdir(parents=True, exist_ok=True)
+    return root / model_id / machine

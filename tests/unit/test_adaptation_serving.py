@@ -1,0 +1,121 @@
+"""Per-machine adapters in the agent: found on disk, verified against the base, trained automatically."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from agent.adaptation.adapt import adapt_machine
+from agent.adaptation.auto import AutoAdapter
+from agent.adaptation.lora import LoraConfig
+from agent.adaptation.serving import AdapterStore, adapter_id
+from agent.inference.model import OnnxAnomalyModel
+from agent.metrics import Metrics
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = LoraConfig(max_epochs=60, patience=10)
+
+
+@pytest.fixture(scope="module")
+def model() -> OnnxAnomalyModel:
+    return OnnxAnomalyModel.load(REPO / "models/vibration_anomaly")
+
+
+def _machine_rows(model: OnnxAnomalyModel, n: int, shift: float, seed: int) -> np.ndarray:
+    """Feature rows of a machine whose normal sits ``shift`` standard deviations off the fleet's on some features."""
+    graph = onnx.load(str(model.directory / model.manifest.file)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    mean = inits[next(n for n in graph.node if n.name == "normalize_sub").input[1]]
+    scale = inits[next(n for n in graph.node if n.name == "normalize_div").input[1]]
+    offset = np.zeros_like(mean)
+    offset[::3] = shift
+    rng = np.random.default_rng(seed)
+    return (mean + scale * (offset + 0.2 * rng.standard_normal((n, mean.size)))).astype(np.float32)
+
+
+def test_store_serves_a_verified_adapter_and_leaves_other_machines_on_the_base(model, tmp_path: Path):
+    metrics = Metrics()
+    store = AdapterStore(tmp_path, metrics, reload_interval_s=0)
+    store.refresh(model)
+    assert store.adapter_for(model, "m04") is None
+    rows = _machine_rows(model, 200, shift=4.0, seed=1)
+    assert (model.score(rows) > model.threshold).mean() > 0.9  # the fleet model flags this healthy machine
+
+    manifest = adapt_machine(model.directory, "m04", rows, tmp_path / model.model_id / "m04", config=FAST)
+    (tmp_path / model.model_id / ".m05.staging").mkdir()  # staging folders are ignored
+    store.refresh(model)
+    assert store.adapter_for(model, "m04") is None  # reload_interval_s 0: only rescanned when told
+    store.invalidate(model.model_id)
+    store.refresh(model)
+    served = store.adapter_for(model, "m04")
+    assert served is not None and adapter_id(served) == f"m04@{manifest.sha256[:12]}"
+    later = _machine_rows(model, 100, shift=4.0, seed=2)
+    assert served.threshold is not None
+    assert (store.score(model, "m04", later) > served.threshold).mean() < 0.05
+    assert store.adapter_for(model, "m01") is None
+    assert metrics.get("adapters.loaded", model=model.model_id) == 1
+
+    # Removing the directory removes the adapter at the next scan.
+    shutil.rmtree(tmp_path / model.model_id / "m04")
+    store.invalidate(model.model_id)
+    store.refresh(model)
+    assert store.adapter_for(model, "m04") is None
+
+
+def test_an_adapter_of_another_base_is_refused_and_counted(model, tmp_path: Path):
+    other = OnnxAnomalyModel.load(REPO / "models/process_anomaly")
+    rows = _machine_rows(model, 100, shift=2.0, seed=3)
+    adapt_machine(model.directory, "m04", rows, tmp_path / other.model_id / "m04", config=FAST)
+    metrics = Metrics()
+    store = AdapterStore(tmp_path, metrics, reload_interval_s=0)
+    store.refresh(other)
+    assert store.adapter_for(other, "m04") is None
+    assert metrics.get("adapters.refused", model=other.model_id) == 1
+    store.invalidate(other.model_id)
+    store.refresh(other)  # unchanged files: not retried
+    assert metrics.get("adapters.refused", model=other.model_id) == 1
+
+
+def test_auto_adapter_trains_machines_the_base_does_not_fit_and_skips_the_others(model, tmp_path: Path):
+    metrics = Metrics()
+    store = AdapterStore(tmp_path, metrics, reload_interval_s=0)
+    store.refresh(model)
+    auto = AutoAdapter(store, metrics, windows=120, min_anomalous_fraction=0.1, config=FAST)
+    auto.start()
+    try:
+        for machine, shift in (("m01", 0.0), ("m04", 4.0)):
+            rows = _machine_rows(model, 150, shift=shift, seed=4)
+            for chunk in np.array_split(rows, 5):
+                auto.observe(model, machine, chunk, model.score(chunk) > model.threshold)
+        deadline = time.monotonic() + 60
+        while metrics.get("adapters.trained", model=model.model_id) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        auto.stop(60)
+    assert metrics.get("adapters.trained", model=model.model_id) == 1
+    assert metrics.get("adapters.not_needed", model=model.model_id) == 1
+    assert sorted(p.name for p in (tmp_path / model.model_id).iterdir()) == ["m04"]  # staging renamed away
+    store.refresh(model)
+    assert store.adapter_for(model, "m04") is not None and store.adapter_for(model, "m01") is None
+
+
+def test_auto_adapter_needs_enough_windows_for_a_held_out_slice(tmp_path: Path):
+    with pytest.raises(ValueError, match="windows"):
+        AutoAdapter(AdapterStore(tmp_path, Metrics()), Metrics(), windows=10)
+
+
+def test_an_adapter_of_one_layer_at_another_rank_runs_on_the_shared_session(model, tmp_path: Path):
+    # Regression: one symbolic rank for every layer made ONNX Runtime reuse a rank-1 buffer for a rank-2 branch.
+    rows = _machine_rows(model, 100, shift=3.0, seed=5)
+    config = LoraConfig(rank=2, alpha=4.0, layers=("layer1_matmul",), max_epochs=20)
+    adapt_machine(model.directory, "m04", rows, tmp_path / model.model_id / "m04", config=config)
+    store = AdapterStore(tmp_path, Metrics(), reload_interval_s=0)
+    store.refresh(model)
+    assert store.adapter_for(model, "m04") is not None
+    assert store.score(model, "m04", rows).shape == (100,)
