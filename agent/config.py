@@ -354,8 +354,8 @@ class InferenceSection:
 class AlertsSection:
     default: AlertRule = field(default_factory=AlertRule)
     """The rule of every alert type without its own entry in ``types`` (knobs: ``agent/alerts/rules.py``)."""
-    types: dict[str, AlertRule] = field(default_factory=dict)
-    """Rules by alert type (the model id, e.g. ``vibration-anomaly``); keys not given take the built-in defaults."""
+    types: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Rules by alert type (the model id, e.g. ``vibration-anomaly``): the keys that differ from ``default``."""
     state_path: Path | None = None
     """The alert engine's state file (open events, silences); default: ``alert_state.json`` beside the spool."""
     top_features: int = 5
@@ -364,9 +364,29 @@ class AlertsSection:
     def __post_init__(self) -> None:
         if self.top_features < 0 or self.top_features > 10:
             raise ConfigError("alerts.top_features", f"must be between 0 and 10, got {self.top_features}")
+        self.rulebook()
 
     def rulebook(self) -> RuleBook:
-        return RuleBook(self.default, dict(self.types))
+        """The default rule and, per alert type, the default with that type's keys replaced."""
+        knobs = {f.name: f.type for f in dataclasses.fields(AlertRule)}
+        by_type = {}
+        for alert_type, overrides in self.types.items():
+            values: dict[str, float | int] = {}
+            for key, value in overrides.items():
+                path = f"alerts.types.{alert_type}.{key}"
+                if key not in knobs:
+                    raise ConfigError(path, f"unknown key (allowed: {', '.join(sorted(knobs))})")
+                if knobs[key] == "int":
+                    if not float(value).is_integer():
+                        raise ConfigError(path, f"expected an integer, got {value}")
+                    values[key] = int(value)
+                else:
+                    values[key] = value
+            try:
+                by_type[alert_type] = dataclasses.replace(self.default, **values)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise ConfigError(f"alerts.types.{alert_type}", str(exc)) from None
+        return RuleBook(self.default, by_type)
 
 
 @dataclass(frozen=True)

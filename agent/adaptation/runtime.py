@@ -35,6 +35,7 @@ import onnxruntime as ort
 from agent.adaptation.adapter import AdapterError, AdapterManifest, BaseIdentity, load_adapter, sha256_bytes
 from agent.adaptation.graph import build_adaptable, merge, param_names
 from agent.adaptation.lora import BaseMlp, LoraWeights
+from agent.inference.session import session_options as agent_session_options
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     The LoRA parameters are graph inputs with initializers on purpose (that is how adapters override them);
     ONNX Runtime logs a warning for each at load, which says nothing here.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = agent_session_options(threads)
     options.log_severity_level = 3
     return options
 

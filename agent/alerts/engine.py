@@ -54,6 +54,7 @@ class _Event:
     seq: int = 0
     adapter: str | None = None
     defect: dict[str, Any] | None = None
+    defect_votes: dict[str, int] = field(default_factory=dict)  # hot windows per defect class (not "normal")
     top_features: tuple[tuple[str, float], ...] = ()
     acknowledged_by: str | None = None
     published_new: bool = False
@@ -80,7 +81,7 @@ class _Event:
 class _Track:
     """What the engine remembers of one (source, alert type) between windows."""
 
-    recent: deque[tuple[bool, int]]  # (hot, window start) of the last raise_m windows
+    recent: deque[tuple[bool, int, float]]  # (hot, window start, score / threshold) of the last raise_m windows
     cool_run: int = 0
     hot_since_ns: int | None = None
     last_seen_ns: int = 0
@@ -166,7 +167,7 @@ class AlertEngine:
         ratio = score.score / score.threshold
         hot = ratio > rule.enter
         cool = ratio < rule.exit
-        track.recent.append((hot, score.start_ns))
+        track.recent.append((hot, score.start_ns, ratio))
         if hot:
             track.cool_run = 0
             if track.hot_since_ns is None:
@@ -191,8 +192,9 @@ class AlertEngine:
         defect: Mapping[str, Any] | None,
         top_features: Iterable[tuple[str, float]],
     ) -> list[Alert]:
-        hot_starts = [start for hot, start in track.recent if hot]
-        if not hot_starts or len(hot_starts) < rule.raise_n:
+        hot_starts = [start for hot, start, _ in track.recent if hot]
+        # Raise on a hot window only: hot windows seen during a cooldown must not raise on a cool one.
+        if not track.recent[-1][0] or len(hot_starts) < rule.raise_n:
             return []
         if rule.min_duration_s and (
             track.hot_since_ns is None or score.end_ns - track.hot_since_ns < rule.min_duration_s * NS_PER_S
@@ -201,7 +203,6 @@ class AlertEngine:
         if track.last_clear_ns is not None and now_ns - track.last_clear_ns < rule.cooldown_s * NS_PER_S:
             self._metrics.inc("alerts.suppressed", reason="cooldown", alert_type=key[1])
             return []
-        ratio = score.score / score.threshold
         event = _Event(
             event_id=self._new_event_id(),
             alert_type=key[1],
@@ -209,7 +210,7 @@ class AlertEngine:
             model_id=score.model_id,
             model_version=score.model_version,
             adapter=score.adapter,
-            severity=rule.severity(ratio),
+            severity=rule.severity(self._sustained_ratio(track, rule)),
             score=score.score,
             threshold=score.threshold,
             peak_score=score.score,
@@ -217,6 +218,7 @@ class AlertEngine:
             window_end_ns=score.end_ns,
             first_detected_ns=hot_starts[0],
             defect=dict(defect) if defect is not None else None,
+            defect_votes=_vote({}, defect),
             top_features=tuple(top_features),
             last_hot_ns=now_ns,
             last_update_ns=now_ns,
@@ -247,19 +249,7 @@ class AlertEngine:
             features = tuple(top_features)
             if features:
                 event.top_features = features
-            reasons = []
-            severity = rule.severity(score.score / score.threshold)
-            if severity != event.severity:
-                reasons.append("severity")
-            if defect is not None and (event.defect is None or defect.get("defect") != event.defect.get("defect")):
-                reasons.append("defect")
-            if reasons and now_ns - event.last_update_ns >= rule.update_min_interval_s * NS_PER_S:
-                event.severity = severity
-                if defect is not None:
-                    event.defect = dict(defect)
-                event.last_update_ns = now_ns
-                return [self._emit(key, event, "update", "+".join(reasons), now_ns)]
-            return []
+            return self._material_change(key, track, rule, event, now_ns, defect)
         if track.cool_run < rule.clear_after:
             return []
         if event.flapping:
@@ -272,6 +262,55 @@ class AlertEngine:
             self._metrics.inc("alerts.suppressed", reason="flapping", alert_type=key[1])
             return [self._emit(key, event, "update", "flapping", now_ns)]
         return [self._clear(key, track, rule, event, "recovered", now_ns)]
+
+    def _material_change(
+        self,
+        key: Key,
+        track: _Track,
+        rule: AlertRule,
+        event: _Event,
+        now_ns: int,
+        defect: Mapping[str, Any] | None,
+    ) -> list[Alert]:
+        """An ``update`` when the event got worse or its defect class changed, not on every window's whim.
+
+        Severity only escalates, and only when ``raise_n`` of the last ``raise_m`` windows reach the new
+        level. The defect class is the one most hot windows of the event were classified as; ``normal``
+        (no bearing pattern in this window) never names or replaces a class. The first class named is
+        published at once; a change of class waits for ``update_min_interval_s``, like an escalation.
+        """
+        reasons = []
+        severity = rule.severity(self._sustained_ratio(track, rule))
+        if SEVERITIES.index(severity) > SEVERITIES.index(event.severity):
+            reasons.append("severity")
+        published = None if event.defect is None else event.defect.get("defect")
+        published = None if published == NO_DEFECT else published
+        event.defect_votes = _vote(event.defect_votes, defect)
+        named_now = _leader(event.defect_votes)
+        if defect is not None and defect.get("defect") == named_now:
+            latest_of_leader: dict[str, Any] | None = dict(defect)
+        else:
+            latest_of_leader = None
+        if named_now is not None and named_now != published and latest_of_leader is not None:
+            reasons.append("defect")
+        elif latest_of_leader is not None:
+            event.defect = latest_of_leader  # fresher probabilities of the same class: no message
+        first_class = published is None and named_now is not None
+        due = now_ns - event.last_update_ns >= rule.update_min_interval_s * NS_PER_S
+        if not reasons or not (due or (reasons == ["defect"] and first_class)):
+            return []
+        if "severity" in reasons:
+            event.severity = severity
+        if "defect" in reasons and latest_of_leader is not None:
+            event.defect = latest_of_leader
+        event.last_update_ns = now_ns
+        return [self._emit(key, event, "update", "+".join(reasons), now_ns)]
+
+    @staticmethod
+    def _sustained_ratio(track: _Track, rule: AlertRule) -> float:
+        """The level that ``raise_n`` of the last ``raise_m`` windows reach (the N-th largest score ratio)."""
+        ratios = sorted((r for _, _, r in track.recent), reverse=True)
+        return ratios[min(rule.raise_n, len(ratios)) - 1]
 
     def _clear(self, key: Key, track: _Track, rule: AlertRule, event: _Event, reason: str, now_ns: int) -> Alert:
         track.event = None
@@ -523,6 +562,23 @@ class AlertEngine:
             silenced=silenced,
             flapping=event.flapping,
         )
+
+
+NO_DEFECT = "normal"
+
+
+def _vote(votes: Mapping[str, int], defect: Mapping[str, Any] | None) -> dict[str, int]:
+    """``votes`` plus the class of one classified hot window (``normal`` does not vote)."""
+    out = dict(votes)
+    name = None if defect is None else defect.get("defect")
+    if isinstance(name, str) and name != NO_DEFECT:
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def _leader(votes: Mapping[str, int]) -> str | None:
+    """The class with the most votes (the first to reach that count on a tie), or ``None``."""
+    return max(votes, key=lambda name: votes[name]) if votes else None
 
 
 def _text(body: Mapping[str, Any], name: str, required: bool = False) -> str | None:

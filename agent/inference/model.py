@@ -16,7 +16,7 @@ import onnxruntime as ort
 from agent.features.spec import FeatureSpec
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
-from agent.inference.session import open_session
+from agent.inference.session import open_session, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,7 @@ class OnnxAnomalyModel:
         if not any(EXPLAIN_VALUE in node.output for node in model.graph.node):
             raise ValueError(f"model {self.model_id} has no {EXPLAIN_VALUE!r} value to explain its score with")
         model.graph.output.append(onnx.helper.make_tensor_value_info(EXPLAIN_VALUE, onnx.TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
 
     def _check_session(self, path: Path) -> None:
         expected_in, expected_out = self._manifest.inputs, self._manifest.outputs

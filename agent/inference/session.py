@@ -9,8 +9,8 @@ import onnxruntime as ort
 from agent.inference.errors import ModelError
 
 
-def open_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads; ``ModelError`` if ONNX Runtime cannot load the file."""
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """The agent's CPU session settings: ``threads`` intra-op threads, sequential, all graph optimizations."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     options = ort.SessionOptions()
@@ -21,6 +21,12 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
     # Idle worker threads would otherwise spin for a while after each run, stealing CPU from ingest
     # and the database writer on a 2-core box; the models are far too small to need spinning.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def open_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads; ``ModelError`` if ONNX Runtime cannot load the file."""
+    options = session_options(threads)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs

@@ -276,3 +276,40 @@ def test_rule_validation_names_the_problem():
         AlertRule(enter=1.0, exit=1.2)
     with pytest.raises(ValueError, match="raise_n"):
         AlertRule(raise_n=4, raise_m=3)
+
+
+def test_a_cooldown_ending_on_a_cool_window_does_not_raise():
+    # Hot windows seen during the cooldown used to raise a `new` on the first window after it, even a cool one.
+    c = Clock(_engine(cooldown_s=60))
+    c.feed([2.0, 2.0] + [0.1] * 5)  # cleared at 5 s: cooldown until 65 s
+    c.feed([2.0] * 57)  # hot until 64 s, all within the cooldown
+    assert states(c.out) == [("new", "raised"), ("clear", "recovered")]
+    assert c.feed([0.1] * 5) == []
+    new = c.feed([2.0, 2.0])
+    assert states(new) == [("new", "raised")] and new[0].score == 4.0
+
+
+def test_severity_escalates_on_sustained_levels_only_and_never_drops_within_an_event():
+    c = Clock(_engine(update_min_interval_s=0))
+    c.feed([1.2, 1.2])
+    assert c.feed([9.0, 1.2, 1.2, 9.0, 1.2]) == []  # single spikes: not sustained
+    up = c.feed([9.0, 9.0])
+    assert states(up) == [("update", "severity")] and up[0].severity == "critical"
+    assert c.feed([1.2] * 10) == []  # back to warning level: no downgrade message
+    assert c.feed([0.1] * 3)[0].severity == "critical"
+
+
+def test_the_defect_class_is_voted_and_normal_never_replaces_it():
+    c = Clock(_engine(update_min_interval_s=600))
+    normal = {"defect": "normal", "probability": 0.8, "probabilities": {"normal": 0.8, "ball": 0.2}}
+    ball = {"defect": "ball", "probability": 0.7, "probabilities": {"normal": 0.3, "ball": 0.7}}
+    inner = {"defect": "inner_race", "probability": 0.9, "probabilities": {"normal": 0.1, "inner_race": 0.9}}
+    assert c.feed([2.0, 2.0], defect=normal)[0].defect == normal
+    first = c.feed([2.0], defect=ball)  # the first class named: at once, despite the update interval
+    assert states(first) == [("update", "defect")] and first[0].defect == ball
+    for _ in range(10):  # a flickering verdict makes no messages
+        assert c.feed([2.0], defect=normal) == [] and c.feed([2.0], defect=ball) == []
+    assert c.feed([2.0] * 5, defect=inner) == []  # 5 inner_race votes against 11 ball votes
+    assert c.feed([2.0] * 7, defect=inner) == []  # inner_race leads now, but the interval has not passed
+    later = c.feed([2.0] * 600, defect=inner)
+    assert states(later) == [("update", "defect")] and later[0].defect == inner

@@ -92,7 +92,12 @@ def test_alert_rules_per_type_and_their_validation():
     )
     book = config.alerts.rulebook()
     assert (book.rule("vibration-anomaly").raise_n, book.rule("vibration-anomaly").raise_m) == (3, 5)
-    assert book.rule("commissioning-baseline").clear_after == 30
+    # A type's rule is the default with its own keys replaced.
+    assert (book.rule("commissioning-baseline").clear_after, book.rule("commissioning-baseline").raise_n) == (30, 3)
+    with pytest.raises(ConfigError, match=r"alerts.types.vib.raise_n: expected an integer"):
+        parse_config({"alerts": {"types": {"vib": {"raise_n": 2.5}}}})
+    with pytest.raises(ConfigError, match=r"alerts.types.vib.clear: unknown key"):
+        parse_config({"alerts": {"types": {"vib": {"clear": 2}}}})
     with pytest.raises(ConfigError) as info:
         parse_config({"alerts": {"types": {"vib": {"enter": 1.0, "exit": 1.5}}}})
     assert info.value.path == "alerts.types.vib" and "exit" in info.value.reason
