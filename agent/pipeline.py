@@ -37,6 +37,7 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.errors import DecodeError
 from agent.decode.json_v1 import DecodeLimits, decode
 from agent.decode.topic import TopicTemplate
+from agent.features.bearing import extract_bearing_matrix
 from agent.features.extract import extract_matrix
 from agent.features.windows import Windower
 from agent.inference.classifier import DefectPrediction
@@ -530,7 +531,7 @@ class ScoringWorker(_Worker):
         if not chosen:
             return {}
         try:
-            predictions = stage.classifier.classify([windows[i] for i in chosen], rpms)
+            predictions = self._predict(stage.classifier, [windows[i] for i in chosen], rpms)
         except ValueError as exc:
             # E.g. a sampling rate too low for the classifier's bands: the anomaly still alerts, unclassified.
             self._metrics.inc("defect.skipped", len(chosen), reason="unusable_window")
@@ -538,6 +539,35 @@ class ScoringWorker(_Worker):
             return {}
         self._metrics.inc("defect.classified", len(chosen))
         return dict(zip(chosen, predictions, strict=True))
+
+    def _predict(
+        self, classifier: DefectClassifier, windows: list[Window], rpms: list[float]
+    ) -> list[DefectPrediction]:
+        """The classifier's verdicts: through a machine's classifier adapter where it has one."""
+        store = self._adapters
+        current = getattr(classifier, "current", None)
+        if store is None or current is None:
+            return classifier.classify(windows, rpms)
+        model = current()
+        store.refresh(model)
+        adapted: dict[str, list[int]] = {}
+        for i, window in enumerate(windows):
+            if store.adapter_for(model, window.source.machine) is not None:
+                adapted.setdefault(window.source.machine, []).append(i)
+        if not adapted:
+            return model.classify(windows, rpms)
+        out: list[DefectPrediction | None] = [None] * len(windows)
+        plain = [i for i, window in enumerate(windows) if window.source.machine not in adapted]
+        if plain:
+            predictions = model.classify([windows[i] for i in plain], [rpms[i] for i in plain])
+            for i, prediction in zip(plain, predictions, strict=True):
+                out[i] = prediction
+        names = model.class_names
+        for machine, rows in adapted.items():
+            x = extract_bearing_matrix(model.spec, [windows[i] for i in rows], [rpms[i] for i in rows])
+            for i, p in zip(rows, store.run(model, machine, x, "probabilities"), strict=True):
+                out[i] = DefectPrediction(names[int(p.argmax())], float(p.max()), names, p.copy())
+        return [p for p in out if p is not None]
 
     def _defect_lines(self, window: Window, prediction: DefectPrediction) -> list[str]:
         assert self._defect is not None

@@ -103,10 +103,14 @@ class AdapterStore:
 
     def score(self, model: AdaptableModel, machine: str, x: np.ndarray) -> np.ndarray:
         """Scores of ``machine``'s feature rows through its adapter (the caller checked ``adapter_for``)."""
+        return self.run(model, machine, x, "score").reshape(x.shape[0])
+
+    def run(self, model: AdaptableModel, machine: str, x: np.ndarray, output: str) -> np.ndarray:
+        """One output (``score``, ``probabilities``) of ``machine``'s feature rows through its adapter."""
         entry = self._models[model.model_id]
         assert entry.runtime is not None
-        (scores,) = entry.runtime.run(machine, x, outputs=["score"])
-        return np.asarray(scores, dtype=np.float32).reshape(x.shape[0])
+        (values,) = entry.runtime.run(machine, x, outputs=[output])
+        return np.asarray(values, dtype=np.float32)
 
     def _base(self, model: AdaptableModel) -> MachineAdapters | None:
         try:

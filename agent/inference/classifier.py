@@ -71,6 +71,7 @@ class OnnxDefectClassifier:
         self._manifest = manifest
         self._spec = spec
         path = Path(model_dir) / manifest.file
+        self._directory = Path(model_dir)
         self._session = open_session(path, threads)
         self._check_session(path)
         self._warm_up()
@@ -92,6 +93,15 @@ class OnnxDefectClassifier:
     @property
     def version(self) -> str:
         return self._manifest.version
+
+    @property
+    def directory(self) -> Path:
+        """The classifier's directory: where per-machine adapters find their base."""
+        return self._directory
+
+    def current(self) -> OnnxDefectClassifier:
+        """This classifier (``CurrentClassifier.current`` gives the registry's current one)."""
+        return self
 
     @property
     def spec(self) -> BearingFeatureSpec:

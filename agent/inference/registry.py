@@ -415,3 +415,9 @@ class CurrentClassifier:
         model = self._slot.model
         self._last = model
         return model.classify(windows, rpm)
+
+    def current(self) -> OnnxDefectClassifier:
+        """The classifier now in the slot; the next ``classify`` answers with it (and reports its version)."""
+        model = self._slot.model
+        self._last = model
+        return model

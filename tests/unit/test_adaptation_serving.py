@@ -119,3 +119,58 @@ def test_an_adapter_of_one_layer_at_another_rank_runs_on_the_shared_session(mode
     store.refresh(model)
     assert store.adapter_for(model, "m04") is not None
     assert store.score(model, "m04", rows).shape == (100,)
+
+
+def _vibration_windows(machine: str, n: int) -> list:
+    from agent.records import Source, Window
+    from agent.simulator.machine import SimulatedMachine, fleet_profile
+
+    profile = fleet_profile(0, seed=42)
+    signal = SimulatedMachine(profile, seed=1).vibration(0.0, 4096 * n).astype(np.float64)
+    source = Source.of(machine=machine, sensor="vibration")
+    times = np.arange(4096) / profile.rate_hz
+    return [
+        Window(
+            source, "vibration", i, i + 1, ("value",), signal[None, i * 4096 : (i + 1) * 4096], times, profile.rate_hz
+        )
+        for i in range(n)
+    ], profile.rpm
+
+
+def test_the_defect_stage_classifies_an_adapted_machine_through_its_adapter(tmp_path: Path):
+    import queue
+
+    from agent.alerts.engine import AlertEngine
+    from agent.alerts.rules import RuleBook
+    from agent.features.bearing import extract_bearing_matrix
+    from agent.inference.classifier import OnnxDefectClassifier
+    from agent.inference.router import ModelRouter
+    from agent.pipeline import ScoringWorker
+    from agent.storage.points import RawVibrationPolicy
+    from agent.topics import Topics
+
+    classifier = OnnxDefectClassifier.load(REPO / "models/defect_classifier")
+    windows, rpm = _vibration_windows("m04", 60)
+    x = extract_bearing_matrix(classifier.spec, windows, rpm)
+    # A technician "confirmed" these healthy-looking windows as ball defects: the adapter must say so for m04.
+    ball = classifier.class_names.index("ball")
+    adapt_machine(classifier.directory, "m04", x, tmp_path / classifier.model_id / "m04", y=np.full(len(x), ball))
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([]),
+        engine=AlertEngine(RuleBook()),
+        spool=None,  # type: ignore[arg-type]
+        broker=None,  # type: ignore[arg-type]
+        topics=Topics("edge-01"),
+        metrics=Metrics(),
+        max_batch=64,
+        raw_policy=RawVibrationPolicy("none"),
+        store_raw=lambda blocks: None,
+        adapters=AdapterStore(tmp_path, Metrics(), reload_interval_s=0),
+    )
+    others, _ = _vibration_windows("m01", 10)
+    predictions = worker._predict(classifier, others + windows[:10], [rpm] * 20)
+    base = classifier.classify(others, rpm)
+    assert [p.class_name for p in predictions[:10]] == [p.class_name for p in base]
+    assert all(np.array_equal(p.probabilities, q.probabilities) for p, q in zip(predictions[:10], base, strict=True))
+    assert [p.class_name for p in predictions[10:]] == ["ball"] * 10
