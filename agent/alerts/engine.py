@@ -30,6 +30,8 @@ from agent.metrics import Metrics
 from agent.records import NS_PER_S, Alert, AlertState, Score, Source
 
 STATE_VERSION = 1
+NO_DATA = "no_data"
+"""The alert type of a source that stopped sending (``AlertRule.no_data_after_s``)."""
 MAX_SILENCE_S = 7 * 24 * 3600.0
 
 Key = tuple[Source, str]
@@ -88,6 +90,7 @@ class _Track:
     last_clear_ns: int | None = None
     transitions: deque[int] = field(default_factory=deque)  # decision times of new/clear messages
     event: _Event | None = None
+    last_score: Score | None = None  # the latest window's score (in memory only), for a no_data event
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,8 @@ class AlertEngine:
         rule = self._rules.rule(key[1])
         track = self._track(key, rule)
         track.last_seen_ns = now_ns
+        track.last_score = score
+        resumed = self._data_resumed(score.source, now_ns)
         ratio = score.score / score.threshold
         hot = ratio > rule.enter
         cool = ratio < rule.exit
@@ -179,8 +184,48 @@ class AlertEngine:
             track.cool_run = 0
         event = track.event
         if event is None:
-            return self._maybe_raise(key, track, rule, score, now_ns, defect, top_features)
-        return self._follow(key, track, rule, event, score, now_ns, hot, defect, top_features)
+            return resumed + self._maybe_raise(key, track, rule, score, now_ns, defect, top_features)
+        return resumed + self._follow(key, track, rule, event, score, now_ns, hot, defect, top_features)
+
+    def _data_resumed(self, source: Source, now_ns: int) -> list[Alert]:
+        track = self._tracks.get((source, NO_DATA))
+        if track is None or track.event is None:
+            return []
+        rule = self._rules.rule(NO_DATA)
+        return [self._clear((source, NO_DATA), track, rule, track.event, "data_resumed", now_ns)]
+
+    def _no_data(self, key: Key, track: _Track, rule: AlertRule, now_ns: int) -> Alert | None:
+        """Open a ``no_data`` event for a source whose windows of this type stopped (once per source)."""
+        score = track.last_score
+        silent_s = (now_ns - track.last_seen_ns) / NS_PER_S
+        if score is None or not rule.no_data_after_s or silent_s < rule.no_data_after_s:
+            return None
+        gap_key = (key[0], NO_DATA)
+        gap_rule = self._rules.rule(NO_DATA)
+        gap_track = self._track(gap_key, gap_rule)
+        if gap_track.event is not None:
+            return None
+        gap_track.last_seen_ns = now_ns
+        event = _Event(
+            event_id=self._new_event_id(),
+            alert_type=NO_DATA,
+            source=key[0],
+            model_id=score.model_id,
+            model_version=score.model_version,
+            adapter=score.adapter,
+            severity="major",
+            score=silent_s,
+            threshold=rule.no_data_after_s,
+            peak_score=silent_s,
+            window_start_ns=score.start_ns,
+            window_end_ns=score.end_ns,
+            first_detected_ns=score.end_ns,
+            last_hot_ns=now_ns,
+            last_update_ns=now_ns,
+        )
+        gap_track.event = event
+        track.last_score = None  # one event per silence; the next window clears it and re-arms
+        return self._emit(gap_key, event, "new", "silent", now_ns)
 
     def _maybe_raise(
         self,
@@ -339,12 +384,16 @@ class AlertEngine:
             self._silences = [s for s in self._silences if s.until_ns > now_ns]
             self.dirty = True
             self.changed_machines.update(s.machine for s in expired)
-        for key, track in self._tracks.items():
+        for key, track in list(self._tracks.items()):
+            rule = self._rules.rule(key[1])
+            if key[1] != NO_DATA:
+                gap = self._no_data(key, track, rule, now_ns)
+                if gap is not None:
+                    out.append(gap)
             event = track.event
             if event is None:
                 continue
-            rule = self._rules.rule(key[1])
-            if now_ns - track.last_seen_ns >= rule.stale_after_s * NS_PER_S:
+            if key[1] != NO_DATA and now_ns - track.last_seen_ns >= rule.stale_after_s * NS_PER_S:
                 out.append(self._clear(key, track, rule, event, "no_data", now_ns))
             elif not event.published_new and not self._silenced(key, now_ns):
                 out.append(self._emit(key, event, "new", "unsilenced", now_ns))

@@ -30,6 +30,8 @@ class AlertRule:
       ``flap_window_s``, the event is held open (one ``update`` says so) until no window has been hot for
       ``flap_window_s``.
     - ``stale_after_s``: an open event whose source sends no scored window for this long is cleared.
+    - ``no_data_after_s``: a source of this type that has sent no scored window for this long opens an
+      event of the alert type ``no_data`` (0 = never), cleared by its next window.
     - severity: ``warning`` above the threshold, ``major`` from ``major_ratio``, ``critical`` from
       ``critical_ratio`` times the threshold.
     """
@@ -46,6 +48,7 @@ class AlertRule:
     flap_window_s: float = 1800.0
     flap_max_transitions: int = 6
     stale_after_s: float = 3600.0
+    no_data_after_s: float = 0.0
     major_ratio: float = 1.5
     critical_ratio: float = 3.0
 
@@ -59,7 +62,14 @@ class AlertRule:
             problems.append(f"clear_after must be >= 1, got {self.clear_after}")
         if self.flap_max_transitions < 2:
             problems.append(f"flap_max_transitions must be >= 2, got {self.flap_max_transitions}")
-        for name in ("min_duration_s", "cooldown_s", "update_min_interval_s", "renotify_s", "flap_window_s"):
+        for name in (
+            "min_duration_s",
+            "cooldown_s",
+            "update_min_interval_s",
+            "renotify_s",
+            "flap_window_s",
+            "no_data_after_s",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.stale_after_s <= 0:

@@ -313,3 +313,26 @@ def test_the_defect_class_is_voted_and_normal_never_replaces_it():
     assert c.feed([2.0] * 7, defect=inner) == []  # inner_race leads now, but the interval has not passed
     later = c.feed([2.0] * 600, defect=inner)
     assert states(later) == [("update", "defect")] and later[0].defect == inner
+
+
+def test_a_source_that_stops_sending_opens_one_no_data_event_until_it_sends_again():
+    c = Clock(_engine(no_data_after_s=30, stale_after_s=60))
+    c.feed([0.1] * 10)
+    assert c.wait(20) == []
+    silent = c.wait(15)
+    assert states(silent) == [("new", "silent")]
+    gap = silent[0]
+    assert (gap.alert_type, gap.severity, gap.threshold) == ("no_data", "major", 30.0) and gap.score >= 30
+    jsonschema.validate(alert_body(gap, "edge-01"), SCHEMA)
+    assert c.wait(600) == []  # one event per silence, and never cleared as stale
+    assert c.engine.machine_state("m01", T0 + c.t * S)["state"] == "major"
+    resumed = c.feed([0.1])
+    assert states(resumed) == [("clear", "data_resumed")] and resumed[0].event_id == gap.event_id
+    jsonschema.validate(alert_body(resumed[0], "edge-01"), SCHEMA)
+
+
+def test_an_anomaly_event_of_a_silent_source_clears_as_stale_beside_its_no_data_event():
+    c = Clock(_engine(no_data_after_s=30, stale_after_s=120))
+    c.feed([2.0, 2.0])
+    c.wait(130)
+    assert sorted(states(c.out)) == [("clear", "no_data"), ("new", "raised"), ("new", "silent")]
