@@ -354,7 +354,7 @@ class InferenceSection:
 class AlertsSection:
     default: AlertRule = field(default_factory=AlertRule)
     """The rule of every alert type without its own entry in ``types`` (knobs: ``agent/alerts/rules.py``)."""
-    types: dict[str, dict[str, float]] = field(default_factory=dict)
+    types: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Rules by alert type (the model id, e.g. ``vibration-anomaly``): the keys that differ from ``default``."""
     state_path: Path | None = None
     """The alert engine's state file (open events, silences); default: ``alert_state.json`` beside the spool."""
@@ -368,24 +368,12 @@ class AlertsSection:
 
     def rulebook(self) -> RuleBook:
         """The default rule and, per alert type, the default with that type's keys replaced."""
-        knobs = {f.name: f.type for f in dataclasses.fields(AlertRule)}
         by_type = {}
         for alert_type, overrides in self.types.items():
-            values: dict[str, float | int] = {}
-            for key, value in overrides.items():
-                path = f"alerts.types.{alert_type}.{key}"
-                if key not in knobs:
-                    raise ConfigError(path, f"unknown key (allowed: {', '.join(sorted(knobs))})")
-                if knobs[key] == "int":
-                    if not float(value).is_integer():
-                        raise ConfigError(path, f"expected an integer, got {value}")
-                    values[key] = int(value)
-                else:
-                    values[key] = value
-            try:
-                by_type[alert_type] = dataclasses.replace(self.default, **values)  # type: ignore[arg-type]
-            except ValueError as exc:
-                raise ConfigError(f"alerts.types.{alert_type}", str(exc)) from None
+            merged = {**dataclasses.asdict(self.default), **overrides}
+            # The loader validates the merged rule: key names, types and AlertRule's own checks, with paths.
+            rule = _Context(base_dir=Path("."), environ={}).build(AlertRule, merged, f"alerts.types.{alert_type}")
+            by_type[alert_type] = rule
         return RuleBook(self.default, by_type)
 
 
@@ -565,6 +553,8 @@ class _Context:
             raise ConfigError(path, str(exc)) from None
 
     def convert(self, hint: Any, value: Any, path: str) -> Any:
+        if hint is Any:  # checked later by whoever reads it (e.g. AlertsSection.rulebook)
+            return value
         origin = typing.get_origin(hint)
         args = typing.get_args(hint)
         if origin in (typing.Union, types.UnionType):

@@ -1,7 +1,7 @@
 """ONNX Runtime adapter for anomaly models: a verified, warmed-up session that turns features into scores.
 
 The model only scores (higher = more anomalous); comparing with ``threshold`` is the thresholder's job and
-deciding whether to notify is the alert policy's.
+deciding whether to notify is the alert engine's (``agent/alerts/engine.py``).
 """
 
 from __future__ import annotations
