@@ -477,7 +477,14 @@ class ScoringWorker(_Worker):
                 manifest = store.adapter_for(adaptable, machine)
                 if manifest is None:
                     continue
-                scores[rows] = store.score(adaptable, machine, x[rows])
+                try:
+                    scores[rows] = store.score(adaptable, machine, x[rows])
+                except Exception:
+                    # A broken adapter costs its machine the adaptation, not the batch: the base scores it.
+                    self._metrics.inc("adapters.errors", model=model.model_id)
+                    logger.exception("adapter of machine %s failed; scored by the base model", machine)
+                    scores[rows] = model.score(x[rows])
+                    continue
                 if manifest.threshold is not None:
                     thresholds[rows] = manifest.threshold
                 name = adapter_id(manifest)

@@ -174,3 +174,40 @@ def test_the_defect_stage_classifies_an_adapted_machine_through_its_adapter(tmp_
     assert [p.class_name for p in predictions[:10]] == [p.class_name for p in base]
     assert all(np.array_equal(p.probabilities, q.probabilities) for p, q in zip(predictions[:10], base, strict=True))
     assert [p.class_name for p in predictions[10:]] == ["ball"] * 10
+
+
+def test_a_failing_adapter_costs_its_machine_the_adaptation_not_the_batch(model, tmp_path: Path):
+    import queue
+
+    from agent.alerts.engine import AlertEngine
+    from agent.alerts.rules import RuleBook
+    from agent.inference.router import ModelRouter
+    from agent.pipeline import ScoringWorker
+    from agent.storage.points import RawVibrationPolicy
+    from agent.topics import Topics
+
+    class BrokenStore(AdapterStore):
+        def score(self, model, machine, x):  # type: ignore[no-untyped-def]
+            raise RuntimeError("ONNX Runtime failure")
+
+    rows = _machine_rows(model, 60, shift=4.0, seed=6)
+    adapt_machine(model.directory, "m04", rows, tmp_path / model.model_id / "m04", config=FAST)
+    metrics = Metrics()
+    worker = ScoringWorker(
+        windows=queue.Queue(),
+        router=ModelRouter([]),
+        engine=AlertEngine(RuleBook()),
+        spool=None,  # type: ignore[arg-type]
+        broker=None,  # type: ignore[arg-type]
+        topics=Topics("edge-01"),
+        metrics=metrics,
+        max_batch=64,
+        raw_policy=RawVibrationPolicy("none"),
+        store_raw=lambda blocks: None,
+        adapters=BrokenStore(tmp_path, metrics, reload_interval_s=0),
+    )
+    windows = [type("W", (), {"source": type("S", (), {"machine": m})()})() for m in ["m01"] * 3 + ["m04"] * 3]
+    scores, thresholds, adapters = worker._run_model(model, windows, rows[:6])  # type: ignore[arg-type]
+    assert np.array_equal(scores, model.score(rows[:6]))
+    assert list(thresholds) == [model.threshold] * 6 and adapters == [None] * 6
+    assert metrics.get("adapters.errors", model=model.model_id) == 1
