@@ -430,7 +430,7 @@ class ScoringWorker(_Worker):
         lines: list[str] = []
         now_ns = self._clock_ns()
         defects = self._classify(windows, scores, thresholds)
-        explained = self._explain(model, x, scores, [a is None for a in adapters])
+        explained = self._explain(model, names, x, scores, [a is None for a in adapters])
         for i, (window, row, value) in enumerate(zip(windows, x, scores, strict=True)):
             score = Score(
                 source=window.source,
@@ -497,11 +497,15 @@ class ScoringWorker(_Worker):
         return scores, thresholds, adapters
 
     def _explain(
-        self, model: AnomalyModel, x: np.ndarray, scores: np.ndarray, explainable: Sequence[bool]
+        self,
+        model: AnomalyModel,
+        names: Sequence[str],
+        x: np.ndarray,
+        scores: np.ndarray,
+        explainable: Sequence[bool],
     ) -> dict[int, tuple[tuple[str, float], ...]]:
         """Top contributing features of the anomalous windows scored by the base model (``explain``)."""
         explain = getattr(model, "explain", None)
-        names = model.spec.feature_names()
         hot = np.flatnonzero((scores > model.threshold) & np.asarray(explainable, dtype=bool))
         if explain is None or not len(hot) or not self._top_features:
             return {}

@@ -23,7 +23,7 @@ import numpy as np
 from agent.features.bearing import BearingFeatureSpec, extract_bearing_matrix
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
-from agent.inference.session import open_session
+from agent.inference.session import ServedModel
 from agent.records import Window
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class DefectPrediction:
 ClassifierManifest = Manifest
 
 
-class OnnxDefectClassifier:
+class OnnxDefectClassifier(ServedModel):
     """One classifier loaded from its directory, checked against its manifest and warmed up.
 
     Built once by the composition root, then called from the inference worker thread only. Construction
@@ -68,12 +68,9 @@ class OnnxDefectClassifier:
             raise ModelError(
                 f"{model_dir}: model {manifest.model_id!r} is a {manifest.task!r} model, not a {TASK!r}", reason="task"
             )
-        self._manifest = manifest
+        super().__init__(manifest, model_dir, threads)
         self._spec = spec
-        path = Path(model_dir) / manifest.file
-        self._directory = Path(model_dir)
-        self._session = open_session(path, threads)
-        self._check_session(path)
+        self._check_session(self._path)
         self._warm_up()
         logger.info("loaded classifier %s version %s (%s)", manifest.model_id, manifest.version, manifest.file)
 
@@ -81,23 +78,6 @@ class OnnxDefectClassifier:
     def load(cls, model_dir: Path, threads: int = 1) -> OnnxDefectClassifier:
         """Read and verify the manifest in ``model_dir`` and build the classifier."""
         return cls(Manifest.load(model_dir, TASK), model_dir, threads)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self._manifest
-
-    @property
-    def model_id(self) -> str:
-        return self._manifest.model_id
-
-    @property
-    def version(self) -> str:
-        return self._manifest.version
-
-    @property
-    def directory(self) -> Path:
-        """The classifier's directory: where per-machine adapters find their base."""
-        return self._directory
 
     def current(self) -> OnnxDefectClassifier:
         """This classifier (``CurrentClassifier.current`` gives the registry's current one)."""

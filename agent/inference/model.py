@@ -16,7 +16,7 @@ import onnxruntime as ort
 from agent.features.spec import FeatureSpec
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
-from agent.inference.session import open_session, session_options
+from agent.inference.session import ServedModel, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ EXPLAIN_VALUE = "squared_error"
 _ORT_TYPES = {"float32": "tensor(float)"}
 
 
-class OnnxAnomalyModel:
+class OnnxAnomalyModel(ServedModel):
     """One anomaly model loaded from its directory, checked against its manifest.
 
     Built once by the composition root (or a command), then called from the inference worker thread only:
@@ -40,14 +40,11 @@ class OnnxAnomalyModel:
                 f"{model_dir}: model {manifest.model_id!r} is a {manifest.task!r} model, not an {TASK!r} model",
                 reason="task",
             )
-        self._manifest = manifest
+        super().__init__(manifest, model_dir, threads)
         self._spec = spec
         self._threshold = manifest.threshold
-        path = Path(model_dir) / manifest.file
-        self._path = path
         self._explainer: ort.InferenceSession | None = None
-        self._session = open_session(path, threads)
-        self._check_session(path)
+        self._check_session(self._path)
         self._input = manifest.inputs[0].name
         self._output = manifest.outputs[0].name
         self._warm_up()
@@ -64,23 +61,6 @@ class OnnxAnomalyModel:
     def load(cls, model_dir: Path, threads: int = 1) -> OnnxAnomalyModel:
         """Read and verify the manifest in ``model_dir`` and build the model."""
         return cls(Manifest.load(model_dir, TASK), model_dir, threads)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self._manifest
-
-    @property
-    def model_id(self) -> str:
-        return self._manifest.model_id
-
-    @property
-    def version(self) -> str:
-        return self._manifest.version
-
-    @property
-    def directory(self) -> Path:
-        """The model's directory (its manifest and ONNX file): where per-machine adapters find their base."""
-        return self._path.parent
 
     @property
     def threshold(self) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from agent.inference.errors import ModelError
+from agent.inference.manifest import Manifest
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
@@ -31,3 +32,32 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
         raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}", reason="onnx") from exc
+
+
+class ServedModel:
+    """What every served model has: its verified manifest, its directory and one session of its file.
+
+    ``OnnxAnomalyModel`` and ``OnnxDefectClassifier`` add their task's checks, warm-up and calls.
+    """
+
+    def __init__(self, manifest: Manifest, model_dir: Path, threads: int) -> None:
+        self._manifest = manifest
+        self._path = Path(model_dir) / manifest.file
+        self._session = open_session(self._path, threads)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def model_id(self) -> str:
+        return self._manifest.model_id
+
+    @property
+    def version(self) -> str:
+        return self._manifest.version
+
+    @property
+    def directory(self) -> Path:
+        """The model's directory (manifest and ONNX file): where per-machine adapters find their base."""
+        return self._path.parent
