@@ -140,10 +140,6 @@ class MachineAdapters:
         """The base as numpy (dequantized weights): what adapters are trained on."""
         return self._mlp
 
-    @property
-    def output_names(self) -> list[str]:
-        return list(self._outputs)
-
     def machines(self) -> list[str]:
         return sorted(self._machines)
 

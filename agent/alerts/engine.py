@@ -485,10 +485,6 @@ class AlertEngine:
 
     # -- state --------------------------------------------------------------------------------------------
 
-    def open_events(self) -> list[Alert]:
-        """The current message of every open event (for tests and summaries)."""
-        return [self._snapshot(t.event, "update", "open", 0) for t in self._tracks.values() if t.event is not None]
-
     def machine_state(self, machine: str, now_ns: int) -> dict[str, Any]:
         """The retained per-machine state: worst severity of its open events (``ok`` without) and the events."""
         events = [(k, t.event) for k, t in self._tracks.items() if t.event is not None and k[0].machine == machine]

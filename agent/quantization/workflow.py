@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from agent.inference.manifest import sha256_file
 from agent.quantization import candidates as cands
 from agent.quantization import gate
 from agent.quantization.data import Rows
@@ -253,7 +252,3 @@ def _default_threshold_rule() -> ThresholdRule:
 
 def _r(value: float, digits: int = 6) -> float:
     return round(float(value), digits)
-
-
-def file_sha256(path: Path) -> str:
-    return sha256_file(path)
