@@ -20,8 +20,8 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests scripts benchmarks
-	$(VENV)/bin/ruff format --check agent tests scripts benchmarks
+	$(VENV)/bin/ruff check agent pdm_tools tests scripts benchmarks
+	$(VENV)/bin/ruff format --check agent pdm_tools tests scripts benchmarks
 
 typecheck: setup
 	$(VENV)/bin/mypy

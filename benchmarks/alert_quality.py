@@ -58,10 +58,10 @@ from agent.inference.classifier import OnnxDefectClassifier
 from agent.metrics import Metrics
 from agent.pipeline import DefectStage, ScoringWorker, ShaftSpeeds
 from agent.records import NS_PER_S, Alert, Reading, SampleBlock, Score, Source, Window
-from agent.simulator.gateway import sample_time_ns
-from agent.simulator.machine import Fault, SimulatedMachine, fleet_profile
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
+from pdm_tools.simulator.gateway import sample_time_ns
+from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
 logger = logging.getLogger("alert_quality")
 

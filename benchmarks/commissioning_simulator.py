@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.commissioning.baseline import CommissioningBaseline, CommissioningConfig
-from agent.simulator.machine import Fault, SimulatedMachine, fleet_profile
+from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
 T0_NS = 1_790_000_000 * 10**9
 HOURS = 2

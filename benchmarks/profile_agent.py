@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent import devservices  # noqa: E402
 from benchmarks.run import BROKER_CONF, Run  # noqa: E402
 from benchmarks.workload import Fleet  # noqa: E402
+from pdm_tools.dev import services as devservices  # noqa: E402
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
 

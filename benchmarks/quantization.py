@@ -8,7 +8,7 @@ are measured where they apply:
 - ``wide-defect-classifier``: the defect classifier MLP with hidden layers 256-256 (CWRU; skipped with a
   message when ``../shared/datasets/cwru`` or ``$PDM_DATASETS/cwru`` is missing),
 
-it builds every candidate (``agent.quantization``), measures size, accuracy on held-out data and latency
+it builds every candidate (``pdm_tools.quantization``), measures size, accuracy on held-out data and latency
 (p50 per window, batch 32, 1 thread) side by side, runs the gate, and prints:
 
 1. one row per model: size ratios, accuracy deltas, latency ratio, what the gate ships;
@@ -36,10 +36,10 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from agent.quantization import candidates as cands  # noqa: E402
-from agent.quantization.data import Rows, load_rows, subsample  # noqa: E402
-from agent.quantization.workflow import Settings, measure_latency, quantize_model  # noqa: E402
-from agent.training import quantize as q  # noqa: E402
+from pdm_tools.quantization import candidates as cands  # noqa: E402
+from pdm_tools.quantization.data import Rows, load_rows, subsample  # noqa: E402
+from pdm_tools.quantization.workflow import Settings, measure_latency, quantize_model  # noqa: E402
+from pdm_tools.training import quantize as q  # noqa: E402
 
 SHIPPED = ("vibration_anomaly", "process_anomaly", "defect_classifier")
 INT8 = "int8-static-minmax-tensor"
@@ -105,10 +105,10 @@ def _run(fp32: Path, cal_x: np.ndarray, ev: Rows, out: Path, settings: Settings)
 
 
 def _wide_autoencoder(out: Path, quick: bool) -> tuple[Path, np.ndarray, Rows]:
-    from agent.training.autoencoder import AutoencoderConfig, fit_autoencoder
-    from agent.training.export import export_onnx
-    from agent.training.simdata import DataPlan, vibration_dataset
-    from agent.training.train import anomaly_eval_rows
+    from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
+    from pdm_tools.training.export import export_onnx
+    from pdm_tools.training.simdata import DataPlan, vibration_dataset
+    from pdm_tools.training.train import anomaly_eval_rows
 
     plan = DataPlan(seed=42, vibration_minutes=0.5 if quick else 1.5)
     data = vibration_dataset(plan)
@@ -122,11 +122,11 @@ def _wide_autoencoder(out: Path, quick: bool) -> tuple[Path, np.ndarray, Rows]:
 
 
 def _wide_classifier(out: Path, data_dir: Path | None) -> tuple[Path, np.ndarray, Rows] | None:
-    from agent.evaluation.cwru import default_data_dir
     from agent.features.bearing import BearingFeatureSpec
-    from agent.training.defect_data import CLASS_NAMES, load_cwru
-    from agent.training.defect_mlp import MlpConfig, export_onnx, fit_mlp
-    from agent.training.defect_train import training_rows
+    from pdm_tools.evaluation.cwru import default_data_dir
+    from pdm_tools.training.defect_data import CLASS_NAMES, load_cwru
+    from pdm_tools.training.defect_mlp import MlpConfig, export_onnx, fit_mlp
+    from pdm_tools.training.defect_train import training_rows
 
     data_dir = data_dir or default_data_dir()
     if not (Path(data_dir) / "index.json").exists():

@@ -1,6 +1,6 @@
 """How close the agent runs to the limits of its machine: ``python benchmarks/run.py [--quick] [--out DIR]``.
 
-Starts its own Mosquitto and InfluxDB 1.x (``agent.devservices``), then measures, in one run:
+Starts its own Mosquitto and InfluxDB 1.x (``pdm_tools.dev.services``), then measures, in one run:
 
 1. limits: the receive rate of a bare paho subscriber (QoS 1, does nothing) for the benchmark's
    messages; the rate at which InfluxDB accepts the agent's points from a bare ``InfluxV1Sink``
@@ -38,7 +38,6 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from agent import devservices  # noqa: E402
 from agent.records import Reading  # noqa: E402
 from agent.storage.points import RawVibrationPolicy, block_lines, reading_lines  # noqa: E402
 from agent.storage.sinks import InfluxV1Sink  # noqa: E402
@@ -51,6 +50,7 @@ from benchmarks.harness import (  # noqa: E402
     cpu_usage,
 )
 from benchmarks.workload import Fleet  # noqa: E402
+from pdm_tools.dev import services as devservices  # noqa: E402
 
 NS = 1_000_000_000
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from agent import devservices
 from agent.config import load_config
+from pdm_tools.dev import services as devservices
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATED_S = 60.0

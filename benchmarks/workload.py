@@ -3,7 +3,7 @@
 A ``Fleet`` has ``machines`` machines that publish a process reading (temperature, current, pressure,
 rpm: one ``fields`` message) every ``1 / process_hz`` seconds, and ``vibration_machines`` of them that
 also publish blocks of ``block_samples`` float32 samples at ``rate_hz`` (``f32le`` encoding), one block
-every ``block_samples / rate_hz`` seconds. Signals come from ``agent.simulator.machine.SimulatedMachine``
+every ``block_samples / rate_hz`` seconds. Signals come from ``pdm_tools.simulator.machine.SimulatedMachine``
 and payloads from ``agent.decode.encode``: before a run, each distinct block or process value is encoded
 once with sentinel ``ts_ns``/``seq`` values; a message is then that payload with the real timestamp and
 sequence number spliced in (a byte concatenation), so the publisher spends no time encoding.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agent.decode.encode import encode_block, encode_fields
-from agent.simulator.machine import Fault, SimulatedMachine, fleet_profile
+from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
 NS = 1_000_000_000
 _TS_SENTINEL = 1_111_111_111_111_111_111

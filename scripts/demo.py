@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.demo import run_demo
+from pdm_tools.dev.demo import run_demo
 
 
 def main() -> int:

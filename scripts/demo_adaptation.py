@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.demo import REPO, DemoReport, run_demo
+from pdm_tools.dev.demo import REPO, DemoReport, run_demo
 
 ADAPTATION = {
     "enabled": True,

@@ -41,8 +41,9 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import devservices, schema
-from agent.devservices import Service
+from agent import schema
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service
 
 REPO = Path(__file__).resolve().parents[1]
 NS = 1_000_000_000

@@ -6,7 +6,7 @@ Debian package to install (CI installs them; skipping would hide that the tier d
 
 Integration tests carry ``pytestmark = pytest.mark.integration``; ``pytest -m "not integration"`` runs
 the fast tier alone. A test that stops or restarts a service starts its own instance
-(``agent.devservices.start_*``) instead of touching the shared ones.
+(``pdm_tools.dev.services.start_*``) instead of touching the shared ones.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import devservices
-from agent.devservices import Service, ServiceError
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service, ServiceError
 
 
 def _service(factory: Callable[[Path], Service], workdir: Path) -> Iterator[Service]:

@@ -1,6 +1,6 @@
 """Bearing-defect features of a vibration window at a known shaft speed: the defect classifier's inputs.
 
-Training (``agent.training.defect_train``, ``agent.evaluation.cwru``) and serving
+Training (``pdm_tools.training.defect_train``, ``pdm_tools.evaluation.cwru``) and serving
 (``agent.inference.classifier``) both call ``extract_bearing_matrix``; ``BearingFeatureSpec`` fixes the
 window, the bands and the bearing geometry, and its ``spec_hash()`` goes into the classifier's manifest.
 

@@ -50,7 +50,7 @@ class DefectPrediction:
         }
 
 
-# The training code (agent/training/defect_train.py) still builds manifests under this name; it is the one
+# The training code (pdm_tools/training/defect_train.py) still builds manifests under this name; it is the one
 # ``Manifest`` (task "classifier"), kept as an alias until that code imports ``Manifest`` itself.
 ClassifierManifest = Manifest
 

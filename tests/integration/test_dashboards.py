@@ -31,8 +31,8 @@ import yaml
 
 from agent.bootstrap import build_agent
 from agent.config import parse_config
-from agent.devservices import Service
 from agent.storage.sinks import InfluxV1Sink
+from pdm_tools.dev.services import Service
 
 pytestmark = pytest.mark.integration
 

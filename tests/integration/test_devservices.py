@@ -12,9 +12,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import devservices
-from agent.devservices import Service, ServiceError
 from agent.storage.sinks import InfluxV1Sink
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service, ServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_a_missing_binary_names_the_debian_package() -> None:
 def test_services_die_with_a_killed_parent(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
-        "from agent import devservices\n"
+        "from pdm_tools.dev import services as devservices\n"
         f"s = devservices.start_mosquitto({str(tmp_path)!r})\n"
         "print(s.process.pid, s.port, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"  # no atexit, no cleanup: only the kernel can help

@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agent.demo import run_demo
+from pdm_tools.dev.demo import run_demo
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from agent import devservices, schema
+from agent import schema
 from agent.bootstrap import build_agent
 from agent.config import parse_config
-from agent.devservices import Service
 from agent.health.prometheus import CONTENT_TYPE
 from agent.health.selfmetrics import agent_fields
 from agent.health.server import HealthServer, build_health_server
@@ -31,6 +30,8 @@ from agent.metrics import Metrics
 from agent.spool.sqlite import Spool
 from agent.storage.line_protocol import format_point
 from agent.storage.sinks import InfluxV1Sink
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service
 
 pytestmark = pytest.mark.integration
 

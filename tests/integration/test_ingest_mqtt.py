@@ -22,11 +22,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import devservices
-from agent.devservices import Service
 from agent.ingest.mqtt import MqttConnection, MqttSettings
 from agent.metrics import Metrics
 from agent.records import Message
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service
 
 pytestmark = pytest.mark.integration
 

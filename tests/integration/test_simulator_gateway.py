@@ -23,12 +23,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.simulator.cli import add_arguments
-from agent.simulator.cli import main as cli_main
-from agent.simulator.config import SimulatorConfig, config_from_dict
-from agent.simulator.gateway import Gateway
-from agent.simulator.machine import SimulatedMachine
-from agent.simulator.publisher import MqttPublisher
+from pdm_tools.simulator.cli import add_arguments
+from pdm_tools.simulator.cli import main as cli_main
+from pdm_tools.simulator.config import SimulatorConfig, config_from_dict
+from pdm_tools.simulator.gateway import Gateway
+from pdm_tools.simulator.machine import SimulatedMachine
+from pdm_tools.simulator.publisher import MqttPublisher
 
 pytestmark = pytest.mark.integration
 

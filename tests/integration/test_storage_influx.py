@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import devservices, schema
-from agent.devservices import Service, victoria_metrics_series
+from agent import schema
 from agent.metrics import Metrics
 from agent.records import Reading, SampleBlock, Source
 from agent.spool.sqlite import Spool
@@ -22,6 +21,8 @@ from agent.storage.line_protocol import format_point
 from agent.storage.points import block_lines, reading_lines
 from agent.storage.sinks import InfluxV1Sink, InfluxV2Sink, PermanentWriteError, RetryableWriteError
 from agent.storage.writer import SpoolWriter
+from pdm_tools.dev import services as devservices
+from pdm_tools.dev.services import Service, victoria_metrics_series
 
 pytestmark = pytest.mark.integration
 

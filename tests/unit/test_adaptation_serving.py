@@ -123,7 +123,7 @@ def test_an_adapter_of_one_layer_at_another_rank_runs_on_the_shared_session(mode
 
 def _vibration_windows(machine: str, n: int) -> list:
     from agent.records import Source, Window
-    from agent.simulator.machine import SimulatedMachine, fleet_profile
+    from pdm_tools.simulator.machine import SimulatedMachine, fleet_profile
 
     profile = fleet_profile(0, seed=42)
     signal = SimulatedMachine(profile, seed=1).vibration(0.0, 4096 * n).astype(np.float64)

@@ -16,8 +16,8 @@ from agent.commissioning import (
     fit_detector,
 )
 from agent.commissioning.detector import long_run_scale
-from agent.commissioning.export import build_onnx, export_models, window_rows
-from agent.training import quantize as q
+from pdm_tools.training import quantize as q
+from pdm_tools.training.commissioning_export import build_onnx, export_models, window_rows
 
 N_TRAIN = 400
 SHIFT_AT = 700

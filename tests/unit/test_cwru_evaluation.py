@@ -14,7 +14,7 @@ from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
 from agent.records import Source, Window
-from agent.training.defect_train import train_defect_classifier
+from pdm_tools.training.defect_train import train_defect_classifier
 
 RATE = 12000
 MULT = dict(SKF_6205)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from agent.training import quantize as q
-from agent.training.defect_mlp import (
+from pdm_tools.training import quantize as q
+from pdm_tools.training.defect_mlp import (
     INPUT_NAME,
     LABEL,
     PROBABILITIES,
@@ -18,7 +18,7 @@ from agent.training.defect_mlp import (
     export_onnx,
     fit_mlp,
 )
-from agent.training.defect_quantize import compare_probabilities, quantize_classifier, run_classifier
+from pdm_tools.training.defect_quantize import compare_probabilities, quantize_classifier, run_classifier
 
 CLASSES = ("normal", "inner_race", "outer_race", "ball")
 

@@ -1,6 +1,6 @@
 """The shipped defect classifier: its manifest verifies, and it names the simulator's bearing faults.
 
-The simulator's bearing defects follow the CWRU bearing's geometry (``agent.simulator.machine``) but ring
+The simulator's bearing defects follow the CWRU bearing's geometry (``pdm_tools.simulator.machine``) but ring
 another resonance at another sampling rate (10240 Hz) and speed, so this checks that the model, trained on
 CWRU only, is usable on the windows the agent will actually give it when the anomaly model fires.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from agent.inference.classifier import OnnxDefectClassifier
 from agent.records import Source, Window
-from agent.simulator.machine import Fault, SimulatedMachine, fleet_profile
+from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "defect_classifier"
 EXPECTED = {None: "normal", "bearing_outer": "outer_race", "bearing_inner": "inner_race", "bearing_ball": "ball"}

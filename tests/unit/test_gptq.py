@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.quantization import BlockQuantized, gptq_quantize, hessian, output_error, rtn_quantize
-from agent.quantization.gptq import block_grid, quantize_rows
+from pdm_tools.quantization import BlockQuantized, gptq_quantize, hessian, output_error, rtn_quantize
+from pdm_tools.quantization.gptq import block_grid, quantize_rows
 
 
 def correlated_inputs(n: int, k: int, seed: int, spread: float = 1.0) -> np.ndarray:

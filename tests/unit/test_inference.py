@@ -11,8 +11,8 @@ import pytest
 
 from agent.inference.manifest import MANIFEST_FILE, ModelError
 from agent.inference.model import OnnxAnomalyModel
-from agent.simulator.machine import Fault, SimulatedMachine, fleet_profile
-from agent.training.simdata import PROCESS_SPEC, VIBRATION_SPEC, process_rows, vibration_rows
+from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
+from pdm_tools.training.simdata import PROCESS_SPEC, VIBRATION_SPEC, process_rows, vibration_rows
 
 REPO = Path(__file__).resolve().parents[2]
 VIBRATION_DIR = REPO / "models" / "vibration_anomaly"

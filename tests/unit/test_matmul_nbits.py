@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from agent.quantization import (
+from pdm_tools.quantization import (
     BlockQuantized,
     gptq_quantize,
     hessian,
@@ -23,8 +23,8 @@ from agent.quantization import (
     rtn_quantize,
     to_matmul_nbits,
 )
-from agent.quantization.nbits import pack_low_first
-from agent.training.export import INPUT_NAME, mlp_graph
+from pdm_tools.quantization.nbits import pack_low_first
+from pdm_tools.training.export import INPUT_NAME, mlp_graph
 
 DEFECT_MODEL = Path(__file__).resolve().parents[2] / "models" / "defect_classifier" / "model.fp32.onnx"
 

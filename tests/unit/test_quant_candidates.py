@@ -22,14 +22,14 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.cli import main as pdm_agent
 from agent.features.bearing import BearingFeatureSpec
 from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha256_file
-from agent.quantization import candidates as cands
-from agent.quantization import cli as qcli
-from agent.quantization.data import DataError, Rows, load_rows, save_rows
-from agent.quantization.workflow import Settings, quantize_model
-from agent.training import cli as training_cli
-from agent.training import quantize as q
-from agent.training.defect_mlp import INPUT_NAME, LABEL, PROBABILITIES, export_onnx, fit_mlp
-from agent.training.export import SCORE_NODES
+from pdm_tools.quantization import candidates as cands
+from pdm_tools.quantization import cli as qcli
+from pdm_tools.quantization.data import DataError, Rows, load_rows, save_rows
+from pdm_tools.quantization.workflow import Settings, quantize_model
+from pdm_tools.training import cli as training_cli
+from pdm_tools.training import quantize as q
+from pdm_tools.training.defect_mlp import INPUT_NAME, LABEL, PROBABILITIES, export_onnx, fit_mlp
+from pdm_tools.training.export import SCORE_NODES
 
 FAST = ["--runs", "20"]
 

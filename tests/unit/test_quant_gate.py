@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.quantization.gate import PARENT, Criteria, Measured, decide
+from pdm_tools.quantization.gate import PARENT, Criteria, Measured, decide
 
 CLS_OK = {"accuracy_delta_points": 0.0, "macro_f1_delta_points": 0.0, "agreement": 1.0}
 ANOM_OK = {"auc_delta": 0.0, "detection_delta_points": 0.0}

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from agent.simulator.cli import add_arguments, build_config, main, parse_fault
-from agent.simulator.config import SimulatorConfig, SimulatorConfigError, config_from_dict, load_config
-from agent.simulator.machine import Fault, MachineProfile
+from pdm_tools.simulator.cli import add_arguments, build_config, main, parse_fault
+from pdm_tools.simulator.config import SimulatorConfig, SimulatorConfigError, config_from_dict, load_config
+from pdm_tools.simulator.machine import Fault, MachineProfile
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "simulator.yaml"
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from agent.simulator.machine import (
+from pdm_tools.simulator.machine import (
     BEARING_KINDS,
     Fault,
     MachineProfile,

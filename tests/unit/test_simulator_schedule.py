@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from agent.records import NS_PER_S
-from agent.simulator.config import SimulatorConfig, config_from_dict
-from agent.simulator.gateway import Gateway, sample_time_ns
-from agent.simulator.machine import SimulatedMachine
-from agent.simulator.publisher import GatewayError, PublisherCounters
+from pdm_tools.simulator.config import SimulatorConfig, config_from_dict
+from pdm_tools.simulator.gateway import Gateway, sample_time_ns
+from pdm_tools.simulator.machine import SimulatedMachine
+from pdm_tools.simulator.publisher import GatewayError, PublisherCounters
 
 
 class RecordingPublisher:

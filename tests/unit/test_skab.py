@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from agent import cli
-from agent.evaluation.skab import Confusion, load_skab
+from pdm_tools.evaluation.skab import Confusion, load_skab
 
 HEADER = (
     "datetime;Accelerometer1RMS;Accelerometer2RMS;Current;Pressure;Temperature;Thermocouple;Voltage;Volume Flow RateRMS"

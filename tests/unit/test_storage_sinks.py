@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from agent.devservices import free_port
 from agent.storage import sinks
 from agent.storage.sinks import (
     InfluxV1Sink,
@@ -26,6 +25,7 @@ from agent.storage.sinks import (
     RetryableWriteError,
     classify_status,
 )
+from pdm_tools.dev.services import free_port
 
 SECRET = "s3cr3t-Pa55"
 

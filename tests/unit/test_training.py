@@ -13,13 +13,13 @@ import pytest
 
 from agent.inference.manifest import Manifest, sha256_file
 from agent.inference.model import OnnxAnomalyModel
-from agent.simulator.machine import SimulatedMachine, fleet_profile
-from agent.training import cli
-from agent.training import quantize as q
-from agent.training.autoencoder import AutoencoderConfig, fit_autoencoder
-from agent.training.export import NORMALIZE_NODES, SCORE_NODES, build_onnx, export_onnx
-from agent.training.simdata import VIBRATION_SPEC, vibration_rows
-from agent.training.train import FP32_FILE, INT8_FILE, threshold_from_scores
+from pdm_tools.simulator.machine import SimulatedMachine, fleet_profile
+from pdm_tools.training import cli
+from pdm_tools.training import quantize as q
+from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
+from pdm_tools.training.export import NORMALIZE_NODES, SCORE_NODES, build_onnx, export_onnx
+from pdm_tools.training.simdata import VIBRATION_SPEC, vibration_rows
+from pdm_tools.training.train import FP32_FILE, INT8_FILE, threshold_from_scores
 
 
 def _features(n: int, f: int = 12, seed: int = 0) -> np.ndarray:

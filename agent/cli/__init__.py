@@ -1,0 +1,132 @@
+"""``pdm-agent``: the command line. Each subcommand keeps its own flags next to its code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from agent import __version__
+from agent.cli import adapt as adapt_cli
+from agent.cli import init as init_cli
+from agent.config import ConfigError, load_config
+
+PLUGIN_GROUP = "pdm_agent.commands"
+
+DEFAULT_CONFIG = Path("config/agent.yaml")
+
+logger = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(threadName)-10s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.bootstrap import build_agent  # heavy imports (onnxruntime) only when running
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid configuration {args.config}: {exc}", file=sys.stderr)
+        return 1
+    _setup_logging(args.log_level or config.agent.log_level)
+    try:
+        agent = build_agent(config)
+    except Exception as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    agent.run_until_signal()
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    if args.models:
+        from agent.bootstrap import build_models
+        from agent.inference.manifest import ModelError
+        from agent.metrics import Metrics
+
+        try:
+            models = build_models(config, Metrics())
+        except ModelError as exc:
+            print(f"invalid model: {exc}", file=sys.stderr)
+            return 1
+        for model in models.router.models:
+            print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
+        if models.classifier is not None:
+            names = ", ".join(models.classifier.class_names)
+            print(f"defect classifier {models.classifier.model_id} {models.classifier.version}: ok ({names})")
+    print(f"{args.file}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdm-agent",
+        description="Edge predictive-maintenance agent: MQTT sensor data -> InfluxDB, quantized ONNX "
+        "anomaly models, MQTT alerts.",
+    )
+    parser.add_argument("--version", action="version", version=f"pdm-agent {__version__}")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override the log level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent",
+        description="Subscribe to the gateway's topics, store every reading in InfluxDB, score windows with the "
+        "configured models and publish alerts. Stops gracefully on SIGTERM/SIGINT.",
+    )
+    run.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser(
+        "validate-config",
+        help="check a config file and exit 0 (valid) or 1 (the key path and the reason)",
+        description="Validate a config file without connecting to anything. With --models, also load and "
+        "verify every configured model (sha256, feature spec hash).",
+    )
+    validate.add_argument("file", type=Path, help="the YAML config file")
+    validate.add_argument("--models", action="store_true", help="also load and verify the configured models")
+    validate.set_defaults(func=cmd_validate)
+
+    init_cli.add_parser(sub)
+    adapt_cli.add_parser(sub)
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Subcommands registered by other installed parts (entry point group ``pdm_agent.commands``).
+
+    The tools (``pdm_tools``) add ``train``, ``evaluate``, ``simulate`` and ``model``; their heavy
+    dependencies come with ``pip install 'pdm-agent[tools]'`` and are imported only when a command runs,
+    which then says what to install if they are missing. The runtime never imports the tools by name.
+    """
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            register = entry.load()
+        except ImportError as exc:  # a broken plugin must not take the runtime's own commands down
+            print(f"pdm-agent: ignoring commands of {entry.value}: {exc}", file=sys.stderr)
+            continue
+        register(sub, _setup_logging)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

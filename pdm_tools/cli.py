@@ -1,0 +1,89 @@
+"""The tools' subcommands of ``pdm-agent``: ``simulate``, ``train``, ``evaluate`` and ``model quantize``.
+
+The runtime CLI finds :func:`register` through the entry point group ``pdm_agent.commands`` (see
+``pyproject.toml``); it never imports this package by name. When the tools' dependencies are not installed
+(``pip install pdm-agent`` without ``[tools]``), the commands are still listed and say what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+SetupLogging = Callable[[str], None]
+
+_SIMULATE = (
+    "run the factory gateway simulator",
+    "Publish simulated machines (vibration blocks, temperature, current, pressure) over MQTT, with faults "
+    "scheduled by config or --fault, and write the ground truth of the faults.",
+)
+_TRAIN = (
+    "build the shipped models (train, export to ONNX, quantize, gate, write manifests)",
+    "Train the anomaly models on normal data from the simulator (and the defect classifier on CWRU), export "
+    "them to ONNX, build and gate the quantized candidates (pdm-agent model quantize) and write manifest.json, "
+    "MODEL_CARD.md, calibration.npz and eval.npz.",
+)
+_EVALUATE = (
+    "evaluate the models on public datasets with the published protocols",
+    "Run a published evaluation protocol on a dataset folder and print the results next to the published "
+    "ones (--json for one JSON object).",
+)
+_QUANTIZE = (
+    "build quantized candidates of a model's FP32 parent, measure them and gate which one ships",
+    "Build INT8 static (MinMax/Percentile/Entropy, per tensor and per channel), INT8 dynamic, 4-bit "
+    "weight-only (round-to-nearest and GPTQ) and mixed-precision candidates from the FP32 model, measure "
+    "accuracy on held-out data and latency on this machine, and pick the cheapest that passes.",
+)
+
+
+def register(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> None:
+    """Add the tools' subcommands to the ``pdm-agent`` parser."""
+    try:
+        from pdm_tools.evaluation import cli as evaluation_cli
+        from pdm_tools.quantization import cli as quantization_cli
+        from pdm_tools.simulator import cli as simulator_cli
+        from pdm_tools.training import cli as training_cli
+    except ImportError as exc:
+        for name, (help_text, _) in {"simulate": _SIMULATE, "train": _TRAIN, "evaluate": _EVALUATE}.items():
+            sub.add_parser(name, help=f"{help_text} (needs pdm-agent[tools])").set_defaults(func=_missing(name, exc))
+        sub.add_parser("model", help="work on a built model (needs pdm-agent[tools])").set_defaults(
+            func=_missing("model", exc)
+        )
+        return
+
+    def command(main: Callable[[argparse.Namespace], int], level: str) -> Callable[[argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            setup_logging(args.log_level or level)
+            return main(args)
+
+        return run
+
+    simulate = sub.add_parser("simulate", help=_SIMULATE[0], description=_SIMULATE[1])
+    simulator_cli.add_arguments(simulate)
+    simulate.set_defaults(func=command(simulator_cli.main, "INFO"))
+
+    train = sub.add_parser("train", help=_TRAIN[0], description=_TRAIN[1])
+    training_cli.add_arguments(train)
+    train.set_defaults(func=command(training_cli.main, "INFO"))
+
+    evaluate = sub.add_parser("evaluate", help=_EVALUATE[0], description=_EVALUATE[1])
+    evaluation_cli.add_arguments(evaluate)
+    evaluate.set_defaults(func=command(evaluation_cli.main, "WARNING"))
+
+    model = sub.add_parser("model", help="work on a built model (quantize)", description="Commands on a model dir.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    quantize = model_sub.add_parser("quantize", help=_QUANTIZE[0], description=_QUANTIZE[1])
+    quantization_cli.add_arguments(quantize)
+    quantize.set_defaults(func=command(quantization_cli.main, "WARNING"))
+
+
+def _missing(command: str, exc: ImportError) -> Callable[[argparse.Namespace], int]:
+    def refuse(args: argparse.Namespace) -> int:
+        print(
+            f"pdm-agent {command}: the tools need {exc.name}, which is not installed: pip install 'pdm-agent[tools]'",
+            file=sys.stderr,
+        )
+        return 2
+
+    return refuse

@@ -1,0 +1,1 @@
+"""Development helpers: the demo and real Mosquitto / InfluxDB / VictoriaMetrics processes on free ports."""

@@ -1,0 +1,172 @@
+"""``pdm-agent train``: rebuild the shipped anomaly models from simulated data with fixed seeds.
+
+``pdm-agent train`` writes both models into ``models/`` (about a minute on 2 cores);
+``pdm-agent train --quick --out DIR`` is the tiny run the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pdm_tools.training.autoencoder import AutoencoderConfig
+from pdm_tools.training.quantize import CALIBRATION_METHODS, QuantizeConfig
+from pdm_tools.training.simdata import (
+    DEFAULT_PROCESS_MINUTES,
+    DEFAULT_VIBRATION_MINUTES,
+    DataPlan,
+    Dataset,
+    process_dataset,
+    vibration_dataset,
+)
+from pdm_tools.training.train import Evaluation, train_anomaly_model
+
+logger = logging.getLogger(__name__)
+
+# model id -> (directory under --out, dataset builder)
+MODELS: dict[str, tuple[str, Callable[[DataPlan], Dataset]]] = {
+    "vibration-anomaly": ("vibration_anomaly", vibration_dataset),
+    "process-anomaly": ("process_anomaly", process_dataset),
+}
+DEFECT_MODEL = "defect-classifier"
+DEFAULT_SEED = 42
+DEFAULT_VERSION = "1.0.0"
+QUICK_AUTOENCODER = AutoencoderConfig(max_epochs=30, patience=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models"), help="output directory (default: models)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"simulator and training seed (default {DEFAULT_SEED})"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_VIBRATION_MINUTES,
+        help=f"simulated minutes of vibration per machine and split (default {DEFAULT_VIBRATION_MINUTES:g})",
+    )
+    parser.add_argument(
+        "--process-minutes",
+        type=float,
+        default=DEFAULT_PROCESS_MINUTES,
+        help="simulated minutes of process values per machine and split; they arrive once a second, so "
+        f"they need a longer span than vibration (default {DEFAULT_PROCESS_MINUTES:g})",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)")
+    parser.add_argument(
+        "--model",
+        choices=["all", *MODELS, DEFECT_MODEL],
+        default="all",
+        help="which model to build (default all; the defect classifier needs the CWRU data, see --cwru-data)",
+    )
+    parser.add_argument(
+        "--cwru-data",
+        type=Path,
+        default=None,
+        help="CWRU folder for the defect classifier (default $PDM_DATASETS/cwru or ../shared/datasets/cwru); "
+        "with --model all and no data there, the classifier is skipped with a message",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=sorted(CALIBRATION_METHODS),
+        default="minmax",
+        help="calibration of model.int8.onnx, the static INT8 candidate kept next to the parent (default minmax; "
+        "the gate tries every method)",
+    )
+    parser.add_argument(
+        "--ship",
+        choices=["auto", "int8", "fp32"],
+        default="auto",
+        help="file named in the manifest; auto = the quantization gate's choice (pdm_tools.quantization.gate: the "
+        "cheapest candidate that keeps accuracy on held-out data and is not slower than FP32; default auto)",
+    )
+    parser.add_argument("--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.minutes <= 0 or args.process_minutes <= 0:
+        logger.error("--minutes and --process-minutes must be > 0")
+        return 2
+    if args.quick:
+        plan = DataPlan.quick(args.seed)
+        autoencoder, latency_runs = QUICK_AUTOENCODER, 50
+    else:
+        plan = DataPlan(seed=args.seed, vibration_minutes=args.minutes, process_minutes=args.process_minutes)
+        autoencoder, latency_runs = AutoencoderConfig(), 400
+    command = _command(args)
+    if args.model in ("all", DEFECT_MODEL) and not args.quick:
+        status = _train_defect_classifier(args)
+        if status != 0 and args.model == DEFECT_MODEL:
+            return status
+    if args.model == DEFECT_MODEL:
+        return 0
+    names = list(MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        subdir, build = MODELS[name]
+        started = time.monotonic()
+        data = build(plan)
+        manifest = train_anomaly_model(
+            name,
+            data.spec,
+            data.train,
+            data.val,
+            args.out / subdir,
+            seed=args.seed,
+            version=args.model_version,
+            evaluation=Evaluation(test=data.test, faults=data.faults),
+            data_description=data.description,
+            created_by=command,
+            autoencoder=autoencoder,
+            quantization=QuantizeConfig(calibration=args.calibration),
+            ship=args.ship,
+            latency_runs=latency_runs,
+        )
+        det = manifest.metrics.get("detection_rate", {})
+        print(
+            f"{name}: {args.out / subdir / manifest.file} threshold {manifest.threshold:g}, "
+            f"false alarms {manifest.metrics.get('false_alarm_rate_test', 0):.3%}, detection "
+            + ", ".join(f"{k} {v['rate']:.0%}" for k, v in det.items())
+            + f" ({time.monotonic() - started:.0f} s)"
+        )
+    return 0
+
+
+def _train_defect_classifier(args: argparse.Namespace) -> int:
+    """The CWRU defect classifier (``pdm_tools.training.defect_train``), into ``--out``/defect_classifier."""
+    from pdm_tools.evaluation.cwru import default_data_dir
+    from pdm_tools.training import defect_train
+
+    data = args.cwru_data if args.cwru_data is not None else default_data_dir()
+    if not (Path(data) / "index.json").exists() and args.model == "all":
+        print(f"defect-classifier: skipped, no CWRU data at {data} (pass --cwru-data DIR)", file=sys.stderr)
+        return 0
+    ns = argparse.Namespace(
+        data=data,
+        out=args.out / "defect_classifier",
+        seed=args.seed,
+        model_version=args.model_version,
+        ship=args.ship,
+        no_evaluate=False,
+    )
+    return defect_train.main(ns)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that rebuilds these files (the output directory is left out: it does not change them)."""
+    parts = ["pdm-agent train", f"--seed {args.seed}"]
+    if args.quick:
+        parts.append("--quick")
+    else:
+        parts += [f"--minutes {args.minutes:g}", f"--process-minutes {args.process_minutes:g}"]
+    if args.model != "all":
+        parts.append(f"--model {args.model}")
+    parts += [
+        f"--calibration {args.calibration}",
+        f"--ship {args.ship}",
+        f"--model-version {args.model_version}",
+    ]
+    return " ".join(parts)
