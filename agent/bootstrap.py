@@ -1,22 +1,29 @@
 """The composition root: the only module that builds concrete objects from the config and wires them.
 
-``build_agent(config)`` reads like the pipeline: MQTT -> ingest -> spool -> InfluxDB writer, and
-windows -> features -> inference -> alerts. Models are loaded, verified and warmed up here, before any
-connection is made, so a bad model stops the start with a clear error instead of failing later.
+It reads like the pipeline. ``build_agent(config)`` is the whole agent; its parts have their own builders
+so that tests and benchmarks build exactly what the agent runs, replacing only the I/O they do not want
+(a sink, the broker, the spool, the clock, the alert engine):
+
+- ``build_models``: the anomaly models and the defect classifier (``inference.models[].type``), loaded,
+  verified and warmed up before any connection, so a bad model stops the start with a clear error;
+- ``build_stages``: the pure stages both workers share (windower, shaft speeds, baseline, defect stage);
+- ``build_decoder`` and ``build_ingest``: MQTT messages -> records -> spool -> windows;
+- ``build_scoring``: windows -> features -> models -> alert engine -> MQTT;
+- ``build_sink``: the spool's destination (``storage.type``, ``agent.storage.registry``).
+
+Concrete plugins are chosen through the registries of ``agent.decode``, ``agent.storage``,
+``agent.features`` and ``agent.inference``; nothing else in the runtime names a concrete class.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
-from types import FrameType
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
 
-from agent import schema
 from agent.adaptation.auto import AutoAdapter
 from agent.adaptation.lora import LoraConfig
 from agent.adaptation.serving import AdapterStore
@@ -24,132 +31,36 @@ from agent.alerts.engine import AlertEngine
 from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.config import Config
-from agent.decode.json_v1 import DecodeLimits
+from agent.decode.base import DecodeLimits, Decoder, DecoderContext
+from agent.decode.registry import build_decoder as registered_decoder
 from agent.decode.topic import TopicTemplate
 from agent.features.windows import Windower
-from agent.health.selfmetrics import agent_fields
-from agent.health.server import HealthServer, build_health_server
-from agent.inference.classifier import OnnxDefectClassifier
-from agent.inference.model import OnnxAnomalyModel
-from agent.inference.registry import CurrentClassifier, ModelRegistry, default_builders
-from agent.inference.router import AnomalyModel, ModelRouter, ModelSlot
+from agent.health.server import build_health_server
+from agent.inference.base import AnomalyModel, DefectClassifier
+from agent.inference.kinds import model_class
+from agent.inference.registry import ModelRegistry, default_builders
+from agent.inference.router import CurrentClassifier, ModelRouter, ModelSlot
 from agent.ingest.mqtt import MqttConnection, MqttSettings, MqttTls
 from agent.metrics import Metrics
-from agent.pipeline import DefectStage, IngestWorker, ScoringWorker, ShaftSpeeds
-from agent.records import Message, Reading, Window
+from agent.records import Message, Reading, SampleBlock, Window
+from agent.runtime.agent import Agent
+from agent.runtime.alerting import AlertOutput
+from agent.runtime.batch import BatchScorer
+from agent.runtime.defect import DefectStage, ShaftSpeeds
+from agent.runtime.ingest import IngestWorker
+from agent.runtime.scoring import ScoringWorker
+from agent.runtime.worker import Broker, LineLog
 from agent.spool.sqlite import Spool
-from agent.storage.line_protocol import format_point
+from agent.storage.base import Sink
 from agent.storage.points import RawVibrationPolicy
-from agent.storage.sinks import InfluxV1Sink, InfluxV2Sink
+from agent.storage.registry import build_sink as registered_sink
 from agent.storage.writer import SpoolWriter
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class Agent:
-    """A built agent. ``start`` connects and starts the threads; ``stop`` drains and flushes them."""
-
-    config: Config
-    metrics: Metrics
-    topics: Topics
-    mqtt: MqttConnection
-    spool: Spool
-    writer: SpoolWriter
-    ingest: IngestWorker
-    scoring: ScoringWorker
-    router: ModelRouter
-    _stopped: threading.Event = field(default_factory=threading.Event)
-    _stop_requested: threading.Event = field(default_factory=threading.Event)
-    _heartbeat: threading.Thread | None = None
-    registry: ModelRegistry | None = None
-    """The model registry (``inference.models_dir``), whose watcher swaps in new model versions."""
-    health: HealthServer | None = None
-    """HTTP ``/healthz``, ``/readyz`` and ``/metrics`` (``health`` section)."""
-    auto_adapter: AutoAdapter | None = None
-    """Trains per-machine adapters at the end of commissioning (``adaptation.auto``), on its own thread."""
-
-    def start(self) -> None:
-        if self.health is not None:
-            self.health.start()  # first: a port in use stops the start before any thread runs
-        self.scoring.restore()
-        if self.auto_adapter is not None:
-            self.auto_adapter.start()
-        self.writer.start()
-        self.scoring.start()
-        self.ingest.start()
-        self.mqtt.start()
-        if self.registry is not None:
-            self.registry.start(self.config.inference.reload_interval_s)
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        self._heartbeat.start()
-        logger.info(
-            "agent %s started: models %s",
-            self.config.agent.id,
-            ", ".join(f"{m.model_id} {m.version}" for m in self.router.models) or "none",
-        )
-
-    def request_stop(self) -> None:
-        """Ask ``run_until_signal`` to return (thread-safe)."""
-        self._stop_requested.set()
-
-    def stop(self) -> None:
-        """Stop in pipeline order so that whatever was accepted is stored before the process exits."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
-        budget = self.config.agent.shutdown_timeout_s
-        self.ingest.stop(budget)
-        self.scoring.stop(budget)
-        if self.registry is not None:
-            self.registry.stop(budget)
-        if self.auto_adapter is not None:
-            self.auto_adapter.stop(budget)
-        if self._heartbeat is not None:
-            self._heartbeat.join(budget)
-        self.publish_heartbeat()
-        self.mqtt.stop()
-        self.writer.stop(budget)
-        self.spool.close()
-        if self.health is not None:
-            self.health.stop()
-        logger.info("agent %s stopped: %s", self.config.agent.id, self.summary())
-
-    def run_until_signal(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop gracefully."""
-
-        def handler(signum: int, _frame: FrameType | None) -> None:
-            logger.info("received %s, stopping", signal.Signals(signum).name)
-            self._stop_requested.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        self.start()
-        self._stop_requested.wait()
-        self.stop()
-
-    def summary(self) -> dict[str, float]:
-        snap = self.metrics.snapshot()
-        snap["spool.depth"] = self.spool.depth()
-        return snap
-
-    def publish_heartbeat(self) -> None:
-        """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB."""
-        snap = self.summary()
-        now_ns = time.time_ns()
-        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
-        self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
-        fields = agent_fields(self.metrics.collect())
-        if fields and not self.spool.closed:
-            self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stopped.wait(self.config.agent.heartbeat_s):
-            try:
-                self.publish_heartbeat()
-            except Exception:
-                logger.exception("heartbeat failed")
+COMMANDS_MAX = 1000
+"""Operator commands waiting for the scoring worker: few and small."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +68,7 @@ class Models:
     """The loaded models: the anomaly router, the defect classifier, and the registry that keeps them current."""
 
     router: ModelRouter
-    classifier: OnnxDefectClassifier | CurrentClassifier | None
+    classifier: DefectClassifier | None
     registry: ModelRegistry | None
 
 
@@ -177,44 +88,39 @@ def build_models(config: Config, metrics: Metrics) -> Models:
     for entry in inf.models:
         if entry.model_id is not None:
             assert registry is not None  # the config requires models_dir for model_id entries
-            routes.append((entry.sensors, registry.track(entry.model_id, "anomaly")))
+            routes.append((entry.sensors, registry.track(entry.model_id, entry.type)))
         else:
             assert entry.path is not None
-            model = OnnxAnomalyModel.load(entry.path, threads=inf.threads)
+            # The config allows only anomaly kinds here; their classes implement the protocol.
+            model = cast(AnomalyModel, model_class(entry.type).load(entry.path, threads=inf.threads))
             metrics.set("models.loaded", 1, model=model.model_id, version=model.version)
             routes.append((entry.sensors, model))
     d = inf.defect
-    classifier: OnnxDefectClassifier | CurrentClassifier | None = None
+    classifier: DefectClassifier | None = None
     if d.model_id is not None:
         assert registry is not None
-        classifier = CurrentClassifier(registry.track(d.model_id, "classifier"))
+        classifier = CurrentClassifier(registry.track(d.model_id, d.type))
     elif d.path is not None:
-        classifier = OnnxDefectClassifier.load(d.path, threads=inf.threads)
-        metrics.set("models.loaded", 1, model=classifier.model_id, version=classifier.version)
+        loaded = cast(DefectClassifier, model_class(d.type).load(d.path, threads=inf.threads))
+        classifier = loaded
+        metrics.set("models.loaded", 1, model=loaded.model_id, version=loaded.version)
     return Models(ModelRouter(routes), classifier, registry)
 
 
-def build_sink(config: Config) -> InfluxV1Sink | InfluxV2Sink:
-    s = config.storage
-    if s.api == "v1":
-        sink = InfluxV1Sink(
-            url=s.url,
-            database=s.v1.database,
-            retention_policy=s.v1.retention_policy,
-            username=s.v1.username,
-            password=s.v1.password,
-            timeout_s=s.timeout_s,
-            create_database=s.v1.create_database,
-        )
-        if s.v1.create_database:
-            try:
-                sink.create_database()
-            except Exception as exc:
-                # The database may be down at start: the spool holds the data, and the sink creates the
-                # database when a write finds it missing.
-                logger.warning("could not create database %s now (%s); will create it on write", s.v1.database, exc)
-        return sink
-    return InfluxV2Sink(url=s.url, org=s.v2.org, bucket=s.v2.bucket, token=s.v2.token, timeout_s=s.timeout_s)
+def build_sink(config: Config) -> Sink:
+    """The sink of ``storage.type`` (``agent.storage.registry``)."""
+    return registered_sink(config.storage.type, config.storage)
+
+
+def build_decoder(config: Config) -> Decoder:
+    """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``)."""
+    m = config.mqtt
+    context = DecoderContext(
+        topic_template=TopicTemplate(m.topic_template),
+        limits=DecodeLimits(max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s),
+        subscriptions=tuple(m.subscriptions),
+    )
+    return registered_decoder(m.decoder.type, context)
 
 
 def build_adaptation(config: Config, metrics: Metrics) -> tuple[AdapterStore | None, AutoAdapter | None]:
@@ -236,25 +142,178 @@ def build_adaptation(config: Config, metrics: Metrics) -> tuple[AdapterStore | N
     return store, auto
 
 
-def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
-    """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
-    metrics = metrics or Metrics()
-    models = build_models(config, metrics)
-    router = models.router
-    template = TopicTemplate(config.mqtt.topic_template)
-    topics = Topics(config.agent.id, config.mqtt.base_topic)
+@dataclass(frozen=True)
+class Stages:
+    """The pure stages both workers share: the ingest worker feeds them, the scoring worker reads them."""
 
-    messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
-    # Windows for the models and process readings for the commissioning baselines, in arrival order.
-    windows: queue.Queue[Window | Reading] = queue.Queue(maxsize=config.queues.windows_max)
+    models: Models
+    windower: Windower
+    speeds: ShaftSpeeds
+    baseline: CommissioningScorer | None
+    defect: DefectStage | None
+    raw_policy: RawVibrationPolicy
+
+    def feed(self, items: Sequence[Reading | SampleBlock]) -> list[Window | Reading]:
+        """What the ingest worker queues for scoring for these items (benchmarks drive scoring with it)."""
+        out: list[Window | Reading] = []
+        for item in items:
+            if isinstance(item, Reading):
+                self.speeds.observe(item)
+            out.extend(self.windower.add(item))
+            if self.baseline is not None and isinstance(item, Reading) and self.baseline.handles(item.source):
+                out.append(item)
+        return out
+
+
+def build_stages(config: Config, metrics: Metrics, models: Models | None = None) -> Stages:
+    """Windower, shaft speeds, commissioning baseline and defect stage for ``models`` (built if not given)."""
+    models = models or build_models(config, metrics)
     d = config.inference.defect
     speeds = ShaftSpeeds(d.speed_field, d.default_rpm)
     defect = None if models.classifier is None else DefectStage(models.classifier, d.sensors, speeds)
     c = config.commissioning
     baseline = CommissioningScorer(c.to_commissioning_config(), c.sensors, c.channels, metrics) if c.enabled else None
+    raw = config.storage.raw_vibration
+    return Stages(
+        models=models,
+        windower=Windower(models.router.spec_for, metrics),
+        speeds=speeds,
+        baseline=baseline,
+        defect=defect,
+        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks),
+    )
 
-    # Operator commands to the alert engine: few, small, applied by the scoring worker between batches.
-    commands: queue.Queue[Message] = queue.Queue(maxsize=1000)
+
+def build_scoring(
+    config: Config,
+    stages: Stages,
+    metrics: Metrics,
+    *,
+    spool: LineLog,
+    broker: Broker,
+    windows: queue.Queue[Window | Reading] | None = None,
+    commands: queue.Queue[Message] | None = None,
+    store_raw: Callable[[Sequence[SampleBlock]], None] = lambda blocks: None,
+    engine: AlertEngine | None = None,
+    state_store: AlertStateStore | None = None,
+    adaptation: tuple[AdapterStore | None, AutoAdapter | None] = (None, None),
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> ScoringWorker:
+    """The scoring worker as the agent runs it; ``engine``, ``clock_ns`` and the I/O may be replaced."""
+    adapters, auto_adapter = adaptation
+    scorer = BatchScorer(
+        metrics,
+        defect=stages.defect,
+        adapters=adapters,
+        auto_adapter=auto_adapter,
+        top_features=config.alerts.top_features,
+    )
+    alerts = AlertOutput(
+        engine=engine or AlertEngine(config.alerts.rulebook(), metrics=metrics),
+        broker=broker,
+        topics=Topics(config.agent.id, config.mqtt.base_topic),
+        metrics=metrics,
+        raw_policy=stages.raw_policy,
+        store_raw=store_raw,
+        state_store=state_store,
+        clock_ns=clock_ns,
+    )
+    return ScoringWorker(
+        windows=windows if windows is not None else queue.Queue(maxsize=config.queues.windows_max),
+        router=stages.models.router,
+        scorer=scorer,
+        alerts=alerts,
+        spool=spool,
+        broker=broker,
+        metrics=metrics,
+        max_batch=config.inference.max_batch,
+        baseline=stages.baseline,
+        commands=commands,
+    )
+
+
+def build_ingest(
+    config: Config,
+    stages: Stages,
+    metrics: Metrics,
+    *,
+    messages: queue.Queue[Message],
+    windows: queue.Queue[Window | Reading],
+    spool: LineLog,
+    broker: Broker,
+    decoder: Decoder | None = None,
+) -> IngestWorker:
+    """The ingest worker as the agent runs it."""
+    return IngestWorker(
+        messages=messages,
+        windows=windows,
+        decoder=decoder or build_decoder(config),
+        spool=spool,
+        raw_policy=stages.raw_policy,
+        windower=stages.windower,
+        broker=broker,
+        topics=Topics(config.agent.id, config.mqtt.base_topic),
+        metrics=metrics,
+        put_timeout_s=config.queues.put_timeout_s,
+        baseline=stages.baseline,
+        speeds=stages.speeds,
+    )
+
+
+def build_mqtt(
+    config: Config,
+    topics: Topics,
+    subscriptions: Sequence[str],
+    on_message: Callable[[Message], None],
+    metrics: Metrics,
+) -> MqttConnection:
+    m = config.mqtt
+    tls = m.tls
+    return MqttConnection(
+        MqttSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id or f"pdm-agent-{config.agent.id}",
+            protocol=m.protocol,
+            username=m.username,
+            password=m.password,
+            tls=MqttTls(
+                ca_file=tls.ca_file,
+                cert_file=tls.cert_file,
+                key_file=tls.key_file,
+                insecure_skip_verify=tls.insecure_skip_verify,
+            )
+            if tls.enabled
+            else None,
+            require_tls=m.require_tls,
+            keepalive_s=m.keepalive_s,
+            reconnect_min_s=m.reconnect_min_s,
+            reconnect_max_s=m.reconnect_max_s,
+            session_expiry_s=m.session_expiry_s,
+            subscriptions=(*subscriptions, topics.commands),
+            qos=m.qos,
+            silence_timeout_s=m.silence_timeout_s,
+            status_topic=topics.status,
+            online_payload=topics.status_payload("online"),
+            offline_payload=topics.status_payload("offline"),
+        ),
+        on_message=on_message,
+        metrics=metrics,
+        status_payload=topics.status_payload,
+    )
+
+
+def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | None = None) -> Agent:
+    """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
+    metrics = metrics or Metrics()
+    stages = build_stages(config, metrics)
+    topics = Topics(config.agent.id, config.mqtt.base_topic)
+    decoder = build_decoder(config)
+
+    messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
+    # Windows for the models and process readings for the commissioning baselines, in arrival order.
+    windows: queue.Queue[Window | Reading] = queue.Queue(maxsize=config.queues.windows_max)
+    commands: queue.Queue[Message] = queue.Queue(maxsize=COMMANDS_MAX)
 
     def enqueue(message: Message) -> None:
         # Runs on paho's network thread: only enqueue. A full queue blocks it, which stops reading from
@@ -266,86 +325,34 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
             metrics.inc("ingest.backpressure_waits")
         messages.put(message)
 
-    mqtt = MqttConnection(
-        MqttSettings(
-            host=config.mqtt.host,
-            port=config.mqtt.port,
-            client_id=config.mqtt.client_id or f"pdm-agent-{config.agent.id}",
-            protocol=config.mqtt.protocol,
-            username=config.mqtt.username,
-            password=config.mqtt.password,
-            tls=MqttTls(
-                ca_file=config.mqtt.tls.ca_file,
-                cert_file=config.mqtt.tls.cert_file,
-                key_file=config.mqtt.tls.key_file,
-                insecure_skip_verify=config.mqtt.tls.insecure_skip_verify,
-            )
-            if config.mqtt.tls.enabled
-            else None,
-            require_tls=config.mqtt.require_tls,
-            keepalive_s=config.mqtt.keepalive_s,
-            reconnect_min_s=config.mqtt.reconnect_min_s,
-            reconnect_max_s=config.mqtt.reconnect_max_s,
-            session_expiry_s=config.mqtt.session_expiry_s,
-            subscriptions=(*(config.mqtt.subscriptions or (template.subscription(),)), topics.commands),
-            qos=config.mqtt.qos,
-            silence_timeout_s=config.mqtt.silence_timeout_s,
-            status_topic=topics.status,
-            online_payload=topics.status_payload("online"),
-            offline_payload=topics.status_payload("offline"),
-        ),
-        on_message=enqueue,
-        metrics=metrics,
-        status_payload=topics.status_payload,
-    )
-
+    mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics)
     spool = Spool(config.spool.path, config.spool.max_rows, config.spool.drop_policy, metrics)
     writer = SpoolWriter(
         spool,
-        build_sink(config),
+        sink or build_sink(config),
         metrics,
         batch_size=config.storage.batch_size,
         flush_interval_s=config.storage.flush_interval_s,
         backoff_min_s=config.storage.backoff_min_s,
         backoff_max_s=config.storage.backoff_max_s,
     )
-    adapters, auto_adapter = build_adaptation(config, metrics)
-    raw = config.storage.raw_vibration
-    raw_policy = RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks)
-    ingest = IngestWorker(
-        messages=messages,
-        windows=windows,
-        template=template,
-        limits=DecodeLimits(max_payload_bytes=config.mqtt.max_payload_bytes, max_future_s=config.mqtt.max_future_s),
-        spool=spool,
-        raw_policy=raw_policy,
-        windower=Windower(router.spec_for, metrics),
-        broker=mqtt,
-        topics=topics,
-        metrics=metrics,
-        put_timeout_s=config.queues.put_timeout_s,
-        baseline=baseline,
-        speeds=speeds,
+    adaptation = build_adaptation(config, metrics)
+    ingest = build_ingest(
+        config, stages, metrics, messages=messages, windows=windows, spool=spool, broker=mqtt, decoder=decoder
     )
-    scoring = ScoringWorker(
+    scoring = build_scoring(
+        config,
+        stages,
+        metrics,
+        spool=spool,
+        broker=mqtt,
         windows=windows,
-        router=router,
-        engine=AlertEngine(config.alerts.rulebook(), metrics=metrics),
         commands=commands,
-        state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
-        top_features=config.alerts.top_features,
-        adapters=adapters,
-        auto_adapter=auto_adapter,
-        spool=spool,
-        broker=mqtt,
-        topics=topics,
-        metrics=metrics,
-        max_batch=config.inference.max_batch,
-        raw_policy=raw_policy,
         store_raw=ingest.store_raw,
-        baseline=baseline,
-        defect=defect,
+        state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
+        adaptation=adaptation,
     )
+    router = stages.models.router
     health = build_health_server(
         config,
         metrics,
@@ -366,7 +373,7 @@ def build_agent(config: Config, metrics: Metrics | None = None) -> Agent:
         ingest=ingest,
         scoring=scoring,
         router=router,
-        registry=models.registry,
+        registry=stages.models.registry,
         health=health,
-        auto_adapter=auto_adapter,
+        auto_adapter=adaptation[1],
     )

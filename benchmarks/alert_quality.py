@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import pickle
-import queue
 import statistics
 import sys
 import time
@@ -50,16 +49,11 @@ from typing import Any
 from agent.alerts.engine import AlertEngine
 from agent.alerts.payload import alert_body
 from agent.alerts.rules import RuleBook
-from agent.bootstrap import load_models
-from agent.commissioning.scorer import CommissioningScorer
+from agent.bootstrap import Stages, build_scoring, build_stages
 from agent.config import Config, load_config
-from agent.features.windows import Windower
-from agent.inference.classifier import OnnxDefectClassifier
 from agent.metrics import Metrics
-from agent.pipeline import DefectStage, ScoringWorker, ShaftSpeeds
 from agent.records import NS_PER_S, Alert, Reading, SampleBlock, Score, Source, Window
-from agent.storage.points import RawVibrationPolicy
-from agent.topics import Topics
+from agent.runtime.scoring import ScoringWorker
 from pdm_tools.simulator.gateway import sample_time_ns
 from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
@@ -196,13 +190,11 @@ class SimClock:
 
 @dataclass
 class Pipeline:
-    """The agent's scoring half, built as ``agent/bootstrap.py`` builds it, with fakes for the I/O."""
+    """The agent's scoring half, built by ``agent/bootstrap.py``'s builders, with fakes for the I/O."""
 
     config: Config
     metrics: Metrics
-    windower: Windower
-    speeds: ShaftSpeeds
-    baseline: CommissioningScorer | None
+    stages: Stages
     worker: ScoringWorker
     engine: CountingEngine
     broker: CaptureBroker
@@ -211,14 +203,7 @@ class Pipeline:
 
     def feed(self, items: Sequence[Reading | SampleBlock]) -> list[Window | Reading]:
         """What the ingest worker queues for these items: their windows, and readings for the baseline."""
-        out: list[Window | Reading] = []
-        for item in items:
-            if isinstance(item, Reading):
-                self.speeds.observe(item)
-            out.extend(self.windower.add(item))
-            if self.baseline is not None and isinstance(item, Reading) and self.baseline.handles(item.source):
-                out.append(item)
-        return out
+        return self.stages.feed(items)
 
     def score(self, batch: Sequence[Window | Reading], now_ns: int) -> None:
         """One scoring-worker step at simulated time ``now_ns``; a failing batch is counted as the thread would."""
@@ -255,40 +240,14 @@ def model_files(config: Config) -> list[dict[str, Any]]:
 
 
 def build_pipeline(config: Config, record: bool = False) -> Pipeline:
-    """Models, defect stage, baseline and engine from ``config``, as ``bootstrap.build_agent`` wires them."""
+    """The scoring side of ``config`` through the composition root's builders, with fakes for the I/O and the clock."""
     metrics = Metrics()
-    router = load_models(config)
-    d = config.inference.defect
-    speeds = ShaftSpeeds(d.speed_field, d.default_rpm)
-    defect = (
-        None
-        if d.path is None
-        else DefectStage(OnnxDefectClassifier.load(d.path, threads=config.inference.threads), d.sensors, speeds)
-    )
-    c = config.commissioning
-    baseline = CommissioningScorer(c.to_commissioning_config(), c.sensors, c.channels, metrics) if c.enabled else None
+    stages = build_stages(config, metrics)
     broker = CaptureBroker()
     clock = SimClock(T0_NS)
     engine = CountingEngine(config.alerts.rulebook(), metrics=metrics, record=record)
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=router,
-        engine=engine,
-        top_features=config.alerts.top_features,
-        spool=NullSpool(),  # type: ignore[arg-type]
-        broker=broker,
-        topics=Topics(config.agent.id, config.mqtt.base_topic),
-        metrics=metrics,
-        max_batch=config.inference.max_batch,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
-        baseline=baseline,
-        defect=defect,
-        clock_ns=clock,
-    )
-    return Pipeline(
-        config, metrics, Windower(router.spec_for, metrics), speeds, baseline, worker, engine, broker, clock
-    )
+    worker = build_scoring(config, stages, metrics, spool=NullSpool(), broker=broker, engine=engine, clock_ns=clock)
+    return Pipeline(config, metrics, stages, worker, engine, broker, clock)
 
 
 def machines_for(count: int, faults: Callable[[str], list[Fault]], first_index: int = 0) -> list[SimulatedMachine]:

@@ -39,8 +39,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from agent.records import Reading  # noqa: E402
+from agent.storage.influx_v1 import InfluxV1Sink  # noqa: E402
 from agent.storage.points import RawVibrationPolicy, block_lines, reading_lines  # noqa: E402
-from agent.storage.sinks import InfluxV1Sink  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     SERVICE_PIDS,
     AgentProcess,
@@ -177,7 +177,8 @@ def bench_bare_backlog(host: str, port: int, fleet: Fleet, sim_s: float) -> dict
 
 def fleet_lines(fleet: Fleet, points: int) -> list[str]:
     """The points the agent stores for the fleet's messages (readings, raw vibration every 10th block)."""
-    from agent.decode.json_v1 import DecodeLimits, decode
+    from agent.decode.base import DecodeLimits
+    from agent.decode.json_v1 import decode
     from agent.decode.topic import TopicTemplate
 
     template = TopicTemplate("factory/{site}/{line}/{machine}/{sensor}")

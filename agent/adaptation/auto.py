@@ -24,7 +24,8 @@ import numpy as np
 
 from agent.adaptation.adapt import adapt_machine
 from agent.adaptation.lora import LoraConfig
-from agent.adaptation.serving import AdaptableModel, AdapterStore
+from agent.adaptation.serving import AdapterStore
+from agent.inference.base import Adaptable
 from agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class AutoAdapter:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def observe(self, model: AdaptableModel, machine: str, rows: np.ndarray, anomalous: np.ndarray) -> None:
+    def observe(self, model: Adaptable, machine: str, rows: np.ndarray, anomalous: np.ndarray) -> None:
         """Commissioning rows of a machine that has no adapter for ``model`` (called from the scoring thread)."""
         if self._models and model.model_id not in self._models:
             return

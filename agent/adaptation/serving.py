@@ -19,30 +19,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from agent.adaptation.adapter import AdapterError, AdapterManifest
 from agent.adaptation.runtime import MachineAdapters
+from agent.inference.base import Adaptable
 from agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "adapter.json"
-
-
-class AdaptableModel(Protocol):
-    """What the store needs of an anomaly model (``agent.inference.model.OnnxAnomalyModel``)."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def directory(self) -> Path: ...
 
 
 @dataclass
@@ -80,7 +67,7 @@ class AdapterStore:
         """Rescan the model's adapters at the next ``refresh`` (a new adapter was just written)."""
         self._next_scan.pop(model_id, None)
 
-    def refresh(self, model: AdaptableModel) -> None:
+    def refresh(self, model: Adaptable) -> None:
         """Follow the running version of ``model`` and the adapters on disk (cheap when nothing is due)."""
         entry = self._models.get(model.model_id)
         now = self._clock()
@@ -95,24 +82,24 @@ class AdapterStore:
         if entry.runtime is not None:
             self._scan(model, entry)
 
-    def adapter_for(self, model: AdaptableModel, machine: str) -> AdapterManifest | None:
+    def adapter_for(self, model: Adaptable, machine: str) -> AdapterManifest | None:
         entry = self._models.get(model.model_id)
         if entry is None or entry.version != model.version or entry.runtime is None:
             return None
         return entry.runtime.adapter(machine)
 
-    def score(self, model: AdaptableModel, machine: str, x: np.ndarray) -> np.ndarray:
+    def score(self, model: Adaptable, machine: str, x: np.ndarray) -> np.ndarray:
         """Scores of ``machine``'s feature rows through its adapter (the caller checked ``adapter_for``)."""
         return self.run(model, machine, x, "score").reshape(x.shape[0])
 
-    def run(self, model: AdaptableModel, machine: str, x: np.ndarray, output: str) -> np.ndarray:
+    def run(self, model: Adaptable, machine: str, x: np.ndarray, output: str) -> np.ndarray:
         """One output (``score``, ``probabilities``) of ``machine``'s feature rows through its adapter."""
         entry = self._models[model.model_id]
         assert entry.runtime is not None
         (values,) = entry.runtime.run(machine, x, outputs=[output])
         return np.asarray(values, dtype=np.float32)
 
-    def _base(self, model: AdaptableModel) -> MachineAdapters | None:
+    def _base(self, model: Adaptable) -> MachineAdapters | None:
         try:
             runtime = MachineAdapters.from_model_dir(model.directory, standardization=True, threads=self._threads)
         except (AdapterError, ValueError, OSError) as exc:
@@ -122,7 +109,7 @@ class AdapterStore:
         logger.info("adapters for %s %s served from %s", model.model_id, model.version, self.root / model.model_id)
         return runtime
 
-    def _scan(self, model: AdaptableModel, entry: _ModelAdapters) -> None:
+    def _scan(self, model: Adaptable, entry: _ModelAdapters) -> None:
         assert entry.runtime is not None
         folder = self.root / model.model_id
         present: set[str] = set()
@@ -143,7 +130,7 @@ class AdapterStore:
             logger.info("adapter of machine %s for %s removed (its directory is gone)", machine, model.model_id)
         self._metrics.set("adapters.loaded", len(entry.runtime.machines()), model=model.model_id)
 
-    def _load(self, model: AdaptableModel, runtime: MachineAdapters, machine: str, directory: Path) -> None:
+    def _load(self, model: Adaptable, runtime: MachineAdapters, machine: str, directory: Path) -> None:
         try:
             manifest = runtime.add_adapter(machine, directory)
         except (AdapterError, ValueError, OSError) as exc:

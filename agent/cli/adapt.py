@@ -141,7 +141,7 @@ def _from_file(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray |
 
 def _from_influx(config: Config, manifest: Manifest, machine: str, since: str, limit: int) -> np.ndarray:
     from agent.bootstrap import build_sink
-    from agent.storage.sinks import InfluxV1Sink, quote_identifier
+    from agent.storage.influx_v1 import InfluxV1Sink, quote_identifier
 
     if not _DURATION.match(since):
         raise ValueError(f"--since must look like 30m, 2h or 1d, got {since!r}")

@@ -7,6 +7,7 @@ Codes (see ``docs/contracts.md``): ``topic``, ``too_large``, ``not_utf8``, ``jso
 
 from __future__ import annotations
 
+import math
 from typing import Final, Literal, get_args
 
 DecodeErrorCode = Literal[
@@ -54,3 +55,26 @@ def quote(value: object, limit: int = 48) -> str:
         return f"{value[:limit]!r}… ({len(value)} chars)"
     text = repr(value)
     return text if len(text) <= limit + 2 else text[:limit] + "…"
+
+
+def non_finite_name(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
+
+
+def describe_json(x: object) -> str:
+    """How a JSON value is called in an error message."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return f"a boolean ({'true' if x else 'false'})"
+    if isinstance(x, str):
+        return f"a string {quote(x)}"
+    if isinstance(x, list):
+        return "an array"
+    if isinstance(x, dict):
+        return "an object"
+    if isinstance(x, float) and not math.isfinite(x):
+        return non_finite_name(x)
+    return quote(x)

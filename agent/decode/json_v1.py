@@ -23,20 +23,17 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
-from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Final
 
 import numpy as np
 
-from agent.decode.errors import DecodeError, quote
-from agent.records import NS_PER_S, Decoded, Reading, SampleBlock, Source
+from agent.decode.base import DecodeLimits, DecoderContext
+from agent.decode.errors import DecodeError, describe_json, non_finite_name, quote
+from agent.decode.timestamps import parse_timestamp
+from agent.records import Decoded, Message, Reading, SampleBlock, Source
 
 SCHEMA_VERSION: Final = 1
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_Y2000_NS: Final = 946_684_800 * NS_PER_S
 
 _COMMON_KEYS: Final = ("v", "ts", "ts_ns", "seq")
 # The key that selects a shape, and the keys that shape allows besides the common ones.
@@ -62,33 +59,10 @@ _RESERVED_FIELDS: Final = frozenset({"time", "seq"})
 _MAX_NAME_CHARS: Final = 128
 _CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
 
-_RFC3339: Final = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
-    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))?"
-)
-
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
 _MISSING: Final = object()
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Bounds that protect the agent from absurd input; anything beyond them is rejected, not clipped."""
-
-    max_payload_bytes: int = 1_048_576
-    max_samples: int = 262_144
-    min_time_ns: int = _Y2000_NS
-    """Timestamps before this are refused (default 2000-01-01T00:00:00Z): a clock that was never set."""
-    max_future_s: float = 86_400
-    """Timestamps more than this after the arrival time are refused (a wrong unit or a wrong clock)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_samples", "max_future_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"DecodeLimits.{name} must be > 0, got {value!r}")
 
 
 DEFAULT_LIMITS: Final = DecodeLimits()
@@ -112,8 +86,8 @@ def decode(source: Source, payload: bytes, received_ns: int, limits: DecodeLimit
     if isinstance(doc, int | float) and not isinstance(doc, bool):
         return [Reading(source, received_ns, {"value": _number(doc, "the payload")})]
     if isinstance(doc, bool):
-        raise DecodeError("value", f"the payload is {_kind(doc)}, not a number")
-    raise DecodeError("not_object", f"payload is {_kind(doc)}; expected a JSON object or a number")
+        raise DecodeError("value", f"the payload is {describe_json(doc)}, not a number")
+    raise DecodeError("not_object", f"payload is {describe_json(doc)}; expected a JSON object or a number")
 
 
 def _parse_json(text: str) -> Any:
@@ -172,7 +146,7 @@ def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits
                 f"key {key!r} does not apply to {_SHAPE_NAMES[kind]} (its keys: {', '.join(allowed)})",
             )
 
-    time_ns = _timestamp(doc, received_ns, limits)
+    time_ns = parse_timestamp(doc, received_ns, limits)
     seq = _seq(doc.get("seq", _MISSING))
     if kind == "value":
         return Reading(source, time_ns, {"value": _number(doc["value"], "value")}, seq)
@@ -188,7 +162,7 @@ def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits
 
 def _check_version(v: object) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise DecodeError("version", f"'v' must be the integer {SCHEMA_VERSION}, got {_kind(v)}")
+        raise DecodeError("version", f"'v' must be the integer {SCHEMA_VERSION}, got {describe_json(v)}")
     if v != SCHEMA_VERSION:
         raise DecodeError(
             "version", f"payload version {quote(v)} is not supported; this agent reads version {SCHEMA_VERSION}"
@@ -202,7 +176,7 @@ def _number(x: object, what: str) -> float:
     if type(x) is float:  # the common case first
         if math.isfinite(x):
             return x
-        raise DecodeError("value", f"{what} is {_non_finite_name(x)}; values must be finite")
+        raise DecodeError("value", f"{what} is {non_finite_name(x)}; values must be finite")
     if isinstance(x, int) and not isinstance(x, bool):
         try:
             return float(x)
@@ -210,12 +184,12 @@ def _number(x: object, what: str) -> float:
             raise DecodeError(
                 "value", f"{what} is an integer of {len(str(abs(x)))} digits, too large for a double"
             ) from None
-    raise DecodeError("value", f"{what} is {_kind(x)}, not a number")
+    raise DecodeError("value", f"{what} is {describe_json(x)}, not a number")
 
 
 def _fields(raw: object) -> dict[str, float]:
     if not isinstance(raw, dict):
-        raise DecodeError("shape", f"'fields' must be an object of name: number, got {_kind(raw)}")
+        raise DecodeError("shape", f"'fields' must be an object of name: number, got {describe_json(raw)}")
     if not raw:
         raise DecodeError("shape", "'fields' is empty")
     out: dict[str, float] = {}
@@ -231,7 +205,7 @@ def _fields(raw: object) -> dict[str, float]:
 
 def _channel(raw: object) -> str:
     if not isinstance(raw, str):
-        raise DecodeError("shape", f"'channel' must be a string, got {_kind(raw)}")
+        raise DecodeError("shape", f"'channel' must be a string, got {describe_json(raw)}")
     _check_name(raw, "'channel'")
     return raw
 
@@ -249,7 +223,7 @@ def _seq(raw: object) -> int | None:
     if raw is _MISSING:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int):
-        raise DecodeError("shape", f"'seq' must be an integer, got {_kind(raw)}")
+        raise DecodeError("shape", f"'seq' must be an integer, got {describe_json(raw)}")
     if not _INT64_MIN <= raw <= _INT64_MAX:
         raise DecodeError("shape", f"'seq' {quote(raw)} does not fit a 64-bit integer")
     return raw
@@ -259,13 +233,13 @@ def _rate(raw: object) -> float:
     if raw is _MISSING:
         raise DecodeError("rate", "a sample block needs 'rate_hz' (samples per second)")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise DecodeError("rate", f"'rate_hz' must be a number, got {_kind(raw)}")
+        raise DecodeError("rate", f"'rate_hz' must be a number, got {describe_json(raw)}")
     try:
         rate = float(raw)
     except OverflowError:
         rate = math.inf
     if not (math.isfinite(rate) and rate > 0):
-        raise DecodeError("rate", f"'rate_hz' must be a positive finite number, got {_kind(raw)}")
+        raise DecodeError("rate", f"'rate_hz' must be a positive finite number, got {describe_json(raw)}")
     return rate
 
 
@@ -274,7 +248,7 @@ def _rate(raw: object) -> float:
 
 def _samples_list(raw: object, limits: DecodeLimits) -> np.ndarray:
     if not isinstance(raw, list):
-        raise DecodeError("shape", f"'samples' must be an array of numbers, got {_kind(raw)}")
+        raise DecodeError("shape", f"'samples' must be an array of numbers, got {describe_json(raw)}")
     n = len(raw)
     if n == 0:
         raise DecodeError("shape", "'samples' is empty")
@@ -296,7 +270,7 @@ def _samples_list(raw: object, limits: DecodeLimits) -> np.ndarray:
         before = float(raw[i])
         if math.isfinite(before):
             return f"= {before:g} is outside the float32 range (±3.4e38)"
-        return f"is {_non_finite_name(before)}; values must be finite"
+        return f"is {non_finite_name(before)}; values must be finite"
 
     _check_finite(out, describe)
     return out
@@ -305,12 +279,12 @@ def _samples_list(raw: object, limits: DecodeLimits) -> np.ndarray:
 def _samples_data(doc: dict[str, Any], limits: DecodeLimits) -> np.ndarray:
     data = doc["data"]
     if not isinstance(data, str):
-        raise DecodeError("encoding", f"'data' must be a base64 string, got {_kind(data)}")
+        raise DecodeError("encoding", f"'data' must be a base64 string, got {describe_json(data)}")
     if "encoding" not in doc:
         raise DecodeError("encoding", "'data' needs an 'encoding': one of " + ", ".join(_ENCODINGS))
     encoding = doc["encoding"]
     if not isinstance(encoding, str):
-        raise DecodeError("encoding", f"'encoding' must be a string, got {_kind(encoding)}")
+        raise DecodeError("encoding", f"'encoding' must be a string, got {describe_json(encoding)}")
     if encoding not in _ENCODINGS:
         raise DecodeError("encoding", f"unknown encoding {quote(encoding)}; known encodings: {', '.join(_ENCODINGS)}")
     scale = _scale(doc) if encoding == "i16le" else None
@@ -348,13 +322,13 @@ def _scale(doc: dict[str, Any]) -> float:
         raise DecodeError("encoding", "encoding 'i16le' needs 'scale' (sample = int16 value × scale)")
     raw = doc["scale"]
     if isinstance(raw, bool) or not isinstance(raw, int | float):
-        raise DecodeError("encoding", f"'scale' must be a number, got {_kind(raw)}")
+        raise DecodeError("encoding", f"'scale' must be a number, got {describe_json(raw)}")
     try:
         scale = float(raw)
     except OverflowError:
         scale = math.inf
     if not (math.isfinite(scale) and scale > 0):
-        raise DecodeError("encoding", f"'scale' must be a positive finite number, got {_kind(raw)}")
+        raise DecodeError("encoding", f"'scale' must be a positive finite number, got {describe_json(raw)}")
     return scale
 
 
@@ -366,149 +340,23 @@ def _check_finite(out: np.ndarray, describe: Callable[[int], str]) -> None:
 
 
 def _non_finite_sample(out: np.ndarray) -> Callable[[int], str]:
-    return lambda i: f"is {_non_finite_name(float(out[i]))}; values must be finite"
-
-
-# --- timestamps ------------------------------------------------------------------------------------------
-
-
-def _timestamp(doc: dict[str, Any], received_ns: int, limits: DecodeLimits) -> int:
-    if "ts" in doc and "ts_ns" in doc:
-        raise DecodeError("timestamp", "payload has both 'ts' and 'ts_ns'; give one")
-    if "ts_ns" in doc:
-        raw = doc["ts_ns"]
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise DecodeError("timestamp", f"'ts_ns' must be an integer (epoch nanoseconds), got {_kind(raw)}")
-        ns, unit_ns = raw, 1
-    elif "ts" in doc:
-        raw = doc["ts"]
-        if isinstance(raw, str):
-            ns, unit_ns = _parse_rfc3339(raw), 0
-        elif isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise DecodeError("timestamp", f"'ts' must be epoch seconds or an RFC 3339 string, got {_kind(raw)}")
-        elif isinstance(raw, float) and not math.isfinite(raw):
-            raise DecodeError("timestamp", f"'ts' is {_non_finite_name(raw)}")
-        else:
-            ns, unit_ns = _seconds_to_ns(raw), NS_PER_S
-    else:
-        return received_ns
-
-    latest_ns = received_ns + int(limits.max_future_s * NS_PER_S)
-    if ns < limits.min_time_ns:
-        raise DecodeError(
-            "timestamp",
-            f"timestamp {format_time(ns)} is before {_short(format_time(limits.min_time_ns))}"
-            + _unit_hint(raw, unit_ns, limits.min_time_ns, latest_ns),
-        )
-    if ns > latest_ns:
-        raise DecodeError(
-            "timestamp",
-            f"timestamp {format_time(ns)} is {_seconds_text(ns - received_ns)} after its arrival "
-            f"(limit {limits.max_future_s:g} s)" + _unit_hint(raw, unit_ns, limits.min_time_ns, latest_ns),
-        )
-    return ns
-
-
-def _seconds_to_ns(seconds: int | float) -> int:
-    """Epoch seconds to nanoseconds, reading a float as the decimal the publisher wrote.
-
-    >>> _seconds_to_ns(1732575600.1)  # float arithmetic would give ...600099999744
-    1732575600100000000
-    """
-    if isinstance(seconds, int):
-        return seconds * NS_PER_S
-    # repr() is the shortest decimal that reads back as the same double: the publisher's digits.
-    return int((Decimal(repr(seconds)) * NS_PER_S).to_integral_value(ROUND_HALF_EVEN))
-
-
-def _parse_rfc3339(text: str) -> int:
-    m = _RFC3339.fullmatch(text)
-    if m is None:
-        raise DecodeError("timestamp", f"'ts' {quote(text)} is not an RFC 3339 time such as '2024-11-25T23:00:00.25Z'")
-    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = m.groups()
-    if zulu is None and sign is None:
-        raise DecodeError("timestamp", f"'ts' {quote(text)} has no UTC offset; add 'Z' or an offset such as '+01:00'")
-    try:
-        offset = timedelta(0) if zulu else timedelta(hours=int(off_h), minutes=int(off_m))
-        tz = timezone(-offset if sign == "-" else offset)
-        dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=tz)
-    except ValueError as exc:
-        raise DecodeError("timestamp", f"'ts' {quote(text)} is not a valid time: {exc}") from None
-    whole_s = (dt - _EPOCH) // timedelta(seconds=1)
-    frac_ns = int((frac or "")[:9].ljust(9, "0"))  # digits beyond nanoseconds are dropped
-    return whole_s * NS_PER_S + frac_ns
-
-
-def _unit_hint(raw: object, unit_ns: int, lo_ns: int, hi_ns: int) -> str:
-    """A hint when the number would be a plausible time in another unit (ms sent as ``ts``, ...)."""
-    if not unit_ns or isinstance(raw, bool) or not isinstance(raw, int | float):
-        return ""
-    for name, ns_per_unit in (
-        ("seconds", NS_PER_S),
-        ("milliseconds", 10**6),
-        ("microseconds", 10**3),
-        ("nanoseconds", 1),
-    ):
-        if ns_per_unit != unit_ns and lo_ns <= raw * ns_per_unit <= hi_ns:
-            return f"; the value looks like epoch {name}"
-    return ""
-
-
-def format_time(ns: int) -> str:
-    """RFC 3339 UTC with as many fraction digits as needed; never fails (for error messages).
-
-    >>> format_time(946_684_800_250_000_000)
-    '2000-01-01T00:00:00.25Z'
-    """
-    whole, frac = divmod(ns, NS_PER_S)
-    try:
-        dt = _EPOCH + timedelta(seconds=whole)
-    except OverflowError:
-        return f"{_seconds_text(ns)} since 1970"
-    text = f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d}"
-    if frac:
-        text += f".{frac:09d}".rstrip("0")
-    return text + "Z"
-
-
-def _seconds_text(ns: int) -> str:
-    """Seconds for a message; also for integers beyond a float (a ``ts`` of hundreds of digits).
-
-    >>> _seconds_text(-10**330)
-    '-1.00e+321 s'
-    """
-    try:
-        seconds = ns / NS_PER_S
-    except OverflowError:
-        return f"{Decimal(ns) / NS_PER_S:.3g} s"
-    return f"{seconds:,.0f} s" if abs(seconds) < 1e9 else f"{seconds:.3g} s"
-
-
-def _short(text: str) -> str:
-    return text.removesuffix("T00:00:00Z")
+    return lambda i: f"is {non_finite_name(float(out[i]))}; values must be finite"
 
 
 # --- messages --------------------------------------------------------------------------------------------
 
 
-def _non_finite_name(x: float) -> str:
-    if math.isnan(x):
-        return "NaN"
-    return "Infinity" if x > 0 else "-Infinity"
+class JsonV1Decoder:
+    """``mqtt.decoder.type: json_v1``: tags from the topic template, records from the JSON payload."""
 
+    def __init__(self, context: DecoderContext) -> None:
+        self._template = context.topic_template
+        self._limits = context.limits
+        self._subscriptions = context.subscriptions or (context.topic_template.subscription(),)
 
-def _kind(x: object) -> str:
-    """How a JSON value is called in an error message."""
-    if x is None:
-        return "null"
-    if isinstance(x, bool):
-        return f"a boolean ({'true' if x else 'false'})"
-    if isinstance(x, str):
-        return f"a string {quote(x)}"
-    if isinstance(x, list):
-        return "an array"
-    if isinstance(x, dict):
-        return "an object"
-    if isinstance(x, float) and not math.isfinite(x):
-        return _non_finite_name(x)
-    return quote(x)
+    def subscriptions(self) -> tuple[str, ...]:
+        return self._subscriptions
+
+    def decode(self, message: Message) -> list[Decoded]:
+        source = self._template.match(message.topic)
+        return decode(source, message.payload, message.received_ns, self._limits)

@@ -16,7 +16,7 @@ Definitions (``x``: the samples of one window, ``n`` of them, float64, mean remo
   ``impulse_factor = max|x| / mean|x|`` (ratios are 0 for a constant window);
 - ``band_rel_{lo}_{hi}hz = log10(P_band / P_total + 1e-12)``: the share of each band in the power of
   all the bands (``P_total``, their sum; powers from the Hann-windowed one-sided periodogram of
-  ``agent.features.extract.band_powers``), so it depends neither on the signal's amplitude nor on the
+  ``agent.features.vibration.band_powers``), so it depends neither on the signal's amplitude nor on the
   power above the last edge (which the sampling rate decides);
 - envelope spectrum, per envelope band ``[lo, hi)`` (index ``b``): the window's FFT is kept in that band
   only (an ideal band-pass around the structural resonances that bearing impacts ring), turned into the
@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.features.extract import band_powers
+from agent.features.vibration import band_powers
 from agent.records import Window
 
 # Bump whenever a change to this module changes any feature value or name for the same spec.

@@ -92,6 +92,16 @@ class OnnxAnomalyModel(ServedModel):
         (scores,) = self._session.run([self._output], {self._input: np.ascontiguousarray(x)})
         return np.asarray(scores, dtype=np.float32).reshape(x.shape[0])
 
+    @property
+    def explainable(self) -> OnnxAnomalyModel:
+        """Declared ability: ``explain`` (the autoencoders export their per-feature squared error)."""
+        return self
+
+    @property
+    def adaptable(self) -> OnnxAnomalyModel:
+        """Declared ability: per-machine adapters on this base (``directory``)."""
+        return self
+
     def explain(self, x: np.ndarray) -> np.ndarray:
         """Each feature's share of the score of each row (float64 ``(n, F)``, rows sum to 1).
 

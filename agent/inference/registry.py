@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.inference.classifier import DefectPrediction, OnnxDefectClassifier
+from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
+from agent.inference.kinds import MODEL_KINDS
 from agent.inference.manifest import MANIFEST_FILE, Manifest
 from agent.inference.model import OnnxAnomalyModel
 from agent.inference.router import ModelSlot
 from agent.metrics import Metrics
-from agent.records import Window
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ def version_key(version: str) -> VersionKey:
 
 
 def default_builders(threads: int) -> dict[str, Builder]:
-    """The model class of each manifest task (the registry's plugin table)."""
-    return {
-        "anomaly": lambda manifest, path: OnnxAnomalyModel(manifest, path, threads),
-        "classifier": lambda manifest, path: OnnxDefectClassifier(manifest, path, threads),
-    }
+    """A builder per model kind of ``agent.inference.kinds`` (the manifest's ``task``)."""
+
+    def builder(cls: type[OnnxAnomalyModel] | type[OnnxDefectClassifier]) -> Builder:
+        return lambda manifest, path: cls(manifest, path, threads)
+
+    return {kind: builder(cls) for kind, cls in MODEL_KINDS.items()}
 
 
 Fingerprint = tuple[tuple[tuple[str, int, int], ...], str]
@@ -381,43 +382,3 @@ def _geometry(spec: object) -> tuple[object, ...]:
 
 def _describe(geometry: Sequence[object]) -> str:
     return ", ".join(f"{name} {value}" for name, value in zip(_GEOMETRY, geometry, strict=True) if value is not None)
-
-
-class CurrentClassifier:
-    """The defect classifier the registry keeps current, as ``agent.pipeline.DefectClassifier``.
-
-    ``classify`` takes the slot's classifier once per call; ``model_id``/``version`` are those of the
-    classifier that gave the last answer (the scoring worker reads them right after ``classify``), so a
-    prediction is always stored with the version that made it, even across a swap.
-    """
-
-    def __init__(self, slot: ModelSlot[OnnxDefectClassifier]) -> None:
-        self._slot = slot
-        self._last: OnnxDefectClassifier | None = None
-
-    @property
-    def _answered(self) -> OnnxDefectClassifier:
-        return self._last if self._last is not None else self._slot.model
-
-    @property
-    def model_id(self) -> str:
-        return self._answered.model_id
-
-    @property
-    def version(self) -> str:
-        return self._answered.version
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self._answered.class_names
-
-    def classify(self, windows: Sequence[Window], rpm: float | Sequence[float]) -> list[DefectPrediction]:
-        model = self._slot.model
-        self._last = model
-        return model.classify(windows, rpm)
-
-    def current(self) -> OnnxDefectClassifier:
-        """The classifier now in the slot; the next ``classify`` answers with it (and reports its version)."""
-        model = self._slot.model
-        self._last = model
-        return model

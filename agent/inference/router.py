@@ -11,34 +11,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
-
-import numpy as np
+from typing import Generic, TypeVar
 
 from agent.features.spec import FeatureSpec
-from agent.records import Source
+from agent.inference.base import AnomalyModel
+from agent.inference.classifier import DefectPrediction, OnnxDefectClassifier
+from agent.records import Source, Window
 
 M = TypeVar("M")
-
-
-class AnomalyModel(Protocol):
-    """A loaded, verified and warmed-up model. ``score`` is called from the scoring worker only."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def threshold(self) -> float: ...
-
-    @property
-    def spec(self) -> FeatureSpec: ...
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """float32 ``(n, F)`` features -> float32 ``(n,)`` scores, higher is more anomalous."""
-        ...
 
 
 class ModelSlot(Generic[M]):
@@ -105,3 +85,43 @@ class ModelRouter:
     def models(self) -> list[AnomalyModel]:
         """The models serving the routes now, one per route, in route order."""
         return [r.slot.model for r in self._routes]
+
+
+class CurrentClassifier:
+    """The defect classifier the registry keeps current, as ``agent.inference.base.DefectClassifier``.
+
+    ``classify`` takes the slot's classifier once per call; ``model_id``/``version`` are those of the
+    classifier that gave the last answer (the scoring worker reads them right after ``classify``), so a
+    prediction is always stored with the version that made it, even across a swap.
+    """
+
+    def __init__(self, slot: ModelSlot[OnnxDefectClassifier]) -> None:
+        self._slot = slot
+        self._last: OnnxDefectClassifier | None = None
+
+    @property
+    def _answered(self) -> OnnxDefectClassifier:
+        return self._last if self._last is not None else self._slot.model
+
+    @property
+    def model_id(self) -> str:
+        return self._answered.model_id
+
+    @property
+    def version(self) -> str:
+        return self._answered.version
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self._answered.class_names
+
+    def classify(self, windows: Sequence[Window], rpm: float | Sequence[float]) -> list[DefectPrediction]:
+        model = self._slot.model
+        self._last = model
+        return model.classify(windows, rpm)
+
+    def current(self) -> OnnxDefectClassifier:
+        """The classifier now in the slot; the next ``classify`` answers with it (and reports its version)."""
+        model = self._slot.model
+        self._last = model
+        return model

@@ -138,16 +138,9 @@ def _vibration_windows(machine: str, n: int) -> list:
 
 
 def test_the_defect_stage_classifies_an_adapted_machine_through_its_adapter(tmp_path: Path):
-    import queue
-
-    from agent.alerts.engine import AlertEngine
-    from agent.alerts.rules import RuleBook
     from agent.features.bearing import extract_bearing_matrix
     from agent.inference.classifier import OnnxDefectClassifier
-    from agent.inference.router import ModelRouter
-    from agent.pipeline import ScoringWorker
-    from agent.storage.points import RawVibrationPolicy
-    from agent.topics import Topics
+    from agent.runtime.defect import DefectStage, ShaftSpeeds
 
     classifier = OnnxDefectClassifier.load(REPO / "models/defect_classifier")
     windows, rpm = _vibration_windows("m04", 60)
@@ -155,21 +148,10 @@ def test_the_defect_stage_classifies_an_adapted_machine_through_its_adapter(tmp_
     # A technician "confirmed" these healthy-looking windows as ball defects: the adapter must say so for m04.
     ball = classifier.class_names.index("ball")
     adapt_machine(classifier.directory, "m04", x, tmp_path / classifier.model_id / "m04", y=np.full(len(x), ball))
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([]),
-        engine=AlertEngine(RuleBook()),
-        spool=None,  # type: ignore[arg-type]
-        broker=None,  # type: ignore[arg-type]
-        topics=Topics("edge-01"),
-        metrics=Metrics(),
-        max_batch=64,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
-        adapters=AdapterStore(tmp_path, Metrics(), reload_interval_s=0),
-    )
+    stage = DefectStage(classifier, ("vibration*",), ShaftSpeeds("rpm", rpm))
     others, _ = _vibration_windows("m01", 10)
-    predictions = worker._predict(classifier, others + windows[:10], [rpm] * 20)
+    store = AdapterStore(tmp_path, Metrics(), reload_interval_s=0)
+    predictions = stage._predict(others + windows[:10], [rpm] * 20, store)
     base = classifier.classify(others, rpm)
     assert [p.class_name for p in predictions[:10]] == [p.class_name for p in base]
     assert all(np.array_equal(p.probabilities, q.probabilities) for p, q in zip(predictions[:10], base, strict=True))
@@ -177,14 +159,7 @@ def test_the_defect_stage_classifies_an_adapted_machine_through_its_adapter(tmp_
 
 
 def test_a_failing_adapter_costs_its_machine_the_adaptation_not_the_batch(model, tmp_path: Path):
-    import queue
-
-    from agent.alerts.engine import AlertEngine
-    from agent.alerts.rules import RuleBook
-    from agent.inference.router import ModelRouter
-    from agent.pipeline import ScoringWorker
-    from agent.storage.points import RawVibrationPolicy
-    from agent.topics import Topics
+    from agent.runtime.batch import BatchScorer
 
     class BrokenStore(AdapterStore):
         def score(self, model, machine, x):  # type: ignore[no-untyped-def]
@@ -193,19 +168,7 @@ def test_a_failing_adapter_costs_its_machine_the_adaptation_not_the_batch(model,
     rows = _machine_rows(model, 60, shift=4.0, seed=6)
     adapt_machine(model.directory, "m04", rows, tmp_path / model.model_id / "m04", config=FAST)
     metrics = Metrics()
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([]),
-        engine=AlertEngine(RuleBook()),
-        spool=None,  # type: ignore[arg-type]
-        broker=None,  # type: ignore[arg-type]
-        topics=Topics("edge-01"),
-        metrics=metrics,
-        max_batch=64,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
-        adapters=BrokenStore(tmp_path, metrics, reload_interval_s=0),
-    )
+    worker = BatchScorer(metrics, adapters=BrokenStore(tmp_path, metrics, reload_interval_s=0))
     windows = [type("W", (), {"source": type("S", (), {"machine": m})()})() for m in ["m01"] * 3 + ["m04"] * 3]
     scores, thresholds, adapters = worker._run_model(model, windows, rows[:6])  # type: ignore[arg-type]
     assert np.array_equal(scores, model.score(rows[:6]))

@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from agent.decode import encode
+from agent.decode.base import DecodeLimits
 from agent.decode.errors import CODES, DecodeError
-from agent.decode.json_v1 import DecodeLimits, decode
+from agent.decode.json_v1 import decode
 from agent.records import NS_PER_S, Reading, SampleBlock, Source
 
 SOURCE = Source.of(site="s1", line="l1", machine="press-7", sensor="vibration")

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from scipy import signal, stats
 
-from agent.features import extract as extract_module
-from agent.features.extract import BAND_POWER_EPS, extract, extract_matrix
+from agent.features import process as process_module
+from agent.features import vibration as vibration_module
+from agent.features.extract import extract, extract_matrix
 from agent.features.spec import FEATURE_CODE_VERSION, FeatureSpec
+from agent.features.vibration import BAND_POWER_EPS
 from agent.records import NS_PER_S, Source, Window
 
 RATE = 10240.0
@@ -65,9 +67,9 @@ def sine(freq_hz: float, amplitude: float, n: int = 4096, rate: float = RATE, ph
 
 
 def test_doctests_of_the_math_helpers_pass() -> None:
-    result = doctest.testmod(extract_module)
-    assert result.attempted >= 5
-    assert result.failed == 0
+    results = [doctest.testmod(module) for module in (vibration_module, process_module)]
+    assert sum(r.attempted for r in results) >= 5
+    assert sum(r.failed for r in results) == 0
 
 
 def test_vibration_statistics_match_numpy_and_scipy() -> None:

@@ -1,5 +1,7 @@
-"""The pipeline workers' contracts, with fakes for the I/O adapters (spool, broker, model)."""
+"""The pipeline workers' contracts, built by the composition root's builders with fakes for the I/O
+(spool, broker) and the model."""
 
+import dataclasses
 import json
 import queue
 
@@ -8,17 +10,18 @@ import pytest
 
 from agent.alerts.engine import AlertEngine
 from agent.alerts.rules import AlertRule, RuleBook
+from agent.bootstrap import Models, Stages, build_ingest, build_scoring, build_stages
+from agent.commissioning.scorer import CommissioningScorer
+from agent.config import Config, parse_config
 from agent.decode.encode import encode_fields
-from agent.decode.json_v1 import DecodeLimits
-from agent.decode.topic import TopicTemplate
 from agent.features.spec import FeatureSpec
 from agent.features.windows import Windower
 from agent.inference.router import ModelRouter
 from agent.metrics import Metrics
-from agent.pipeline import IngestWorker, ScoringWorker
 from agent.records import Message, Reading, SampleBlock, Source, Window
-from agent.storage.points import RawVibrationPolicy
-from agent.topics import Topics, format_rfc3339
+from agent.runtime.ingest import IngestWorker
+from agent.runtime.scoring import ScoringWorker
+from agent.topics import format_rfc3339
 
 T0 = 1_790_000_000 * 10**9
 
@@ -73,6 +76,8 @@ class FakeModel:
     version = "0.1"
     threshold = 100.0
     spec = SPEC
+    explainable = None
+    adaptable = None
 
     def __init__(self) -> None:
         self.batches: list[int] = []
@@ -86,20 +91,61 @@ def _message(mid: int, payload: bytes, topic: str = "factory/s1/l1/m01/process")
     return Message(topic=topic, payload=payload, qos=1, mid=mid, received_ns=T0 + 10**12)
 
 
-def _ingest(journal: Journal, spool: FakeSpool, router: ModelRouter, windows: queue.Queue, metrics: Metrics):
-    return IngestWorker(
+def _config(raw_mode: str = "none", keep_blocks: int = 10) -> Config:
+    return parse_config(
+        {
+            "agent": {"id": "edge-01"},
+            "storage": {"raw_vibration": {"mode": raw_mode, "keep_blocks": keep_blocks}},
+            "queues": {"put_timeout_s": 0.01},
+            "inference": {"max_batch": 64},
+        }
+    )
+
+
+def _stages(config: Config, router: ModelRouter, metrics: Metrics) -> Stages:
+    return build_stages(config, metrics, Models(router, classifier=None, registry=None))
+
+
+def _ingest(
+    journal: Journal, spool: FakeSpool, router: ModelRouter, windows: queue.Queue, metrics: Metrics
+) -> IngestWorker:
+    config = _config()
+    return build_ingest(
+        config,
+        _stages(config, router, metrics),
+        metrics,
         messages=queue.Queue(),
         windows=windows,
-        template=TopicTemplate("factory/{site}/{line}/{machine}/{sensor}"),
-        limits=DecodeLimits(),
-        spool=spool,  # type: ignore[arg-type]
-        raw_policy=RawVibrationPolicy("none"),
-        windower=Windower(router.spec_for, metrics),
+        spool=spool,
         broker=FakeBroker(journal),
-        topics=Topics("edge-01"),
-        metrics=metrics,
-        put_timeout_s=0.01,
     )
+
+
+def _scoring(
+    journal: Journal,
+    router: ModelRouter,
+    engine: AlertEngine,
+    metrics: Metrics,
+    spool: FakeSpool | None = None,
+    broker: FakeBroker | None = None,
+    config: Config | None = None,
+    baseline: CommissioningScorer | None = None,
+    store_raw=lambda blocks: None,
+) -> tuple[ScoringWorker, Stages]:
+    config = config or _config()
+    stages = _stages(config, router, metrics)
+    if baseline is not None:
+        stages = dataclasses.replace(stages, baseline=baseline)
+    worker = build_scoring(
+        config,
+        stages,
+        metrics,
+        spool=spool or FakeSpool(journal),
+        broker=broker or FakeBroker(journal),
+        engine=engine,
+        store_raw=store_raw,
+    )
+    return worker, stages
 
 
 @pytest.fixture
@@ -164,17 +210,8 @@ def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
     journal, metrics = Journal(), Metrics()
     model = FakeModel()
     spool, broker = FakeSpool(journal), FakeBroker(journal)
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([(("process",), model)]),
-        engine=_engine(raise_n=2, clear_after=2),
-        spool=spool,  # type: ignore[arg-type]
-        broker=broker,
-        topics=Topics("edge-01"),
-        metrics=metrics,
-        max_batch=64,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
+    worker, _ = _scoring(
+        journal, ModelRouter([(("process",), model)]), _engine(raise_n=2, clear_after=2), metrics, spool, broker
     )
     batch = _windows([20, 20, 20, 500, 500, 500, 500]) + _windows([20] * 7, machine="m02")
     worker.process(batch)
@@ -191,18 +228,7 @@ def test_windows_ready_together_are_scored_in_one_model_run_and_alert_once():
 
 def test_windows_of_sensors_without_a_model_are_counted_not_scored():
     metrics = Metrics()
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([(("vibration",), FakeModel())]),
-        engine=_engine(raise_n=1, clear_after=1),
-        spool=FakeSpool(Journal()),  # type: ignore[arg-type]
-        broker=FakeBroker(Journal()),
-        topics=Topics("edge-01"),
-        metrics=metrics,
-        max_batch=64,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
-    )
+    worker, _ = _scoring(Journal(), ModelRouter([(("vibration",), FakeModel())]), _engine(1, 1), metrics)
     worker.process(_windows([1.0, 2.0, 3.0]))
     assert metrics.get("windows.unassigned") == 1
     assert metrics.get("windows.scored") == 0
@@ -210,24 +236,12 @@ def test_windows_of_sensors_without_a_model_are_counted_not_scored():
 
 def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned():
     from agent.commissioning.baseline import CommissioningConfig
-    from agent.commissioning.scorer import MODEL_ID, CommissioningScorer
+    from agent.commissioning.scorer import MODEL_ID
 
     journal, metrics = Journal(), Metrics()
     broker = FakeBroker(journal)
     scorer = CommissioningScorer(CommissioningConfig(commissioning_steps=100), ["process"], ["temperature"], metrics)
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([]),
-        engine=_engine(raise_n=3, clear_after=3),
-        spool=FakeSpool(journal),  # type: ignore[arg-type]
-        broker=broker,
-        topics=Topics("edge-01"),
-        metrics=metrics,
-        max_batch=64,
-        raw_policy=RawVibrationPolicy("none"),
-        store_raw=lambda blocks: None,
-        baseline=scorer,
-    )
+    worker, _ = _scoring(journal, ModelRouter([]), _engine(3, 3), metrics, broker=broker, baseline=scorer)
     source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
     rng = np.random.default_rng(3)
     temperatures = list(55 + 0.2 * rng.standard_normal(200)) + [65.0] * 60
@@ -254,22 +268,17 @@ def test_raw_blocks_released_by_an_alert_are_stored_by_the_ingest_worker(router)
 
 def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
     released: list = []
-    raw = RawVibrationPolicy("around_alerts", keep_blocks=2)
-    source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
-    for i in range(3):
-        raw.decide(SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32)))
-    worker = ScoringWorker(
-        windows=queue.Queue(),
-        router=ModelRouter([(("process",), FakeModel())]),
-        engine=_engine(raise_n=1, clear_after=1),
-        spool=FakeSpool(Journal()),  # type: ignore[arg-type]
-        broker=FakeBroker(Journal()),
-        topics=Topics("edge-01"),
-        metrics=Metrics(),
-        max_batch=64,
-        raw_policy=raw,
+    worker, stages = _scoring(
+        Journal(),
+        ModelRouter([(("process",), FakeModel())]),
+        _engine(1, 1),
+        Metrics(),
+        config=_config("around_alerts", keep_blocks=2),
         store_raw=released.extend,
     )
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
+    for i in range(3):
+        stages.raw_policy.decide(SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32)))
     worker.process(_windows([500, 500, 500]))
     assert [b.start_ns for b in released] == [T0 + 1 * 10**9, T0 + 2 * 10**9]
 

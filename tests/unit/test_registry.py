@@ -17,8 +17,8 @@ from agent.bootstrap import build_models
 from agent.config import ConfigError, parse_config
 from agent.features.spec import FeatureSpec
 from agent.inference.manifest import MANIFEST_FILE, Manifest, ModelError, sha256_file
-from agent.inference.registry import CurrentClassifier, ModelRegistry, default_builders, version_key
-from agent.inference.router import ModelRouter
+from agent.inference.registry import ModelRegistry, default_builders, version_key
+from agent.inference.router import CurrentClassifier, ModelRouter
 from agent.metrics import Metrics
 from agent.records import Source
 

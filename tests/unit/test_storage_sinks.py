@@ -17,14 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.storage import sinks
-from agent.storage.sinks import (
-    InfluxV1Sink,
-    InfluxV2Sink,
-    PermanentWriteError,
-    RetryableWriteError,
-    classify_status,
-)
+from agent.storage import influx_v1
+from agent.storage.base import PermanentWriteError, QueryError, RetryableWriteError, classify_status
+from agent.storage.influx_v1 import InfluxV1Sink
+from agent.storage.influx_v2 import InfluxV2Sink
 from pdm_tools.dev.services import free_port
 
 SECRET = "s3cr3t-Pa55"
@@ -89,7 +85,7 @@ def server() -> Iterator[FakeServer]:
 
 
 def test_doctests_pass() -> None:
-    assert doctest.testmod(sinks).failed == 0
+    assert doctest.testmod(influx_v1).failed == 0
 
 
 @pytest.mark.parametrize(
@@ -183,7 +179,7 @@ def test_v1_query_returns_series_of_all_statements(server: FakeServer) -> None:
 
 def test_v1_statement_error_raises_query_error(server: FakeServer) -> None:
     server.status, server.body = 200, b'{"results":[{"statement_id":0,"error":"database not found: x"}]}'
-    with pytest.raises(sinks.QueryError, match="database not found"):
+    with pytest.raises(QueryError, match="database not found"):
         InfluxV1Sink(server.url, "x").query("SELECT * FROM m")
 
 

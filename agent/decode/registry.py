@@ -1,0 +1,27 @@
+"""Payload decoders by the config's ``mqtt.decoder.type``.
+
+A new input format is one module beside ``json_v1.py`` (a class implementing ``agent.decode.base.Decoder``,
+built from a ``DecoderContext``) plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from agent.decode.base import Decoder, DecoderContext
+from agent.decode.json_v1 import JsonV1Decoder
+
+DecoderFactory = Callable[[DecoderContext], Decoder]
+
+DECODERS: Mapping[str, DecoderFactory] = {
+    "json_v1": JsonV1Decoder,
+}
+
+
+def build_decoder(kind: str, context: DecoderContext) -> Decoder:
+    """The decoder registered as ``kind``; ``ValueError`` naming the known kinds otherwise."""
+    try:
+        factory = DECODERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown decoder type {kind!r} (known: {', '.join(sorted(DECODERS))})") from None
+    return factory(context)

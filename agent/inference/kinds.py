@@ -1,0 +1,26 @@
+"""Model classes by the config's ``type:`` (``inference.models[].type``, ``inference.defect.type``) and
+the manifest's ``task``: the one table the composition root and the model registry load models through.
+
+A new kind of model is one module in this folder (a class with ``load(model_dir, threads)`` and a
+constructor ``(manifest, model_dir, threads)`` that verifies and warms up) plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from agent.inference.classifier import OnnxDefectClassifier
+from agent.inference.model import OnnxAnomalyModel
+
+MODEL_KINDS: Mapping[str, type[OnnxAnomalyModel] | type[OnnxDefectClassifier]] = {
+    "anomaly": OnnxAnomalyModel,
+    "classifier": OnnxDefectClassifier,
+}
+
+
+def model_class(kind: str) -> type[OnnxAnomalyModel] | type[OnnxDefectClassifier]:
+    """The class of model kind ``kind``; ``ValueError`` naming the known kinds otherwise."""
+    try:
+        return MODEL_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown model type {kind!r} (known: {', '.join(sorted(MODEL_KINDS))})") from None

@@ -1,0 +1,137 @@
+"""A built agent's lifecycle: start the threads in order, stop them in pipeline order, heartbeat.
+
+``agent.bootstrap.build_agent`` builds it; ``pdm-agent run`` calls ``run_until_signal``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from agent import schema
+from agent.adaptation.auto import AutoAdapter
+from agent.config import Config
+from agent.health.selfmetrics import agent_fields
+from agent.health.server import HealthServer
+from agent.inference.registry import ModelRegistry
+from agent.inference.router import ModelRouter
+from agent.ingest.mqtt import MqttConnection
+from agent.metrics import Metrics
+from agent.runtime.ingest import IngestWorker
+from agent.runtime.scoring import ScoringWorker
+from agent.spool.sqlite import Spool
+from agent.storage.line_protocol import format_point
+from agent.storage.writer import SpoolWriter
+from agent.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Agent:
+    """A built agent. ``start`` connects and starts the threads; ``stop`` drains and flushes them."""
+
+    config: Config
+    metrics: Metrics
+    topics: Topics
+    mqtt: MqttConnection
+    spool: Spool
+    writer: SpoolWriter
+    ingest: IngestWorker
+    scoring: ScoringWorker
+    router: ModelRouter
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _stop_requested: threading.Event = field(default_factory=threading.Event)
+    _heartbeat: threading.Thread | None = None
+    registry: ModelRegistry | None = None
+    """The model registry (``inference.models_dir``), whose watcher swaps in new model versions."""
+    health: HealthServer | None = None
+    """HTTP ``/healthz``, ``/readyz`` and ``/metrics`` (``health`` section)."""
+    auto_adapter: AutoAdapter | None = None
+    """Trains per-machine adapters at the end of commissioning (``adaptation.auto``), on its own thread."""
+
+    def start(self) -> None:
+        if self.health is not None:
+            self.health.start()  # first: a port in use stops the start before any thread runs
+        self.scoring.restore()
+        if self.auto_adapter is not None:
+            self.auto_adapter.start()
+        self.writer.start()
+        self.scoring.start()
+        self.ingest.start()
+        self.mqtt.start()
+        if self.registry is not None:
+            self.registry.start(self.config.inference.reload_interval_s)
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._heartbeat.start()
+        logger.info(
+            "agent %s started: models %s",
+            self.config.agent.id,
+            ", ".join(f"{m.model_id} {m.version}" for m in self.router.models) or "none",
+        )
+
+    def request_stop(self) -> None:
+        """Ask ``run_until_signal`` to return (thread-safe)."""
+        self._stop_requested.set()
+
+    def stop(self) -> None:
+        """Stop in pipeline order so that whatever was accepted is stored before the process exits."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        budget = self.config.agent.shutdown_timeout_s
+        self.ingest.stop(budget)
+        self.scoring.stop(budget)
+        if self.registry is not None:
+            self.registry.stop(budget)
+        if self.auto_adapter is not None:
+            self.auto_adapter.stop(budget)
+        if self._heartbeat is not None:
+            self._heartbeat.join(budget)
+        self.publish_heartbeat()
+        self.mqtt.stop()
+        self.writer.stop(budget)
+        self.spool.close()
+        if self.health is not None:
+            self.health.stop()
+        logger.info("agent %s stopped: %s", self.config.agent.id, self.summary())
+
+    def run_until_signal(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop gracefully."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s, stopping", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        self.start()
+        self._stop_requested.wait()
+        self.stop()
+
+    def summary(self) -> dict[str, float]:
+        snap = self.metrics.snapshot()
+        snap["spool.depth"] = self.spool.depth()
+        return snap
+
+    def publish_heartbeat(self) -> None:
+        """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB."""
+        snap = self.summary()
+        now_ns = time.time_ns()
+        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
+        self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
+        fields = agent_fields(self.metrics.collect())
+        if fields and not self.spool.closed:
+            self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.wait(self.config.agent.heartbeat_s):
+            try:
+                self.publish_heartbeat()
+            except Exception:
+                logger.exception("heartbeat failed")

@@ -1,0 +1,98 @@
+"""The scoring worker: windows ready together are scored in one run per model, then alerts are decided.
+
+Process readings in the queue go to the per-machine commissioning baselines (one step each). Operator
+commands (acknowledge, silence) arrive on their own queue and are applied between batches; the engine's
+state is saved after every step that changed it, before the commands are acknowledged to the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Sequence
+
+from agent.commissioning.scorer import CommissioningScorer
+from agent.inference.base import AnomalyModel
+from agent.inference.router import ModelRouter
+from agent.metrics import Metrics
+from agent.records import Message, Reading, Window
+from agent.runtime.alerting import AlertOutput
+from agent.runtime.batch import BatchScorer, Verdict
+from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
+
+logger = logging.getLogger(__name__)
+
+
+class ScoringWorker(Worker):
+    """See the module docstring. ``restore`` before ``start`` continues the previous run's open events."""
+
+    def __init__(
+        self,
+        windows: queue.Queue[Window | Reading],
+        router: ModelRouter,
+        scorer: BatchScorer,
+        alerts: AlertOutput,
+        spool: LineLog,
+        broker: Broker,
+        metrics: Metrics,
+        max_batch: int,
+        baseline: CommissioningScorer | None = None,
+        commands: queue.Queue[Message] | None = None,
+    ) -> None:
+        super().__init__("scoring", metrics)
+        self._windows = windows
+        self._router = router
+        self._scorer = scorer
+        self.alerts = alerts
+        self._spool = spool
+        self._broker = broker
+        self._max_batch = max_batch
+        self._baseline = baseline
+        self._commands = commands
+
+    def restore(self) -> int:
+        return self.alerts.restore()
+
+    def step(self) -> None:
+        self.process(drain(self._windows, POLL_S, self._max_batch))
+
+    def finish(self) -> None:
+        while batch := drain(self._windows, 0, self._max_batch):
+            self.process(batch)
+        self.process([])
+
+    def process(self, batch: Sequence[Window | Reading]) -> None:
+        commands = drain(self._commands, 0, 100) if self._commands is not None else []
+        lines: list[str] = []
+        for msg in commands:
+            lines.extend(self.alerts.command(msg))
+        groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
+        for item in batch:
+            if isinstance(item, Reading):
+                lines.extend(self._baseline_step(item))
+                continue
+            model = self._router.model_for(item.source)
+            if model is None:
+                self._metrics.inc("windows.unassigned")
+                continue
+            groups.setdefault(id(model), (model, []))[1].append(item)
+        for model, windows in groups.values():
+            scored = self._scorer.score(model, windows)
+            lines.extend(scored.lines)
+            now_ns = self.alerts.clock_ns()
+            for verdict in scored.verdicts:
+                lines.extend(self.alerts.decide(verdict, now_ns))
+        lines.extend(self.alerts.tick(self.alerts.clock_ns()))
+        if lines:
+            self._spool.append(lines)
+        self.alerts.publish_machine_states()
+        self.alerts.save_state()
+        for msg in commands:
+            if msg.qos > 0:
+                self._broker.ack(msg.mid, msg.qos)
+
+    def _baseline_step(self, reading: Reading) -> list[str]:
+        if self._baseline is None:
+            return []
+        score = self._baseline.score(reading)
+        return [] if score is None else self.alerts.decide(Verdict(score), self.alerts.clock_ns())

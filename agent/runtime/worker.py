@@ -1,0 +1,95 @@
+"""What the workers share: the broker and spool they write to, the thread base, queue draining."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from agent.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2
+T = TypeVar("T")
+
+
+class Broker(Protocol):
+    """The MQTT side the workers need; ``agent.ingest.mqtt.MqttConnection`` provides it (thread-safe)."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object: ...
+
+    def ack(self, mid: int, qos: int) -> None: ...
+
+
+class LineLog(Protocol):
+    """The durable local log the workers append line protocol to (``agent.spool.sqlite.Spool``).
+
+    ``append`` returns once the lines are committed to disk, and raises (``OSError``, ``sqlite3.Error``)
+    when they are not; it is called from the ingest and scoring workers and the heartbeat (thread-safe).
+    """
+
+    def append(self, lines: Sequence[str]) -> object: ...
+
+
+def to_lines(encode: Callable[[T], list[str]], record: T, metrics: Metrics) -> list[str]:
+    """Line-protocol lines of one record; a record InfluxDB cannot hold is counted and logged, not raised."""
+    try:
+        return encode(record)
+    except ValueError as exc:
+        metrics.inc("storage.unencodable", kind=type(record).__name__)
+        logger.warning("%s not stored: %s", type(record).__name__, exc)
+        return []
+
+
+def drain(q: queue.Queue[T], first_timeout_s: float, limit: int) -> list[T]:
+    """Wait up to ``first_timeout_s`` for one item, then take whatever else is ready, up to ``limit``."""
+    try:
+        items = [q.get(timeout=first_timeout_s)]
+    except queue.Empty:
+        return []
+    while len(items) < limit:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return items
+
+
+class Worker(threading.Thread):
+    """A daemon thread that runs ``step`` until stopped, then ``finish`` to drain its input."""
+
+    def __init__(self, name: str, metrics: Metrics) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+        self._metrics = metrics
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop_event.set()
+        self.join(timeout_s)
+        if self.is_alive():
+            logger.warning("%s did not stop within %.1f s", self.name, timeout_s)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.step()
+            except Exception:
+                # A bug in one batch must not kill the pipeline; the batch is lost to processing only,
+                # never to storage (unacknowledged messages are redelivered by the broker).
+                self._metrics.inc("pipeline.errors", worker=self.name)
+                logger.exception("%s: unexpected error; continuing", self.name)
+                time.sleep(POLL_S)
+        try:
+            self.finish()
+        except Exception:
+            logger.exception("%s: error while draining at stop", self.name)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Process what is still queued (called once, after stop)."""
