@@ -40,7 +40,8 @@ from agent.inference.base import AnomalyModel, DefectClassifier
 from agent.inference.kinds import model_class
 from agent.inference.registry import ModelRegistry, default_builders
 from agent.inference.router import CurrentClassifier, ModelRouter, ModelSlot
-from agent.ingest.mqtt import MqttConnection, MqttSettings, MqttTls
+from agent.ingest.mqtt import MqttConnection
+from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Window
 from agent.runtime.agent import Agent

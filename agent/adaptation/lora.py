@@ -13,6 +13,10 @@ objective on the machine's own data: the mean squared reconstruction error of st
 an autoencoder (commissioning data of normal operation), class-balanced cross-entropy for a classifier
 (windows whose defect a technician confirmed). Adam, mini-batches, early stopping on a held-out slice;
 float64 arithmetic and a seeded generator make a run reproducible bit for bit.
+
+Size: this module stays one file (~590 lines) on purpose: the forward pass, its hand-written gradients
+(checked against finite differences in the tests) and the reader of the base graph they run on must be
+read side by side; the graph builder is ``agent.adaptation.graph``, the file format ``adapter``.
 """
 
 from __future__ import annotations

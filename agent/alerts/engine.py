@@ -14,6 +14,10 @@ Not thread-safe: one scoring worker owns the engine.
 >>> def score(v, t): return Score(src, t * 10**9, t * 10**9 + 10**9, "vib", "1.0.0", v, 1.0)
 >>> [(a.state, a.seq) for t, v in enumerate([2.0, 2.0, 2.0, 0.1]) for a in engine.observe(score(v, t), t * 10**9)]
 [('new', 1), ('clear', 2)]
+
+Size: this module stays one file (~650 lines) on purpose: the engine is one state machine (tracks, events,
+silences) whose transitions, commands and persisted state must change together; the rules are in
+``agent.alerts.rules``, the payload in ``agent.alerts.payload``, the state file in ``agent.alerts.store``.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ which paho repairs with its usual reconnect and backoff.
 Availability: the last will sets the retained status topic to ``offline`` when the connection drops
 without a DISCONNECT; every successful connect publishes ``online`` (retained); ``stop()`` publishes
 ``offline`` and waits for it before disconnecting (a clean disconnect does not fire the will).
+
+Size: this module stays one file (~550 lines) on purpose: ``MqttConnection`` is one state machine whose
+paho callbacks share the connection state under the threading rules above; split over files, those
+rules would no longer be read in one place. Its settings are in ``agent.ingest.settings``.
 """
 
 from __future__ import annotations
@@ -47,8 +51,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
@@ -57,6 +59,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.records import Message
 
@@ -77,133 +80,6 @@ _paho_logger.addFilter(_DropReconnectNoise())
 MessageInfo = paho.MQTTMessageInfo
 
 StatusPayload = Callable[[Literal["online", "offline"]], bytes]
-
-
-@dataclass(frozen=True)
-class MqttTls:
-    """TLS of the broker connection (TLS 1.2 or later)."""
-
-    ca_file: Path | None = None
-    """PEM file of the CA(s) the broker's certificate must chain to; ``None``: the system trust store."""
-    cert_file: Path | None = None
-    """Client certificate (PEM), for brokers that require one; needs ``key_file``."""
-    key_file: Path | None = None
-    insecure_skip_verify: bool = False
-    """Neither the certificate nor the host name is checked: encrypted, not authenticated (tests only)."""
-
-    def context(self) -> ssl.SSLContext:
-        """The client context; ``ValueError`` naming the file when one cannot be loaded."""
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.ca_file is not None:
-            try:
-                context.load_verify_locations(cafile=str(self.ca_file))
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"MqttTls.ca_file: cannot load {self.ca_file}: {exc}") from None
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("MqttTls.cert_file: cert_file and key_file go together")
-        if self.cert_file is not None:
-            try:
-                context.load_cert_chain(str(self.cert_file), str(self.key_file), password=_no_key_password)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"MqttTls.cert_file: cannot load {self.cert_file} / {self.key_file}: {exc}") from None
-        if self.insecure_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-
-def _no_key_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for the passphrase of an encrypted key.
-    raise ValueError("the private key is encrypted; the agent needs an unencrypted key")
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Connection settings; validated here so that a bad value fails at start, not at the first reconnect."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    """Must be stable across restarts: the broker keeps the session (and unacknowledged messages) under it."""
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password: str | None = None
-    """Never logged: ``repr`` masks it."""
-    tls: MqttTls | None = None
-    """``None``: plaintext TCP."""
-    require_tls: bool = False
-    """Refuse settings without ``tls`` (so that a plaintext connection is never attempted)."""
-    keepalive_s: int = 30
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    """Reconnect delays double from the minimum up to this cap, and reset after a successful connect."""
-    subscriptions: tuple[str, ...] = ()
-    qos: Literal[0, 1] = 1
-    """QoS of the subscriptions. 1 means at-least-once with manual acknowledgement."""
-    clean_start: bool = False
-    session_expiry_s: int = 86_400
-    """MQTT 5 only: how long the broker keeps the session (and unacknowledged messages) while disconnected."""
-    status_topic: str | None = None
-    """Retained ``online``/``offline`` status with the last will; ``None`` disables both."""
-    online_payload: bytes = b'{"v":1,"state":"online"}'
-    offline_payload: bytes = b'{"v":1,"state":"offline"}'
-    """Also the last-will payload."""
-    max_queued_messages: int = 10_000
-    """Outgoing messages paho keeps while disconnected; beyond it ``publish`` fails (counted)."""
-    stop_timeout_s: float = 5.0
-    """How long ``stop()`` waits for the broker to confirm the ``offline`` status."""
-    silence_timeout_s: float = 0.0
-    """Force a reconnect when connected but no message arrived for this long; 0 turns the watchdog off."""
-
-    def __post_init__(self) -> None:
-        def bad(name: str, reason: str) -> ValueError:
-            return ValueError(f"MqttSettings.{name}: {reason}")
-
-        if not self.host:
-            raise bad("host", "must not be empty")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
-            raise bad("port", f"must be 1..65535, got {self.port!r}")
-        if self.protocol not in ("5", "3.1.1"):
-            raise bad("protocol", f"must be '5' or '3.1.1', got {self.protocol!r}")
-        if not isinstance(self.keepalive_s, int) or not 0 < self.keepalive_s <= 65535:
-            raise bad("keepalive_s", f"must be an integer 1..65535, got {self.keepalive_s!r}")
-        if not self.reconnect_min_s > 0:
-            raise bad("reconnect_min_s", f"must be > 0, got {self.reconnect_min_s!r}")
-        if not self.reconnect_max_s >= self.reconnect_min_s:
-            raise bad(
-                "reconnect_max_s",
-                f"must be >= reconnect_min_s ({self.reconnect_min_s}), got {self.reconnect_max_s!r}",
-            )
-        if self.qos not in (0, 1):
-            raise bad("qos", f"must be 0 or 1, got {self.qos!r}")
-        if isinstance(self.subscriptions, str) or not all(isinstance(s, str) and s for s in self.subscriptions):
-            raise bad("subscriptions", f"must be a tuple of non-empty topic filters, got {self.subscriptions!r}")
-        if not self.clean_start and not self.client_id:
-            raise bad("client_id", "is required for a persistent session (clean_start false)")
-        if not isinstance(self.session_expiry_s, int) or not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
-            raise bad("session_expiry_s", f"must be an integer 0..4294967295, got {self.session_expiry_s!r}")
-        if self.status_topic is not None and (not self.status_topic or any(c in self.status_topic for c in "+#")):
-            raise bad("status_topic", f"must be a topic name without wildcards, got {self.status_topic!r}")
-        if not self.max_queued_messages > 0:
-            raise bad("max_queued_messages", f"must be > 0, got {self.max_queued_messages!r}")
-        if self.password is not None and self.username is None:
-            raise bad("password", "needs a username")
-        if self.require_tls and self.tls is None:
-            raise bad("require_tls", "is true but tls is not configured: refusing a plaintext connection")
-        if isinstance(self.silence_timeout_s, bool) or not self.silence_timeout_s >= 0:
-            raise bad("silence_timeout_s", f"must be >= 0 (0 = off), got {self.silence_timeout_s!r}")
-        if self.silence_timeout_s and not self.subscriptions:
-            raise bad("silence_timeout_s", "needs subscriptions: without them no message is expected")
-
-    def __repr__(self) -> str:
-        parts = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "password" and value is not None:
-                value = "***"
-            parts.append(f"{f.name}={value!r}")
-        return f"MqttSettings({', '.join(parts)})"
 
 
 class MqttConnection:

@@ -18,18 +18,20 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent import schema
 from agent.bootstrap import build_agent
 from agent.config import parse_config
-from agent.health.prometheus import CONTENT_TYPE
 from agent.health.selfmetrics import agent_fields
 from agent.health.server import HealthServer, build_health_server
-from agent.ingest.mqtt import MqttConnection, MqttSettings
+from agent.ingest.mqtt import MqttConnection
+from agent.ingest.settings import MqttSettings
 from agent.metrics import Metrics
 from agent.spool.sqlite import Spool
+from agent.storage.influx_v1 import InfluxV1Sink
 from agent.storage.line_protocol import format_point
-from agent.storage.sinks import InfluxV1Sink
 from pdm_tools.dev import services as devservices
 from pdm_tools.dev.services import Service
 
@@ -102,12 +104,16 @@ def test_healthz_readyz_and_metrics_answer_on_a_free_port(servers: Callable[...,
     assert (status, body["status"]) == (200, "ok")
 
     status, content_type, text = get(f"{server.url}/metrics")
-    assert (status, content_type) == (200, CONTENT_TYPE)
+    assert (status, content_type) == (200, CONTENT_TYPE_LATEST)
     lines = text.decode().splitlines()
-    assert "pdm_ingest_messages_total 7" in lines
-    assert 'pdm_decode_errors_total{reason="bad_json"} 1' in lines
-    assert 'pdm_inference_seconds_count{model="vibration-anomaly"} 1' in lines
-    assert 'pdm_inference_seconds_recent{model="vibration-anomaly",quantile="0.99"} 0.003' in lines
+    assert "pdm_ingest_messages_total 7.0" in lines
+    assert 'pdm_decode_errors_total{reason="bad_json"} 1.0' in lines
+    assert 'pdm_inference_seconds_count{model="vibration-anomaly"} 1.0' in lines
+    assert 'pdm_inference_seconds_bucket{le="0.005",model="vibration-anomaly"} 1.0' in lines
+    assert "pdm_mqtt_connected 0.0" in lines  # from the start, before any connection
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    assert all(f.documentation for f in families.values())
+    assert "process_resident_memory_bytes" in families and "process_cpu_seconds" in families
 
 
 def test_other_paths_are_404_and_head_and_query_strings_work(servers: Callable[..., HealthServer]) -> None:
@@ -211,13 +217,13 @@ def test_readyz_follows_the_broker_going_away_and_coming_back(
         wait_until(lambda: get_json(f"{server.url}/readyz")[0] == 503, "readyz to report the broker gone")
         status, body = get_json(f"{server.url}/readyz")
         assert body["checks"] == {"mqtt": {"ok": False}, "spool": {"ok": True}}
-        assert "pdm_mqtt_connected 0" in get(f"{server.url}/metrics")[2].decode().splitlines()
+        assert "pdm_mqtt_connected 0.0" in get(f"{server.url}/metrics")[2].decode().splitlines()
 
         own_broker.start()  # same port
         wait_until(lambda: get_json(f"{server.url}/readyz")[0] == 200, "readyz to report the broker back")
         metrics_text = get(f"{server.url}/metrics")[2].decode()
-        assert "pdm_mqtt_connected 1" in metrics_text.splitlines()
-        assert "pdm_mqtt_connects_total 2" in metrics_text.splitlines()
+        assert "pdm_mqtt_connected 1.0" in metrics_text.splitlines()
+        assert "pdm_mqtt_connects_total 2.0" in metrics_text.splitlines()
         assert "pdm_spool_oldest_age_seconds " in metrics_text  # the line spooled above is still waiting
 
         spool.close()
@@ -227,6 +233,34 @@ def test_readyz_follows_the_broker_going_away_and_coming_back(
     finally:
         conn.stop()
         spool.close()
+
+
+def test_metrics_say_disconnected_while_the_broker_is_unreachable_from_the_start(
+    servers: Callable[..., HealthServer],
+) -> None:
+    metrics = Metrics()
+    conn = MqttConnection(
+        MqttSettings(
+            host=devservices.HOST,
+            port=devservices.free_port(),  # nobody listens
+            client_id=f"health-{time.monotonic_ns()}",
+            reconnect_min_s=0.1,
+            reconnect_max_s=0.5,
+        ),
+        on_message=lambda _message: None,
+        metrics=metrics,
+    )
+    server = servers(metrics, {"mqtt": lambda: conn.is_connected})
+    try:
+        conn.start()
+        wait_until(lambda: metrics.get("mqtt.connect_failures", reason="unreachable") >= 2, "two failed attempts")
+        assert get_json(f"{server.url}/readyz")[0] == 503
+        lines = get(f"{server.url}/metrics")[2].decode().splitlines()
+        assert "pdm_mqtt_connected 0.0" in lines
+        assert "pdm_mqtt_connects_total 0.0" in lines
+        assert any(line.startswith('pdm_mqtt_connect_failures_total{reason="unreachable"} ') for line in lines)
+    finally:
+        conn.stop()
 
 
 def test_a_built_agent_is_ready_when_started_and_its_self_metrics_reach_influxdb(
@@ -278,7 +312,7 @@ def test_a_built_agent_is_ready_when_started_and_its_self_metrics_reach_influxdb
         assert fields["storage_write_seconds_count"] >= 1 and "storage_write_seconds_p99" in fields
         metrics_text = get(f"{server.url}/metrics")[2].decode()
         assert "pdm_storage_write_seconds_count " in metrics_text
-        assert "pdm_spool_oldest_age_seconds 0" in metrics_text.splitlines()  # delivered: nothing waits
+        assert "pdm_spool_oldest_age_seconds 0.0" in metrics_text.splitlines()  # delivered: nothing waits
 
         sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
         try:

@@ -21,7 +21,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.ingest.mqtt import MqttConnection, MqttSettings, MqttTls
+from agent.ingest.mqtt import MqttConnection
+from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.records import Message
 from pdm_tools.dev import services as devservices
@@ -324,7 +325,7 @@ def test_tls_client_against_a_plaintext_port_fails_with_a_tls_error(
 
 
 def test_require_tls_refuses_plaintext_settings() -> None:
-    with pytest.raises(ValueError, match="require_tls: is true but tls is not configured"):
+    with pytest.raises(ValueError, match="require_tls is true but tls is not configured"):
         MqttSettings(client_id="a", require_tls=True)
     MqttSettings(client_id="a", require_tls=True, tls=MqttTls())
 
