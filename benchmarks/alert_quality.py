@@ -2,9 +2,10 @@
 
 Runs the agent's real scoring path in one process, in simulated time: ``SimulatedMachine`` models give
 vibration ``SampleBlock``s and 1 Hz process ``Reading``s, the agent's ``Windower`` cuts them, and a
-``ScoringWorker`` built from ``config/agent.yaml`` (the shipped ONNX models via ``bootstrap.load_models``,
-the defect classifier, the commissioning baseline, and the ``AlertEngine`` with the config's ``alerts``
-rules) scores them with a simulated clock. A fake broker keeps every alert message; a fake spool
+``ScoringWorker`` built from ``config/agent.yaml`` by the composition root's own builders
+(``bootstrap.build_stages`` and ``build_scoring``: the shipped ONNX models, the defect classifier, the
+commissioning baseline, and the ``AlertEngine`` with the config's ``alerts`` rules) scores them with a
+simulated clock. A fake broker keeps every alert message; a fake spool
 discards the lines. No MQTT or InfluxDB: this measures alert quality, not transport.
 
 Vibration may be duty-cycled (``--snapshot-s`` seconds of contiguous blocks every ``--snapshot-period-s``,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Literal, Self
+from collections.abc import Iterator
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -93,7 +94,11 @@ class MqttSettings(BaseModel):
     @field_validator("subscriptions", mode="before")
     @classmethod
     def _filters(cls, value: object) -> object:
-        if isinstance(value, str) or not all(isinstance(s, str) and s for s in value):  # type: ignore[attr-defined]
+        if (
+            isinstance(value, str)
+            or not isinstance(value, list | tuple)
+            or not all(isinstance(s, str) and s for s in value)
+        ):
             raise ValueError(f"must be a tuple of non-empty topic filters, got {value!r}")
         return value
 
@@ -118,6 +123,6 @@ class MqttSettings(BaseModel):
             raise ValueError("silence_timeout_s needs subscriptions: without them no message is expected")
         return self
 
-    def __repr_args__(self):  # type: ignore[no-untyped-def]
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, ("***" if name == "password" and value is not None else value)
