@@ -1,36 +1,62 @@
-"""Thread-safe counters, gauges and latency histograms: rates are counted here, events are logged.
+"""Every metric of the agent, declared once in ``CATALOG``, and the ``Metrics`` facade the stages count with.
 
-Every stage gets the one ``Metrics`` instance from the composition root. Names are dotted
-(``ingest.messages``, ``decode.errors``); an optional ``reason`` or other labels split a series.
+Rates are counted here, events are logged. Every stage gets the one ``Metrics`` instance from the
+composition root and calls it by dotted name (``ingest.messages``, ``decode.errors``):
 
-- ``inc`` counts (monotonic), ``set`` records a gauge (last value wins).
-- ``set_function`` registers a gauge whose value is read when the metrics are read (``spool.oldest_age_s``
-  changes with time, not with events).
-- ``observe`` records a duration (or any non-negative size) into a histogram with fixed buckets
-  (``LATENCY_BUCKETS_S``), plus a bounded window of the most recent observations (the last
-  ``RECENT_OBSERVATIONS`` of the last ``RECENT_MAX_AGE_S`` seconds) from which ``quantile`` computes
-  p50/p99. The hot path calls it once per batch: a bisect and a deque append under the lock.
+- ``inc`` counts (monotonic), ``set`` records a gauge (last value wins);
+- ``set_function`` makes a gauge read a callable whenever the metrics are read (``spool.oldest_age_s``
+  changes with time, not with events);
+- ``observe`` records a duration in seconds (or any non-negative size) into a histogram, and into a bounded
+  window of the most recent observations (the last ``RECENT_OBSERVATIONS`` of the last ``RECENT_MAX_AGE_S``
+  seconds) from which ``quantile`` computes the p50/p99 the heartbeat shows.
 
-Readers: ``snapshot()`` (flat ``name{k=v}`` -> value, for the heartbeat and tests) and ``collect()``
-(typed, for the Prometheus renderer and the InfluxDB self-metrics in ``agent/health/``).
+A name that is not in ``CATALOG``, a call of the wrong kind (``inc`` on a gauge) or other label names than
+the declared ones raise at once, on the caller's thread: a misspelled metric is a bug, not a new series.
+``tests/unit/test_metrics.py`` checks that every name used in ``agent/`` is declared, and every declared
+one used.
+
+Underneath, each ``Metrics`` owns a ``prometheus_client.CollectorRegistry`` (``registry``) holding one
+``Counter``, ``Gauge`` or ``Histogram`` per catalog entry, plus the process, platform and garbage
+collector collectors (``process_*``, ``python_*``). It is not the library's global registry, so that
+several agents (tests) in one process do not collide. ``/metrics`` is ``generate_latest(registry)``.
+
+Prometheus names follow from the dotted ones: ``pdm_`` prefix, dots become underscores, a trailing ``_s``
+becomes ``_seconds`` and counters end in ``_total`` (``spool.oldest_age_s`` ->
+``pdm_spool_oldest_age_seconds``, ``decode.errors`` -> ``pdm_decode_errors_total``). Durations are in
+seconds, sizes in bytes; a name in other units (``_ms``) is refused when the catalog is built. Every
+unlabelled gauge and counter exists from the start, with its initial value (``pdm_mqtt_connected 0``
+before the first connection); a labelled one once a label set is used.
+
+Readers: ``registry`` (Prometheus), ``snapshot()`` (flat ``name{k=v}`` -> value, for the heartbeat and
+tests) and ``collect()`` (typed, for the InfluxDB self-metrics in ``agent/health/selfmetrics.py``).
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 logger = logging.getLogger(__name__)
 
-Labels = tuple[tuple[str, str], ...]
-Key = tuple[str, Labels]
+# The ``_created`` series (a Unix time per counter and histogram series) would double the number of
+# families on /metrics for a figure nobody here reads; the switch is process-wide in prometheus_client.
+prometheus_client.disable_created_metrics()
+
+Kind: TypeAlias = Literal["counter", "gauge", "histogram"]
+Labels: TypeAlias = tuple[tuple[str, str], ...]
+Key: TypeAlias = tuple[str, Labels]
 """A series: its dotted name and its labels, sorted by label name."""
+
+PREFIX = "pdm_"
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.00001,
@@ -64,6 +90,157 @@ QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.5), ("p99", 0.99))
 """The quantiles ``snapshot()`` reports for every histogram, as ``{name}.p50`` and ``{name}.p99``."""
 
 
+def prometheus_name(dotted: str) -> str:
+    """The Prometheus name of a dotted metric name, without the ``_total`` the library adds to counters.
+
+    >>> prometheus_name("spool.oldest_age_s"), prometheus_name("decode.errors")
+    ('pdm_spool_oldest_age_seconds', 'pdm_decode_errors')
+    """
+    name = PREFIX + dotted.replace(".", "_")
+    return name[: -len("_s")] + "_seconds" if name.endswith("_s") else name
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One declared metric: what the stages call it, what Prometheus calls it, and what it means."""
+
+    name: str
+    """Dotted, as the stages call it; units in the name (``_s``, ``_seconds``, ``_bytes``)."""
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    initial: float = 0.0
+    """Value of an unlabelled gauge from the start, before anything sets it."""
+    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
+    """Upper bounds of a histogram's buckets."""
+
+    def __post_init__(self) -> None:
+        if self.name.endswith(("_ms", "_milliseconds", "_us", "_kb", "_mb")):
+            raise ValueError(f"metric {self.name}: declare it in base units (seconds, bytes)")
+        if not self.help.strip():
+            raise ValueError(f"metric {self.name}: no help text")
+        if list(self.buckets) != sorted(set(self.buckets)) or not self.buckets:
+            raise ValueError(f"metric {self.name}: buckets must be strictly increasing and not empty")
+
+    @property
+    def prometheus_name(self) -> str:
+        """The family name on ``/metrics``: ``pdm_decode_errors_total``, ``pdm_inference_seconds``."""
+        base = prometheus_name(self.name)
+        return base + "_total" if self.kind == "counter" else base
+
+
+def _counter(name: str, help: str, *labels: str) -> MetricSpec:
+    return MetricSpec(name, "counter", help, labels)
+
+
+def _gauge(name: str, help: str, *labels: str, initial: float = 0.0) -> MetricSpec:
+    return MetricSpec(name, "gauge", help, labels, initial=initial)
+
+
+def _histogram(name: str, help: str, *labels: str) -> MetricSpec:
+    return MetricSpec(name, "histogram", help, labels)
+
+
+CATALOG: tuple[MetricSpec, ...] = (
+    # ingest and decoding
+    _counter("ingest.messages", "MQTT messages taken by the ingest worker."),
+    _counter("ingest.readings", "Readings decoded from accepted messages."),
+    _counter("ingest.blocks", "Sample blocks (vibration) decoded from accepted messages."),
+    _counter("ingest.samples", "Samples in the decoded blocks."),
+    _counter("ingest.backpressure_waits", "Times the MQTT thread waited on a full message queue (backpressure)."),
+    _counter("decode.errors", "Rejected messages, by reason (each one also goes to the dead-letter topic).", "reason"),
+    # spool
+    _counter("spool.appended", "Points stored durably in the local spool (readings, features, scores, alerts ...)."),
+    _counter("spool.acked", "Spooled points delivered to InfluxDB and removed from the spool."),
+    _counter("spool.dropped", "Points dropped because the spool was full, by drop policy.", "policy"),
+    _counter("spool.dead_lettered", "Points InfluxDB rejected, moved to the spool's dead-letter table."),
+    _counter("spool.dead_letter_trimmed", "Oldest dead letters removed because the dead-letter table was full."),
+    _counter("spool.append_failures", "Spool appends that failed (the MQTT messages were not acknowledged)."),
+    _gauge("spool.depth", "Points waiting in the spool for InfluxDB."),
+    _gauge("spool.oldest_age_s", "Age of the oldest point waiting in the spool (0 when it is empty, NaN once closed)."),
+    # InfluxDB writer
+    _counter("storage.points_written", "Points InfluxDB confirmed."),
+    _counter("storage.write_failures", "Failed InfluxDB writes, by kind (retryable, rejected, config).", "kind"),
+    _counter("storage.writer_errors", "Unexpected errors of the InfluxDB writer thread."),
+    _gauge("storage.backoff_s", "Current backoff of the InfluxDB writer (0 when writes succeed)."),
+    _histogram("storage.write_seconds", "Duration of successful InfluxDB writes (one batch each)."),
+    _counter("storage.unencodable", "Records that could not be encoded as line protocol, by record type.", "kind"),
+    # MQTT
+    _gauge("mqtt.connected", "1 while connected to the MQTT broker, 0 before the first connection and after a loss."),
+    _counter("mqtt.messages", "MQTT messages received."),
+    _counter("mqtt.connects", "Successful connections to the broker."),
+    _counter("mqtt.disconnects", "Lost connections to the broker, by reason.", "reason"),
+    _counter("mqtt.connect_failures", "Failed connection attempts, by reason.", "reason"),
+    _counter("mqtt.subscribe_failures", "Subscriptions the broker refused, by reason code.", "reason"),
+    _counter("mqtt.acks", "QoS 1 messages acknowledged after their readings were stored."),
+    _counter("mqtt.acks_stale", "Acknowledgements skipped because the message came on an earlier connection."),
+    _counter("mqtt.ack_errors", "Acknowledgements the MQTT client could not send, by error.", "reason"),
+    _counter("mqtt.published", "Messages published (status, heartbeat, alerts, dead letters)."),
+    _counter("mqtt.publish_queued_offline", "QoS 1 messages published while disconnected, sent after reconnecting."),
+    _counter("mqtt.publish_errors", "Failed publishes, by reason.", "reason"),
+    _counter("mqtt.callback_errors", "Messages the MQTT callback could not hand over (not acknowledged, redelivered)."),
+    _counter("mqtt.watchdog_reconnects", "Reconnects forced by the silence watchdog."),
+    # windows
+    _counter("windows.emitted", "Windows cut from the streams, by kind (vibration, process).", "kind"),
+    _counter("windows.unassigned", "Readings or blocks of a source that no feature spec or model covers."),
+    _counter("windows.skipped", "Window inputs skipped, by reason (e.g. duplicate block, wrong shape).", "reason"),
+    _counter("windows.gaps", "Discontinuities in a vibration stream that restarted its window, by kind.", "reason"),
+    _counter("windows.queued", "Windows queued for scoring."),
+    _counter("windows.dropped", "Windows dropped before scoring, by reason.", "reason"),
+    _counter("windows.scored", "Windows scored, by model.", "model"),
+    _counter("windows.rejected", "Windows not scored, by reason.", "reason"),
+    # inference and models
+    _counter("inference.runs", "Model runs (one per batch), by model.", "model"),
+    _histogram("inference.seconds", "Duration of one model run on a batch of windows, by model.", "model"),
+    _histogram(
+        "inference.window_seconds",
+        "Model run duration divided by the batch size: the cost of one window, by model.",
+        "model",
+    ),
+    _gauge("inference.last_batch_s", "Duration of the last model run, by model.", "model"),
+    _gauge("inference.last_batch_size", "Windows in the last batch scored, by model.", "model"),
+    _gauge("models.loaded", "1 for each loaded model version, 0 for one replaced by a newer one.", "model", "version"),
+    _counter("models.swaps", "Hot swaps to another version of a model, by model.", "model"),
+    _counter("models.refused", "Model directories the registry refused, by reason.", "reason"),
+    _counter("models.reload_errors", "Unexpected errors while rescanning the model directory."),
+    _counter("defect.classified", "Anomalous vibration windows given a defect class."),
+    _counter("defect.skipped", "Anomalous windows left unclassified, by reason.", "reason"),
+    _counter("commissioning.steps", "Readings scored by the commissioning baseline, by phase.", "phase"),
+    _counter("commissioning.skipped", "Readings the commissioning baseline could not use, by reason.", "reason"),
+    # adaptation (per-machine LoRA adapters)
+    _gauge("adapters.loaded", "Machine adapters loaded, by model.", "model"),
+    _counter("adapters.swaps", "Adapters activated (new or changed files), by model.", "model"),
+    _counter("adapters.refused", "Adapters refused (the machine keeps its previous one), by model.", "model"),
+    _counter("adapters.unsupported", "Models found unable to carry adapters, by model.", "model"),
+    _counter("adapters.errors", "Adapter runs that failed (the base model scored the machine), by model.", "model"),
+    _counter("adapters.trained", "Adapters trained automatically after commissioning, by model.", "model"),
+    _counter("adapters.not_needed", "Machines the base model fits well enough (no adapter), by model.", "model"),
+    _counter("adapters.training_failures", "Automatic adapter trainings that failed, by model.", "model"),
+    # alerts and operator commands
+    _counter("alerts.decided", "Alert engine decisions, by state (new, update, clear) and reason.", "state", "reason"),
+    _counter("alerts.suppressed", "Alerts held back, by reason (cooldown, flapping) and type.", "reason", "alert_type"),
+    _counter("alerts.published", "Alert events published, by state.", "state"),
+    _counter("alerts.silenced", "Alert events not published because their machine is silenced, by state.", "state"),
+    _counter("alerts.unexplained", "Anomalous windows without top features (explaining failed), by model.", "model"),
+    _counter("alerts.state_errors", "Failures to save or restore the alert state, by operation.", "reason"),
+    _counter("commands.accepted", "Operator commands applied, by command.", "command"),
+    _counter("commands.rejected", "Operator commands refused, by reason.", "reason"),
+    _counter("pipeline.errors", "Unexpected errors in a pipeline worker, by worker.", "worker"),
+)
+"""Every metric of the agent. A new metric is a new line here, next to the others of its stage."""
+
+SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOG}
+if len(SPECS) != len(CATALOG):
+    raise ValueError("CATALOG declares a metric twice")
+
+
+class UnknownMetricError(KeyError):
+    """A metric name that ``CATALOG`` does not declare."""
+
+    def __str__(self) -> str:
+        return f"metric {self.args[0]!r} is not declared in agent.metrics.CATALOG"
+
+
 def quantile(sorted_values: tuple[float, ...] | list[float], q: float) -> float | None:
     """Nearest-rank quantile of already sorted values; None when there are none.
 
@@ -80,11 +257,8 @@ def quantile(sorted_values: tuple[float, ...] | list[float], q: float) -> float 
 class HistogramSnapshot:
     """One histogram series at one moment."""
 
-    bounds: tuple[float, ...]
-    """Bucket upper bounds, ascending; the implicit last bucket is +Inf."""
-    cumulative: tuple[int, ...]
-    """Observations <= each bound (same length as ``bounds``); ``count`` is the +Inf bucket."""
     count: int
+    """Observations since the start."""
     sum: float
     recent: tuple[float, ...]
     """The recent observations (see the module docstring), sorted."""
@@ -95,26 +269,13 @@ class HistogramSnapshot:
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
-    """Every series at one moment, by kind; what renderers read."""
+    """Every series of the catalog at one moment, by kind; what the self-metrics read."""
 
     counters: dict[Key, float]
+    """Every series of every counter; an unlabelled counter from the start."""
     gauges: dict[Key, float]
-    """Set gauges and the current values of function gauges."""
+    """Set gauges and the current values of function gauges (without those that have no value now)."""
     histograms: dict[Key, HistogramSnapshot]
-
-
-class _Histogram:
-    __slots__ = ("buckets", "count", "recent", "sum")
-
-    def __init__(self, n_bounds: int) -> None:
-        self.buckets = [0] * (n_bounds + 1)  # per bucket (not cumulative); the last one is +Inf
-        self.count = 0
-        self.sum = 0.0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT_OBSERVATIONS)  # (monotonic time, value)
-
-
-def _key(name: str, labels: dict[str, str]) -> Key:
-    return (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
 
 
 def flat_name(name: str, labels: Labels) -> str:
@@ -123,115 +284,129 @@ def flat_name(name: str, labels: Labels) -> str:
     return f"{name}{{{label}}}" if label else name
 
 
-class Metrics:
-    """Counters (monotonic), gauges (last value) and histograms, safe to update from any thread."""
+_Metric: TypeAlias = Counter | Gauge | Histogram
 
-    def __init__(
-        self,
-        buckets: tuple[float, ...] = LATENCY_BUCKETS_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if list(buckets) != sorted(set(buckets)) or not buckets:
-            raise ValueError(f"buckets must be strictly increasing and not empty, got {buckets!r}")
-        self._buckets = tuple(float(b) for b in buckets)
+
+class Metrics:
+    """The catalog's metrics in a registry of their own, safe to update from any thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = CollectorRegistry()
         self._clock = clock
         self._lock = threading.Lock()
-        self._counters: Counter[Key] = Counter()
-        self._gauges: dict[Key, float] = {}
-        self._functions: dict[Key, Callable[[], float | None]] = {}
+        self._recent: dict[Key, deque[tuple[float, float]]] = {}  # (monotonic time, value)
         self._failing_functions: set[Key] = set()
-        self._histograms: dict[Key, _Histogram] = {}
+        self._metrics: dict[str, _Metric] = {}
+        for spec in CATALOG:
+            self._metrics[spec.name] = _build(spec, self.registry)
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
+        prometheus_client.GCCollector(registry=self.registry)
 
-    def inc(self, name: str, n: int = 1, **labels: str) -> None:
-        key = _key(name, labels)
-        with self._lock:
-            self._counters[key] += n
+    def inc(self, name: str, n: float = 1, **labels: str) -> None:
+        """Add ``n`` (>= 0) to a counter."""
+        counter = self._series(name, "counter", labels)
+        assert isinstance(counter, Counter)
+        counter.inc(n)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        key = _key(name, labels)
-        with self._lock:
-            self._gauges[key] = value
+        gauge = self._series(name, "gauge", labels)
+        assert isinstance(gauge, Gauge)
+        gauge.set(value)
 
     def set_function(self, name: str, fn: Callable[[], float | None], **labels: str) -> None:
-        """A gauge read from ``fn`` whenever the metrics are read; ``fn`` returns None to be left out.
+        """A gauge read from ``fn`` whenever the metrics are read; ``fn`` returns None when it has no value.
 
-        ``fn`` runs on the reader's thread (heartbeat, HTTP scrape) and must be quick; if it raises, the
-        gauge is left out of that reading and the first failure is logged. Registering again replaces it.
+        ``fn`` runs on the reader's thread (heartbeat, HTTP scrape) and must be quick. Without a value (None,
+        or ``fn`` raised: the first failure is logged) the gauge is NaN on ``/metrics`` and left out of
+        ``collect()`` and ``snapshot()``. Registering again replaces it.
         """
+        gauge = self._series(name, "gauge", labels)
+        assert isinstance(gauge, Gauge)
         key = _key(name, labels)
-        with self._lock:
-            self._functions[key] = fn
+
+        def read() -> float:
+            value = self._call(key, fn)
+            return math.nan if value is None else value
+
+        gauge.set_function(read)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        """Record one observation (e.g. a duration in seconds) into the histogram ``name``."""
+        """Record one observation (a duration in seconds, or a size) into the histogram ``name``."""
         if math.isnan(value):
             raise ValueError(f"{name}: cannot observe NaN")
+        histogram = self._series(name, "histogram", labels)
+        assert isinstance(histogram, Histogram)
+        histogram.observe(value)
         key = _key(name, labels)
-        index = bisect.bisect_left(self._buckets, value)  # the first bucket whose bound is >= value
         now = self._clock()
         with self._lock:
-            histogram = self._histograms.get(key)
-            if histogram is None:
-                histogram = self._histograms[key] = _Histogram(len(self._buckets))
-            histogram.buckets[index] += 1
-            histogram.count += 1
-            histogram.sum += value
-            histogram.recent.append((now, value))
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = deque(maxlen=RECENT_OBSERVATIONS)
+            recent.append((now, value))
 
     def quantile(self, name: str, q: float, **labels: str) -> float | None:
         """Quantile ``q`` (0..1) of the recent observations of one histogram series; None without any."""
+        _spec(name, "histogram")
         key = _key(name, labels)
         with self._lock:
-            histogram = self._histograms.get(key)
-            recent = list(histogram.recent) if histogram is not None else []
+            recent = list(self._recent.get(key, ()))
         return quantile(self._sorted_recent(recent), q)
 
     def get(self, name: str, **labels: str) -> float:
-        """Value of one counter or gauge; without labels, the sum over all label sets of a counter.
+        """Value of one counter or gauge series; without labels, the sum over every label set.
 
-        For a histogram, its number of observations.
+        For a histogram, its number of observations. 0 for a series never counted or set.
         """
-        series: list[float]
-        with self._lock:
-            if labels:
-                key = _key(name, labels)
-                series = [self._counters[key]] if key in self._counters else []
-                series += [self._gauges[key]] if key in self._gauges else []
-                series += [self._histograms[key].count] if key in self._histograms else []
-            else:
-                key = (name, ())
-                series = [v for (n, _), v in self._counters.items() if n == name and v]
-                series = series or [v for (n, _), v in self._gauges.items() if n == name]
-                series = series or [h.count for (n, _), h in self._histograms.items() if n == name]
-            function = self._functions.get(key)
-        if series:
-            return sum(series)
-        value = self._call(key, function) if function is not None else None
-        return 0 if value is None else value
+        spec = _spec(name)
+        wanted = {k: str(v) for k, v in labels.items()}
+        sample_name = {
+            "counter": spec.prometheus_name,
+            "gauge": spec.prometheus_name,
+            "histogram": spec.prometheus_name + "_count",
+        }[spec.kind]
+        total = 0.0
+        for family in self._metrics[name].collect():
+            for sample in family.samples:
+                if sample.name != sample_name or math.isnan(sample.value):
+                    continue
+                if not wanted or sample.labels == wanted:
+                    total += sample.value
+        return total
 
     def collect(self) -> MetricsSnapshot:
-        """A consistent copy of every series (function gauges are read after the lock is released)."""
+        """Every series of the catalog (function gauges are read here, on the caller's thread)."""
+        counters: dict[Key, float] = {}
+        gauges: dict[Key, float] = {}
+        histograms: dict[Key, HistogramSnapshot] = {}
         with self._lock:
-            counters: dict[Key, float] = dict(self._counters)
-            gauges = dict(self._gauges)
-            functions = dict(self._functions)
-            histograms = {key: (list(h.buckets), h.count, h.sum, list(h.recent)) for key, h in self._histograms.items()}
-        for key, fn in functions.items():
-            value = self._call(key, fn)
-            if value is not None:
-                gauges[key] = value
-        out: dict[Key, HistogramSnapshot] = {}
-        for key, (buckets, count, total, recent) in histograms.items():
-            cumulative: list[int] = []
-            running = 0
-            for n in buckets[:-1]:
-                running += n
-                cumulative.append(running)
-            out[key] = HistogramSnapshot(self._buckets, tuple(cumulative), count, total, self._sorted_recent(recent))
-        return MetricsSnapshot(counters=counters, gauges=gauges, histograms=out)
+            recent = {key: list(values) for key, values in self._recent.items()}
+        for spec in CATALOG:
+            base = prometheus_name(spec.name)
+            sums: dict[Labels, float] = {}
+            for family in self._metrics[spec.name].collect():
+                for sample in family.samples:
+                    labels = tuple(sorted(sample.labels.items()))
+                    key = (spec.name, labels)
+                    if spec.kind == "counter" and sample.name == base + "_total":
+                        counters[key] = sample.value
+                    elif spec.kind == "gauge" and not math.isnan(sample.value):
+                        gauges[key] = sample.value
+                    elif spec.kind == "histogram" and sample.name == base + "_sum":
+                        sums[labels] = sample.value
+                    elif spec.kind == "histogram" and sample.name == base + "_count":
+                        values = self._sorted_recent(recent.get(key, []))
+                        histograms[key] = HistogramSnapshot(int(sample.value), 0.0, values)
+            for labels, total in sums.items():
+                key = (spec.name, labels)
+                if key in histograms:
+                    h = histograms[key]
+                    histograms[key] = HistogramSnapshot(h.count, total, h.recent)
+        return MetricsSnapshot(counters=counters, gauges=gauges, histograms=histograms)
 
     def snapshot(self) -> dict[str, float]:
-        """Flat copy, labels rendered as ``name{k=v}``; for status messages, summaries and tests.
+        """Flat copy, labels rendered as ``name{k=v}``; for the heartbeat, summaries and tests.
 
         A histogram appears as its recent quantiles, ``name.p50{k=v}`` and ``name.p99{k=v}`` (absent while
         it has no recent observation).
@@ -246,6 +421,16 @@ class Metrics:
                 if p is not None:
                     out[flat_name(f"{name}.{suffix}", labels)] = p
         return out
+
+    def _series(self, name: str, kind: Kind, labels: dict[str, str]) -> _Metric:
+        """The prometheus_client object of one series; raises on an undeclared name, kind or label set."""
+        spec = _spec(name, kind)
+        metric = self._metrics[name]
+        if not spec.labels and not labels:
+            return metric
+        if set(labels) != set(spec.labels):
+            raise ValueError(f"metric {name}: labels {sorted(labels)}, declared {list(spec.labels)}")
+        return metric.labels(**labels)
 
     def _sorted_recent(self, recent: list[tuple[float, float]]) -> tuple[float, ...]:
         """Values of a copy of a recent window that are at most ``RECENT_MAX_AGE_S`` old, sorted."""
@@ -266,3 +451,28 @@ class Metrics:
             with self._lock:
                 self._failing_functions.discard(key)
         return None if value is None else float(value)
+
+
+def _spec(name: str, kind: Kind | None = None) -> MetricSpec:
+    spec = SPECS.get(name)
+    if spec is None:
+        raise UnknownMetricError(name)
+    if kind is not None and spec.kind != kind:
+        raise TypeError(f"metric {name} is a {spec.kind}, not a {kind}")
+    return spec
+
+
+def _key(name: str, labels: dict[str, str]) -> Key:
+    return (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
+
+
+def _build(spec: MetricSpec, registry: CollectorRegistry) -> _Metric:
+    name = prometheus_name(spec.name)
+    if spec.kind == "counter":
+        return Counter(name, spec.help, spec.labels, registry=registry)
+    if spec.kind == "histogram":
+        return Histogram(name, spec.help, spec.labels, registry=registry, buckets=spec.buckets)
+    gauge = Gauge(name, spec.help, spec.labels, registry=registry)
+    if not spec.labels:
+        gauge.set(spec.initial)
+    return gauge

@@ -3,7 +3,8 @@
 Field names are snake_case so that InfluxQL reads them without quotes (``SELECT ingest_messages FROM
 agent``); units stay as in the dotted names (``spool_oldest_age_s``):
 
-- a counter ``decode.errors`` -> ``decode_errors`` (the sum over its labels) and, per label set,
+- a counter ``decode.errors`` -> ``decode_errors`` (the sum over its labels, 0 before the first count, so
+  that every counter of ``agent.metrics.CATALOG`` is a field from the first heartbeat) and, per label set,
   ``decode_errors_reason_bad_json`` (label name and value appended, each sanitized);
 - a gauge ``spool.depth`` -> ``spool_depth``; with labels, one field per label set only (a sum of
   gauges means nothing in general);
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 
-from agent.metrics import QUANTILES, Labels, MetricsSnapshot
+from agent.metrics import CATALOG, QUANTILES, Labels, MetricsSnapshot
 
 _INVALID = re.compile(r"[^A-Za-z0-9_]+")
 
@@ -44,9 +45,9 @@ def agent_fields(snapshot: MetricsSnapshot) -> dict[str, float]:
         if math.isfinite(value):
             fields.setdefault(name, float(value))
 
-    totals: dict[str, float] = {}
+    totals = {spec.name: 0.0 for spec in CATALOG if spec.kind == "counter"}
     for (name, labels), value in sorted(snapshot.counters.items()):
-        totals[name] = totals.get(name, 0.0) + value
+        totals[name] += value
         if labels:
             put(field_name(name, labels), value)
     for name, total in totals.items():

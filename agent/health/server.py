@@ -8,7 +8,8 @@
   "error": "..."}}}``. A check is a callable without arguments returning a truthy value when it passes;
   one that raises fails, with ``"TypeName: message"`` as its error. Checks run on the request's thread
   and should be quick (they are called for every request).
-- ``GET /metrics``: the ``Metrics`` in the Prometheus text format (``agent/health/prometheus.py``).
+- ``GET /metrics``: the registry of the ``Metrics`` (``agent/metrics.py``) in the Prometheus text format,
+  as ``prometheus_client.generate_latest`` writes it.
 - Anything else: 404; a method other than GET or HEAD: 501 (the stdlib's answer).
 
 Threads: ``start()`` binds the socket (so a taken port fails the start, naming ``health.port``) and serves
@@ -31,9 +32,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from agent.config import Config
-from agent.health.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
-from agent.health.prometheus import render_metrics
 from agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status, content_type, body = _checks_response(self.health.readiness)
             elif path == "/metrics":
                 status = HTTPStatus.OK
-                content_type = PROMETHEUS_CONTENT_TYPE
-                body = render_metrics(self.health.metrics).encode()
+                content_type = CONTENT_TYPE_LATEST
+                body = generate_latest(self.health.metrics.registry)
             else:
                 status, content_type = HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8"
                 body = b"not found: try /healthz, /readyz or /metrics\n"

@@ -367,14 +367,8 @@ def test_the_agent_fields_are_the_ones_the_heartbeat_writes() -> None:
     selfmetrics = pytest.importorskip("agent.health.selfmetrics")
     from agent.metrics import Metrics
 
-    metrics = Metrics()
-    for name in schema.AGENT_FIELDS:
-        base = re.sub(r"_p(50|99)$", "", name)
-        dotted = base.replace("_", ".", 1)
-        if base != name:
-            metrics.observe(dotted, 0.01)
-        else:
-            metrics.inc(dotted, reason="x")
+    metrics = Metrics()  # counters and unlabelled gauges are fields from the start
+    metrics.observe("storage.write_seconds", 0.01)  # the recent quantiles, once there are observations
     metrics.observe("inference.seconds", 0.001, model="vibration-anomaly")
     fields = selfmetrics.agent_fields(metrics.collect())
     assert set(schema.AGENT_FIELDS) <= set(fields), set(schema.AGENT_FIELDS) - set(fields)

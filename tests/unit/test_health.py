@@ -12,7 +12,7 @@ from agent.config import ConfigError, parse_config
 from agent.health import selfmetrics, server
 from agent.health.selfmetrics import agent_fields, field_name
 from agent.health.server import HealthServer, build_health_server, run_checks
-from agent.metrics import Metrics
+from agent.metrics import CATALOG, Metrics
 from agent.storage.line_protocol import format_point
 
 
@@ -29,19 +29,30 @@ def test_agent_fields_are_snake_case_with_totals_per_labelled_counter() -> None:
     m.set("spool.depth", 7)
     m.set_function("spool.oldest_age_s", lambda: 4.5)
     m.set("models.loaded", 1, model="vibration-anomaly", version="1.0.0")
-    m.set("inference.last_batch_ms", 3.0, model="a")
-    m.set("inference.last_batch_ms", 5.0, model="b")
-    assert agent_fields(m.collect()) == {
+    m.set("inference.last_batch_s", 0.003, model="a")
+    m.set("inference.last_batch_s", 0.005, model="b")
+    fields = agent_fields(m.collect())
+    assert {k: v for k, v in fields.items() if v} == {
         "decode_errors": 3.0,
         "decode_errors_reason_bad_json": 2.0,
         "decode_errors_reason_non_finite": 1.0,
-        "inference_last_batch_ms_model_a": 3.0,  # gauges are not summed
-        "inference_last_batch_ms_model_b": 5.0,
+        "inference_last_batch_s_model_a": 0.003,  # gauges are not summed
+        "inference_last_batch_s_model_b": 0.005,
         "ingest_messages": 10.0,
         "models_loaded_model_vibration_anomaly_version_1_0_0": 1.0,
         "spool_depth": 7.0,
         "spool_oldest_age_s": 4.5,
     }
+
+
+def test_every_counter_total_and_unlabelled_gauge_is_a_field_from_the_start() -> None:
+    """The dashboards read 0, not "no data", before the first error."""
+    fields = agent_fields(Metrics().collect())
+    for spec in CATALOG:
+        if spec.kind == "counter" or (spec.kind == "gauge" and not spec.labels):
+            assert fields[field_name(spec.name)] == spec.initial, spec.name
+    assert fields["mqtt_connected"] == 0 and fields["decode_errors"] == 0
+    assert fields["storage_write_seconds_count"] == 0 and "storage_write_seconds_p99" not in fields
 
 
 def test_agent_fields_carry_p50_p99_and_count_of_each_histogram() -> None:
@@ -50,7 +61,7 @@ def test_agent_fields_carry_p50_p99_and_count_of_each_histogram() -> None:
         m.observe("inference.seconds", value, model="vib")
     m.observe("storage.write_seconds", 0.02)
     fields = agent_fields(m.collect())
-    assert fields == {
+    assert {k: v for k, v in fields.items() if "_seconds_" in k} == {
         "inference_seconds_p50_model_vib": 0.002,
         "inference_seconds_p99_model_vib": 0.004,
         "inference_seconds_count_model_vib": 4.0,
@@ -63,13 +74,18 @@ def test_agent_fields_carry_p50_p99_and_count_of_each_histogram() -> None:
 def test_agent_fields_are_floats_without_non_finite_values_and_make_a_valid_point() -> None:
     m = Metrics()
     m.inc("ingest.messages", 3)
-    m.set("odd.gauge", math.nan)
-    m.set("big.gauge", math.inf)
+    m.set("spool.depth", math.inf)
+    m.set("storage.backoff_s", math.nan)
+    m.set_function("spool.oldest_age_s", lambda: None)  # a closed spool
     fields = agent_fields(m.collect())
-    assert fields == {"ingest_messages": 3.0}
-    assert all(type(v) is float for v in fields.values())  # a field keeps one type across heartbeats
-    line = format_point(schema.AGENT, {schema.TAG_AGENT_ID: "edge-01"}, fields, 1)
-    assert line == "agent,agent_id=edge-01 ingest_messages=3.0 1"
+    assert fields["ingest_messages"] == 3.0
+    assert not {"spool_depth", "storage_backoff_s", "spool_oldest_age_s"} & set(fields)
+    assert all(type(v) is float and math.isfinite(v) for v in fields.values())  # one type across heartbeats
+    tags = {schema.TAG_AGENT_ID: "edge-01"}
+    assert format_point(schema.AGENT, tags, {"ingest_messages": fields["ingest_messages"]}, 1) == (
+        "agent,agent_id=edge-01 ingest_messages=3.0 1"
+    )
+    format_point(schema.AGENT, tags, fields, 1)  # every field encodes
 
 
 def test_field_names_need_no_quoting_in_influxql() -> None:
