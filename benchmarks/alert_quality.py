@@ -221,11 +221,11 @@ def with_models_dir(config: Config, models_dir: Path) -> Config:
     """``config`` with each model directory taken from ``models_dir`` (same directory names)."""
     inference = config.inference
     models = tuple(
-        e if e.path is None else dataclasses.replace(e, path=models_dir / e.path.name) for e in inference.models
+        e if e.path is None else e.model_copy(update={"path": models_dir / e.path.name}) for e in inference.models
     )
     d = inference.defect
-    defect = d if d.path is None else dataclasses.replace(d, path=models_dir / d.path.name)
-    return dataclasses.replace(config, inference=dataclasses.replace(inference, models=models, defect=defect))
+    defect = d if d.path is None else d.model_copy(update={"path": models_dir / d.path.name})
+    return config.model_copy(update={"inference": inference.model_copy(update={"models": models, "defect": defect})})
 
 
 def model_files(config: Config) -> list[dict[str, Any]]:
@@ -760,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "benchmarks/alert_quality.py", *shown_argv]),
         "rules": {
-            "default": asdict(config.alerts.default),
+            "default": config.alerts.default.model_dump(),
             "types": {k: asdict(v) for k, v in config.alerts.rulebook().by_type.items()},
         },
         "models": model_files(config),

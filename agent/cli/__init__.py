@@ -11,6 +11,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.cli import adapt as adapt_cli
+from agent.cli import config as config_cli
 from agent.cli import init as init_cli
 from agent.config import ConfigError, load_config
 
@@ -35,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"invalid configuration {args.config}: {exc}", file=sys.stderr)
+        config_cli.print_config_error(args.config, exc)
         return 1
     _setup_logging(args.log_level or config.agent.log_level)
     try:
@@ -44,31 +45,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         logger.error("cannot start: %s", exc)
         return 1
     agent.run_until_signal()
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.file)
-    except ConfigError as exc:
-        print(f"invalid: {exc}", file=sys.stderr)
-        return 1
-    if args.models:
-        from agent.bootstrap import build_models
-        from agent.inference.manifest import ModelError
-        from agent.metrics import Metrics
-
-        try:
-            models = build_models(config, Metrics())
-        except ModelError as exc:
-            print(f"invalid model: {exc}", file=sys.stderr)
-            return 1
-        for model in models.router.models:
-            print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
-        if models.classifier is not None:
-            names = ", ".join(models.classifier.class_names)
-            print(f"defect classifier {models.classifier.model_id} {models.classifier.version}: ok ({names})")
-    print(f"{args.file}: ok")
     return 0
 
 
@@ -91,16 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     run.set_defaults(func=cmd_run)
 
-    validate = sub.add_parser(
-        "validate-config",
-        help="check a config file and exit 0 (valid) or 1 (the key path and the reason)",
-        description="Validate a config file without connecting to anything. With --models, also load and "
-        "verify every configured model (sha256, feature spec hash).",
-    )
-    validate.add_argument("file", type=Path, help="the YAML config file")
-    validate.add_argument("--models", action="store_true", help="also load and verify the configured models")
-    validate.set_defaults(func=cmd_validate)
-
+    config_cli.add_parser(sub)
     init_cli.add_parser(sub)
     adapt_cli.add_parser(sub)
     _add_plugin_commands(sub)

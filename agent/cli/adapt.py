@@ -147,7 +147,7 @@ def _from_influx(config: Config, manifest: Manifest, machine: str, since: str, l
         raise ValueError(f"--since must look like 30m, 2h or 1d, got {since!r}")
     sink = build_sink(config)
     if not isinstance(sink, InfluxV1Sink):
-        raise ValueError("reading features needs storage.api v1 (InfluxQL)")
+        raise ValueError("reading features needs storage.type influx_v1 (InfluxQL)")
     names = list(manifest.feature_names)
     columns = ", ".join(quote_identifier(n) for n in names)
     machine_literal = machine.replace("\\", "\\\\").replace("'", "\\'")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pdm_tools.simulator.config import SimulatorConfig, SimulatorConfigError, load_config
+from pdm_tools.simulator.config import SimulatorConfig, SimulatorConfigError, load_config, replaced
 from pdm_tools.simulator.gateway import Gateway
 from pdm_tools.simulator.machine import FAULT_KINDS, Fault, ParameterError
 from pdm_tools.simulator.publisher import GatewayError
@@ -100,24 +100,24 @@ def build_config(args: argparse.Namespace) -> SimulatorConfig:
     """The config file (or the defaults) with the flags applied; errors name the flag or key path."""
     cfg = load_config(args.config) if args.config else SimulatorConfig()
     if args.host is not None:
-        cfg = _flag("--host", lambda: dataclasses.replace(cfg, broker=dataclasses.replace(cfg.broker, host=args.host)))
+        cfg = _flag("--host", lambda: replaced(cfg, broker=replaced(cfg.broker, host=args.host)))
     if args.port is not None:
-        cfg = _flag("--port", lambda: dataclasses.replace(cfg, broker=dataclasses.replace(cfg.broker, port=args.port)))
+        cfg = _flag("--port", lambda: replaced(cfg, broker=replaced(cfg.broker, port=args.port)))
     if args.duration is not None:
-        cfg = _flag("--duration", lambda: dataclasses.replace(cfg, duration_s=args.duration))
+        cfg = _flag("--duration", lambda: replaced(cfg, duration_s=args.duration))
     if args.speed is not None:
-        cfg = _flag("--speed", lambda: dataclasses.replace(cfg, speed=args.speed))
+        cfg = _flag("--speed", lambda: replaced(cfg, speed=args.speed))
     if args.seed is not None:
-        cfg = _flag("--seed", lambda: dataclasses.replace(cfg, seed=args.seed))
+        cfg = _flag("--seed", lambda: replaced(cfg, seed=args.seed))
     if args.machines is not None:
-        machines = _flag("--machines", lambda: dataclasses.replace(cfg.machines, count=args.machines))
-        cfg = _flag("--machines", lambda: dataclasses.replace(cfg, machines=machines))
+        machines = _flag("--machines", lambda: replaced(cfg.machines, count=args.machines))
+        cfg = _flag("--machines", lambda: replaced(cfg, machines=machines))
     if args.ground_truth is not None:
-        gt = dataclasses.replace(cfg.ground_truth, path=args.ground_truth)
-        cfg = _flag("--ground-truth", lambda: dataclasses.replace(cfg, ground_truth=gt))
+        gt = _flag("--ground-truth", lambda: replaced(cfg.ground_truth, path=args.ground_truth))
+        cfg = _flag("--ground-truth", lambda: replaced(cfg, ground_truth=gt))
     if args.fault:
         faults = cfg.faults + tuple(parse_fault(spec) for spec in args.fault)
-        cfg = _flag("--fault", lambda: dataclasses.replace(cfg, faults=faults))
+        cfg = _flag("--fault", lambda: replaced(cfg, faults=faults))
     return cfg
 
 

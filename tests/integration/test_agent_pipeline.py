@@ -142,7 +142,7 @@ def _source(sensor: str):
 
 
 def test_the_v2_write_path_stores_readings_through_the_agent(mosquitto, victoria_metrics, tmp_path):
-    """storage.api v2 (influxdb-client), against VictoriaMetrics, which accepts the v2 write API."""
+    """storage.type influx_v2 (influxdb-client), against VictoriaMetrics, which accepts the v2 write API."""
     agent_id = f"it-{time.monotonic_ns()}"
     config = parse_config(
         {
@@ -150,7 +150,7 @@ def test_the_v2_write_path_stores_readings_through_the_agent(mosquitto, victoria
             "health": {"port": 0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
             "storage": {
-                "api": "v2",
+                "type": "influx_v2",
                 "url": victoria_metrics.url,
                 "v2": {"org": "plant", "bucket": "pdm", "token": "t"},
             },

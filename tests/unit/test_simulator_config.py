@@ -46,7 +46,7 @@ def test_empty_document_gives_the_defaults() -> None:
         ({"speed": 0}, "speed", "must be > 0"),
         ({"duration_s": True}, "duration_s", "expected a finite number"),
         ({"vibration": {"encoding": "i16le"}}, "vibration.scale", "required with encoding i16le"),
-        ({"vibration": {"encoding": "f64"}}, "vibration.encoding", "expected one of json, f32le, i16le"),
+        ({"vibration": {"encoding": "f64"}}, "vibration.encoding", "must be one of 'json', 'f32le', 'i16le'"),
         ({"machines": {"count": 0}}, "machines.count", "must be in 1..99"),
         ({"machines": {"defaults": {"rpmm": 1}}}, "machines.defaults.rpmm", "unknown key"),
         ({"machines": {"profiles": {"m09": {}}}}, "machines.profiles.m09", "no such machine"),

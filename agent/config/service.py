@@ -1,0 +1,68 @@
+"""``agent`` (identity, logging, heartbeat), ``queues`` between the threads, ``health`` (HTTP endpoint)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from agent.config.base import EnvChoice, EnvStr, Section
+
+_AGENT_ID = r"[A-Za-z0-9_.-]+"
+
+
+class AgentSection(Section):
+    id: EnvStr = Field(
+        "edge-01",
+        description="Agent identity: one MQTT topic level (pdm/{id}/...), the default client id and the InfluxDB "
+        "tag agent_id; letters, digits, '_', '.' and '-'.",
+        json_schema_extra={"pattern": f"^{_AGENT_ID}$"},
+    )
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], EnvChoice] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    heartbeat_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between heartbeats (counters on MQTT pdm/{id}/heartbeat and in InfluxDB).",
+    )
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM, how long to drain the queues and flush the spool to InfluxDB before exiting.",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        if not re.fullmatch(_AGENT_ID, value):
+            raise ValueError("only letters, digits, '_', '.', '-' are allowed (it is a topic level)")
+        return value
+
+
+class QueuesSection(Section):
+    messages_max: int = Field(
+        10_000,
+        gt=0,
+        description="Received messages waiting to be decoded; when full the MQTT thread waits (backpressure).",
+    )
+    windows_max: int = Field(
+        2_000,
+        gt=0,
+        description="Windows waiting to be scored; when full for put_timeout_s a window is dropped and counted.",
+    )
+    put_timeout_s: float = Field(
+        5.0, ge=0, description="Seconds the ingest worker waits for room in the windows queue."
+    )
+
+
+class HealthSection(Section):
+    enabled: bool = Field(True, description="Serve /healthz, /readyz and Prometheus /metrics over HTTP.")
+    host: EnvStr = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Listen address: 127.0.0.1 keeps it on the box; 0.0.0.0 lets a Prometheus server elsewhere "
+        "scrape it.",
+    )
+    port: int = Field(9108, ge=0, le=65535, description="TCP port; 0 = any free port (logged at start).")
