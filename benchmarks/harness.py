@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from agent import schema
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from benchmarks.workload import Event
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from agent.metrics import Metrics
 from agent.spool.sqlite import Spool
-from agent.storage.sinks import PermanentWriteError, RetryableWriteError, Sink
+from agent.storage.base import PermanentWriteError, RetryableWriteError, Sink
 
 logger = logging.getLogger(__name__)
 

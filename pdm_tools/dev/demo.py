@@ -26,10 +26,10 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from agent import schema
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from pdm_tools.dev import services as devservices
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository: the demo runs from a checkout (config/, models/)
 NS = 1_000_000_000
 
 

@@ -9,7 +9,7 @@ import pytest
 from agent.bootstrap import build_agent
 from agent.config import parse_config
 from agent.decode.encode import encode_block, encode_fields
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from pdm_tools.dev.services import victoria_metrics_series
 from tests.integration.mqtt_helpers import Subscriber
 from tests.integration.mqtt_helpers import publish as _publish

@@ -31,7 +31,7 @@ import yaml
 
 from agent.bootstrap import build_agent
 from agent.config import parse_config
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from pdm_tools.dev.services import Service
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from pdm_tools.dev import services as devservices
 from pdm_tools.dev.services import Service, ServiceError
 

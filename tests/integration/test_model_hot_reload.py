@@ -27,7 +27,7 @@ from agent import schema
 from agent.bootstrap import build_agent
 from agent.config import parse_config
 from agent.inference.manifest import MANIFEST_FILE, sha256_file
-from agent.storage.sinks import InfluxV1Sink
+from agent.storage.influx_v1 import InfluxV1Sink
 from pdm_tools.simulator.config import config_from_dict
 from pdm_tools.simulator.gateway import Gateway, GatewayStats
 

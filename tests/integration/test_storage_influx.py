@@ -17,9 +17,11 @@ from agent import schema
 from agent.metrics import Metrics
 from agent.records import Reading, SampleBlock, Source
 from agent.spool.sqlite import Spool
+from agent.storage.base import PermanentWriteError, RetryableWriteError
+from agent.storage.influx_v1 import InfluxV1Sink
+from agent.storage.influx_v2 import InfluxV2Sink
 from agent.storage.line_protocol import format_point
 from agent.storage.points import block_lines, reading_lines
-from agent.storage.sinks import InfluxV1Sink, InfluxV2Sink, PermanentWriteError, RetryableWriteError
 from agent.storage.writer import SpoolWriter
 from pdm_tools.dev import services as devservices
 from pdm_tools.dev.services import Service, victoria_metrics_series

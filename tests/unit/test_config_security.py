@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_config, parse_config
-from agent.storage.sinks import InfluxV1Sink, InfluxV2Sink, PermanentWriteError
+from agent.storage.base import PermanentWriteError
+from agent.storage.influx_v1 import InfluxV1Sink
+from agent.storage.influx_v2 import InfluxV2Sink
 
 SECRET = "s3cr3t-Vx9!q"
 
