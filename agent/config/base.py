@@ -84,11 +84,9 @@ def expand_env(value: Any, info: ValidationInfo) -> Any:
 
 
 def _to_path(value: Any, info: ValidationInfo) -> Any:
-    if isinstance(value, Path):
-        return value
-    if not isinstance(value, str):
+    if not isinstance(value, str | Path):
         raise PydanticCustomError("path_type", "expected a path string, got {got}", {"got": describe(value)})
-    path = Path(expand_env(value, info)).expanduser()
+    path = Path(expand_env(value, info) if isinstance(value, str) else value).expanduser()
     return path if path.is_absolute() else (_load_context(info).base_dir / path).resolve()
 
 

@@ -89,6 +89,26 @@ def test_invalid_config_error_names_the_key_path(document: dict[str, Any], path:
     assert str(info.value).startswith(f"{path}: ")
 
 
+def test_every_error_is_reported_at_once_with_its_key_path() -> None:
+    document = {
+        "broker": {"port": 0, "hots": "x"},
+        "speed": 0,
+        "faults": [{"machine": "m01", "kind": "x", "start_s": 1}, {"kind": "imbalance", "severity": "high"}],
+    }
+    with pytest.raises(SimulatorConfigError) as info:
+        config_from_dict(document)
+    assert [path for path, _ in info.value.errors] == [
+        "broker.port",
+        "broker.hots",
+        "speed",
+        "faults[0].kind",
+        "faults[1].machine",
+        "faults[1].start_s",
+        "faults[1].severity",
+    ]
+    assert str(info.value).splitlines()[0] == "broker.port: must be in 1..65535, got 0"
+
+
 def test_unreadable_file_error_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "sim.yaml"
     bad.write_text("broker: [unclosed\n")
