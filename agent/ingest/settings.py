@@ -5,8 +5,8 @@ build them directly."""
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
