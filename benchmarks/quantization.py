@@ -37,9 +37,9 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from pdm_tools.quantization import candidates as cands  # noqa: E402
+from pdm_tools.quantization import static as q  # noqa: E402
 from pdm_tools.quantization.data import Rows, load_rows, subsample  # noqa: E402
 from pdm_tools.quantization.workflow import Settings, measure_latency, quantize_model  # noqa: E402
-from pdm_tools.training import quantize as q  # noqa: E402
 
 SHIPPED = ("vibration_anomaly", "process_anomaly", "defect_classifier")
 INT8 = "int8-static-minmax-tensor"
@@ -105,8 +105,8 @@ def _run(fp32: Path, cal_x: np.ndarray, ev: Rows, out: Path, settings: Settings)
 
 
 def _wide_autoencoder(out: Path, quick: bool) -> tuple[Path, np.ndarray, Rows]:
-    from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
-    from pdm_tools.training.export import export_onnx
+    from pdm_tools.models.autoencoder import AutoencoderConfig, fit_autoencoder
+    from pdm_tools.models.export import export_onnx
     from pdm_tools.training.simdata import DataPlan, vibration_dataset
     from pdm_tools.training.train import anomaly_eval_rows
 
@@ -123,9 +123,8 @@ def _wide_autoencoder(out: Path, quick: bool) -> tuple[Path, np.ndarray, Rows]:
 
 def _wide_classifier(out: Path, data_dir: Path | None) -> tuple[Path, np.ndarray, Rows] | None:
     from agent.features.bearing import BearingFeatureSpec
-    from pdm_tools.evaluation.cwru import default_data_dir
-    from pdm_tools.training.defect_data import CLASS_NAMES, load_cwru
-    from pdm_tools.training.defect_mlp import MlpConfig, export_onnx, fit_mlp
+    from pdm_tools.datasets.cwru import CLASS_NAMES, default_data_dir, load_cwru
+    from pdm_tools.models.defect_mlp import MlpConfig, export_onnx, fit_mlp
     from pdm_tools.training.defect_train import training_rows
 
     data_dir = data_dir or default_data_dir()

@@ -1,6 +1,6 @@
 """LoRA on a frozen dense base, in numpy: the base MLP read from its ONNX graph, low-rank branches, Adam.
 
-The base is one of the agent's MLP graphs (``pdm_tools.training.export.mlp_graph``: ``(x - mean) / scale``
+The base is one of the agent's MLP graphs (``pdm_tools.models.export.mlp_graph``: ``(x - mean) / scale``
 then MatMul + Add layers with ReLU between them), FP32 or static INT8 QDQ. Its weights are read from the
 graph (dequantized when the base is QDQ: QLoRA-style, the quantized base stays frozen) and never change.
 Each chosen layer ``i`` gets a branch (Hu et al. 2021)::
@@ -92,7 +92,7 @@ class BaseMlp:
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto | Path) -> BaseMlp:
-        """Read an MLP graph of ``pdm_tools.training`` (FP32 or INT8 QDQ); ``ValueError`` if it is not one."""
+        """Read an MLP graph of ``pdm_tools.models`` (FP32 or INT8 QDQ); ``ValueError`` if it is not one."""
         proto = onnx.load(str(model)) if isinstance(model, Path | str) else model
         return _read_mlp(proto)
 
@@ -176,7 +176,7 @@ class LoraConfig:
 
     ``layers``: names of the dense layers to adapt (``None``: all of them). ``refit_standardization``: also
     replace the base's input mean and scale by the machine's own (from its training rows, with the floor of
-    ``pdm_tools.training.autoencoder``): a machine at another operating point then starts from standardized
+    ``pdm_tools.models.autoencoder``): a machine at another operating point then starts from standardized
     inputs the base knows, and the low-rank factors learn the rest. Off by default (pure LoRA).
     """
 

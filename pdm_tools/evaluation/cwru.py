@@ -40,21 +40,22 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from agent.features.bearing import BearingFeatureSpec
-from pdm_tools.evaluation.datasets import dataset_dir
-from pdm_tools.training import quantize as q
-from pdm_tools.training.defect_data import (
+from pdm_tools.datasets.cwru import (
     CLASS_NAMES,
     FAULT_CLASSES,
     NORMAL_TRAIN_HOP,
     DatasetError,
     Recording,
+    default_data_dir,
     featurize,
     load_cwru,
     normal_parts,
     stack,
 )
-from pdm_tools.training.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
-from pdm_tools.training.defect_quantize import compare_probabilities, quantize_classifier, run_classifier
+from pdm_tools.evaluation import classification
+from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
+from pdm_tools.quantization import static as q
+from pdm_tools.quantization.static import compare_probabilities, quantize_classifier, run_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,6 @@ PUBLISHED_RANDOM_SPLIT = {
         "2-D CNN": 0.9872,
     },
 }
-
-
-def default_data_dir() -> Path:
-    """The CWRU folder when ``--data`` is not given (see ``pdm_tools.evaluation.datasets``)."""
-    return dataset_dir("cwru")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +142,7 @@ def evaluate(
             cross[key] = {
                 "train_loads": train_loads,
                 "test_load": test_load,
-                **_scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
+                **classification.scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
                 "train_windows": len(y_tr),
             }
             if quantized:
@@ -159,7 +155,7 @@ def evaluate(
             cross3[key] = {
                 "train_loads": train_loads,
                 "test_load": test_load,
-                **_scores(y3_te - 1, model3.predict(x3_te), len(FAULT_CLASSES)),
+                **classification.scores(y3_te - 1, model3.predict(x3_te), len(FAULT_CLASSES)),
                 "train_windows": len(y3_tr),
             }
         t_cross = time.perf_counter()
@@ -253,7 +249,7 @@ def _cross_size(
         model = fit_mlp(x_tr, y_tr, CLASS_NAMES, seed, config)
         folds[f"test_diameter_{size:g}in"] = {
             "test_diameter_in": size,
-            **_scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
+            **classification.scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
             "train_windows": len(y_tr),
         }
     acc = [f["accuracy"] for f in folds.values()]
@@ -286,7 +282,7 @@ def _random_split(
     result = {
         "window_hop_samples": spec.window_samples,
         "test_fraction": RANDOM_TEST_FRACTION,
-        **_scores(y[test], model.predict(x[test]), len(CLASS_NAMES)),
+        **classification.scores(y[test], model.predict(x[test]), len(CLASS_NAMES)),
         "train_windows": int((~test).sum()),
     }
     quant: dict[str, Any] = {}
@@ -307,32 +303,9 @@ def _quantized(
     p8 = run_classifier(q.session(int8_path), x_test)
     if not np.array_equal(p32.argmax(axis=1), model.predict(x_test)):
         raise RuntimeError("the FP32 ONNX graph does not reproduce the numpy model's classes")
-    scores = _scores(y_test, p8.argmax(axis=1), len(model.class_names))
+    scores = classification.scores(y_test, p8.argmax(axis=1), len(model.class_names))
     comparison = {k: _r(v) if isinstance(v, float) else v for k, v in compare_probabilities(p32, p8).items()}
     return {**scores, **comparison}, recipe
-
-
-def _scores(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, Any]:
-    """Accuracy, macro-F1 (over the classes present in ``y`` or predicted) and the confusion matrix.
-
-    >>> s = _scores(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2)
-    >>> s["accuracy"], s["macro_f1"], s["confusion"]
-    (0.75, 0.733333, [[1, 1], [0, 2]])
-    """
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (y, pred), 1)
-    tp = np.diag(confusion).astype(np.float64)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
-    used = denom > 0
-    return {
-        "accuracy": _r(float(tp.sum() / max(1, len(y)))),
-        "macro_f1": _r(float(f1[used].mean())) if used.any() else 0.0,
-        "f1_per_class": [_r(float(v)) for v in f1],
-        "confusion": confusion.tolist(),
-        "test_windows": len(y),
-    }
 
 
 def _summary(rotations: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:

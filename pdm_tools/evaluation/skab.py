@@ -38,7 +38,9 @@ import pandas as pd
 
 from agent.commissioning import CommissioningBaseline, CommissioningConfig
 from agent.commissioning.detector import Detector
-from pdm_tools.evaluation.datasets import dataset_dir
+from pdm_tools.datasets.paths import dataset_dir
+from pdm_tools.models.commissioning_export import build_onnx, calibration_rows, window_rows
+from pdm_tools.quantization import static as q
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ TRAIN_ROWS = 400
 LABEL_COLUMN = "anomaly"
 NON_SIGNAL_COLUMNS = ("datetime", "anomaly", "changepoint")
 NS_PER_ROW = 1_000_000_000  # SKAB is sampled at 1 Hz; the protocol is by row, so row i is at i seconds
-# Range factors of the INT8 calibration (see pdm_tools.training.commissioning_export): 1 = commissioning windows only.
+# Range factors of the INT8 calibration (see pdm_tools.models.commissioning_export): 1 = commissioning windows only.
 INT8_RANGE_FACTORS = (1.0, 8.0)
 
 # From the datasets README (SKAB leaderboard, outlier detection): F1, FAR %, MAR %.
@@ -134,7 +136,7 @@ class SkabFile:
 
 
 def default_data_dir() -> Path:
-    """The SKAB folder when ``--data`` is not given (see ``pdm_tools.evaluation.datasets``)."""
+    """The SKAB folder when ``--data`` is not given (see ``pdm_tools.datasets.paths``)."""
     return dataset_dir("skab")
 
 
@@ -235,9 +237,6 @@ def evaluate(data_dir: Path, config: CommissioningConfig | None = None, quantize
 
 def evaluate_onnx(fitted: Sequence[tuple[SkabFile, Detector]], config: CommissioningConfig) -> dict[str, Any]:
     """FP32 ONNX and INT8 versions of every file's detector, each thresholded by the same label-free rule."""
-    from pdm_tools.training import quantize as q
-    from pdm_tools.training.commissioning_export import build_onnx, calibration_rows, window_rows
-
     factor = config.detector.threshold_factor
     window = config.detector.smoothing_steps
     variants = ["fp32", *(f"int8_range{int(r)}" for r in INT8_RANGE_FACTORS)]

@@ -6,7 +6,7 @@ recipe (what was done, on what data) and, per layer, the weight width and the we
 Recipes (``default_recipes``):
 
 - ``int8-static-{minmax,percentile,entropy}-{tensor,channel}``: static QDQ, uint8 activations / int8
-  weights, calibrated on the rows (``pdm_tools.training.quantize.quantize_static_qdq``, 7-bit weights because
+  weights, calibrated on the rows (``pdm_tools.quantization.static.quantize_static_qdq``, 7-bit weights because
   this CPU has no VNNI, see ``QuantizeConfig``);
 - ``int8-dynamic``: weights int8 per channel, activations quantized at run time (MatMulInteger);
 - ``w4-rtn`` / ``w4-gptq``: 4-bit weight-only ``MatMulNBits`` (com.microsoft), round-to-nearest as the
@@ -15,8 +15,8 @@ Recipes (``default_recipes``):
   8 bits (4-bit), chosen by measured per-layer sensitivity (``pdm_tools.quantization.sensitivity``).
 
 The input standardization and the task tail (the anomaly score, or Softmax/ArgMax) always stay in float:
-they are cheap and the score must be computed from the unclipped input (see ``pdm_tools.training.quantize``).
-Graphs must keep MatMul + Add (no Gemm): the MatMulNBits converter skips Gemm (DESIGN.md).
+they are cheap and the score must be computed from the unclipped input (see ``pdm_tools.quantization.static``).
+The graph is read through ``pdm_tools.quantization.layers`` (task, float-only nodes, dense layers).
 """
 
 from __future__ import annotations
@@ -36,28 +36,14 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from pdm_tools.quantization import gptq, nbits, sensitivity
+from pdm_tools.quantization import static as q
+from pdm_tools.quantization.layers import Layer, Task, dense_layers, float_nodes, task_of
 from pdm_tools.quantization.sensitivity import sqnr_db
-from pdm_tools.training import quantize as q
-from pdm_tools.training.defect_mlp import FLOAT_NODES as CLASSIFIER_FLOAT_NODES
-from pdm_tools.training.export import NORMALIZE_NODES, SCORE_NODES
 
 logger = logging.getLogger(__name__)
 
 Method = Literal["static", "dynamic", "nbits"]
-Task = Literal["classifier", "anomaly"]
-
-
-@dataclass(frozen=True, slots=True)
-class Layer:
-    """One dense layer of the graph: its MatMul node, weight initializer ``(k, n)``, output tensor and Add."""
-
-    name: str
-    matmul: str
-    weight: str
-    output: str
-    k: int
-    n: int
-    followers: tuple[str, ...]  # the Add (and Relu) nodes that belong to the layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,60 +147,6 @@ def default_recipes() -> list[Recipe]:
     return out
 
 
-def task_of(model: onnx.ModelProto) -> Task:
-    """``anomaly`` (output ``score``) or ``classifier`` (output ``probabilities``)."""
-    outputs = {o.name for o in model.graph.output}
-    if "score" in outputs:
-        return "anomaly"
-    if "probabilities" in outputs:
-        return "classifier"
-    raise ValueError(f"not one of our graphs (outputs {sorted(outputs)}): expected 'score' or 'probabilities'")
-
-
-def float_nodes(task: Task) -> list[str]:
-    """Nodes that always stay in float: the input standardization and the task tail."""
-    return [*NORMALIZE_NODES, *SCORE_NODES] if task == "anomaly" else list(CLASSIFIER_FLOAT_NODES)
-
-
-def task_tensor(task: Task) -> str:
-    """The tensor whose error the sensitivity analysis measures: the score, or the logits."""
-    return "score" if task == "anomaly" else "logits"
-
-
-def dense_layers(model: onnx.ModelProto) -> list[Layer]:
-    """The MatMul layers whose second input is an initializer, in graph order. Refuses Gemm graphs."""
-    inits = {t.name: t for t in model.graph.initializer}
-    if any(node.op_type == "Gemm" for node in model.graph.node):
-        raise ValueError(
-            "the graph has Gemm nodes (MatMul+Add fused, e.g. by quant_pre_process): the MatMulNBits quantizer "
-            "skips Gemm; export MatMul + Add (DESIGN.md)"
-        )
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    layers = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        dims = tuple(inits[node.input[1]].dims)
-        followers: list[str] = []
-        tensor = node.output[0]
-        for op in ("Add", "Relu"):
-            nxt = [c for c in consumers.get(tensor, []) if c.op_type == op]
-            if len(nxt) != 1:
-                break
-            followers.append(nxt[0].name)
-            tensor = nxt[0].output[0]
-        weight = node.input[1]
-        layers.append(
-            Layer(weight.removesuffix(".weight"), node.name, weight, node.output[0], dims[0], dims[1], tuple(followers))
-        )
-    if not layers:
-        raise ValueError("no MatMul layer with an initializer weight: nothing to quantize")
-    return layers
-
-
 def build(
     recipe: Recipe,
     fp32_path: Path,
@@ -275,8 +207,6 @@ def build_all(
 
     Returns the candidates and the per-layer sensitivity record (``sensitivity.mixed_precision``).
     """
-    from pdm_tools.quantization import sensitivity
-
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     recipes = list(recipes if recipes is not None else default_recipes())
     model = onnx.load(str(fp32_path))
@@ -333,15 +263,6 @@ def rows_sha256(rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.float32).tobytes()).hexdigest()
 
 
-def parameter_count(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims) for t in model.graph.initializer))
-
-
-def macs_per_sample(model: onnx.ModelProto) -> int:
-    """Multiply-adds per input row of the dense layers."""
-    return int(sum(layer.k * layer.n for layer in dense_layers(model)))
-
-
 def _quantize_dynamic(
     fp32_path: Path, out_path: Path, task: Task, layers: Sequence[Layer], keep: set[str], recipe: Recipe
 ) -> None:
@@ -367,8 +288,6 @@ def _build_nbits(
     keep: set[str],
     x_by_weight: Mapping[str, np.ndarray] | None,
 ) -> list[LayerRecord]:
-    from pdm_tools.quantization import gptq, nbits
-
     weights = nbits.matmul_weights(model)
     if recipe.algorithm == "gptq" and x_by_weight is None:
         x_by_weight = _calibration_inputs(model, rows)
@@ -409,8 +328,6 @@ def _weight(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def _calibration_inputs(model: onnx.ModelProto, rows: np.ndarray) -> dict[str, np.ndarray]:
-    from pdm_tools.quantization import nbits
-
     input_name = model.graph.input[0].name
     return dict(nbits.matmul_inputs(model, {input_name: rows}, nbits.matmul_weights(model)))
 

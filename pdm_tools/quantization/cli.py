@@ -18,7 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.inference.manifest import MANIFEST_FILE, ModelError
+from agent.inference.classifier import TASK as CLASSIFIER
+from agent.inference.manifest import MANIFEST_FILE, Manifest, ModelError, sha256_file
+from pdm_tools.common.modelcard import write_model_card
+from pdm_tools.common.threshold import threshold_from_scores
 from pdm_tools.quantization.data import DataError, Rows, load_rows
 from pdm_tools.quantization.gate import PARENT
 from pdm_tools.quantization.workflow import Outcome, Settings, quantize_model, run_task_output
@@ -79,10 +82,6 @@ def main(args: argparse.Namespace) -> int:
 
 def ship(model_dir: Path, manifest: dict[str, Any], outcome: Outcome, evaluation: Rows | None) -> str:
     """Name the gate's choice in ``model_dir``'s manifest and model card; return the shipped file name."""
-    from agent.inference.classifier import TASK as CLASSIFIER
-    from agent.inference.classifier import ClassifierManifest
-    from agent.inference.manifest import Manifest, sha256_file
-
     chosen = outcome.decision.chosen
     record = dict(outcome.record)
     if chosen == PARENT:
@@ -92,26 +91,16 @@ def ship(model_dir: Path, manifest: dict[str, Any], outcome: Outcome, evaluation
         shutil.copyfile(outcome.chosen_path, model_dir / file)
     record["shipped_file"] = file
     data = dict(manifest, file=file, sha256=sha256_file(model_dir / file), quantization=record)
-    if manifest["task"] == CLASSIFIER:
-        from pdm_tools.training.defect_train import CARD_FILE, render_model_card
-
-        cm = ClassifierManifest.from_dict(data)
-        cm.write(model_dir)
-        (model_dir / CARD_FILE).write_text(render_model_card(cm), encoding="utf-8")
-    else:
-        from pdm_tools.training.modelcard import write_model_card
-        from pdm_tools.training.train import threshold_from_scores
-
-        if chosen != PARENT and evaluation is not None and evaluation.y is not None:
-            scores = run_task_output(model_dir / file, evaluation.x[evaluation.y == 0])
-            data["threshold"] = threshold_from_scores(scores)
-            data["threshold_rule"] = (
-                manifest["threshold_rule"] + " Recomputed by `pdm-agent model quantize --ship` for the shipped "
-                "quantized model, on the healthy rows of its evaluation set."
-            )
-        m = Manifest.from_dict(data)
-        m.write(model_dir)
-        write_model_card(m, model_dir)
+    if manifest["task"] != CLASSIFIER and chosen != PARENT and evaluation is not None and evaluation.y is not None:
+        scores = run_task_output(model_dir / file, evaluation.x[evaluation.y == 0])
+        data["threshold"] = threshold_from_scores(scores)
+        data["threshold_rule"] = (
+            manifest["threshold_rule"] + " Recomputed by `pdm-agent model quantize --ship` for the shipped "
+            "quantized model, on the healthy rows of its evaluation set."
+        )
+    m = Manifest.from_dict(data)
+    m.write(model_dir)
+    write_model_card(m, model_dir)
     return file
 
 

@@ -1,4 +1,5 @@
-"""The quantization record of a manifest (``Manifest.quantization``) and its model-card section.
+"""The quantization record of a manifest (``Manifest.quantization``); its model-card section is rendered from
+the record alone by ``pdm_tools.common.modelcard``.
 
 Record layout (all sizes in bytes, latencies in microseconds per window)::
 
@@ -31,8 +32,9 @@ import onnxruntime as ort
 from agent.inference.manifest import sha256_file
 from pdm_tools.quantization import candidates as cands
 from pdm_tools.quantization import gate
+from pdm_tools.quantization import static as q
 from pdm_tools.quantization.data import Rows
-from pdm_tools.training import quantize as q
+from pdm_tools.quantization.layers import dense_layers, macs_per_sample, parameter_count
 
 
 def build_record(
@@ -54,7 +56,7 @@ def build_record(
     relative_to: Path,
 ) -> dict[str, Any]:
     parent_size = fp32_path.stat().st_size
-    layers = cands.dense_layers(model)
+    layers = dense_layers(model)
     entries: list[dict[str, Any]] = [
         {
             "name": gate.PARENT,
@@ -100,8 +102,8 @@ def build_record(
             "file": _rel(fp32_path, relative_to),
             "sha256": sha256_file(fp32_path),
             "size_bytes": parent_size,
-            "parameters": cands.parameter_count(model),
-            "macs_per_sample": cands.macs_per_sample(model),
+            "parameters": parameter_count(model),
+            "macs_per_sample": macs_per_sample(model),
         },
         "calibration": {
             "file": data_files.get("calibration"),
@@ -141,109 +143,6 @@ def build_record(
         "shipped_file": shipped_entry["file"],
         "ship_reason": decision.reason,
     }
-
-
-def render_card_section(qz: Mapping[str, Any]) -> list[str]:
-    """Markdown lines of the model card's "Quantization" section, from the record alone."""
-    if "candidates" not in qz:
-        return ["", "## Quantization", "", "(no quantization record)"]
-    lat = qz["latency"]
-    per = lat["per_candidate"]
-    verdicts = qz["gate"]["verdicts"]
-    parent, cal, ev = qz["parent"], qz["calibration"], qz.get("evaluation")
-    lines = [
-        "",
-        "## Quantization",
-        "",
-        f"Shipped: **{qz['shipped']}** (`{qz['shipped_file']}`), because {qz['ship_reason']}.",
-        "",
-        f"- Parent: `{parent['file']}`, {parent['parameters']} parameters, {parent['macs_per_sample']} "
-        f"multiply-adds per window, {parent['size_bytes']} bytes.",
-        f"- Calibration: {cal['rows']} rows of `{cal.get('file') or 'given rows'}` (sha256 of the rows "
-        f"`{cal['sha256'][:16]}…`).",
-    ]
-    if ev:
-        lines.append(
-            f"- Held-out evaluation: {ev['rows']} rows of `{ev.get('file') or 'given rows'}`, labels {ev['labels']} "
-            f"(sha256 `{ev['sha256'][:16]}…`)."
-        )
-    lines += [
-        f"- Latency: {lat['unit']}, batch {lat['batch']}, {lat['threads']} thread(s), {lat['runs']} runs each, on "
-        f"{lat['cpu']}, in {lat.get('rounds', 1)} interleaved rounds (measured when this was built; a record of "
-        "that machine, not a guarantee).",
-        f"- Gate: {_criteria(qz['criteria'], qz.get('task', ''))}.",
-        "",
-        "| candidate | bits per layer | size (× FP32) | p50 / p99 us per window (× FP32) | "
-        + ("Δaccuracy / ΔF1 points, agreement" if qz.get("task") == "classifier" else "ΔAUC, Δdetection points")
-        + " | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in qz["candidates"]:
-        name = c["name"]
-        v = verdicts.get(name, {})
-        verdict = ("**shipped**: " if name == qz["shipped"] else "") + "; ".join(v.get("reasons", []))
-        if "error" in c:
-            lines.append(f"| {name} | — | — | — | — | {verdict} |")
-            continue
-        bits = "/".join(str(layer["bits"]) for layer in c["layers"])
-        p = per.get(name, {})
-        lat_text = f"{p.get('p50_us', 0):.3g} / {p.get('p99_us', 0):.3g} ({p.get('p50_ratio', 0):.2f}×)"
-        m = c.get("metrics", {})
-        if not m:
-            acc = "not measured"
-        elif qz.get("task") == "classifier":
-            acc = f"{m['accuracy_delta_points']:+.2f} / {m['macro_f1_delta_points']:+.2f}, {m['agreement']:.2%}"
-        else:
-            acc = f"{m['auc_delta']:+.4f}, {m['detection_delta_points']:+.2f}"
-        lines.append(
-            f"| {name} | {bits} | {c['size_bytes']} B ({c['size_ratio']:.2f}×) | {lat_text} | {acc} | {verdict} |"
-        )
-    lines += [
-        "",
-        "Per-layer error (SQNR in dB: weights / layer output against FP32 on the held-out rows, healthy rows "
-        "only for an anomaly model; GPTQ trades weight SQNR for output SQNR):",
-        "",
-    ]
-    layer_names = [layer["layer"] for layer in qz["candidates"][0]["layers"]]
-    lines += ["| candidate | " + " | ".join(layer_names) + " |", "|---|" + "---|" * len(layer_names)]
-    for c in qz["candidates"][1:]:
-        if "error" in c:
-            continue
-        cells = []
-        for layer in c["layers"]:
-            w, o = layer.get("weight_sqnr_db"), layer.get("output_sqnr_db")
-            cells.append(f"{layer['bits']}b: {_db(w)} / {_db(o)}")
-        lines.append(f"| {c['name']} | " + " | ".join(cells) + " |")
-    for name, s in qz.get("sensitivity", {}).items():
-        single = ", ".join(f"{k} {v:.1f}" for k, v in s["single_layer_sqnr_db"].items())
-        lines += [
-            "",
-            f"Mixed precision `{name}`: single-layer sensitivity ({s['sensitivity_tensor']} SQNR in dB when only "
-            f"that layer is quantized): {single}; rule: {s['rule']}; kept: {', '.join(s['sensitive_layers'])}.",
-        ]
-    return lines
-
-
-def _criteria(c: Mapping[str, float], task: str) -> str:
-    if task == "classifier":
-        acc = (
-            f"Δaccuracy and ΔF1 ≥ −{c['max_accuracy_drop_points_8bit']:g} points (8-bit) / "
-            f"−{c['max_accuracy_drop_points_4bit']:g} (4-bit), agreement ≥ {c['min_agreement_8bit']:.0%} / "
-            f"{c['min_agreement_4bit']:.0%}"
-        )
-    else:
-        acc = (
-            f"ΔAUC ≥ −{c['max_auc_drop']:g}, detection at the operating false-alarm rate ≥ "
-            f"−{c['max_detection_drop_points']:g} points"
-        )
-    return (
-        f"{acc}; p50 per window ≤ FP32's, overall and in every timing round; the cheapest passing candidate "
-        "(p50, then size) ships"
-    )
-
-
-def _db(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
 
 
 def _rel(path: Path, base: Path) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from pdm_tools.quantization.layers import dense_layers, task_of, task_tensor
+
 EXACT_DB = 200.0
 DEFAULT_TARGET_DB = 30.0
 
@@ -116,8 +118,6 @@ def mixed_precision(
 
     ``make(keep)`` builds the quantized model with the layers ``keep`` left in FP32 and returns its path.
     """
-    from pdm_tools.quantization.candidates import dense_layers, task_of, task_tensor
-
     model = onnx.load(str(fp32_path))
     names = [layer.name for layer in dense_layers(model)]
     tensor = task_tensor(task_of(model))

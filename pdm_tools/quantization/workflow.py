@@ -25,11 +25,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from pdm_tools.common.threshold import threshold_from_scores
 from pdm_tools.quantization import candidates as cands
 from pdm_tools.quantization import gate
+from pdm_tools.quantization import static as q
 from pdm_tools.quantization.data import Rows
+from pdm_tools.quantization.layers import dense_layers, task_of
+from pdm_tools.quantization.report import build_record
 from pdm_tools.quantization.sensitivity import layer_output_sqnr
-from pdm_tools.training import quantize as q
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def quantize_model(
     """Build, measure and gate every candidate of ``fp32_path``; candidate files go to ``out_dir``.
 
     ``evaluation``: held-out rows with labels (see ``pdm_tools.quantization.data``); without it only FP32 can
-    pass. ``threshold_rule``: the anomaly threshold rule (default: the shipped one). ``data_files``: names
+    pass. ``threshold_rule``: the anomaly threshold rule (default: the shipped one,
+    ``pdm_tools.common.threshold``). ``data_files``: names
     of the calibration/eval files for the record. ``relative_to``: record file paths relative to this dir.
     """
     settings = settings or Settings()
@@ -83,18 +87,18 @@ def quantize_model(
     if evaluation is not None and len(evaluation.x) == 0:
         raise ValueError("evaluation rows are empty: pass None to quantize without held-out data")
     model = onnx.load(str(fp32_path))
-    task = cands.task_of(model)
-    layers = cands.dense_layers(model)
+    task = task_of(model)
+    layers = dense_layers(model)
     built, sensitivity = cands.build_all(fp32_path, calibration, Path(out_dir), recipes)
     paths = {gate.PARENT: fp32_path} | {c.name: c.path for c in built if c.path is not None}
 
     probe = evaluation.x if evaluation is not None else calibration
     outputs = {name: run_task_output(path, probe) for name, path in paths.items()}
-    # Per-layer error on in-distribution rows: anomalous rows are clipped by design (pdm_tools.training.quantize).
+    # Per-layer error on in-distribution rows: anomalous rows are clipped by design (pdm_tools.quantization.static).
     normal = probe if evaluation is None or evaluation.y is None or task == "classifier" else probe[evaluation.y == 0]
     metrics: dict[str, dict[str, float]] = {}
     if evaluation is not None and evaluation.y is not None:
-        rule = threshold_rule or _default_threshold_rule()
+        rule = threshold_rule or threshold_from_scores
         for name in paths:
             metrics[name] = (
                 classifier_metrics(outputs[gate.PARENT], outputs[name], evaluation.y)
@@ -121,8 +125,6 @@ def quantize_model(
             measured.append(measured_entry(c.name, c.min_bits))
     decision = gate.decide(measured, task, settings.criteria)
     logger.info("%s: gate chose %s (%s)", fp32_path.parent.name, decision.chosen, decision.reason)
-
-    from pdm_tools.quantization.report import build_record
 
     record = build_record(
         fp32_path=fp32_path,
@@ -242,12 +244,6 @@ def measure_latency(paths: Mapping[str, Path], rows: np.ndarray, settings: Setti
             tuple(round(float(np.median(r)), 3) for r in rounds),
         )
     return out
-
-
-def _default_threshold_rule() -> ThresholdRule:
-    from pdm_tools.training.train import threshold_from_scores
-
-    return threshold_from_scores
 
 
 def _r(value: float, digits: int = 6) -> float:

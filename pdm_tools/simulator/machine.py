@@ -8,6 +8,10 @@ Vibration (acceleration, g) = shaft 1x and 2x + broadband noise + bearing-defect
 ringing the structural resonance (an exponentially decaying sinusoid), as seen on real accelerometers.
 Bearing defect frequencies are the classic multipliers of the shaft frequency (defaults: the SKF 6205
 of the CWRU bearing data set).
+
+The profile and fault records stay in one module with the signal model (a little over 400 lines): they are
+checked against the same fault kinds, sensors and constants the model renders, and the simulator, the
+training data, the tests and the benchmarks import them together from here.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pdm_tools.training.autoencoder import AutoencoderConfig
-from pdm_tools.training.quantize import CALIBRATION_METHODS, QuantizeConfig
+from pdm_tools.models.autoencoder import AutoencoderConfig
+from pdm_tools.quantization.static import CALIBRATION_METHODS, QuantizeConfig
 from pdm_tools.training.simdata import (
     DEFAULT_PROCESS_MINUTES,
     DEFAULT_VIBRATION_MINUTES,
@@ -137,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _train_defect_classifier(args: argparse.Namespace) -> int:
     """The CWRU defect classifier (``pdm_tools.training.defect_train``), into ``--out``/defect_classifier."""
-    from pdm_tools.evaluation.cwru import default_data_dir
+    from pdm_tools.datasets.cwru import default_data_dir
     from pdm_tools.training import defect_train
 
     data = args.cwru_data if args.cwru_data is not None else default_data_dir()

@@ -36,20 +36,23 @@ from threadpoolctl import threadpool_limits
 from agent.features.bearing import BearingFeatureSpec
 from agent.inference.classifier import TASK, ClassifierManifest, OnnxDefectClassifier
 from agent.inference.manifest import SCHEMA_VERSION, TensorInfo, sha256_file
-from pdm_tools.quantization.data import Rows, subsample
-from pdm_tools.quantization.report import render_card_section
-from pdm_tools.training import quantize as q
-from pdm_tools.training.defect_data import (
+from pdm_tools.common.graph_names import INPUT_NAME, LABEL, PROBABILITIES
+from pdm_tools.common.modelcard import write_model_card
+from pdm_tools.datasets.cwru import (
     CLASS_NAMES,
     NORMAL_TRAIN_HOP,
     DatasetError,
     Recording,
+    default_data_dir,
     featurize,
     load_cwru,
     stack,
 )
-from pdm_tools.training.defect_mlp import INPUT_NAME, LABEL, PROBABILITIES, MlpConfig, export_onnx, fit_mlp
-from pdm_tools.training.defect_quantize import compare_probabilities, run_classifier
+from pdm_tools.evaluation import cwru
+from pdm_tools.models.defect_mlp import MlpConfig, export_onnx, fit_mlp
+from pdm_tools.quantization import static as q
+from pdm_tools.quantization.data import Rows, subsample
+from pdm_tools.quantization.static import compare_probabilities, run_classifier
 from pdm_tools.training.train import CALIBRATION_ROWS, FP32_FILE, INT8_FILE, Ship, quantize_and_choose
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,6 @@ MODEL_ID = "bearing-defect-classifier"
 DEFAULT_VERSION = "1.0.0"
 DEFAULT_SEED = 42
 DEFAULT_OUT = Path("models/defect_classifier")
-CARD_FILE = "MODEL_CARD.md"
 # The last part of every recording is held out of the shipped model's training: the quantization gate
 # measures accuracy on it (CWRU has no fourth load to hold out instead).
 HOLDOUT_FRACTION = 0.15
@@ -89,26 +91,6 @@ def split_by_time(samples: np.ndarray, fraction: float) -> tuple[np.ndarray, np.
     return samples[:cut_at], samples[cut_at:]
 
 
-KNOWN_LIMITS = (
-    "Trained on the CWRU test rig only (one SKF 6205 bearing type, one motor, 12 kHz, 1730-1800 rpm, "
-    "artificial EDM defects of 0.007-0.028 in). The bearing geometry (defect frequency multipliers) is part "
-    "of the feature spec: a machine with another bearing needs a spec with its multipliers and retraining.",
-    "The same damaged bearings were recorded at every load, so the cross-load figures measure robustness to "
-    "load and speed, not to new bearings, new machines or natural (spalled) defects. Leaving one defect "
-    "diameter out (a new damaged bearing) drops macro-F1 to about 0.5: expect much lower accuracy on a real "
-    "fleet until the model is retrained or adapted on its own labelled data. Treat the class as a hint "
-    "for the technician, with its probability, not as a diagnosis.",
-    "Healthy data are 5 s of one recording (load 0). The model must only be asked when the anomaly model "
-    "has fired: on a healthy machine of another type it can name a defect with high probability.",
-    "Classes are normal, inner_race, outer_race and ball only: imbalance, misalignment, looseness or "
-    "lubrication problems are forced into one of them.",
-    "The agent's simulator samples at 10240 Hz (window 0.4 s instead of 0.34 s at 12 kHz): the features "
-    "take the rate and the rpm, but the resonances of another structure differ from the CWRU rig's. On the "
-    "simulator's bearing faults (built with the same bearing geometry) it names outer and inner race faults "
-    "reliably and ball faults mostly; that is a plumbing check, not independent evidence.",
-)
-
-
 def train_defect_classifier(
     data_dir: Path,
     out_dir: Path = DEFAULT_OUT,
@@ -127,8 +109,6 @@ def train_defect_classifier(
     ``evaluate``: first run the cross-load and random-split protocols (``pdm_tools.evaluation.cwru``) and put
     their figures into the manifest's metrics.
     """
-    from pdm_tools.evaluation import cwru
-
     spec = spec or BearingFeatureSpec()
     config = config or MlpConfig()
     quantization = quantization or q.QuantizeConfig()
@@ -229,7 +209,7 @@ def train_defect_classifier(
         },
     )
     manifest.write(out_dir)
-    (out_dir / CARD_FILE).write_text(render_model_card(manifest), encoding="utf-8")
+    write_model_card(manifest, out_dir)
     OnnxDefectClassifier.load(out_dir)  # fail the build, not the first agent start
     return manifest
 
@@ -245,92 +225,6 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_model_card(m: ClassifierManifest) -> str:
-    """Markdown for the classifier, built only from its manifest (so the two cannot disagree)."""
-    mt, qz, t, spec = m.metrics, m.quantization, m.training, m.feature_spec
-    top_hz = max(spec["band_edges_hz"][-1], max(hi for _, hi in spec["envelope_bands_hz"]))
-    lines = [
-        f"# Model card: {m.model_id} {m.version}",
-        "",
-        "Supervised **bearing defect classifier**: given a vibration window and the shaft speed, it returns the "
-        f"probabilities of {', '.join(m.class_names)}. The agent asks it when the vibration anomaly model fires "
-        "and puts the most probable class into the alert. Generated by the training command; do not edit by hand.",
-        "",
-        f"- Shipped file: `{m.file}` (sha256 `{m.sha256}`), {str(qz.get('shipped', '?')).upper()} "
-        f"({qz.get('ship_reason', '')})",
-        f"- Built with: `{m.created_by}`, seed {t.get('seed')}",
-        f"- Feature spec hash: `{m.feature_spec_hash}`",
-        "",
-        "## Inputs and outputs",
-        "",
-        f"{len(m.feature_names)} features (`agent.features.bearing`) of a window of {spec.get('window_samples')} "
-        f"samples at any rate whose Nyquist frequency is above {top_hz:g} Hz, "
-        "and the shaft speed in rpm: time-domain statistics, band power shares, and envelope-spectrum peaks at 1..3x "
-        "the shaft, BPFI, BPFO, BSF and FTF frequencies ("
-        + ", ".join(f"{n} {v:g}" for n, v in spec["multipliers"])
-        + " x shaft speed), relative to the envelope spectrum's median level.",
-        "",
-        "Outputs: `probabilities` float32 [batch, "
-        + str(len(m.class_names))
-        + "] in the order "
-        + ", ".join(f"`{c}`" for c in m.class_names)
-        + "; `label` int64 [batch] (index of the most probable class).",
-        "",
-        "## Training",
-        "",
-        f"Data: {t.get('data', {}).get('dataset')}; rows per class {t.get('rows', {}).get('per_class')} (classes "
-        f"balanced by resampling); {t.get('rows', {}).get('held_out', 0)} rows held out "
-        f"({t.get('rows', {}).get('held_out_rule', 'none')}). Model: MLP {t.get('model', {}).get('layers')}, ReLU, "
-        f"adam, L2 {t.get('model', {}).get('alpha')}.",
-        "",
-        "## Evaluation (CWRU)",
-        "",
-    ]
-    if "cross_load" in mt:
-        lines += [
-            "| test load (trained on the other two) | accuracy FP32 | macro-F1 FP32 | accuracy INT8 | macro-F1 INT8 |",
-            "|---|---|---|---|---|",
-        ]
-        for load, r in mt["cross_load"]["per_test_load"].items():
-            r8 = mt["cross_load_int8"]["per_test_load"][load]
-            lines.append(
-                f"| {load} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r8['accuracy']:.4f} | {r8['macro_f1']:.4f} |"
-            )
-        c3 = mt["cross_load_faults_only"]
-        lines += [
-            "",
-            f"Fault classes alone (3 classes), cross-load mean macro-F1 {c3['mean_macro_f1']:.4f}. Random split "
-            f"(optimistic; published 96.5-100 %): accuracy {mt['random_split']['accuracy']:.4f}. Largest INT8 "
-            f"macro-F1 drop: {mt['int8_max_macro_f1_drop_points']:.2f} points.",
-        ]
-        if "cross_fault_size" in mt:
-            size = mt["cross_fault_size"]
-            per = ", ".join(f"{d} in: {r['macro_f1']:.2f}" for d, r in size["per_test_diameter_in"].items())
-            lines += [
-                "",
-                "**On damaged bearings it has not seen** (leave one defect diameter out, all loads) macro-F1 is "
-                f"only {size['mean_macro_f1']:.2f} on average ({per}): the cross-load figures above are high "
-                "because the same damaged bearings were recorded at every load.",
-            ]
-    else:
-        lines.append("(not evaluated in this build)")
-    lines += render_card_section(qz)
-    if "int8_vs_fp32_on_train_rows" in mt:
-        lines += [
-            "",
-            f"`{qz.get('int8_file', INT8_FILE)}` ({qz.get('int8_recipe', 'static INT8')}) agrees with FP32 on "
-            f"{mt['int8_vs_fp32_on_train_rows']['label_agreement']:.4f} of the training rows.",
-        ]
-    lines += [
-        "",
-        "## Known limits",
-        "",
-        *[f"- {limit}" for limit in KNOWN_LIMITS],
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="CWRU folder with index.json (default as evaluate cwru)"
@@ -343,8 +237,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pdm_tools.evaluation.cwru import default_data_dir
-
     data_dir = args.data if args.data is not None else default_data_dir()
     try:
         manifest = train_defect_classifier(

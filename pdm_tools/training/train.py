@@ -17,7 +17,6 @@ same ONNX bytes and the same metrics.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,13 +29,15 @@ import onnxruntime as ort
 
 from agent.features.spec import FeatureSpec
 from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha256_file
+from pdm_tools.common.graph_names import INPUT_NAME, OUTPUT_NAME
+from pdm_tools.common.modelcard import write_model_card
+from pdm_tools.common.threshold import THRESHOLD_RULE, round_sig, threshold_from_scores
+from pdm_tools.models.autoencoder import AutoencoderConfig, fit_autoencoder
+from pdm_tools.models.export import export_onnx
+from pdm_tools.quantization import static as q
 from pdm_tools.quantization.data import CALIBRATION_FILE, EVAL_FILE, Rows, save_rows, subsample
 from pdm_tools.quantization.gate import PARENT
 from pdm_tools.quantization.workflow import Settings, quantize_model
-from pdm_tools.training import quantize as q
-from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
-from pdm_tools.training.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from pdm_tools.training.modelcard import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -45,40 +46,6 @@ INT8_FILE = "model.int8.onnx"
 CANDIDATES_DIR = "candidates"
 
 Ship = Literal["auto", "int8", "fp32"]
-
-# Threshold rule: peaks over threshold (an exponential tail fitted to the top 1 % of held-out healthy
-# scores, as in SPOT, Siffer et al., KDD 2017), extrapolated to a false-alarm probability per window.
-TAIL_QUANTILE = 0.99
-FALSE_ALARM_PER_WINDOW = 1e-8
-MAX_FACTOR = 1.5
-THRESHOLD_RULE = (
-    f"max(u + beta * ln({1 - TAIL_QUANTILE:g} / {FALSE_ALARM_PER_WINDOW:g}), {MAX_FACTOR:g} x max) over the "
-    f"shipped model's scores on held-out healthy windows of machines not used for fitting, where "
-    f"u = q{TAIL_QUANTILE * 100:g} and beta = mean excess over u: an exponential tail fitted to the top "
-    f"{(1 - TAIL_QUANTILE) * 100:g} % (peaks over threshold) and extrapolated to a false-alarm probability "
-    f"of {FALSE_ALARM_PER_WINDOW:g} per window, never below {MAX_FACTOR:g} x the largest healthy score. "
-    "Label-free. Why so far out: one vibration window every 0.2 s is over 400,000 windows a day per "
-    "machine (process: 17,000), far more than validation holds."
-)
-
-
-def threshold_from_scores(scores: np.ndarray) -> float:
-    """The anomaly threshold from held-out healthy scores (see ``THRESHOLD_RULE``).
-
-    >>> threshold_from_scores(np.linspace(0.0, 1.0, 1001))  # tail too thin: 1.5 x max wins
-    1.5
-    >>> threshold_from_scores(np.r_[np.zeros(990), np.linspace(0.1, 1.0, 10)])  # ~ 0.55 x ln(1e6)
-    7.58572
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if len(s) == 0 or not np.isfinite(s).all():
-        raise ValueError("threshold needs a non-empty set of finite validation scores")
-    u = float(np.quantile(s, TAIL_QUANTILE))
-    excess = s[s > u] - u
-    beta = float(excess.mean()) if len(excess) else 0.0
-    tail = u + beta * math.log((1 - TAIL_QUANTILE) / FALSE_ALARM_PER_WINDOW)
-    return _sig(max(tail, MAX_FACTOR * float(s.max())))
-
 
 CALIBRATION_ROWS = 512  # training rows in calibration.npz (evenly spaced)
 EVAL_ROWS_PER_LABEL = 1000  # held-out normal and anomalous rows in eval.npz (evenly spaced)
@@ -203,19 +170,19 @@ def train_anomaly_model(
     }
     held_out = x_val if evaluation.test is None else np.concatenate([x_val, evaluation.test])
     metrics["int8_vs_fp32"] = {
-        k: _sig(v) if isinstance(v, float) else v
+        k: round_sig(v) if isinstance(v, float) else v
         for k, v in q.compare_scores(q.run_scores(fp32, held_out), q.run_scores(int8, held_out), threshold).items()
     }
     if evaluation.test is not None:
         test_scores = q.run_scores(shipped, evaluation.test)
         metrics["test_scores"] = _quantiles(test_scores)
-        metrics["false_alarm_rate_test"] = _sig(float(np.mean(test_scores > threshold)))
+        metrics["false_alarm_rate_test"] = round_sig(float(np.mean(test_scores > threshold)))
     if evaluation.faults:
         metrics["detection_rate"] = {
             kind: {
                 "windows": len(rows),
-                "rate": _sig(float(np.mean(scores > threshold))),
-                "median_score": _sig(float(np.median(scores))),
+                "rate": round_sig(float(np.mean(scores > threshold))),
+                "median_score": round_sig(float(np.median(scores))),
             }
             for kind, rows in sorted(evaluation.faults.items())
             for scores in [q.run_scores(shipped, rows)]
@@ -269,21 +236,9 @@ def _quantiles(scores: np.ndarray) -> dict[str, float | int]:
     qs = np.quantile(scores.astype(np.float64), [0.5, 0.9, 0.99, 0.999])
     return {
         "n": len(scores),
-        "q50": _sig(qs[0]),
-        "q90": _sig(qs[1]),
-        "q99": _sig(qs[2]),
-        "q99.9": _sig(qs[3]),
-        "max": _sig(float(scores.max())),
+        "q50": round_sig(qs[0]),
+        "q90": round_sig(qs[1]),
+        "q99": round_sig(qs[2]),
+        "q99.9": round_sig(qs[3]),
+        "max": round_sig(float(scores.max())),
     }
-
-
-def _sig(value: float, digits: int = 6) -> float:
-    """Round to ``digits`` significant digits (manifests stay readable and diffs stay small).
-
-    >>> _sig(0.000123456789)
-    0.000123457
-    """
-    value = float(value)
-    if value == 0 or not math.isfinite(value):
-        return value
-    return round(value, digits - 1 - math.floor(math.log10(abs(value))))

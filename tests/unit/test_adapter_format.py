@@ -23,8 +23,8 @@ from agent.adaptation.adapter import (
 )
 from agent.adaptation.lora import BaseMlp, LoraWeights
 from agent.adaptation.runtime import MachineAdapters, Mode, merged_session, open_model
-from pdm_tools.training import defect_mlp
-from pdm_tools.training.defect_mlp import DefectMlp
+from pdm_tools.models import defect_mlp
+from pdm_tools.models.defect_mlp import DefectMlp
 
 
 def tiny_classifier(seed: int = 0) -> onnx.ModelProto:
@@ -185,8 +185,8 @@ def test_unknown_manifest_keys_are_refused(model_dir: Path, tmp_path: Path) -> N
 def test_adapt_machine_trains_writes_and_serves_an_autoencoder_adapter(tmp_path: Path) -> None:
     from agent.adaptation.adapt import adapt_machine
     from agent.adaptation.lora import LoraConfig
-    from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
-    from pdm_tools.training.export import build_onnx
+    from pdm_tools.models.autoencoder import AutoencoderConfig, fit_autoencoder
+    from pdm_tools.models.export import build_onnx
 
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(2, 6))

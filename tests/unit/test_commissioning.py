@@ -16,8 +16,8 @@ from agent.commissioning import (
     fit_detector,
 )
 from agent.commissioning.detector import long_run_scale
-from pdm_tools.training import quantize as q
-from pdm_tools.training.commissioning_export import build_onnx, export_models, window_rows
+from pdm_tools.models.commissioning_export import build_onnx, export_models, window_rows
+from pdm_tools.quantization import static as q
 
 N_TRAIN = 400
 SHIFT_AT = 700

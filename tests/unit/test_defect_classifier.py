@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from pdm_tools.training import quantize as q
-from pdm_tools.training.defect_mlp import (
+from pdm_tools.models.defect_mlp import (
     INPUT_NAME,
     LABEL,
     PROBABILITIES,
@@ -18,7 +17,8 @@ from pdm_tools.training.defect_mlp import (
     export_onnx,
     fit_mlp,
 )
-from pdm_tools.training.defect_quantize import compare_probabilities, quantize_classifier, run_classifier
+from pdm_tools.quantization import static as q
+from pdm_tools.quantization.static import compare_probabilities, quantize_classifier, run_classifier
 
 CLASSES = ("normal", "inner_race", "outer_race", "ball")
 

@@ -15,9 +15,9 @@ import pytest
 from agent.adaptation.graph import adapter_parameters, build_adaptable, merge
 from agent.adaptation.lora import BaseMlp, LoraConfig, LoraWeights, loss_and_gradients, train_lora
 from agent.adaptation.runtime import open_model
-from pdm_tools.training import defect_mlp, export
-from pdm_tools.training.autoencoder import Autoencoder, AutoencoderConfig, fit_autoencoder
-from pdm_tools.training.defect_mlp import DefectMlp, MlpConfig, fit_mlp
+from pdm_tools.models import defect_mlp, export
+from pdm_tools.models.autoencoder import Autoencoder, AutoencoderConfig, fit_autoencoder
+from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, fit_mlp
 
 
 def random_classifier(seed: int = 0, sizes: tuple[int, ...] = (5, 7, 6, 3)) -> onnx.ModelProto:
@@ -157,8 +157,8 @@ def test_unadapted_path_of_the_adaptable_base_is_bit_for_bit_the_original(build)
 
 
 def test_unadapted_path_is_bit_for_bit_on_an_int8_qdq_base(tmp_path: Path) -> None:
-    from pdm_tools.training import quantize as q
-    from pdm_tools.training.defect_quantize import quantize_classifier
+    from pdm_tools.quantization import static as q
+    from pdm_tools.quantization.static import quantize_classifier
 
     proto = random_classifier(seed=3, sizes=(8, 16, 8, 3))
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"

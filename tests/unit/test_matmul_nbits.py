@@ -12,6 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from pdm_tools.common.graph_names import INPUT_NAME
+from pdm_tools.models.export import mlp_graph
 from pdm_tools.quantization import (
     BlockQuantized,
     gptq_quantize,
@@ -24,7 +26,6 @@ from pdm_tools.quantization import (
     to_matmul_nbits,
 )
 from pdm_tools.quantization.nbits import pack_low_first
-from pdm_tools.training.export import INPUT_NAME, mlp_graph
 
 DEFECT_MODEL = Path(__file__).resolve().parents[2] / "models" / "defect_classifier" / "model.fp32.onnx"
 

@@ -22,14 +22,15 @@ from onnx import TensorProto, helper, numpy_helper
 from agent.cli import main as pdm_agent
 from agent.features.bearing import BearingFeatureSpec
 from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha256_file
+from pdm_tools.common.graph_names import INPUT_NAME, LABEL, PROBABILITIES, SCORE_NODES
+from pdm_tools.models.defect_mlp import export_onnx, fit_mlp
 from pdm_tools.quantization import candidates as cands
 from pdm_tools.quantization import cli as qcli
+from pdm_tools.quantization import static as q
 from pdm_tools.quantization.data import DataError, Rows, load_rows, save_rows
+from pdm_tools.quantization.layers import dense_layers
 from pdm_tools.quantization.workflow import Settings, quantize_model
 from pdm_tools.training import cli as training_cli
-from pdm_tools.training import quantize as q
-from pdm_tools.training.defect_mlp import INPUT_NAME, LABEL, PROBABILITIES, export_onnx, fit_mlp
-from pdm_tools.training.export import SCORE_NODES
 
 FAST = ["--runs", "20"]
 
@@ -203,12 +204,12 @@ def test_gemm_graphs_are_refused_because_matmulnbits_skips_gemm(tmp_path: Path) 
         initializer=[w, b],
     )
     with pytest.raises(ValueError, match="Gemm"):
-        cands.dense_layers(helper.make_model(graph))
+        dense_layers(helper.make_model(graph))
 
 
 def test_exported_graphs_keep_matmul_and_add_so_every_layer_gets_4_bits(anomaly_dir: Path) -> None:
     fp32 = onnx.load(str(anomaly_dir / "model.fp32.onnx"))
-    layers = cands.dense_layers(fp32)
+    layers = dense_layers(fp32)
     w4 = onnx.load(str(anomaly_dir / "candidates" / "w4-gptq.onnx"))
     assert sum(n.op_type == "MatMulNBits" for n in w4.graph.node) == len(layers)
     assert not any(n.op_type == "MatMul" for n in w4.graph.node)

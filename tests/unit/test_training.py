@@ -13,13 +13,15 @@ import pytest
 
 from agent.inference.manifest import Manifest, sha256_file
 from agent.inference.model import OnnxAnomalyModel
+from pdm_tools.common.graph_names import NORMALIZE_NODES, SCORE_NODES
+from pdm_tools.common.threshold import threshold_from_scores
+from pdm_tools.models.autoencoder import AutoencoderConfig, fit_autoencoder
+from pdm_tools.models.export import build_onnx, export_onnx
+from pdm_tools.quantization import static as q
 from pdm_tools.simulator.machine import SimulatedMachine, fleet_profile
 from pdm_tools.training import cli
-from pdm_tools.training import quantize as q
-from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
-from pdm_tools.training.export import NORMALIZE_NODES, SCORE_NODES, build_onnx, export_onnx
 from pdm_tools.training.simdata import VIBRATION_SPEC, vibration_rows
-from pdm_tools.training.train import FP32_FILE, INT8_FILE, threshold_from_scores
+from pdm_tools.training.train import FP32_FILE, INT8_FILE
 
 
 def _features(n: int, f: int = 12, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The detector study behind ``docs/results_skab.md``: alternatives and ablations on the SKAB protocol.
 
-``python -m pdm_tools.training.skab_alternatives [--data DIR] [--json]`` prints, for every candidate, the pooled
+``python -m pdm_tools.evaluation.skab_alternatives [--data DIR] [--json]`` prints, for every candidate, the pooled
 F1 / FAR / MAR under the same protocol as ``pdm-agent evaluate skab`` (first 400 rows of each file =
 training, label-free threshold = factor × the largest causal score on the training rows). Each candidate
 is shown (a) at the factor that gives the lowest MAR with FAR ≤ 13.5 % on these files (a best case,
@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.commissioning.detector import DetectorConfig, fit_detector, long_run_scale
 from pdm_tools.evaluation.skab import TRAIN_ROWS, Confusion, SkabFile, default_data_dir, load_skab
+from pdm_tools.models.autoencoder import AutoencoderConfig, fit_autoencoder
 
 ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, int]]  # values (n, C) -> (scores (n,), first valid row)
 
@@ -112,8 +113,6 @@ def knn(k: int, neighbours: int) -> ScoreFn:
 
 
 def autoencoder(w: int, k: int) -> ScoreFn:
-    from pdm_tools.training.autoencoder import AutoencoderConfig, fit_autoencoder
-
     def fn(values: np.ndarray) -> tuple[np.ndarray, int]:
         x = lag_stack(values, w)
         train = x[w - 1 : TRAIN_ROWS]

@@ -12,7 +12,7 @@ Graph (opset 17), input ``features`` float32 ``[batch, F]``, outputs ``probabili
 
 As for the anomaly models (DESIGN.md): the standardization is explicit Sub/Div (not the ``ai.onnx.ml``
 Scaler op, which blocks the quantizer) and every layer is MatMul followed by a separate Add, never Gemm.
-The names of the float-only nodes are exported so the quantizer can leave them alone.
+The float-only nodes carry the names the quantizer leaves alone (``pdm_tools.common.graph_names``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pdm_tools.training.export import mlp_graph
-
-OPSET = 17
-IR_VERSION = 8
-INPUT_NAME = "features"
-PROBABILITIES = "probabilities"
-LABEL = "label"
-FLOAT_NODES = ("normalize_sub", "normalize_div", "softmax", "argmax")
+from pdm_tools.common.graph_names import (
+    CLASSIFIER_FLOAT_NODES,
+    INPUT_NAME,
+    IR_VERSION,
+    LABEL,
+    OPSET,
+    PROBABILITIES,
+)
+from pdm_tools.models.export import mlp_graph
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,10 @@ def fit_mlp(
 def build_onnx(model: DefectMlp, metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
     """The classifier graph of ``model`` (see the module docstring); passes the full checker."""
     f, c = model.n_features, len(model.class_names)
-    inits, nodes = mlp_graph(model.mean, model.scale, model.weights, model.biases, "logits", FLOAT_NODES[:2])
+    inits, nodes = mlp_graph(model.mean, model.scale, model.weights, model.biases, "logits", CLASSIFIER_FLOAT_NODES[:2])
     nodes += [
-        helper.make_node("Softmax", ["logits"], [PROBABILITIES], name=FLOAT_NODES[2], axis=-1),
-        helper.make_node("ArgMax", ["logits"], [LABEL], name=FLOAT_NODES[3], axis=1, keepdims=0),
+        helper.make_node("Softmax", ["logits"], [PROBABILITIES], name=CLASSIFIER_FLOAT_NODES[2], axis=-1),
+        helper.make_node("ArgMax", ["logits"], [LABEL], name=CLASSIFIER_FLOAT_NODES[3], axis=1, keepdims=0),
     ]
     graph = helper.make_graph(
         nodes,

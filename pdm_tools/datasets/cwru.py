@@ -2,7 +2,8 @@
 
 The data directory holds ``index.json`` (one entry per recording: ``file``, ``kind``, ``load_hp``,
 ``rpm``, ``fs_hz``, ...) and one ``.npz`` per recording with ``de`` (drive-end acceleration, g), ``fs``
-and ``rpm`` (see ``datasets/README.md``). Only numpy is used to read them.
+and ``rpm`` (see ``datasets/README.md``). Only numpy is used to read them. The folder is ``--data``, else
+``$PDM_DATASETS/cwru`` or ``../shared/datasets/cwru`` (``default_data_dir``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.features.bearing import BearingFeatureSpec, bearing_features
+from pdm_tools.datasets.paths import dataset_dir
 
 CLASS_NAMES = ("normal", "inner_race", "outer_race", "ball")
 FAULT_CLASSES = CLASS_NAMES[1:]
@@ -48,6 +50,11 @@ class Recording:
     @property
     def label(self) -> int:
         return CLASS_NAMES.index(self.kind)
+
+
+def default_data_dir() -> Path:
+    """The CWRU folder when ``--data`` is not given (see ``pdm_tools.datasets.paths``)."""
+    return dataset_dir("cwru")
 
 
 def load_cwru(data_dir: Path) -> list[Recording]:

@@ -1,9 +1,11 @@
-"""Static INT8 quantization (QDQ, calibrated on normal feature rows) and its side-by-side report.
+"""Static INT8 quantization (QDQ, calibrated on feature rows) of our graphs and its side-by-side report.
 
-Only the autoencoder's layers are quantized: the input normalization (Sub/Div) and the score tail
+Only the layers are quantized. For the autoencoder the input normalization (Sub/Div) and the score tail
 (Sub/Mul/ReduceMean) stay in float, so the reconstruction error is computed against the float input.
 Anomalous rows fall outside the calibrated range of the first layer and get clipped there; that clipping
-can only make the reconstruction worse, so it keeps (never hides) large scores.
+can only make the reconstruction worse, so it keeps (never hides) large scores. For the defect classifier
+the standardization, the Softmax and the ArgMax stay in float (``quantize_classifier``); the recipe,
+calibration reader and session settings are the same.
 
 Measured facts, not assumptions, go into the report: score differences against the FP32 parent on
 held-out rows, file sizes, and latency of both models in the same process (p50, batch 1 and 32).
@@ -31,7 +33,14 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from pdm_tools.training.export import INPUT_NAME, NORMALIZE_NODES, OUTPUT_NAME, SCORE_NODES
+from pdm_tools.common.graph_names import (
+    CLASSIFIER_FLOAT_NODES,
+    INPUT_NAME,
+    NORMALIZE_NODES,
+    OUTPUT_NAME,
+    PROBABILITIES,
+    SCORE_NODES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +106,13 @@ def quantize(fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, con
     recipe = quantize_static_qdq(fp32_path, int8_path, calibration_rows, config, [*NORMALIZE_NODES, *SCORE_NODES])
     score_reads_float(Path(int8_path))
     return recipe
+
+
+def quantize_classifier(
+    fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig
+) -> dict[str, Any]:
+    """Write the INT8 QDQ defect classifier; return the recipe (what was done, on what data)."""
+    return quantize_static_qdq(fp32_path, int8_path, calibration_rows, config, list(CLASSIFIER_FLOAT_NODES))
 
 
 def quantize_static_qdq(
@@ -213,6 +229,27 @@ def compare_scores(fp32: np.ndarray, int8: np.ndarray, threshold: float | None =
     if threshold is not None:
         out["max_abs_diff_over_threshold"] = float(diff.max() / threshold)
     return out
+
+
+def run_classifier(sess: ort.InferenceSession, rows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities of all rows, float32 ``(n, C)``, in batches."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = [
+        sess.run([PROBABILITIES], {INPUT_NAME: rows[i : i + batch_size]})[0] for i in range(0, len(rows), batch_size)
+    ]
+    n_classes = int(sess.get_outputs()[0].shape[1])
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, n_classes), np.float32)
+
+
+def compare_probabilities(fp32: np.ndarray, int8: np.ndarray) -> dict[str, float | int]:
+    """How far the INT8 probabilities are from FP32's, and how often the predicted class agrees."""
+    diff = np.abs(fp32.astype(np.float64) - int8.astype(np.float64))
+    return {
+        "rows": len(fp32),
+        "label_agreement": float(np.mean(fp32.argmax(axis=1) == int8.argmax(axis=1))) if len(fp32) else 1.0,
+        "max_abs_prob_diff": float(diff.max()) if len(fp32) else 0.0,
+        "mean_abs_prob_diff": float(diff.mean()) if len(fp32) else 0.0,
+    }
 
 
 def measure_latency(

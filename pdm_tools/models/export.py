@@ -8,8 +8,8 @@ Graph (opset 17), input ``features`` float32 ``[batch, F]``, output ``score`` fl
 
 Choices that matter for quantization (see DESIGN.md): scaling is explicit Sub/Div rather than the
 ``ai.onnx.ml`` Scaler op, which blocks the quantizer; each layer is a MatMul followed by a separate Add,
-never fused into Gemm. The node names of the normalization and of the score tail are exported so the
-quantizer can keep them in float.
+never fused into Gemm. The node names of the normalization and of the score tail
+(``pdm_tools.common.graph_names``) are the ones the quantizer keeps in float.
 """
 
 from __future__ import annotations
@@ -21,14 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pdm_tools.training.autoencoder import Autoencoder
-
-OPSET = 17
-IR_VERSION = 8  # what opset 17 was released with; every ONNX Runtime >= 1.14 reads it
-INPUT_NAME = "features"
-OUTPUT_NAME = "score"
-NORMALIZE_NODES = ("normalize_sub", "normalize_div")
-SCORE_NODES = ("score_sub", "score_square", "score_mean")
+from pdm_tools.common.graph_names import INPUT_NAME, IR_VERSION, NORMALIZE_NODES, OPSET, OUTPUT_NAME, SCORE_NODES
+from pdm_tools.models.autoencoder import Autoencoder
 
 
 def mlp_graph(

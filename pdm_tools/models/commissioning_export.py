@@ -7,8 +7,8 @@ float32 ``[batch]``::
     features ─ Sub(mean) ─ Div(scale) ─▶ z ─ MatMul(A) ─▶ z̄ ─ Abs ─ ReduceMax(axis 1) ─▶ score
 
 ``A`` (``k·C × C``) averages each channel over the window (``A[i·C + j, j] = 1/k``), so the graph computes
-exactly ``Detector.score_windows``. Sub/Div keep the names of ``pdm_tools.training.export.NORMALIZE_NODES``
-so that ``pdm_tools.training.quantize.quantize`` leaves the standardization in float, as it does for the
+exactly ``Detector.score_windows``. Sub/Div keep the names of ``pdm_tools.common.graph_names.NORMALIZE_NODES``
+so that ``pdm_tools.quantization.static.quantize`` leaves the standardization in float, as it does for the
 autoencoder: only the MatMul (and the tensors around it) become INT8.
 
 Why a quantized version is mostly a warning here: static quantization clips every activation to the range
@@ -31,8 +31,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.commissioning.detector import Detector
-from pdm_tools.training import quantize as q
-from pdm_tools.training.export import INPUT_NAME, IR_VERSION, NORMALIZE_NODES, OPSET, OUTPUT_NAME
+from pdm_tools.common.graph_names import INPUT_NAME, IR_VERSION, NORMALIZE_NODES, OPSET, OUTPUT_NAME
+from pdm_tools.quantization import static as q
 
 MATMUL_NODE = "window_mean_matmul"
 SCORE_TAIL_NODES = ("score_abs", "score_max")
