@@ -3,6 +3,7 @@
 Writes, from the files the wheel carries (``agent/assets``):
 
 - ``DIR/agent.yaml``: the commented example config, every key with its default and meaning;
+- ``DIR/agent.schema.json``: its JSON Schema, which the config's first line points editors to;
 - ``DIR/models/{name}/``: the shipped models, each with its ``manifest.json`` (sha256 of the ONNX file,
   feature spec hash) and ``MODEL_CARD.md``;
 - ``DIR/dashboards/``: the Grafana datasource, provider and dashboards.
@@ -15,12 +16,16 @@ spool goes to ``DIR/run/``. Existing files are kept unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from agent.config import json_schema
+
 CONFIG_NAME = "agent.yaml"
+SCHEMA_NAME = "agent.schema.json"
 _REPO_RELATIVE = (("../models/", "models/"), ("../run/", "run/"))
 
 
@@ -67,6 +72,7 @@ def init_folder(target: Path, force: bool = False) -> tuple[list[Path], list[Pat
     for repo_prefix, local_prefix in _REPO_RELATIVE:
         config = config.replace(repo_prefix, local_prefix)
     put(target / CONFIG_NAME, config.encode("utf-8"))
+    put(target / SCHEMA_NAME, (json.dumps(json_schema(), indent=2) + "\n").encode("utf-8"))
     for model in _children(assets / "models"):
         for name in ("manifest.json", "MODEL_CARD.md"):
             put(target / "models" / model.name / name, (model / name).read_bytes())
