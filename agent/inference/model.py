@@ -105,7 +105,7 @@ class OnnxAnomalyModel(ServedModel):
     def explain(self, x: np.ndarray) -> np.ndarray:
         """Each feature's share of the score of each row (float64 ``(n, F)``, rows sum to 1).
 
-        For the autoencoders of ``pdm_tools/training/export.py`` the score is the mean of the per-feature squared
+        For the autoencoders of ``pdm_tools/models/export.py`` the score is the mean of the per-feature squared
         reconstruction errors (graph value ``squared_error``), so the shares say which features the model
         could not reconstruct. The explaining session is built on first use (alerts only) from the verified
         file, with that value as an extra output; the scoring session is untouched. A graph without it
