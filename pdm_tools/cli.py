@@ -8,8 +8,11 @@ The runtime CLI finds :func:`register` through the entry point group ``pdm_agent
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
+from importlib import metadata
+from types import ModuleType
 
 SetupLogging = Callable[[str], None]
 
@@ -38,20 +41,54 @@ _QUANTIZE = (
 
 
 def register(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> None:
-    """Add the tools' subcommands to the ``pdm-agent`` parser."""
-    try:
-        from pdm_tools.evaluation import cli as evaluation_cli
-        from pdm_tools.quantization import cli as quantization_cli
-        from pdm_tools.simulator import cli as simulator_cli
-        from pdm_tools.training import cli as training_cli
-    except ImportError as exc:
+    """Add the tools' subcommands to the ``pdm-agent`` parser (placeholders that say what to install when
+    the ``[tools]`` extra is missing)."""
+    missing = missing_tools()
+    if missing:
         for name, (help_text, _) in {"simulate": _SIMULATE, "train": _TRAIN, "evaluate": _EVALUATE}.items():
-            sub.add_parser(name, help=f"{help_text} (needs pdm-agent[tools])").set_defaults(func=_missing(name, exc))
+            sub.add_parser(name, help=f"{help_text} (needs pdm-agent[tools])").set_defaults(
+                func=_missing(name, missing)
+            )
         sub.add_parser("model", help="work on a built model (needs pdm-agent[tools])").set_defaults(
-            func=_missing("model", exc)
+            func=_missing("model", missing)
         )
         return
+    from pdm_tools.evaluation import cli as evaluation_cli
+    from pdm_tools.quantization import cli as quantization_cli
+    from pdm_tools.simulator import cli as simulator_cli
+    from pdm_tools.training import cli as training_cli
 
+    _add_commands(sub, setup_logging, evaluation_cli, quantization_cli, simulator_cli, training_cli)
+
+
+def missing_tools() -> list[str]:
+    """Distributions of the ``[tools]`` extra that are not installed, read from this package's own metadata
+    (so the list is the one in ``pyproject.toml``); empty when running from a source tree never installed."""
+    try:
+        requirements = metadata.requires("pdm-agent") or []
+    except metadata.PackageNotFoundError:
+        return []
+    missing = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if "extra" not in marker or "tools" not in marker:
+            continue
+        distribution = re.split(r"[\s<>=!~\[(]", name.strip(), maxsplit=1)[0]
+        try:
+            metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            missing.append(distribution)
+    return missing
+
+
+def _add_commands(
+    sub: argparse._SubParsersAction,
+    setup_logging: SetupLogging,
+    evaluation_cli: ModuleType,
+    quantization_cli: ModuleType,
+    simulator_cli: ModuleType,
+    training_cli: ModuleType,
+) -> None:
     def command(main: Callable[[argparse.Namespace], int], level: str) -> Callable[[argparse.Namespace], int]:
         def run(args: argparse.Namespace) -> int:
             setup_logging(args.log_level or level)
@@ -78,10 +115,11 @@ def register(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> No
     quantize.set_defaults(func=command(quantization_cli.main, "WARNING"))
 
 
-def _missing(command: str, exc: ImportError) -> Callable[[argparse.Namespace], int]:
+def _missing(command: str, missing: list[str]) -> Callable[[argparse.Namespace], int]:
     def refuse(args: argparse.Namespace) -> int:
         print(
-            f"pdm-agent {command}: the tools need {exc.name}, which is not installed: pip install 'pdm-agent[tools]'",
+            f"pdm-agent {command} is one of the tools, which need {', '.join(missing)} (not installed): "
+            "pip install 'pdm-agent[tools]'",
             file=sys.stderr,
         )
         return 2

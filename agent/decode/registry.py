@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 from agent.decode.base import Decoder, DecoderContext
 from agent.decode.json_v1 import JsonV1Decoder
+from agent.plugins import registered
 
 DecoderFactory = Callable[[DecoderContext], Decoder]
 
@@ -20,8 +21,4 @@ DECODERS: Mapping[str, DecoderFactory] = {
 
 def build_decoder(kind: str, context: DecoderContext) -> Decoder:
     """The decoder registered as ``kind``; ``ValueError`` naming the known kinds otherwise."""
-    try:
-        factory = DECODERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown decoder type {kind!r} (known: {', '.join(sorted(DECODERS))})") from None
-    return factory(context)
+    return registered(DECODERS, kind, "decoder type")(context)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from agent.features.base import Modality
 from agent.features.process import ProcessModality
 from agent.features.vibration import VibrationModality
+from agent.plugins import registered
 
 MODALITIES: Mapping[str, Modality] = {
     "vibration": VibrationModality(),
@@ -17,7 +18,4 @@ MODALITIES: Mapping[str, Modality] = {
 
 def modality(kind: str) -> Modality:
     """The modality of ``kind``; ``ValueError`` naming the known kinds otherwise."""
-    try:
-        return MODALITIES[kind]
-    except KeyError:
-        raise ValueError(f"unknown feature kind {kind!r} (known: {', '.join(sorted(MODALITIES))})") from None
+    return registered(MODALITIES, kind, "feature kind")

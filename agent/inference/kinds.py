@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.model import OnnxAnomalyModel
+from agent.plugins import registered
 
 MODEL_KINDS: Mapping[str, type[OnnxAnomalyModel] | type[OnnxDefectClassifier]] = {
     "anomaly": OnnxAnomalyModel,
@@ -20,7 +21,4 @@ MODEL_KINDS: Mapping[str, type[OnnxAnomalyModel] | type[OnnxDefectClassifier]] =
 
 def model_class(kind: str) -> type[OnnxAnomalyModel] | type[OnnxDefectClassifier]:
     """The class of model kind ``kind``; ``ValueError`` naming the known kinds otherwise."""
-    try:
-        return MODEL_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown model type {kind!r} (known: {', '.join(sorted(MODEL_KINDS))})") from None
+    return registered(MODEL_KINDS, kind, "model type")

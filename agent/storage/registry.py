@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.plugins import registered
 from agent.storage import influx_v1, influx_v2
 from agent.storage.base import Sink
 
@@ -24,8 +25,4 @@ SINKS: Mapping[str, SinkFactory] = {
 
 def build_sink(kind: str, settings: Any) -> Sink:
     """The sink registered as ``kind``; ``ValueError`` naming the known kinds otherwise."""
-    try:
-        factory = SINKS[kind]
-    except KeyError:
-        raise ValueError(f"unknown sink type {kind!r} (known: {', '.join(sorted(SINKS))})") from None
-    return factory(settings)
+    return registered(SINKS, kind, "sink type")(settings)

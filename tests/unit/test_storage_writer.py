@@ -14,7 +14,7 @@ import pytest
 from agent.metrics import Metrics
 from agent.spool.sqlite import Spool
 from agent.storage import writer as writer_module
-from agent.storage.sinks import PermanentWriteError, RetryableWriteError, WriteError
+from agent.storage.base import PermanentWriteError, RetryableWriteError, WriteError
 from agent.storage.writer import SpoolWriter, backoff_s
 
 FLUSH_TIMEOUT_S = 30.0  # a generous bound for waiting, never a performance assertion
