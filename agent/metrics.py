@@ -1,4 +1,4 @@
-"""Every metric of the agent, declared once in ``CATALOG``, and the ``Metrics`` facade the stages count with.
+"""The ``Metrics`` facade the stages count with; every metric is declared once in ``agent.metric_catalog``.
 
 Rates are counted here, events are logged. Every stage gets the one ``Metrics`` instance from the
 composition root and calls it by dotted name (``ingest.messages``, ``decode.errors``):
@@ -40,10 +40,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.metric_catalog import CATALOG, SPECS, Kind, MetricSpec, prometheus_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,38 +53,9 @@ logger = logging.getLogger(__name__)
 # families on /metrics for a figure nobody here reads; the switch is process-wide in prometheus_client.
 prometheus_client.disable_created_metrics()
 
-Kind: TypeAlias = Literal["counter", "gauge", "histogram"]
 Labels: TypeAlias = tuple[tuple[str, str], ...]
 Key: TypeAlias = tuple[str, Labels]
 """A series: its dotted name and its labels, sorted by label name."""
-
-PREFIX = "pdm_"
-
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.00001,
-    0.000025,
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-"""Upper bounds (seconds) of the histogram buckets: from 10 µs (one window through a tiny model) to a
-minute (an InfluxDB write that ends in a timeout)."""
 
 RECENT_OBSERVATIONS = 1024
 RECENT_MAX_AGE_S = 300.0
@@ -90,155 +63,11 @@ QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.5), ("p99", 0.99))
 """The quantiles ``snapshot()`` reports for every histogram, as ``{name}.p50`` and ``{name}.p99``."""
 
 
-def prometheus_name(dotted: str) -> str:
-    """The Prometheus name of a dotted metric name, without the ``_total`` the library adds to counters.
-
-    >>> prometheus_name("spool.oldest_age_s"), prometheus_name("decode.errors")
-    ('pdm_spool_oldest_age_seconds', 'pdm_decode_errors')
-    """
-    name = PREFIX + dotted.replace(".", "_")
-    return name[: -len("_s")] + "_seconds" if name.endswith("_s") else name
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One declared metric: what the stages call it, what Prometheus calls it, and what it means."""
-
-    name: str
-    """Dotted, as the stages call it; units in the name (``_s``, ``_seconds``, ``_bytes``)."""
-    kind: Kind
-    help: str
-    labels: tuple[str, ...] = ()
-    initial: float = 0.0
-    """Value of an unlabelled gauge from the start, before anything sets it."""
-    buckets: tuple[float, ...] = LATENCY_BUCKETS_S
-    """Upper bounds of a histogram's buckets."""
-
-    def __post_init__(self) -> None:
-        if self.name.endswith(("_ms", "_milliseconds", "_us", "_kb", "_mb")):
-            raise ValueError(f"metric {self.name}: declare it in base units (seconds, bytes)")
-        if not self.help.strip():
-            raise ValueError(f"metric {self.name}: no help text")
-        if list(self.buckets) != sorted(set(self.buckets)) or not self.buckets:
-            raise ValueError(f"metric {self.name}: buckets must be strictly increasing and not empty")
-
-    @property
-    def prometheus_name(self) -> str:
-        """The family name on ``/metrics``: ``pdm_decode_errors_total``, ``pdm_inference_seconds``."""
-        base = prometheus_name(self.name)
-        return base + "_total" if self.kind == "counter" else base
-
-
-def _counter(name: str, help: str, *labels: str) -> MetricSpec:
-    return MetricSpec(name, "counter", help, labels)
-
-
-def _gauge(name: str, help: str, *labels: str, initial: float = 0.0) -> MetricSpec:
-    return MetricSpec(name, "gauge", help, labels, initial=initial)
-
-
-def _histogram(name: str, help: str, *labels: str) -> MetricSpec:
-    return MetricSpec(name, "histogram", help, labels)
-
-
-CATALOG: tuple[MetricSpec, ...] = (
-    # ingest and decoding
-    _counter("ingest.messages", "MQTT messages taken by the ingest worker."),
-    _counter("ingest.readings", "Readings decoded from accepted messages."),
-    _counter("ingest.blocks", "Sample blocks (vibration) decoded from accepted messages."),
-    _counter("ingest.samples", "Samples in the decoded blocks."),
-    _counter("ingest.backpressure_waits", "Times the MQTT thread waited on a full message queue (backpressure)."),
-    _counter("decode.errors", "Rejected messages, by reason (each one also goes to the dead-letter topic).", "reason"),
-    # spool
-    _counter("spool.appended", "Points stored durably in the local spool (readings, features, scores, alerts ...)."),
-    _counter("spool.acked", "Spooled points delivered to InfluxDB and removed from the spool."),
-    _counter("spool.dropped", "Points dropped because the spool was full, by drop policy.", "policy"),
-    _counter("spool.dead_lettered", "Points InfluxDB rejected, moved to the spool's dead-letter table."),
-    _counter("spool.dead_letter_trimmed", "Oldest dead letters removed because the dead-letter table was full."),
-    _counter("spool.append_failures", "Spool appends that failed (the MQTT messages were not acknowledged)."),
-    _gauge("spool.depth", "Points waiting in the spool for InfluxDB."),
-    _gauge("spool.oldest_age_s", "Age of the oldest point waiting in the spool (0 when it is empty, NaN once closed)."),
-    # InfluxDB writer
-    _counter("storage.points_written", "Points InfluxDB confirmed."),
-    _counter("storage.write_failures", "Failed InfluxDB writes, by kind (retryable, rejected, config).", "kind"),
-    _counter("storage.writer_errors", "Unexpected errors of the InfluxDB writer thread."),
-    _gauge("storage.backoff_s", "Current backoff of the InfluxDB writer (0 when writes succeed)."),
-    _histogram("storage.write_seconds", "Duration of successful InfluxDB writes (one batch each)."),
-    _counter("storage.unencodable", "Records that could not be encoded as line protocol, by record type.", "kind"),
-    # MQTT
-    _gauge("mqtt.connected", "1 while connected to the MQTT broker, 0 before the first connection and after a loss."),
-    _counter("mqtt.messages", "MQTT messages received."),
-    _counter("mqtt.connects", "Successful connections to the broker."),
-    _counter("mqtt.disconnects", "Lost connections to the broker, by reason.", "reason"),
-    _counter("mqtt.connect_failures", "Failed connection attempts, by reason.", "reason"),
-    _counter("mqtt.subscribe_failures", "Subscriptions the broker refused, by reason code.", "reason"),
-    _counter("mqtt.acks", "QoS 1 messages acknowledged after their readings were stored."),
-    _counter("mqtt.acks_stale", "Acknowledgements skipped because the message came on an earlier connection."),
-    _counter("mqtt.ack_errors", "Acknowledgements the MQTT client could not send, by error.", "reason"),
-    _counter("mqtt.published", "Messages published (status, heartbeat, alerts, dead letters)."),
-    _counter("mqtt.publish_queued_offline", "QoS 1 messages published while disconnected, sent after reconnecting."),
-    _counter("mqtt.publish_errors", "Failed publishes, by reason.", "reason"),
-    _counter("mqtt.callback_errors", "Messages the MQTT callback could not hand over (not acknowledged, redelivered)."),
-    _counter("mqtt.watchdog_reconnects", "Reconnects forced by the silence watchdog."),
-    # windows
-    _counter("windows.emitted", "Windows cut from the streams, by kind (vibration, process).", "kind"),
-    _counter("windows.unassigned", "Readings or blocks of a source that no feature spec or model covers."),
-    _counter("windows.skipped", "Window inputs skipped, by reason (e.g. duplicate block, wrong shape).", "reason"),
-    _counter("windows.gaps", "Discontinuities in a vibration stream that restarted its window, by kind.", "reason"),
-    _counter("windows.queued", "Windows queued for scoring."),
-    _counter("windows.dropped", "Windows dropped before scoring, by reason.", "reason"),
-    _counter("windows.scored", "Windows scored, by model.", "model"),
-    _counter("windows.rejected", "Windows not scored, by reason.", "reason"),
-    # inference and models
-    _counter("inference.runs", "Model runs (one per batch), by model.", "model"),
-    _histogram("inference.seconds", "Duration of one model run on a batch of windows, by model.", "model"),
-    _histogram(
-        "inference.window_seconds",
-        "Model run duration divided by the batch size: the cost of one window, by model.",
-        "model",
-    ),
-    _gauge("inference.last_batch_s", "Duration of the last model run, by model.", "model"),
-    _gauge("inference.last_batch_size", "Windows in the last batch scored, by model.", "model"),
-    _gauge("models.loaded", "1 for each loaded model version, 0 for one replaced by a newer one.", "model", "version"),
-    _counter("models.swaps", "Hot swaps to another version of a model, by model.", "model"),
-    _counter("models.refused", "Model directories the registry refused, by reason.", "reason"),
-    _counter("models.reload_errors", "Unexpected errors while rescanning the model directory."),
-    _counter("defect.classified", "Anomalous vibration windows given a defect class."),
-    _counter("defect.skipped", "Anomalous windows left unclassified, by reason.", "reason"),
-    _counter("commissioning.steps", "Readings scored by the commissioning baseline, by phase.", "phase"),
-    _counter("commissioning.skipped", "Readings the commissioning baseline could not use, by reason.", "reason"),
-    # adaptation (per-machine LoRA adapters)
-    _gauge("adapters.loaded", "Machine adapters loaded, by model.", "model"),
-    _counter("adapters.swaps", "Adapters activated (new or changed files), by model.", "model"),
-    _counter("adapters.refused", "Adapters refused (the machine keeps its previous one), by model.", "model"),
-    _counter("adapters.unsupported", "Models found unable to carry adapters, by model.", "model"),
-    _counter("adapters.errors", "Adapter runs that failed (the base model scored the machine), by model.", "model"),
-    _counter("adapters.trained", "Adapters trained automatically after commissioning, by model.", "model"),
-    _counter("adapters.not_needed", "Machines the base model fits well enough (no adapter), by model.", "model"),
-    _counter("adapters.training_failures", "Automatic adapter trainings that failed, by model.", "model"),
-    # alerts and operator commands
-    _counter("alerts.decided", "Alert engine decisions, by state (new, update, clear) and reason.", "state", "reason"),
-    _counter("alerts.suppressed", "Alerts held back, by reason (cooldown, flapping) and type.", "reason", "alert_type"),
-    _counter("alerts.published", "Alert events published, by state.", "state"),
-    _counter("alerts.silenced", "Alert events not published because their machine is silenced, by state.", "state"),
-    _counter("alerts.unexplained", "Anomalous windows without top features (explaining failed), by model.", "model"),
-    _counter("alerts.state_errors", "Failures to save or restore the alert state, by operation.", "reason"),
-    _counter("commands.accepted", "Operator commands applied, by command.", "command"),
-    _counter("commands.rejected", "Operator commands refused, by reason.", "reason"),
-    _counter("pipeline.errors", "Unexpected errors in a pipeline worker, by worker.", "worker"),
-)
-"""Every metric of the agent. A new metric is a new line here, next to the others of its stage."""
-
-SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in CATALOG}
-if len(SPECS) != len(CATALOG):
-    raise ValueError("CATALOG declares a metric twice")
-
-
 class UnknownMetricError(KeyError):
     """A metric name that ``CATALOG`` does not declare."""
 
     def __str__(self) -> str:
-        return f"metric {self.args[0]!r} is not declared in agent.metrics.CATALOG"
+        return f"metric {self.args[0]!r} is not declared in agent.metric_catalog.CATALOG"
 
 
 def quantile(sorted_values: tuple[float, ...] | list[float], q: float) -> float | None:

@@ -68,7 +68,7 @@ TAG_AGENT_ID: Final = "agent_id"
 # The fields the dashboards read, named as ``agent/health/selfmetrics.py`` renders the metrics: dotted names
 # in snake_case, a counter also as the sum over its labels (``decode_errors``), a histogram as its recent
 # quantiles (``storage_write_seconds_p99``). Counter totals and unlabelled gauges exist from the first
-# heartbeat (``agent.metrics.CATALOG`` declares them); a labelled series once counted or set.
+# heartbeat (``agent.metric_catalog.CATALOG`` declares them); a labelled series once counted or set.
 AGENT_FIELDS: Final = (
     "ingest_messages",
     "ingest_readings",

@@ -4,7 +4,7 @@ Field names are snake_case so that InfluxQL reads them without quotes (``SELECT 
 agent``); units stay as in the dotted names (``spool_oldest_age_s``):
 
 - a counter ``decode.errors`` -> ``decode_errors`` (the sum over its labels, 0 before the first count, so
-  that every counter of ``agent.metrics.CATALOG`` is a field from the first heartbeat) and, per label set,
+  that every counter of ``agent.metric_catalog.CATALOG`` is a field from the first heartbeat) and, per label set,
   ``decode_errors_reason_bad_json`` (label name and value appended, each sanitized);
 - a gauge ``spool.depth`` -> ``spool_depth``; with labels, one field per label set only (a sum of
   gauges means nothing in general);

@@ -75,7 +75,7 @@ def test_every_metric_used_in_agent_is_declared_with_its_kind_and_labels() -> No
     for where, method, name, labels in metric_calls():
         spec = SPECS.get(name)
         if spec is None:
-            problems.append(f"{where}: {name} is not declared in agent.metrics.CATALOG")
+            problems.append(f"{where}: {name} is not declared in agent.metric_catalog.CATALOG")
             continue
         if spec.kind != KIND_OF_CALL[method]:
             problems.append(f"{where}: {method}({name!r}) but {name} is a {spec.kind}")

@@ -10,7 +10,8 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import CATALOG, LATENCY_BUCKETS_S, Metrics
+from agent.metric_catalog import CATALOG, LATENCY_BUCKETS_S
+from agent.metrics import Metrics
 
 
 def exposition(metrics: Metrics) -> str:
