@@ -156,7 +156,7 @@ def test_an_undeclared_name_fails_loudly() -> None:
         lambda: m.get("never.declared"),
         lambda: m.quantile("never.declared", 0.5),
     ):
-        with pytest.raises(UnknownMetricError, match=r"not declared in agent\.metrics\.CATALOG"):
+        with pytest.raises(UnknownMetricError, match=r"not declared in agent\.metric_catalog\.CATALOG"):
             call()
 
 
