@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from agent.config.errors import ConfigError, Problems, describe
@@ -101,6 +101,23 @@ def _strict_int(value: Any) -> Any:
     return value
 
 
+def _env_int(value: Any, info: ValidationInfo) -> Any:
+    """A ``${NAME}`` reference in an integer field (``port: ${MQTT_PORT:-1883}``): expanded, then read as a
+    whole decimal number. Other strings stay strings, so the strict check still refuses ``"1883"``."""
+    if not isinstance(value, str) or not _ENV_REF.search(value):
+        return value
+    text = expand_env(value, info).strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise PydanticCustomError("int_env", "{ref} gives {text}, not an integer", {"ref": value, "text": repr(text)})
+    return int(text)
+
+
+EnvInt = Annotated[
+    int,
+    BeforeValidator(_env_int),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*"}]}),
+]
+"""An integer that may also be given as an environment reference (ports in containers)."""
 EnvStr = Annotated[str, BeforeValidator(expand_env)]
 """A string that may reference environment variables."""
 ConfigPath = Annotated[Path, BeforeValidator(_to_path)]

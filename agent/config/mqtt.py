@@ -9,6 +9,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 
 from agent.config.base import (
     ConfigPath,
+    EnvInt,
     EnvStr,
     Section,
     StrictIntChoice,
@@ -110,7 +111,7 @@ class DecoderSection(Section):
 
 class MqttSection(Section):
     host: EnvStr = Field("127.0.0.1", description="Broker host.")
-    port: int = Field(1883, ge=1, le=65535, description="Broker port (1883 plaintext, usually 8883 with TLS).")
+    port: EnvInt = Field(1883, ge=1, le=65535, description="Broker port (1883 plaintext, usually 8883 with TLS).")
     client_id: EnvStr | None = Field(
         None,
         description="MQTT client id; null = pdm-agent-{agent.id}. Keep it stable: the persistent session hangs on it.",

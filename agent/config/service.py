@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from agent.config.base import EnvChoice, EnvStr, Section
+from agent.config.base import EnvChoice, EnvInt, EnvStr, Section
 
 _AGENT_ID = r"[A-Za-z0-9_.-]+"
 
@@ -65,4 +65,4 @@ class HealthSection(Section):
         description="Listen address: 127.0.0.1 keeps it on the box; 0.0.0.0 lets a Prometheus server elsewhere "
         "scrape it.",
     )
-    port: int = Field(9108, ge=0, le=65535, description="TCP port; 0 = any free port (logged at start).")
+    port: EnvInt = Field(9108, ge=0, le=65535, description="TCP port; 0 = any free port (logged at start).")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -144,7 +143,7 @@ def test_init_writes_config_models_and_dashboards_that_validate(
     assert (site / "dashboards" / "json" / "fleet_overview.json").exists()
     assert (site / "dashboards" / "provisioning" / "datasources" / "influxdb.yaml").exists()
 
-    validated = installed.pdm_agent(*_validate_command(installed), str(site / "agent.yaml"))
+    validated = installed.pdm_agent("config", "validate", "--models", str(site / "agent.yaml"))
     assert validated.returncode == 0, validated.stdout + validated.stderr
     assert validated.stdout.count(": ok") >= len(MODELS) + 1, validated.stdout  # each model, then the file
 
@@ -154,7 +153,7 @@ def test_run_stores_published_readings_and_exits_0_on_sigterm(
 ) -> None:
     site = tmp_path / "site"
     assert installed.pdm_agent("init", str(site)).returncode == 0
-    config_path = _free_ports(site / "agent.yaml", mosquitto.port)
+    config_path = site / "agent.yaml"  # as init wrote it: the addresses come from its environment references
     spool = tmp_path / "spool" / "spool.db"
     env = {
         "PDM_MQTT_HOST": mosquitto.host,
@@ -211,30 +210,6 @@ def test_run_stores_published_readings_and_exits_0_on_sigterm(
             agent.wait()
     assert spool.exists()  # PDM_SPOOL was honoured
     assert "Traceback" not in log.read_text(encoding="utf-8", errors="replace"), _log_tail(log)
-
-
-def _validate_command(installed: Installed) -> list[str]:
-    """``config validate --models`` where the CLI has it, else its older spelling ``validate-config --models``."""
-    help_text = installed.pdm_agent("--help").stdout
-    if re.search(r"(?m)^\s+config\s", help_text):
-        return ["config", "validate", "--models"]
-    return ["validate-config", "--models"]
-
-
-def _free_ports(config_path: Path, mqtt_port: int) -> Path:
-    """Point the config at the test's broker port and let the health endpoint take any free port.
-
-    The shipped config has literal ports (``mqtt.port: 1883``, ``health.port: 9108``): the loader refuses an
-    ``${ENV}`` string where an integer goes. Where a later config references ``PDM_MQTT_PORT`` and
-    ``PDM_HEALTH_PORT`` instead, the environment set by the test applies and nothing is rewritten.
-    """
-    text = config_path.read_text(encoding="utf-8")
-    text, mqtt = re.subn(r"(?m)^(\s+port:\s*)1883\b", rf"\g<1>{mqtt_port}", text)
-    text, health = re.subn(r"(?m)^(\s+port:\s*)9108\b", r"\g<1>0", text)
-    assert mqtt or "${PDM_MQTT_PORT" in text, "no mqtt.port to point at the test broker"
-    assert health or "${PDM_HEALTH_PORT" in text, "no health.port to move off 9108"
-    config_path.write_text(text, encoding="utf-8")
-    return config_path
 
 
 def _wait_for_log(process: subprocess.Popen, log: Path, text: str, timeout_s: float) -> None:

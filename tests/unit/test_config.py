@@ -311,3 +311,16 @@ def test_the_old_validate_config_spelling_still_works(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text("storage:\n  type: influx_v2\n")
     assert main(["validate-config", str(good)]) == 0
+
+
+def test_an_integer_may_come_from_an_environment_reference_but_not_from_a_plain_string():
+    config = parse_config({"mqtt": {"port": "${MQTT_PORT:-1884}"}, "health": {"port": "${H}"}}, environ={"H": "0"})
+    assert (config.mqtt.port, config.health.port) == (1884, 0)
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mqtt": {"port": "${P}"}, "health": {"port": "9108"}}, environ={"P": "88x3"})
+    assert info.value.errors == [
+        ("mqtt.port", "${P} gives '88x3', not an integer"),
+        ("health.port", "expected an integer, got '9108'"),
+    ]
+    with pytest.raises(ConfigError, match=r"mqtt.port: must be in 1..65535, got 70000"):
+        parse_config({"mqtt": {"port": "${P}"}}, environ={"P": "70000"})
