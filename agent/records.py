@@ -91,7 +91,8 @@ class SampleBlock:
 
 Decoded = Reading | SampleBlock
 
-WindowKind = Literal["vibration", "process"]
+WindowKind = str
+"""The modality that cut the window: a key of ``agent.features.registry.MODALITIES`` (``vibration``, ``process``)."""
 
 
 @dataclass(frozen=True, slots=True)
