@@ -48,7 +48,7 @@ from agent.runtime.agent import Agent
 from agent.runtime.alerting import AlertOutput
 from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
-from agent.runtime.ingest import IngestWorker
+from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.worker import Broker, LineLog
 from agent.spool.sqlite import Spool
@@ -160,9 +160,7 @@ class Stages:
         for item in items:
             if isinstance(item, Reading):
                 self.speeds.observe(item)
-            out.extend(self.windower.add(item))
-            if self.baseline is not None and isinstance(item, Reading) and self.baseline.handles(item.source):
-                out.append(item)
+            out.extend(for_scoring(item, self.windower, self.baseline))
         return out
 
 

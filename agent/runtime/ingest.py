@@ -22,6 +22,15 @@ from agent.topics import Topics
 logger = logging.getLogger(__name__)
 
 
+def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[Window | Reading]:
+    """What the scoring worker gets for one decoded item: the windows it completes and, for a machine's
+    commissioning baseline, the reading itself."""
+    out: list[Window | Reading] = list(windower.add(item))
+    if baseline is not None and isinstance(item, Reading) and baseline.handles(item.source):
+        out.append(item)
+    return out
+
+
 class IngestWorker(Worker):
     """Decodes messages, makes their readings durable in the spool, acknowledges, and builds windows.
 
@@ -106,10 +115,8 @@ class IngestWorker(Worker):
         # Once the scoring queue has stayed full for put_timeout_s, the rest of this batch does not wait again.
         wait_s = self._put_timeout_s
         for item in decoded:
-            for window in self._windower.add(item):
-                wait_s = self._put(window, wait_s)
-            if self._baseline is not None and isinstance(item, Reading) and self._baseline.handles(item.source):
-                wait_s = self._put(item, wait_s)
+            for queued in for_scoring(item, self._windower, self._baseline):
+                wait_s = self._put(queued, wait_s)
         while self._raw_released:
             lines.extend(to_lines(block_lines, self._raw_released.popleft(), self._metrics))
         if lines:
