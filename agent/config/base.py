@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from agent.config.errors import ConfigError, Problems, describe
@@ -118,6 +118,29 @@ EnvInt = Annotated[
     WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*"}]}),
 ]
 """An integer that may also be given as an environment reference (ports in containers)."""
+
+
+def registry_key(table: Mapping[str, Any]) -> AfterValidator:
+    """Put in ``Annotated[str, BeforeValidator(expand_env), registry_key(TABLE), registry_schema(TABLE)]``: a
+    ``type:`` accepted when it is a key of a plugin registry, so that a new plugin is a module and a
+    registry entry, not also an edit here."""
+
+    def check(value: str) -> str:
+        if value not in table:
+            choices = ", ".join(repr(k) for k in sorted(table))
+            raise PydanticCustomError(
+                "registry_key", "must be one of {choices}, got {got}", {"choices": choices, "got": repr(value)}
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def registry_schema(table: Mapping[str, Any]) -> WithJsonSchema:
+    """The JSON Schema of a ``registry_key`` field: the registered keys, for editors."""
+    return WithJsonSchema({"type": "string", "enum": sorted(table)})
+
+
 EnvStr = Annotated[str, BeforeValidator(expand_env)]
 """A string that may reference environment variables."""
 ConfigPath = Annotated[Path, BeforeValidator(_to_path)]

@@ -9,6 +9,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, mo
 
 from agent.config.base import (
     ConfigPath,
+    EnvChoice,
     EnvInt,
     EnvStr,
     Section,
@@ -16,9 +17,12 @@ from agent.config.base import (
     StrList,
     expand_env,
     readable,
+    registry_key,
+    registry_schema,
     secret_from_file,
 )
 from agent.config.errors import Problems
+from agent.decode.registry import DECODERS
 from agent.decode.topic import TopicTemplate
 
 
@@ -102,7 +106,7 @@ def _check_tls_files(tls: MqttTlsSection, problems: Problems) -> None:
 
 
 class DecoderSection(Section):
-    type: Literal["json_v1"] = Field(
+    type: Annotated[str, EnvChoice, registry_key(DECODERS), registry_schema(DECODERS)] = Field(
         "json_v1",
         description="The payload decoder, a registry key: json_v1 = the JSON payloads of the README "
         "(schema version 1).",

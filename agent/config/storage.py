@@ -8,8 +8,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from agent.config.base import ConfigPath, EnvChoice, EnvStr, Section, secret_from_file
+from agent.config.base import ConfigPath, EnvChoice, EnvStr, Section, registry_key, registry_schema, secret_from_file
 from agent.config.errors import Problems
+from agent.storage.registry import SINKS
 
 
 class InfluxV1Section(Section):
@@ -74,7 +75,7 @@ class StorageSection(Section):
         "api": "renamed to type (api: v1 is now type: influx_v1, api: v2 is type: influx_v2)"
     }
 
-    type: Annotated[Literal["influx_v1", "influx_v2"], EnvChoice] = Field(
+    type: Annotated[str, EnvChoice, registry_key(SINKS), registry_schema(SINKS)] = Field(
         "influx_v1",
         description="The sink, a registry key: influx_v1 = /write and InfluxQL (InfluxDB 1.x, the v1 "
         "compatibility API of 2.x/3.x), settings in v1; influx_v2 = influxdb-client (InfluxDB 2.x, 3.x, Cloud, "

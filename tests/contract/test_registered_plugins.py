@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.config import parse_config
 from agent.decode.base import DecodeLimits, DecoderContext
 from agent.decode.errors import CODES, DecodeError
 from agent.decode.registry import DECODERS, build_decoder
@@ -220,3 +221,16 @@ def test_the_anomaly_model_declares_its_abilities_and_they_work() -> None:
     x = np.zeros((2, model.spec.n_features), dtype=np.float32)
     assert model.explainable is not None and model.explainable.explain(x).shape == x.shape
     assert model.adaptable is not None and (model.adaptable.directory / "manifest.json").is_file()
+
+
+# --- the config takes every registered type ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_the_config_accepts_every_registered_decoder_type(kind: str) -> None:
+    assert parse_config({"mqtt": {"decoder": {"type": kind}}}, environ={}).mqtt.decoder.type == kind
+
+
+@pytest.mark.parametrize("kind", sorted(SINKS))
+def test_the_config_accepts_every_registered_sink_type(kind: str) -> None:
+    assert parse_config({"storage": {"type": kind}}, environ={}).storage.type == kind
