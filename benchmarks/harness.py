@@ -23,11 +23,16 @@ import paho.mqtt.client as mqtt
 import yaml
 
 from agent import schema
+from agent.alerts.rules import AlertRule
+from agent.config.loader import load_config
 from agent.storage.influx_v1 import InfluxV1Sink
 from benchmarks.workload import Event
 
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PERF_TO_EPOCH_NS = time.time_ns() - time.perf_counter_ns()
+"""``time.perf_counter()`` (the publisher's and the listener's clock) to the agents' ``time.time_ns()``:
+``epoch_ns = perf_s * 1e9 + PERF_TO_EPOCH_NS`` (same machine; the offset drifts by far less than a second)."""
 
 
 # -- /proc -----------------------------------------------------------------------------------------------
@@ -142,6 +147,19 @@ class AgentProcess:
         path = self.workdir / f"agent-{self.name}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
+
+    def alert_rule(self, alert_type: str) -> AlertRule:
+        """The alert rule of ``alert_type`` in the config this agent runs with (loaded as the agent loads it)."""
+        return load_config(self.write_config()).alerts.rulebook().rule(alert_type)
+
+    def feature_spec(self, model_id: str) -> dict:
+        """The ``feature_spec`` of the configured model ``model_id`` (window and hop in samples)."""
+        self.write_config()
+        for model in self._config["inference"]["models"]:
+            manifest = json.loads((Path(model["path"]) / "manifest.json").read_text())
+            if manifest["model_id"] == model_id:
+                return dict(manifest["feature_spec"])
+        raise KeyError(f"no configured model has id {model_id!r}")
 
     def start(self, timeout_s: float = 60.0) -> None:
         config = self.write_config()
