@@ -31,7 +31,7 @@ check: lint typecheck test ## what CI runs, and more
 models: setup ## rebuild the shipped models in models/ (deterministic)
 	$(VENV)/bin/pdm-agent train --out models
 
-bench: setup ## throughput, latency and memory against the machine's limits (~8 min; see docs/benchmarks.md)
+bench: setup ## throughput, latency and memory against the machine's limits (~11 min; see docs/benchmarks.md)
 	$(PY) benchmarks/run.py --out benchmarks/results
 
 bench-quant: setup ## quantization targets: size, accuracy and latency ratios of every candidate (~8 min; docs/quantization.md)
