@@ -126,6 +126,7 @@ class Metrics:
         self._recent: dict[Key, deque[tuple[float, float]]] = {}  # (monotonic time, value)
         self._failing_functions: set[Key] = set()
         self._metrics: dict[str, _Metric] = {}
+        self._children: dict[tuple[object, ...], _Metric] = {}
         for spec in CATALOG:
             self._metrics[spec.name] = _build(spec, self.registry)
         prometheus_client.ProcessCollector(registry=self.registry)
@@ -253,13 +254,20 @@ class Metrics:
 
     def _series(self, name: str, kind: Kind, labels: dict[str, str]) -> _Metric:
         """The prometheus_client object of one series; raises on an undeclared name, kind or label set."""
+        if labels:
+            # Hot path (per message, per batch): a labelled series is validated once, then looked up.
+            cached = self._children.get((name, kind, *labels.items()))
+            if cached is not None:
+                return cached
         spec = _spec(name, kind)
         metric = self._metrics[name]
         if not spec.labels and not labels:
             return metric
         if set(labels) != set(spec.labels):
             raise ValueError(f"metric {name}: labels {sorted(labels)}, declared {list(spec.labels)}")
-        return metric.labels(**labels)
+        child = metric.labels(**labels)
+        self._children[(name, kind, *labels.items())] = child  # a dict assignment: safe across threads
+        return child
 
     def _sorted_recent(self, recent: list[tuple[float, float]]) -> tuple[float, ...]:
         """Values of a copy of a recent window that are at most ``RECENT_MAX_AGE_S`` old, sorted."""
