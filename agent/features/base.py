@@ -72,10 +72,14 @@ class Modality(Protocol):
         """An empty buffer for ``item``'s source, to which ``item`` is appended next."""
         ...
 
-    def check_window(self, spec: FeatureSpec, window: Window, where: str) -> None:
-        """Kind-specific checks of a window before extraction; ``ValueError`` naming ``where``."""
+    def check_window(self, spec: FeatureSpec, window: Window) -> str | None:
+        """What is wrong with a window of this kind for ``spec`` (beyond kind, channels and shapes), or ``None``."""
         ...
 
     def features(self, spec: FeatureSpec, windows: Sequence[Window]) -> np.ndarray:
-        """Feature rows of checked windows: float64 ``(len(windows), spec.n_features)``."""
+        """Feature rows of checked windows: float64 ``(len(windows), spec.n_features)``.
+
+        Every row must hold a feature that every sample and time of its window feeds (a mean, say), so that a
+        non-finite input always shows as a non-finite row: the caller checks the output, not each input.
+        """
         ...

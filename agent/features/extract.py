@@ -33,17 +33,21 @@ def extract_matrix(spec: FeatureSpec, windows: Sequence[Window]) -> np.ndarray:
     spec.require_supported()
     if not windows:
         return np.empty((0, spec.n_features), dtype=np.float32)
-    for i, window in enumerate(windows):
-        _check_window(spec, window, i)
     kind = modality(spec.kind)
     for i, window in enumerate(windows):
-        kind.check_window(spec, window, f"window {i} ({window.source})")
-    _check_finite(windows)
-    out = kind.features(spec, windows)
-    with np.errstate(over="ignore"):  # checked just below, with the window named
+        problem = _problem(spec, window) or kind.check_window(spec, window)
+        if problem is not None:
+            raise ValueError(f"window {i} ({window.source}): {problem}")
+    # Non-finite input shows as a non-finite row (``Modality.features``): checked on the output, once per
+    # batch, and only then traced back to the window that holds it.
+    with np.errstate(all="ignore"):
+        out = kind.features(spec, windows)
         result = out.astype(np.float32)
     if not np.isfinite(result).all():
         bad = int(np.flatnonzero(~np.isfinite(result).all(axis=1))[0])
+        window = windows[bad]
+        if not (np.isfinite(window.data).all() and np.isfinite(window.times_s).all()):
+            raise ValueError(f"window {bad} ({window.source}) holds non-finite values")
         raise ValueError(
             f"features of window {bad} ({windows[bad].source}) overflow float32: "
             f"{dict(zip(spec.feature_names(), out[bad].tolist(), strict=True))}"
@@ -51,20 +55,15 @@ def extract_matrix(spec: FeatureSpec, windows: Sequence[Window]) -> np.ndarray:
     return result
 
 
-def _check_window(spec: FeatureSpec, window: Window, i: int) -> None:
-    where = f"window {i} ({window.source})"
+def _problem(spec: FeatureSpec, window: Window) -> str | None:
+    """What makes ``window`` unfit for ``spec`` whatever its kind, or None."""
     if window.kind != spec.kind:
-        raise ValueError(f"{where}: kind {window.kind!r} does not match the spec kind {spec.kind!r}")
+        return f"kind {window.kind!r} does not match the spec kind {spec.kind!r}"
     if tuple(window.channels) != spec.channels:
-        raise ValueError(f"{where}: channels {list(window.channels)} do not match the spec {list(spec.channels)}")
+        return f"channels {list(window.channels)} do not match the spec {list(spec.channels)}"
     expected = (len(spec.channels), spec.window_samples)
     if window.data.shape != expected:
-        raise ValueError(f"{where}: data shape {window.data.shape} does not match the spec {expected}")
+        return f"data shape {window.data.shape} does not match the spec {expected}"
     if window.times_s.shape != (spec.window_samples,):
-        raise ValueError(f"{where}: times_s shape {window.times_s.shape} does not match ({spec.window_samples},)")
-
-
-def _check_finite(windows: Sequence[Window]) -> None:
-    for i, window in enumerate(windows):
-        if not (np.isfinite(window.data).all() and np.isfinite(window.times_s).all()):
-            raise ValueError(f"window {i} ({window.source}) holds non-finite values")
+        return f"times_s shape {window.times_s.shape} does not match ({spec.window_samples},)"
+    return None

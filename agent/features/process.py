@@ -45,8 +45,9 @@ class ProcessModality:
     def new_buffer(self, spec: FeatureSpec, item: Decoded) -> _ProcessBuffer:
         return _ProcessBuffer(spec, item.source)
 
-    def check_window(self, spec: FeatureSpec, window: Window, where: str) -> None:
+    def check_window(self, spec: FeatureSpec, window: Window) -> str | None:
         """Nothing beyond the generic checks: process windows carry their own times."""
+        return None
 
     def features(self, spec: FeatureSpec, windows: Sequence[Window]) -> np.ndarray:
         y = np.stack([w.data for w in windows]).astype(np.float64, copy=False)

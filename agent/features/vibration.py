@@ -79,15 +79,16 @@ class VibrationModality:
         assert isinstance(item, SampleBlock)
         return _VibrationBuffer(spec, item.source, item.rate_hz)
 
-    def check_window(self, spec: FeatureSpec, window: Window, where: str) -> None:
+    def check_window(self, spec: FeatureSpec, window: Window) -> str | None:
         rate = window.rate_hz
         if rate is None or not np.isfinite(rate) or rate <= 0:
-            raise ValueError(f"{where}: a vibration window needs a positive rate_hz, got {rate!r}")
+            return f"a vibration window needs a positive rate_hz, got {rate!r}"
         if spec.band_edges_hz and spec.band_edges_hz[-1] > rate / 2:
-            raise ValueError(
-                f"{where}: band edge {spec.band_edges_hz[-1]:g} Hz is above the Nyquist frequency "
+            return (
+                f"band edge {spec.band_edges_hz[-1]:g} Hz is above the Nyquist frequency "
                 f"{rate / 2:g} Hz of rate_hz={rate:g}"
             )
+        return None
 
     def features(self, spec: FeatureSpec, windows: Sequence[Window]) -> np.ndarray:
         x = np.stack([w.data[0] for w in windows]).astype(np.float64, copy=False)
