@@ -73,11 +73,6 @@ class Models:
     registry: ModelRegistry | None
 
 
-def load_models(config: Config) -> ModelRouter:
-    """Load, verify (sha256, feature spec hash) and warm up every configured anomaly model."""
-    return build_models(config, Metrics()).router
-
-
 def build_models(config: Config, metrics: Metrics) -> Models:
     """Load, verify and warm up every configured model: pinned ``path`` entries, and ``model_id`` entries
     through the registry of ``inference.models_dir`` (newest usable version). Raises ``ModelError``."""
