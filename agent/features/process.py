@@ -123,7 +123,8 @@ def process_features(y: np.ndarray, t: np.ndarray) -> np.ndarray:
 def least_squares_slope(y: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Least-squares slope of ``y`` ``(m, c, n)`` against ``t`` ``(m, n)``, shape ``(m, c)``.
 
-    The slope is 0 where all times of a row are equal.
+    The slope is 0 where all times of a row are equal, and NaN where a time is not finite (so that a bad
+    time shows in the row, as ``extract_matrix`` expects).
 
     >>> least_squares_slope(np.array([[[0.0, 2.0, 4.0], [1.0, 1.0, 1.0]]]), np.array([[0.0, 0.5, 1.0]]))
     array([[4., 0.]])
@@ -132,4 +133,4 @@ def least_squares_slope(y: np.ndarray, t: np.ndarray) -> np.ndarray:
     yc = y - y.mean(axis=2, keepdims=True)
     num = np.einsum("mn,mcn->mc", tc, yc)
     den = np.einsum("mn,mn->m", tc, tc)[:, None]
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)  # NaN != 0: a NaN den gives NaN

@@ -294,3 +294,29 @@ def test_overflowing_features_are_refused_rather_than_returned_as_inf() -> None:
     window = proc_window(np.array([[-3e38, 3e38]]), np.array([0.0, 1e-3]), ("a",))
     with pytest.raises(ValueError, match="overflow float32"):
         extract(spec, window)
+
+
+def _proc_with(value: float, where: str) -> Window:
+    y, t = np.ones((3, 50)), np.arange(50.0)
+    if where == "values":
+        y[1, 17] = value
+    else:
+        t[33] = value
+    return proc_window(y, t)
+
+
+@pytest.mark.parametrize(
+    ("spec", "good", "bad"),
+    [
+        (VIB, GOOD_VIB, vib_window(np.r_[np.inf, np.zeros(4095)])),
+        (VIB, GOOD_VIB, vib_window(np.r_[np.zeros(2000), -np.inf, np.zeros(2095)])),
+        (PROC, _proc_with(1.0, "values"), _proc_with(np.nan, "values")),
+        (PROC, _proc_with(1.0, "values"), _proc_with(np.inf, "values")),
+        (PROC, _proc_with(1.0, "values"), _proc_with(np.nan, "times")),
+    ],
+)
+def test_a_non_finite_sample_or_time_is_refused_naming_its_window(spec: FeatureSpec, good: Window, bad: Window) -> None:
+    # Extraction checks the output once per batch; every modality must turn a non-finite input into a
+    # non-finite row for this to hold.
+    with pytest.raises(ValueError, match=r"^window 2 \(.*\) holds non-finite values$"):
+        extract_matrix(spec, [good, good, bad, good])
