@@ -22,6 +22,7 @@ import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
 from agent.adaptation.auto import AutoAdapter
@@ -50,12 +51,13 @@ from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import Broker, LineLog
+from agent.runtime.worker import Broker, EntryLog, LineLog
 from agent.spool.sqlite import Spool
 from agent.storage.base import Sink
 from agent.storage.points import RawVibrationPolicy
+from agent.storage.process import WriterProcess, WriterSettings
 from agent.storage.registry import build_sink as registered_sink
-from agent.storage.writer import SpoolWriter
+from agent.storage.writer import Writer
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def build_scoring(
     broker: Broker,
     windows: queue.Queue[Window | Reading] | None = None,
     commands: queue.Queue[Message] | None = None,
-    store_raw: Callable[[Sequence[SampleBlock]], None] = lambda blocks: None,
+    store_raw: Callable[[Sequence[int]], None] = lambda spool_ids: None,
     engine: AlertEngine | None = None,
     state_store: AlertStateStore | None = None,
     adaptation: tuple[AdapterStore | None, AutoAdapter | None] = (None, None),
@@ -233,7 +235,7 @@ def build_ingest(
     *,
     messages: queue.Queue[Message],
     windows: queue.Queue[Window | Reading],
-    spool: LineLog,
+    spool: EntryLog,
     broker: Broker,
     decoder: Decoder | None = None,
 ) -> IngestWorker:
@@ -297,6 +299,35 @@ def build_mqtt(
     )
 
 
+LOCAL_SINK = "local"
+"""The spool cursor of the ``storage`` sink (the agent's own InfluxDB)."""
+
+
+def build_spool(config: Config, metrics: Metrics) -> Spool:
+    spool = config.spool
+    return Spool(
+        spool.path,
+        max_bytes=spool.max_bytes,
+        max_points=spool.max_points,
+        drop_policy=spool.drop_policy,
+        metrics=metrics,
+        sinks=(LOCAL_SINK,),
+        hold_s=spool.hold_s,
+    )
+
+
+def build_writer(config: Config, spool: Spool, metrics: Metrics, *, sink: Sink | None = None) -> Writer:
+    """The ``storage`` sink's writer: in its own process (``storage.writer_process``) or, with a sink
+    object given (tests) or the option off, as threads of the agent."""
+    storage = config.storage
+    settings = WriterSettings(
+        storage.batch_size, storage.flush_interval_s, storage.backoff_min_s, storage.backoff_max_s
+    )
+    if storage.writer_process and sink is None:
+        return WriterProcess(spool, LOCAL_SINK, partial(build_sink, config), settings, metrics)
+    return settings.writer(spool.cursor(LOCAL_SINK), sink or build_sink(config), metrics)
+
+
 def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | None = None) -> Agent:
     """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
     metrics = metrics or Metrics()
@@ -320,16 +351,8 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         messages.put(message)
 
     mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics)
-    spool = Spool(config.spool.path, config.spool.max_rows, config.spool.drop_policy, metrics)
-    writer = SpoolWriter(
-        spool,
-        sink or build_sink(config),
-        metrics,
-        batch_size=config.storage.batch_size,
-        flush_interval_s=config.storage.flush_interval_s,
-        backoff_min_s=config.storage.backoff_min_s,
-        backoff_max_s=config.storage.backoff_max_s,
-    )
+    spool = build_spool(config, metrics)
+    writer = build_writer(config, spool, metrics, sink=sink)
     adaptation = build_adaptation(config, metrics)
     ingest = build_ingest(
         config, stages, metrics, messages=messages, windows=windows, spool=spool, broker=mqtt, decoder=decoder

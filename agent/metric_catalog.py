@@ -100,21 +100,41 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("ingest.backpressure_waits", "Times the MQTT thread waited on a full message queue (backpressure)."),
     _counter("decode.errors", "Rejected messages, by reason (each one also goes to the dead-letter topic).", "reason"),
     # spool
-    _counter("spool.appended", "Points stored durably in the local spool (readings, features, scores, alerts ...)."),
-    _counter("spool.acked", "Spooled points delivered to InfluxDB and removed from the spool."),
-    _counter("spool.dropped", "Points dropped because the spool was full, by drop policy.", "policy"),
-    _counter("spool.dead_lettered", "Points InfluxDB rejected, moved to the spool's dead-letter table."),
+    _counter("spool.appended", "Points stored durably in the local spool (readings, samples, features, scores ...)."),
+    _counter("spool.acked", "Spooled points every sink has confirmed, removed from the spool."),
+    _counter(
+        "spool.dropped",
+        "Points dropped because the spool was full (its caps in points or bytes), by drop policy.",
+        "policy",
+    ),
+    _counter(
+        "spool.dropped_bytes", "Bytes of spool rows dropped because the spool was full, by drop policy.", "policy"
+    ),
+    _counter("spool.dead_lettered", "Points a sink rejected, moved to the spool's dead-letter table."),
     _counter("spool.dead_letter_trimmed", "Oldest dead letters removed because the dead-letter table was full."),
     _counter("spool.append_failures", "Spool appends that failed (the MQTT messages were not acknowledged)."),
-    _gauge("spool.depth", "Points waiting in the spool for InfluxDB."),
-    _gauge("spool.oldest_age_s", "Age of the oldest point waiting in the spool (0 when it is empty, NaN once closed)."),
+    _gauge("spool.depth", "Points the slowest sink has not confirmed yet (sampled)."),
+    _gauge("spool.oldest_age_s", "Age of the oldest row the slowest sink waits for (0 when none, NaN once closed)."),
+    _gauge("spool.rows", "Rows in the spool (messages' readings, blocks, produced points, held blocks)."),
+    _gauge("spool.points", "Points in the spool, counted against spool.max_points."),
+    _gauge("spool.bytes", "Bytes in the spool, counted against spool.max_bytes."),
+    _gauge("spool.backlog_points", "Points a sink has not confirmed yet (sampled), by sink.", "sink"),
+    _gauge("spool.backlog_age_s", "Age of the oldest row a sink waits for (sampled), by sink.", "sink"),
     # InfluxDB writer
     _counter("storage.points_written", "Points InfluxDB confirmed."),
     _counter("storage.write_failures", "Failed InfluxDB writes, by kind (retryable, rejected, config).", "kind"),
     _counter("storage.writer_errors", "Unexpected errors of the InfluxDB writer thread."),
     _gauge("storage.backoff_s", "Current backoff of the InfluxDB writer (0 when writes succeed)."),
     _histogram("storage.write_seconds", "Duration of successful InfluxDB writes (one batch each)."),
-    _counter("storage.unencodable", "Records that could not be encoded as line protocol, by record type.", "kind"),
+    _counter(
+        "storage.unencodable", "Spool rows that could not be encoded as line protocol (dead-lettered), by kind.", "kind"
+    ),
+    _counter("storage.raw_released", "Raw vibration points of held blocks written because an alert released them."),
+    _counter(
+        "storage.raw_missing", "Held blocks an alert released that were no longer in the spool (dropped by its caps)."
+    ),
+    _gauge("storage.writer_process", "1 while the writer runs in its own process and is alive, 0 otherwise."),
+    _counter("storage.writer_restarts", "Times the writer process died and was started again."),
     # MQTT
     _gauge("mqtt.connected", "1 while connected to the MQTT broker, 0 before the first connection and after a loss."),
     _counter("mqtt.messages", "MQTT messages received."),

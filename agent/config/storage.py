@@ -98,6 +98,11 @@ class StorageSection(Section):
     backoff_max_s: float = Field(
         30.0, gt=0, description="... doubling, with jitter, up to this cap (>= backoff_min_s)."
     )
+    writer_process: bool = Field(
+        True,
+        description="Run the writer (line protocol and HTTP) in a process of its own, on the second core; "
+        "false = a thread of the agent (single-core boxes, tests).",
+    )
     raw_vibration: RawVibrationSection = Field(
         default_factory=RawVibrationSection,
         description="Which raw vibration samples are stored (10,000+ points a second per sensor).",
@@ -117,15 +122,31 @@ class StorageSection(Section):
 
 
 class SpoolSection(Section):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "max_rows": "replaced by max_points and max_bytes (the spool holds messages and blocks, not lines)"
+    }
+
     path: ConfigPath = Field(
         Path("spool.db"),
-        description="SQLite file (WAL) holding accepted points until InfluxDB has confirmed them.",
+        description="SQLite file (WAL): a log of what arrived, kept until every sink has confirmed it.",
     )
-    max_rows: int = Field(
-        20_000_000,
+    max_bytes: int = Field(
+        2 * 1024**3,
         gt=0,
-        description="Cap in points (about 2.5 GB); beyond it drop_policy applies and every drop is counted.",
+        description="Cap in bytes of the spool's rows (default 2 GiB); beyond it drop_policy applies, every "
+        "drop counted.",
+    )
+    max_points: int = Field(
+        200_000_000,
+        gt=0,
+        description="Cap in points (a reading, a raw sample, a score ...); beyond it drop_policy applies.",
     )
     drop_policy: Annotated[Literal["oldest", "newest"], EnvChoice] = Field(
         "oldest", description="Which points go when the spool is full: oldest or newest."
+    )
+    hold_s: float = Field(
+        120.0,
+        gt=0,
+        description="raw_vibration around_alerts: how long a block not yet stored stays in the spool, so that "
+        "an alert can still release it.",
     )

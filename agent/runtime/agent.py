@@ -26,7 +26,7 @@ from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
 from agent.spool.sqlite import Spool
 from agent.storage.line_protocol import format_point
-from agent.storage.writer import SpoolWriter
+from agent.storage.writer import Writer
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Agent:
     topics: Topics
     mqtt: MqttConnection
     spool: Spool
-    writer: SpoolWriter
+    writer: Writer
     ingest: IngestWorker
     scoring: ScoringWorker
     router: ModelRouter
@@ -127,7 +127,8 @@ class Agent:
         self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
         fields = agent_fields(self.metrics.collect())
         if fields and not self.spool.closed:
-            self.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: self.config.agent.id}, fields, now_ns)])
+            tags = {schema.TAG_AGENT_ID: self.config.agent.id}
+            self.spool.append_lines([format_point(schema.AGENT, tags, fields, now_ns)])
 
     def _heartbeat_loop(self) -> None:
         while not self._stopped.wait(self.config.agent.heartbeat_s):

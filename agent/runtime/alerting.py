@@ -15,7 +15,7 @@ from agent.alerts.engine import AlertEngine, CommandError
 from agent.alerts.payload import alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
 from agent.metrics import Metrics
-from agent.records import Alert, Message, SampleBlock
+from agent.records import Alert, Message
 from agent.runtime.batch import Verdict
 from agent.runtime.worker import Broker, to_lines
 from agent.storage.points import RawVibrationPolicy, alert_lines, command_lines, score_lines
@@ -34,7 +34,7 @@ class AlertOutput:
         topics: Topics,
         metrics: Metrics,
         raw_policy: RawVibrationPolicy,
-        store_raw: Callable[[Sequence[SampleBlock]], None],
+        store_raw: Callable[[Sequence[int]], None],
         state_store: AlertStateStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:

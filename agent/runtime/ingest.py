@@ -6,7 +6,7 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder
@@ -15,8 +15,9 @@ from agent.features.windows import Windower
 from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
 from agent.runtime.defect import ShaftSpeeds
-from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain, to_lines
-from agent.storage.points import RawVibrationPolicy, block_lines, reading_lines
+from agent.runtime.worker import POLL_S, Broker, EntryLog, Worker, drain
+from agent.spool.codec import Entry, encode_block, encode_raw_ref, encode_readings
+from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class IngestWorker(Worker):
         messages: queue.Queue[Message],
         windows: queue.Queue[Window | Reading],
         decoder: Decoder,
-        spool: LineLog,
+        spool: EntryLog,
         raw_policy: RawVibrationPolicy,
         windower: Windower,
         broker: Broker,
@@ -68,14 +69,15 @@ class IngestWorker(Worker):
         self._baseline = baseline
         self._speeds = speeds
         self._batch_max = batch_max
-        self._raw_released: deque[SampleBlock] = deque()
+        self._raw_released: deque[list[int]] = deque()
 
-    def store_raw(self, blocks: Sequence[SampleBlock]) -> None:
-        """Raw blocks released by an alert (called from the scoring thread; stored with the next batch).
+    def store_raw(self, spool_ids: Sequence[int]) -> None:
+        """Held blocks an alert released (called from the scoring thread; spooled with the next batch).
 
-        Formatting thousands of sample lines would delay the next alerts if the scoring thread did it.
+        Only their spool ids travel: the writer makes their lines from the rows already on disk.
         """
-        self._raw_released.extend(blocks)
+        if spool_ids:
+            self._raw_released.append(list(spool_ids))
 
     def step(self) -> None:
         batch = drain(self._messages, POLL_S, self._batch_max)
@@ -89,7 +91,8 @@ class IngestWorker(Worker):
             self.process([])
 
     def process(self, batch: Sequence[Message]) -> None:
-        lines: list[str] = []
+        entries: list[Entry] = []
+        held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
         decoded: list[Decoded] = []
         for msg in batch:
             self._metrics.inc("ingest.messages")
@@ -98,17 +101,21 @@ class IngestWorker(Worker):
             except DecodeError as exc:
                 self._reject(msg, exc)
                 continue
+            readings = [item for item in items if isinstance(item, Reading)]
+            if readings:
+                self._metrics.inc("ingest.readings", len(readings))
+                self._encode(entries, encode_readings, readings)
+                if self._speeds is not None:
+                    for reading in readings:
+                        self._speeds.observe(reading)
             for item in items:
-                if isinstance(item, Reading):
-                    lines.extend(to_lines(reading_lines, item, self._metrics))
-                    self._metrics.inc("ingest.readings")
-                    if self._speeds is not None:
-                        self._speeds.observe(item)
-                else:
+                if isinstance(item, SampleBlock):
                     self._metrics.inc("ingest.blocks")
                     self._metrics.inc("ingest.samples", len(item.samples))
-                    for block in self._raw.decide(item):
-                        lines.extend(to_lines(block_lines, block, self._metrics))
+                    decision = self._raw.decide(item)
+                    stored = decision != "skip" and self._encode(entries, encode_block, item, decision == "store", True)
+                    if stored and decision == "hold":
+                        held.append((len(entries) - 1, item))
             decoded.extend(items)
         # Windows go to scoring before the spool commit: alerts do not wait for the disk, and scoring a
         # reading that is not yet durable is harmless (the acknowledgement below still waits for it).
@@ -118,21 +125,35 @@ class IngestWorker(Worker):
             for queued in for_scoring(item, self._windower, self._baseline):
                 wait_s = self._put(queued, wait_s)
         while self._raw_released:
-            lines.extend(to_lines(block_lines, self._raw_released.popleft(), self._metrics))
-        if lines:
-            self._append_durably(lines)
+            entries.append(encode_raw_ref(self._raw_released.popleft()))
+        if entries:
+            ids = self._append_durably(entries)
+            for index, block in held:
+                spool_id = ids[index]
+                if spool_id is not None:
+                    self._raw.hold(block, spool_id)
         # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
         # and reported on the dead-letter topic).
         for msg in batch:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
 
-    def _append_durably(self, lines: list[str]) -> None:
+    def _encode(self, entries: list[Entry], encode: Callable[..., Entry], *args: object) -> bool:
+        """Append ``encode(*args)`` to ``entries``; what the spool's format cannot hold is counted and logged."""
+        try:
+            entries.append(encode(*args))
+            return True
+        except ValueError as exc:
+            kind = type(args[0]).__name__ if not isinstance(args[0], list) else "Reading"
+            self._metrics.inc("storage.unencodable", kind=kind)
+            logger.warning("%s not stored: %s", kind, exc)
+            return False
+
+    def _append_durably(self, entries: list[Entry]) -> list[int | None]:
         delay = POLL_S
         while True:
             try:
-                self._spool.append(lines)
-                return
+                return self._spool.append(entries)
             except Exception:
                 # Disk full or locked: do not acknowledge, keep trying; the broker keeps the messages.
                 self._metrics.inc("spool.append_failures")

@@ -84,7 +84,7 @@ class ScoringWorker(Worker):
                 lines.extend(self.alerts.decide(verdict, now_ns))
         lines.extend(self.alerts.tick(self.alerts.clock_ns()))
         if lines:
-            self._spool.append(lines)
+            self._spool.append_lines(lines)
         self.alerts.publish_machine_states()
         self.alerts.save_state()
         for msg in commands:

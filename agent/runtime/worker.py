@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from agent.metrics import Metrics
+from agent.spool.codec import Entry
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +27,23 @@ class Broker(Protocol):
 
 
 class LineLog(Protocol):
-    """The durable local log the workers append line protocol to (``agent.spool.sqlite.Spool``).
+    """Where the scoring worker and the heartbeat store the points they produce (``agent.spool.sqlite.Spool``).
 
-    ``append`` returns once the lines are committed to disk, and raises (``OSError``, ``sqlite3.Error``)
-    when they are not; it is called from the ingest and scoring workers and the heartbeat (thread-safe).
+    ``append_lines`` returns once the lines are committed to disk, and raises (``OSError``,
+    ``sqlite3.Error``) when they are not (thread-safe).
     """
 
-    def append(self, lines: Sequence[str]) -> object: ...
+    def append_lines(self, lines: Sequence[str]) -> object: ...
+
+
+class EntryLog(LineLog, Protocol):
+    """The durable local log the ingest worker appends what arrived to (``agent.spool.sqlite.Spool``).
+
+    ``append`` returns each entry's spool id (None: refused by a full spool, counted there) once they are
+    committed to disk, and raises when they are not.
+    """
+
+    def append(self, entries: Sequence[Entry]) -> list[int | None]: ...
 
 
 def to_lines(encode: Callable[[T], list[str]], record: T, metrics: Metrics) -> list[str]:

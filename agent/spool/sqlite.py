@@ -1,18 +1,26 @@
-"""The local durable spool: line-protocol lines waiting for the InfluxDB writer, in SQLite.
+"""The local durable spool: a log of what arrived, in SQLite, read by each sink at its own cursor.
 
-Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A committed ``append`` is in the
-write-ahead log before it returns, so it survives a crash or kill of the agent process; only an OS crash
-or power loss can take back the last transactions before a checkpoint (``synchronous="FULL"`` closes
-that gap at the cost of an fsync per append). The ingest worker acknowledges MQTT QoS 1 messages after
-``append`` returns.
+One row per entry (``agent.spool.codec``): the readings of one message, one vibration block (float32
+bytes), a batch of points the agent produced, or a raw-data release. Rows only grow in id
+(``AUTOINCREMENT``) and are never changed; a sink reads them in id order through a ``SinkCursor`` and
+moves its durable cursor after the database confirmed them. A row is removed once every configured sink's
+cursor is past it (``compact``), except *held* blocks (``around_alerts``), which stay ``hold_s`` longer
+so that an alert can still release them.
 
-Bounded: at most ``max_rows`` lines are kept. When an append would exceed it, the drop policy decides
-which lines go: ``oldest`` drops the oldest queued lines (recent data is worth more for dashboards),
-``newest`` refuses the incoming ones (history is kept intact). Every drop is counted in
-``spool.dropped`` and logged (at most one warning per ``DROP_LOG_INTERVAL_S``), never silent.
+Durability: WAL mode with ``synchronous=NORMAL``. A committed ``append`` is in the write-ahead log before
+it returns, so it survives a crash or kill of the agent process; only an OS crash or power loss can take
+back the last transactions before a checkpoint (``synchronous="FULL"`` closes that gap at the cost of an
+fsync per append). The ingest worker acknowledges MQTT QoS 1 messages after ``append`` returns.
 
-Threads: one connection guarded by a lock; the ingest worker appends while the writer thread peeks,
-acks and dead-letters. Ids only grow (``AUTOINCREMENT``), so an id in flight is never reused.
+Bounded in bytes and in points. When an append would exceed a cap, the drop policy decides: ``oldest``
+drops the oldest rows (recent data is worth more for dashboards), ``newest`` refuses the incoming entries
+(history is kept). Every drop is counted (``spool.dropped`` in points, ``spool.dropped_bytes``) and logged
+(at most one warning per ``DROP_LOG_INTERVAL_S``), never silent.
+
+Processes and threads: the ``Spool`` (the owner: appends, caps, compaction) lives in the agent process,
+one connection behind a lock. Each sink's writer, in a thread or in its own process, opens its own
+``SinkCursor`` on the same file; SQLite's WAL lets it read while the owner appends, and a busy timeout
+serialises their short write transactions.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
 from agent.metrics import Metrics
+from agent.spool.codec import Entry, encode_lines
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +46,32 @@ DropPolicy = Literal["oldest", "newest"]
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 DROP_LOG_INTERVAL_S = 10.0
 DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
+DEFAULT_SINKS = ("local",)
+ROW_OVERHEAD_BYTES = 48
+"""What a row costs beyond its body (id, kind, points, bytes, time, the b-tree cell): counted in the byte cap."""
 MIN_FREE_BYTES = 16 * 1024 * 1024
 """Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
+COMPACT_INTERVAL_S = 0.5
+BUSY_TIMEOUT_MS = 10_000
+BACKLOG_CACHE_S = 0.5
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS spool (
+CREATE TABLE IF NOT EXISTS entry (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    line TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    points INTEGER NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
     enqueued_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursor (
+    sink TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letter (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    spool_id INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    entry_id INTEGER NOT NULL,
     line TEXT NOT NULL,
     reason TEXT NOT NULL,
     dead_ns INTEGER NOT NULL
@@ -58,49 +83,130 @@ class SpoolNotWritable(Exception):
     """The spool cannot take appends now; the message says why."""
 
 
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One spool row as a sink reads it."""
+
+    id: int
+    kind: int
+    body: bytes
+    points: int
+
+
+def _connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(dead_letter)")}
+    if "spool_id" in columns:  # a spool of version 0.2 (rows of lines): keep its dead letters aside
+        conn.execute("ALTER TABLE dead_letter RENAME TO dead_letter_v1")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def _migrate_lines_table(conn: sqlite3.Connection, path: Path) -> None:
+    """A spool of version 0.2 held one line per row in ``spool``: move what is undelivered into entries."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spool'").fetchone() is None:
+        return
+    moved = 0
+    with _immediate(conn):
+        last = 0
+        while True:
+            rows = conn.execute("SELECT id, line FROM spool WHERE id > ? ORDER BY id LIMIT 5000", (last,)).fetchall()
+            if not rows:
+                break
+            entry = encode_lines([str(line) for _, line in rows])
+            conn.execute(
+                "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES (?, ?, ?, 0, ?)",
+                (int(entry.kind), entry.body, entry.points, time.time_ns()),
+            )
+            moved += len(rows)
+            last = int(rows[-1][0])
+        conn.execute("DROP TABLE spool")
+    logger.warning("spool %s: moved %d undelivered lines of the previous spool format into the log", path, moved)
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``conn`` inside BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class Spool:
-    """A bounded FIFO of lines in SQLite that survives restarts (see the module docstring)."""
+    """The owner of the spool file: appends, caps, compaction, readiness (see the module docstring)."""
 
     def __init__(
         self,
         path: Path | str,
-        max_rows: int,
+        max_bytes: int,
+        max_points: int,
         drop_policy: DropPolicy = "oldest",
         metrics: Metrics | None = None,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS,
+        sinks: Sequence[str] = DEFAULT_SINKS,
+        hold_s: float = 120.0,
     ) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, not {max_rows}")
+        if max_bytes < 1 or max_points < 1:
+            raise ValueError(f"max_bytes and max_points must be >= 1, not {max_bytes}, {max_points}")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy {drop_policy!r} is not one of {', '.join(DROP_POLICIES)}")
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        if not sinks or len(set(sinks)) != len(sinks):
+            raise ValueError(f"sinks must be distinct names, at least one, not {list(sinks)}")
+        if str(path) == ":memory:":
+            raise ValueError("the spool needs a file: its sinks read it through their own connections")
         self.path = Path(path)
-        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_points = max_points
         self.drop_policy = drop_policy
         self.dead_letter_max_rows = dead_letter_max_rows
+        self.sinks = tuple(sinks)
+        self.hold_s = hold_s
+        self._synchronous = synchronous
         self._metrics = metrics if metrics is not None else Metrics()
         self._lock = threading.Lock()
         self._last_drop_log = -float("inf")
-        self._write_error: str | None = None  # the error of the last failed transaction, None after a commit
         self._dropped_since_log = 0
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (see _transaction).
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(path), check_same_thread=False, isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous}")
-        self._conn.executescript(_SCHEMA)
-        self._depth = int(self._conn.execute("SELECT count(*) FROM spool").fetchone()[0])
-        self._dead_depth = int(self._conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
-        self._metrics.set("spool.depth", self._depth)
-        # Sampled when the metrics are read (heartbeat, /metrics): the age grows while nothing happens.
-        self._metrics.set_function("spool.oldest_age_s", self._oldest_age_if_open)
-        if self._depth:
-            logger.info("spool %s resumes with %d undelivered lines", self.path, self._depth)
+        self._write_error: str | None = None  # the error of the last failed transaction, None after a commit
+        self._last_compact = 0.0
+        self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
+        conn = self._conn
+        _migrate_lines_table(conn, self.path)
+        with _immediate(conn):
+            known = {str(s) for (s,) in conn.execute("SELECT sink FROM cursor")}
+            for gone in sorted(known - set(self.sinks)):
+                logger.warning("spool %s: sink %r is no longer configured; forgetting its cursor", self.path, gone)
+                conn.execute("DELETE FROM cursor WHERE sink = ?", (gone,))
+            for sink in self.sinks:  # a new sink starts at the oldest retained row
+                conn.execute("INSERT OR IGNORE INTO cursor (sink, last_id) VALUES (?, 0)", (sink,))
+        rows, points, size = conn.execute(
+            "SELECT count(*), coalesce(sum(points), 0), "
+            f"coalesce(sum(length(body)) + count(*) * {ROW_OVERHEAD_BYTES}, 0) FROM entry"
+        ).fetchone()
+        self._rows, self._points, self._bytes = int(rows), int(points), int(size)
+        self._last_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM entry").fetchone()[0])
+        self._publish_gauges()
+        # Sampled when the metrics are read (heartbeat, /metrics): backlogs move while nothing is appended.
+        self._metrics.set_function("spool.depth", lambda: self._backlog_gauge(1))
+        self._metrics.set_function("spool.oldest_age_s", lambda: self._backlog_gauge(2))
+        for sink in self.sinks:
+            self._metrics.set_function("spool.backlog_points", partial(self._sink_backlog, sink, 1), sink=sink)
+            self._metrics.set_function("spool.backlog_age_s", partial(self._sink_backlog, sink, 2), sink=sink)
+        if self._rows:
+            logger.info("spool %s resumes with %d rows (%d points)", self.path, self._rows, self._points)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -109,128 +215,210 @@ class Spool:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside BEGIN IMMEDIATE ... COMMIT, rolled back on error; call with the lock held."""
-        conn = self._connection()
+        """A write transaction on the owner's connection; call with the lock held. Remembers a failure."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _immediate(self._connection()) as conn:
                 yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             self._write_error = f"{type(exc).__name__}: {exc}"  # for writable(), until a commit succeeds
             raise
         self._write_error = None
 
-    def append(self, lines: Sequence[str]) -> int:
-        """Store ``lines`` durably in one transaction; returns how many of them were kept.
+    # -- appending -------------------------------------------------------------------------------
 
-        With the ``oldest`` policy all of them are kept (unless there are more than ``max_rows``) and
-        older lines may be dropped instead; with ``newest`` the lines that do not fit are refused.
+    def append(self, entries: Sequence[Entry]) -> list[int | None]:
+        """Store ``entries`` durably in one transaction; returns each one's spool id (None: refused).
+
+        With ``oldest`` every entry is kept (unless one batch is larger than a cap) and older rows may
+        be dropped instead; with ``newest`` the entries that do not fit are refused. Both counted.
         """
-        if not lines:
-            return 0
+        if not entries:
+            return []
         now = time.time_ns()
+        ids: list[int | None] = [None] * len(entries)
         with self._lock:
-            depth = self._depth
-            if self.drop_policy == "newest":
-                keep = list(lines[: max(0, self.max_rows - depth)])
-            else:
-                keep = list(lines[-self.max_rows :])
-            dropped = len(lines) - len(keep)
+            rows, points, size = self._rows, self._points, self._bytes
+            keep = self._fitting(entries, points, size)
+            dropped_points = sum(e.points for i, e in enumerate(entries) if i not in keep)
+            dropped_bytes = sum(len(e.body) + ROW_OVERHEAD_BYTES for i, e in enumerate(entries) if i not in keep)
             with self._transaction() as conn:
-                conn.executemany("INSERT INTO spool (line, enqueued_ns) VALUES (?, ?)", ((line, now) for line in keep))
-                depth += len(keep)
-                if depth > self.max_rows:  # only with "oldest"
-                    removed = conn.execute(
-                        "DELETE FROM spool WHERE id IN (SELECT id FROM spool ORDER BY id LIMIT ?)",
-                        (depth - self.max_rows,),
-                    ).rowcount
-                    depth -= removed
-                    dropped += removed
-            self._depth = depth
-        self._metrics.inc("spool.appended", len(keep))
-        self._metrics.set("spool.depth", depth)
-        if dropped:
-            self._count_drop(dropped)
-        return len(keep)
+                for i in sorted(keep):
+                    e = entries[i]
+                    cur = conn.execute(
+                        "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES (?, ?, ?, ?, ?)",
+                        (int(e.kind), e.body, e.points, int(e.held), now),
+                    )
+                    ids[i] = cur.lastrowid
+                    rows += 1
+                    points += e.points
+                    size += len(e.body) + ROW_OVERHEAD_BYTES
+                if points > self.max_points or size > self.max_bytes:  # only with "oldest"
+                    gone = self._drop_oldest(conn, points - self.max_points, size - self.max_bytes)
+                    rows -= gone[0]
+                    points -= gone[1]
+                    size -= gone[2]
+                    dropped_points += gone[1]
+                    dropped_bytes += gone[2]
+            self._rows, self._points, self._bytes = rows, points, size
+            self._last_id = max([self._last_id, *(i for i in ids if i is not None)])
+        self._metrics.inc("spool.appended", sum(entries[i].points for i in keep))
+        self._publish_gauges()
+        if dropped_points or dropped_bytes:
+            self._count_drop(dropped_points, dropped_bytes)
+        if time.monotonic() - self._last_compact >= COMPACT_INTERVAL_S:
+            self.compact()
+        return ids
 
-    def _count_drop(self, dropped: int) -> None:
-        self._metrics.inc("spool.dropped", dropped, policy=self.drop_policy)
+    def append_lines(self, lines: Sequence[str]) -> object:
+        """Points the agent produced itself (already line protocol), as one entry."""
+        return self.append([encode_lines(lines)]) if lines else []
+
+    def _fitting(self, entries: Sequence[Entry], points: int, size: int) -> set[int]:
+        """Indexes of the entries to insert: all but what does not fit under ``newest``; under ``oldest``
+        the newest entries that fit in the caps on their own."""
+        keep: set[int] = set()
+        if self.drop_policy == "newest":
+            for i, e in enumerate(entries):
+                cost = len(e.body) + ROW_OVERHEAD_BYTES
+                if points + e.points <= self.max_points and size + cost <= self.max_bytes:
+                    keep.add(i)
+                    points += e.points
+                    size += cost
+            return keep
+        total_points = total_bytes = 0
+        for i in range(len(entries) - 1, -1, -1):
+            e = entries[i]
+            total_points += e.points
+            total_bytes += len(e.body) + ROW_OVERHEAD_BYTES
+            if total_points > self.max_points or total_bytes > self.max_bytes:
+                break
+            keep.add(i)
+        return keep
+
+    def _drop_oldest(self, conn: sqlite3.Connection, over_points: int, over_bytes: int) -> tuple[int, int, int]:
+        """Delete the oldest rows until ``over_points`` points and ``over_bytes`` bytes are gone."""
+        rows = points = size = 0
+        last_id = 0
+        for row_id, row_points, row_bytes in conn.execute(
+            f"SELECT id, points, length(body) + {ROW_OVERHEAD_BYTES} FROM entry ORDER BY id"
+        ):
+            if points >= over_points and size >= over_bytes:
+                break
+            rows += 1
+            points += int(row_points)
+            size += int(row_bytes)
+            last_id = int(row_id)
+        if rows:
+            conn.execute("DELETE FROM entry WHERE id <= ?", (last_id,))
+        return rows, points, size
+
+    def _count_drop(self, points: int, size: int) -> None:
+        self._metrics.inc("spool.dropped", points, policy=self.drop_policy)
+        self._metrics.inc("spool.dropped_bytes", size, policy=self.drop_policy)
         with self._lock:
-            self._dropped_since_log += dropped
+            self._dropped_since_log += points
             now = time.monotonic()
             if now - self._last_drop_log < DROP_LOG_INTERVAL_S:
                 return
             total, self._dropped_since_log = self._dropped_since_log, 0
             self._last_drop_log = now
         logger.warning(
-            "spool %s is full (%d lines): dropped %d %s lines (drop_policy=%s; counted in spool.dropped)",
+            "spool %s is full (caps %d points, %d bytes): dropped %d %s points (drop_policy=%s; counted in "
+            "spool.dropped)",
             self.path,
-            self.max_rows,
+            self.max_points,
+            self.max_bytes,
             total,
             self.drop_policy,
             self.drop_policy,
         )
 
-    def peek(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` queued ``(id, line)``, oldest first; they stay queued until acked."""
-        with self._lock:
-            cur = self._connection().execute("SELECT id, line FROM spool ORDER BY id LIMIT ?", (limit,))
-            rows = cur.fetchall()
-        return [(int(i), str(line)) for i, line in rows]
+    # -- removing what every sink has ----------------------------------------------------------
 
-    def ack(self, ids: Sequence[int]) -> None:
-        """Delete delivered lines (ids already gone, e.g. dropped meanwhile, are ignored)."""
-        if not ids:
-            return
-        lo, hi = min(ids), max(ids)
-        # The writer acks what it peeked: usually a contiguous run of ids, deleted in one range statement
-        # (a quarter of the lock time of one DELETE per id, measured in benchmarks/spool_micro.py).
-        contiguous = hi - lo + 1 == len(ids) == len(set(ids))
+    def cursors(self) -> dict[str, int]:
+        """Each configured sink's cursor: the id of the last row it has confirmed."""
+        with self._lock:
+            rows = self._connection().execute("SELECT sink, last_id FROM cursor").fetchall()
+        found = {str(s): int(i) for s, i in rows}
+        return {s: found.get(s, 0) for s in self.sinks}
+
+    def compact(self) -> int:
+        """Remove the rows every sink has confirmed (held blocks once ``hold_s`` old); returns how many."""
+        self._last_compact = time.monotonic()
+        floor = min(self.cursors().values())
+        cutoff = time.time_ns() - int(self.hold_s * 1e9)
+        where = "id <= ? AND (held = 0 OR enqueued_ns < ?)"
         with self._lock:
             with self._transaction() as conn:
-                if contiguous:
-                    deleted = conn.execute("DELETE FROM spool WHERE id BETWEEN ? AND ?", (lo, hi)).rowcount
-                else:
-                    deleted = conn.executemany("DELETE FROM spool WHERE id = ?", ((i,) for i in ids)).rowcount
-            self._depth -= deleted
-            depth = self._depth
-        self._metrics.inc("spool.acked", deleted)
-        self._metrics.set("spool.depth", depth)
+                rows, points, size = conn.execute(
+                    f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
+                    f"{ROW_OVERHEAD_BYTES} FROM entry WHERE {where}",
+                    (floor, cutoff),
+                ).fetchone()
+                if rows:
+                    conn.execute(f"DELETE FROM entry WHERE {where}", (floor, cutoff))
+            self._rows -= int(rows)
+            self._points -= int(points)
+            self._bytes -= int(size)
+        if rows:
+            self._metrics.inc("spool.acked", int(points))
+            self._publish_gauges()
+        return int(rows)
 
-    def dead_letter(self, items: Sequence[tuple[int, str]], reason: str) -> None:
-        """Move lines the database refused to the ``dead_letter`` table, with the reason and the time."""
-        if not items:
-            return
+    # -- what the metrics and the readiness probe show -----------------------------------------
+
+    def _publish_gauges(self) -> None:
+        self._metrics.set("spool.rows", self._rows)
+        self._metrics.set("spool.points", self._points)
+        self._metrics.set("spool.bytes", self._bytes)
+
+    def backlogs(self) -> dict[str, tuple[int, int, float]]:
+        """Per sink: rows and points after its cursor, and the age in seconds of the oldest of them."""
+        cached_at, cached = self._backlog_cache
+        if time.monotonic() - cached_at < BACKLOG_CACHE_S:
+            return cached
+        out: dict[str, tuple[int, int, float]] = {}
         now = time.time_ns()
-        trimmed = 0
+        cursors = self.cursors()
         with self._lock:
-            with self._transaction() as conn:
-                conn.executemany(
-                    "INSERT INTO dead_letter (spool_id, line, reason, dead_ns) VALUES (?, ?, ?, ?)",
-                    ((i, line, reason, now) for i, line in items),
-                )
-                ids = ((i,) for i, _ in items)
-                deleted = conn.executemany("DELETE FROM spool WHERE id = ?", ids).rowcount
-                dead_depth = self._dead_depth + len(items)
-                if dead_depth > self.dead_letter_max_rows:
-                    trimmed = conn.execute(
-                        "DELETE FROM dead_letter WHERE id IN (SELECT id FROM dead_letter ORDER BY id LIMIT ?)",
-                        (dead_depth - self.dead_letter_max_rows,),
-                    ).rowcount
-                    dead_depth -= trimmed
-            self._depth -= deleted
-            self._dead_depth = dead_depth
-            depth = self._depth
-        self._metrics.inc("spool.dead_lettered", len(items))
-        self._metrics.set("spool.depth", depth)
-        if trimmed:
-            self._metrics.inc("spool.dead_letter_trimmed", trimmed)
-            logger.warning("spool %s: dead-letter table full, removed its %d oldest rows", self.path, trimmed)
+            conn = self._connection()
+            for sink, last_id in cursors.items():
+                rows, points, oldest = conn.execute(
+                    "SELECT count(*), coalesce(sum(points), 0), min(enqueued_ns) FROM entry WHERE id > ?", (last_id,)
+                ).fetchone()
+                age = 0.0 if oldest is None else max(0.0, (now - int(oldest)) / 1e9)
+                out[sink] = (int(rows), int(points), age)
+        self._backlog_cache = (time.monotonic(), out)
+        return out
+
+    def _sink_backlog(self, sink: str, index: int) -> float | None:
+        if self._conn is None:
+            return None
+        return float(self.backlogs()[sink][index])
+
+    def _backlog_gauge(self, index: int) -> float | None:
+        """The slowest sink's backlog in points (index 1) or its age (2); None once closed."""
+        if self._conn is None:
+            return None
+        return float(max(b[index] for b in self.backlogs().values()))
+
+    def depth(self) -> int:
+        """Points the slowest sink has not confirmed yet (sampled, at most ``BACKLOG_CACHE_S`` old)."""
+        if self._conn is None:
+            return 0
+        return max(b[1] for b in self.backlogs().values())
+
+    def caught_up(self, sink: str) -> bool:
+        """True when ``sink`` has confirmed every row appended so far (exact, not cached)."""
+        return self.cursors()[sink] >= self._last_id
+
+    def oldest_age_s(self) -> float:
+        """Seconds since the oldest row a sink still waits for was appended (wall clock), 0.0 when none."""
+        return max(b[2] for b in self.backlogs().values())
+
+    def size(self) -> tuple[int, int, int]:
+        """Rows, points and bytes held now (counted as they are appended and removed)."""
+        return self._rows, self._points, self._bytes
 
     def dead_letters(self, limit: int = 1000) -> list[tuple[str, str]]:
         """Up to ``limit`` dead-lettered ``(line, reason)``, oldest first (inspection, tests, demo)."""
@@ -242,27 +430,13 @@ class Spool:
             )
         return [(str(line), str(reason)) for line, reason in rows]
 
+    def dead_letter_depth(self) -> int:
+        with self._lock:
+            return int(self._connection().execute("SELECT count(*) FROM dead_letter").fetchone()[0])
+
     @property
     def closed(self) -> bool:
         return self._conn is None
-
-    def depth(self) -> int:
-        """Number of queued lines (kept in memory, so cheap to poll)."""
-        return self._depth
-
-    def dead_letter_depth(self) -> int:
-        return self._dead_depth
-
-    def oldest_age_s(self) -> float:
-        """Seconds since the oldest queued line was appended (wall clock), 0.0 when empty."""
-        with self._lock:
-            row = self._connection().execute("SELECT enqueued_ns FROM spool ORDER BY id LIMIT 1").fetchone()
-        if row is None:
-            return 0.0
-        return max(0.0, (time.time_ns() - int(row[0])) / 1e9)
-
-    def _oldest_age_if_open(self) -> float | None:
-        return None if self._conn is None else self.oldest_age_s()
 
     def check_writable(self, min_free_bytes: int = MIN_FREE_BYTES) -> bool:
         """True if an append would be accepted now; otherwise raise ``SpoolNotWritable`` saying why.
@@ -275,16 +449,15 @@ class Spool:
             raise SpoolNotWritable(f"spool {self.path} is closed")
         if self._write_error is not None:
             raise SpoolNotWritable(f"spool {self.path}: the last write failed: {self._write_error}")
-        if str(self.path) != ":memory:":
-            try:
-                stat = os.statvfs(self.path.parent)
-            except OSError as exc:
-                raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system: {exc}") from exc
-            free = stat.f_bavail * stat.f_frsize
-            if free < min_free_bytes:
-                raise SpoolNotWritable(
-                    f"spool {self.path}: only {free} bytes free on its file system (need {min_free_bytes})"
-                )
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system: {exc}") from exc
+        free = stat.f_bavail * stat.f_frsize
+        if free < min_free_bytes:
+            raise SpoolNotWritable(
+                f"spool {self.path}: only {free} bytes free on its file system (need {min_free_bytes})"
+            )
         with self._lock:
             conn = self._connection()
             try:
@@ -303,8 +476,20 @@ class Spool:
         except (SpoolNotWritable, RuntimeError):
             return False
 
+    def cursor(self, sink: str) -> SinkCursor:
+        """A new reader of this spool for ``sink``, with its own connection (one per writer thread)."""
+        if sink not in self.sinks:
+            raise ValueError(f"sink {sink!r} is not one of this spool's sinks {list(self.sinks)}")
+        return SinkCursor(self.path, sink, self.dead_letter_max_rows, self._synchronous)
+
     def close(self) -> None:
-        """Checkpoint the WAL into the database file and close; idempotent."""
+        """Remove what every sink has, checkpoint the WAL into the database file and close; idempotent."""
+        if self._conn is None:
+            return
+        try:
+            self.compact()
+        except sqlite3.Error:
+            logger.exception("spool %s: final compaction failed", self.path)
         with self._lock:
             if self._conn is None:
                 return
@@ -319,3 +504,107 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SinkCursor:
+    """One sink's position in the spool, with its own connection (usable from another process).
+
+    ``read`` returns rows after the cursor; ``advance`` moves the cursor durably once the sink confirmed
+    them; ``dead_letter`` records points the sink refused, with its reason. Rows are never deleted here:
+    the owner's ``Spool.compact`` removes what every sink has.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        sink: str,
+        dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        self.path = Path(path)
+        self.sink = sink
+        self.dead_letter_max_rows = dead_letter_max_rows
+        self._lock = threading.Lock()  # the writer's reading and sending threads share the connection
+        self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
+        row = self._conn.execute("SELECT last_id FROM cursor WHERE sink = ?", (sink,)).fetchone()
+        if row is None:
+            raise ValueError(f"spool {self.path} has no cursor for sink {sink!r} (the owner creates it)")
+        self._position = int(row[0])
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"cursor {self.sink} of spool {self.path} is closed")
+        return self._conn
+
+    @property
+    def position(self) -> int:
+        """The id of the last row this sink confirmed."""
+        return self._position
+
+    def read(self, max_points: int, max_rows: int = 10_000) -> list[Row]:
+        """Rows after the cursor, oldest first, until ``max_points`` points (at least one row) or ``max_rows``."""
+        return self.read_after(self._position, max_points, max_rows)
+
+    def read_after(self, after_id: int, max_points: int, max_rows: int = 10_000) -> list[Row]:
+        """``read`` from another position (a writer reads ahead of what its sink has confirmed)."""
+        rows: list[Row] = []
+        points = 0
+        with self._lock:
+            cur = self._connection().execute(
+                "SELECT id, kind, body, points FROM entry WHERE id > ? ORDER BY id LIMIT ?", (after_id, max_rows)
+            )
+            for row_id, kind, body, row_points in cur:
+                if rows and points + int(row_points) > max_points:
+                    break
+                rows.append(Row(int(row_id), int(kind), bytes(body), int(row_points)))
+                points += int(row_points)
+            cur.close()
+        return rows
+
+    def bodies(self, ids: Sequence[int]) -> list[bytes]:
+        """The bodies of the rows with these ids that are still in the spool (held blocks), in id order."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            cur = self._connection().execute(f"SELECT body FROM entry WHERE id IN ({marks}) ORDER BY id", tuple(ids))
+            return [bytes(body) for (body,) in cur]
+
+    def advance(self, last_id: int) -> None:
+        """The sink confirmed every row up to ``last_id``: move the cursor there, durably."""
+        if last_id <= self._position:
+            return
+        with self._lock, _immediate(self._connection()) as conn:
+            conn.execute("UPDATE cursor SET last_id = ? WHERE sink = ?", (last_id, self.sink))
+        self._position = last_id
+
+    def dead_letter(self, items: Sequence[tuple[int, str]], reason: str) -> int:
+        """Record ``(row id, line)`` the sink refused, with its reason; returns how many old ones were trimmed."""
+        if not items:
+            return 0
+        now = time.time_ns()
+        with self._lock, _immediate(self._connection()) as conn:
+            conn.executemany(
+                "INSERT INTO dead_letter (sink, entry_id, line, reason, dead_ns) VALUES (?, ?, ?, ?, ?)",
+                ((self.sink, i, line, reason, now) for i, line in items),
+            )
+            depth = int(conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
+            trimmed = 0
+            if depth > self.dead_letter_max_rows:
+                trimmed = conn.execute(
+                    "DELETE FROM dead_letter WHERE id IN (SELECT id FROM dead_letter ORDER BY id LIMIT ?)",
+                    (depth - self.dead_letter_max_rows,),
+                ).rowcount
+        return trimmed
+
+    def latest_id(self) -> int:
+        """The id of the newest row in the spool (0 when it has never had one)."""
+        with self._lock:
+            row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = 'entry'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

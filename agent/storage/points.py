@@ -131,6 +131,7 @@ def defect_lines(
 
 RawMode = Literal["all", "every_n", "around_alerts", "none"]
 RAW_MODES: tuple[str, ...] = get_args(RawMode)
+RawDecision = Literal["store", "hold", "skip"]
 
 
 class RawVibrationPolicy:
@@ -138,13 +139,15 @@ class RawVibrationPolicy:
 
     - ``all``: every block; ``none``: no block;
     - ``every_n``: the first block of each source/channel and then every ``every_n``-th;
-    - ``around_alerts``: keep the last ``keep_blocks`` blocks of each source/channel in a ring (not
-      stored); ``on_alert(source)`` releases the ring and the next ``keep_blocks`` blocks of that source
-      are stored too, so an alert comes with raw data from before and after it.
+    - ``around_alerts``: the last ``keep_blocks`` blocks of each source/channel are *held*: spooled as
+      they arrived but not written (``hold`` records their spool ids in a ring). ``on_alert(source)``
+      returns the ring's ids, which the agent spools as a release, and the next ``keep_blocks`` blocks of
+      that source are stored too, so an alert comes with raw data from before and after it. Nothing
+      is copied or formatted on the alert's path: the writer makes the lines from the held rows.
 
-    ``decide`` is called by the ingest worker for each block, ``on_alert`` by the alert stage when an
-    alert is raised (possibly from another thread). Memory is bounded by ``keep_blocks`` blocks per
-    source and channel.
+    ``decide`` and ``hold`` are called by the ingest worker for each block, ``on_alert`` by the alert
+    stage when an alert is raised (possibly from another thread). Memory is bounded by ``keep_blocks``
+    ids per source and channel.
     """
 
     def __init__(self, mode: RawMode, every_n: int = 1, keep_blocks: int = 0) -> None:
@@ -159,41 +162,45 @@ class RawVibrationPolicy:
         self.keep_blocks = keep_blocks
         self._lock = threading.Lock()
         self._count: dict[tuple[Source, str], int] = {}
-        self._ring: dict[tuple[Source, str], deque[SampleBlock]] = {}
+        self._ring: dict[tuple[Source, str], deque[int]] = {}
         self._after: dict[tuple[Source, str], int] = {}
 
-    def decide(self, block: SampleBlock) -> list[SampleBlock]:
-        """The blocks to store now (the given one, or none of them)."""
+    def decide(self, block: SampleBlock) -> RawDecision:
+        """``store`` its samples now, ``hold`` it (spool it for a possible alert), or ``skip`` it."""
         if self.mode == "all":
-            return [block]
+            return "store"
         if self.mode == "none":
-            return []
+            return "skip"
         key = (block.source, block.channel)
         with self._lock:
             if self.mode == "every_n":
                 count = self._count.get(key, 0)
                 self._count[key] = count + 1
-                return [block] if count % self.every_n == 0 else []
+                return "store" if count % self.every_n == 0 else "skip"
             # around_alerts
             if self._after.get(key, 0) > 0:
                 self._after[key] -= 1
-                return [block]
+                return "store"
+            return "hold"
+
+    def hold(self, block: SampleBlock, spool_id: int) -> None:
+        """A held block is in the spool under ``spool_id``: remember it in its source's ring."""
+        key = (block.source, block.channel)
+        with self._lock:
             ring = self._ring.get(key)
             if ring is None:
                 ring = self._ring[key] = deque(maxlen=self.keep_blocks)
-            ring.append(block)
-            return []
+            ring.append(spool_id)
 
-    def on_alert(self, source: Source) -> list[SampleBlock]:
-        """An alert was raised for ``source``: the ring's blocks to store now (oldest first)."""
+    def on_alert(self, source: Source) -> list[int]:
+        """An alert was raised for ``source``: the spool ids of its held blocks to store now, oldest first."""
         if self.mode != "around_alerts":
             return []
-        released: list[SampleBlock] = []
+        released: list[int] = []
         with self._lock:
             for key, ring in self._ring.items():
                 if key[0] == source:
                     released.extend(ring)
                     ring.clear()
                     self._after[key] = self.keep_blocks
-        released.sort(key=lambda b: b.start_ns)
-        return released
+        return sorted(released)

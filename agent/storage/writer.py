@@ -1,46 +1,92 @@
-"""The InfluxDB writer: one thread that drains the spool into a sink, in batches, and never loses a line.
+"""A sink's writer: reads the spool at the sink's cursor, makes line protocol, writes, moves the cursor.
 
-- Success: the batch is acked (deleted from the spool), ``storage.points_written`` counts its lines and
-  the ``storage.write_seconds`` histogram records how long the write took.
-- ``RetryableWriteError`` (database or network away): the batch stays in the spool; the writer backs
-  off exponentially from ``backoff_min_s`` to ``backoff_max_s`` with jitter (so that many agents do not
-  come back in lockstep), or for the server's ``Retry-After`` when it is longer.
-- ``PermanentWriteError`` that rejects the data (bad line, type conflict, too large): the batch is split
-  in halves until the refused lines are isolated; those are dead-lettered in the spool with the
-  server's reason, the others are written.
+Two threads, so that making the next batch overlaps the database's work on the current one:
+
+- *prepare* reads rows after what it has read so far, turns them into line protocol
+  (``agent.spool.codec.entry_lines``: vectorised for blocks) and queues a batch once it holds
+  ``batch_size`` points, once its oldest row has waited ``flush_interval_s``, or at once while a
+  flush or stop is pending. A row InfluxDB could never hold (a non-finite value, a name ending in a
+  backslash) is dead-lettered with the reason here and counted in ``storage.unencodable``.
+- *send* writes each batch and then moves the sink's durable cursor past its rows. Nothing is acked
+  before the database confirmed it; rewriting after a crash is harmless (same series and timestamps).
+
+Failures, as before the spool became a log:
+
+- ``RetryableWriteError`` (database or network away): the same batch is retried after a capped
+  exponential backoff with jitter, or the server's ``Retry-After`` when it is longer.
+- ``PermanentWriteError`` that rejects the data (bad line, type conflict, too large): the batch is
+  split in halves until the refused lines are isolated; those are dead-lettered with the server's
+  reason, the others are written.
 - ``PermanentWriteError`` that does not reject the data (401, 403, 404: credentials, permissions, no
-  such database): dead-lettering every line would lose all data for a configuration mistake, so the
-  batch stays in the spool and the writer retries at ``backoff_max_s``, logging an error.
+  such database): the batch is kept and retried at ``backoff_max_s``, logging an error.
 
-Failures are counted in ``storage.write_failures{kind=retryable|rejected|config}``.
-The sink is owned by the caller, which closes it after ``stop()``.
+Failures are counted in ``storage.write_failures{kind=retryable|rejected|config}``. The sink is owned by
+the caller, which closes it after ``stop()``. ``agent.storage.process`` runs the same writer in a
+process of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from agent.metrics import Metrics
-from agent.spool.sqlite import Spool
+from agent.spool.codec import Kind, entry_lines
+from agent.spool.sqlite import Row, SinkCursor
 from agent.storage.base import PermanentWriteError, RetryableWriteError, Sink
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.05  # how often an idle writer looks at the spool depth (a cached int: cheap)
+_IDLE_POLL_S = 0.05  # how often an idle writer looks for new rows
+_PREPARED_MAX = 2  # batches made ahead of the one being written
 
 
-class SpoolWriter:
-    """Drains ``spool`` into ``sink`` from its own thread (``start``/``stop``); ``flush`` waits for it."""
+class Writer(Protocol):
+    """A sink's writer as the agent drives it: ``SinkWriter`` (threads) or ``WriterProcess``."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+
+    def flush(self, timeout_s: float) -> bool: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class MetricsSink(Protocol):
+    """What the writer records: ``agent.metrics.Metrics``, or the relay of a writer process."""
+
+    def inc(self, name: str, n: float = 1, **labels: str) -> None: ...
+
+    def set(self, name: str, value: float, **labels: str) -> None: ...
+
+    def observe(self, name: str, value: float, **labels: str) -> None: ...
+
+
+@dataclass
+class Batch:
+    """Lines ready for the sink, the spool row of each line, and the last row id they cover."""
+
+    last_id: int
+    lines: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    raw_released: int = 0
+
+
+class SinkWriter:
+    """Delivers the spool to ``sink`` at ``cursor`` (``start``/``stop``); ``flush`` waits for it."""
 
     def __init__(
         self,
-        spool: Spool,
+        cursor: SinkCursor,
         sink: Sink,
-        metrics: Metrics,
+        metrics: MetricsSink,
         batch_size: int = 5000,
         flush_interval_s: float = 1.0,
         backoff_min_s: float = 0.5,
@@ -53,7 +99,7 @@ class SpoolWriter:
             raise ValueError(f"need 0 < backoff_min_s <= backoff_max_s, not {backoff_min_s}, {backoff_max_s}")
         if flush_interval_s < 0:
             raise ValueError(f"flush_interval_s must be >= 0, not {flush_interval_s}")
-        self.spool = spool
+        self.cursor = cursor
         self.sink = sink
         self.metrics = metrics
         self.batch_size = batch_size
@@ -67,151 +113,248 @@ class SpoolWriter:
         self._flushers_lock = threading.Lock()
         self._failures = 0  # consecutive failed attempts, for the backoff
         self._stop_deadline = float("inf")
-        self._thread: threading.Thread | None = None
+        self._prepared: queue.Queue[Batch] = queue.Queue(maxsize=_PREPARED_MAX)
+        self._read_up_to = cursor.position
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("SpoolWriter already started")
-        self._thread = threading.Thread(target=self._run, name="influx-writer", daemon=True)
-        self._thread.start()
+        if self._threads:
+            raise RuntimeError("SinkWriter already started")
+        name = self.cursor.sink
+        self._threads = [
+            threading.Thread(target=self._prepare_loop, name=f"{name}-prepare", daemon=True),
+            threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Write what can be written within ``timeout_s``, then end the thread; the rest stays spooled."""
-        if self._thread is None:
+        """Write what can be written within ``timeout_s``, then end; the rest stays in the spool."""
+        if not self._threads:
             return
         self._stop_deadline = time.monotonic() + timeout_s
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout_s + 1.0)
-        if self._thread.is_alive():
-            logger.warning("InfluxDB writer did not stop within %.1f s (a write is in progress)", timeout_s)
-        elif self.spool.depth():
-            logger.info("InfluxDB writer stopped with %d lines still spooled", self.spool.depth())
+        for thread in self._threads:
+            thread.join(max(0.1, self._stop_deadline - time.monotonic()) + 1.0)
+        if any(t.is_alive() for t in self._threads):
+            logger.warning(
+                "writer of %s did not stop within %.1f s (a write is in progress)", self.cursor.sink, timeout_s
+            )
+        elif self.cursor.position < self.cursor.latest_id():
+            logger.info("writer of %s stopped before the end of the spool; the rest stays spooled", self.cursor.sink)
 
     @property
     def alive(self) -> bool:
-        """True while the writer thread runs (for the liveness check)."""
-        return self._thread is not None and self._thread.is_alive()
+        """True while both threads run (for the liveness check)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def request_flush(self, on: bool) -> None:
+        """While on, partial batches go out at once (``flush``, or a parent process's flush)."""
+        with self._flushers_lock:
+            self._flushers += 1 if on else -1
+        self._wake.set()
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until the spool is empty (delivered or dead-lettered); False if not within ``timeout_s``."""
-        if self._thread is None or not self._thread.is_alive():
-            raise RuntimeError("SpoolWriter is not running")
+        """Wait until the sink has confirmed every row appended so far; False if not within ``timeout_s``."""
+        if not self.alive:
+            raise RuntimeError("SinkWriter is not running")
         deadline = time.monotonic() + timeout_s
-        with self._flushers_lock:
-            self._flushers += 1
+        target = self.cursor.latest_id()
+        self.request_flush(True)
         try:
-            self._wake.set()
-            while self.spool.depth() > 0:
+            while self.cursor.position < target:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._thread.is_alive():
+                if remaining <= 0 or not self.alive:
                     return False
                 time.sleep(min(0.01, remaining))
             return True
         finally:
-            with self._flushers_lock:
-                self._flushers -= 1
+            self.request_flush(False)
 
-    # -- the thread ------------------------------------------------------------------------------
+    def _hurry(self) -> bool:
+        return self._stop.is_set() or self._flushers > 0
 
-    def _run(self) -> None:
-        last_write = time.monotonic()
+    # -- prepare: rows -> lines ----------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        pending: Batch | None = None
+        first_row_at = 0.0
         while True:
-            stopping = self._stop.is_set()
-            if stopping and (time.monotonic() >= self._stop_deadline or self._failures):
-                return  # out of time, or the sink is failing: what is left stays in the spool
-            depth = self.spool.depth()
-            due = (
-                depth >= self.batch_size
-                or (depth > 0 and (stopping or self._flushers > 0))
-                or (depth > 0 and time.monotonic() - last_write >= self.flush_interval_s)
+            if self._stop.is_set() and (time.monotonic() >= self._stop_deadline or self._failures):
+                return
+            try:
+                room = self.batch_size - (len(pending.lines) if pending else 0)
+                rows = self.cursor.read_after(self._read_up_to, max(1, room))
+                if rows:
+                    if pending is None:
+                        pending = Batch(last_id=self._read_up_to)
+                        first_row_at = time.monotonic()
+                    self._add(pending, rows)
+                    self._read_up_to = pending.last_id
+            except Exception:
+                logger.exception("writer of %s: reading the spool failed; retrying", self.cursor.sink)
+                self.metrics.inc("storage.writer_errors")
+                self._stop.wait(self.backoff_min_s)
+                continue
+            due = pending is not None and (
+                len(pending.lines) >= self.batch_size
+                or self._hurry()
+                or time.monotonic() - first_row_at >= self.flush_interval_s
             )
-            if not due:
-                if stopping:
+            if pending is not None and due:
+                if not self._queue(pending):
                     return
+                pending = None
+            elif not rows:
+                if self._stop.is_set():
+                    if pending is None or not self._queue(pending):
+                        return
+                    pending = None
+                    continue
                 self._wake.wait(_IDLE_POLL_S)
                 self._wake.clear()
-                continue
-            try:
-                delay = self._deliver(self.spool.peek(self.batch_size))
-            except Exception:
-                # Top of the thread: a bug or a spool (disk) error must not end delivery for good.
-                logger.exception("InfluxDB writer: unexpected error, retrying after a backoff")
-                self.metrics.inc("storage.writer_errors")
-                delay = self._next_backoff()
-            last_write = time.monotonic()
-            if delay > 0:
-                self.metrics.set("storage.backoff_s", delay)
-                self._stop.wait(delay)
-            else:
-                self.metrics.set("storage.backoff_s", 0.0)
 
-    def _deliver(self, batch: Sequence[tuple[int, str]]) -> float:
-        """Write one batch; the number of seconds to back off before the next attempt (0: none)."""
-        if not batch:
-            return 0.0
-        try:
+    def _queue(self, batch: Batch) -> bool:
+        """Hand ``batch`` to the sender, waiting while it is busy; False when stopping ran out of time."""
+        while True:
             try:
-                self._write(batch)
-            except PermanentWriteError as exc:
-                if not exc.rejects_data:
-                    raise
-                self.metrics.inc("storage.write_failures", kind="rejected")
-                self._isolate(batch, exc)
+                self._prepared.put(batch, timeout=_IDLE_POLL_S)
+                return True
+            except queue.Full:
+                if self._stop.is_set() and (time.monotonic() >= self._stop_deadline or self._failures):
+                    return False
+
+    def _add(self, batch: Batch, rows: list[Row]) -> None:
+        for row in rows:
+            try:
+                lines = entry_lines(row.kind, row.body, self._resolve)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._unencodable(row, exc)
+                lines = []
+            if row.kind == Kind.RAW_REF:
+                batch.raw_released += len(lines)
+            batch.lines.extend(lines)
+            batch.rows.extend([row.id] * len(lines))
+            batch.last_id = row.id
+
+    def _resolve(self, ids: Sequence[int]) -> list[bytes]:
+        """The held blocks a raw-data release names; those the spool's caps dropped meanwhile are counted."""
+        bodies = self.cursor.bodies(ids)
+        if len(bodies) < len(ids):
+            self.metrics.inc("storage.raw_missing", len(ids) - len(bodies))
+        return bodies
+
+    def _unencodable(self, row: Row, exc: Exception) -> None:
+        """A row no sink could ever take: dead-letter it with the reason instead of writing it."""
+        kind = Kind(row.kind).name.lower() if row.kind in set(Kind) else f"kind{row.kind}"
+        self.metrics.inc("storage.unencodable", kind=kind)
+        self.metrics.inc("spool.dead_lettered", max(1, row.points))
+        described = f"<{kind} entry {row.id}: {len(row.body)} bytes, {row.points} points>"
+        trimmed = self.cursor.dead_letter([(row.id, described)], f"unencodable: {exc}")
+        if trimmed:
+            self.metrics.inc("spool.dead_letter_trimmed", trimmed)
+        logger.warning("spool row %d (%s) cannot be written as line protocol, dead-lettered: %s", row.id, kind, exc)
+
+    # -- send: lines -> database, then the cursor ----------------------------------------------
+
+    def _send_loop(self) -> None:
+        while not (self._stop.is_set() and time.monotonic() >= self._stop_deadline):
+            try:
+                batch = self._prepared.get(timeout=_IDLE_POLL_S)
+            except queue.Empty:
+                if self._stop.is_set() and not self._threads[0].is_alive():
+                    return  # stopping, and everything prepared is written
+                continue
+            while True:
+                try:
+                    delay = self._deliver(batch)
+                except Exception:
+                    # Top of the thread: a bug or a spool (disk) error must not end delivery for good.
+                    logger.exception("writer of %s: unexpected error, retrying after a backoff", self.cursor.sink)
+                    self.metrics.inc("storage.writer_errors")
+                    delay = self._next_backoff()
+                self.metrics.set("storage.backoff_s", delay)
+                if delay <= 0:
+                    break
+                self._stop.wait(delay)
+                if self._stop.is_set():
+                    return  # stopping while the sink fails: this batch and the rest stay in the spool
+
+    def _deliver(self, batch: Batch) -> float:
+        """Write one batch and move the cursor; the seconds to back off before retrying it (0: done)."""
+        try:
+            if batch.lines:
+                try:
+                    self._write(batch.lines)
+                except PermanentWriteError as exc:
+                    if not exc.rejects_data:
+                        raise
+                    self.metrics.inc("storage.write_failures", kind="rejected")
+                    self._isolate(batch.lines, batch.rows, exc)
         except RetryableWriteError as exc:
             self.metrics.inc("storage.write_failures", kind="retryable")
             delay = max(self._next_backoff(), exc.retry_after_s or 0.0)
             log = logger.warning if self._failures == 1 else logger.debug
-            log("InfluxDB write failed, will retry in %.1f s (%d lines spooled): %s", delay, self.spool.depth(), exc)
+            log("write to %s failed, will retry in %.1f s: %s", self.cursor.sink, delay, exc)
             return delay
         except PermanentWriteError as exc:
             self.metrics.inc("storage.write_failures", kind="config")
             self._failures += 1
             logger.error(
-                "InfluxDB refused the write, keeping the data spooled and retrying in %.0f s: %s",
+                "%s refused the write, keeping the data spooled and retrying in %.0f s: %s",
+                self.cursor.sink,
                 self.backoff_max_s,
                 exc,
             )
             return self.backoff_max_s
+        self.cursor.advance(batch.last_id)
+        if batch.raw_released:
+            self.metrics.inc("storage.raw_released", batch.raw_released)
         if self._failures:
-            logger.info("InfluxDB writes succeed again")
+            logger.info("writes to %s succeed again", self.cursor.sink)
         self._failures = 0
         return 0.0
 
-    def _write(self, items: Sequence[tuple[int, str]]) -> None:
-        """Write and ack ``items``, or raise the sink's error (nothing acked then)."""
+    def _write(self, lines: list[str]) -> None:
         started = time.monotonic()
-        self.sink.write([line for _, line in items])
+        self.sink.write(lines)
         self.metrics.observe("storage.write_seconds", time.monotonic() - started)
-        self.spool.ack([i for i, _ in items])
-        self.metrics.inc("storage.points_written", len(items))
+        self.metrics.inc("storage.points_written", len(lines))
 
-    def _isolate(self, items: Sequence[tuple[int, str]], error: PermanentWriteError) -> None:
-        """``items`` were refused as a whole: bisect, write the good halves, dead-letter single bad lines.
+    def _isolate(self, lines: list[str], rows: list[int], error: PermanentWriteError) -> None:
+        """``lines`` were refused as a whole: bisect, write the good halves, dead-letter single bad lines.
 
-        Costs about ``2 * bad * log2(len(items))`` writes. A retryable or configuration error on the
-        way propagates: what was written so far is acked, the rest stays spooled for the next attempt.
+        Costs about ``2 * bad * log2(len(lines))`` writes. A retryable or configuration error on the way
+        propagates and the whole batch is retried later (rewriting the good lines is harmless).
         """
-        if len(items) == 1:
-            self.spool.dead_letter(items, str(error))  # counted there, in spool.dead_lettered
+        if len(lines) == 1:
+            trimmed = self.cursor.dead_letter([(rows[0], lines[0])], str(error))
+            self.metrics.inc("spool.dead_lettered")
+            if trimmed:
+                self.metrics.inc("spool.dead_letter_trimmed", trimmed)
             logger.warning(
-                "InfluxDB rejected a line, moved it to the dead letters: %s | line: %.200s", error, items[0][1]
+                "%s rejected a line, moved it to the dead letters: %s | line: %.200s", self.cursor.sink, error, lines[0]
             )
             return
-        middle = len(items) // 2
-        for half in (items[:middle], items[middle:]):
+        middle = len(lines) // 2
+        for part, part_rows in ((lines[:middle], rows[:middle]), (lines[middle:], rows[middle:])):
             try:
-                self._write(half)
+                self._write(part)
             except PermanentWriteError as exc:
                 if not exc.rejects_data:
                     raise
-                self._isolate(half, exc)
+                self._isolate(part, part_rows, exc)
 
     def _next_backoff(self) -> float:
         self._failures += 1
         return backoff_s(self._failures, self.backoff_min_s, self.backoff_max_s, self._rng)
+
+
+SinkFactory = Callable[[], Sink]
+"""Builds a sink where the writer runs (``agent.bootstrap.build_sink`` bound to a config)."""
 
 
 def backoff_s(failures: int, min_s: float, max_s: float, rng: random.Random) -> float:
