@@ -112,10 +112,15 @@ def encode_readings(readings: Sequence[Reading]) -> Entry:
     out: list[bytes] = [_U16.pack(len(readings))]
     for r in readings:
         _put_tags(out, r.source)
-        out.append(_READING_HEAD.pack(r.time_ns, r.seq is not None))
-        if r.seq is not None:
-            out.append(_I64.pack(r.seq))
         names = list(r.fields)
+        if len(names) > 0xFFFF:
+            raise ValueError(f"{len(names)} fields in one reading: the spool takes at most 65535")
+        try:
+            out.append(_READING_HEAD.pack(r.time_ns, r.seq is not None))
+            if r.seq is not None:
+                out.append(_I64.pack(r.seq))
+        except struct.error as exc:  # a time or seq beyond int64 (a decoder plug-in's)
+            raise ValueError(f"reading time {r.time_ns} or seq {r.seq}: {exc}") from None
         out.append(_U16.pack(len(names)))
         for name in names:
             _put_str(out, name)
@@ -140,7 +145,10 @@ def decode_readings(body: bytes) -> list[Reading]:
 def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Entry:
     """One vibration block; ``store_raw``: its samples go to the sinks (else only if released later)."""
     flags = (STORE_RAW if store_raw else 0) | (HAS_SEQ if block.seq is not None else 0)
-    out: list[bytes] = [_BLOCK_HEAD.pack(block.start_ns, block.rate_hz, block.seq or 0, flags)]
+    try:
+        out: list[bytes] = [_BLOCK_HEAD.pack(block.start_ns, block.rate_hz, block.seq or 0, flags)]
+    except struct.error as exc:  # a time or seq beyond int64 (a decoder plug-in's)
+        raise ValueError(f"block start {block.start_ns} or seq {block.seq}: {exc}") from None
     _put_tags(out, block.source)
     _put_str(out, block.channel)
     samples = np.ascontiguousarray(block.samples, dtype="<f4")

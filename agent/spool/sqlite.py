@@ -234,6 +234,10 @@ class Spool:
         """
         if not entries:
             return []
+        incoming_points = sum(e.points for e in entries)
+        incoming_bytes = sum(len(e.body) + ROW_OVERHEAD_BYTES for e in entries)
+        if self._points + incoming_points > self.max_points or self._bytes + incoming_bytes > self.max_bytes:
+            self.compact()  # rows every sink has confirmed go first: dropping them would lose nothing
         now = time.time_ns()
         ids: list[int | None] = [None] * len(entries)
         with self._lock:
@@ -261,6 +265,7 @@ class Spool:
                     dropped_bytes += gone[2]
             self._rows, self._points, self._bytes = rows, points, size
             self._last_id = max([self._last_id, *(i for i in ids if i is not None)])
+        self._backlog_cache = (-float("inf"), {})
         self._metrics.inc("spool.appended", sum(entries[i].points for i in keep))
         self._publish_gauges()
         if dropped_points or dropped_bytes:
@@ -346,10 +351,16 @@ class Spool:
         """Remove the rows every sink has confirmed (held blocks once ``hold_s`` old); returns how many."""
         self._last_compact = time.monotonic()
         floor = min(self.cursors().values())
-        cutoff = time.time_ns() - int(self.hold_s * 1e9)
         where = "id <= ? AND (held = 0 OR enqueued_ns < ?)"
         with self._lock:
             with self._transaction() as conn:
+                # A release of a held block is appended up to hold_s after it: keep the block until every
+                # sink has passed the rows of that span too (a sink catching up on a backlog passes old
+                # blocks long before it reads their release), not merely hold_s of wall-clock time.
+                passed = conn.execute(
+                    "SELECT enqueued_ns FROM entry WHERE id <= ? ORDER BY id DESC LIMIT 1", (floor,)
+                ).fetchone()
+                cutoff = min(time.time_ns(), 0 if passed is None else int(passed[0])) - int(self.hold_s * 1e9)
                 rows, points, size = conn.execute(
                     f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
                     f"{ROW_OVERHEAD_BYTES} FROM entry WHERE {where}",
@@ -545,8 +556,9 @@ class SinkCursor:
         """Rows after the cursor, oldest first, until ``max_points`` points (at least one row) or ``max_rows``."""
         return self.read_after(self._position, max_points, max_rows)
 
-    def read_after(self, after_id: int, max_points: int, max_rows: int = 10_000) -> list[Row]:
-        """``read`` from another position (a writer reads ahead of what its sink has confirmed)."""
+    def read_after(self, after_id: int, max_points: int, max_rows: int = 10_000, overshoot: bool = False) -> list[Row]:
+        """``read`` from another position (a writer reads ahead of what its sink has confirmed);
+        ``overshoot``: the last row may take the points past ``max_points`` (full batches)."""
         rows: list[Row] = []
         points = 0
         with self._lock:
@@ -554,7 +566,7 @@ class SinkCursor:
                 "SELECT id, kind, body, points FROM entry WHERE id > ? ORDER BY id LIMIT ?", (after_id, max_rows)
             )
             for row_id, kind, body, row_points in cur:
-                if rows and points + int(row_points) > max_points:
+                if rows and (points >= max_points if overshoot else points + int(row_points) > max_points):
                     break
                 rows.append(Row(int(row_id), int(kind), bytes(body), int(row_points)))
                 points += int(row_points)

@@ -75,6 +75,13 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+class BodySink(Sink, Protocol):
+    """A sink that also takes a batch already joined by newlines and encoded (``write_body``), so that the
+    writer's preparing thread, not its sending thread, pays for the join; ``points`` is the line count."""
+
+    def write_body(self, payload: bytes, points: int) -> None: ...
+
+
 RETRYABLE_STATUSES = frozenset({408, 429})
 STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 DATA_REJECTED_STATUSES = frozenset({400, 413, 422})

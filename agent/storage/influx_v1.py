@@ -104,13 +104,15 @@ class InfluxV1Sink:
 
     def write(self, lines: list[str]) -> None:
         """POST the lines to ``/write`` (nanosecond precision); see ``Sink``."""
-        if not lines:
-            return
+        if lines:
+            self.write_body("\n".join(lines).encode(), len(lines))
+
+    def write_body(self, payload: bytes, points: int) -> None:
+        """``write`` of lines already joined by newlines and encoded (the writer makes them off this thread)."""
         params = {"db": self.database, "precision": "ns"}
         if self.retention_policy:
             params["rp"] = self.retention_policy
-        what = f"write of {len(lines)} lines to {self.url} db {self.database!r}"
-        payload = "\n".join(lines).encode()
+        what = f"write of {points} lines to {self.url} db {self.database!r}"
         status, body, retry_after = self._request("POST", "/write", params, payload, what)
         if status == 404 and self.create_missing_database and b"database not found" in body:
             # The database was down at start (or lost its data): create it now rather than retry forever.

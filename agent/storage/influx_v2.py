@@ -38,18 +38,21 @@ class InfluxV2Sink:
 
     def write(self, lines: list[str]) -> None:
         """Write the lines with nanosecond precision; see ``Sink``."""
+        if lines:
+            self.write_body("\n".join(lines).encode(), len(lines))
+
+    def write_body(self, payload: bytes, points: int) -> None:
+        """``write`` of lines already joined by newlines and encoded (the writer makes them off this thread)."""
         import urllib3
         from influxdb_client import WritePrecision
         from influxdb_client.rest import ApiException
 
-        if not lines:
-            return
-        what = f"write of {len(lines)} lines to {self.url} bucket {self.bucket!r}"
+        what = f"write of {points} lines to {self.url} bucket {self.bucket!r}"
         try:
             self._write_api.write(
                 bucket=self.bucket,
                 org=self.org,
-                record="\n".join(lines),
+                record=payload,
                 write_precision=WritePrecision.NS,  # type: ignore[arg-type]  # the constant is typed str
             )
         except ApiException as exc:

@@ -181,6 +181,8 @@ class RawVibrationPolicy:
             if self._after.get(key, 0) > 0:
                 self._after[key] -= 1
                 return "store"
+            if key not in self._ring:  # known to on_alert even if the spool never takes one of its blocks
+                self._ring[key] = deque(maxlen=self.keep_blocks)
             return "hold"
 
     def hold(self, block: SampleBlock, spool_id: int) -> None:

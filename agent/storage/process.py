@@ -119,6 +119,10 @@ def _child_main(
                 command = conn.recv()
                 if command[0] == "flush":
                     writer.request_flush(bool(command[1]))
+                elif command[0] == "sync":  # the parent wants every count so far before it goes on
+                    conn.send(("metrics", relay.take()))
+                    conn.send(("synced", command[1]))
+                    continue
                 elif command[0] == "stop":
                     stop_timeout = float(command[1])
                     break
@@ -160,6 +164,9 @@ class WriterProcess:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._flushers = 0
+        self._synced = threading.Condition()
+        self._synced_token = 0
+        self._sync_token = 0
         self.restarts = 0
 
     def _spawn(self) -> None:
@@ -220,6 +227,10 @@ class WriterProcess:
                     message = conn.recv()
                     if message[0] == "metrics":
                         apply(self.metrics, message[1])
+                    elif message[0] == "synced":
+                        with self._synced:
+                            self._synced_token = max(self._synced_token, int(message[1]))
+                            self._synced.notify_all()
                     elif message[0] == "stopped":
                         return
                     continue
@@ -264,11 +275,22 @@ class WriterProcess:
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.01)
-            return True
+            return self._sync(deadline)
         finally:
             self._flushers -= 1
             if not self._flushers:
                 self._send(("flush", False))
+
+    def _sync(self, deadline: float) -> bool:
+        """Wait until the child has relayed what it counted so far (a flush returns with the metrics current)."""
+        with self._synced:
+            self._sync_token += 1
+            token = self._sync_token
+        self._send(("sync", token))
+        with self._synced:
+            return self._synced.wait_for(
+                lambda: self._synced_token >= token, timeout=max(0.0, deadline - time.monotonic())
+            )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Let the child write what it can within ``timeout_s`` and end; the rest stays in the spool."""

@@ -77,6 +77,8 @@ class Batch:
     lines: list[str] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     raw_released: int = 0
+    body: bytes | None = None
+    """The lines joined and encoded, made by the preparing thread for a sink with ``write_body``."""
 
 
 class SinkWriter:
@@ -115,6 +117,7 @@ class SinkWriter:
         self._stop_deadline = float("inf")
         self._prepared: queue.Queue[Batch] = queue.Queue(maxsize=_PREPARED_MAX)
         self._read_up_to = cursor.position
+        self._write_body: Callable[[bytes, int], None] | None = getattr(sink, "write_body", None)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ class SinkWriter:
                 return
             try:
                 room = self.batch_size - (len(pending.lines) if pending else 0)
-                rows = self.cursor.read_after(self._read_up_to, max(1, room))
+                rows = self.cursor.read_after(self._read_up_to, max(1, room), overshoot=True)
                 if rows:
                     if pending is None:
                         pending = Batch(last_id=self._read_up_to)
@@ -219,6 +222,8 @@ class SinkWriter:
 
     def _queue(self, batch: Batch) -> bool:
         """Hand ``batch`` to the sender, waiting while it is busy; False when stopping ran out of time."""
+        if self._write_body is not None and batch.lines:
+            batch.body = "\n".join(batch.lines).encode()
         while True:
             try:
                 self._prepared.put(batch, timeout=_IDLE_POLL_S)
@@ -288,7 +293,7 @@ class SinkWriter:
         try:
             if batch.lines:
                 try:
-                    self._write(batch.lines)
+                    self._write(batch.lines, batch.body)
                 except PermanentWriteError as exc:
                     if not exc.rejects_data:
                         raise
@@ -318,9 +323,12 @@ class SinkWriter:
         self._failures = 0
         return 0.0
 
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, lines: list[str], body: bytes | None = None) -> None:
         started = time.monotonic()
-        self.sink.write(lines)
+        if body is not None and self._write_body is not None:
+            self._write_body(body, len(lines))
+        else:
+            self.sink.write(lines)
         self.metrics.observe("storage.write_seconds", time.monotonic() - started)
         self.metrics.inc("storage.points_written", len(lines))
 

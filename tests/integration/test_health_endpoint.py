@@ -194,7 +194,7 @@ def test_readyz_follows_the_broker_going_away_and_coming_back(
     own_broker: Service, tmp_path: Path, servers: Callable[..., HealthServer]
 ) -> None:
     metrics = Metrics()
-    spool = Spool(tmp_path / "spool.db", max_rows=1000, metrics=metrics)
+    spool = Spool(tmp_path / "spool.db", max_bytes=1 << 20, max_points=1000, metrics=metrics)
     conn = MqttConnection(
         MqttSettings(
             host=own_broker.host,
@@ -210,7 +210,7 @@ def test_readyz_follows_the_broker_going_away_and_coming_back(
     try:
         conn.start()
         assert conn.wait_connected(TIMEOUT_S)
-        spool.append(["m v=1 1"])
+        spool.append_lines(["m v=1 1"])
         assert get_json(f"{server.url}/readyz")[0] == 200
 
         own_broker.stop()
@@ -306,7 +306,7 @@ def test_a_built_agent_is_ready_when_started_and_its_self_metrics_reach_influxdb
         # The self-metrics point, as the heartbeat writes it, through the spool and the writer.
         now_ns = time.time_ns()
         fields = agent_fields(agent.metrics.collect())
-        agent.spool.append([format_point(schema.AGENT, {schema.TAG_AGENT_ID: config.agent.id}, fields, now_ns)])
+        agent.spool.append_lines([format_point(schema.AGENT, {schema.TAG_AGENT_ID: config.agent.id}, fields, now_ns)])
         assert agent.writer.flush(TIMEOUT_S)
         fields = agent_fields(agent.metrics.collect())
         assert fields["storage_write_seconds_count"] >= 1 and "storage_write_seconds_p99" in fields

@@ -21,6 +21,7 @@ from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
+from agent.spool.codec import Entry, Kind, encode_block, encode_lines, entry_lines
 from agent.topics import format_rfc3339
 
 T0 = 1_790_000_000 * 10**9
@@ -45,15 +46,26 @@ class FakeSpool:
         self.journal = journal
         self.failures = failures
         self.lines: list[str] = []
+        self.entries: list[Entry] = []
 
-    def append(self, lines):
+    def append(self, entries):
+        """What the ingest worker appends: binary entries; the journal counts their points."""
         if self.failures:
             self.failures -= 1
             self.journal.events.append(("append_failed",))
             raise OSError("disk full")
-        self.lines.extend(lines)
-        self.journal.events.append(("append", len(lines)))
-        return len(lines)
+        first = len(self.entries) + 1
+        self.entries.extend(entries)
+        self.lines.extend(line for e in entries for line in entry_lines(e.kind, e.body, self.bodies))
+        self.journal.events.append(("append", sum(e.points for e in entries)))
+        return list(range(first, first + len(entries)))
+
+    def bodies(self, ids):
+        return [self.entries[i - 1].body for i in ids]
+
+    def append_lines(self, lines):
+        """What the scoring worker appends: line protocol it produced."""
+        return self.append([encode_lines(lines)])
 
 
 class FakeBroker:
@@ -254,16 +266,19 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
     assert alerts[0]["first_detected"] >= format_rfc3339(T0 + 200 * 10**9)
 
 
-def test_raw_blocks_released_by_an_alert_are_stored_by_the_ingest_worker(router):
+def test_raw_blocks_released_by_an_alert_are_stored_by_reference(router):
     journal, metrics = Journal(), Metrics()
     spool = FakeSpool(journal)
     worker = _ingest(journal, spool, router, queue.Queue(), metrics)
     source = Source.of(site="s1", line="l1", machine="m01", sensor="vibration")
     block = SampleBlock(source, T0, 10240.0, np.arange(64, dtype=np.float32))
-    worker.store_raw([block, block])
-    worker.step()  # no message is waiting: the released blocks are stored anyway
-    assert journal.events == [("append", 128)]
-    assert all(line.startswith("vibration,") for line in spool.lines)
+    (held_id,) = spool.append([encode_block(block, store_raw=False, held=True)])
+    assert spool.lines == []  # held: spooled, not written
+    worker.store_raw([held_id])
+    worker.step()  # no message is waiting: the release is spooled anyway, as one small reference entry
+    assert journal.events == [("append", 0), ("append", 0)]
+    assert [e.kind for e in spool.entries] == [Kind.BLOCK, Kind.RAW_REF]
+    assert len(spool.lines) == 64 and all(line.startswith("vibration,") for line in spool.lines)
 
 
 def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
@@ -278,9 +293,11 @@ def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
     )
     source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
     for i in range(3):
-        stages.raw_policy.decide(SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32)))
+        block = SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32))
+        assert stages.raw_policy.decide(block) == "hold"
+        stages.raw_policy.hold(block, 100 + i)
     worker.process(_windows([500, 500, 500]))
-    assert [b.start_ns for b in released] == [T0 + 1 * 10**9, T0 + 2 * 10**9]
+    assert released == [101, 102]  # the spool ids of the last keep_blocks held blocks
 
 
 def test_an_unexpected_error_in_a_batch_is_counted_and_the_worker_keeps_running(router):
