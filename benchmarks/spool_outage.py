@@ -2,9 +2,11 @@
 
 The agent runs with the example config against a real broker while InfluxDB is unreachable (connection
 refused); the simulator publishes the demo's machines (4, vibration at 10240 Hz and process values at
-1 Hz) for 60 simulated seconds, healthy, so this is the steady rate. Rows and bytes per simulated second
-are extrapolated to 24 hours and compared with ``spool.max_rows``. Each alert adds the raw vibration
-around it (``2 × keep_blocks`` blocks of samples with the default ``around_alerts`` policy), printed apart.
+1 Hz) for 60 simulated seconds, healthy, so this is the steady rate. Points and bytes per simulated second
+are extrapolated to 24 hours and compared with ``spool.max_points`` and ``spool.max_bytes``. Held blocks
+(``around_alerts``) leave the spool after ``spool.hold_s`` even while the database is away, so they are
+not part of the outage's growth; each alert adds the raw vibration around it (``2 × keep_blocks`` blocks,
+released by reference: no bytes, ``keep_blocks`` blocks' worth of points), printed apart.
 
     .venv/bin/python benchmarks/spool_outage.py
 """
@@ -74,20 +76,27 @@ def main() -> None:
         finally:
             broker.stop()
         with sqlite3.connect(work / "spool.db") as db:
-            rows, payload = db.execute("SELECT count(*), sum(length(line)) FROM spool").fetchone()
+            rows, points, payload = db.execute(
+                "SELECT count(*), sum(points), sum(length(body)) FROM entry WHERE held = 0"
+            ).fetchone()
+            held_rows, held_bytes = db.execute(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM entry WHERE held = 1"
+            ).fetchone()
         config = load_config(REPO / "config/agent.yaml", environ={})
-        cap = config.spool.max_rows
+        max_points, max_bytes = config.spool.max_points, config.spool.max_bytes
         per_alert = 2 * config.storage.raw_vibration.keep_blocks * 2048
         day = 86_400 / SIMULATED_S
         print(
-            f"spooled in {SIMULATED_S:.0f} simulated s of outage: {rows} rows, {payload / 1e6:.2f} MB of line protocol"
+            f"spooled in {SIMULATED_S:.0f} simulated s of outage: {rows} rows, {points} points, "
+            f"{payload / 1e6:.2f} MB (and {held_rows} held blocks, {held_bytes / 1e6:.2f} MB, leaving after hold_s)"
         )
+        fits = points * day <= max_points and payload * day <= max_bytes
         print(
-            f"per 24 h at this rate: {rows * day / 1e6:.1f} M rows, {payload * day / 1e9:.2f} GB; "
-            f"default cap spool.max_rows {cap / 1e6:.0f} M rows: {'fits' if rows * day <= cap else 'DOES NOT FIT'}"
+            f"per 24 h at this rate: {points * day / 1e6:.1f} M points, {payload * day / 1e9:.2f} GB; default caps "
+            f"{max_points / 1e6:.0f} M points, {max_bytes / 2**30:.0f} GiB: {'fits' if fits else 'DOES NOT FIT'}"
         )
-        room = (cap - rows * day) / per_alert
-        print(f"each alert adds {per_alert} rows of raw vibration: room for {max(room, 0):.0f} alerts in that day")
+        room = (max_points - points * day) / per_alert
+        print(f"each alert adds {per_alert} points of raw vibration: room for {max(room, 0):.0f} alerts in that day")
 
 
 if __name__ == "__main__":

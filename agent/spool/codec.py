@@ -8,8 +8,9 @@ so the ingest thread never formats a sample.
 
 Layout (little-endian; ``str`` = ``u16`` byte length + UTF-8; ``tags`` = ``u8`` count + key/value strs):
 
-- ``READINGS``: ``u16`` count, then per reading: tags, ``i64`` time_ns, ``u8`` has_seq, [``i64`` seq],
-  ``u16`` field count, the field names (strs), then the values as ``f64``;
+- ``READINGS``: ``u32`` header size, the header (UTF-8 JSON: per reading its tags as a flat list, its
+  field names and whether it has a seq: names need escaping rules only JSON gets right and cheaply),
+  then the times (``i64`` each), the seqs (``i64``, 0 without one) and all field values (``f64``);
 - ``BLOCK``: ``i64`` start_ns, ``f64`` rate_hz, ``i64`` seq, ``u8`` flags (1 = store raw, 2 = has seq),
   tags, channel (str), then the samples as float32 up to the end;
 - ``LINES``: line protocol lines joined by newlines (UTF-8);
@@ -20,14 +21,20 @@ The format is the spool file's: a change of it needs a new kind number, never a 
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from agent import schema
 from agent.records import Reading, SampleBlock, Source
+from agent.storage.line_protocol import escape_key, escape_measurement, format_tags
 from agent.storage.points import block_lines, reading_lines
 
 
@@ -57,9 +64,8 @@ class Entry:
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_READING_HEAD = struct.Struct("<qB")
-_I64 = struct.Struct("<q")
 _BLOCK_HEAD = struct.Struct("<qdqB")
+_SEQ_KEY = f"{schema.READING_SEQ_FIELD}="
 
 
 def _put_str(out: list[bytes], text: str) -> None:
@@ -107,39 +113,84 @@ class _Reader:
 
 def encode_readings(readings: Sequence[Reading]) -> Entry:
     """The readings of one message as one entry."""
-    if len(readings) > 0xFFFF:
-        raise ValueError(f"{len(readings)} readings in one entry: at most 65535")
-    out: list[bytes] = [_U16.pack(len(readings))]
-    for r in readings:
-        _put_tags(out, r.source)
-        names = list(r.fields)
-        if len(names) > 0xFFFF:
-            raise ValueError(f"{len(names)} fields in one reading: the spool takes at most 65535")
-        try:
-            out.append(_READING_HEAD.pack(r.time_ns, r.seq is not None))
-            if r.seq is not None:
-                out.append(_I64.pack(r.seq))
-        except struct.error as exc:  # a time or seq beyond int64 (a decoder plug-in's)
-            raise ValueError(f"reading time {r.time_ns} or seq {r.seq}: {exc}") from None
-        out.append(_U16.pack(len(names)))
-        for name in names:
-            _put_str(out, name)
-        out.append(np.fromiter((r.fields[n] for n in names), dtype="<f8", count=len(names)).tobytes())
-    return Entry(Kind.READINGS, b"".join(out), len(readings))
+    shapes = [[[part for tag in r.source.tags for part in tag], list(r.fields), r.seq is not None] for r in readings]
+    header = json.dumps(shapes, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        times = np.fromiter((r.time_ns for r in readings), dtype="<i8", count=len(readings))
+        seqs = np.fromiter((r.seq or 0 for r in readings), dtype="<i8", count=len(readings))
+    except OverflowError as exc:
+        raise ValueError(f"a reading's time or seq does not fit in int64: {exc}") from None
+    values = np.fromiter((v for r in readings for v in r.fields.values()), dtype="<f8")
+    body = b"".join((_U32.pack(len(header)), header, times.tobytes(), seqs.tobytes(), values.tobytes()))
+    return Entry(Kind.READINGS, body, len(readings))
+
+
+def _readings_parts(body: bytes) -> tuple[list[list[Any]], list[int], list[int], list[float]]:
+    (size,) = _U32.unpack_from(body)
+    shapes: list[list[Any]] = json.loads(body[_U32.size : _U32.size + size])
+    n = len(shapes)
+    offset = _U32.size + size
+    times = np.frombuffer(body, dtype="<i8", count=n, offset=offset).tolist()
+    seqs = np.frombuffer(body, dtype="<i8", count=n, offset=offset + 8 * n).tolist()
+    values = np.frombuffer(body, dtype="<f8", offset=offset + 16 * n).tolist()
+    return shapes, times, seqs, values
 
 
 def decode_readings(body: bytes) -> list[Reading]:
-    reader = _Reader(body)
+    shapes, times, seqs, values = _readings_parts(body)
     readings = []
-    for _ in range(reader.int(_U16)):
-        source = reader.tags()
-        time_ns, has_seq = reader.unpack(_READING_HEAD)
-        seq = reader.int(_I64) if has_seq else None
-        names = [reader.str() for _ in range(reader.int(_U16))]
-        values = np.frombuffer(body, dtype="<f8", count=len(names), offset=reader.pos).tolist()
-        reader.pos += 8 * len(names)
-        readings.append(Reading(source, int(time_ns), dict(zip(names, values, strict=True)), seq))
+    at = 0
+    for (flat, names, has_seq), time_ns, seq in zip(shapes, times, seqs, strict=True):
+        tags = tuple(zip(flat[::2], flat[1::2], strict=True))
+        fields = dict(zip(names, values[at : at + len(names)], strict=True))
+        at += len(names)
+        readings.append(Reading(Source(tags), time_ns, fields, seq if has_seq else None))
     return readings
+
+
+@lru_cache(maxsize=65536)
+def _reading_prefix(flat: tuple[str, ...]) -> str:
+    """``reading,<sorted tags> `` for one source (as ``format_point`` writes it)."""
+    tags = dict(zip(flat[::2], flat[1::2], strict=True))
+    return f"{escape_measurement(schema.READING)}{format_tags(tags)} "
+
+
+@lru_cache(maxsize=65536)
+def _field_keys(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{escape_key(name)}=" for name in names)
+
+
+def readings_lines(body: bytes) -> list[str]:
+    """The ``reading`` points of a ``READINGS`` entry, as ``reading_lines`` makes them, without building
+    ``Reading`` objects (the writer's hot path for process data)."""
+    shapes, times, seqs, values = _readings_parts(body)
+    lines = []
+    at = 0
+    for (flat, names, has_seq), time_ns, seq in zip(shapes, times, seqs, strict=True):
+        count = len(names)
+        row = values[at : at + count]
+        at += count
+        if not names or schema.READING_SEQ_FIELD in names:  # not from the decoder: the general path
+            fields = dict(zip(names, row, strict=True))
+            lines.extend(
+                reading_lines(
+                    Reading(
+                        Source(tuple(zip(flat[::2], flat[1::2], strict=True))),
+                        time_ns,
+                        fields,
+                        seq if has_seq else None,
+                    )
+                )
+            )
+            continue
+        for name, value in zip(names, row, strict=True):
+            if not math.isfinite(value):
+                raise ValueError(f"field {name!r}: non-finite float {value}")
+        fields_text = ",".join([key + repr(value) for key, value in zip(_field_keys(tuple(names)), row, strict=True)])
+        if has_seq:
+            fields_text = f"{fields_text},{_SEQ_KEY}{seq}i"
+        lines.append(f"{_reading_prefix(tuple(flat))}{fields_text} {time_ns}")
+    return lines
 
 
 def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Entry:
@@ -194,7 +245,7 @@ def entry_lines(kind: int, body: bytes, resolve: ResolveBlocks | None = None) ->
     (blocks already gone are the caller's to count).
     """
     if kind == Kind.READINGS:
-        return [line for r in decode_readings(body) for line in reading_lines(r)]
+        return readings_lines(body)
     if kind == Kind.BLOCK:
         block, store_raw = decode_block(body)
         return block_lines(block) if store_raw else []
