@@ -97,6 +97,7 @@ def main() -> int:
                         py_spy,
                         "record",
                         "--threads",
+                        "--subprocesses",  # the writer process too
                         "--nonblocking",
                         "-r",
                         "200",

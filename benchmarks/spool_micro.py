@@ -25,8 +25,9 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from agent.records import Reading, SampleBlock, Source  # noqa: E402
-from agent.spool.codec import encode_block, encode_readings, entry_lines  # noqa: E402
+from agent.spool.codec import encode_block, encode_readings  # noqa: E402
 from agent.spool.sqlite import Spool  # noqa: E402
+from agent.storage.entries import entry_lines  # noqa: E402
 from agent.storage.points import block_lines  # noqa: E402
 
 T0 = 1_732_575_600_000_000_000

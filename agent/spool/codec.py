@@ -3,8 +3,8 @@
 One entry per accepted message's readings, per vibration block, per batch of points the agent itself
 produced (features, scores, alerts: already line protocol), or per raw-data release (the spool ids of
 held blocks to store after all). Entries are encoded on the ingest side (cheap: ``struct`` and the
-block's float32 bytes as they are) and turned into line protocol on the writer side (``entry_lines``),
-so the ingest thread never formats a sample.
+block's float32 bytes as they are) and turned into line protocol on the writer side
+(``agent.storage.entries.entry_lines``), so the ingest thread never formats a sample.
 
 Layout (little-endian; ``str`` = ``u16`` byte length + UTF-8; ``tags`` = ``u8`` count + key/value strs):
 
@@ -22,20 +22,15 @@ The format is the spool file's: a change of it needs a new kind number, never a 
 from __future__ import annotations
 
 import json
-import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from agent import schema
 from agent.records import Reading, SampleBlock, Source
-from agent.storage.line_protocol import escape_key, escape_measurement, format_tags
-from agent.storage.points import block_lines, reading_lines
 
 
 class Kind(IntEnum):
@@ -65,7 +60,6 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _BLOCK_HEAD = struct.Struct("<qdqB")
-_SEQ_KEY = f"{schema.READING_SEQ_FIELD}="
 
 
 def _put_str(out: list[bytes], text: str) -> None:
@@ -125,7 +119,7 @@ def encode_readings(readings: Sequence[Reading]) -> Entry:
     return Entry(Kind.READINGS, body, len(readings))
 
 
-def _readings_parts(body: bytes) -> tuple[list[list[Any]], list[int], list[int], list[float]]:
+def readings_parts(body: bytes) -> tuple[list[list[Any]], list[int], list[int], list[float]]:
     (size,) = _U32.unpack_from(body)
     shapes: list[list[Any]] = json.loads(body[_U32.size : _U32.size + size])
     n = len(shapes)
@@ -137,7 +131,7 @@ def _readings_parts(body: bytes) -> tuple[list[list[Any]], list[int], list[int],
 
 
 def decode_readings(body: bytes) -> list[Reading]:
-    shapes, times, seqs, values = _readings_parts(body)
+    shapes, times, seqs, values = readings_parts(body)
     readings = []
     at = 0
     for (flat, names, has_seq), time_ns, seq in zip(shapes, times, seqs, strict=True):
@@ -146,51 +140,6 @@ def decode_readings(body: bytes) -> list[Reading]:
         at += len(names)
         readings.append(Reading(Source(tags), time_ns, fields, seq if has_seq else None))
     return readings
-
-
-@lru_cache(maxsize=65536)
-def _reading_prefix(flat: tuple[str, ...]) -> str:
-    """``reading,<sorted tags> `` for one source (as ``format_point`` writes it)."""
-    tags = dict(zip(flat[::2], flat[1::2], strict=True))
-    return f"{escape_measurement(schema.READING)}{format_tags(tags)} "
-
-
-@lru_cache(maxsize=65536)
-def _field_keys(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f"{escape_key(name)}=" for name in names)
-
-
-def readings_lines(body: bytes) -> list[str]:
-    """The ``reading`` points of a ``READINGS`` entry, as ``reading_lines`` makes them, without building
-    ``Reading`` objects (the writer's hot path for process data)."""
-    shapes, times, seqs, values = _readings_parts(body)
-    lines = []
-    at = 0
-    for (flat, names, has_seq), time_ns, seq in zip(shapes, times, seqs, strict=True):
-        count = len(names)
-        row = values[at : at + count]
-        at += count
-        if not names or schema.READING_SEQ_FIELD in names:  # not from the decoder: the general path
-            fields = dict(zip(names, row, strict=True))
-            lines.extend(
-                reading_lines(
-                    Reading(
-                        Source(tuple(zip(flat[::2], flat[1::2], strict=True))),
-                        time_ns,
-                        fields,
-                        seq if has_seq else None,
-                    )
-                )
-            )
-            continue
-        for name, value in zip(names, row, strict=True):
-            if not math.isfinite(value):
-                raise ValueError(f"field {name!r}: non-finite float {value}")
-        fields_text = ",".join([key + repr(value) for key, value in zip(_field_keys(tuple(names)), row, strict=True)])
-        if has_seq:
-            fields_text = f"{fields_text},{_SEQ_KEY}{seq}i"
-        lines.append(f"{_reading_prefix(tuple(flat))}{fields_text} {time_ns}")
-    return lines
 
 
 def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Entry:
@@ -232,31 +181,3 @@ def encode_raw_ref(ids: Sequence[int]) -> Entry:
 def decode_raw_ref(body: bytes) -> list[int]:
     (count,) = _U32.unpack_from(body)
     return [int(i) for i in np.frombuffer(body, dtype="<i8", count=count, offset=_U32.size)]
-
-
-ResolveBlocks = Callable[[Sequence[int]], list[bytes]]
-"""Finds the bodies of held blocks by spool id (``agent.spool.sqlite.Spool.bodies``)."""
-
-
-def entry_lines(kind: int, body: bytes, resolve: ResolveBlocks | None = None) -> list[str]:
-    """The line protocol of one entry (raises ``ValueError`` for what InfluxDB cannot hold).
-
-    A held block gives no line; a ``RAW_REF`` gives the lines of the blocks ``resolve`` finds for its ids
-    (blocks already gone are the caller's to count).
-    """
-    if kind == Kind.READINGS:
-        return readings_lines(body)
-    if kind == Kind.BLOCK:
-        block, store_raw = decode_block(body)
-        return block_lines(block) if store_raw else []
-    if kind == Kind.LINES:
-        return body.decode().split("\n") if body else []
-    if kind == Kind.RAW_REF:
-        if resolve is None:
-            return []
-        lines: list[str] = []
-        for held in resolve(decode_raw_ref(body)):
-            block, _ = decode_block(held)
-            lines.extend(block_lines(block))
-        return lines
-    raise ValueError(f"unknown spool entry kind {kind}")

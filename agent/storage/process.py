@@ -82,15 +82,16 @@ class RelayMetrics:
         return ops
 
 
-def apply(metrics: Metrics, ops: list[tuple[str, str, float, dict[str, str]]]) -> None:
-    """Replay relayed metric calls on the parent's registry."""
+def apply(registry: Metrics, ops: list[tuple[str, str, float, dict[str, str]]]) -> None:
+    """Replay relayed metric calls on the parent's registry (their names were checked where they were made,
+    in ``agent.storage.writer``: the catalog test reads the call sites)."""
     for op, name, value, labels in ops:
         if op == "inc":
-            metrics.inc(name, value, **labels)
+            registry.inc(name, value, **labels)
         elif op == "set":
-            metrics.set(name, value, **labels)
+            registry.set(name, value, **labels)
         else:
-            metrics.observe(name, value, **labels)
+            registry.observe(name, value, **labels)
 
 
 def _child_main(

@@ -3,7 +3,7 @@
 Two threads, so that making the next batch overlaps the database's work on the current one:
 
 - *prepare* reads rows after what it has read so far, turns them into line protocol
-  (``agent.spool.codec.entry_lines``: vectorised for blocks) and queues a batch once it holds
+  (``agent.storage.entries.entry_lines``: vectorised for blocks) and queues a batch once it holds
   ``batch_size`` points, once its oldest row has waited ``flush_interval_s``, or at once while a
   flush or stop is pending. A row InfluxDB could never hold (a non-finite value, a name ending in a
   backslash) is dead-lettered with the reason here and counted in ``storage.unencodable``.
@@ -36,9 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.spool.codec import Kind, entry_lines
+from agent.spool.codec import Kind
 from agent.spool.sqlite import Row, SinkCursor
 from agent.storage.base import PermanentWriteError, RetryableWriteError, Sink
+from agent.storage.entries import entry_lines
 
 logger = logging.getLogger(__name__)
 

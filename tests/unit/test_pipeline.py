@@ -21,7 +21,8 @@ from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
-from agent.spool.codec import Entry, Kind, encode_block, encode_lines, entry_lines
+from agent.spool.codec import Entry, Kind, encode_block, encode_lines
+from agent.storage.entries import entry_lines
 from agent.topics import format_rfc3339
 
 T0 = 1_790_000_000 * 10**9
