@@ -173,29 +173,52 @@ def _blocks(k: int, source: Source = SRC, channel: str = "value") -> list[Sample
 
 def test_policy_all_and_none() -> None:
     b = _block()
-    assert RawVibrationPolicy("all").decide(b) == [b]
-    assert RawVibrationPolicy("none").decide(b) == []
+    assert RawVibrationPolicy("all").decide(b) == "store"
+    assert RawVibrationPolicy("none").decide(b) == "skip"
     assert RawVibrationPolicy("all").on_alert(SRC) == []
+    assert RawVibrationPolicy("none").on_alert(SRC) == []
 
 
 def test_policy_every_n_stores_the_first_and_every_nth_block_per_source() -> None:
     policy = RawVibrationPolicy("every_n", every_n=3)
     other = Source.of(machine="m2", sensor="vibration")
-    kept = [i for i, b in enumerate(_blocks(7)) if policy.decide(b)]
-    kept_other = [i for i, b in enumerate(_blocks(4, source=other)) if policy.decide(b)]
-    assert kept == [0, 3, 6]
+    decisions = [policy.decide(b) for b in _blocks(7)]
+    kept_other = [i for i, b in enumerate(_blocks(4, source=other)) if policy.decide(b) == "store"]
+    assert [i for i, d in enumerate(decisions) if d == "store"] == [0, 3, 6]
+    assert set(decisions) == {"store", "skip"}  # every_n never holds a block
     assert kept_other == [0, 3]
+    assert policy.on_alert(SRC) == []
 
 
-def test_policy_around_alerts_stores_the_ring_and_the_blocks_after_an_alert() -> None:
+def _hold_all(policy: RawVibrationPolicy, blocks: list[SampleBlock], first_id: int) -> list[int]:
+    """What the ingest worker does: each held block gets its spool id recorded."""
+    ids = []
+    for spool_id, b in enumerate(blocks, start=first_id):
+        if policy.decide(b) == "hold":
+            policy.hold(b, spool_id)
+            ids.append(spool_id)
+    return ids
+
+
+def test_policy_around_alerts_releases_the_ring_and_stores_the_blocks_after_an_alert() -> None:
     policy = RawVibrationPolicy("around_alerts", keep_blocks=2)
     blocks = _blocks(8)
-    assert [policy.decide(b) for b in blocks[:4]] == [[], [], [], []]
-    assert policy.on_alert(SRC) == blocks[2:4]  # the last keep_blocks before the alert
-    assert policy.decide(blocks[4]) == [blocks[4]]
-    assert policy.decide(blocks[5]) == [blocks[5]]
-    assert policy.decide(blocks[6]) == []  # back to the ring
-    assert policy.on_alert(SRC) == [blocks[6]]  # only what arrived since
+    assert _hold_all(policy, blocks[:4], first_id=10) == [10, 11, 12, 13]
+    assert policy.on_alert(SRC) == [12, 13]  # the last keep_blocks spool ids before the alert, oldest first
+    assert policy.decide(blocks[4]) == "store"
+    assert policy.decide(blocks[5]) == "store"
+    assert policy.decide(blocks[6]) == "hold"  # back to the ring
+    policy.hold(blocks[6], 20)
+    assert policy.on_alert(SRC) == [20]  # only what was held since
+    assert policy.on_alert(SRC) == []  # released ids are not released twice
+
+
+def test_policy_around_alerts_without_held_ids_releases_nothing_but_still_stores_after() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=1)
+    (b,) = _blocks(1)
+    assert policy.decide(b) == "hold"  # decided, but the spool refused it: no id recorded
+    assert policy.on_alert(SRC) == []
+    assert policy.decide(b) == "store"
 
 
 def test_policy_around_alerts_is_per_source() -> None:
@@ -203,19 +226,30 @@ def test_policy_around_alerts_is_per_source() -> None:
     other = Source.of(machine="m2", sensor="vibration")
     (a,) = _blocks(1)
     (b,) = _blocks(1, source=other)
-    policy.decide(a)
-    policy.decide(b)
-    assert policy.on_alert(other) == [b]
-    assert policy.decide(_block(source=SRC)) == []
-    assert policy.on_alert(SRC) != []
+    assert _hold_all(policy, [a], first_id=1) == [1]
+    assert _hold_all(policy, [b], first_id=2) == [2]
+    assert policy.on_alert(other) == [2]
+    assert policy.decide(_block(source=SRC)) == "hold"  # the alert of the other source changed nothing here
+    assert policy.decide(_block(source=other)) == "store"
+    assert policy.on_alert(SRC) == [1]
 
 
-def test_policy_around_alerts_releases_every_channel_of_the_source() -> None:
-    policy = RawVibrationPolicy("around_alerts", keep_blocks=1)
-    x, y = _blocks(1, channel="x")[0], _blocks(1, channel="y")[0]
-    policy.decide(x)
-    policy.decide(y)
-    assert {b.channel for b in policy.on_alert(SRC)} == {"x", "y"}
+def test_policy_around_alerts_releases_every_channel_of_the_source_in_id_order() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=2)
+    x, y = _blocks(2, channel="x"), _blocks(2, channel="y")
+    policy.hold(y[0], 3)
+    policy.hold(x[0], 4)
+    policy.hold(y[1], 5)
+    policy.hold(x[1], 6)
+    assert policy.on_alert(SRC) == [3, 4, 5, 6]
+    assert policy.decide(x[0]) == "store"
+    assert policy.decide(y[0]) == "store"
+
+
+def test_policy_around_alerts_ring_keeps_only_the_last_keep_blocks_ids() -> None:
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=3)
+    assert _hold_all(policy, _blocks(10), first_id=100) == list(range(100, 110))
+    assert policy.on_alert(SRC) == [107, 108, 109]
 
 
 @pytest.mark.parametrize(

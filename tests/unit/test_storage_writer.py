@@ -1,23 +1,32 @@
-"""The spool writer's delivery logic against a scripted in-test sink: batching, retry, bisect, stop."""
+"""A sink's writer against a scripted in-test sink: entries to lines, batching, retry, bisection,
+unencodable rows, raw-data releases, cursors, flush and stop."""
 
 from __future__ import annotations
 
 import doctest
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.metrics import Metrics
-from agent.spool.sqlite import Spool
+from agent.records import Reading, SampleBlock, Source
+from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.sqlite import SinkCursor, Spool
 from agent.storage import writer as writer_module
 from agent.storage.base import PermanentWriteError, RetryableWriteError, WriteError
-from agent.storage.writer import SpoolWriter, backoff_s
+from agent.storage.points import block_lines, reading_lines
+from agent.storage.writer import SinkWriter, backoff_s
 
 FLUSH_TIMEOUT_S = 30.0  # a generous bound for waiting, never a performance assertion
+SRC = Source.of(machine="m1", sensor="vibration")
+PROC = Source.of(machine="m1", sensor="process")
+T0 = 1_732_575_600_000_000_000
 
 
 class ScriptedSink:
@@ -45,6 +54,22 @@ def _lines(n: int, start: int = 0) -> list[str]:
     return [f"m v={i}i {i}" for i in range(start, start + n)]
 
 
+def _one_per_row(lines: list[str]) -> list[Entry]:
+    return [encode_lines([line]) for line in lines]
+
+
+def _block(n: int, k: int = 0, samples: np.ndarray | None = None) -> SampleBlock:
+    values = np.arange(n, dtype=np.float32) + k if samples is None else samples
+    return SampleBlock(SRC, T0 + k * 10**9, 1000.0, values, "x")
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + FLUSH_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics()
@@ -52,26 +77,35 @@ def metrics() -> Metrics:
 
 @pytest.fixture
 def spool(tmp_path: Path, metrics: Metrics) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool.db", max_rows=100_000, metrics=metrics)
+    s = Spool(tmp_path / "spool.db", max_bytes=10**12, max_points=10**9, metrics=metrics)
     yield s
     s.close()
 
 
 @pytest.fixture
-def make_writer(spool: Spool, metrics: Metrics) -> Iterator[Callable[..., SpoolWriter]]:
-    writers: list[SpoolWriter] = []
+def make_writer(spool: Spool, metrics: Metrics) -> Iterator[Callable[..., SinkWriter]]:
+    writers: list[SinkWriter] = []
+    cursors: list[SinkCursor] = []
 
-    def make(sink: ScriptedSink, **kwargs: float) -> SpoolWriter:
+    def make(sink: ScriptedSink, sink_name: str = "local", start: bool = True, **kwargs: float) -> SinkWriter:
         options = {"batch_size": 10, "flush_interval_s": 3600.0, "backoff_min_s": 0.001, "backoff_max_s": 0.01}
         options.update(kwargs)
-        w = SpoolWriter(spool, sink, metrics, rng=random.Random(1), **options)  # type: ignore[arg-type]
+        cursor = spool.cursor(sink_name)
+        cursors.append(cursor)
+        w = SinkWriter(cursor, sink, metrics, rng=random.Random(1), **options)  # type: ignore[arg-type]
         writers.append(w)
-        w.start()
+        if start:
+            w.start()
         return w
 
     yield make
     for w in writers:
         w.stop(5.0)
+    for c in cursors:
+        c.close()
+
+
+# -- backoff -------------------------------------------------------------------------------------
 
 
 def test_backoff_doctest_passes() -> None:
@@ -84,71 +118,188 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
         ceiling = min(4.0, 0.25 * 2 ** (failures - 1))
         for _ in range(20):
             assert ceiling / 2 <= backoff_s(failures, 0.25, 4.0, rng) <= ceiling
+    assert 2.0 <= backoff_s(10_000, 0.25, 4.0, rng) <= 4.0  # no overflow for a long outage
 
 
-def test_lines_are_written_in_batches_acked_and_counted(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+# -- delivery ------------------------------------------------------------------------------------
+
+
+def test_entries_are_written_as_lines_in_batches_the_cursor_moved_and_counted(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     sink = ScriptedSink()
-    spool.append(_lines(25))
+    spool.append(_one_per_row(_lines(25)))
     writer = make_writer(sink)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sink.accepted == _lines(25)
     assert all(len(call) <= 10 for call in sink.calls)
-    assert spool.depth() == 0
+    assert spool.caught_up("local")
+    assert spool.compact() == 25
     assert metrics.get("storage.points_written") == 25
     # One duration per successful write, in the write latency histogram.
-    assert metrics.get("storage.write_seconds") == len(sink.calls) == 3
+    assert metrics.get("storage.write_seconds") == len(sink.calls)
     assert (metrics.quantile("storage.write_seconds", 0.99) or -1.0) >= 0.0
+    assert metrics.get("storage.backoff_s") == 0.0
+
+
+def test_every_kind_of_entry_becomes_its_lines_in_spool_order(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    readings = [Reading(PROC, T0, {"temperature": 61.5, "current": 2.0}, 7), Reading(PROC, T0 + 1, {"value": 1.0})]
+    stored = _block(3, k=1)
+    spool.append(
+        [
+            encode_readings(readings),
+            encode_block(stored, store_raw=True),
+            encode_block(_block(4, k=2), store_raw=False),  # skipped raw data: a row of no lines
+            encode_lines(["features rms=0.5 1", "anomaly_score score=0.1 1"]),
+        ]
+    )
+    sink = ScriptedSink()
+    writer = make_writer(sink, batch_size=1000)
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    expected = [
+        *[line for r in readings for line in reading_lines(r)],
+        *block_lines(stored),
+        "features rms=0.5 1",
+        "anomaly_score score=0.1 1",
+    ]
+    assert sink.accepted == expected
+    assert metrics.get("storage.points_written") == len(expected)
+
+
+def test_a_row_larger_than_a_batch_is_written_whole(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    sink = ScriptedSink()
+    spool.append([encode_lines(_lines(25)), *_one_per_row(_lines(3, start=25))])
+    writer = make_writer(sink, batch_size=10)
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert sink.accepted == _lines(28)
+    assert len(sink.calls[0]) == 25
 
 
 def test_failed_writes_are_counted_by_kind_and_not_timed(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     attempts = iter([RetryableWriteError("database away"), None])
     sink = ScriptedSink(lambda _lines: next(attempts))
-    spool.append(_lines(3))
+    spool.append(_one_per_row(_lines(3)))
     writer = make_writer(sink)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert metrics.get("storage.write_failures", kind="retryable") == 1
     assert metrics.get("storage.write_seconds") == 1  # only the write that succeeded
 
 
-def test_alive_follows_the_writer_thread(spool: Spool, metrics: Metrics) -> None:
-    writer = SpoolWriter(spool, ScriptedSink(), metrics)
+def test_alive_follows_the_writer_threads(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    writer = make_writer(ScriptedSink(), start=False)
     assert not writer.alive
     writer.start()
     assert writer.alive
+    with pytest.raises(RuntimeError, match="already started"):
+        writer.start()
     writer.stop(FLUSH_TIMEOUT_S)
     assert not writer.alive
 
 
 def test_partial_batch_waits_for_the_flush_interval_unless_flushed(
-    spool: Spool, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, make_writer: Callable[..., SinkWriter]
 ) -> None:
     sink = ScriptedSink()
     writer = make_writer(sink, batch_size=1000)
-    spool.append(_lines(3))
+    spool.append(_one_per_row(_lines(3)))
     assert writer.flush(FLUSH_TIMEOUT_S)  # flush() does not wait for the hour-long interval
     assert sink.accepted == _lines(3)
 
 
+def test_a_partial_batch_goes_out_once_its_flush_interval_passed(
+    spool: Spool, make_writer: Callable[..., SinkWriter]
+) -> None:
+    sink = ScriptedSink()
+    make_writer(sink, batch_size=1000, flush_interval_s=0.0)
+    spool.append(_one_per_row(_lines(3)))
+    _wait_for(lambda: spool.caught_up("local"), "the interval's write")  # without any flush()
+    assert sink.accepted == _lines(3)
+
+
+def test_flush_covers_rows_appended_while_the_writer_runs(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    sink = ScriptedSink()
+    writer = make_writer(sink, batch_size=7)
+    for k in range(5):
+        spool.append(_one_per_row(_lines(11, start=11 * k)))
+        assert writer.flush(FLUSH_TIMEOUT_S)
+        assert sink.accepted == _lines(11 * (k + 1))
+
+
+class BodySink(ScriptedSink):
+    """A sink that takes the batch joined by the preparing thread (``write_body``) when it can."""
+
+    def __init__(self, fail: Callable[[list[str]], WriteError | None] | None = None) -> None:
+        super().__init__(fail)
+        self.bodies: list[tuple[bytes, int]] = []
+
+    def write_body(self, payload: bytes, points: int) -> None:
+        with self.lock:
+            self.bodies.append((payload, points))
+        self.write(payload.decode().split("\n"))
+
+
+def test_a_sink_with_write_body_gets_the_joined_batch_and_bisection_still_works(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    bad = "m v=6i 6"
+    sink = BodySink(fail=lambda lines: PermanentWriteError("HTTP 400", 400) if bad in lines else None)
+    spool.append(_one_per_row(_lines(10)))
+    assert make_writer(sink, batch_size=10).flush(FLUSH_TIMEOUT_S)
+    assert sink.bodies[0] == ("\n".join(_lines(10)).encode(), 10)
+    assert sorted(sink.accepted) == sorted(set(_lines(10)) - {bad})
+    assert [line for line, _ in spool.dead_letters()] == [bad]
+    assert metrics.get("storage.points_written") == 9
+
+
+# -- retry, bisection, configuration errors ---------------------------------------------------------
+
+
 def test_retryable_errors_keep_the_batch_and_retry_until_it_is_delivered(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     failures = iter([RetryableWriteError("connection refused")] * 3)
     sink = ScriptedSink(fail=lambda lines: next(failures, None))
-    spool.append(_lines(5))
+    spool.append(_one_per_row(_lines(5)))
     writer = make_writer(sink)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sink.accepted == _lines(5)
     assert [len(call) for call in sink.calls] == [5, 5, 5, 5]  # the same batch, whole, each time
     assert metrics.get("storage.write_failures", kind="retryable") == 3
     assert spool.dead_letter_depth() == 0
+    assert metrics.get("storage.backoff_s") == 0.0  # back to 0 once a write succeeded
+
+
+def test_a_longer_retry_after_replaces_the_backoff(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    sink = ScriptedSink(fail=lambda lines: RetryableWriteError("HTTP 429", 429, retry_after_s=3600.0))
+    spool.append(_one_per_row(_lines(2)))
+    writer = make_writer(sink, flush_interval_s=0.0)  # its own backoff is at most 10 ms
+    _wait_for(lambda: metrics.get("storage.backoff_s") > 0, "the first failed write")
+    assert metrics.get("storage.backoff_s") == 3600.0
+    assert len(sink.calls) == 1  # waiting as the server asked
+    writer.stop(FLUSH_TIMEOUT_S)  # interrupts the wait
+    assert not writer.alive
+    assert spool.cursors() == {"local": 0}
+
+
+def test_a_shorter_retry_after_does_not_shorten_the_backoff(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    sink = ScriptedSink(fail=lambda lines: RetryableWriteError("HTTP 503", 503, retry_after_s=0.001))
+    spool.append(_one_per_row(_lines(2)))
+    writer = make_writer(sink, flush_interval_s=0.0, backoff_min_s=3600.0, backoff_max_s=3600.0)
+    _wait_for(lambda: metrics.get("storage.backoff_s") > 0, "the first failed write")
+    assert 1800.0 <= metrics.get("storage.backoff_s") <= 3600.0
+    writer.stop(FLUSH_TIMEOUT_S)
 
 
 def test_rejected_lines_are_isolated_and_dead_lettered_while_the_others_are_written(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     bad = {"m v=3i 3", "m v=4i 4", "m v=17i 17"}
 
@@ -161,7 +312,7 @@ def test_rejected_lines_are_isolated_and_dead_lettered_while_the_others_are_writ
 
     sink = ScriptedSink(fail=fail)
     lines = _lines(20)
-    spool.append(lines)
+    spool.append([encode_lines(lines[:10]), *_one_per_row(lines[10:])])  # lines of one row and of many
     writer = make_writer(sink, batch_size=20)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sorted(sink.accepted) == sorted(set(lines) - bad)
@@ -172,32 +323,74 @@ def test_rejected_lines_are_isolated_and_dead_lettered_while_the_others_are_writ
     assert metrics.get("storage.points_written") == 17
     assert metrics.get("spool.dead_lettered") == 3
     assert metrics.get("storage.write_failures", kind="rejected") == 1
+    assert spool.caught_up("local")  # the refused lines do not hold the cursor back
 
 
+def test_dead_lettered_rows_name_their_spool_row(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    sink = ScriptedSink(fail=lambda lines: PermanentWriteError("HTTP 400", 400) if "m v=1i 1" in lines else None)
+    ids = spool.append(_one_per_row(_lines(3)))
+    assert make_writer(sink).flush(FLUSH_TIMEOUT_S)
+    conn = sqlite3.connect(spool.path)
+    assert conn.execute("SELECT sink, entry_id, line FROM dead_letter").fetchall() == [("local", ids[1], "m v=1i 1")]
+    conn.close()
+
+
+def test_dead_letter_trimming_is_counted(tmp_path: Path, metrics: Metrics) -> None:
+    with Spool(tmp_path / "s.db", 10**12, 10**9, metrics=metrics, dead_letter_max_rows=2) as spool:
+        cursor = spool.cursor("local")
+        sink = ScriptedSink(fail=lambda lines: PermanentWriteError("HTTP 400: bad", 400))
+        spool.append(_one_per_row(_lines(3)))
+        writer = SinkWriter(cursor, sink, metrics, batch_size=10, flush_interval_s=3600.0)
+        writer.start()
+        try:
+            assert writer.flush(FLUSH_TIMEOUT_S)
+        finally:
+            writer.stop(FLUSH_TIMEOUT_S)
+            cursor.close()
+        assert [line for line, _ in spool.dead_letters()] == _lines(2, start=1)
+        assert metrics.get("spool.dead_lettered") == 3
+        assert metrics.get("spool.dead_letter_trimmed") == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
 def test_a_setup_error_keeps_the_data_spooled_instead_of_dead_lettering_it(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter], status: int
 ) -> None:
     fixed = threading.Event()
 
     def fail(lines: list[str]) -> WriteError | None:
         if fixed.is_set():
             return None
-        return PermanentWriteError("HTTP 404: database not found", 404, rejects_data=False)
+        return PermanentWriteError(f"HTTP {status}: database not found", status, rejects_data=False)
 
     sink = ScriptedSink(fail=fail)
-    spool.append(_lines(5))
-    writer = make_writer(sink)
-    assert not writer.flush(0.2)  # a bounded wait: the database is "missing"
-    assert spool.depth() == 5
+    spool.append(_one_per_row(_lines(5)))
+    writer = make_writer(sink, flush_interval_s=0.0)
+    _wait_for(lambda: metrics.get("storage.write_failures", kind="config") >= 2, "two refused writes")
+    assert spool.cursors() == {"local": 0}
     assert spool.dead_letter_depth() == 0
-    assert metrics.get("storage.write_failures", kind="config") >= 1
+    assert all(len(call) == 5 for call in sink.calls)  # never split: the data is not at fault
+    assert metrics.get("storage.write_failures", kind="rejected") == 0
     fixed.set()
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sink.accepted == _lines(5)
+    assert spool.dead_letter_depth() == 0
+
+
+def test_a_setup_error_waits_backoff_max_s(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    sink = ScriptedSink(fail=lambda lines: PermanentWriteError("HTTP 401", 401, rejects_data=False))
+    spool.append(_one_per_row(_lines(1)))
+    writer = make_writer(sink, flush_interval_s=0.0, backoff_max_s=3600.0)
+    _wait_for(lambda: metrics.get("storage.backoff_s") > 0, "the refused write")
+    assert metrics.get("storage.backoff_s") == 3600.0
+    writer.stop(FLUSH_TIMEOUT_S)
+    assert len(sink.calls) == 1
 
 
 def test_a_retryable_error_during_isolation_keeps_the_rest_for_later(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     state = {"calls": 0}
 
@@ -212,7 +405,7 @@ def test_a_retryable_error_during_isolation_keeps_the_rest_for_later(
         return None
 
     sink = ScriptedSink(fail=fail)
-    spool.append(_lines(10))
+    spool.append(_one_per_row(_lines(10)))
     writer = make_writer(sink)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sorted(set(sink.accepted)) == sorted(set(_lines(10)) - {"m v=7i 7"})
@@ -220,37 +413,8 @@ def test_a_retryable_error_during_isolation_keeps_the_rest_for_later(
     assert metrics.get("storage.write_failures", kind="retryable") == 1
 
 
-def test_stop_writes_what_is_left_before_returning(spool: Spool, make_writer: Callable[..., SpoolWriter]) -> None:
-    sink = ScriptedSink()
-    writer = make_writer(sink, batch_size=1000)  # a partial batch and an hour-long interval: not due
-    spool.append(_lines(7))
-    writer.stop(FLUSH_TIMEOUT_S)
-    assert sink.accepted == _lines(7)
-    assert spool.depth() == 0
-
-
-def test_stop_with_the_database_away_leaves_the_lines_spooled(
-    spool: Spool, make_writer: Callable[..., SpoolWriter]
-) -> None:
-    sink = ScriptedSink(fail=lambda lines: RetryableWriteError("connection refused"))
-    spool.append(_lines(4))
-    writer = make_writer(sink, batch_size=4, backoff_min_s=3600.0, backoff_max_s=3600.0)
-    deadline = time.monotonic() + FLUSH_TIMEOUT_S
-    while not sink.calls and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sink.calls
-    writer.stop(FLUSH_TIMEOUT_S)  # interrupts the hour-long backoff
-    assert spool.depth() == 4
-
-
-def test_flush_requires_a_running_writer(spool: Spool, metrics: Metrics) -> None:
-    writer = SpoolWriter(spool, ScriptedSink(), metrics)
-    with pytest.raises(RuntimeError, match="not running"):
-        writer.flush(1.0)
-
-
-def test_unexpected_sink_exceptions_do_not_kill_the_thread(
-    spool: Spool, metrics: Metrics, make_writer: Callable[..., SpoolWriter]
+def test_unexpected_sink_exceptions_do_not_kill_the_threads(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     errors = iter([KeyError("bug")])
 
@@ -261,11 +425,224 @@ def test_unexpected_sink_exceptions_do_not_kill_the_thread(
         return None
 
     sink = ScriptedSink(fail=fail)
-    spool.append(_lines(3))
+    spool.append(_one_per_row(_lines(3)))
     writer = make_writer(sink)
     assert writer.flush(FLUSH_TIMEOUT_S)
     assert sink.accepted == _lines(3)
     assert metrics.get("storage.writer_errors") == 1
+    assert writer.alive
+
+
+# -- rows no sink can take -------------------------------------------------------------------------
+
+
+def test_unencodable_rows_are_dead_lettered_with_the_reason_and_the_rest_is_written(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    good = Reading(PROC, T0, {"value": 1.0})
+    backslash = Reading(PROC, T0 + 1, {"bad\\": 2.0})  # would escape the separator after it
+    nan_field = Reading(PROC, T0 + 2, {"value": float("nan")})
+    inf_block = _block(3, samples=np.array([1.0, np.inf, 2.0], np.float32))
+    ids = spool.append(
+        [
+            encode_readings([good]),
+            encode_readings([backslash, good]),  # a message is one row: its good reading goes with it
+            encode_block(inf_block, store_raw=True),
+            encode_readings([nan_field]),
+            encode_lines(["after v=1 1"]),
+        ]
+    )
+    sink = ScriptedSink()
+    writer = make_writer(sink)
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert sink.accepted == [*reading_lines(good), "after v=1 1"]
+    assert spool.caught_up("local")
+    dead = spool.dead_letters()
+    assert len(dead) == 3
+    assert all(reason.startswith("unencodable: ") for _, reason in dead)
+    assert "ends with a backslash" in dead[0][1]
+    assert "non-finite" in dead[1][1]
+    assert "non-finite" in dead[2][1]
+    assert dead[0][0] == f"<readings entry {ids[1]}: {len(encode_readings([backslash, good]).body)} bytes, 2 points>"
+    assert metrics.get("storage.unencodable", kind="readings") == 2
+    assert metrics.get("storage.unencodable", kind="block") == 1
+    assert metrics.get("spool.dead_lettered") == 2 + 3 + 1  # the points of the rows
+    assert metrics.get("storage.points_written") == 2
+
+
+def test_an_unknown_entry_kind_is_dead_lettered(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    spool.append([Entry(9, b"from a newer agent", 1), encode_lines(["m v=1 1"])])  # type: ignore[arg-type]
+    sink = ScriptedSink()
+    assert make_writer(sink).flush(FLUSH_TIMEOUT_S)
+    assert sink.accepted == ["m v=1 1"]
+    assert metrics.get("storage.unencodable", kind="kind9") == 1
+    assert "unknown spool entry kind 9" in spool.dead_letters()[0][1]
+
+
+# -- held blocks and raw-data releases ---------------------------------------------------------
+
+
+def test_held_blocks_are_not_written_until_a_release_names_them(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    held = [_block(4, k) for k in range(3)]
+    ids = spool.append([encode_block(b, store_raw=False, held=True) for b in held])
+    sink = ScriptedSink()
+    writer = make_writer(sink)
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert sink.accepted == []
+    assert spool.caught_up("local")
+    spool.compact()
+    assert spool.size()[0] == 3  # kept for hold_s although every sink passed them
+    spool.append([encode_raw_ref([ids[1], ids[2]])])  # type: ignore[list-item]
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert sink.accepted == block_lines(held[1]) + block_lines(held[2])
+    assert metrics.get("storage.raw_released") == 8
+    assert metrics.get("storage.raw_missing") == 0
+    assert metrics.get("storage.points_written") == 8
+
+
+def test_a_release_of_held_blocks_the_caps_dropped_counts_them_missing(tmp_path: Path, metrics: Metrics) -> None:
+    with Spool(tmp_path / "s.db", max_bytes=10**12, max_points=5, metrics=metrics) as spool:
+        cursor = spool.cursor("local")
+        gone, kept = _block(4, 0), _block(4, 1)
+        gone_id = spool.append([encode_block(gone, store_raw=False, held=True)])[0]
+        spool.append(_one_per_row(_lines(5)))
+        kept_id = spool.append([encode_block(kept, store_raw=False, held=True)])[0]
+        spool.append(_one_per_row(_lines(1, start=5)))  # over the point cap: the oldest rows go
+        assert cursor.bodies([gone_id]) == []  # type: ignore[list-item]
+        spool.append([encode_raw_ref([gone_id, kept_id])])  # type: ignore[list-item]
+        sink = ScriptedSink()
+        writer = SinkWriter(cursor, sink, metrics, batch_size=100, flush_interval_s=3600.0)
+        writer.start()
+        try:
+            assert writer.flush(FLUSH_TIMEOUT_S)
+        finally:
+            writer.stop(FLUSH_TIMEOUT_S)
+            cursor.close()
+        assert sink.accepted == _lines(5, start=1) + block_lines(kept)
+        assert metrics.get("storage.raw_missing") == 1
+        assert metrics.get("storage.raw_released") == 4
+
+
+# -- sinks, cursors, restarts ------------------------------------------------------------------------
+
+
+def test_two_sinks_each_get_everything_and_rows_go_once_both_have_them(tmp_path: Path, metrics: Metrics) -> None:
+    with Spool(tmp_path / "s.db", 10**12, 10**9, metrics=metrics, sinks=("local", "cloud")) as spool:
+        local, cloud = ScriptedSink(), ScriptedSink(fail=lambda lines: RetryableWriteError("away"))
+        cursors = [spool.cursor("local"), spool.cursor("cloud")]
+        options = {"batch_size": 10, "flush_interval_s": 3600.0, "backoff_min_s": 0.001, "backoff_max_s": 0.01}
+        writers = [
+            SinkWriter(cursors[0], local, metrics, **options),  # type: ignore[arg-type]
+            SinkWriter(cursors[1], cloud, metrics, **options),  # type: ignore[arg-type]
+        ]
+        for w in writers:
+            w.start()
+        try:
+            spool.append(_one_per_row(_lines(15)))
+            assert writers[0].flush(FLUSH_TIMEOUT_S)
+            assert local.accepted == _lines(15)
+            spool.compact()
+            assert spool.size()[0] == 15  # the cloud has none of them
+            cloud.fail = None
+            assert writers[1].flush(FLUSH_TIMEOUT_S)
+            assert cloud.accepted == _lines(15)
+            spool.compact()
+            assert spool.size() == (0, 0, 0)
+        finally:
+            for w in writers:
+                w.stop(FLUSH_TIMEOUT_S)
+            for c in cursors:
+                c.close()
+
+
+def test_a_new_writer_resumes_at_the_cursor(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    first = ScriptedSink()
+    writer = make_writer(first)
+    spool.append(_one_per_row(_lines(5)))
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    writer.stop(FLUSH_TIMEOUT_S)
+    spool.append(_one_per_row(_lines(3, start=5)))
+    second = ScriptedSink()
+    assert make_writer(second).flush(FLUSH_TIMEOUT_S)
+    assert second.accepted == _lines(3, start=5)  # nothing confirmed is written again
+
+
+def test_lines_of_a_version_0_2_spool_are_delivered(tmp_path: Path, metrics: Metrics) -> None:
+    path = tmp_path / "spool.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        """
+        CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, line TEXT NOT NULL, enqueued_ns INTEGER NOT NULL);
+        CREATE TABLE dead_letter (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, spool_id INTEGER NOT NULL, line TEXT NOT NULL,
+            reason TEXT NOT NULL, dead_ns INTEGER NOT NULL
+        );
+        """
+    )
+    conn.executemany("INSERT INTO spool (line, enqueued_ns) VALUES (?, 1)", ((line,) for line in _lines(7)))
+    conn.close()
+    with Spool(path, 10**12, 10**9, metrics=metrics) as spool:
+        spool.append(_one_per_row(["new v=1 1"]))
+        cursor = spool.cursor("local")
+        sink = ScriptedSink()
+        writer = SinkWriter(cursor, sink, metrics, batch_size=3, flush_interval_s=3600.0)
+        writer.start()
+        try:
+            assert writer.flush(FLUSH_TIMEOUT_S)
+        finally:
+            writer.stop(FLUSH_TIMEOUT_S)
+            cursor.close()
+        assert sink.accepted == [*_lines(7), "new v=1 1"]
+
+
+# -- stop and flush ------------------------------------------------------------------------------
+
+
+def test_stop_writes_what_is_left_before_returning(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    sink = ScriptedSink()
+    writer = make_writer(sink, batch_size=1000)  # a partial batch and an hour-long interval: not due
+    spool.append(_one_per_row(_lines(7)))
+    writer.stop(FLUSH_TIMEOUT_S)
+    assert sink.accepted == _lines(7)
+    assert spool.caught_up("local")
+
+
+def test_stop_with_the_database_away_leaves_the_rows_spooled(
+    spool: Spool, make_writer: Callable[..., SinkWriter]
+) -> None:
+    sink = ScriptedSink(fail=lambda lines: RetryableWriteError("connection refused"))
+    spool.append(_one_per_row(_lines(4)))
+    writer = make_writer(sink, batch_size=4, flush_interval_s=0.0, backoff_min_s=3600.0, backoff_max_s=3600.0)
+    _wait_for(lambda: bool(sink.calls), "the first write")
+    writer.stop(FLUSH_TIMEOUT_S)  # interrupts the hour-long backoff
+    assert not writer.alive
+    assert spool.cursors() == {"local": 0}
+    assert spool.size()[:2] == (4, 4)
+
+
+def test_stop_is_idempotent_and_harmless_before_start(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    writer = make_writer(ScriptedSink(), start=False)
+    writer.stop(1.0)  # never started: nothing to do
+    writer.start()
+    writer.stop(FLUSH_TIMEOUT_S)
+    writer.stop(FLUSH_TIMEOUT_S)
+    assert not writer.alive
+
+
+def test_flush_requires_a_running_writer(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    writer = make_writer(ScriptedSink(), start=False)
+    with pytest.raises(RuntimeError, match="not running"):
+        writer.flush(1.0)
+
+
+def test_flush_of_an_empty_spool_returns_at_once(spool: Spool, make_writer: Callable[..., SinkWriter]) -> None:
+    sink = ScriptedSink()
+    assert make_writer(sink).flush(FLUSH_TIMEOUT_S)
+    assert sink.calls == []
 
 
 @pytest.mark.parametrize(
@@ -278,5 +655,9 @@ def test_unexpected_sink_exceptions_do_not_kill_the_thread(
     ],
 )
 def test_bad_settings_are_refused(spool: Spool, metrics: Metrics, kwargs: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        SpoolWriter(spool, ScriptedSink(), metrics, **kwargs)  # type: ignore[arg-type]
+    cursor = spool.cursor("local")
+    try:
+        with pytest.raises(ValueError, match=message):
+            SinkWriter(cursor, ScriptedSink(), metrics, **kwargs)  # type: ignore[arg-type]
+    finally:
+        cursor.close()
