@@ -4,8 +4,8 @@ One row per entry (``agent.spool.codec``): the readings of one message, one vibr
 bytes), a batch of points the agent produced, or a raw-data release. Rows only grow in id
 (``AUTOINCREMENT``) and are never changed; a sink reads them in id order through a ``SinkCursor`` and
 moves its durable cursor after the database confirmed them. A row is removed once every configured sink's
-cursor is past it (``compact``), except *held* blocks (``around_alerts``), which stay ``hold_s`` longer
-so that an alert can still release them.
+cursor is past it (``compact``). *Held* blocks (``around_alerts``) give no sink a point: they stay
+``hold_s`` so that an alert can still release them, and once released until every sink is past the release.
 
 Durability: WAL mode with ``synchronous=NORMAL``. A committed ``append`` is in the write-ahead log before
 it returns, so it survives a crash or kill of the agent process; only an OS crash or power loss can take
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from agent.metrics import Metrics
-from agent.spool.codec import Entry, encode_lines
+from agent.spool.codec import Entry, Kind, decode_raw_ref, encode_lines
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ MIN_FREE_BYTES = 16 * 1024 * 1024
 COMPACT_INTERVAL_S = 0.5
 BUSY_TIMEOUT_MS = 10_000
 BACKLOG_CACHE_S = 0.5
+HELD = -1
+"""``entry.held`` of a block kept for a possible release; 0 for other rows; the release's id once released."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entry (
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS entry (
     held INTEGER NOT NULL DEFAULT 0,
     enqueued_ns INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS entry_held ON entry (held, enqueued_ns) WHERE held != 0;
 CREATE TABLE IF NOT EXISTS cursor (
     sink TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
@@ -250,9 +253,11 @@ class Spool:
                     e = entries[i]
                     cur = conn.execute(
                         "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES (?, ?, ?, ?, ?)",
-                        (int(e.kind), e.body, e.points, int(e.held), now),
+                        (int(e.kind), e.body, e.points, HELD if e.held else 0, now),
                     )
                     ids[i] = cur.lastrowid
+                    if e.kind == Kind.RAW_REF and cur.lastrowid is not None:
+                        self._pin(conn, decode_raw_ref(e.body), cur.lastrowid)
                     rows += 1
                     points += e.points
                     size += len(e.body) + ROW_OVERHEAD_BYTES
@@ -347,30 +352,46 @@ class Spool:
         found = {str(s): int(i) for s, i in rows}
         return {s: found.get(s, 0) for s in self.sinks}
 
+    @staticmethod
+    def _pin(conn: sqlite3.Connection, ids: Sequence[int], release_id: int) -> None:
+        """A release names held blocks: keep them until every sink has passed the release itself."""
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            conn.execute(f"UPDATE entry SET held = ? WHERE held = {HELD} AND id IN ({marks})", (release_id, *part))
+
     def compact(self) -> int:
-        """Remove the rows every sink has confirmed (held blocks once ``hold_s`` old); returns how many."""
+        """Remove what no sink needs any more; returns how many rows.
+
+        - an ordinary row (``held = 0``) once every sink's cursor is past it;
+        - a held block no alert released (``held = -1``) once it is ``hold_s`` old, wherever the cursors are:
+          it gives no sink a point, so an outage does not make held blocks pile up;
+        - a released block (``held`` = the id of its release) once every sink is past the release, however
+          old it is: a sink catching up after an outage reads the release long after the block arrived.
+        """
         self._last_compact = time.monotonic()
         floor = min(self.cursors().values())
-        where = "id <= ? AND (held = 0 OR enqueued_ns < ?)"
+        cutoff = time.time_ns() - int(self.hold_s * 1e9)
+        clauses = (
+            ("held = 0 AND id <= ?", floor),
+            (f"held = {HELD} AND enqueued_ns < ?", cutoff),
+            ("held > 0 AND held <= ?", floor),
+        )
+        rows = points = size = 0
         with self._lock:
             with self._transaction() as conn:
-                # A release of a held block is appended up to hold_s after it: keep the block until every
-                # sink has passed the rows of that span too (a sink catching up on a backlog passes old
-                # blocks long before it reads their release), not merely hold_s of wall-clock time.
-                passed = conn.execute(
-                    "SELECT enqueued_ns FROM entry WHERE id <= ? ORDER BY id DESC LIMIT 1", (floor,)
-                ).fetchone()
-                cutoff = min(time.time_ns(), 0 if passed is None else int(passed[0])) - int(self.hold_s * 1e9)
-                rows, points, size = conn.execute(
-                    f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
-                    f"{ROW_OVERHEAD_BYTES} FROM entry WHERE {where}",
-                    (floor, cutoff),
-                ).fetchone()
-                if rows:
-                    conn.execute(f"DELETE FROM entry WHERE {where}", (floor, cutoff))
-            self._rows -= int(rows)
-            self._points -= int(points)
-            self._bytes -= int(size)
+                for where, bound in clauses:
+                    n, p, b = conn.execute(
+                        f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
+                        f"{ROW_OVERHEAD_BYTES} FROM entry WHERE {where}",
+                        (bound,),
+                    ).fetchone()
+                    if n:
+                        conn.execute(f"DELETE FROM entry WHERE {where}", (bound,))
+                        rows, points, size = rows + int(n), points + int(p), size + int(b)
+            self._rows -= rows
+            self._points -= points
+            self._bytes -= size
         if rows:
             self._metrics.inc("spool.acked", int(points))
             self._publish_gauges()

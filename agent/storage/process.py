@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 RELAY_INTERVAL_S = 0.2
 RESTART_BACKOFF_S = (1.0, 30.0)
 START_TIMEOUT_S = 60.0
+SYNC_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -269,17 +270,23 @@ class WriterProcess:
         if self._process is None:
             raise RuntimeError("WriterProcess is not running")
         deadline = time.monotonic() + timeout_s
-        self._flushers += 1
+        with self._synced:
+            self._flushers += 1
         self._send(("flush", True))
         try:
             while not self.spool.caught_up(self.sink_name):
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.01)
-            return self._sync(deadline)
+            # Delivered. Wait a moment for the counts too, so that a caller reads them current; a child that
+            # died right now leaves them behind, not the data.
+            self._sync(min(deadline, time.monotonic() + SYNC_TIMEOUT_S))
+            return True
         finally:
-            self._flushers -= 1
-            if not self._flushers:
+            with self._synced:
+                self._flushers -= 1
+                last = not self._flushers
+            if last:
                 self._send(("flush", False))
 
     def _sync(self, deadline: float) -> bool:

@@ -363,21 +363,40 @@ def test_a_held_block_outlives_compaction_for_hold_s_and_can_be_read_by_id(tmp_p
         cursor.close()
 
 
-def test_a_held_block_stays_while_a_sink_catching_up_has_not_read_past_its_hold_span(
+def test_a_released_block_stays_until_every_sink_has_read_its_release_however_old(
     tmp_path: Path, metrics: Metrics
 ) -> None:
     """After an outage a sink passes an old held block long before it reads the release appended right
-    after it: the block must still be there then, however old it is by the wall clock."""
+    after it: the released block must still be there then, however old it is by the wall clock."""
     path = tmp_path / "s.db"
     with Spool(path, BIG, 100, metrics=metrics, hold_s=60.0) as spool:
         cursor = spool.cursor("local")
-        held_id, line_id, ref_id = _append(spool, [_held(), *_entries(1), encode_raw_ref([0])])
+        held_id, line_id = _append(spool, [_held(), *_entries(1)])
+        assert held_id is not None and line_id is not None
+        (ref_id,) = _append(spool, [encode_raw_ref([held_id])])
+        assert ref_id is not None
         _age(path, [held_id, line_id, ref_id], 3600.0)  # all of it arrived an hour ago, during the outage
-        spool.append(_entries(1, start=1))  # and the agent went on since
-        cursor.advance(line_id)
+        cursor.advance(line_id)  # the sink passed the block, not yet its release
         spool.compact()
         assert cursor.bodies([held_id]) == [_held().body]
+        cursor.advance(ref_id)  # the release is written: the block can go
+        spool.compact()
+        assert cursor.bodies([held_id]) == []
+        assert spool.size() == (0, 0, 0)
         cursor.close()
+
+
+def test_an_unreleased_held_block_leaves_after_hold_s_even_while_the_sink_is_away(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    """During a database outage the cursor does not move; held blocks no alert wants must not pile up."""
+    path = tmp_path / "s.db"
+    with Spool(path, BIG, 100, metrics=metrics, hold_s=60.0) as spool:
+        held_id, line_id = _append(spool, [_held(), *_entries(1)])
+        assert held_id is not None and line_id is not None
+        _age(path, [held_id], 61.0)
+        assert spool.compact() == 1  # the block; the line waits for its sink
+        assert spool.size()[0] == 1 and spool.cursors() == {"local": 0}
 
 
 def test_drop_oldest_may_drop_held_blocks_counting_their_bytes(tmp_path: Path, metrics: Metrics) -> None:
