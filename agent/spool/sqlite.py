@@ -94,6 +94,8 @@ class Row:
     kind: int
     body: bytes
     points: int
+    held: bool = False
+    """A held or released block: it gives a sink nothing by itself, so its body is not read (empty)."""
 
 
 def _connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
@@ -183,6 +185,7 @@ class Spool:
         self._dropped_since_log = 0
         self._write_error: str | None = None  # the error of the last failed transaction, None after a commit
         self._last_compact = 0.0
+        self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
         self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
@@ -372,23 +375,26 @@ class Spool:
         self._last_compact = time.monotonic()
         floor = min(self.cursors().values())
         cutoff = time.time_ns() - int(self.hold_s * 1e9)
-        clauses = (
-            ("held = 0 AND id <= ?", floor),
-            (f"held = {HELD} AND enqueued_ns < ?", cutoff),
-            ("held > 0 AND held <= ?", floor),
+        # Ordinary rows up to the previous floor are gone already: scan only what the cursors passed since
+        # (held rows stay below the floor for hold_s; scanning them every time would read every one of them).
+        clauses: tuple[tuple[str, tuple[int, ...]], ...] = (
+            ("held = 0 AND id > ? AND id <= ?", (self._compacted_to, floor)),
+            (f"held = {HELD} AND enqueued_ns < ?", (cutoff,)),
+            ("held > 0 AND held <= ?", (floor,)),
         )
         rows = points = size = 0
         with self._lock:
             with self._transaction() as conn:
-                for where, bound in clauses:
+                for where, bounds in clauses:
                     n, p, b = conn.execute(
                         f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
                         f"{ROW_OVERHEAD_BYTES} FROM entry WHERE {where}",
-                        (bound,),
+                        bounds,
                     ).fetchone()
                     if n:
-                        conn.execute(f"DELETE FROM entry WHERE {where}", (bound,))
+                        conn.execute(f"DELETE FROM entry WHERE {where}", bounds)
                         rows, points, size = rows + int(n), points + int(p), size + int(b)
+            self._compacted_to = max(self._compacted_to, floor)
             self._rows -= rows
             self._points -= points
             self._bytes -= size
@@ -584,12 +590,15 @@ class SinkCursor:
         points = 0
         with self._lock:
             cur = self._connection().execute(
-                "SELECT id, kind, body, points FROM entry WHERE id > ? ORDER BY id LIMIT ?", (after_id, max_rows)
+                "SELECT id, kind, CASE WHEN held = 0 THEN body END, points FROM entry WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, max_rows),
             )
             for row_id, kind, body, row_points in cur:
                 if rows and (points >= max_points if overshoot else points + int(row_points) > max_points):
                     break
-                rows.append(Row(int(row_id), int(kind), bytes(body), int(row_points)))
+                rows.append(
+                    Row(int(row_id), int(kind), b"" if body is None else bytes(body), int(row_points), body is None)
+                )
                 points += int(row_points)
             cur.close()
         return rows

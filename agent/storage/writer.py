@@ -235,6 +235,9 @@ class SinkWriter:
 
     def _add(self, batch: Batch, rows: list[Row]) -> None:
         for row in rows:
+            if row.held:  # a held block gives nothing by itself (a release names it)
+                batch.last_id = row.id
+                continue
             try:
                 lines = entry_lines(row.kind, row.body, self._resolve)
             except (ValueError, UnicodeDecodeError) as exc:
