@@ -115,6 +115,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("spool.append_failures", "Spool appends that failed (the MQTT messages were not acknowledged)."),
     _gauge("spool.depth", "Points the slowest sink has not confirmed yet (sampled)."),
     _gauge("spool.oldest_age_s", "Age of the oldest row the slowest sink waits for (0 when none, NaN once closed)."),
+    _histogram("spool.append_seconds", "Duration of spool appends (one transaction each; the ack waits for it)."),
+    _histogram("spool.checkpoint_seconds", "Duration of the WAL checkpoints of the spool's maintenance thread."),
     _gauge("spool.rows", "Rows in the spool (messages' readings, blocks, produced points, held blocks)."),
     _gauge("spool.points", "Points in the spool, counted against spool.max_points."),
     _gauge("spool.bytes", "Bytes in the spool, counted against spool.max_bytes."),

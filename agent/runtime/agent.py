@@ -61,6 +61,7 @@ class Agent:
         self.scoring.restore()
         if self.auto_adapter is not None:
             self.auto_adapter.start()
+        self.spool.start()
         self.writer.start()
         self.scoring.start()
         self.ingest.start()

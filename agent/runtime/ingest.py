@@ -94,8 +94,8 @@ class IngestWorker(Worker):
         entries: list[Entry] = []
         held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
         decoded: list[Decoded] = []
+        readings_n = blocks_n = samples_n = 0  # counted once per batch: a metric call per message costs
         for msg in batch:
-            self._metrics.inc("ingest.messages")
             try:
                 items = self._decoder.decode(msg)
             except DecodeError as exc:
@@ -103,20 +103,26 @@ class IngestWorker(Worker):
                 continue
             readings = [item for item in items if isinstance(item, Reading)]
             if readings:
-                self._metrics.inc("ingest.readings", len(readings))
+                readings_n += len(readings)
                 self._encode(entries, encode_readings, readings)
                 if self._speeds is not None:
                     for reading in readings:
                         self._speeds.observe(reading)
             for item in items:
                 if isinstance(item, SampleBlock):
-                    self._metrics.inc("ingest.blocks")
-                    self._metrics.inc("ingest.samples", len(item.samples))
+                    blocks_n += 1
+                    samples_n += len(item.samples)
                     decision = self._raw.decide(item)
                     stored = decision != "skip" and self._encode(entries, encode_block, item, decision == "store", True)
                     if stored and decision == "hold":
                         held.append((len(entries) - 1, item))
             decoded.extend(items)
+        self._metrics.inc("ingest.messages", len(batch))
+        if readings_n:
+            self._metrics.inc("ingest.readings", readings_n)
+        if blocks_n:
+            self._metrics.inc("ingest.blocks", blocks_n)
+            self._metrics.inc("ingest.samples", samples_n)
         # Windows go to scoring before the spool commit: alerts do not wait for the disk, and scoring a
         # reading that is not yet durable is harmless (the acknowledgement below still waits for it).
         # Once the scoring queue has stayed full for put_timeout_s, the rest of this batch does not wait again.

@@ -52,6 +52,8 @@ ROW_OVERHEAD_BYTES = 48
 MIN_FREE_BYTES = 16 * 1024 * 1024
 """Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
 COMPACT_INTERVAL_S = 0.5
+CHECKPOINT_INTERVAL_S = 1.0
+SLOW_APPEND_S = 1.0
 BUSY_TIMEOUT_MS = 10_000
 BACKLOG_CACHE_S = 0.5
 HELD = -1
@@ -190,6 +192,11 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
         conn = self._conn
+        # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
+        # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._maintenance: threading.Thread | None = None
+        self._stopping = threading.Event()
         _migrate_lines_table(conn, self.path)
         with _immediate(conn):
             known = {str(s) for (s,) in conn.execute("SELECT sink FROM cursor")}
@@ -240,6 +247,7 @@ class Spool:
         """
         if not entries:
             return []
+        started = time.monotonic()
         incoming_points = sum(e.points for e in entries)
         incoming_bytes = sum(len(e.body) + ROW_OVERHEAD_BYTES for e in entries)
         if self._points + incoming_points > self.max_points or self._bytes + incoming_bytes > self.max_bytes:
@@ -278,8 +286,12 @@ class Spool:
         self._publish_gauges()
         if dropped_points or dropped_bytes:
             self._count_drop(dropped_points, dropped_bytes)
-        if time.monotonic() - self._last_compact >= COMPACT_INTERVAL_S:
-            self.compact()
+        took = time.monotonic() - started
+        self._metrics.observe("spool.append_seconds", took)
+        if took >= SLOW_APPEND_S:
+            logger.warning("spool %s: an append of %d entries took %.2f s", self.path, len(entries), took)
+        if self._maintenance is None and time.monotonic() - self._last_compact >= COMPACT_INTERVAL_S:
+            self.compact()  # no maintenance thread (tests, tools): the appending thread compacts
         return ids
 
     def append_lines(self, lines: Sequence[str]) -> object:
@@ -520,10 +532,42 @@ class Spool:
             raise ValueError(f"sink {sink!r} is not one of this spool's sinks {list(self.sinks)}")
         return SinkCursor(self.path, sink, self.dead_letter_max_rows, self._synchronous)
 
+    # -- maintenance -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compact and checkpoint from a thread of their own, so that appending threads only append."""
+        if self._maintenance is not None:
+            raise RuntimeError("spool maintenance already started")
+        self._maintenance = threading.Thread(target=self._maintain, name="spool-maintenance", daemon=True)
+        self._maintenance.start()
+
+    def _maintain(self) -> None:
+        checkpointer = _connect(self.path, self._synchronous)
+        last_checkpoint = 0.0
+        try:
+            while not self._stopping.wait(COMPACT_INTERVAL_S):
+                try:
+                    self.compact()
+                    if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL_S:
+                        last_checkpoint = time.monotonic()
+                        started = time.monotonic()
+                        # PASSIVE: copies what no reader still needs, never waits for a reader or the writer.
+                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        self._metrics.observe("spool.checkpoint_seconds", time.monotonic() - started)
+                except (sqlite3.Error, RuntimeError) as exc:
+                    if self._conn is None:
+                        return
+                    logger.warning("spool %s: maintenance failed, will retry: %s", self.path, exc)
+        finally:
+            checkpointer.close()
+
     def close(self) -> None:
         """Remove what every sink has, checkpoint the WAL into the database file and close; idempotent."""
         if self._conn is None:
             return
+        self._stopping.set()
+        if self._maintenance is not None:
+            self._maintenance.join(30.0)
         try:
             self.compact()
         except sqlite3.Error:

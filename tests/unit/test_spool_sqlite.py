@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from agent.metrics import Metrics
 from agent.records import SampleBlock, Source
 from agent.spool import sqlite as spool_module
 from agent.spool.codec import Entry, Kind, encode_block, encode_lines, encode_raw_ref
-from agent.storage.entries import entry_lines
 from agent.spool.sqlite import ROW_OVERHEAD_BYTES, Row, SinkCursor, Spool, SpoolNotWritable
+from agent.storage.entries import entry_lines
 
 SRC = Source.of(machine="m1", sensor="vibration")
 BIG = 10**12
@@ -738,3 +739,24 @@ def test_a_held_write_lock_makes_the_spool_unwritable(spool: Spool) -> None:
         other.execute("ROLLBACK")
         other.close()
     assert spool.writable()
+
+
+def test_the_maintenance_thread_compacts_and_checkpoints_so_appending_threads_only_append(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    path = tmp_path / "s.db"
+    with Spool(path, BIG, 1000, metrics=metrics) as spool:
+        spool.start()
+        cursor = spool.cursor("local")
+        ids = _append(spool, _entries(5))
+        last = ids[-1]
+        assert last is not None
+        cursor.advance(last)
+        deadline = time.monotonic() + 30.0
+        while (spool.size()[0] or metrics.get("spool.checkpoint_seconds") < 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert spool.size() == (0, 0, 0)  # compacted without another append
+        assert metrics.get("spool.checkpoint_seconds") >= 1  # the WAL was checkpointed by that thread
+        assert metrics.get("spool.append_seconds") == 1  # one append, timed
+        cursor.close()
+    assert spool._maintenance is not None and not spool._maintenance.is_alive()  # stopped by close
