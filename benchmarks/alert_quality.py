@@ -175,7 +175,7 @@ class CaptureBroker:
 class NullSpool:
     """Discards the line-protocol lines (storage is not measured here)."""
 
-    def append(self, lines: Sequence[str]) -> int:
+    def append_lines(self, lines: Sequence[str]) -> int:
         return len(lines)
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from agent.alerts.engine import AlertEngine, CommandError
 from agent.alerts.payload import alert_payload, machine_state_payload
@@ -22,6 +24,8 @@ from agent.storage.points import RawVibrationPolicy, alert_lines, command_lines,
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
+
+SAVE_WAIT_S = 10.0
 
 
 class AlertOutput:
@@ -45,6 +49,7 @@ class AlertOutput:
         self._raw = raw_policy
         self._store_raw = store_raw
         self._state_store = state_store
+        self._saver: StateSaver | None = None
         self.clock_ns = clock_ns
 
     def restore(self) -> int:
@@ -151,14 +156,83 @@ class AlertOutput:
             self._broker.publish(self._topics.state(machine), payload, qos=1, retain=True)
         changed.clear()
 
-    def save_state(self) -> None:
-        """Save the engine's state if it changed (before commands are acknowledged to the broker)."""
-        if self._state_store is None or not self.engine.dirty:
+    def save_state(self, wait: bool = False) -> None:
+        """Save the engine's state if it changed: snapshot here, written (with its fsyncs) by a saver thread,
+        so that the next batch of windows does not wait for the disk. ``wait``: return only once it is on
+        disk (before operator commands are acknowledged to the broker, and at stop)."""
+        if self._state_store is None:
             return
-        try:
-            self._state_store.save(self.engine.to_state())
-        except OSError as exc:
-            # The engine keeps running from memory; the next step tries again (dirty stays set).
-            self.engine.dirty = True
-            self._metrics.inc("alerts.state_errors", reason="save")
-            logger.error("alert state not saved to %s: %s", self._state_store.path, exc)
+        if self.engine.dirty:
+            self.engine.dirty = False
+            if self._saver is None:
+                self._saver = StateSaver(self._state_store, self._metrics)
+            self._saver.submit(self.engine.to_state())
+        if wait and self._saver is not None and not self._saver.flush(SAVE_WAIT_S):
+            self.engine.dirty = True  # not on disk: submitted again with the next batch
+            logger.error("alert state not saved to %s within %.0f s", self._state_store.path, SAVE_WAIT_S)
+
+    def close(self) -> None:
+        """Write the last state and end the saver thread (after the scoring worker stopped)."""
+        if self._saver is not None:
+            self._saver.close(SAVE_WAIT_S)
+
+
+class StateSaver:
+    """Writes the latest submitted alert state from a thread of its own; older unwritten ones are skipped."""
+
+    def __init__(self, store: AlertStateStore, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._cond = threading.Condition()
+        self._pending: dict[str, Any] | None = None
+        self._submitted = 0
+        self._saved = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="alert-state-saver", daemon=True)
+        self._thread.start()
+
+    def submit(self, state: dict[str, Any]) -> None:
+        with self._cond:
+            self._pending = state
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything submitted so far is on disk; False if not within ``timeout_s``."""
+        with self._cond:
+            target = self._submitted
+            return self._cond.wait_for(lambda: self._saved >= target, timeout=timeout_s)
+
+    def close(self, timeout_s: float) -> None:
+        self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        delay = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                state, self._pending = self._pending, None
+                number = self._submitted
+            try:
+                self._store.save(state)
+            except OSError as exc:
+                # The engine runs on from memory; this state is tried again unless a newer one arrives.
+                self._metrics.inc("alerts.state_errors", reason="save")
+                logger.error("alert state not saved to %s: %s", self._store.path, exc)
+                delay = min(max(delay * 2, 0.5), 30.0)
+                with self._cond:
+                    if self._pending is None:
+                        self._pending = state
+                    if self._cond.wait_for(lambda: self._closed, timeout=delay):
+                        return
+                continue
+            delay = 0.0
+            with self._cond:
+                self._saved = max(self._saved, number)
+                self._cond.notify_all()

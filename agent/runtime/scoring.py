@@ -60,6 +60,8 @@ class ScoringWorker(Worker):
         while batch := drain(self._windows, 0, self._max_batch):
             self.process(batch)
         self.process([])
+        self.alerts.save_state(wait=True)
+        self.alerts.close()
 
     def process(self, batch: Sequence[Window | Reading]) -> None:
         commands = drain(self._commands, 0, 100) if self._commands is not None else []
@@ -86,7 +88,7 @@ class ScoringWorker(Worker):
         if lines:
             self._spool.append_lines(lines)
         self.alerts.publish_machine_states()
-        self.alerts.save_state()
+        self.alerts.save_state(wait=bool(commands))
         for msg in commands:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)

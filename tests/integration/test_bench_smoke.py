@@ -32,6 +32,11 @@ SUMMARY_KEYS = {
     "alert_onset_p50_ms",
     "alert_onset_p99_ms",
     "targets",
+    "target_rows",
+    "burst_agent_readings_per_s",
+    "burst_bare_readings_per_s",
+    "ratio_burst_agent_over_bare",
+    "commissioned_peak_rss_mb",
 }
 
 
@@ -48,7 +53,7 @@ def test_quick_benchmark_writes_json_and_table_with_nonzero_rates(tmp_path: Path
 
     result = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmark results")
-    assert {"machine", "limits", "throughput", "alerts", "scaling", "summary"} <= result.keys()
+    assert {"machine", "limits", "throughput", "alerts", "scaling", "burst", "commissioned", "summary"} <= result.keys()
     summary = result["summary"]
     assert summary.keys() >= SUMMARY_KEYS
     for key in (
@@ -75,3 +80,13 @@ def test_quick_benchmark_writes_json_and_table_with_nonzero_rates(tmp_path: Path
         assert model["fp32_batch1_us"] > 0 and model["int8_batch1_us"] > 0, name
     assert result["scaling"]["machines"], "no scaling point ran"
     assert all(p["peak_rss_mb"] > 0 for p in result["scaling"]["machines"])
+    burst = result["burst"]
+    assert burst["all_complete"], "a burst attempt did not store every reading"
+    assert summary["burst_agent_readings_per_s"] > 0 and summary["burst_bare_readings_per_s"] > 0
+    commissioned = result["commissioned"]
+    assert commissioned["all_baselines_full"], "the commissioned run did not get every baseline full"
+    assert commissioned["machines_with_baseline_scores"] == commissioned["machines"]
+    # Every target row is measured (holds true/false) or says why not (holds None), never both or neither.
+    for row in summary["target_rows"]:
+        assert {"name", "target", "measured", "holds"} <= row.keys(), row
+        assert (row["holds"] is None) == bool(row.get("why")), row
