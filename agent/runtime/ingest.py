@@ -93,8 +93,12 @@ class IngestWorker(Worker):
     def process(self, batch: Sequence[Message]) -> None:
         entries: list[Entry] = []
         held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
-        decoded: list[Decoded] = []
         readings_n = blocks_n = samples_n = 0  # counted once per batch: a metric call per message costs
+        # Windows go to scoring as soon as their message is decoded, before the spool commit: alerts wait
+        # neither for the disk nor for the rest of the batch, and scoring a reading that is not yet durable
+        # is harmless (the acknowledgement below still waits for it). Once the scoring queue has stayed
+        # full for put_timeout_s, the rest of this batch does not wait again.
+        wait_s = self._put_timeout_s
         for msg in batch:
             try:
                 items = self._decoder.decode(msg)
@@ -116,20 +120,15 @@ class IngestWorker(Worker):
                     stored = decision != "skip" and self._encode(entries, encode_block, item, decision == "store", True)
                     if stored and decision == "hold":
                         held.append((len(entries) - 1, item))
-            decoded.extend(items)
+            for item in items:
+                for queued in for_scoring(item, self._windower, self._baseline):
+                    wait_s = self._put(queued, wait_s)
         self._metrics.inc("ingest.messages", len(batch))
         if readings_n:
             self._metrics.inc("ingest.readings", readings_n)
         if blocks_n:
             self._metrics.inc("ingest.blocks", blocks_n)
             self._metrics.inc("ingest.samples", samples_n)
-        # Windows go to scoring before the spool commit: alerts do not wait for the disk, and scoring a
-        # reading that is not yet durable is harmless (the acknowledgement below still waits for it).
-        # Once the scoring queue has stayed full for put_timeout_s, the rest of this batch does not wait again.
-        wait_s = self._put_timeout_s
-        for item in decoded:
-            for queued in for_scoring(item, self._windower, self._baseline):
-                wait_s = self._put(queued, wait_s)
         while self._raw_released:
             entries.append(encode_raw_ref(self._raw_released.popleft()))
         if entries:
