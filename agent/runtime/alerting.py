@@ -26,6 +26,7 @@ from agent.topics import Topics
 logger = logging.getLogger(__name__)
 
 SAVE_WAIT_S = 10.0
+TICK_INTERVAL_S = 0.5
 
 
 class AlertOutput:
@@ -50,6 +51,7 @@ class AlertOutput:
         self._store_raw = store_raw
         self._state_store = state_store
         self._saver: StateSaver | None = None
+        self._last_tick_ns = -(2**63)
         self.clock_ns = clock_ns
 
     def restore(self) -> int:
@@ -78,7 +80,11 @@ class AlertOutput:
         return lines
 
     def tick(self, now_ns: int) -> list[str]:
-        """Time-driven decisions (stale sources, no data, re-notifications)."""
+        """Time-driven decisions (stale sources, no data, re-notifications), at most every ``TICK_INTERVAL_S``:
+        the engine's tick visits every tracked source, and batches of windows come far more often."""
+        if now_ns - self._last_tick_ns < TICK_INTERVAL_S * 1e9:
+            return []
+        self._last_tick_ns = now_ns
         lines: list[str] = []
         for alert in self.engine.tick(now_ns):
             lines.extend(self.handle(alert))

@@ -68,6 +68,9 @@ def test_agent_fields_carry_p50_p99_and_count_of_each_histogram() -> None:
         "storage_write_seconds_p50": 0.02,
         "storage_write_seconds_p99": 0.02,
         "storage_write_seconds_count": 1.0,
+        # Unlabelled histograms nothing observed yet: a count of 0, no percentiles.
+        "spool_append_seconds_count": 0.0,
+        "spool_checkpoint_seconds_count": 0.0,
     }
 
 
