@@ -22,6 +22,10 @@ from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
 
 logger = logging.getLogger(__name__)
 
+DECIDE_CHUNK = 32
+"""Windows of one model scored per model run before their alerts are decided (ONNX's per-run overhead is
+small at this size: ``docs/benchmarks.md``, batch 1 vs 32)."""
+
 
 class ScoringWorker(Worker):
     """See the module docstring. ``restore`` before ``start`` continues the previous run's open events."""
@@ -79,11 +83,13 @@ class ScoringWorker(Worker):
                 continue
             groups.setdefault(id(model), (model, []))[1].append(item)
         for model, windows in groups.values():
-            scored = self._scorer.score(model, windows)
-            lines.extend(scored.lines)
-            now_ns = self.alerts.clock_ns()
-            for verdict in scored.verdicts:
-                lines.extend(self.alerts.decide(verdict, now_ns))
+            # In chunks: an alert is decided (and published) after its chunk, not after a whole backlog.
+            for start in range(0, len(windows), DECIDE_CHUNK):
+                scored = self._scorer.score(model, windows[start : start + DECIDE_CHUNK])
+                lines.extend(scored.lines)
+                now_ns = self.alerts.clock_ns()
+                for verdict in scored.verdicts:
+                    lines.extend(self.alerts.decide(verdict, now_ns))
         lines.extend(self.alerts.tick(self.alerts.clock_ns()))
         if lines:
             self._spool.append_lines(lines)
