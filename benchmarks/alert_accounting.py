@@ -71,6 +71,8 @@ def latency_summary(values_s: Sequence[float], min_n: int = MIN_SAMPLES) -> dict
         "p99_ms": percentile(ms, 99, min_n),
         "max_ms": max(ms) if ms else None,
         "refused": None if len(ms) >= min_n else f"n={len(ms)} < {min_n}",
+        "over_250ms": sum(v > 250 for v in ms),
+        "values_ms": [round(v, 1) for v in ms],  # in the order the alerts arrived: where the tail falls
     }
 
 
