@@ -56,9 +56,25 @@ def machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of the running child processes of ``pid`` (the agent's writer process)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2 :].split()
+            if int(fields[1]) == pid:  # ppid
+                total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 def cpu_snapshot(agent_pid: int) -> dict[str, float]:
-    """CPU seconds of the agent and the services, and machine busy/total jiffies, at one instant."""
-    snap = {"agent": cpu_seconds(agent_pid), "time": time.perf_counter()}
+    """CPU seconds of the agent, its child processes and the services, and machine busy/total jiffies."""
+    snap = {
+        "agent": cpu_seconds(agent_pid),
+        "agent_children": children_cpu_seconds(agent_pid),
+        "time": time.perf_counter(),
+    }
     for name, pid in SERVICE_PIDS.items():
         with contextlib.suppress(OSError):  # the service stopped meanwhile
             snap[name] = cpu_seconds(pid)
