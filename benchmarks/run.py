@@ -53,7 +53,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from agent.config.loader import load_config  # noqa: E402
-from agent.records import Reading  # noqa: E402
+from agent.records import Reading, SampleBlock  # noqa: E402
+from agent.spool.codec import Entry, encode_block, encode_readings  # noqa: E402
 from agent.storage.influx_v1 import InfluxV1Sink  # noqa: E402
 from agent.storage.points import RawVibrationPolicy, block_lines, reading_lines  # noqa: E402
 from benchmarks.alert_accounting import (  # noqa: E402
@@ -237,8 +238,9 @@ def bench_bare_backlog(host: str, port: int, fleet: Fleet, sim_s: float) -> dict
     return {"messages": len(events), "received": sub.count, "complete": ok, "receive_msgs_per_s": sub.count / elapsed}
 
 
-def fleet_lines(fleet: Fleet, points: int) -> list[str]:
-    """The points the agent stores for the fleet's messages (readings, raw vibration every 10th block)."""
+def fleet_points(fleet: Fleet, points: int) -> tuple[list[Entry], list[str]]:
+    """What the agent spools for the fleet's messages (one entry per message's readings and per block, raw
+    samples of every 10th block) and the same points as line protocol, for the bare writer."""
     from agent.decode.base import DecodeLimits
     from agent.decode.json_v1 import decode
     from agent.decode.topic import TopicTemplate
@@ -246,25 +248,45 @@ def fleet_lines(fleet: Fleet, points: int) -> list[str]:
     template = TopicTemplate("factory/{site}/{line}/{machine}/{sensor}")
     limits = DecodeLimits(max_payload_bytes=1 << 20, max_future_s=86_400)
     policy = RawVibrationPolicy("every_n", 10)
+    entries: list[Entry] = []
     lines: list[str] = []
     sim = 0.0
     while len(lines) < points:
         for event in fleet.events(sim, sim + 10.0):
-            for item in decode(template.match(event.topic), event.payload, time.time_ns(), limits):
-                if isinstance(item, Reading):
-                    lines.extend(reading_lines(item))
-                else:
-                    for block in policy.decide(item):
-                        lines.extend(block_lines(block))
+            items = decode(template.match(event.topic), event.payload, time.time_ns(), limits)
+            readings = [item for item in items if isinstance(item, Reading)]
+            if readings:
+                entries.append(encode_readings(readings))
+                lines.extend(line for r in readings for line in reading_lines(r))
+            for item in items:
+                if isinstance(item, SampleBlock) and policy.decide(item) == "store":
+                    entries.append(encode_block(item, store_raw=True))
+                    lines.extend(block_lines(item))
         sim += 10.0
-    return lines[:points]
+    return entries, lines
 
 
-def bench_influx(url: str, lines: list[str], workdir: Path, attempts: int, batch: int = 5000) -> dict[str, Any]:
-    """Points/s into InfluxDB: a bare sink (batches of ``batch``) vs the agent's spool + SpoolWriter."""
+class _InfluxSinkFactory:
+    """Builds the writer's sink in the writer process (picklable)."""
+
+    def __init__(self, url: str, db: str) -> None:
+        self.url, self.db = url, db
+
+    def __call__(self) -> InfluxV1Sink:
+        return InfluxV1Sink(self.url, self.db, None, None, None, timeout_s=120)
+
+
+def bench_influx(
+    url: str, data: tuple[list[Entry], list[str]], workdir: Path, attempts: int, batch: int = 5000
+) -> dict[str, Any]:
+    """Points/s into InfluxDB: a bare sink writing ready-made lines (batches of ``batch``) vs the agent's
+    spool + writer making those lines from the spooled entries, in its own process (as shipped) and as
+    threads of the caller."""
     from agent.metrics import Metrics
     from agent.spool.sqlite import Spool
-    from agent.storage.writer import SpoolWriter
+    from agent.storage.process import WriterProcess, WriterSettings
+
+    entries, lines = data
 
     def bare(db: str) -> float:
         sink = InfluxV1Sink(url, db, None, None, None, timeout_s=120)
@@ -276,39 +298,52 @@ def bench_influx(url: str, lines: list[str], workdir: Path, attempts: int, batch
         sink.close()
         return len(lines) / elapsed
 
-    def spooled(db: str, tag: str) -> tuple[float, float]:
-        sink = InfluxV1Sink(url, db, None, None, None, timeout_s=120)
-        sink.create_database()
-        spool = Spool(workdir / f"writer-{tag}.db", max_rows=10_000_000)
+    def spooled(db: str, tag: str, process: bool) -> tuple[float, float]:
+        InfluxV1Sink(url, db, None, None, None).create_database()
+        spool = Spool(workdir / f"writer-{tag}.db", max_bytes=1 << 40, max_points=1 << 40)
         t0 = time.perf_counter()
-        for i in range(0, len(lines), 500):  # as the ingest worker does: many small appends
-            spool.append(lines[i : i + 500])
+        for i in range(0, len(entries), 100):  # as the ingest worker does: many small appends
+            spool.append(entries[i : i + 100])
         append_s = time.perf_counter() - t0
-        writer = SpoolWriter(spool, sink, Metrics(), batch_size=batch, flush_interval_s=1.0)
+        settings = WriterSettings(batch_size=batch, flush_interval_s=1.0)
+        metrics = Metrics()
+        factory = _InfluxSinkFactory(url, db)
+        writer: Any = (
+            WriterProcess(spool, "local", factory, settings, metrics)
+            if process
+            else settings.writer(spool.cursor("local"), factory(), metrics)
+        )
+        writer.start()  # the process starts before the clock: its start-up is not the writer's rate
         t0 = time.perf_counter()
-        writer.start()
         if not writer.flush(600):
-            raise RuntimeError("SpoolWriter did not drain its spool")
+            raise RuntimeError("the writer did not drain its spool")
         elapsed = time.perf_counter() - t0
         writer.stop()
+        written = metrics.get("storage.points_written")
+        if written != len(lines):
+            raise RuntimeError(f"the writer wrote {written:.0f} points, not the {len(lines)} spooled")
         spool.close()
-        sink.close()
         return len(lines) / elapsed, len(lines) / append_s
 
     pid = os.getpid()
-    bare_rates, writer_rates, append_rates = [], [], []
-    for attempt in range(attempts):  # interleaved, so both see the same background load
+    bare_rates, process_rates, thread_rates, append_rates = [], [], [], []
+    for attempt in range(attempts):  # interleaved, so all see the same background load
         bare_rates.append(bare(f"bench_bare_{pid}_{attempt}"))
-        w, a = spooled(f"bench_writer_{pid}_{attempt}", str(attempt))
-        writer_rates.append(w)
+        w, a = spooled(f"bench_writer_{pid}_{attempt}", f"p{attempt}", process=True)
+        process_rates.append(w)
         append_rates.append(a)
+        w, _ = spooled(f"bench_writer_t_{pid}_{attempt}", f"t{attempt}", process=False)
+        thread_rates.append(w)
     return {
         "points": len(lines),
+        "entries": len(entries),
         "bare_points_per_s": max(bare_rates),
-        "spool_writer_points_per_s": max(writer_rates),
+        "spool_writer_points_per_s": max(process_rates),
+        "spool_writer_thread_points_per_s": max(thread_rates),
         "spool_append_points_per_s": max(append_rates),
         "bare_runs": bare_rates,
-        "spool_writer_runs": writer_rates,
+        "spool_writer_runs": process_rates,
+        "spool_writer_thread_runs": thread_rates,
     }
 
 
@@ -849,6 +884,7 @@ def _throughput_summary(result: dict[str, Any]) -> dict[str, Any]:
         "ratio_agent_over_bare_backlog_drain": agent_drain / bare_backlog if agent_drain and bare_backlog else None,
         "bare_influx_points_per_s": influx["bare_points_per_s"],
         "writer_influx_points_per_s": influx["spool_writer_points_per_s"],
+        "writer_thread_influx_points_per_s": influx.get("spool_writer_thread_points_per_s"),
         "ratio_writer_over_bare_influx": influx["spool_writer_points_per_s"] / influx["bare_points_per_s"],
         "agent_points_per_s_at_max": (best.get("points_written") or 0) / thr["step_s"] if best else 0.0,
         "int8_over_fp32": {
@@ -1002,7 +1038,9 @@ def _markdown_throughput(result: dict[str, Any]) -> list[str]:
         f"{_f(s['agent_backlog_drain_msgs_per_s'])} msg/s |",
         f"| **Agent / bare, backlog drain** | **{_f(s['ratio_agent_over_bare_backlog_drain'], 2)}** |",
         f"| Bare InfluxV1Sink writes (batches of 5000) | {_f(s['bare_influx_points_per_s'])} points/s |",
-        f"| Agent spool + SpoolWriter drain | {_f(s['writer_influx_points_per_s'])} points/s |",
+        f"| Agent spool + writer process drain (lines made from the spooled entries) | "
+        f"{_f(s['writer_influx_points_per_s'])} points/s |",
+        f"| (the same writer as threads of the agent) | {_f(s.get('writer_thread_influx_points_per_s'))} points/s |",
         f"| **Agent writer / bare writer** | **{_f(s['ratio_writer_over_bare_influx'], 2)}** |",
         f"| Agent (subprocess) points written/s at its highest sustained rate | {_f(s['agent_points_per_s_at_max'])} |",
         "",
@@ -1177,7 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{bare['publish_msgs_per_s']:.0f} msg/s), {backlog['receive_msgs_per_s']:.0f} msg/s from a backlog"
                 )
                 influx_result = bench_influx(
-                    influx.url, fleet_lines(Fleet(machines, vib), cfg["bare_points"]), workdir, cfg["influx_attempts"]
+                    influx.url, fleet_points(Fleet(machines, vib), cfg["bare_points"]), workdir, cfg["influx_attempts"]
                 )
                 log(
                     f"limits: InfluxDB bare {influx_result['bare_points_per_s']:.0f} points/s, "
