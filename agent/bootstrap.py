@@ -361,7 +361,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         config,
         stages,
         metrics,
-        spool=spool,
+        spool=ingest,  # the scoring thread's points go into the ingest thread's next transaction
         broker=mqtt,
         windows=windows,
         commands=commands,

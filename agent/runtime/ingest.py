@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.worker import POLL_S, Broker, EntryLog, Worker, drain
-from agent.spool.codec import Entry, encode_block, encode_raw_ref, encode_readings
+from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
 
@@ -70,24 +71,46 @@ class IngestWorker(Worker):
         self._speeds = speeds
         self._batch_max = batch_max
         self._raw_released: deque[list[int]] = deque()
+        self._produced: deque[Sequence[str]] = deque()
+        self._handoff_lock = threading.Lock()
+        self._closed = False  # after finish: what other threads hand over goes to the spool directly
 
     def store_raw(self, spool_ids: Sequence[int]) -> None:
         """Held blocks an alert released (called from the scoring thread; spooled with the next batch).
 
         Only their spool ids travel: the writer makes their lines from the rows already on disk.
         """
-        if spool_ids:
-            self._raw_released.append(list(spool_ids))
+        if not spool_ids:
+            return
+        with self._handoff_lock:
+            if not self._closed:
+                self._raw_released.append(list(spool_ids))
+                return
+        self._append_durably([encode_raw_ref(spool_ids)])
+
+    def append_lines(self, lines: Sequence[str]) -> None:
+        """Points the scoring thread produced (features, scores, alerts): spooled with the next batch, in the
+        ingest thread's transaction, so that the scoring thread never waits for the spool's write lock.
+        A crash loses them as it would have before they were appended (they are not acknowledged data)."""
+        if not lines:
+            return
+        with self._handoff_lock:
+            if not self._closed:
+                self._produced.append(lines)
+                return
+        self._append_durably([encode_lines(lines)])
 
     def step(self) -> None:
         batch = drain(self._messages, POLL_S, self._batch_max)
-        if batch or self._raw_released:
+        if batch or self._raw_released or self._produced:
             self.process(batch)
 
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
             self.process(batch)
-        if self._raw_released:
+        with self._handoff_lock:
+            self._closed = True
+        if self._raw_released or self._produced:
             self.process([])
 
     def process(self, batch: Sequence[Message]) -> None:
@@ -131,6 +154,11 @@ class IngestWorker(Worker):
             self._metrics.inc("ingest.samples", samples_n)
         while self._raw_released:
             entries.append(encode_raw_ref(self._raw_released.popleft()))
+        produced: list[str] = []
+        while self._produced:
+            produced.extend(self._produced.popleft())
+        if produced:
+            entries.append(encode_lines(produced))
         if entries:
             ids = self._append_durably(entries)
             for index, block in held:

@@ -316,3 +316,18 @@ def test_an_unexpected_error_in_a_batch_is_counted_and_the_worker_keeps_running(
     worker.run()
     assert len(calls) == 2
     assert metrics.get("pipeline.errors", worker="ingest") == 1
+
+
+def test_points_the_scoring_thread_produced_go_into_the_ingest_threads_next_append(router):
+    journal, metrics = Journal(), Metrics()
+    spool = FakeSpool(journal)
+    worker = _ingest(journal, spool, router, queue.Queue(), metrics)
+    worker.append_lines(["anomaly_score,machine=m01 score=0.5 1", "features,machine=m01 x=1 1"])
+    assert journal.events == []  # handed over, not appended by the calling (scoring) thread
+    worker.step()  # no message is waiting: the points are stored anyway, in one entry
+    assert journal.events == [("append", 2)]
+    assert spool.lines == ["anomaly_score,machine=m01 score=0.5 1", "features,machine=m01 x=1 1"]
+    worker.finish()  # stopped: what scoring hands over afterwards (its own final batch) goes straight in
+    worker.append_lines(["alert,machine=m01 active=0i 2"])
+    assert journal.events == [("append", 2), ("append", 1)]
+    assert spool.lines[-1] == "alert,machine=m01 active=0i 2"
