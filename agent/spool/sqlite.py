@@ -20,7 +20,10 @@ drops the oldest rows (recent data is worth more for dashboards), ``newest`` ref
 Processes and threads: the ``Spool`` (the owner: appends, caps, compaction) lives in the agent process,
 one connection behind a lock. Each sink's writer, in a thread or in its own process, opens its own
 ``SinkCursor`` on the same file; SQLite's WAL lets it read while the owner appends, and a busy timeout
-serialises their short write transactions.
+serialises their short write transactions (``agent.spool.cursor``, ``agent.spool.db``).
+
+Over 400 lines: one class whose appends, caps, compaction, maintenance and readiness share one lock and
+the counters of rows, points and bytes; split, each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -32,20 +35,22 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
 from agent.metrics import Metrics
 from agent.spool.codec import Entry, Kind, decode_raw_ref, encode_lines
+from agent.spool.cursor import SinkCursor
+from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, HELD, Row, connect, immediate
+
+__all__ = ["DEFAULT_DEAD_LETTER_MAX_ROWS", "ROW_OVERHEAD_BYTES", "Row", "SinkCursor", "Spool", "SpoolNotWritable"]
 
 logger = logging.getLogger(__name__)
 
 DropPolicy = Literal["oldest", "newest"]
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 DROP_LOG_INTERVAL_S = 10.0
-DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
 DEFAULT_SINKS = ("local",)
 ROW_OVERHEAD_BYTES = 48
 """What a row costs beyond its body (id, kind, points, bytes, time, the b-tree cell): counted in the byte cap."""
@@ -54,63 +59,11 @@ MIN_FREE_BYTES = 16 * 1024 * 1024
 COMPACT_INTERVAL_S = 0.5
 CHECKPOINT_INTERVAL_S = 1.0
 SLOW_APPEND_S = 1.0
-BUSY_TIMEOUT_MS = 10_000
 BACKLOG_CACHE_S = 0.5
-HELD = -1
-"""``entry.held`` of a block kept for a possible release; 0 for other rows; the release's id once released."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entry (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    points INTEGER NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0,
-    enqueued_ns INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entry_held ON entry (held, enqueued_ns) WHERE held != 0;
-CREATE TABLE IF NOT EXISTS cursor (
-    sink TEXT PRIMARY KEY,
-    last_id INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead_letter (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sink TEXT NOT NULL,
-    entry_id INTEGER NOT NULL,
-    line TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    dead_ns INTEGER NOT NULL
-);
-"""
 
 
 class SpoolNotWritable(Exception):
     """The spool cannot take appends now; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One spool row as a sink reads it."""
-
-    id: int
-    kind: int
-    body: bytes
-    points: int
-    held: bool = False
-    """A held or released block: it gives a sink nothing by itself, so its body is not read (empty)."""
-
-
-def _connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(dead_letter)")}
-    if "spool_id" in columns:  # a spool of version 0.2 (rows of lines): keep its dead letters aside
-        conn.execute("ALTER TABLE dead_letter RENAME TO dead_letter_v1")
-    conn.executescript(_SCHEMA)
-    return conn
 
 
 def _migrate_lines_table(conn: sqlite3.Connection, path: Path) -> None:
@@ -118,7 +71,7 @@ def _migrate_lines_table(conn: sqlite3.Connection, path: Path) -> None:
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spool'").fetchone() is None:
         return
     moved = 0
-    with _immediate(conn):
+    with immediate(conn):
         last = 0
         while True:
             rows = conn.execute("SELECT id, line FROM spool WHERE id > ? ORDER BY id LIMIT 5000", (last,)).fetchall()
@@ -133,19 +86,6 @@ def _migrate_lines_table(conn: sqlite3.Connection, path: Path) -> None:
             last = int(rows[-1][0])
         conn.execute("DROP TABLE spool")
     logger.warning("spool %s: moved %d undelivered lines of the previous spool format into the log", path, moved)
-
-
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``conn`` inside BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 class Spool:
@@ -190,7 +130,7 @@ class Spool:
         self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
         self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
+        self._conn: sqlite3.Connection | None = connect(self.path, synchronous)
         conn = self._conn
         # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
         # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
@@ -198,7 +138,7 @@ class Spool:
         self._maintenance: threading.Thread | None = None
         self._stopping = threading.Event()
         _migrate_lines_table(conn, self.path)
-        with _immediate(conn):
+        with immediate(conn):
             known = {str(s) for (s,) in conn.execute("SELECT sink FROM cursor")}
             for gone in sorted(known - set(self.sinks)):
                 logger.warning("spool %s: sink %r is no longer configured; forgetting its cursor", self.path, gone)
@@ -230,7 +170,7 @@ class Spool:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction on the owner's connection; call with the lock held. Remembers a failure."""
         try:
-            with _immediate(self._connection()) as conn:
+            with immediate(self._connection()) as conn:
                 yield conn
         except sqlite3.Error as exc:
             self._write_error = f"{type(exc).__name__}: {exc}"  # for writable(), until a commit succeeds
@@ -542,7 +482,7 @@ class Spool:
         self._maintenance.start()
 
     def _maintain(self) -> None:
-        checkpointer = _connect(self.path, self._synchronous)
+        checkpointer = connect(self.path, self._synchronous)
         last_checkpoint = 0.0
         try:
             while not self._stopping.wait(COMPACT_INTERVAL_S):
@@ -586,111 +526,3 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class SinkCursor:
-    """One sink's position in the spool, with its own connection (usable from another process).
-
-    ``read`` returns rows after the cursor; ``advance`` moves the cursor durably once the sink confirmed
-    them; ``dead_letter`` records points the sink refused, with its reason. Rows are never deleted here:
-    the owner's ``Spool.compact`` removes what every sink has.
-    """
-
-    def __init__(
-        self,
-        path: Path | str,
-        sink: str,
-        dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS,
-        synchronous: str = "NORMAL",
-    ) -> None:
-        self.path = Path(path)
-        self.sink = sink
-        self.dead_letter_max_rows = dead_letter_max_rows
-        self._lock = threading.Lock()  # the writer's reading and sending threads share the connection
-        self._conn: sqlite3.Connection | None = _connect(self.path, synchronous)
-        row = self._conn.execute("SELECT last_id FROM cursor WHERE sink = ?", (sink,)).fetchone()
-        if row is None:
-            raise ValueError(f"spool {self.path} has no cursor for sink {sink!r} (the owner creates it)")
-        self._position = int(row[0])
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError(f"cursor {self.sink} of spool {self.path} is closed")
-        return self._conn
-
-    @property
-    def position(self) -> int:
-        """The id of the last row this sink confirmed."""
-        return self._position
-
-    def read(self, max_points: int, max_rows: int = 10_000) -> list[Row]:
-        """Rows after the cursor, oldest first, until ``max_points`` points (at least one row) or ``max_rows``."""
-        return self.read_after(self._position, max_points, max_rows)
-
-    def read_after(self, after_id: int, max_points: int, max_rows: int = 10_000, overshoot: bool = False) -> list[Row]:
-        """``read`` from another position (a writer reads ahead of what its sink has confirmed);
-        ``overshoot``: the last row may take the points past ``max_points`` (full batches)."""
-        rows: list[Row] = []
-        points = 0
-        with self._lock:
-            cur = self._connection().execute(
-                "SELECT id, kind, CASE WHEN held = 0 THEN body END, points FROM entry WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, max_rows),
-            )
-            for row_id, kind, body, row_points in cur:
-                if rows and (points >= max_points if overshoot else points + int(row_points) > max_points):
-                    break
-                rows.append(
-                    Row(int(row_id), int(kind), b"" if body is None else bytes(body), int(row_points), body is None)
-                )
-                points += int(row_points)
-            cur.close()
-        return rows
-
-    def bodies(self, ids: Sequence[int]) -> list[bytes]:
-        """The bodies of the rows with these ids that are still in the spool (held blocks), in id order."""
-        if not ids:
-            return []
-        marks = ",".join("?" * len(ids))
-        with self._lock:
-            cur = self._connection().execute(f"SELECT body FROM entry WHERE id IN ({marks}) ORDER BY id", tuple(ids))
-            return [bytes(body) for (body,) in cur]
-
-    def advance(self, last_id: int) -> None:
-        """The sink confirmed every row up to ``last_id``: move the cursor there, durably."""
-        if last_id <= self._position:
-            return
-        with self._lock, _immediate(self._connection()) as conn:
-            conn.execute("UPDATE cursor SET last_id = ? WHERE sink = ?", (last_id, self.sink))
-        self._position = last_id
-
-    def dead_letter(self, items: Sequence[tuple[int, str]], reason: str) -> int:
-        """Record ``(row id, line)`` the sink refused, with its reason; returns how many old ones were trimmed."""
-        if not items:
-            return 0
-        now = time.time_ns()
-        with self._lock, _immediate(self._connection()) as conn:
-            conn.executemany(
-                "INSERT INTO dead_letter (sink, entry_id, line, reason, dead_ns) VALUES (?, ?, ?, ?, ?)",
-                ((self.sink, i, line, reason, now) for i, line in items),
-            )
-            depth = int(conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0])
-            trimmed = 0
-            if depth > self.dead_letter_max_rows:
-                trimmed = conn.execute(
-                    "DELETE FROM dead_letter WHERE id IN (SELECT id FROM dead_letter ORDER BY id LIMIT ?)",
-                    (depth - self.dead_letter_max_rows,),
-                ).rowcount
-        return trimmed
-
-    def latest_id(self) -> int:
-        """The id of the newest row in the spool (0 when it has never had one)."""
-        with self._lock:
-            row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = 'entry'").fetchone()
-        return 0 if row is None else int(row[0])
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None

@@ -1,0 +1,77 @@
+"""The spool file's schema and connections, shared by its owner (``agent.spool.sqlite.Spool``) and the
+sinks' readers (``agent.spool.cursor.SinkCursor``), which may run in another process."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
+BUSY_TIMEOUT_MS = 10_000
+HELD = -1
+"""``entry.held`` of a block kept for a possible release; 0 for other rows; the release's id once released."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entry (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    points INTEGER NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
+    enqueued_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entry_held ON entry (held, enqueued_ns) WHERE held != 0;
+CREATE TABLE IF NOT EXISTS cursor (
+    sink TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letter (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sink TEXT NOT NULL,
+    entry_id INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    dead_ns INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One spool row as a sink reads it."""
+
+    id: int
+    kind: int
+    body: bytes
+    points: int
+    held: bool = False
+    """A held or released block: it gives a sink nothing by itself, so its body is not read (empty)."""
+
+
+def connect(path: Path | str, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(dead_letter)")}
+    if "spool_id" in columns:  # a spool of version 0.2 (rows of lines): keep its dead letters aside
+        conn.execute("ALTER TABLE dead_letter RENAME TO dead_letter_v1")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``conn`` inside BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
