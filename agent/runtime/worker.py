@@ -27,10 +27,10 @@ class Broker(Protocol):
 
 
 class LineLog(Protocol):
-    """Where the scoring worker and the heartbeat store the points they produce (``agent.spool.sqlite.Spool``).
-
-    ``append_lines`` returns once the lines are committed to disk, and raises (``OSError``,
-    ``sqlite3.Error``) when they are not (thread-safe).
+    """Where the scoring worker and the heartbeat store the points they produce: the spool
+    (``agent.spool.sqlite.Spool``: committed when ``append_lines`` returns, raising ``OSError`` or
+    ``sqlite3.Error`` otherwise), or the ingest worker, which spools them with its next transaction
+    (``IngestWorker.append_lines``: returns at once). Thread-safe.
     """
 
     def append_lines(self, lines: Sequence[str]) -> object: ...
