@@ -72,7 +72,7 @@ def latency_summary(values_s: Sequence[float], min_n: int = MIN_SAMPLES) -> dict
         "max_ms": max(ms) if ms else None,
         "refused": None if len(ms) >= min_n else f"n={len(ms)} < {min_n}",
         "over_250ms": sum(v > 250 for v in ms),
-        "values_ms": [round(v, 1) for v in ms],  # in the order the alerts arrived: where the tail falls
+        "values_ms": [round(v, 1) for v in ms],  # in the episodes' (schedule) order: where the tail falls
     }
 
 

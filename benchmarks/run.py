@@ -730,6 +730,18 @@ def bench_alerts(
         "agent_suppressed_flapping": suppressed("flapping"),
         "onset": onset,
         "decision": decision,
+        # Per episode (schedule order): which machine and episode a latency belongs to, to locate a tail.
+        "episode_latencies": [
+            {
+                "machine": o.episode.machine,
+                "episode": o.episode.index,
+                "first_block": o.episode.first_block,
+                "reason": o.reason,
+                "onset_ms": None if o.onset_s is None else round(o.onset_s * 1e3, 1),
+                "decision_ms": None if o.decision_s is None else round(o.decision_s * 1e3, 1),
+            }
+            for o in acc.outcomes
+        ],
         "onset_p50_ms": onset["p50_ms"],
         "onset_p99_ms": onset["p99_ms"],
         "onset_max_ms": onset["max_ms"],
