@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder
@@ -128,21 +128,24 @@ class IngestWorker(Worker):
             except DecodeError as exc:
                 self._reject(msg, exc)
                 continue
-            readings = [item for item in items if isinstance(item, Reading)]
-            if readings:
-                readings_n += len(readings)
-                self._encode(entries, encode_readings, readings)
-                if self._speeds is not None:
-                    for reading in readings:
-                        self._speeds.observe(reading)
+            try:
+                message_entries, message_held = self._entries(items)
+            except ValueError as exc:
+                # The spool's format cannot hold it (a name or tag beyond its limits): reported like bad input
+                # on the dead-letter topic, not acknowledged and dropped.
+                self._metrics.inc("storage.unencodable", kind=type(items[0]).__name__ if items else "message")
+                self._reject(msg, DecodeError("too_large", f"cannot be stored: {exc}"))
+                continue
+            held.extend((len(entries) + index, block) for index, block in message_held)
+            entries.extend(message_entries)
             for item in items:
-                if isinstance(item, SampleBlock):
+                if isinstance(item, Reading):
+                    readings_n += 1
+                    if self._speeds is not None:
+                        self._speeds.observe(item)
+                else:
                     blocks_n += 1
                     samples_n += len(item.samples)
-                    decision = self._raw.decide(item)
-                    stored = decision != "skip" and self._encode(entries, encode_block, item, decision == "store", True)
-                    if stored and decision == "hold":
-                        held.append((len(entries) - 1, item))
             for item in items:
                 for queued in for_scoring(item, self._windower, self._baseline):
                     wait_s = self._put(queued, wait_s)
@@ -171,16 +174,23 @@ class IngestWorker(Worker):
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
 
-    def _encode(self, entries: list[Entry], encode: Callable[..., Entry], *args: object) -> bool:
-        """Append ``encode(*args)`` to ``entries``; what the spool's format cannot hold is counted and logged."""
-        try:
-            entries.append(encode(*args))
-            return True
-        except ValueError as exc:
-            kind = type(args[0]).__name__ if not isinstance(args[0], list) else "Reading"
-            self._metrics.inc("storage.unencodable", kind=kind)
-            logger.warning("%s not stored: %s", kind, exc)
-            return False
+    def _entries(self, items: Sequence[Decoded]) -> tuple[list[Entry], list[tuple[int, SampleBlock]]]:
+        """One message's spool entries (its readings together, each stored or held block), and which of them
+        are held blocks; ``ValueError`` when the spool's format cannot hold one of them."""
+        entries: list[Entry] = []
+        held: list[tuple[int, SampleBlock]] = []
+        readings = [item for item in items if isinstance(item, Reading)]
+        if readings:
+            entries.append(encode_readings(readings))
+        for item in items:
+            if isinstance(item, SampleBlock):
+                decision = self._raw.decide(item)
+                if decision == "skip":
+                    continue
+                if decision == "hold":
+                    held.append((len(entries), item))
+                entries.append(encode_block(item, store_raw=decision == "store", held=True))
+        return entries, held
 
     def _append_durably(self, entries: list[Entry]) -> list[int | None]:
         delay = POLL_S

@@ -23,6 +23,7 @@ from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
 from agent.spool.codec import Entry, Kind, encode_block, encode_lines
 from agent.storage.entries import entry_lines
+from agent.storage.points import RawVibrationPolicy
 from agent.topics import format_rfc3339
 
 T0 = 1_790_000_000 * 10**9
@@ -331,3 +332,25 @@ def test_points_the_scoring_thread_produced_go_into_the_ingest_threads_next_appe
     worker.append_lines(["alert,machine=m01 active=0i 2"])
     assert journal.events == [("append", 2), ("append", 1)]
     assert spool.lines[-1] == "alert,machine=m01 active=0i 2"
+
+
+def test_a_decoded_item_the_spool_cannot_hold_is_dead_lettered_not_acknowledged_and_dropped(router):
+    """A decoder plugin may let through a name beyond the spool format's limits (json_v1 caps names itself)."""
+    journal, metrics = Journal(), Metrics()
+    spool = FakeSpool(journal)
+    worker = _ingest(journal, spool, router, queue.Queue(), metrics)
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="vibration")
+    block = SampleBlock(source, T0, 10240.0, np.zeros(8, dtype=np.float32), channel="c" * 70_000)
+
+    class LongNames:
+        def decode(self, msg: Message) -> list:
+            return [block]
+
+    worker._decoder = LongNames()  # type: ignore[assignment]
+    worker._raw = RawVibrationPolicy("all")  # the block is to be stored
+    worker.process([_message(5, b"{}", topic="factory/s1/l1/m01/vibration")])
+    assert [body["code"] for _, body in worker._broker.published] == ["too_large"]
+    assert "cannot be stored" in worker._broker.published[0][1]["reason"]
+    assert metrics.get("storage.unencodable", kind="SampleBlock") == 1
+    assert metrics.get("decode.errors", reason="too_large") == 1
+    assert spool.entries == [] and ("ack", 5) in journal.events  # reported, then acknowledged
