@@ -7,7 +7,6 @@ import doctest
 import random
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from agent.storage import writer as writer_module
 from agent.storage.base import PermanentWriteError, RetryableWriteError, WriteError
 from agent.storage.points import block_lines, reading_lines
 from agent.storage.writer import SinkWriter, backoff_s
+from tests.spool_support import wait_for
 
 FLUSH_TIMEOUT_S = 30.0  # a generous bound for waiting, never a performance assertion
 SRC = Source.of(machine="m1", sensor="vibration")
@@ -64,22 +64,7 @@ def _block(n: int, k: int = 0, samples: np.ndarray | None = None) -> SampleBlock
 
 
 def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + FLUSH_TIMEOUT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, metrics: Metrics) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool.db", max_bytes=10**12, max_points=10**9, metrics=metrics)
-    yield s
-    s.close()
+    wait_for(condition, what, FLUSH_TIMEOUT_S)
 
 
 @pytest.fixture

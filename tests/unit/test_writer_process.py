@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from agent.spool.codec import encode_lines
 from agent.spool.sqlite import Spool
 from agent.storage.base import RetryableWriteError
 from agent.storage.process import RelayMetrics, WriterProcess, WriterSettings, apply
+from tests.spool_support import wait_for
 
 TIMEOUT_S = 60.0  # a generous bound for waiting (a spawned child imports the agent), never a performance check
 SETTINGS = WriterSettings(batch_size=10, flush_interval_s=3600.0, backoff_min_s=0.01, backoff_max_s=0.05)
@@ -55,22 +55,7 @@ def _written(path: Path) -> list[str]:
 
 
 def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, metrics: Metrics) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool.db", max_bytes=10**12, max_points=10**9, metrics=metrics)
-    yield s
-    s.close()
+    wait_for(condition, what, TIMEOUT_S)
 
 
 @pytest.fixture
