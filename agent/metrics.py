@@ -38,7 +38,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -175,6 +175,19 @@ class Metrics:
             if recent is None:
                 recent = self._recent[key] = deque(maxlen=RECENT_OBSERVATIONS)
             recent.append((now, value))
+
+    def replay(self, calls: Iterable[tuple[str, str, float, Mapping[str, str]]]) -> None:
+        """Apply ``(method, name, value, labels)`` calls recorded elsewhere (another process's metrics,
+        ``agent.storage.process.RelayMetrics``), in order; the names are checked as any call's are."""
+        for method, name, value, labels in calls:
+            if method == "inc":
+                self.inc(name, value, **labels)
+            elif method == "set":
+                self.set(name, value, **labels)
+            elif method == "observe":
+                self.observe(name, value, **labels)
+            else:
+                raise ValueError(f"{name}: cannot replay a {method!r} call")
 
     def quantile(self, name: str, q: float, **labels: str) -> float | None:
         """Quantile ``q`` (0..1) of the recent observations of one histogram series; None without any."""

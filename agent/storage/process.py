@@ -84,15 +84,8 @@ class RelayMetrics:
 
 
 def apply(registry: Metrics, ops: list[tuple[str, str, float, dict[str, str]]]) -> None:
-    """Replay relayed metric calls on the parent's registry (their names were checked where they were made,
-    in ``agent.storage.writer``: the catalog test reads the call sites)."""
-    for op, name, value, labels in ops:
-        if op == "inc":
-            registry.inc(name, value, **labels)
-        elif op == "set":
-            registry.set(name, value, **labels)
-        else:
-            registry.observe(name, value, **labels)
+    """Replay relayed metric calls on the parent's registry."""
+    registry.replay(ops)
 
 
 def _child_main(
@@ -228,7 +221,7 @@ class WriterProcess:
                 if conn.poll(RELAY_INTERVAL_S):
                     message = conn.recv()
                     if message[0] == "metrics":
-                        apply(self.metrics, message[1])
+                        self.metrics.replay(message[1])
                     elif message[0] == "synced":
                         with self._synced:
                             self._synced_token = max(self._synced_token, int(message[1]))

@@ -314,3 +314,13 @@ def test_concurrent_updates_are_all_counted() -> None:
         assert h.sum == pytest.approx(h.count / 4 * (0.1 + 0.35 + 0.6 + 0.85))
         assert len(h.recent) == RECENT_OBSERVATIONS
         assert set(h.recent) <= {0.1, 0.35, 0.6, 0.85}  # the last ones, whatever the interleaving
+
+
+def test_replayed_calls_are_checked_like_direct_ones() -> None:
+    m = Metrics()
+    m.replay([("inc", "ingest.messages", 2, {}), ("set", "storage.backoff_s", 1.5, {})])
+    assert m.get("ingest.messages") == 2 and m.get("storage.backoff_s") == 1.5
+    with pytest.raises(UnknownMetricError):
+        m.replay([("inc", "no.such.metric", 1, {})])
+    with pytest.raises(ValueError, match="cannot replay"):
+        m.replay([("drop", "ingest.messages", 1, {})])
