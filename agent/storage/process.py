@@ -27,7 +27,8 @@ from typing import Any
 
 from agent.metrics import Metrics
 from agent.spool.sqlite import SinkCursor, Spool
-from agent.storage.writer import SinkFactory, SinkWriter
+from agent.storage.base import Sink
+from agent.storage.writer import MetricsSink, SinkFactory, SinkWriter
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class WriterSettings:
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
 
-    def writer(self, cursor: SinkCursor, sink: Any, metrics: Any) -> SinkWriter:
+    def writer(self, cursor: SinkCursor, sink: Sink, metrics: MetricsSink) -> SinkWriter:
         return SinkWriter(
             cursor,
             sink,
