@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agent.statefile import write_atomically
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,15 +45,4 @@ class AlertStateStore:
             return None
 
     def save(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        data = json.dumps(state, separators=(",", ":"), allow_nan=False).encode()
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, json.dumps(state, separators=(",", ":"), allow_nan=False).encode())

@@ -20,6 +20,7 @@ from agent.metrics import Metrics
 from agent.records import Alert, Message
 from agent.runtime.batch import Verdict
 from agent.runtime.worker import Broker, to_lines
+from agent.statefile import StateStore
 from agent.storage.points import RawVibrationPolicy, alert_lines, command_lines, score_lines
 from agent.topics import Topics
 
@@ -184,17 +185,28 @@ class AlertOutput:
 
 
 class StateSaver:
-    """Writes the latest submitted alert state from a thread of its own; older unwritten ones are skipped."""
+    """Writes the latest submitted state from a thread of its own; older unwritten ones are skipped.
 
-    def __init__(self, store: AlertStateStore, metrics: Metrics) -> None:
+    Used for the alert state and for the commissioning baselines: ``count_failure`` counts a failed write
+    (default: ``alerts.state_errors``), ``what`` names the state in the log."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        metrics: Metrics,
+        count_failure: Callable[[], None] | None = None,
+        what: str = "alert state",
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._count_failure = count_failure or (lambda: metrics.inc("alerts.state_errors", reason="save"))
+        self._what = what
         self._cond = threading.Condition()
         self._pending: dict[str, Any] | None = None
         self._submitted = 0
         self._saved = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="alert-state-saver", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{what.replace(' ', '-')}-saver", daemon=True)
         self._thread.start()
 
     def submit(self, state: dict[str, Any]) -> None:
@@ -229,8 +241,8 @@ class StateSaver:
                 self._store.save(state)
             except OSError as exc:
                 # The engine runs on from memory; this state is tried again unless a newer one arrives.
-                self._metrics.inc("alerts.state_errors", reason="save")
-                logger.error("alert state not saved to %s: %s", self._store.path, exc)
+                self._count_failure()
+                logger.error("%s not saved to %s: %s", self._what, self._store.path, exc)
                 delay = min(max(delay * 2, 0.5), 30.0)
                 with self._cond:
                     if self._pending is None:
