@@ -23,8 +23,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 PROBLEMS = "config_problems"
 """Error type of a ``Problems`` report; its context holds ``problems``, (relative key path, reason) pairs."""
 
-SECRET_KEYS = frozenset({"password", "token"})
-"""Keys whose value is never shown in an error, whatever is wrong with it."""
+SECRET_KEYS = frozenset({"password", "token", "key", "secret"})
+"""Keys whose value is never shown in an error, whatever is wrong with it (and whatever lies below them)."""
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -108,11 +108,14 @@ def describe(value: object, secret: bool = False) -> str:
 
     >>> describe(None), describe(True), describe(2.5), describe("1883"), describe([1]), describe("pw", secret=True)
     ('null', 'true', '2.5', "'1883'", 'a list', 'a string')
+    >>> describe(123456, secret=True), describe(False, secret=True)
+    ('a number', 'a boolean')
     """
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "true" if value else "false"
+        # YAML reads a password "yes", "on" or "true" as a boolean: even that is not shown.
+        return "a boolean" if secret else ("true" if value else "false")
     if isinstance(value, int | float):
         return "a number" if secret else repr(value)
     if isinstance(value, str):
@@ -171,10 +174,37 @@ _BOUNDS = {
 
 
 def _reason(error: ErrorDetails, model: type[BaseModel]) -> str:
+    loc = error["loc"]
+    field = _walk(model, loc)[1]
+    secret = is_secret(loc)
+    reason = _reason_text(error, model, field, secret)
+    if secret:
+        return _redacted(reason, error.get("input"))
+    return reason
+
+
+def is_secret(loc: Sequence[str | int]) -> bool:
+    """Whether a key path is, or lies below, a secret (``mqtt.password``, ``alerts.commands.operators.ana.key``).
+
+    >>> is_secret(("mqtt", "password")), is_secret(("storage", "v2", "token", "str")), is_secret(("mqtt", "port"))
+    (True, True, False)
+    """
+    return any(isinstance(part, str) and part in SECRET_KEYS for part in loc)
+
+
+def _redacted(reason: str, value: object) -> str:
+    """A reason that cannot echo the secret it is about, even from a validator's own message."""
+    if value is None or isinstance(value, bool):
+        return reason
+    text = value if isinstance(value, str) else repr(value)
+    if text and text in reason:
+        return "is not a valid value (not shown: it is a secret)"
+    return reason
+
+
+def _reason_text(error: ErrorDetails, model: type[BaseModel], field: FieldInfo | None, secret: bool) -> str:
     kind, loc = error["type"], error["loc"]
     ctx = error.get("ctx") or {}
-    field = _walk(model, loc)[1]
-    secret = bool(loc) and loc[-1] in SECRET_KEYS
     got = f", got {describe(error.get('input'), secret)}"
     if kind == "missing":
         return "is required"

@@ -192,6 +192,43 @@ def test_a_secret_and_its_file_together_are_refused(tmp_path: Path, section: str
     assert SECRET not in str(info.value) and "other" not in str(info.value)
 
 
+SECRET_PATHS = [("mqtt", "password"), ("storage.v1", "password"), ("storage.v2", "token")]
+
+
+@pytest.mark.parametrize(("section", "key"), SECRET_PATHS)
+@pytest.mark.parametrize(
+    ("yaml_value", "shown"),
+    [
+        ("123456", ["123456"]),
+        ("0x1F2E", ["0x1F2E", "7982"]),
+        ("1234.5678", ["1234.5678"]),
+        ("yes", ["yes", "true"]),
+        ("off", ["off", "false"]),
+        ("[987654]", ["987654"]),
+        ("{pin: 4711}", ["4711"]),
+        ("2024-11-25", ["2024", "11-25"]),
+    ],
+)
+def test_a_secret_of_any_type_is_never_echoed_in_the_error(
+    tmp_path: Path, section: str, key: str, yaml_value: str, shown: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue 22: `password: 123456` (a bare number in YAML) must be refused without showing the number.
+    lines, indent = [], ""
+    for part in section.split("."):
+        lines.append(f"{indent}{part}:")
+        indent += "  "
+    lines.append(f"{indent}{key}: {yaml_value}")
+    path = tmp_path / "agent.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.path.startswith(f"{section}.{key}")
+    text = str(info.value) + caplog.text
+    for fragment in shown:
+        assert fragment not in text, text
+
+
 def test_secrets_are_not_in_the_repr_of_the_config(tmp_path: Path) -> None:
     path = secret_file(tmp_path, SECRET)
     data = {
