@@ -31,6 +31,7 @@ from agent.adaptation.serving import AdapterStore
 from agent.alerts.engine import AlertEngine
 from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
+from agent.commissioning.store import BaselineStore
 from agent.config import Config
 from agent.decode.base import DecodeLimits, Decoder, DecoderContext
 from agent.decode.registry import build_decoder as registered_decoder
@@ -42,6 +43,7 @@ from agent.inference.kinds import model_class
 from agent.inference.registry import ModelRegistry, default_builders
 from agent.inference.router import CurrentClassifier, ModelRouter, ModelSlot
 from agent.ingest.mqtt import MqttConnection
+from agent.ingest.outbound import Outbound
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Window
@@ -51,7 +53,8 @@ from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import Broker, EntryLog, LineLog
+from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog
+from agent.spool.arrivals import ArrivalLog
 from agent.spool.sqlite import Spool
 from agent.storage.base import Sink
 from agent.storage.points import RawVibrationPolicy
@@ -168,7 +171,12 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
     speeds = ShaftSpeeds(d.speed_field, d.default_rpm)
     defect = None if models.classifier is None else DefectStage(models.classifier, d.sensors, speeds)
     c = config.commissioning
-    baseline = CommissioningScorer(c.to_commissioning_config(), c.sensors, c.channels, metrics) if c.enabled else None
+    baseline = None
+    if c.enabled:
+        store = BaselineStore(c.state_path or config.spool.path.parent / "commissioning_baselines.json")
+        baseline = CommissioningScorer(
+            c.to_commissioning_config(), c.sensors, c.channels, metrics, store, c.save_interval_s
+        )
     raw = config.storage.raw_vibration
     return Stages(
         models=models,
@@ -238,8 +246,11 @@ def build_ingest(
     spool: EntryLog,
     broker: Broker,
     decoder: Decoder | None = None,
+    arrivals: ArrivalLog | None = None,
+    dead_letters: DeadLetters | None = None,
 ) -> IngestWorker:
-    """The ingest worker as the agent runs it."""
+    """The ingest worker as the agent runs it; ``arrivals``: where redelivered messages without a device
+    timestamp find their first arrival time (the spool)."""
     return IngestWorker(
         messages=messages,
         windows=windows,
@@ -253,6 +264,8 @@ def build_ingest(
         put_timeout_s=config.queues.put_timeout_s,
         baseline=stages.baseline,
         speeds=stages.speeds,
+        arrivals=arrivals,
+        dead_letters=dead_letters,
     )
 
 
@@ -288,6 +301,8 @@ def build_mqtt(
             session_expiry_s=m.session_expiry_s,
             subscriptions=(*subscriptions, topics.commands),
             qos=m.qos,
+            # Beside the spool, like the alert state: the agent's state directory.
+            subscriptions_file=config.spool.path.parent / SUBSCRIPTIONS_FILE,
             silence_timeout_s=m.silence_timeout_s,
             status_topic=topics.status,
             online_payload=topics.status_payload("online"),
@@ -298,6 +313,9 @@ def build_mqtt(
         status_payload=topics.status_payload,
     )
 
+
+SUBSCRIPTIONS_FILE = "mqtt_subscriptions.json"
+"""The filters of the persistent MQTT session (``agent.ingest.remembered``), kept beside the spool."""
 
 LOCAL_SINK = "local"
 """The spool cursor of the ``storage`` sink (the agent's own InfluxDB)."""
@@ -313,6 +331,9 @@ def build_spool(config: Config, metrics: Metrics) -> Spool:
         metrics=metrics,
         sinks=(LOCAL_SINK,),
         hold_s=spool.hold_s,
+        reserve_bytes=spool.reserve_bytes,
+        arrivals_max_age_s=spool.arrivals_max_age_s,
+        arrivals_max_rows=spool.arrivals_max_rows,
     )
 
 
@@ -351,18 +372,29 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         messages.put(message)
 
     mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics)
+    # Everything the workers publish goes through the outbound queues (alerts first, dead letters rate-limited).
+    outbound = Outbound(mqtt, topics, config.mqtt.outbound, metrics)
     spool = build_spool(config, metrics)
     writer = build_writer(config, spool, metrics, sink=sink)
     adaptation = build_adaptation(config, metrics)
     ingest = build_ingest(
-        config, stages, metrics, messages=messages, windows=windows, spool=spool, broker=mqtt, decoder=decoder
+        config,
+        stages,
+        metrics,
+        messages=messages,
+        windows=windows,
+        spool=spool,
+        broker=outbound,
+        decoder=decoder,
+        arrivals=spool,
+        dead_letters=outbound,
     )
     scoring = build_scoring(
         config,
         stages,
         metrics,
         spool=ingest,  # the scoring thread's points go into the ingest thread's next transaction
-        broker=mqtt,
+        broker=outbound,
         windows=windows,
         commands=commands,
         store_raw=ingest.store_raw,
@@ -385,6 +417,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         metrics=metrics,
         topics=topics,
         mqtt=mqtt,
+        outbound=outbound,
         spool=spool,
         writer=writer,
         ingest=ingest,

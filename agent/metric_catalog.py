@@ -98,7 +98,16 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("ingest.blocks", "Sample blocks (vibration) decoded from accepted messages."),
     _counter("ingest.samples", "Samples in the decoded blocks."),
     _counter("ingest.backpressure_waits", "Times the MQTT thread waited on a full message queue (backpressure)."),
-    _counter("decode.errors", "Rejected messages, by reason (each one also goes to the dead-letter topic).", "reason"),
+    _counter("ingest.redelivered", "Messages the broker redelivered (MQTT DUP flag), e.g. after a restart."),
+    _counter(
+        "ingest.arrival_restored",
+        "Redelivered messages without a device timestamp decoded with their first arrival time (not a second point).",
+    ),
+    _counter(
+        "decode.errors",
+        "Rejected messages, by reason (each one goes to the dead-letter topic, alone or in a summary).",
+        "reason",
+    ),
     # spool
     _counter("spool.appended", "Points stored durably in the local spool (readings, samples, features, scores ...)."),
     _counter("spool.acked", "Spooled points every sink has confirmed, removed from the spool."),
@@ -112,7 +121,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     ),
     _counter("spool.dead_lettered", "Points a sink rejected, moved to the spool's dead-letter table."),
     _counter("spool.dead_letter_trimmed", "Oldest dead letters removed because the dead-letter table was full."),
+    _counter("spool.arrivals_pruned", "Arrival records of messages without a device timestamp pruned (age, count)."),
     _counter("spool.append_failures", "Spool appends that failed (the MQTT messages were not acknowledged)."),
+    _gauge("spool.disk_full", "1 while the spool's disk is full and new messages are not acknowledged, else 0."),
+    _counter("spool.disk_full_events", "Times the spool's disk was found full (a write failed for lack of space)."),
+    _gauge("spool.reserve_bytes", "Size of the spool's reserve file (released when the disk is full; 0 without)."),
     _gauge("spool.depth", "Points the slowest sink has not confirmed yet (sampled)."),
     _gauge("spool.oldest_age_s", "Age of the oldest row the slowest sink waits for (0 when none, NaN once closed)."),
     _histogram("spool.append_seconds", "Duration of spool appends (one transaction each; the ack waits for it)."),
@@ -126,6 +139,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("storage.points_written", "Points InfluxDB confirmed."),
     _counter("storage.write_failures", "Failed InfluxDB writes, by kind (retryable, rejected, config).", "kind"),
     _counter("storage.writer_errors", "Unexpected errors of the InfluxDB writer thread."),
+    _counter(
+        "storage.cursor_failures",
+        "Failed saves of the writer's durable cursor (a full disk); delivery goes on and the save is retried.",
+    ),
     _gauge("storage.backoff_s", "Current backoff of the InfluxDB writer (0 when writes succeed)."),
     _histogram("storage.write_seconds", "Duration of successful InfluxDB writes (one batch each)."),
     _counter(
@@ -144,6 +161,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("mqtt.disconnects", "Lost connections to the broker, by reason.", "reason"),
     _counter("mqtt.connect_failures", "Failed connection attempts, by reason.", "reason"),
     _counter("mqtt.subscribe_failures", "Subscriptions the broker refused, by reason code.", "reason"),
+    _counter(
+        "mqtt.stale_unsubscribed",
+        "Topic filters of an earlier configuration removed from the persistent session (they doubled deliveries).",
+    ),
     _counter("mqtt.acks", "QoS 1 messages acknowledged after their readings were stored."),
     _counter("mqtt.acks_stale", "Acknowledgements skipped because the message came on an earlier connection."),
     _counter("mqtt.ack_errors", "Acknowledgements the MQTT client could not send, by error.", "reason"),
@@ -152,6 +173,32 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("mqtt.publish_errors", "Failed publishes, by reason.", "reason"),
     _counter("mqtt.callback_errors", "Messages the MQTT callback could not hand over (not acknowledged, redelivered)."),
     _counter("mqtt.watchdog_reconnects", "Reconnects forced by the silence watchdog."),
+    _gauge(
+        "mqtt.outbound_queued",
+        "Messages waiting in the outbound queue of a kind (alert, control, status, deadletter).",
+        "kind",
+    ),
+    _gauge(
+        "mqtt.outbound_inflight", "Outbound messages handed to the MQTT client and not yet confirmed by the broker."
+    ),
+    _counter(
+        "mqtt.outbound_dropped",
+        "Outbound messages dropped, by kind and reason (queue_full, client_error, stopped).",
+        "kind",
+        "reason",
+    ),
+    _counter(
+        "mqtt.outbound_superseded",
+        "Retained outbound messages replaced by a newer one of the same topic before they were sent.",
+        "kind",
+    ),
+    _counter("mqtt.deadletters", "Rejected messages reported one by one on the dead-letter topic."),
+    _counter(
+        "mqtt.deadletters_summarised",
+        "Rejected messages beyond the dead-letter rate, counted in a summary instead, by reason.",
+        "reason",
+    ),
+    _counter("mqtt.deadletter_summaries", "Summaries of rejected messages published on the dead-letter topic."),
     # windows
     _counter("windows.emitted", "Windows cut from the streams, by kind (vibration, process).", "kind"),
     _counter("windows.unassigned", "Readings or blocks of a source that no feature spec or model covers."),
@@ -179,6 +226,13 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("defect.skipped", "Anomalous windows left unclassified, by reason.", "reason"),
     _counter("commissioning.steps", "Readings scored by the commissioning baseline, by phase.", "phase"),
     _counter("commissioning.skipped", "Readings the commissioning baseline could not use, by reason.", "reason"),
+    _gauge("commissioning.baselines", "Commissioning baselines, by phase (commissioning, monitoring).", "phase"),
+    _counter(
+        "commissioning.state_errors",
+        "Baselines file not saved or not loaded (moved aside), by reason (save, unreadable, format, version, "
+        "spec_mismatch, invalid_baseline).",
+        "reason",
+    ),
     # adaptation (per-machine LoRA adapters)
     _gauge("adapters.loaded", "Machine adapters loaded, by model.", "model"),
     _counter("adapters.swaps", "Adapters activated (new or changed files), by model.", "model"),

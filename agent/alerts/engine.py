@@ -155,6 +155,9 @@ class AlertEngine:
         (the latest score of an open event is not worth a disk write per window; it is saved with the next one)."""
         self.changed_machines: set[str] = set()
         """Machines whose retained state changed; the caller publishes ``machine_state`` and clears the set."""
+        self.extra_commands: dict[str, Callable[[Mapping[str, Any], str, int], CommandOutcome]] = {}
+        """Commands of other stages (``rebaseline``: the commissioning baselines), by name: called with the
+        body, ``by`` and the time after the checks every command passes; they raise ``CommandError``."""
 
     # -- scores -------------------------------------------------------------------------------------------
 
@@ -419,7 +422,8 @@ class AlertEngine:
         ``{"command": "ack", "event_id": ..., "by": ...}`` acknowledges an open event (no more re-notify);
         ``{"command": "silence", "machine": ..., ["sensor": ..., "alert_type": ...,] "duration_s": ..., "by": ...}``
         withholds matching messages from MQTT (they are still stored) until it ends;
-        ``{"command": "unsilence", "machine": ..., ["sensor", "alert_type",] "by": ...}`` ends matching silences.
+        ``{"command": "unsilence", "machine": ..., ["sensor", "alert_type",] "by": ...}`` ends matching silences;
+        the names in ``extra_commands`` go to their handlers (``rebaseline``).
         """
         if not isinstance(body, Mapping):
             raise CommandError("bad_command", "a command must be a JSON object")
@@ -432,7 +436,11 @@ class AlertEngine:
             return self._silence(body, by, now_ns)
         if command == "unsilence":
             return self._unsilence(body, by)
-        raise CommandError("unknown_command", f"command must be 'ack', 'silence' or 'unsilence', got {command!r}")
+        extra = self.extra_commands.get(command) if isinstance(command, str) else None
+        if extra is not None:
+            return extra(body, by, now_ns)
+        known = ", ".join(repr(c) for c in ("ack", "silence", "unsilence", *self.extra_commands))
+        raise CommandError("unknown_command", f"command must be one of {known}, got {command!r}")
 
     def _ack(self, body: Mapping[str, Any], by: str, now_ns: int) -> CommandOutcome:
         event_id = _text(body, "event_id", required=True)

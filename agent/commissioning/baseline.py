@@ -152,6 +152,68 @@ class CommissioningBaseline:
         score = float(np.max(np.abs((self._recent.mean(axis=0) - det.mean) / det.scale)))
         return StepScore(time_ns=time_ns, score=score, threshold=det.threshold, is_anomalous=score > det.threshold)
 
+    def to_state(self) -> dict[str, Any]:
+        """JSON-ready state from which ``from_state`` continues exactly where this baseline is: the steps
+        collected so far while commissioning; the detector and the smoothing ring once monitoring."""
+        # The ring as it is (slot order, its filled rows) with its cursor: the restored one sums the same
+        # rows in the same order, so its scores are equal to the last bit.
+        recent = None if self._recent is None else self._recent[: min(self._filled, self._k)].tolist()
+        return {
+            "phase": self.phase,
+            "n_channels": self._n_channels,
+            "first_ns": self._first_ns,
+            "last_ns": self._last_ns,
+            "train": [x.tolist() for x in self._train],
+            "recent": recent,
+            "filled": self._filled,
+            "detector": None if self._detector is None else self._detector.to_dict(),
+            "steps_at_fit": self._steps_at_fit,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], config: CommissioningConfig) -> CommissioningBaseline:
+        """The baseline ``to_state`` described (under the same ``config``); ``ValueError`` naming what is wrong
+        when the state is inconsistent (wrong shapes, non-finite values, a detector of another size)."""
+        baseline = cls(config)
+        try:
+            n_channels = state["n_channels"]
+            train = [np.asarray(x, dtype=np.float64) for x in state["train"]]
+            detector = None if state["detector"] is None else Detector.from_dict(state["detector"])
+            recent = None if state["recent"] is None else np.asarray(state["recent"], dtype=np.float64)
+            first_ns, last_ns = state["first_ns"], state["last_ns"]
+            steps_at_fit = int(state["steps_at_fit"])
+            filled = int(state["filled"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"baseline state is incomplete or malformed: {exc!r}") from None
+        if n_channels is not None and (isinstance(n_channels, bool) or not isinstance(n_channels, int)):
+            raise ValueError(f"n_channels must be an integer or null, got {n_channels!r}")
+        if state.get("phase") != ("commissioning" if detector is None else "monitoring"):
+            raise ValueError(f"phase {state.get('phase')!r} does not match the presence of a detector")
+        width = n_channels or 0
+        arrays = [*train, *([] if recent is None else list(recent))]
+        if any(a.shape != (width,) or not np.isfinite(a).all() for a in arrays):
+            raise ValueError(f"steps must be finite rows of {width} channels")
+        if len(recent if recent is not None else ()) != min(filled, baseline._k):
+            raise ValueError(f"{filled} steps seen need min(that, smoothing_steps) recent ones")
+        if detector is not None:
+            if detector.n_channels != width or detector.smoothing_steps != baseline._k:
+                raise ValueError("the detector does not fit the channels or smoothing_steps of this baseline")
+            if train or recent is None or len(recent) != baseline._k:
+                raise ValueError("a monitoring baseline keeps no commissioning steps and smoothing_steps recent ones")
+        if (width == 0) != (last_ns is None) or (recent is None) != (last_ns is None):
+            raise ValueError("a baseline that has seen steps needs n_channels, last_ns and its recent steps")
+        baseline._n_channels = n_channels
+        baseline._first_ns = None if first_ns is None else int(first_ns)
+        baseline._last_ns = None if last_ns is None else int(last_ns)
+        baseline._train = train
+        baseline._detector = detector
+        baseline._steps_at_fit = steps_at_fit
+        if recent is not None:
+            baseline._recent = np.empty((baseline._k, width))
+            baseline._recent[: len(recent)] = recent
+            baseline._filled = filled
+        return baseline
+
     def _commissioning_done(self, time_ns: int) -> bool:
         cfg = self._config
         n = len(self._train)
@@ -178,8 +240,18 @@ class BaselineBank:
         return self._baselines.get(key)
 
     def reset(self, key: Hashable) -> None:
-        """Forget ``key``'s baseline (after maintenance): its next steps commission it again."""
+        """Forget ``key``'s baseline: its next steps commission it again. Only on an operator's command
+        (after maintenance): a fitted baseline is never refitted on its own, least of all from steps it flags."""
         self._baselines.pop(key, None)
+
+    def put(self, key: Hashable, baseline: CommissioningBaseline) -> None:
+        """Continue ``baseline`` (restored from a previous run) for ``key``; it must have this bank's config."""
+        if baseline.config != self._config:
+            raise ValueError("the baseline was built with another commissioning config")
+        self._baselines[key] = baseline
+
+    def items(self) -> list[tuple[Hashable, CommissioningBaseline]]:
+        return list(self._baselines.items())
 
     def __len__(self) -> int:
         return len(self._baselines)

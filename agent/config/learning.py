@@ -39,6 +39,18 @@ class CommissioningSection(Section):
         2.4,
         description="Threshold = this factor x the largest score seen while commissioning (label-free).",
     )
+    state_path: ConfigPath | None = Field(
+        None,
+        description="Baselines survive restarts in this file (collection continues, fitted ones keep scoring); "
+        "null = commissioning_baselines.json beside the spool.",
+    )
+    save_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Save the baselines at most this often while they only progress (a phase change, a new "
+        "machine or a rebaseline is saved at once, and everything at stop); a crash loses at most this much "
+        "commissioning progress.",
+    )
 
     def to_commissioning_config(self) -> CommissioningConfig:
         try:

@@ -1,22 +1,26 @@
 """The scoring worker: windows ready together are scored in one run per model, then alerts are decided.
 
 Process readings in the queue go to the per-machine commissioning baselines (one step each). Operator
-commands (acknowledge, silence) arrive on their own queue and are applied between batches; the engine's
-state is saved after every step that changed it, before the commands are acknowledged to the broker.
+commands (acknowledge, silence, rebaseline) arrive on their own queue and are applied between batches; the
+engine's state is saved after every step that changed it, and the baselines after each phase change and
+every ``commissioning.save_interval_s`` (by saver threads: the next batch does not wait for the disk), both
+on disk before the commands are acknowledged to the broker.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from agent.alerts.engine import CommandError, CommandOutcome
 from agent.commissioning.scorer import CommissioningScorer
 from agent.inference.base import AnomalyModel
 from agent.inference.router import ModelRouter
 from agent.metrics import Metrics
 from agent.records import Message, Reading, Window
-from agent.runtime.alerting import AlertOutput
+from agent.runtime.alerting import SAVE_WAIT_S, AlertOutput, StateSaver
 from agent.runtime.batch import BatchScorer, Verdict
 from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
 
@@ -53,8 +57,14 @@ class ScoringWorker(Worker):
         self._max_batch = max_batch
         self._baseline = baseline
         self._commands = commands
+        self._baseline_saver: StateSaver | None = None
+        if baseline is not None:
+            alerts.engine.extra_commands["rebaseline"] = self._rebaseline
 
     def restore(self) -> int:
+        """Continue the previous run's baselines and open alert events; returns the number of events."""
+        if self._baseline is not None:
+            self._baseline.restore()
         return self.alerts.restore()
 
     def step(self) -> None:
@@ -66,6 +76,9 @@ class ScoringWorker(Worker):
         self.process([])
         self.alerts.save_state(wait=True)
         self.alerts.close()
+        self._save_baselines(wait=True, force=True)
+        if self._baseline_saver is not None:
+            self._baseline_saver.close(SAVE_WAIT_S)
 
     def process(self, batch: Sequence[Window | Reading]) -> None:
         commands = drain(self._commands, 0, 100) if self._commands is not None else []
@@ -95,6 +108,7 @@ class ScoringWorker(Worker):
             self._spool.append_lines(lines)
         self.alerts.publish_machine_states()
         self.alerts.save_state(wait=bool(commands))
+        self._save_baselines(wait=bool(commands))
         for msg in commands:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
@@ -104,3 +118,43 @@ class ScoringWorker(Worker):
             return []
         score = self._baseline.score(reading)
         return [] if score is None else self.alerts.decide(Verdict(score), self.alerts.clock_ns())
+
+    def _save_baselines(self, wait: bool, force: bool = False) -> None:
+        """Hand the baselines to their saver thread when a save is due; ``wait``: until they are on disk."""
+        if self._baseline is None or self._baseline.store is None:
+            return
+        document = self._baseline.snapshot(force=force)
+        if document is not None:
+            if self._baseline_saver is None:
+                metrics = self._metrics
+                self._baseline_saver = StateSaver(
+                    self._baseline.store,
+                    metrics,
+                    count_failure=lambda: metrics.inc("commissioning.state_errors", reason="save"),
+                    what="commissioning baselines",
+                )
+            self._baseline_saver.submit(document)
+        if wait and self._baseline_saver is not None and not self._baseline_saver.flush(SAVE_WAIT_S):
+            logger.error(
+                "commissioning baselines not saved to %s within %.0f s", self._baseline.store.path, SAVE_WAIT_S
+            )
+
+    def _rebaseline(self, body: Mapping[str, Any], by: str, now_ns: int) -> CommandOutcome:
+        """``{"command": "rebaseline", "machine": ..., ["sensor": ...,] "by": ...}``: the operator's explicit
+        order to discard a machine's commissioning baseline and learn its normal again from its next readings
+        (the only way a fitted baseline is ever replaced)."""
+        assert self._baseline is not None
+        machine, sensor = body.get("machine"), body.get("sensor")
+        if not isinstance(machine, str) or not machine:
+            raise CommandError(
+                "missing_field" if machine is None else "bad_value", "machine must be a non-empty string"
+            )
+        if sensor is not None and (not isinstance(sensor, str) or not sensor):
+            raise CommandError("bad_value", "sensor must be a non-empty string")
+        reset = self._baseline.rebaseline(machine, sensor)
+        scope = machine if sensor is None else f"{machine}/{sensor}"
+        if not reset:
+            raise CommandError("unknown_machine", f"no commissioning baseline for {scope}")
+        logger.warning("commissioning baseline(s) of %s discarded by %s; commissioning anew", scope, by)
+        sensors = ", ".join(sorted(source.sensor for source in reset))
+        return CommandOutcome("rebaseline", by, f"baseline of {scope} ({sensors}) discarded; commissioning anew")
