@@ -49,7 +49,11 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One MQTT message as received; ``mid`` identifies it for the manual acknowledgement."""
+    """One MQTT message as received; ``mid`` identifies it for the manual acknowledgement.
+
+    ``dup``: the broker's DUP flag: it sent this QoS 1 message before (a redelivery after a reconnect, with
+    the same packet id), so its first delivery may already be stored (``agent.spool.arrivals``).
+    """
 
     topic: str
     payload: bytes
@@ -57,6 +61,7 @@ class Message:
     mid: int
     received_ns: int
     retained: bool = False
+    dup: bool = False
 
 
 @dataclass(frozen=True, slots=True)

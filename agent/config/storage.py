@@ -150,3 +150,21 @@ class SpoolSection(Section):
         description="raw_vibration around_alerts: how long a block not yet stored stays in the spool, so that "
         "an alert can still release it.",
     )
+    reserve_bytes: int = Field(
+        32 * 1024**2,
+        ge=0,
+        description="Size of a reserve file kept beside the spool (default 32 MiB). When the disk fills up it is "
+        "released, so that delivery, compaction and the agent's state files still have room while new messages "
+        "wait at the broker; 0 = none.",
+    )
+    arrivals_max_age_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long the arrival time of a stored message without a device timestamp is kept, so that a "
+        "redelivery of it is stored with the same time, not as a second point. At least mqtt.session_expiry_s.",
+    )
+    arrivals_max_rows: int = Field(
+        1_000_000,
+        gt=0,
+        description="At most this many arrival records are kept (the newest; about 60 bytes each).",
+    )

@@ -32,6 +32,11 @@ when the connection is up but no message arrived for that long: a broker that ha
 bridge, a half-open TCP connection that keepalive has not caught yet) then looks like a lost connection,
 which paho repairs with its usual reconnect and backoff.
 
+Subscriptions: with ``subscriptions_file`` set, the filters subscribed are remembered across restarts
+(``agent.ingest.remembered``); on a connect that resumes the session, remembered filters that are no
+longer configured are unsubscribed first (one log line, ``mqtt.stale_unsubscribed``): the session would
+otherwise keep them, and the broker deliver every message once per matching filter.
+
 Availability: the last will sets the retained status topic to ``offline`` when the connection drops
 without a DISCONNECT; every successful connect publishes ``online`` (retained); ``stop()`` publishes
 ``offline`` and waits for it before disconnecting (a clean disconnect does not fire the will).
@@ -59,6 +64,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.ingest.remembered import RememberedFilters
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
 from agent.records import Message
@@ -108,6 +114,15 @@ class MqttConnection:
         self._generation = 0
         self._pending: set[int] = set()
         self._subscribe_mid: int | None = None
+        # Filters of the persistent session (subscribed now or by an earlier configuration), and the stale
+        # ones an UNSUBSCRIBE is out for.
+        self._remembered: RememberedFilters | None = None
+        self._session_filters: frozenset[str] = frozenset()
+        if settings.subscriptions_file is not None:
+            session = f"{settings.host}:{settings.port}/{settings.client_id}"
+            self._remembered = RememberedFilters(settings.subscriptions_file, session)
+            self._session_filters = self._remembered.load()
+        self._unsubscribe: tuple[int, tuple[str, ...]] | None = None
         self._started = False
         self._stopping = False
         # The last connection failure logged (reason label): repeats of the same failure go to DEBUG.
@@ -147,6 +162,7 @@ class MqttConnection:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
         return client
 
@@ -312,6 +328,7 @@ class MqttConnection:
                 self._generation += 1
                 self._pending.clear()
                 self._last_activity = time.monotonic()
+            self._drop_stale_filters(client, flags.session_present)
             if s.subscriptions:
                 result, mid = client.subscribe([(topic, int(s.qos)) for topic in s.subscriptions])
                 self._subscribe_mid = mid
@@ -352,8 +369,65 @@ class MqttConnection:
             if ok:
                 self._subscribed.set()
                 logger.info("subscribed to %s", ", ".join(self._settings.subscriptions))
+                self._remember(self._session_filters | frozenset(self._settings.subscriptions))
         except Exception:
             logger.exception("error in MQTT on_subscribe")
+
+    def _drop_stale_filters(self, client: paho.Client, session_present: bool) -> None:
+        """Unsubscribe remembered filters that are no longer configured (sent before the SUBSCRIBE)."""
+        if self._remembered is None:
+            return
+        stale = tuple(sorted(self._session_filters - frozenset(self._settings.subscriptions)))
+        if not stale:
+            return
+        if not session_present:  # a new session holds no subscription at all
+            self._remember(self._session_filters - frozenset(stale))
+            return
+        result, mid = client.unsubscribe(list(stale))
+        if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._unsubscribe = (mid, stale)
+        else:
+            logger.error("could not send UNSUBSCRIBE for %s: %s", ", ".join(stale), paho.error_string(result))
+
+    def _on_unsubscribe(
+        self,
+        _client: paho.Client,
+        _userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        try:
+            if self._unsubscribe is None or mid != self._unsubscribe[0]:
+                return
+            stale = self._unsubscribe[1]
+            self._unsubscribe = None
+            # MQTT 3.1.1 has no reason codes (an UNSUBACK is a success); 5 may say "No subscription existed".
+            refused = {topic for topic, rc in zip(stale, reason_codes, strict=False) if rc.is_failure}
+            for topic in sorted(refused):
+                logger.error("MQTT broker refused to unsubscribe %s", topic)
+            gone = frozenset(stale) - refused
+            if gone:
+                self._metrics.inc("mqtt.stale_unsubscribed", len(gone))
+                logger.warning(
+                    "unsubscribed %s: no longer in the configured subscriptions, but still in the persistent "
+                    "session (each message it matched was delivered once more)",
+                    ", ".join(sorted(gone)),
+                )
+                self._remember(self._session_filters - gone)
+        except Exception:
+            logger.exception("error in MQTT on_unsubscribe")
+
+    def _remember(self, filters: frozenset[str]) -> None:
+        """Keep the session's filters in memory and in the file; a failed write is logged (the stale filters
+        are then unsubscribed again at the next connect, which does no harm)."""
+        if self._remembered is None or filters == self._session_filters:
+            return
+        self._session_filters = filters
+        try:
+            self._remembered.save(filters)
+        except OSError as exc:
+            logger.warning("cannot save the MQTT subscriptions to %s: %s", self._remembered.path, exc)
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: Any) -> None:
         try:
@@ -511,6 +585,7 @@ class MqttConnection:
                 mid=mid,
                 received_ns=received_ns,
                 retained=bool(msg.retain),
+                dup=bool(msg.dup),
             )
             self._metrics.inc("mqtt.messages")
             self._deliver(message)

@@ -74,6 +74,11 @@ class MqttSettings(BaseModel):
     reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the reconnect delay.")
     subscriptions: tuple[str, ...] = Field((), description="Topic filters subscribed to on every connect.")
     qos: Literal[0, 1] = Field(1, description="QoS of the subscriptions; 1 = at least once, manual acknowledgement.")
+    subscriptions_file: Path | None = Field(
+        None,
+        description="Remembers the filters subscribed in the persistent session (agent.ingest.remembered), so "
+        "that a filter no longer configured is unsubscribed at the next connect; None: not remembered.",
+    )
     clean_start: bool = Field(False, description="Start without the broker's stored session.")
     session_expiry_s: int = Field(
         86_400, ge=0, le=0xFFFFFFFF, strict=True, description="MQTT 5: how long the broker keeps the session."
@@ -126,3 +131,60 @@ class MqttSettings(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, ("***" if name == "password" and value is not None else value)
+
+
+class OutboundSettings(BaseModel):
+    """Priorities and bounds of what the agent publishes (``agent.ingest.outbound.Outbound``); config key
+    ``mqtt.outbound``.
+
+    Every message waits in the queue of its kind (alert > control > status > dead letter); at most ``window``
+    of them are in the MQTT client at a time, so a flood of one kind never fills the client's own queue and
+    never delays a more urgent kind by more than ``window`` messages.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    window: int = Field(
+        100,
+        gt=0,
+        le=1000,
+        description="Messages handed to the MQTT client and not yet confirmed by the broker (PUBACK), at most; "
+        "the rest wait in the agent's queues, most urgent first. Keep it well below max_queued_messages.",
+    )
+    alerts_max: int = Field(
+        10_000,
+        gt=0,
+        description="Alerts waiting for the broker (e.g. while it is away); beyond it the oldest is dropped "
+        "(counted). Sent before anything else.",
+    )
+    control_max: int = Field(
+        1_000,
+        gt=0,
+        description="Command replies and retained machine states waiting; beyond it the oldest is dropped "
+        "(counted). A newer state of a machine replaces the waiting one.",
+    )
+    status_max: int = Field(
+        100,
+        gt=0,
+        description="Heartbeats and other retained status waiting; only the latest per topic is kept.",
+    )
+    deadletter_max: int = Field(
+        1_000,
+        gt=0,
+        description="Dead letters waiting; a rejection that finds no room goes into the next summary instead.",
+    )
+    deadletter_rate_per_s: float = Field(
+        20.0,
+        gt=0,
+        description="Rejected messages reported one by one on the dead-letter topic, on average per second; "
+        "beyond it (and deadletter_burst) they are counted per reason and reported in a summary.",
+    )
+    deadletter_burst: int = Field(
+        100, gt=0, description="Rejections reported one by one in a burst before deadletter_rate_per_s applies."
+    )
+    deadletter_summary_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often a summary of the rejections not reported one by one is published (only when "
+        "there were some): counts per reason over the interval.",
+    )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import replace
 
 from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder
@@ -17,6 +19,7 @@ from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.worker import POLL_S, Broker, EntryLog, Worker, drain
+from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
 from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
@@ -39,6 +42,9 @@ class IngestWorker(Worker):
     Windows (and, with a commissioning baseline, process readings) go to the scoring queue; once it has
     stayed full for ``put_timeout_s``, the rest of a batch is dropped from scoring (counted), never from
     storage.
+
+    With ``arrivals`` (the spool), a message without a device timestamp keeps the arrival time of its first
+    stored delivery when the broker redelivers it (``agent.spool.arrivals``): no second point in InfluxDB.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class IngestWorker(Worker):
         baseline: CommissioningScorer | None = None,
         speeds: ShaftSpeeds | None = None,
         batch_max: int = 500,
+        arrivals: ArrivalLog | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self._messages = messages
@@ -70,6 +77,7 @@ class IngestWorker(Worker):
         self._baseline = baseline
         self._speeds = speeds
         self._batch_max = batch_max
+        self._arrivals = arrivals
         self._raw_released: deque[list[int]] = deque()
         self._produced: deque[Sequence[str]] = deque()
         self._handoff_lock = threading.Lock()
@@ -123,6 +131,9 @@ class IngestWorker(Worker):
         # full for put_timeout_s, the rest of this batch does not wait again.
         wait_s = self._put_timeout_s
         for msg in batch:
+            restored = False
+            if msg.dup:
+                msg, restored = self._first_arrival(msg)
             try:
                 items = self._decoder.decode(msg)
             except DecodeError as exc:
@@ -136,6 +147,9 @@ class IngestWorker(Worker):
                 self._metrics.inc("storage.unencodable", kind=type(items[0]).__name__ if items else "message")
                 self._reject(msg, DecodeError("too_large", f"cannot be stored: {exc}"))
                 continue
+            if self._arrivals is not None and msg.qos and not restored and used_arrival_time(items, msg.received_ns):
+                # Durable with the readings (same transaction), so that a redelivery finds the same time.
+                message_entries.append(encode_arrival(arrival_key(msg), msg.received_ns))
             held.extend((len(entries) + index, block) for index, block in message_held)
             entries.extend(message_entries)
             for item in items:
@@ -173,6 +187,23 @@ class IngestWorker(Worker):
         for msg in batch:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
+
+    def _first_arrival(self, msg: Message) -> tuple[Message, bool]:
+        """A redelivered message (DUP) with the arrival time of its first, stored delivery, if one was
+        recorded (it had no device timestamp); else unchanged. True if restored."""
+        self._metrics.inc("ingest.redelivered")
+        if self._arrivals is None:
+            return msg, False
+        try:
+            first_ns = self._arrivals.arrival_ns(arrival_key(msg))
+        except sqlite3.Error as exc:
+            # Decoded with a fresh time: at worst a second point, never a lost reading.
+            logger.warning("could not look up the first arrival of a redelivered message on %s: %s", msg.topic, exc)
+            return msg, False
+        if first_ns is None:
+            return msg, False
+        self._metrics.inc("ingest.arrival_restored")
+        return replace(msg, received_ns=first_ns), True
 
     def _entries(self, items: Sequence[Decoded]) -> tuple[list[Entry], list[tuple[int, SampleBlock]]]:
         """One message's spool entries (its readings together, each stored or held block), and which of them

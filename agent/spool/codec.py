@@ -14,7 +14,9 @@ Layout (little-endian; ``str`` = ``u16`` byte length + UTF-8; ``tags`` = ``u8`` 
 - ``BLOCK``: ``i64`` start_ns, ``f64`` rate_hz, ``i64`` seq, ``u8`` flags (1 = store raw, 2 = has seq),
   tags, channel (str), then the samples as float32 up to the end;
 - ``LINES``: line protocol lines joined by newlines (UTF-8);
-- ``RAW_REF``: ``u32`` count and the ``i64`` spool ids of held blocks whose raw samples are now wanted.
+- ``RAW_REF``: ``u32`` count and the ``i64`` spool ids of held blocks whose raw samples are now wanted;
+- ``ARRIVAL``: never a row: the arrival time of a message without a device timestamp, which the spool
+  records in its ``arrival`` table in the same transaction (``agent.spool.arrivals``): a 16-byte key, ``i64``.
 
 The format is the spool file's: a change of it needs a new kind number, never a reinterpretation.
 """
@@ -38,6 +40,7 @@ class Kind(IntEnum):
     BLOCK = 2
     LINES = 3
     RAW_REF = 4
+    ARRIVAL = 5
 
 
 STORE_RAW = 1

@@ -36,7 +36,14 @@ CREATE TABLE IF NOT EXISTS dead_letter (
     reason TEXT NOT NULL,
     dead_ns INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS arrival (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    arrival_ns INTEGER NOT NULL
+);
 """
+"""``arrival``: the arrival time of each stored message that had no device timestamp (``agent.spool.arrivals``);
+``id`` grows with each record, so pruning takes the oldest first without an index on the time."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ the counters of rows, points and bytes; split, each part would reach into the ot
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -40,11 +41,20 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from agent.metrics import Metrics
+from agent.spool import arrivals
 from agent.spool.codec import Entry, Kind, decode_raw_ref, encode_lines
 from agent.spool.cursor import SinkCursor
 from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, HELD, Row, connect, immediate
 
-__all__ = ["DEFAULT_DEAD_LETTER_MAX_ROWS", "ROW_OVERHEAD_BYTES", "Row", "SinkCursor", "Spool", "SpoolNotWritable"]
+__all__ = [
+    "DEFAULT_DEAD_LETTER_MAX_ROWS",
+    "ROW_OVERHEAD_BYTES",
+    "Row",
+    "SinkCursor",
+    "Spool",
+    "SpoolFull",
+    "SpoolNotWritable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,32 @@ BACKLOG_CACHE_S = 0.5
 
 class SpoolNotWritable(Exception):
     """The spool cannot take appends now; the message says why."""
+
+
+class SpoolFull(SpoolNotWritable):
+    """The spool's file system is full: appends are refused until there is room (``Spool`` docstring)."""
+
+
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+FULL_APPEND_MARGIN_BYTES = 1024 * 1024
+"""While the disk is full, an append is tried only if the file's free pages hold it with this to spare."""
+
+
+def is_disk_full(exc: BaseException, free_bytes: int | None = None) -> bool:
+    """Whether ``exc`` says the disk is full: SQLite's SQLITE_FULL, or an I/O error while ``free_bytes``
+    is below ``MIN_FREE_BYTES`` (a failed growth of the WAL index can surface as an I/O error)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == SQLITE_FULL:
+        return True
+    if "database or disk is full" in str(exc):
+        return True
+    low = free_bytes is not None and free_bytes < MIN_FREE_BYTES
+    return low and code is not None and code & 0xFF == SQLITE_IOERR
 
 
 def _migrate_lines_table(conn: sqlite3.Connection, path: Path) -> None:
@@ -102,7 +138,12 @@ class Spool:
         dead_letter_max_rows: int = DEFAULT_DEAD_LETTER_MAX_ROWS,
         sinks: Sequence[str] = DEFAULT_SINKS,
         hold_s: float = 120.0,
+        reserve_bytes: int = 0,
+        arrivals_max_age_s: float = arrivals.DEFAULT_MAX_AGE_S,
+        arrivals_max_rows: int = arrivals.DEFAULT_MAX_ROWS,
     ) -> None:
+        if reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be >= 0, not {reserve_bytes}")
         if max_bytes < 1 or max_points < 1:
             raise ValueError(f"max_bytes and max_points must be >= 1, not {max_bytes}, {max_points}")
         if drop_policy not in DROP_POLICIES:
@@ -122,6 +163,7 @@ class Spool:
         self.hold_s = hold_s
         self._synchronous = synchronous
         self._metrics = metrics if metrics is not None else Metrics()
+        self._arrivals = arrivals.ArrivalRetention(arrivals_max_age_s, arrivals_max_rows, self._metrics)
         self._lock = threading.Lock()
         self._last_drop_log = -float("inf")
         self._dropped_since_log = 0
@@ -129,6 +171,11 @@ class Spool:
         self._last_compact = 0.0
         self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
         self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
+        self.reserve_bytes = reserve_bytes
+        self._reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._full_since: float | None = None  # monotonic time the disk was found full; None while there is room
+        self._full_detail = ""
+        self._full_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = connect(self.path, synchronous)
         conn = self._conn
@@ -152,6 +199,15 @@ class Spool:
         self._rows, self._points, self._bytes = int(rows), int(points), int(size)
         self._last_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM entry").fetchone()[0])
         self._publish_gauges()
+        self._metrics.set("spool.reserve_bytes", 0)
+        if not self._make_reserve():
+            logger.warning(
+                "spool %s: no room for its %d-byte reserve (%s bytes free); made when there is",
+                self.path,
+                self.reserve_bytes,
+                self._fs_free(),
+            )
+        self._metrics.set("spool.disk_full", 0)
         # Sampled when the metrics are read (heartbeat, /metrics): backlogs move while nothing is appended.
         self._metrics.set_function("spool.depth", lambda: self._backlog_gauge(1))
         self._metrics.set_function("spool.oldest_age_s", lambda: self._backlog_gauge(2))
@@ -174,6 +230,8 @@ class Spool:
                 yield conn
         except sqlite3.Error as exc:
             self._write_error = f"{type(exc).__name__}: {exc}"  # for writable(), until a commit succeeds
+            if is_disk_full(exc, self._fs_free()):
+                self._enter_full(str(exc))
             raise
         self._write_error = None
 
@@ -190,6 +248,8 @@ class Spool:
         started = time.monotonic()
         incoming_points = sum(e.points for e in entries)
         incoming_bytes = sum(len(e.body) + ROW_OVERHEAD_BYTES for e in entries)
+        if self._full_since is not None:
+            self._refuse_if_no_room(incoming_bytes)
         if self._points + incoming_points > self.max_points or self._bytes + incoming_bytes > self.max_bytes:
             self.compact()  # rows every sink has confirmed go first: dropping them would lose nothing
         now = time.time_ns()
@@ -202,6 +262,9 @@ class Spool:
             with self._transaction() as conn:
                 for i in sorted(keep):
                     e = entries[i]
+                    if e.kind == Kind.ARRIVAL:  # not a row: the arrival time of a message of this transaction
+                        arrivals.record(conn, e.body)
+                        continue
                     cur = conn.execute(
                         "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES (?, ?, ?, ?, ?)",
                         (int(e.kind), e.body, e.points, HELD if e.held else 0, now),
@@ -298,6 +361,114 @@ class Spool:
             self.drop_policy,
         )
 
+    # -- a full disk -------------------------------------------------------------------------------
+    #
+    # A reserve file of ``reserve_bytes`` lies beside the spool while there is room. When a write fails
+    # for lack of space, the spool is *full*: the reserve is deleted, so that what frees space (the sinks'
+    # cursor updates, compaction, checkpoints) and the agent's other state files still have room, and
+    # appends are refused (the ingest worker does not acknowledge; the broker keeps the messages) unless
+    # the file's own free pages hold them. It is no longer full once the file system has room for the
+    # reserve again, or the file has that much room inside it (delivered rows were removed).
+
+    def _fs_free(self) -> int | None:
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+    def _in_file_free(self) -> int:
+        """Bytes of free pages inside the spool file (rows removed since it last grew)."""
+        conn = self._connection()
+        pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return pages * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+    def _make_reserve(self) -> bool:
+        """Create the reserve file if it is missing and there is room for it; True if it is there."""
+        if self.reserve_bytes == 0:
+            return True
+        try:
+            if self._reserve_path.stat().st_size >= self.reserve_bytes:
+                return True
+        except FileNotFoundError:
+            pass
+        free = self._fs_free()
+        if free is None or free < self.reserve_bytes + FULL_APPEND_MARGIN_BYTES:
+            return False
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._reserve_path.unlink(missing_ok=True)
+            logger.warning("spool %s: could not create its %d-byte reserve: %s", self.path, self.reserve_bytes, exc)
+            return False
+        self._metrics.set("spool.reserve_bytes", self.reserve_bytes)
+        return True
+
+    def _enter_full(self, detail: str) -> None:
+        """A write failed for lack of space: give the reserve back and refuse appends (see above)."""
+        self._full_detail = detail
+        if self._full_since is not None:
+            return
+        self._full_since = time.monotonic()
+        self._full_events += 1
+        released = self._reserve_path.exists()
+        self._reserve_path.unlink(missing_ok=True)
+        self._metrics.set("spool.reserve_bytes", 0)
+        self._metrics.set("spool.disk_full", 1)
+        self._metrics.inc("spool.disk_full_events")
+        logger.error(
+            "spool %s: the disk is full (%s); new messages are not acknowledged until there is room%s",
+            self.path,
+            detail,
+            f"; released its {self.reserve_bytes}-byte reserve so that delivery can go on" if released else "",
+        )
+
+    def _refuse_if_no_room(self, incoming_bytes: int) -> None:
+        """While full, raise ``SpoolFull`` unless the file's free pages hold ``incoming_bytes``."""
+        with self._lock:
+            room = self._in_file_free()
+        if room < incoming_bytes + FULL_APPEND_MARGIN_BYTES:
+            raise SpoolFull(self._full_text(room))
+
+    def _full_text(self, in_file_free: int) -> str:
+        since = 0.0 if self._full_since is None else time.monotonic() - self._full_since
+        return (
+            f"spool {self.path}: disk full for {since:.0f} s ({self._full_detail}); {self._fs_free()} bytes free "
+            f"on its file system, {in_file_free} inside the spool file; not acknowledging new messages"
+        )
+
+    def _check_room(self) -> None:
+        """Maintenance while full: leave the full state once there is room again (logged once)."""
+        if self._full_since is None:
+            if not self._reserve_path.exists():
+                self._make_reserve()  # lost earlier (file system full without a failed write), or deleted
+            return
+        with self._lock:
+            in_file = self._in_file_free()
+        if not self._make_reserve() and in_file < self.reserve_bytes + FULL_APPEND_MARGIN_BYTES:
+            return
+        took = time.monotonic() - self._full_since
+        self._full_since = None
+        self._metrics.set("spool.disk_full", 0)
+        logger.warning(
+            "spool %s: room again after %.0f s (%s bytes free on its file system, %d inside the file); "
+            "acknowledging new messages",
+            self.path,
+            took,
+            self._fs_free(),
+            in_file,
+        )
+
+    @property
+    def disk_full(self) -> bool:
+        """True while appends are refused for lack of space (see ``_enter_full``)."""
+        return self._full_since is not None
+
     # -- removing what every sink has ----------------------------------------------------------
 
     def cursors(self) -> dict[str, int]:
@@ -346,6 +517,7 @@ class Spool:
                     if n:
                         conn.execute(f"DELETE FROM entry WHERE {where}", bounds)
                         rows, points, size = rows + int(n), points + int(p), size + int(b)
+                self._arrivals.prune(conn)
             self._compacted_to = max(self._compacted_to, floor)
             self._rows -= rows
             self._points -= points
@@ -410,6 +582,11 @@ class Spool:
         """Rows, points and bytes held now (counted as they are appended and removed)."""
         return self._rows, self._points, self._bytes
 
+    def arrival_ns(self, key: bytes) -> int | None:
+        """The arrival time recorded for a message without a device timestamp (``agent.spool.arrivals``)."""
+        with self._lock:
+            return arrivals.lookup(self._connection(), key)
+
     def dead_letters(self, limit: int = 1000) -> list[tuple[str, str]]:
         """Up to ``limit`` dead-lettered ``(line, reason)``, oldest first (inspection, tests, demo)."""
         with self._lock:
@@ -437,17 +614,23 @@ class Spool:
         """
         if self._conn is None:
             raise SpoolNotWritable(f"spool {self.path} is closed")
+        if self._full_since is not None:
+            with self._lock:
+                raise SpoolFull(self._full_text(self._in_file_free()))
         if self._write_error is not None:
             raise SpoolNotWritable(f"spool {self.path}: the last write failed: {self._write_error}")
-        try:
-            stat = os.statvfs(self.path.parent)
-        except OSError as exc:
-            raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system: {exc}") from exc
-        free = stat.f_bavail * stat.f_frsize
-        if free < min_free_bytes:
-            raise SpoolNotWritable(
-                f"spool {self.path}: only {free} bytes free on its file system (need {min_free_bytes})"
-            )
+        free = self._fs_free()
+        if free is None:
+            raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system")
+        if free < min_free_bytes and not (self.reserve_bytes and self._reserve_path.exists()):
+            # Without its reserve the spool needs room on the file system itself (or inside its file).
+            with self._lock:
+                room = free + self._in_file_free()
+            if room < min_free_bytes:
+                raise SpoolNotWritable(
+                    f"spool {self.path}: only {free} bytes free on its file system and {room - free} inside "
+                    f"the spool file, no reserve (need {min_free_bytes})"
+                )
         with self._lock:
             conn = self._connection()
             try:
@@ -487,6 +670,7 @@ class Spool:
         try:
             while not self._stopping.wait(COMPACT_INTERVAL_S):
                 try:
+                    self._check_room()
                     self.compact()
                     if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL_S:
                         last_checkpoint = time.monotonic()
@@ -494,9 +678,12 @@ class Spool:
                         # PASSIVE: copies what no reader still needs, never waits for a reader or the writer.
                         checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         self._metrics.observe("spool.checkpoint_seconds", time.monotonic() - started)
-                except (sqlite3.Error, RuntimeError) as exc:
+                except (sqlite3.Error, OSError, RuntimeError) as exc:
                     if self._conn is None:
                         return
+                    if is_disk_full(exc, self._fs_free()):
+                        self._enter_full(str(exc))  # logged once; compaction is retried every pass
+                        continue
                     logger.warning("spool %s: maintenance failed, will retry: %s", self.path, exc)
         finally:
             checkpointer.close()
@@ -510,13 +697,15 @@ class Spool:
             self._maintenance.join(30.0)
         try:
             self.compact()
-        except sqlite3.Error:
-            logger.exception("spool %s: final compaction failed", self.path)
+        except sqlite3.Error as exc:
+            logger.warning("spool %s: final compaction failed: %s", self.path, exc)
         with self._lock:
             if self._conn is None:
                 return
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # a full disk: the WAL is checkpointed when the spool next opens
+                logger.warning("spool %s: final checkpoint failed: %s", self.path, exc)
             finally:
                 self._conn.close()
                 self._conn = None
