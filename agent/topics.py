@@ -11,6 +11,7 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | ``{base}/commands`` (subscribed) | no | operator commands: ack, silence, unsilence (see ``docs/contracts.md``) |
 | ``{base}/commands/result`` | no | ``{"v":1,"command","by","accepted","detail","time"}`` |
 | ``{base}/deadletter`` | no | ``{"v":1,"topic","code","reason","payload_excerpt","payload_bytes","time"}`` |
+| (summary) | no | beyond a rate: ``{"v":1,"code":"summary","reason","counts":{..},"total","from","to","time"}`` |
 
 Times in payloads are RFC 3339 UTC with milliseconds (``2024-11-25T23:00:00.250Z``).
 """
@@ -133,6 +134,28 @@ class Topics:
                 "reason": reason,
                 "payload_excerpt": bytes(payload[:EXCERPT_BYTES]).decode("utf-8", errors="replace"),
                 "payload_bytes": len(payload),
+                "time": format_rfc3339(time.time_ns() if time_ns is None else time_ns),
+            }
+        )
+
+    def deadletter_summary_payload(
+        self, counts: Mapping[str, int], from_ns: int, to_ns: int, rate_per_s: float, time_ns: int | None = None
+    ) -> bytes:
+        """Rejections beyond the dead-letter rate, counted per reason (``code``) from ``from_ns`` to ``to_ns``.
+
+        >>> Topics("e").deadletter_summary_payload({"json": 3}, 0, 10**10, 20.0, time_ns=10**10)[:60]
+        b'{"v":1,"code":"summary","reason":"3 rejected messages beyond'
+        """
+        total = sum(counts.values())
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "code": "summary",
+                "reason": f"{total} rejected messages beyond {rate_per_s:g}/s, counted per reason",
+                "counts": dict(sorted(counts.items())),
+                "total": total,
+                "from": format_rfc3339(from_ns),
+                "to": format_rfc3339(to_ns),
                 "time": format_rfc3339(time.time_ns() if time_ns is None else time_ns),
             }
         )

@@ -26,6 +26,14 @@ class Broker(Protocol):
     def ack(self, mid: int, qos: int) -> None: ...
 
 
+class DeadLetters(Protocol):
+    """Where the ingest worker reports a rejected message (``agent.ingest.outbound.Outbound``, thread-safe,
+    never blocks): on the dead-letter topic one by one within a rate, else counted per reason in a summary.
+    Returns whether it was reported one by one."""
+
+    def dead_letter(self, topic: str, code: str, detail: str, payload: bytes) -> bool: ...
+
+
 class LineLog(Protocol):
     """Where the scoring worker and the heartbeat store the points they produce: the spool
     (``agent.spool.sqlite.Spool``: committed when ``append_lines`` returns, raising ``OSError`` or
