@@ -6,6 +6,7 @@ others share the session's ``mosquitto``. Every wait is an event wait with a gen
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -212,14 +213,18 @@ def test_unacknowledged_message_is_redelivered_and_acknowledged_one_is_not(
     conn = connections(mosquitto, first, **settings)
     start_and_wait(conn)
     gateway.publish(f"{prefix}/m/s", b"1")
-    assert first.get().payload == b"1"
+    delivered = first.get()
+    assert (delivered.payload, delivered.dup) == (b"1", False)
     conn.stop()  # without acknowledging
 
     second = Inbox()
     conn = connections(mosquitto, second, **settings)
     start_and_wait(conn)
     again = second.get("redelivery")
-    assert again.payload == b"1"
+    # The broker marks it a redelivery (DUP) with the packet id of the first delivery: what
+    # agent.spool.arrivals needs to give a timestamp-less reading its first arrival time again.
+    assert (again.payload, again.dup) == (b"1", True)
+    assert again.mid & 0xFFFF == delivered.mid & 0xFFFF
     conn.ack(again.mid, again.qos)
     conn.stop()
 
@@ -229,6 +234,53 @@ def test_unacknowledged_message_is_redelivered_and_acknowledged_one_is_not(
     gateway.publish(f"{prefix}/m/s", b"marker")
     # Redeliveries come right after the CONNACK, before new messages: the marker proves there was none.
     assert third.get().payload == b"marker"
+
+
+# --- subscriptions across restarts ------------------------------------------------------------------------
+
+
+def _two_deliveries(inbox: Inbox, gateway: Observer, topic: str) -> list[bytes]:
+    """Publish 1 then 2 and return the first two payloads received: [1, 2] once per message, [1, 1] when
+    every message arrives once per matching filter."""
+    gateway.publish(topic, b"1")
+    gateway.publish(topic, b"2")
+    return [inbox.get().payload, inbox.get().payload]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_filter_dropped_from_the_configuration_leaves_the_persistent_session(
+    mosquitto: Service, connections, observers, prefix: str, protocol: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "mqtt_subscriptions.json"
+    wide, narrow = f"{prefix}/#", f"{prefix}/+/+"
+    settings = {"client_id": f"{prefix}-agent", "protocol": protocol, "subscriptions_file": state}
+    gateway = observers(mosquitto)
+    conn = connections(mosquitto, Inbox(), subscriptions=(wide, narrow), **settings)
+    start_and_wait(conn)
+    conn.stop()
+    assert json.loads(state.read_text())["filters"] == sorted([wide, narrow])
+
+    inbox, metrics = Inbox(), Metrics()
+    conn = connections(mosquitto, inbox, metrics, subscriptions=(narrow,), **settings)
+    start_and_wait(conn)  # the UNSUBSCRIBE goes before the SUBSCRIBE: done once subscribed
+    assert _two_deliveries(inbox, gateway, f"{prefix}/m/s") == [b"1", b"2"]
+    assert metrics.get("mqtt.stale_unsubscribed") == 1
+    assert json.loads(state.read_text())["filters"] == [narrow]
+
+
+def test_without_remembered_filters_the_session_delivers_once_per_filter(
+    mosquitto: Service, connections, observers, prefix: str
+) -> None:
+    """The fault the remembered filters repair (issue 22), shown on the same broker."""
+    wide, narrow = f"{prefix}/#", f"{prefix}/+/+"
+    gateway = observers(mosquitto)
+    conn = connections(mosquitto, Inbox(), client_id=f"{prefix}-agent", subscriptions=(wide, narrow))
+    start_and_wait(conn)
+    conn.stop()
+    inbox = Inbox()
+    conn = connections(mosquitto, inbox, client_id=f"{prefix}-agent", subscriptions=(narrow,))
+    start_and_wait(conn)
+    assert _two_deliveries(inbox, gateway, f"{prefix}/m/s") == [b"1", b"1"]
 
 
 # --- status and last will ----------------------------------------------------------------------------------
