@@ -34,6 +34,7 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import BaselineStore
 from agent.config import Config
 from agent.decode.base import DecodeLimits, Decoder, DecoderContext
+from agent.decode.fieldkeys import FieldKeys
 from agent.decode.registry import build_decoder as registered_decoder
 from agent.decode.topic import TopicTemplate
 from agent.features.windows import Windower
@@ -113,13 +114,23 @@ def build_sink(config: Config) -> Sink:
     return registered_sink(config.storage.type, config.storage)
 
 
+FIELD_KEYS_FILE = "field_keys.json"
+"""The field names each machine has used (``agent.decode.fieldkeys``), kept beside the spool."""
+
+
 def build_decoder(config: Config) -> Decoder:
     """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``)."""
     m = config.mqtt
     context = DecoderContext(
         topic_template=TopicTemplate(m.topic_template),
-        limits=DecodeLimits(max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s),
+        limits=DecodeLimits(
+            max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s, max_fields=m.max_fields_per_message
+        ),
         subscriptions=tuple(m.subscriptions),
+        field_keys=FieldKeys(
+            m.max_field_keys_per_machine, m.max_field_keys, config.spool.path.parent / FIELD_KEYS_FILE
+        ),
+        outbound_base=Topics(config.agent.id, m.base_topic).base,
     )
     return registered_decoder(m.decoder.type, context)
 

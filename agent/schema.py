@@ -7,6 +7,8 @@ template (for the default template: ``site``, ``line``, ``machine``, ``sensor``)
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Final
 
 # Process readings: one point per reading, one field per named value (a scalar reading: ``value``).
@@ -102,3 +104,46 @@ AGENT_FIELDS: Final = (
 )
 # Per-label families the dashboards read by prefix: ``inference_seconds_p99_model_vibration_anomaly``.
 AGENT_FIELD_PREFIXES: Final = ("inference_seconds_p50_", "inference_seconds_p99_")
+
+
+# --- what a name can be --------------------------------------------------------------------------------
+
+_LINE_BREAK: Final = re.compile(r"[\n\r]")
+# Line protocol escapes ',', '=' and ' ' with a backslash but never escapes a backslash: one written before
+# them (or at the end, before the separator) turns the escape around, and InfluxDB refuses the whole
+# batch (`unable to parse ... invalid field format`, measured with InfluxDB 1.6.7).
+_BACKSLASH_ESCAPE: Final = re.compile(r"\\(?:[ ,=]|$)")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+@lru_cache(maxsize=8192)  # topic levels and field names repeat with every message
+def name_problem(name: str) -> str | None:
+    r"""Why ``name`` cannot be a measurement, tag key, tag value or field key in InfluxDB, or ``None``.
+
+    The one rule that the decoder (which refuses such input with a reason) and the line-protocol encoder
+    (which must never meet it) share, so that nothing is accepted that cannot be stored.
+
+    >>> [name_problem(n) for n in ("press-7", "a b,c=d", "a\\b")]
+    [None, None, None]
+    >>> name_problem("")
+    'is empty'
+    >>> name_problem("x\\")
+    'ends with a backslash'
+    >>> name_problem("a\\,b")
+    "has a backslash before ',' (line protocol cannot carry it)"
+    """
+    if not name:
+        return "is empty"
+    if _LINE_BREAK.search(name):
+        return "contains a line break"
+    if _SURROGATE.search(name):
+        return "is not valid Unicode (a lone surrogate)"
+    bad = _BACKSLASH_ESCAPE.search(name)
+    if bad is not None:
+        after = bad.group()[1:]
+        return (
+            "ends with a backslash"
+            if not after
+            else f"has a backslash before {after!r} (line protocol cannot carry it)"
+        )
+    return None

@@ -174,6 +174,21 @@ class MqttSection(Section):
     max_future_s: float = Field(
         86_400.0, ge=0, description="Device timestamps further than this ahead of arrival are rejected."
     )
+    max_fields_per_message: int = Field(
+        64, gt=0, description="A fields payload with more fields is rejected (dead letter too_many_fields)."
+    )
+    max_field_keys_per_machine: int = Field(
+        256,
+        gt=0,
+        description="Distinct field names one machine may use over time; a message bringing one more is rejected "
+        "(dead letter field_keys). The names known are kept in field_keys.json beside the spool.",
+    )
+    max_field_keys: int = Field(
+        4096,
+        gt=0,
+        description="Distinct field names of all machines together (field keys of the reading measurement), "
+        "likewise.",
+    )
     decoder: DecoderSection = Field(
         default_factory=DecoderSection, description="How payloads are decoded into readings and sample blocks."
     )

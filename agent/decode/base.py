@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from agent.decode.fieldkeys import FieldKeys
 from agent.decode.topic import TopicTemplate
 from agent.records import NS_PER_S, Decoded, Message
 
@@ -24,13 +25,15 @@ class DecodeLimits:
 
     max_payload_bytes: int = 1_048_576
     max_samples: int = 262_144
+    max_fields: int = 64
+    """Fields of one message at most (``too_many_fields``): each new name becomes a field key in InfluxDB."""
     min_time_ns: int = _Y2000_NS
     """Timestamps before this are refused (default 2000-01-01T00:00:00Z): a clock that was never set."""
     max_future_s: float = 86_400
     """Timestamps more than this after the arrival time are refused (a wrong unit or a wrong clock)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_samples", "max_future_s"):
+        for name in ("max_payload_bytes", "max_samples", "max_fields", "max_future_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"DecodeLimits.{name} must be > 0, got {value!r}")
@@ -44,6 +47,10 @@ class DecoderContext:
     limits: DecodeLimits = DecodeLimits()
     subscriptions: tuple[str, ...] = ()
     """Topic filters from the config; empty = the decoder's own (derived from the template)."""
+    field_keys: FieldKeys | None = None
+    """The field names known per machine, bounded (``None``: no limit over time, e.g. in tests)."""
+    outbound_base: str = ""
+    """The agent's own outbound topic prefix (``pdm/{agent_id}``), which the default filters must not take in."""
 
 
 class Decoder(Protocol):

@@ -1,7 +1,10 @@
 """The decode stage's one error type: a stable ``code`` for counters, a specific ``detail`` for people.
 
 Codes (see ``docs/contracts.md``): ``topic``, ``too_large``, ``not_utf8``, ``json``, ``not_object``,
-``version``, ``timestamp``, ``value``, ``shape``, ``encoding``, ``rate``. They label the
+``version``, ``timestamp``, ``value``, ``shape``, ``encoding``, ``rate``, ``name`` (a field name, channel
+or topic level that InfluxDB cannot store, ``agent.schema.name_problem``), ``too_many_fields`` (more
+fields in one message than ``DecodeLimits.max_fields``), ``field_keys`` (a field name new to its machine
+beyond the limits of distinct names, ``agent.decode.fieldkeys``). They label the
 ``decode.errors`` counter and appear in the dead-letter message, so they never change meaning.
 """
 
@@ -22,6 +25,9 @@ DecodeErrorCode = Literal[
     "shape",
     "encoding",
     "rate",
+    "name",
+    "too_many_fields",
+    "field_keys",
 ]
 
 CODES: Final[frozenset[str]] = frozenset(get_args(DecodeErrorCode))

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from agent import schema
 from agent.decode.base import DecodeLimits, DecoderContext
 from agent.decode.errors import DecodeError, describe_json, non_finite_name, quote
 from agent.decode.timestamps import parse_timestamp
@@ -151,7 +152,7 @@ def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits
     if kind == "value":
         return Reading(source, time_ns, {"value": _number(doc["value"], "value")}, seq)
     if kind == "fields":
-        return Reading(source, time_ns, _fields(doc["fields"]), seq)
+        return Reading(source, time_ns, _fields(doc["fields"], limits.max_fields), seq)
 
     rate_hz = _rate(doc.get("rate_hz", _MISSING))
     channel = _channel(doc.get("channel", "value"))
@@ -187,11 +188,13 @@ def _number(x: object, what: str) -> float:
     raise DecodeError("value", f"{what} is {describe_json(x)}, not a number")
 
 
-def _fields(raw: object) -> dict[str, float]:
+def _fields(raw: object, max_fields: int) -> dict[str, float]:
     if not isinstance(raw, dict):
         raise DecodeError("shape", f"'fields' must be an object of name: number, got {describe_json(raw)}")
     if not raw:
         raise DecodeError("shape", "'fields' is empty")
+    if len(raw) > max_fields:
+        raise DecodeError("too_many_fields", f"'fields' has {len(raw):,} fields; the limit is {max_fields:,}")
     out: dict[str, float] = {}
     for name, value in raw.items():
         _check_name(name, "field name")
@@ -217,6 +220,9 @@ def _check_name(name: str, what: str) -> None:
         raise DecodeError("shape", f"{what} {quote(name)} is longer than {_MAX_NAME_CHARS} characters")
     if _CONTROL_CHARS.search(name):
         raise DecodeError("shape", f"{what} {quote(name)} contains a control character")
+    problem = schema.name_problem(name)
+    if problem is not None:
+        raise DecodeError("name", f"{what} {quote(name)} {problem}; InfluxDB cannot store it")
 
 
 def _seq(raw: object) -> int | None:
@@ -352,11 +358,18 @@ class JsonV1Decoder:
     def __init__(self, context: DecoderContext) -> None:
         self._template = context.topic_template
         self._limits = context.limits
-        self._subscriptions = context.subscriptions or (context.topic_template.subscription(),)
+        self._field_keys = context.field_keys
+        # By default wider than the template (``factory/#``): wrong topics arrive and are dead-lettered.
+        self._subscriptions = context.subscriptions or (context.topic_template.catch_all(context.outbound_base),)
 
     def subscriptions(self) -> tuple[str, ...]:
         return self._subscriptions
 
     def decode(self, message: Message) -> list[Decoded]:
         source = self._template.match(message.topic)
-        return decode(source, message.payload, message.received_ns, self._limits)
+        items = decode(source, message.payload, message.received_ns, self._limits)
+        if self._field_keys is not None:
+            for item in items:
+                if isinstance(item, Reading):
+                    self._field_keys.admit(source.machine, item.fields)
+        return items

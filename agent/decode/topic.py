@@ -34,6 +34,20 @@ _RESERVED_TAGS: Final = frozenset(
     }
 )
 
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def tag_value_problem(value: str) -> str | None:
+    r"""Why a topic level cannot be a tag value (``agent.schema.name_problem``, and no control characters).
+
+    >>> tag_value_problem("press-7"), tag_value_problem("press\\"), tag_value_problem("a\tb")
+    (None, 'ends with a backslash', 'contains a control character')
+    """
+    if _CONTROL_CHARS.search(value):
+        return "contains a control character"
+    return schema.name_problem(value)
+
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FORBIDDEN_IN_LEVEL = ("+", "#", "\x00")
 
@@ -114,12 +128,42 @@ class TopicTemplate:
                 # '+' matches an empty level too; an empty tag value cannot be stored in InfluxDB.
                 raise DecodeError("topic", f"topic {quote(topic)}: level {index} ({{{name}}}) is empty")
             else:
+                problem = tag_value_problem(part)
+                if problem is not None:
+                    raise DecodeError(
+                        "name", f"topic {quote(topic)}: level {index} ({{{name}}}) {problem}; InfluxDB cannot store it"
+                    )
                 tags.append((name, part))
         return Source(tuple(tags))
 
     def subscription(self) -> str:
         """The MQTT topic filter that selects every topic of this template (placeholders become ``+``)."""
         return "/".join("+" if name is not None else str(literal) for name, literal in self._levels)
+
+    def catch_all(self, exclude: str = "") -> str:
+        """The filter the agent subscribes by default: everything below the template's literal first levels
+        (``factory/#``), so that a topic with too few or too many levels, or a wrong literal level, arrives
+        and is dead-lettered with its reason instead of never being seen. The exact ``subscription()``
+        when the template starts with a placeholder (``#`` alone would take in every topic of the broker)
+        or when the prefix would also take in ``exclude``, the agent's own outbound topics (the agent
+        would read its own dead letters and alerts).
+
+        >>> t = TopicTemplate("factory/{site}/{line}/{machine}/{sensor}")
+        >>> t.catch_all(), t.catch_all(exclude="factory/pdm/edge-01")
+        ('factory/#', 'factory/+/+/+/+')
+        >>> TopicTemplate("{machine}/{sensor}").catch_all()
+        '+/+'
+        """
+        prefix: list[str] = []
+        for name, literal in self._levels:
+            if name is not None:
+                break
+            prefix.append(str(literal))
+        if not prefix:
+            return self.subscription()
+        if exclude and exclude.split("/")[: len(prefix)] == prefix:
+            return self.subscription()
+        return "/".join(prefix) + "/#"
 
     def format(self, **tags: str) -> str:
         """The topic for these tags (the simulator publishes to it); every placeholder needs a value."""

@@ -7,8 +7,9 @@
 - tag keys, tag values and field keys: comma, equals sign and space;
 - string field values: double quote and backslash (the value is in double quotes).
 
-Newlines cannot be escaped in line protocol and a trailing backslash in a name would escape the
-separator after it: both are refused with ``ValueError``, as are non-finite floats and empty field sets
+Newlines cannot be escaped in line protocol and a backslash at the end of a name or before an escaped
+character would escape the wrong thing: such names (``agent.schema.name_problem``, the rule the decoder
+shares) are refused with ``ValueError``, as are non-finite floats and empty field sets
 (the caller counts the rejection). Tags with an empty value are left out (InfluxDB has no empty tags);
 tags are sorted by key, as InfluxDB recommends for write performance.
 """
@@ -21,6 +22,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from agent import schema
+
 FieldValue = float | int | bool | str
 
 _INT64_MIN = -(2**63)
@@ -32,12 +35,9 @@ _STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not name:
-        raise ValueError(f"empty {kind}")
-    if "\n" in name or "\r" in name:
-        raise ValueError(f"{kind} {name!r} contains a line break")
-    if name.endswith("\\"):
-        raise ValueError(f"{kind} {name!r} ends with a backslash")
+    problem = schema.name_problem(name)
+    if problem is not None:
+        raise ValueError(f"empty {kind}" if not name else f"{kind} {name[:80]!r} {problem}")
 
 
 @lru_cache(maxsize=4096)

@@ -253,6 +253,15 @@ REJECTIONS = [
     ('{"data":"","encoding":"f32le","rate_hz":1}', "shape", "'data' is empty"),
     ('{"samples":[1],"rate_hz":1,"channel":""}', "shape", "'channel' is empty"),
     ('{"samples":[1],"rate_hz":1,"channel":3}', "shape", "'channel' must be a string, got 3"),
+    # name: what InfluxDB's line protocol cannot carry (issue 22: acknowledged, then lost in the writer)
+    ('{"fields":{"temp\\\\":1}}', "name", "field name 'temp\\\\' ends with a backslash; InfluxDB cannot store it"),
+    ('{"fields":{"a\\\\,b":1}}', "name", "has a backslash before ','"),
+    ('{"fields":{"a\\\\ b":1}}', "name", "has a backslash before ' '"),
+    ('{"fields":{"a\\\\=b":1}}', "name", "has a backslash before '='"),
+    ('{"fields":{"\\ud800x":1}}', "name", "is not valid Unicode (a lone surrogate)"),
+    ('{"samples":[1],"rate_hz":1,"channel":"x\\\\"}', "name", "'channel' 'x\\\\' ends with a backslash"),
+    # too_many_fields
+    ('{"fields":{' + ",".join(f'"f{i}":1' for i in range(65)) + "}}", "too_many_fields", "has 65 fields; the limit is 64"),
     ('{"value":1,"seq":1.5}', "shape", "'seq' must be an integer, got 1.5"),
     ('{"value":1,"seq":"7"}', "shape", "'seq' must be an integer, got a string '7'"),
     ('{"value":1,"seq":true}', "shape", "'seq' must be an integer, got a boolean"),
@@ -382,7 +391,8 @@ def test_every_error_code_is_exercised() -> None:
     exercised = {code for _, code, _ in REJECTIONS} | {
         "too_large",
         "topic",
-    }  # the last two: below, topic tests
+        "field_keys",
+    }  # the last three: below, topic tests, test_decode_names.py
     assert exercised == CODES
 
 
