@@ -24,6 +24,7 @@ from agent.config.base import (
 from agent.config.errors import Problems
 from agent.decode.registry import DECODERS
 from agent.decode.topic import TopicTemplate
+from agent.ingest.settings import OutboundSettings
 
 
 def _protocol(value: Any, info: ValidationInfo) -> Any:
@@ -191,6 +192,11 @@ class MqttSection(Section):
     )
     decoder: DecoderSection = Field(
         default_factory=DecoderSection, description="How payloads are decoded into readings and sample blocks."
+    )
+    outbound: OutboundSettings = Field(
+        default_factory=OutboundSettings,
+        description="Priorities and bounds of what the agent publishes: alerts first, dead letters beyond a rate "
+        "summarised (agent.ingest.outbound).",
     )
 
     @field_validator("topic_template")

@@ -21,6 +21,7 @@ from agent.health.server import HealthServer
 from agent.inference.registry import ModelRegistry
 from agent.inference.router import ModelRouter
 from agent.ingest.mqtt import MqttConnection
+from agent.ingest.outbound import Outbound
 from agent.metrics import Metrics
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
@@ -40,6 +41,8 @@ class Agent:
     metrics: Metrics
     topics: Topics
     mqtt: MqttConnection
+    outbound: Outbound
+    """What the workers and the heartbeat publish: priority queues in front of ``mqtt``."""
     spool: Spool
     writer: Writer
     ingest: IngestWorker
@@ -64,6 +67,7 @@ class Agent:
         self.spool.start()
         self.writer.start()
         self.scoring.start()
+        self.outbound.start()
         self.ingest.start()
         self.mqtt.start()
         if self.registry is not None:
@@ -95,6 +99,7 @@ class Agent:
         if self._heartbeat is not None:
             self._heartbeat.join(budget)
         self.publish_heartbeat()
+        self.outbound.stop(budget)  # the final heartbeat and what else is waiting, confirmed by the broker
         self.mqtt.stop()
         self.writer.stop(budget)
         self.spool.close()
@@ -125,7 +130,7 @@ class Agent:
         snap = self.summary()
         now_ns = time.time_ns()
         body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
-        self.mqtt.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
+        self.outbound.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
         fields = agent_fields(self.metrics.collect())
         if fields and not self.spool.closed:
             tags = {schema.TAG_AGENT_ID: self.config.agent.id}

@@ -18,7 +18,7 @@ from agent.features.windows import Windower
 from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
 from agent.runtime.defect import ShaftSpeeds
-from agent.runtime.worker import POLL_S, Broker, EntryLog, Worker, drain
+from agent.runtime.worker import POLL_S, Broker, DeadLetters, EntryLog, Worker, drain
 from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
 from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
 from agent.storage.points import RawVibrationPolicy
@@ -63,6 +63,7 @@ class IngestWorker(Worker):
         speeds: ShaftSpeeds | None = None,
         batch_max: int = 500,
         arrivals: ArrivalLog | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self._messages = messages
@@ -78,6 +79,7 @@ class IngestWorker(Worker):
         self._speeds = speeds
         self._batch_max = batch_max
         self._arrivals = arrivals
+        self._dead_letters = dead_letters
         self._raw_released: deque[list[int]] = deque()
         self._produced: deque[Sequence[str]] = deque()
         self._handoff_lock = threading.Lock()
@@ -236,10 +238,23 @@ class IngestWorker(Worker):
                 delay = min(delay * 2, 30.0)
 
     def _reject(self, msg: Message, exc: DecodeError) -> None:
+        """Count a rejected message and report it: through ``dead_letters`` (one by one within its rate, else
+        in a summary; only those are logged one by one, a flood is logged once per summary), or without it
+        (tests) as a dead letter on the broker."""
         self._metrics.inc("decode.errors", reason=exc.code)
-        logger.warning("rejected message on %s: %s (%s)", msg.topic, exc.detail, exc.code)
-        payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
-        self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
+        if self._dead_letters is None:
+            payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
+            self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
+            one_by_one = True
+        else:
+            one_by_one = self._dead_letters.dead_letter(msg.topic, exc.code, exc.detail, msg.payload)
+        logger.log(
+            logging.WARNING if one_by_one else logging.DEBUG,
+            "rejected message on %s: %s (%s)",
+            msg.topic,
+            exc.detail,
+            exc.code,
+        )
 
     def _put(self, item: Window | Reading, wait_s: float) -> float:
         """Queue an item for scoring; returns how long the next put of this batch may wait."""
