@@ -159,16 +159,24 @@ class CommissioningScorer:
             logger.warning("commissioning step of %s refused: %s", reading.source, exc)
             return None
         self._changed = True
-        if before is None:
-            self._urgent = True  # a new machine: known from now on, even after a crash
+        after = self.phase(reading.source)
+        if after != before:
+            # A new machine or the end of its commissioning (the step that completes it is not scored):
+            # saved at once, so that a crash neither forgets the machine nor makes it commission again.
+            self._urgent = True
             self._count_phases()
+            if after == "monitoring":
+                baseline = self._bank.get(reading.source)
+                assert baseline is not None and baseline.detector is not None
+                logger.info(
+                    "commissioning of %s done after %d readings: threshold %.4g; scoring starts",
+                    reading.source,
+                    baseline.steps_seen,
+                    baseline.detector.threshold,
+                )
         if result is None:
             self._metrics.inc("commissioning.steps", phase="commissioning")
             return None
-        if before != "monitoring":
-            self._urgent = True
-            self._count_phases()
-            logger.info("commissioning of %s done: threshold %.4g; scoring starts", reading.source, result.threshold)
         self._metrics.inc("commissioning.steps", phase="monitoring")
         return Score(
             source=reading.source,

@@ -139,6 +139,28 @@ def test_a_restart_continues_collecting_where_commissioning_was(tmp_path: Path) 
     assert second.phase(SOURCE) == "monitoring"
 
 
+def test_a_new_machine_and_the_end_of_its_commissioning_are_saved_at_once_progress_every_interval(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    store = BaselineStore(tmp_path / "baselines.json")
+    scorer = CommissioningScorer(CONFIG, ["process"], CHANNELS, Metrics(), store, 60.0, clock=lambda: now[0])
+    readings = _readings(_steps(62), 0)
+    scorer.score(readings[0])
+    assert scorer.snapshot() is not None  # a new machine
+    for r in readings[1:59]:
+        scorer.score(r)
+    assert scorer.snapshot() is None  # progress only: at the next interval
+    assert scorer.score(readings[59]) is None  # the step that completes commissioning is not scored
+    document = scorer.snapshot()
+    assert document is not None and [b["phase"] for b in document["baselines"]] == ["monitoring"]
+    scorer.score(readings[60])
+    assert scorer.snapshot() is None
+    now[0] = 60.0
+    scorer.score(readings[61])
+    assert scorer.snapshot() is not None
+
+
 def test_a_fitted_baseline_keeps_scoring_with_the_same_detector_after_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "baselines.json"
     first = _saved(path, 100)
