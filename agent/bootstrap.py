@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import cast
 
 from agent.adaptation.auto import AutoAdapter
@@ -118,8 +119,9 @@ FIELD_KEYS_FILE = "field_keys.json"
 """The field names each machine has used (``agent.decode.fieldkeys``), kept beside the spool."""
 
 
-def build_decoder(config: Config) -> Decoder:
-    """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``)."""
+def build_decoder(config: Config, field_keys_file: Path | None = None) -> Decoder:
+    """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``); the field names known per
+    machine are kept in ``field_keys_file`` (the agent's: beside the spool) or, without one, in memory only."""
     m = config.mqtt
     context = DecoderContext(
         topic_template=TopicTemplate(m.topic_template),
@@ -127,9 +129,7 @@ def build_decoder(config: Config) -> Decoder:
             max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s, max_fields=m.max_fields_per_message
         ),
         subscriptions=tuple(m.subscriptions),
-        field_keys=FieldKeys(
-            m.max_field_keys_per_machine, m.max_field_keys, config.spool.path.parent / FIELD_KEYS_FILE
-        ),
+        field_keys=FieldKeys(m.max_field_keys_per_machine, m.max_field_keys, field_keys_file),
         outbound_base=Topics(config.agent.id, m.base_topic).base,
     )
     return registered_decoder(m.decoder.type, context)
@@ -223,8 +223,10 @@ def build_scoring(
         auto_adapter=auto_adapter,
         top_features=config.alerts.top_features,
     )
+    commands_config = config.alerts.commands
     alerts = AlertOutput(
-        engine=engine or AlertEngine(config.alerts.rulebook(), metrics=metrics),
+        engine=engine
+        or AlertEngine(config.alerts.rulebook(), metrics=metrics, silence_limits=commands_config.silence_limits()),
         broker=broker,
         topics=Topics(config.agent.id, config.mqtt.base_topic),
         metrics=metrics,
@@ -232,6 +234,7 @@ def build_scoring(
         store_raw=store_raw,
         state_store=state_store,
         clock_ns=clock_ns,
+        auth=commands_config.command_auth(config.agent.id, clock_ns()),
     )
     return ScoringWorker(
         windows=windows if windows is not None else queue.Queue(maxsize=config.queues.windows_max),
@@ -365,7 +368,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     metrics = metrics or Metrics()
     stages = build_stages(config, metrics)
     topics = Topics(config.agent.id, config.mqtt.base_topic)
-    decoder = build_decoder(config)
+    decoder = build_decoder(config, config.spool.path.parent / FIELD_KEYS_FILE)
 
     messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
     # Windows for the models and process readings for the commissioning baselines, in arrival order.

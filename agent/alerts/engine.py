@@ -38,6 +38,23 @@ NO_DATA = "no_data"
 """The alert type of a source that stopped sending (``AlertRule.no_data_after_s``)."""
 MAX_SILENCE_S = 7 * 24 * 3600.0
 
+
+@dataclass(frozen=True)
+class SilenceLimits:
+    """Bounds on operator silences (``alerts.commands``): each one is retained state on the broker and in
+    the state file, so an operator (or a leaked key) cannot silence without end nor grow them without end."""
+
+    max_duration_s: float = 86_400.0
+    max_per_machine: int = 10
+    max_total: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_duration_s <= MAX_SILENCE_S:
+            raise ValueError(f"max_duration_s must be in (0, {MAX_SILENCE_S:.0f}], got {self.max_duration_s}")
+        if self.max_per_machine < 1 or self.max_total < 1:
+            raise ValueError("max_per_machine and max_total must be >= 1")
+
+
 Key = tuple[Source, str]
 
 
@@ -144,12 +161,17 @@ class AlertEngine:
         rules: RuleBook,
         new_event_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         metrics: Metrics | None = None,
+        silence_limits: SilenceLimits = SilenceLimits(),
     ) -> None:
         self._rules = rules
         self._new_event_id = new_event_id
         self._metrics = metrics or Metrics()
+        self._silence_limits = silence_limits
         self._tracks: dict[Key, _Track] = {}
         self._silences: list[Silence] = []
+        self.machines: set[str] = set()
+        """Machines the engine has scored (persisted): only these may be silenced, so that a command never
+        creates retained state for a machine that does not exist."""
         self.dirty = False
         """True when a message, a command or a silence changed the state since ``to_state`` was last called
         (the latest score of an open event is not worth a disk write per window; it is saved with the next one)."""
@@ -439,8 +461,12 @@ class AlertEngine:
         extra = self.extra_commands.get(command) if isinstance(command, str) else None
         if extra is not None:
             return extra(body, by, now_ns)
-        known = ", ".join(repr(c) for c in ("ack", "silence", "unsilence", *self.extra_commands))
+        known = ", ".join(repr(c) for c in self.command_names())
         raise CommandError("unknown_command", f"command must be one of {known}, got {command!r}")
+
+    def command_names(self) -> tuple[str, ...]:
+        """Every command the engine dispatches, its own and ``extra_commands``."""
+        return ("ack", "silence", "unsilence", *self.extra_commands)
 
     def _ack(self, body: Mapping[str, Any], by: str, now_ns: int) -> CommandOutcome:
         event_id = _text(body, "event_id", required=True)
@@ -457,20 +483,38 @@ class AlertEngine:
         raise CommandError("no_such_event", f"no open alert event has id {event_id!r}")
 
     def _silence(self, body: Mapping[str, Any], by: str, now_ns: int) -> CommandOutcome:
+        limits = self._silence_limits
         duration = body.get("duration_s")
-        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration <= MAX_SILENCE_S:
-            raise CommandError("bad_value", f"duration_s must be a number of seconds in (0, {MAX_SILENCE_S:.0f}]")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, (int, float))
+            or not 0 < duration <= limits.max_duration_s
+        ):
+            raise CommandError(
+                "bad_value", f"duration_s must be a number of seconds in (0, {limits.max_duration_s:.0f}]"
+            )
         machine = _text(body, "machine", required=True)
         assert machine is not None
+        if machine not in self.machines:
+            raise CommandError("unknown_machine", f"machine {machine[:64]!r} has never been scored by this agent")
+        sensor, alert_type = _text(body, "sensor"), _text(body, "alert_type")
+        # The same scope again replaces its silence (a new end, a new note) rather than adding one.
+        others = [s for s in self._silences if (s.machine, s.sensor, s.alert_type) != (machine, sensor, alert_type)]
+        if sum(1 for s in others if s.machine == machine) >= limits.max_per_machine:
+            raise CommandError(
+                "too_many_silences", f"machine {machine} has {limits.max_per_machine} silences already (the limit)"
+            )
+        if len(others) >= limits.max_total:
+            raise CommandError("too_many_silences", f"{limits.max_total} silences are active already (the limit)")
         silence = Silence(
             machine=machine,
-            sensor=_text(body, "sensor"),
-            alert_type=_text(body, "alert_type"),
+            sensor=sensor,
+            alert_type=alert_type,
             until_ns=now_ns + int(duration * NS_PER_S),
             by=by,
             note=_text(body, "note") or "",
         )
-        self._silences.append(silence)
+        self._silences = [*others, silence]
         self.dirty = True
         self.changed_machines.add(machine)
         open_events = sum(1 for key, t in self._tracks.items() if t.event is not None and silence.covers(key))
@@ -544,6 +588,7 @@ class AlertEngine:
             "version": STATE_VERSION,
             "tracks": tracks,
             "silences": [dataclasses.asdict(s) for s in self._silences],
+            "machines": sorted(self.machines),
         }
 
     def restore(self, state: Mapping[str, Any], now_ns: int) -> int:
@@ -567,6 +612,9 @@ class AlertEngine:
                 restored += 1
                 self.changed_machines.add(source.machine)
         self._silences = [Silence(**s) for s in state["silences"]]
+        # "machines" came later (a file without it knows the machines of its tracks and silences).
+        self.machines.update(str(m) for m in state.get("machines", ()))
+        self.machines.update(s.machine for s in self._silences)
         return restored
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -575,6 +623,9 @@ class AlertEngine:
         track = self._tracks.get(key)
         if track is None:
             track = self._tracks[key] = _Track(recent=deque(maxlen=rule.raise_m))
+            if key[0].machine not in self.machines:
+                self.machines.add(key[0].machine)
+                self.dirty = True  # saved once per machine, so that it may be silenced after a restart
         return track
 
     def _silenced(self, key: Key, now_ns: int) -> bool:

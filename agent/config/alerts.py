@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
+from agent.alerts.commands import MIN_KEY_BYTES, CommandAuth, Operator
+from agent.alerts.engine import MAX_SILENCE_S, SilenceLimits
 from agent.alerts.rules import AlertRule, RuleBook
-from agent.config.base import ConfigPath, Section
+from agent.config.base import ConfigPath, EnvStr, Section, StrList, secret_from_file
 from agent.config.errors import Problems
 
 
@@ -51,6 +55,80 @@ class AlertRuleSection(Section):
         return AlertRule(**self.model_dump())
 
 
+class OperatorSection(Section):
+    """One operator who may command the agent: the key they sign with, and what they may do."""
+
+    key: EnvStr | None = Field(
+        None,
+        repr=False,
+        description=f"The operator's HMAC-SHA256 key (at least {MIN_KEY_BYTES} bytes), better ${{PDM_OP_KEY}} or "
+        "key_file. Never logged, not in repr.",
+    )
+    key_file: ConfigPath | None = Field(
+        None, description="A file holding the key (one line, read once at start); exclusive with key."
+    )
+    commands: StrList = Field(
+        (),
+        description="The commands this operator may give (ack, silence, unsilence, rebaseline); empty = all.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OperatorSection:
+        problems = Problems()
+        secret_from_file(self, "key", "key_file", problems)
+        if not problems.items:
+            if self.key is None:
+                problems.add("key", "is required (or key_file)")
+            elif len(self.key.encode()) < MIN_KEY_BYTES:
+                problems.add("key", f"needs at least {MIN_KEY_BYTES} bytes (e.g. openssl rand -hex 32)")
+        problems.check()
+        return self
+
+
+class CommandsSection(Section):
+    """Who may send operator commands on ``{base}/commands``, and the bounds of silences (docs/security.md)."""
+
+    auth: Literal["hmac", "none"] = Field(
+        "hmac",
+        description="hmac: a command must be signed with the key of an operator below (HMAC-SHA256); none: unsigned "
+        "commands are accepted and only the broker's ACL decides who may command.",
+    )
+    operators: dict[str, OperatorSection] = Field(
+        default_factory=dict,
+        description="Operator id (the key id, and the 'by' of their commands) -> key and allowed commands. "
+        "auth hmac without operators: every command is refused.",
+    )
+    max_clock_skew_s: float = Field(
+        300.0,
+        gt=0,
+        description="A signed command must be this close to the agent's clock; its nonce is remembered this long.",
+    )
+    max_silence_s: float = Field(
+        86_400.0, gt=0, le=MAX_SILENCE_S, description="The longest silence a command may set (at most 7 days)."
+    )
+    max_silences_per_machine: int = Field(10, gt=0, description="Silences of one machine at once, at most.")
+    max_silences: int = Field(200, gt=0, description="Silences of all machines at once, at most.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CommandsSection:
+        problems = Problems()
+        for name in self.operators:
+            if not name.strip() or len(name) > 200 or any(c < " " for c in name):
+                problems.add(f"operators.{name}", "an operator id is 1 to 200 printable characters")
+        problems.check()
+        return self
+
+    def silence_limits(self) -> SilenceLimits:
+        return SilenceLimits(self.max_silence_s, self.max_silences_per_machine, self.max_silences)
+
+    def command_auth(self, agent_id: str, started_ns: int) -> CommandAuth:
+        """The check every command passes before it is applied (built once, when the agent starts)."""
+        operators = {
+            name: Operator((op.key or "").encode(), frozenset(op.commands)) for name, op in self.operators.items()
+        }
+        return CommandAuth(agent_id, operators, self.auth, self.max_clock_skew_s, started_ns)
+
+
 class AlertsSection(Section):
     default: AlertRuleSection = Field(
         default_factory=AlertRuleSection,
@@ -66,6 +144,9 @@ class AlertsSection(Section):
         description="Open events and silences survive restarts in this file; null = alert_state.json beside the spool.",
     )
     top_features: int = Field(5, ge=0, le=10, description="Contributing features named in each alert (0 = none).")
+    commands: CommandsSection = Field(
+        default_factory=CommandsSection, description="Who may command the agent, and the bounds of silences."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AlertsSection:

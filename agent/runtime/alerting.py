@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agent.alerts.commands import CommandAuth
 from agent.alerts.engine import AlertEngine, CommandError
 from agent.alerts.payload import alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
@@ -43,8 +44,10 @@ class AlertOutput:
         store_raw: Callable[[Sequence[int]], None],
         state_store: AlertStateStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        auth: CommandAuth | None = None,
     ) -> None:
         self.engine = engine
+        self._auth = auth  # None: unsigned commands, no check (tests of the engine's side only)
         self._broker = broker
         self._topics = topics
         self._metrics = metrics
@@ -119,22 +122,31 @@ class AlertOutput:
         return to_lines(alert_lines, alert, self._metrics)
 
     def command(self, msg: Message) -> list[str]:
-        """Apply one operator command; reply on the result topic and record it (accepted or not)."""
+        """Apply one operator command; reply on the result topic and record it (accepted or not).
+
+        Every command, whichever stage handles it (``extra_commands`` of the engine too), first passes
+        ``CommandAuth.open``: the signature, the operator's allow-list and the replay window."""
         now_ns = self.clock_ns()
         body: object = None
         try:
-            body = json.loads(msg.payload)
+            body = self._auth.open(msg.payload, now_ns) if self._auth is not None else json.loads(msg.payload)
             outcome = self.engine.command(body, now_ns)
         except (ValueError, CommandError) as exc:
             code, detail = (exc.code, exc.detail) if isinstance(exc, CommandError) else ("bad_json", str(exc))
             fields = body if isinstance(body, dict) else {}
-            command, by = str(fields.get("command", "")), str(fields.get("by", ""))
+            command, by = str(fields.get("command", ""))[:64], str(fields.get("by", ""))[:200]
             self._metrics.inc("commands.rejected", reason=code)
             logger.warning("operator command refused (%s): %s", code, detail)
             self._reply(command, by, False, f"{code}: {detail}", now_ns)
+            # Tags only from what exists: a refused command must not create series (names it made up).
             machine = fields.get("machine")
             return command_lines(
-                command, False, by, f"{code}: {detail}", machine if isinstance(machine, str) else None, now_ns
+                command if command in self.engine.command_names() else "",
+                False,
+                by,
+                f"{code}: {detail}",
+                machine if isinstance(machine, str) and machine in self.engine.machines else None,
+                now_ns,
             )
         self._metrics.inc("commands.accepted", command=outcome.command)
         logger.info("operator command %s by %s: %s", outcome.command, outcome.by, outcome.detail)

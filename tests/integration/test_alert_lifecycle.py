@@ -13,6 +13,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from agent.alerts.commands import sign_command
 from agent.bootstrap import build_agent
 from agent.config import parse_config
 from agent.decode.encode import encode_block
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO / "agent/schemas/alert.schema.json").read_text())
 BLOCK = 2048
+OPERATOR_KEY = b"test-key-of-maria-0123456789"
 
 
 def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str):
@@ -37,7 +39,10 @@ def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str
             "storage": {"url": influxdb_v1.url, "v1": {"database": database}, "flush_interval_s": 0.2},
             "spool": {"path": str(tmp_path / "spool.db")},
             "inference": {"models": [{"path": str(REPO / "models/vibration_anomaly"), "sensors": ["vibration"]}]},
-            "alerts": {"default": {"raise_n": 2, "raise_m": 3, "clear_after": 3, "cooldown_s": 0, "renotify_s": 0}},
+            "alerts": {
+                "default": {"raise_n": 2, "raise_m": 3, "clear_after": 3, "cooldown_s": 0, "renotify_s": 0},
+                "commands": {"operators": {"maria": {"key": OPERATOR_KEY.decode()}}},
+            },
         }
     )
 
@@ -83,10 +88,9 @@ def test_event_is_acknowledged_survives_a_restart_and_clears_once(
 
         # Operator commands: a bad one is refused with its reason, the ack is applied and announced.
         commands, result = f"pdm/{agent_id}/commands", f"pdm/{agent_id}/commands/result"
-        _publish(mosquitto, [(commands, b'{"command":"ack","by":"maria"}')])
-        _publish(
-            mosquitto, [(commands, json.dumps({"command": "ack", "event_id": new["event_id"], "by": "maria"}).encode())]
-        )
+        _publish(mosquitto, [(commands, sign_command({"command": "ack"}, "maria", OPERATOR_KEY, agent_id))])
+        ack = {"command": "ack", "event_id": new["event_id"]}
+        _publish(mosquitto, [(commands, sign_command(ack, "maria", OPERATOR_KEY, agent_id))])
         seen = sub.wait_for(lambda msgs: sum(t == result for t, _ in msgs) >= 2)
         replies = [b for t, b in seen if t == result]
         assert [r["accepted"] for r in replies] == [False, True]

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from agent.alerts.engine import AlertEngine, CommandError
+from agent.alerts.engine import AlertEngine, CommandError, SilenceLimits
 from agent.alerts.payload import alert_body, machine_state_payload
 from agent.alerts.rules import AlertRule, RuleBook
 from agent.alerts.store import AlertStateStore
@@ -134,6 +134,7 @@ def test_renotify_repeats_an_unacknowledged_event_and_ack_stops_it():
 
 def test_silence_withholds_messages_and_releases_an_open_event_when_it_ends():
     c = Clock(_engine())
+    c.engine.machines.add("m01")  # scored before (only known machines may be silenced)
     c.engine.command({"command": "silence", "machine": "m01", "duration_s": 30, "by": "ops"}, T0)
     new = c.feed([2.0, 2.0])
     assert states(new) == [("new", "raised")] and new[0].silenced
@@ -157,11 +158,62 @@ def test_a_clear_is_withheld_only_when_its_new_was():
 
 def test_unsilence_ends_a_silence_and_unknown_ones_are_refused():
     engine = _engine()
+    engine.machines.add("m01")
     engine.command({"command": "silence", "machine": "m01", "sensor": "vibration", "duration_s": 60, "by": "a"}, T0)
     with pytest.raises(CommandError, match="no_such_silence"):
         engine.command({"command": "unsilence", "machine": "m01", "by": "a"}, T0)
     outcome = engine.command({"command": "unsilence", "machine": "m01", "sensor": "vibration", "by": "a"}, T0)
     assert "1 silence" in outcome.detail
+
+
+def silence(machine: str, sensor: str | None = None, duration_s: float = 60) -> dict[str, object]:
+    body: dict[str, object] = {"command": "silence", "machine": machine, "duration_s": duration_s, "by": "ops"}
+    if sensor is not None:
+        body["sensor"] = sensor
+    return body
+
+
+def test_a_machine_never_scored_cannot_be_silenced_and_gets_no_retained_state():
+    # Issue 22: a silence for a machine the agent had never seen was accepted (and published as its state).
+    c = Clock(_engine())
+    with pytest.raises(CommandError) as info:
+        c.engine.command(silence("ghost"), T0)
+    assert info.value.code == "unknown_machine"
+    assert c.engine.changed_machines == set() and c.engine.to_state()["silences"] == []
+    c.feed([0.1])
+    c.engine.changed_machines.clear()
+    c.engine.command(silence("m01"), T0 + c.t * S)
+    assert c.engine.changed_machines == {"m01"}
+
+
+def test_silences_are_bounded_in_duration_per_machine_and_in_all():
+    engine = AlertEngine(
+        RuleBook(AlertRule()), silence_limits=SilenceLimits(max_duration_s=3600, max_per_machine=2, max_total=3)
+    )
+    engine.machines.update({"m01", "m02"})
+    with pytest.raises(CommandError, match="bad_value"):
+        engine.command(silence("m01", duration_s=3601), T0)
+    engine.command(silence("m01", "a"), T0)
+    engine.command(silence("m01", "b"), T0)
+    with pytest.raises(CommandError) as info:
+        engine.command(silence("m01", "c"), T0)
+    assert info.value.code == "too_many_silences"
+    engine.command(silence("m01", "b", duration_s=600), T0)  # the same scope again: replaced, not added
+    assert len(engine.to_state()["silences"]) == 2
+    engine.command(silence("m02"), T0)
+    with pytest.raises(CommandError, match="too_many_silences"):
+        engine.command(silence("m02", "x"), T0)  # 3 in all
+
+
+def test_the_machines_known_survive_a_restart_so_they_can_be_silenced_at_once():
+    c = Clock(_engine())
+    c.feed([0.1], source=OTHER)
+    assert c.engine.dirty
+    after = _engine()
+    after.restore(c.engine.to_state(), T0)
+    after.command(silence("m02"), T0)
+    with pytest.raises(CommandError, match="unknown_machine"):
+        after.command(silence("m01"), T0)
 
 
 def test_flapping_holds_the_event_open_says_so_once_and_clears_when_quiet():

@@ -261,7 +261,11 @@ REJECTIONS = [
     ('{"fields":{"\\ud800x":1}}', "name", "is not valid Unicode (a lone surrogate)"),
     ('{"samples":[1],"rate_hz":1,"channel":"x\\\\"}', "name", "'channel' 'x\\\\' ends with a backslash"),
     # too_many_fields
-    ('{"fields":{' + ",".join(f'"f{i}":1' for i in range(65)) + "}}", "too_many_fields", "has 65 fields; the limit is 64"),
+    (
+        '{"fields":{' + ",".join(f'"f{i}":1' for i in range(65)) + "}}",
+        "too_many_fields",
+        "has 65 fields; the limit is 64",
+    ),
     ('{"value":1,"seq":1.5}', "shape", "'seq' must be an integer, got 1.5"),
     ('{"value":1,"seq":"7"}', "shape", "'seq' must be an integer, got a string '7'"),
     ('{"value":1,"seq":true}', "shape", "'seq' must be an integer, got a boolean"),

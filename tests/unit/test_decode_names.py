@@ -28,7 +28,7 @@ ARRIVAL_NS = 1_764_000_000 * NS_PER_S
 TEMPLATE = TopicTemplate("factory/{site}/{line}/{machine}/{sensor}")
 
 # Names built mostly from the characters that matter to line protocol, so that the hard cases are common.
-_TRICKY = st.sampled_from(list("\\ ,=\"'#\t\n\r\x00\x7f\ud800é€😀") + ["a", "b", "_", "-"])
+_TRICKY = st.sampled_from([*"\\ ,=\"'#\t\n\r\x00\x7f\ud800é€😀", "a", "b", "_", "-"])
 NAMES = st.one_of(
     st.lists(_TRICKY, min_size=0, max_size=12).map("".join),
     st.text(max_size=40),
