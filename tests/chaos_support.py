@@ -20,10 +20,12 @@ Used by ``tests/integration/test_chaos.py`` and ``scripts/chaos_report.py``; hel
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -85,7 +88,14 @@ class Recorder:
     """A separate MQTT subscriber with a persistent session: every simulator message, and the agent's
     retained status/heartbeat. Thread-safe reads through ``snapshot``/``wait``."""
 
-    def __init__(self, host: str, port: int, agent_id: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        agent_id: str,
+        name: str = "recorder",
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+    ) -> None:
         self.messages: dict[tuple[str, int], Received] = {}
         self.redelivered = 0
         self.heartbeat: dict = {}
@@ -95,16 +105,20 @@ class Recorder:
         self._base = f"pdm/{agent_id}"
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"chaos-recorder-{uuid.uuid4().hex[:8]}",
+            client_id=f"chaos-{name}-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
         self._client.reconnect_delay_set(0.2, 1)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._address = (host, port)
+        self._connected = threading.Event()
+        self._connect(clean_start)
+
+    def _connect(self, clean_start: bool | Literal[3]) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
-        self._client.connect_async(host, port, clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
-        self._connected = threading.Event()
+        self._client.connect_async(*self._address, clean_start=clean_start, properties=props)
         self._client.loop_start()
 
     def wait_connected(self, timeout_s: float = 20) -> bool:
@@ -167,6 +181,25 @@ class Recorder:
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self), timeout_s)
 
+    def pause(self) -> None:
+        """Disconnect, keeping the session: the broker queues what arrives for it (and keeps it across a
+        restart only if it had persisted it)."""
+        self._connected.clear()
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def resume(self) -> None:
+        """Reconnect to the kept session (its queued messages arrive first)."""
+        self._connect(False)
+
+    def max_seq(self) -> dict[str, int]:
+        """Per topic, the highest ``seq`` received."""
+        out: dict[str, int] = {}
+        with self._cond:
+            for topic, seq in self.messages:
+                out[topic] = max(seq, out.get(topic, -1))
+        return out
+
     def online_since(self, t: float) -> bool:
         return any(at >= t and state == "online" for at, state in self.status)
 
@@ -228,6 +261,156 @@ class Influx:
         return out
 
 
+# ------------------------------------------------------------------------------------------- stall proxy
+
+
+@dataclass
+class _Pipe:
+    """One proxied connection; ``stalled`` while what InfluxDB sends back is held in ``held``."""
+
+    client: socket.socket
+    upstream: socket.socket
+    stalled: bool
+    held: list[bytes] = field(default_factory=list)
+    closed: bool = False
+
+
+class StallProxy:
+    """A TCP proxy between the agent and InfluxDB that can stall: requests go through, responses are held.
+
+    ``stall()``: from now on whatever InfluxDB sends back is held, on open connections and on those
+    accepted during the stall. InfluxDB receives (and may apply) every write; the writer gets no answer
+    and must time out. The stall ends three ways:
+
+    - ``release()``: the held responses are sent to whoever still waits for them; everything passes again;
+    - ``drop()``: every connection of the stall is closed, its held responses discarded;
+    - ``hang()``: new connections pass, but those of the stall stay held until ``close()``: a server that
+      never answers a request, which only a client-side timeout gets out of.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._listener = socket.create_server((devservices.HOST, 0))
+        self._listener.settimeout(0.2)
+        self.url = f"http://{devservices.HOST}:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._stalled = False
+        self._closing = False
+        self._pipes: list[_Pipe] = []
+        self.stats = {"connections": 0, "requests_in_stall": 0, "responses_held": 0, "released": 0, "dropped": 0}
+        self._thread = threading.Thread(target=self._accept_loop, name="stall-proxy", daemon=True)
+        self._thread.start()
+
+    def stall(self) -> None:
+        with self._lock:
+            self._stalled = True
+            for pipe in self._pipes:
+                pipe.stalled = True
+
+    def release(self) -> None:
+        with self._lock:
+            self._stalled = False
+            for pipe in self._pipes:
+                pipe.stalled = False
+                for chunk in pipe.held:
+                    try:
+                        pipe.client.sendall(chunk)
+                        self.stats["released"] += 1
+                    except OSError:
+                        break  # the client gave up on this connection (timed out and closed it)
+                pipe.held.clear()
+
+    def drop(self) -> None:
+        with self._lock:
+            self._stalled = False
+            for pipe in [p for p in self._pipes if p.stalled]:
+                self.stats["dropped"] += 1
+                self._close(pipe)
+
+    def hang(self) -> None:
+        with self._lock:
+            self._stalled = False
+
+    def close(self) -> None:
+        self._closing = True
+        self._thread.join(5)
+        self._listener.close()
+        with self._lock:
+            for pipe in list(self._pipes):
+                self._close(pipe)
+
+    def _close(self, pipe: _Pipe) -> None:
+        """Close both sides (the caller holds the lock); shutdown first wakes the pumps' blocked recv."""
+        if pipe.closed:
+            return
+        pipe.closed = True
+        for sock in (pipe.client, pipe.upstream):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._pipes.remove(pipe)
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._upstream, timeout=5)
+            except OSError:
+                client.close()  # InfluxDB is down: the client sees the connection closed
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                pipe = _Pipe(client, upstream, stalled=self._stalled)
+                self._pipes.append(pipe)
+                self.stats["connections"] += 1
+            for target in (self._requests, self._responses):
+                threading.Thread(target=target, args=(pipe,), name="stall-proxy-pump", daemon=True).start()
+
+    def _requests(self, pipe: _Pipe) -> None:
+        """Client to InfluxDB, always forwarded (counted while the connection is stalled)."""
+        while True:
+            try:
+                data = pipe.client.recv(65536)
+                if data:
+                    pipe.upstream.sendall(data)
+            except OSError:
+                data = b""
+            with self._lock:
+                if not data:
+                    self._close(pipe)
+                    return
+                if pipe.stalled and data.startswith((b"POST ", b"GET ")):
+                    self.stats["requests_in_stall"] += 1
+
+    def _responses(self, pipe: _Pipe) -> None:
+        """InfluxDB to the client, or into ``held`` while the connection is stalled."""
+        while True:
+            try:
+                data = pipe.upstream.recv(65536)
+            except OSError:
+                data = b""
+            with self._lock:
+                if not data:
+                    if not pipe.stalled:  # a stalled connection's end is decided by the stall's end
+                        self._close(pipe)
+                    return
+                if pipe.stalled:
+                    pipe.held.append(data)
+                    self.stats["responses_held"] += 1
+                    continue
+                try:
+                    pipe.client.sendall(data)
+                except OSError:
+                    self._close(pipe)
+                    return
+
+
 # -------------------------------------------------------------------------------------------- accounting
 
 
@@ -240,7 +423,9 @@ class SourceRow:
     messages_published: int = 0
     messages_stored: int = 0
     messages_lost: list[int] = field(default_factory=list)  # seqs
-    lost_unseen: int = 0  # of those, how many the recorder never got either (the broker lost them)
+    # Of those, how many the broker lost: the evidence subscriber never got them either (the recorder, or
+    # the witness when the scenario has one: see ``account``).
+    lost_unseen: int = 0
     messages_duplicated: int = 0  # seqs stored more than once (as different points)
     points_expected: int = 0
     points_stored: int = 0
@@ -312,8 +497,19 @@ class Accounting:
         return "\n".join(out)
 
 
-def account(stats: dict, recorded: dict[tuple[str, int], Received], influx: Influx, duration_s: float) -> Accounting:
-    """Message-by-message comparison of what was published with what InfluxDB holds."""
+def account(
+    stats: dict,
+    recorded: dict[tuple[str, int], Received],
+    influx: Influx,
+    duration_s: float,
+    witnessed: dict[tuple[str, int], Received] | None = None,
+) -> Accounting:
+    """Message-by-message comparison of what was published with what InfluxDB holds.
+
+    A message not stored is the broker's loss when the evidence subscriber never got it: the recorder,
+    or ``witnessed`` when given, what a witness (a persistent session that was offline across the
+    broker's kill, see ``Rig(witness=True)``) received: exactly what the broker kept for its sessions.
+    """
     start_ns = int(stats["start_ns"])
     readings = influx.readings()
     stored_proc: dict[tuple[str, str], dict[int, list[dict]]] = {}
@@ -322,9 +518,8 @@ def account(stats: dict, recorded: dict[tuple[str, int], Received], influx: Infl
     end_ns = start_ns + int((duration_s + 5) * NS)
     blocks = influx.vibration_blocks(start_ns, end_ns)
 
-    by_topic_rec: dict[tuple[str, str], dict[int, Received]] = {}
-    for (_topic, seq), rec in recorded.items():
-        by_topic_rec.setdefault((rec.machine, rec.kind), {})[seq] = rec
+    by_topic_rec = _by_source(recorded)
+    by_topic_held = by_topic_rec if witnessed is None else _by_source(witnessed)
     machines = sorted(stats["per_machine"])
     rows: list[SourceRow] = []
     expected_by_kind: dict[str, int] = {}
@@ -332,17 +527,18 @@ def account(stats: dict, recorded: dict[tuple[str, int], Received], influx: Infl
     for machine in machines:
         for sensor in ("vibration", "process"):
             rec = by_topic_rec.get((machine, sensor), {})
+            held = by_topic_held.get((machine, sensor), {})
             row = SourceRow(machine, sensor)
             if sensor == "process":
                 stored = stored_proc.get((machine, sensor), {})
-                n = max([*rec, *stored, -1]) + 1
+                n = max([*rec, *held, *stored, -1]) + 1
                 for seq in range(n):
                     points = stored.get(seq, [])
                     row.points_expected += 1
                     row.points_stored += len(points)
                     if not points:
                         row.messages_lost.append(seq)
-                        row.lost_unseen += seq not in rec
+                        row.lost_unseen += seq not in held
                         continue
                     row.messages_stored += 1
                     if len(points) > 1:
@@ -354,14 +550,14 @@ def account(stats: dict, recorded: dict[tuple[str, int], Received], influx: Infl
                         row.checksum_mismatches.append(seq)
             else:
                 stored_blocks = {(t - start_ns) // BLOCK_NS: v for (m, t), v in blocks.items() if m == machine}
-                n = max([*rec, *stored_blocks, -1]) + 1
+                n = max([*rec, *held, *stored_blocks, -1]) + 1
                 for seq in range(n):
                     row.points_expected += BLOCK_SAMPLES
                     count, total = stored_blocks.get(seq, (0, 0.0))
                     row.points_stored += count
                     if count == 0:
                         row.messages_lost.append(seq)
-                        row.lost_unseen += seq not in rec
+                        row.lost_unseen += seq not in held
                         continue
                     row.messages_stored += 1
                     if count > BLOCK_SAMPLES:
@@ -379,6 +575,13 @@ def account(stats: dict, recorded: dict[tuple[str, int], Received], influx: Infl
             rows.append(row)
     by_kind = {k: int(v) for k, v in stats["by_kind"].items() if k in ("vibration", "process")}
     return Accounting(rows, int(stats["messages"]), int(stats["unacked"]), by_kind, expected_by_kind, not_seen)
+
+
+def _by_source(received: dict[tuple[str, int], Received]) -> dict[tuple[str, str], dict[int, Received]]:
+    out: dict[tuple[str, str], dict[int, Received]] = {}
+    for (_topic, seq), rec in received.items():
+        out.setdefault((rec.machine, rec.kind), {})[seq] = rec
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the rig
@@ -426,7 +629,15 @@ class Rig:
         duration_s: float = 24.0,
         speed: float = 1.0,
         persistent_broker: bool = False,
+        witness: bool = False,
+        stall_proxy: bool = False,
+        agent_config: dict | None = None,
+        broker_conf: str = "",
     ) -> None:
+        """``witness``: a second persistent subscriber that the broker disruptions take offline across the
+        kill (evidence of what the broker kept, see ``account``); ``stall_proxy``: the agent reaches
+        InfluxDB through a ``StallProxy``; ``agent_config``: merged into the agent's config (nested keys);
+        ``broker_conf``: lines added to Mosquitto's config (e.g. a larger ``max_queued_messages``)."""
         self.workdir = workdir
         self.machines = machines
         self.duration_s = duration_s
@@ -435,12 +646,18 @@ class Rig:
         self.agent_id = f"chaos-{self.tag}"
         self.database = f"chaos_{self.tag}"
         self.persistent_broker = persistent_broker
+        self.broker_conf = broker_conf
         self.broker: Service | None = None
         self.influxdb: Service | None = None
         self.agent: subprocess.Popen[bytes] | None = None
         self.agent_starts = 0
         self.simulator: subprocess.Popen[bytes] | None = None
         self.recorder: Recorder | None = None
+        self.witness: Recorder | None = None
+        self.with_witness = witness
+        self.with_stall_proxy = stall_proxy
+        self.proxy: StallProxy | None = None
+        self.agent_config = agent_config or {}
         self.influx: Influx | None = None
         self._logs: list = []
 
@@ -451,13 +668,22 @@ class Rig:
         broker_dir = self.workdir / "mosquitto"
         broker_dir.mkdir(exist_ok=True)
         extra = PERSISTENT_BROKER_CONF.format(dir=broker_dir) if self.persistent_broker else ""
+        extra += self.broker_conf
         self.broker = devservices.start_mosquitto(broker_dir, extra_conf=extra)
         self.influxdb = devservices.start_influxdb_v1(self.workdir / "influxdb")
         self.influx = Influx(self.influxdb.url, self.database)
+        if self.with_stall_proxy:
+            self.proxy = StallProxy(self.influxdb.host, self.influxdb.port)
         self.config_path = self._write_agent_config()
         self.recorder = Recorder(self.broker.host, self.broker.port, self.agent_id)
         if not self.recorder.wait_connected(20):
             raise RuntimeError("the recording subscriber could not connect")
+        if self.with_witness:
+            # Clean start false from the first connect: mosquitto 2.0 writes only such sessions to its
+            # persistence file (one that began with clean start is gone after a restart).
+            self.witness = Recorder(self.broker.host, self.broker.port, self.agent_id, "witness", clean_start=False)
+            if not self.witness.wait_connected(20):
+                raise RuntimeError("the witness subscriber could not connect")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -465,8 +691,11 @@ class Rig:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        if self.recorder is not None:
-            self.recorder.close()
+        for subscriber in (self.recorder, self.witness):
+            if subscriber is not None:
+                subscriber.close()
+        if self.proxy is not None:
+            self.proxy.close()
         for svc in (self.broker, self.influxdb):
             if svc is not None:
                 svc.stop()
@@ -482,7 +711,11 @@ class Rig:
             host=self.broker.host, port=self.broker.port, reconnect_min_s=0.5, reconnect_max_s=2, keepalive_s=10
         )
         data["storage"].update(
-            url=self.influxdb.url, flush_interval_s=0.5, backoff_min_s=0.2, backoff_max_s=2, timeout_s=5
+            url=self.proxy.url if self.proxy is not None else self.influxdb.url,
+            flush_interval_s=0.5,
+            backoff_min_s=0.2,
+            backoff_max_s=2,
+            timeout_s=5,
         )
         data["storage"]["v1"]["database"] = self.database
         data["storage"]["raw_vibration"]["mode"] = "all"
@@ -492,6 +725,7 @@ class Rig:
         for entry in [*inference.get("models", []), inference.get("defect") or {}]:
             if entry.get("path"):
                 entry["path"] = str((REPO / "config" / entry["path"]).resolve())
+        _merge(data, self.agent_config)
         path = self.workdir / "agent.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
@@ -625,7 +859,25 @@ class Rig:
 
     def account(self, stats: dict) -> Accounting:
         assert self.recorder is not None and self.influx is not None
-        return account(stats, self.recorder.snapshot(), self.influx, self.duration_s)
+        witnessed = None
+        if self.witness is not None:
+            # The broker delivers a session's queue in order: once the witness has each topic's last
+            # message, it has everything the broker had kept for it.
+            last = self.recorder.max_seq()
+            witness = self.witness
+            if not witness.wait(lambda w: all(w.max_seq().get(t, -1) >= n for t, n in last.items()), 30):
+                log("the witness did not receive every topic's last message")
+            witnessed = witness.snapshot()
+        return account(stats, self.recorder.snapshot(), self.influx, self.duration_s, witnessed)
+
+
+def _merge(base: dict, overrides: dict) -> None:
+    """Merge ``overrides`` into ``base`` in place, section by section."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def counter(counters: dict, name: str) -> float:
@@ -668,6 +920,8 @@ class ScenarioResult:
     sessions_present: list[bool] = field(default_factory=list)  # per agent connect, from the agent log
     killed_at: float | None = None  # time.monotonic() of the kill (broker scenarios)
     notes: list[str] = field(default_factory=list)
+    during: dict = field(default_factory=dict)  # the last heartbeat's counters before the fault ended
+    fault: dict = field(default_factory=dict)  # the fault's own numbers (proxy counts, messages held ...)
 
     def render(self) -> str:
         c = {k: counter(self.counters, k) for k in REPORTED_COUNTERS}
@@ -682,7 +936,12 @@ class ScenarioResult:
         ]
         if self.before:
             before = {k: counter(self.before, k) for k in REPORTED_COUNTERS}
-            lines.append(f"last heartbeat of the killed agent: {before}")
+            lines.append(f"last heartbeat before the fault: {before}")
+        if self.during:
+            during = {k: counter(self.during, k) for k in REPORTED_COUNTERS}
+            lines.append(f"last heartbeat before the fault ended: {during}")
+        if self.fault:
+            lines.append(f"fault: {self.fault}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -725,16 +984,21 @@ def run_scenario(
         result.counters = dict(rig.recorder.heartbeat.get("counters", {}))
         result.accounting = rig.account(stats)
         recorded = rig.recorder.snapshot()
+        if rig.witness is not None:
+            # Both sides of the broker's loss: acknowledged and forwarded live to the recorder, yet not in
+            # the sessions it restored (the witness never got them).
+            result.fault["recorded_not_witnessed"] = len(recorded.keys() - rig.witness.snapshot().keys())
         for row in result.accounting.rows:
             for seq in row.messages_lost:
                 got = next(
                     (r for r in recorded.values() if (r.machine, r.kind, r.seq) == (row.machine, row.sensor, seq)), None
                 )
-                when = (
-                    "never"
-                    if got is None
-                    else f"{got.arrived - (result.killed_at or got.arrived):+.3f} s from the kill"
-                )
+                if got is None:
+                    when = "never"
+                elif result.killed_at is None:
+                    when = "live"
+                else:
+                    when = f"{got.arrived - result.killed_at:+.3f} s from the kill"
                 result.notes.append(f"lost {row.machine}/{row.sensor} seq {seq}: reached the recorder {when}")
         result.notes.append(f"recorder redeliveries: {rig.recorder.redelivered}")
         log_text = rig.agent_log()
@@ -767,6 +1031,8 @@ def kill_broker(outage_s: float = 3.0, hold_s: float = 3.0, pause_publisher: boo
     def disrupt(rig: Rig, result: ScenarioResult) -> None:
         assert rig.broker is not None and rig.broker.process is not None and rig.recorder is not None
         assert rig.influx is not None and rig.agent is not None and rig.simulator is not None
+        if rig.witness is not None:
+            rig.witness.pause()  # from now on the broker queues for the witness what it holds for the agent
         rig.agent.send_signal(signal.SIGSTOP)
         held_from = rig.recorder.count()
         time.sleep(hold_s)
@@ -779,6 +1045,7 @@ def kill_broker(outage_s: float = 3.0, hold_s: float = 3.0, pause_publisher: boo
         rig.broker.process.wait(10)
         rig.agent.send_signal(signal.SIGCONT)
         rig.broker.stop()  # the process is gone: this only closes its output file
+        result.fault["held"] = held
         result.notes.append(f"messages published while the agent was frozen, before the broker was killed: {held}")
         log(f"broker killed (-9) holding about {held} messages for the frozen agent; restarting in {outage_s} s")
         time.sleep(outage_s)
@@ -786,6 +1053,8 @@ def kill_broker(outage_s: float = 3.0, hold_s: float = 3.0, pause_publisher: boo
         baseline = rig.influx.reading_count() or 0
         rig.broker.start()
         t0 = time.monotonic()
+        if rig.witness is not None:
+            rig.witness.resume()
         if pause_publisher:
             rig.simulator.send_signal(signal.SIGCONT)
         result.outage_s = t0 - killed
@@ -795,15 +1064,20 @@ def kill_broker(outage_s: float = 3.0, hold_s: float = 3.0, pause_publisher: boo
     return disrupt
 
 
-def stop_influxdb(outage_s: float = 8.0) -> Disruption:
-    """Stop InfluxDB (SIGTERM) under load, start it again on the same port and data after ``outage_s``."""
+def stop_influxdb(outage_s: float = 8.0, kill: bool = False) -> Disruption:
+    """Stop InfluxDB (SIGTERM, or with ``kill`` SIGKILL: no shutdown, writes in flight cut off) under load,
+    start it again on the same port and data after ``outage_s``."""
 
     def disrupt(rig: Rig, result: ScenarioResult) -> None:
         assert rig.influxdb is not None and rig.recorder is not None and rig.influx is not None
         baseline = rig.influx.reading_count() or 0
         stopped = time.monotonic()
-        rig.influxdb.stop()
-        log(f"InfluxDB stopped; restarting in {outage_s} s")
+        if kill:
+            assert rig.influxdb.process is not None
+            rig.influxdb.process.kill()
+            rig.influxdb.process.wait(10)
+        rig.influxdb.stop()  # after a kill this only closes its output file
+        log(f"InfluxDB {'killed (-9)' if kill else 'stopped'}; restarting in {outage_s} s")
         time.sleep(outage_s)
         rig.influxdb.start()
         t0 = time.monotonic()
@@ -811,6 +1085,38 @@ def stop_influxdb(outage_s: float = 8.0) -> Disruption:
         backlog = rig.recorder.count("process")
         result.recovery = rig.measure_recovery(t0, baseline, backlog, online=False)
         log(f"InfluxDB back: {result.recovery.render()}")
+
+    return disrupt
+
+
+def stall_influxdb(stall_s: float = 8.0, end: str = "drop", recovery_timeout_s: float = 60.0) -> Disruption:
+    """Stall InfluxDB (``Rig(stall_proxy=True)``) for ``stall_s`` under load, then end the stall by
+    ``StallProxy`` ``end``: ``release``, ``drop`` or ``hang``.
+
+    The writes sent during the stall reach InfluxDB, which applies them, but their answers never reach
+    the writer (released too late, or dropped): it must time out and write the same batch again, which
+    may store nothing twice (same series and timestamps). Meanwhile the agent keeps acknowledging
+    messages into its spool. ``result.before``/``result.during`` hold the heartbeats at the stall's start
+    and end.
+    """
+    ends = {"release": StallProxy.release, "drop": StallProxy.drop, "hang": StallProxy.hang}
+
+    def disrupt(rig: Rig, result: ScenarioResult) -> None:
+        assert rig.proxy is not None and rig.recorder is not None and rig.influx is not None
+        result.before = dict(rig.recorder.heartbeat.get("counters", {}))
+        rig.proxy.stall()
+        stalled = time.monotonic()
+        log(f"InfluxDB stalled (responses held); ending it ({end}) in {stall_s} s")
+        time.sleep(stall_s)
+        result.during = dict(rig.recorder.heartbeat.get("counters", {}))
+        baseline = rig.influx.reading_count() or 0
+        ends[end](rig.proxy)
+        t0 = time.monotonic()
+        result.outage_s = t0 - stalled
+        result.fault = dict(rig.proxy.stats)
+        backlog = rig.recorder.count("process")
+        result.recovery = rig.measure_recovery(t0, baseline, backlog, online=False, timeout_s=recovery_timeout_s)
+        log(f"stall ended ({end}): {result.recovery.render()}; proxy {rig.proxy.stats}")
 
     return disrupt
 
@@ -859,13 +1165,37 @@ def start_influxdb_late(recovery_timeout_s: float = 20.0) -> Disruption:
 
 SCENARIOS: dict[str, tuple[Disruption, dict]] = {
     "broker_kill": (kill_broker(), {"persistent_broker": True}),
-    # Report only: the kill while the simulator keeps publishing; messages in mosquitto's window between
-    # PUBACK and autosave can be lost by the broker (counted).
-    "broker_kill_streaming": (kill_broker(pause_publisher=False), {"persistent_broker": True}),
+    # The kill while the simulator keeps publishing: a message in mosquitto's window between PUBACK and
+    # autosave can be lost by the broker; the witness tells those from the agent's losses.
+    "broker_kill_streaming": (
+        kill_broker(pause_publisher=False),
+        {"persistent_broker": True, "witness": True, "duration_s": 16.0},
+    ),
+    # Control, report only: the same with an agent whose session ends with its connection (session expiry
+    # 0): the messages the broker held for it are gone after the restart while the witness has them: the
+    # agent's loss.
+    "broker_kill_streaming_no_session": (
+        kill_broker(pause_publisher=False),
+        {
+            "persistent_broker": True,
+            "witness": True,
+            "duration_s": 16.0,
+            "agent_config": {"mqtt": {"session_expiry_s": 0}},
+        },
+    ),
     # Control, report only: the same kill with the devservices default (no persistence). The messages the
     # broker held for the frozen agent die with it (and the simulator, acknowledged, does not resend them).
     "broker_kill_without_persistence": (kill_broker(), {"persistent_broker": False}),
     "influxdb_stop": (stop_influxdb(), {}),
+    "influxdb_kill": (stop_influxdb(outage_s=5.0, kill=True), {"duration_s": 16.0}),
+    "influxdb_stall_release": (stall_influxdb(end="release"), {"stall_proxy": True, "duration_s": 18.0}),
+    "influxdb_stall_drop": (stall_influxdb(end="drop"), {"stall_proxy": True, "duration_s": 18.0}),
+    # Control, report only: a writer without a usable timeout (storage.timeout_s 3600) behind a server
+    # that never answers the writes of the stall: it waits on the first of them while the spool grows.
+    "influxdb_stall_without_timeout": (
+        stall_influxdb(end="hang", recovery_timeout_s=15.0),
+        {"stall_proxy": True, "duration_s": 18.0, "agent_config": {"storage": {"timeout_s": 3600}}},
+    ),
     "agent_kill": (kill_agent(), {}),
     "influxdb_down_at_agent_start": (
         start_influxdb_late(),

@@ -23,7 +23,9 @@ import chaos_support as chaos
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(300)]
 
 
-def _assert_nothing_lost(result: chaos.ScenarioResult) -> None:
+def _assert_nothing_lost(result: chaos.ScenarioResult, broker_may_lose: bool = False) -> None:
+    """Every message the broker acknowledged is stored once with its content (``broker_may_lose``: except
+    those the broker itself lost after acknowledging them, which no subscriber got from it)."""
     print(result.render())
     stats, acc, c = result.stats, result.accounting, result.counters
     assert stats["exit_code"] == 0 and stats["unacked"] == 0 and stats["failed"] == 0, (
@@ -31,10 +33,15 @@ def _assert_nothing_lost(result: chaos.ScenarioResult) -> None:
     )
     assert acc.published == stats["messages"] > 0
     assert acc.lost - acc.lost_by_broker == 0, f"messages the recorder received are not in InfluxDB:\n{acc.render()}"
-    assert acc.lost_by_broker == 0, f"the broker lost messages it had acknowledged (see docs/chaos.md):\n{acc.render()}"
+    if not broker_may_lose:
+        assert acc.lost_by_broker == 0, f"the broker lost messages it acknowledged (see docs/chaos.md):\n{acc.render()}"
     assert acc.duplicates == 0, acc.render()
     assert acc.checksum_mismatches == 0, acc.render()
-    assert acc.points_stored == acc.points_expected == stats["samples"] + stats["readings"], acc.render()
+    assert acc.points_expected == stats["samples"] + stats["readings"], acc.render()
+    lost_points = sum(
+        (chaos.BLOCK_SAMPLES if row.sensor == "vibration" else 1) * len(row.messages_lost) for row in acc.rows
+    )
+    assert acc.points_stored == acc.points_expected - lost_points, acc.render()
     assert result.agent_exit_code == 0
     # The heartbeat explains the numbers: nothing rejected, dropped or dead-lettered, and every message
     # the agent received was either acknowledged or recognised as belonging to a dead connection.
@@ -69,12 +76,58 @@ def test_broker_killed_and_restarted_with_persistence_loses_nothing(tmp_path: Pa
     assert chaos.counter(c, "ingest.samples") >= result.stats["samples"]
 
 
+def test_broker_killed_while_publishing_loses_nothing_the_broker_kept(tmp_path: Path) -> None:
+    """The broker dies while the simulator publishes and holds a backlog for the (frozen) agent.
+
+    Mosquitto acknowledges a PUBLISH before its autosave has written it, so the message of the last
+    milliseconds may die with it: acknowledged to the simulator, never delivered to anyone after the
+    restart. The witness (a persistent session taken offline with the agent's freeze and back after the
+    restart) receives exactly what the broker kept for its sessions: what it has must be stored, what it
+    lacks is the broker's loss (printed; docs/chaos.md). The control ``broker_kill_streaming_no_session``
+    (``scripts/chaos_report.py``) shows the verdict blaming the agent when it loses what the broker kept.
+    """
+    result = chaos.run("broker_kill_streaming", tmp_path)
+    _assert_nothing_lost(result, broker_may_lose=True)
+    acc = result.accounting
+    assert result.sessions_present[0] is False and all(result.sessions_present[1:]), result.sessions_present
+    # The broker's persistence restored the backlog: only its last autosave window can be missing.
+    assert acc.lost_by_broker < result.fault["held"], acc.render()
+
+
 def test_influxdb_stopped_under_load_gets_every_reading_once_when_back(tmp_path: Path) -> None:
     result = chaos.run("influxdb_stop", tmp_path)
+    _assert_database_fault_absorbed(result)
+
+
+def test_influxdb_killed_under_load_gets_every_reading_once_when_back(tmp_path: Path) -> None:
+    """kill -9: writes in flight are cut off (applied or not); InfluxDB's WAL keeps what it acknowledged."""
+    result = chaos.run("influxdb_kill", tmp_path)
+    _assert_database_fault_absorbed(result)
+
+
+@pytest.mark.parametrize("end", ["release", "drop"])
+def test_influxdb_stalled_under_load_gets_every_reading_once_and_the_writer_recovers(tmp_path: Path, end: str) -> None:
+    """InfluxDB applies the writes of the stall but their answers are held, then released late or dropped.
+
+    The writer must time out (``storage.timeout_s``), write the same batches again (stored once: same
+    series and timestamps) and carry on by itself, while the agent keeps acknowledging into its spool.
+    The control ``influxdb_stall_without_timeout`` (``scripts/chaos_report.py``) shows the verdict failing
+    for a writer that waits for ever.
+    """
+    result = chaos.run(f"influxdb_stall_{end}", tmp_path)
+    _assert_database_fault_absorbed(result)
+    assert result.fault["requests_in_stall"] >= 1 and result.fault["responses_held"] >= 1, result.fault
+    before, during = result.before, result.during
+    assert chaos.counter(during, "mqtt.acks") > chaos.counter(before, "mqtt.acks"), "no acknowledgement in the stall"
+    assert chaos.counter(during, "spool.depth") > chaos.counter(before, "spool.depth"), "the spool did not absorb it"
+
+
+def _assert_database_fault_absorbed(result: chaos.ScenarioResult) -> None:
+    """Nothing lost, the fault noticed, and broker and agent stayed up: each message received and
+    acknowledged exactly once."""
     _assert_nothing_lost(result)
     c = result.counters
     assert c.get("storage.write_failures{kind=retryable}", 0) >= 1, "the outage was not noticed"
-    # Broker and agent stayed up: each message was received and acknowledged exactly once.
     assert chaos.counter(c, "ingest.messages") == chaos.counter(c, "mqtt.acks") == result.stats["messages"]
     assert chaos.counter(c, "ingest.readings") == result.stats["readings"]
     assert chaos.counter(c, "ingest.samples") == result.stats["samples"]
