@@ -24,11 +24,12 @@ from agent.bootstrap import build_scoring
 from agent.commissioning import CommissioningBaseline, CommissioningConfig, DetectorConfig
 from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import FORMAT_VERSION, BaselineStore
+from agent.config import parse_config
 from agent.inference.router import ModelRouter
 from agent.metrics import Metrics
 from agent.records import Message, Reading, Source
 from tests.spool_support import wait_for
-from tests.unit.test_pipeline import FakeBroker, FakeSpool, Journal, _config, _stages
+from tests.unit.test_pipeline import FakeBroker, FakeSpool, Journal, _stages
 
 NS = 1_000_000_000
 T0 = 1_790_000_000 * NS
@@ -229,7 +230,7 @@ def test_an_unusable_file_is_moved_aside_with_its_reason_and_commissioning_start
 
 def test_a_crash_between_write_and_rename_leaves_the_previous_file(tmp_path: Path) -> None:
     path = tmp_path / "baselines.json"
-    first = _saved(path, 30)
+    _saved(path, 30)
     before = path.read_bytes()
     # A real process dies (os._exit, no cleanup) at the rename of the next save.
     code = (
@@ -259,7 +260,8 @@ class FullDisk(BaselineStore):
 
 
 def _worker(scorer: CommissioningScorer, metrics: Metrics, broker: FakeBroker, commands=None):
-    config = _config()
+    # Unsigned commands (the broker's ACL decides): the signing itself is tested with the other commands.
+    config = parse_config({"agent": {"id": "edge-01"}, "alerts": {"commands": {"auth": "none"}}})
     stages = dataclasses.replace(_stages(config, ModelRouter([]), metrics), baseline=scorer)
     engine = AlertEngine(RuleBook(AlertRule(raise_n=3, raise_m=3, clear_after=3)))
     spool = FakeSpool(broker.journal)
