@@ -61,8 +61,8 @@ def test_broker_killed_and_restarted_with_persistence_loses_nothing(tmp_path: Pa
 
     The simulator is paused for the last second before the kill so that Mosquitto's autosave, which runs
     after its PUBACK, has caught up: a loss is then the agent's. Without that pause, a message arriving in
-    the last milliseconds can be lost by the broker itself (``scripts/chaos_report.py
-    broker_kill_streaming`` counts those; see docs/chaos.md).
+    the last milliseconds can be lost by the broker itself (the next test tells those apart; see
+    docs/chaos.md).
     """
     result = chaos.run("broker_kill", tmp_path)
     _assert_nothing_lost(result)
