@@ -26,10 +26,14 @@ class StateStore(Protocol):
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` (temp file, fsync, rename, fsync of the folder); raises ``OSError``."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: a partial copy would only take more of the room left
+        raise
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

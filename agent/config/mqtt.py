@@ -187,8 +187,7 @@ class MqttSection(Section):
     max_field_keys: int = Field(
         4096,
         gt=0,
-        description="Distinct field names of all machines together (field keys of the reading measurement), "
-        "likewise.",
+        description="Distinct field names of all machines together (field keys of the reading measurement), likewise.",
     )
     decoder: DecoderSection = Field(
         default_factory=DecoderSection, description="How payloads are decoded into readings and sample blocks."

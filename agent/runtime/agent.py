@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from agent.ingest.outbound import Outbound
 from agent.metrics import Metrics
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
-from agent.spool.sqlite import Spool
+from agent.spool.sqlite import Spool, SpoolNotWritable
 from agent.storage.line_protocol import format_point
 from agent.storage.writer import Writer
 from agent.topics import Topics
@@ -134,7 +135,11 @@ class Agent:
         fields = agent_fields(self.metrics.collect())
         if fields and not self.spool.closed:
             tags = {schema.TAG_AGENT_ID: self.config.agent.id}
-            self.spool.append_lines([format_point(schema.AGENT, tags, fields, now_ns)])
+            try:
+                self.spool.append_lines([format_point(schema.AGENT, tags, fields, now_ns)])
+            except (SpoolNotWritable, sqlite3.Error, OSError):
+                # A full disk: the spool said so once; this sample of the agent's own metrics is skipped.
+                self.metrics.inc("spool.append_failures")
 
     def _heartbeat_loop(self) -> None:
         while not self._stopped.wait(self.config.agent.heartbeat_s):

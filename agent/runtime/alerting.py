@@ -254,7 +254,8 @@ class StateSaver:
             except OSError as exc:
                 # The engine runs on from memory; this state is tried again unless a newer one arrives.
                 self._count_failure()
-                logger.error("%s not saved to %s: %s", self._what, self._store.path, exc)
+                if delay == 0.0:  # logged when saving starts failing (a full disk), not at every retry
+                    logger.error("%s not saved to %s, retrying: %s", self._what, self._store.path, exc)
                 delay = min(max(delay * 2, 0.5), 30.0)
                 with self._cond:
                     if self._pending is None:
@@ -262,6 +263,8 @@ class StateSaver:
                     if self._cond.wait_for(lambda: self._closed, timeout=delay):
                         return
                 continue
+            if delay:
+                logger.warning("%s saved to %s again", self._what, self._store.path)
             delay = 0.0
             with self._cond:
                 self._saved = max(self._saved, number)

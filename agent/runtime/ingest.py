@@ -21,10 +21,14 @@ from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.worker import POLL_S, Broker, DeadLetters, EntryLog, Worker, drain
 from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
 from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.sqlite import SpoolNotWritable
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
+
+APPEND_RETRY_MAX_S = 2.0
+"""Longest wait between spool append attempts (a refused append of a full spool costs a page count)."""
 
 
 def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[Window | Reading]:
@@ -84,6 +88,7 @@ class IngestWorker(Worker):
         self._produced: deque[Sequence[str]] = deque()
         self._handoff_lock = threading.Lock()
         self._closed = False  # after finish: what other threads hand over goes to the spool directly
+        self._append_failing_since: float | None = None  # logged once per failing period (a full disk)
 
     def store_raw(self, spool_ids: Sequence[int]) -> None:
         """Held blocks an alert released (called from the scoring thread; spooled with the next batch).
@@ -180,6 +185,8 @@ class IngestWorker(Worker):
             entries.append(encode_lines(produced))
         if entries:
             ids = self._append_durably(entries)
+            if ids is None:
+                return  # stopping without room in the spool: nothing of this batch is acknowledged
             for index, block in held:
                 spool_id = ids[index]
                 if spool_id is not None:
@@ -225,17 +232,38 @@ class IngestWorker(Worker):
                 entries.append(encode_block(item, store_raw=decision == "store", held=True))
         return entries, held
 
-    def _append_durably(self, entries: list[Entry]) -> list[int | None]:
+    def _append_durably(self, entries: list[Entry]) -> list[int | None] | None:
+        """Append ``entries``, retrying with a backoff while the spool cannot take them (a full disk, a lock);
+        None when the worker is stopping and they are still not stored: the caller must not acknowledge.
+
+        Logged once when appends start failing and once when they succeed again, not per retry.
+        """
         delay = POLL_S
         while True:
             try:
-                return self._spool.append(entries)
-            except Exception:
-                # Disk full or locked: do not acknowledge, keep trying; the broker keeps the messages.
+                ids = self._spool.append(entries)
+            except (OSError, sqlite3.Error, SpoolNotWritable) as exc:
+                # Not acknowledged: the broker keeps the messages (and stops sending once its in-flight
+                # window to this client is full), so this is backpressure, not loss.
                 self._metrics.inc("spool.append_failures")
-                logger.exception("spool append failed; retrying in %.1f s", delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                if self._append_failing_since is None:
+                    self._append_failing_since = time.monotonic()
+                    logger.error("spool append failed; not acknowledging, retrying: %s", exc)
+                if self._stop_event.is_set():
+                    logger.warning(
+                        "stopping with %d spool entries not stored: their messages are not acknowledged and the "
+                        "broker redelivers them",
+                        len(entries),
+                    )
+                    return None
+                self._stop_event.wait(delay)
+                delay = min(delay * 2, APPEND_RETRY_MAX_S)
+                continue
+            if self._append_failing_since is not None:
+                took = time.monotonic() - self._append_failing_since
+                self._append_failing_since = None
+                logger.warning("spool appends succeed again after %.1f s", took)
+            return ids
 
     def _reject(self, msg: Message, exc: DecodeError) -> None:
         """Count a rejected message and report it: through ``dead_letters`` (one by one within its rate, else

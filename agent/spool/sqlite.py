@@ -68,6 +68,8 @@ MIN_FREE_BYTES = 16 * 1024 * 1024
 """Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
 COMPACT_INTERVAL_S = 0.5
 CHECKPOINT_INTERVAL_S = 1.0
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+"""A write-ahead log that grew beyond this (a burst, a long read) is truncated to it when it restarts."""
 SLOW_APPEND_S = 1.0
 BACKLOG_CACHE_S = 0.5
 
@@ -169,6 +171,7 @@ class Spool:
         self._dropped_since_log = 0
         self._write_error: str | None = None  # the error of the last failed transaction, None after a commit
         self._last_compact = 0.0
+        self._last_checkpoint = 0.0
         self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
         self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
         self.reserve_bytes = reserve_bytes
@@ -182,6 +185,7 @@ class Spool:
         # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
         # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         self._maintenance: threading.Thread | None = None
         self._stopping = threading.Event()
         _migrate_lines_table(conn, self.path)
@@ -200,14 +204,11 @@ class Spool:
         self._last_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM entry").fetchone()[0])
         self._publish_gauges()
         self._metrics.set("spool.reserve_bytes", 0)
-        if not self._make_reserve():
-            logger.warning(
-                "spool %s: no room for its %d-byte reserve (%s bytes free); made when there is",
-                self.path,
-                self.reserve_bytes,
-                self._fs_free(),
-            )
         self._metrics.set("spool.disk_full", 0)
+        if not self._make_reserve():
+            # Started on a full disk (say, after the disk filled up): appending first would take the room the
+            # sinks need to move their cursors and free rows.
+            self._enter_full(f"no room for the {self.reserve_bytes}-byte reserve: {self._fs_free()} bytes free")
         # Sampled when the metrics are read (heartbeat, /metrics): backlogs move while nothing is appended.
         self._metrics.set_function("spool.depth", lambda: self._backlog_gauge(1))
         self._metrics.set_function("spool.oldest_age_s", lambda: self._backlog_gauge(2))
@@ -608,9 +609,10 @@ class Spool:
     def check_writable(self, min_free_bytes: int = MIN_FREE_BYTES) -> bool:
         """True if an append would be accepted now; otherwise raise ``SpoolNotWritable`` saying why.
 
-        Checks, cheaply (for a readiness probe): the spool is open, its last transaction did not fail
-        (a full or failing disk, a read-only file), the file system has ``min_free_bytes`` free for the
-        agent's user, and the write lock can be taken (``BEGIN IMMEDIATE`` then ``ROLLBACK``).
+        Checks, cheaply (for a readiness probe): the spool is open and its disk is not full (``SpoolFull``),
+        its last transaction did not fail (a failing disk, a read-only file), it has room (its reserve file,
+        or ``reserve_bytes`` — ``min_free_bytes`` without a reserve configured — free on the file system or
+        inside the spool file), and the write lock can be taken (``BEGIN IMMEDIATE`` then ``ROLLBACK``).
         """
         if self._conn is None:
             raise SpoolNotWritable(f"spool {self.path} is closed")
@@ -622,14 +624,16 @@ class Spool:
         free = self._fs_free()
         if free is None:
             raise SpoolNotWritable(f"spool {self.path}: cannot stat its file system")
-        if free < min_free_bytes and not (self.reserve_bytes and self._reserve_path.exists()):
-            # Without its reserve the spool needs room on the file system itself (or inside its file).
+        # With its reserve file in place the spool has its room; without one (none configured, or no room to
+        # make it again yet) it needs that much free on the file system or inside its file.
+        need = self.reserve_bytes or min_free_bytes
+        if free < need and not (self.reserve_bytes and self._reserve_path.exists()):
             with self._lock:
                 room = free + self._in_file_free()
-            if room < min_free_bytes:
+            if room < need:
                 raise SpoolNotWritable(
                     f"spool {self.path}: only {free} bytes free on its file system and {room - free} inside "
-                    f"the spool file, no reserve (need {min_free_bytes})"
+                    f"the spool file, no reserve (need {need})"
                 )
         with self._lock:
             conn = self._connection()
@@ -666,27 +670,40 @@ class Spool:
 
     def _maintain(self) -> None:
         checkpointer = connect(self.path, self._synchronous)
-        last_checkpoint = 0.0
+        checkpointer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+        steps = (("compaction", self._compact_pass), ("checkpoint", partial(self._checkpoint_pass, checkpointer)))
         try:
             while not self._stopping.wait(COMPACT_INTERVAL_S):
-                try:
-                    self._check_room()
-                    self.compact()
-                    if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL_S:
-                        last_checkpoint = time.monotonic()
-                        started = time.monotonic()
-                        # PASSIVE: copies what no reader still needs, never waits for a reader or the writer.
-                        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        self._metrics.observe("spool.checkpoint_seconds", time.monotonic() - started)
-                except (sqlite3.Error, OSError, RuntimeError) as exc:
-                    if self._conn is None:
-                        return
-                    if is_disk_full(exc, self._fs_free()):
-                        self._enter_full(str(exc))  # logged once; compaction is retried every pass
-                        continue
-                    logger.warning("spool %s: maintenance failed, will retry: %s", self.path, exc)
+                # Each step on its own: on a full disk, only a checkpointed WAL is reused from its start
+                # instead of growing, which is what gives a failed compaction its room back.
+                for what, step in steps:
+                    try:
+                        step()
+                    except (sqlite3.Error, OSError, RuntimeError) as exc:
+                        if self._conn is None:
+                            return
+                        if is_disk_full(exc, self._fs_free()):
+                            self._enter_full(str(exc))  # logged once; retried every pass
+                        else:
+                            logger.warning("spool %s: %s failed, will retry: %s", self.path, what, exc)
         finally:
             checkpointer.close()
+
+    def _compact_pass(self) -> None:
+        self._check_room()
+        self.compact()
+
+    def _checkpoint_pass(self, checkpointer: sqlite3.Connection) -> None:
+        """Every ``CHECKPOINT_INTERVAL_S``, PASSIVE: copies what no reader still needs, never waits for a reader
+        or the writer (a WAL grown by a burst is cut back to ``WAL_SIZE_LIMIT_BYTES`` when it restarts)."""
+        if self._full_since is None and time.monotonic() - self._last_checkpoint < CHECKPOINT_INTERVAL_S:
+            return
+        self._last_checkpoint = started = time.monotonic()
+        # While full, TRUNCATE: waits for readers (the busy timeout), then gives the WAL's room back to the
+        # file system, where the reserve (and leaving the full state) needs it.
+        mode = "PASSIVE" if self._full_since is None else "TRUNCATE"
+        checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        self._metrics.observe("spool.checkpoint_seconds", time.monotonic() - started)
 
     def close(self) -> None:
         """Remove what every sink has, checkpoint the WAL into the database file and close; idempotent."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -118,6 +119,8 @@ class SinkWriter:
         self._stop_deadline = float("inf")
         self._prepared: queue.Queue[Batch] = queue.Queue(maxsize=_PREPARED_MAX)
         self._read_up_to = cursor.position
+        self._delivered_to = cursor.position  # confirmed by the sink; the durable cursor may lag (a full disk)
+        self._cursor_failing_since: float | None = None
         self._write_body: Callable[[bytes, int], None] | None = getattr(sink, "write_body", None)
         self._threads: list[threading.Thread] = []
 
@@ -270,10 +273,17 @@ class SinkWriter:
     # -- send: lines -> database, then the cursor ----------------------------------------------
 
     def _send_loop(self) -> None:
+        try:
+            self._send()
+        finally:
+            self._confirm()
+
+    def _send(self) -> None:
         while not (self._stop.is_set() and time.monotonic() >= self._stop_deadline):
             try:
                 batch = self._prepared.get(timeout=_IDLE_POLL_S)
             except queue.Empty:
+                self._confirm()  # a cursor update that failed before (a full disk) is retried while idle
                 if self._stop.is_set() and not self._threads[0].is_alive():
                     return  # stopping, and everything prepared is written
                 continue
@@ -319,13 +329,41 @@ class SinkWriter:
                 exc,
             )
             return self.backoff_max_s
-        self.cursor.advance(batch.last_id)
+        self._delivered_to = batch.last_id
+        self._confirm()
         if batch.raw_released:
             self.metrics.inc("storage.raw_released", batch.raw_released)
         if self._failures:
             logger.info("writes to %s succeed again", self.cursor.sink)
         self._failures = 0
         return 0.0
+
+    def _confirm(self) -> None:
+        """Move the durable cursor to what the sink confirmed. When that fails (a full disk), delivery goes on
+        from memory and the update is retried with the next batch or while idle: the batch is not written
+        again, and after a crash the rows since the durable cursor are rewritten, which the sink's point
+        identity makes harmless. Logged once when it starts failing and once when it works again."""
+        if self._delivered_to <= self.cursor.position:
+            return
+        try:
+            self.cursor.advance(self._delivered_to)
+        except sqlite3.Error as exc:
+            self.metrics.inc("storage.cursor_failures")
+            if self._cursor_failing_since is None:
+                self._cursor_failing_since = time.monotonic()
+                logger.error(
+                    "writer of %s: cannot save its cursor (%s); delivering on, the cursor is saved when it can be",
+                    self.cursor.sink,
+                    exc,
+                )
+            return
+        if self._cursor_failing_since is not None:
+            logger.warning(
+                "writer of %s: cursor saved again after %.1f s",
+                self.cursor.sink,
+                time.monotonic() - self._cursor_failing_since,
+            )
+            self._cursor_failing_since = None
 
     def _write(self, lines: list[str], body: bytes | None = None) -> None:
         started = time.monotonic()

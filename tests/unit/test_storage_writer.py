@@ -646,3 +646,30 @@ def test_bad_settings_are_refused(spool: Spool, metrics: Metrics, kwargs: dict[s
             SinkWriter(cursor, ScriptedSink(), metrics, **kwargs)  # type: ignore[arg-type]
     finally:
         cursor.close()
+
+
+def test_a_cursor_that_cannot_be_saved_does_not_stop_delivery_nor_resend_batches(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the sink confirmed a batch but its cursor update fails. The writer goes on from memory
+    (each line written once) and saves the cursor once it can, without a batch to carry it."""
+    disk_full = threading.Event()
+    disk_full.set()
+    real_advance = SinkCursor.advance
+
+    def advance(self: SinkCursor, last_id: int) -> None:
+        if disk_full.is_set():
+            raise sqlite3.OperationalError("database or disk is full")
+        real_advance(self, last_id)
+
+    monkeypatch.setattr(SinkCursor, "advance", advance)
+    sink = ScriptedSink()
+    spool.append(_one_per_row(_lines(35)))
+    writer = make_writer(sink, flush_interval_s=0.0)
+    _wait_for(lambda: len(sink.accepted) == 35, "every line delivered while the cursor cannot be saved")
+    _wait_for(lambda: metrics.get("storage.cursor_failures") >= 4, "the failed saves counted")
+    assert sink.accepted == _lines(35), "a batch was written again"
+    assert writer.cursor.position == 0 and not spool.caught_up("local")
+    disk_full.clear()
+    _wait_for(lambda: spool.caught_up("local"), "the cursor saved while idle once there is room")
+    assert sink.accepted == _lines(35)
