@@ -14,7 +14,11 @@ per vibration block the number of samples and their sum. InfluxDB is read back w
 ``reading`` points (with their ``seq``) and, per vibration block, ``count``/``sum`` of ``value``
 grouped by 200 ms buckets aligned on the blocks (2048 samples at 10240 Hz).
 
-Used by ``tests/integration/test_chaos.py`` and ``scripts/chaos_report.py``; helpers only (no asserts).
+For the broker's kill while the simulator publishes, a *witness* (a second persistent session, offline
+across the kill) tells what the broker lost after acknowledging it from what the agent lost; for a stalled
+InfluxDB, the agent writes through a ``StallProxy`` that holds the responses.
+
+Used by ``tests/integration/test_chaos*.py`` and ``scripts/chaos_report.py``; helpers only (no asserts).
 """
 
 from __future__ import annotations
