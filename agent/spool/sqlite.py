@@ -68,6 +68,8 @@ MIN_FREE_BYTES = 16 * 1024 * 1024
 """Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
 COMPACT_INTERVAL_S = 0.5
 CHECKPOINT_INTERVAL_S = 1.0
+COMPACT_CHUNK_IDS = 20_000
+"""Compaction deletes at most this many ids per transaction (a full disk: per maintenance pass)."""
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 """A write-ahead log that grew beyond this (a burst, a long read) is truncated to it when it restarts."""
 SLOW_APPEND_S = 1.0
@@ -499,13 +501,27 @@ class Spool:
         self._last_compact = time.monotonic()
         floor = min(self.cursors().values())
         cutoff = time.time_ns() - int(self.hold_s * 1e9)
-        # Ordinary rows up to the previous floor are gone already: scan only what the cursors passed since
-        # (held rows stay below the floor for hold_s; scanning them every time would read every one of them).
-        clauses: tuple[tuple[str, tuple[int, ...]], ...] = (
-            ("held = 0 AND id > ? AND id <= ?", (self._compacted_to, floor)),
-            (f"held = {HELD} AND enqueued_ns < ?", (cutoff,)),
-            ("held > 0 AND held <= ?", (floor,)),
-        )
+        removed = 0
+        first = True
+        while True:
+            # Ordinary rows up to the previous floor are gone already: scan only what the cursors passed since
+            # (held rows stay below the floor for hold_s; scanning them every time would read every one of
+            # them), in chunks of ids: a short write lock for ingest, and a bounded WAL growth for a full disk,
+            # where one chunk per call leaves the checkpoint between chunks its room.
+            upper = min(floor, self._compacted_to + COMPACT_CHUNK_IDS)
+            clauses: list[tuple[str, tuple[int, ...]]] = [
+                ("held = 0 AND id > ? AND id <= ?", (self._compacted_to, upper))
+            ]
+            if first:
+                clauses += [(f"held = {HELD} AND enqueued_ns < ?", (cutoff,)), ("held > 0 AND held <= ?", (floor,))]
+            removed += self._delete(clauses, prune=first)
+            self._compacted_to = max(self._compacted_to, upper)
+            first = False
+            if upper >= floor or self._full_since is not None:
+                return removed
+
+    def _delete(self, clauses: Sequence[tuple[str, tuple[int, ...]]], prune: bool) -> int:
+        """One compaction transaction: delete the rows ``clauses`` select; the rows removed."""
         rows = points = size = 0
         with self._lock:
             with self._transaction() as conn:
@@ -518,8 +534,8 @@ class Spool:
                     if n:
                         conn.execute(f"DELETE FROM entry WHERE {where}", bounds)
                         rows, points, size = rows + int(n), points + int(p), size + int(b)
-                self._arrivals.prune(conn)
-            self._compacted_to = max(self._compacted_to, floor)
+                if prune:
+                    self._arrivals.prune(conn)
             self._rows -= rows
             self._points -= points
             self._bytes -= size
