@@ -34,7 +34,7 @@ from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import BaselineStore
 from agent.config import Config
-from agent.decode.base import DecodeLimits, Decoder, DecoderContext
+from agent.decode.base import Counted, DecodeLimits, Decoder, DecoderContext, HasPresence
 from agent.decode.fieldkeys import FieldKeys
 from agent.decode.registry import build_decoder as registered_decoder
 from agent.decode.topic import TopicTemplate
@@ -131,6 +131,7 @@ def build_decoder(config: Config, field_keys_file: Path | None = None) -> Decode
         subscriptions=tuple(m.subscriptions),
         field_keys=FieldKeys(m.max_field_keys_per_machine, m.max_field_keys, field_keys_file),
         outbound_base=Topics(config.agent.id, m.base_topic).base,
+        options=m.decoder,
     )
     return registered_decoder(m.decoder.type, context)
 
@@ -289,9 +290,16 @@ def build_mqtt(
     subscriptions: Sequence[str],
     on_message: Callable[[Message], None],
     metrics: Metrics,
+    decoder: Decoder | None = None,
 ) -> MqttConnection:
+    """The broker connection; a decoder with a ``presence`` (Sparkplug's STATE) gives it its availability
+    topic and last will instead of the agent's ``status``."""
     m = config.mqtt
     tls = m.tls
+    status_topic, status_payload = topics.status, topics.status_payload
+    if isinstance(decoder, HasPresence):
+        presence = decoder.presence()
+        status_topic, status_payload = presence.topic, presence.payload
     return MqttConnection(
         MqttSettings(
             host=m.host,
@@ -318,13 +326,13 @@ def build_mqtt(
             # Beside the spool, like the alert state: the agent's state directory.
             subscriptions_file=config.spool.path.parent / SUBSCRIPTIONS_FILE,
             silence_timeout_s=m.silence_timeout_s,
-            status_topic=topics.status,
-            online_payload=topics.status_payload("online"),
-            offline_payload=topics.status_payload("offline"),
+            status_topic=status_topic,
+            online_payload=status_payload("online"),
+            offline_payload=status_payload("offline"),
         ),
         on_message=on_message,
         metrics=metrics,
-        status_payload=topics.status_payload,
+        status_payload=status_payload,
     )
 
 
@@ -385,7 +393,10 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
             metrics.inc("ingest.backpressure_waits")
         messages.put(message)
 
-    mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics)
+    mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics, decoder)
+    if isinstance(decoder, Counted):
+        for event in decoder.counts:
+            metrics.set_function("decode.events", partial(decoder.counts.get, event, 0), event=event)
     # Everything the workers publish goes through the outbound queues (alerts first, dead letters rate-limited).
     outbound = Outbound(mqtt, topics, config.mqtt.outbound, metrics)
     spool = build_spool(config, metrics)

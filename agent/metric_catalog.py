@@ -108,6 +108,12 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Rejected messages, by reason (each one goes to the dead-letter topic, alone or in a summary).",
         "reason",
     ),
+    _gauge(
+        "decode.events",
+        "Protocol events a stateful decoder counted since start (Sparkplug B: births, node_deaths, "
+        "device_deaths, stale_deaths, seq_gaps, seq_late, rebirths_requested, nulls, transient, metrics_rejected).",
+        "event",
+    ),
     # spool
     _counter("spool.appended", "Points stored durably in the local spool (readings, samples, features, scores ...)."),
     _counter("spool.acked", "Spooled points every sink has confirmed, removed from the spool."),

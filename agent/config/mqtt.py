@@ -110,8 +110,38 @@ class DecoderSection(Section):
     type: Annotated[str, EnvChoice, registry_key(DECODERS), registry_schema(DECODERS)] = Field(
         "json_v1",
         description="The payload decoder, a registry key: json_v1 = the JSON payloads of the README "
-        "(schema version 1).",
+        "(schema version 1); sparkplug_b = a Sparkplug B 3.0 primary host (docs/sparkplug.md).",
     )
+    host_id: EnvStr | None = Field(
+        None,
+        description="sparkplug_b: the host application id; the agent's STATE topic is spBv1.0/STATE/{host_id} "
+        "(retained, with the matching will). Required for sparkplug_b.",
+    )
+    group_ids: StrList = Field(
+        (),
+        description="sparkplug_b: the Sparkplug groups taken in (one filter spBv1.0/{group}/# each); empty = all.",
+    )
+    reorder_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="sparkplug_b: how long a seq gap or an unknown alias may wait to resolve before the agent "
+        "asks the edge node for a rebirth (NCMD Node Control/Rebirth).",
+    )
+    sensor: EnvStr = Field(
+        "process",
+        description="sparkplug_b: the sensor tag of the readings (models and windows are chosen by it).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DecoderSection:
+        problems = Problems()
+        if self.type == "sparkplug_b" and not self.host_id:
+            problems.add("host_id", "is required for the sparkplug_b decoder (its STATE topic)")
+        for group in self.group_ids:
+            if not group or any(c in group for c in "+#/"):
+                problems.add("group_ids", f"{group!r} is not a Sparkplug group id (no '/', '+' or '#')")
+        problems.check()
+        return self
 
 
 class MqttSection(Section):

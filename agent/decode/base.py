@@ -8,10 +8,11 @@ I/O and reads no clock: the arrival time comes with the message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
+from agent.decode.errors import DecodeError
 from agent.decode.fieldkeys import FieldKeys
 from agent.decode.topic import TopicTemplate
 from agent.records import NS_PER_S, Decoded, Message
@@ -51,6 +52,8 @@ class DecoderContext:
     """The field names known per machine, bounded (``None``: no limit over time, e.g. in tests)."""
     outbound_base: str = ""
     """The agent's own outbound topic prefix (``pdm/{agent_id}``), which the default filters must not take in."""
+    options: Any = None
+    """The config's ``mqtt.decoder`` section; each decoder documents the keys it reads (like the sinks)."""
 
 
 class Decoder(Protocol):
@@ -66,3 +69,58 @@ class Decoder(Protocol):
     def subscriptions(self) -> Sequence[str]: ...
 
     def decode(self, message: Message) -> list[Decoded]: ...
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A message a stateful decoder wants published (a Sparkplug rebirth request, a node's state)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Part of a message that could not be stored although the rest was (one metric of several)."""
+
+    topic: str
+    error: DecodeError
+    payload: bytes
+
+
+@runtime_checkable
+class Outbox(Protocol):
+    """A decoder that talks back (optional, beside ``Decoder``): the ingest worker calls ``outbox(now_ns)``
+    from its thread after each batch and on idle polls (about every ``agent.runtime.worker.POLL_S``), so
+    that timeouts fire without new input; it publishes what is returned and reports the rejections like
+    rejected messages (counted in ``decode.errors``, on the dead-letter topic)."""
+
+    def outbox(self, now_ns: int) -> tuple[list[Publish], list[Rejection]]: ...
+
+
+@dataclass(frozen=True)
+class Presence:
+    """The retained availability topic of the MQTT connection and its payloads (also the last will)."""
+
+    topic: str
+    payload: Callable[[Literal["online", "offline"]], bytes]
+
+
+@runtime_checkable
+class HasPresence(Protocol):
+    """A decoder whose protocol defines the connection's availability topic (Sparkplug's STATE); read once by
+    the composition root before connecting. It replaces the agent's ``status`` topic and will."""
+
+    def presence(self) -> Presence: ...
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A decoder that counts protocol events (births, deaths, seq gaps ...): ``counts`` has all its keys
+    from construction on (the composition root exposes each as ``decode.events{event}``) and only grows
+    in value; written by the ingest thread, read by the metrics thread."""
+
+    @property
+    def counts(self) -> Mapping[str, int]: ...

@@ -4,7 +4,10 @@ Codes (see ``docs/contracts.md``): ``topic``, ``too_large``, ``not_utf8``, ``jso
 ``version``, ``timestamp``, ``value``, ``shape``, ``encoding``, ``rate``, ``name`` (a field name, channel
 or topic level that InfluxDB cannot store, ``agent.schema.name_problem``), ``too_many_fields`` (more
 fields in one message than ``DecodeLimits.max_fields``), ``field_keys`` (a field name new to its machine
-beyond the limits of distinct names, ``agent.decode.fieldkeys``). They label the
+beyond the limits of distinct names, ``agent.decode.fieldkeys``); Sparkplug B (``agent.decode.sparkplug_b``):
+``protobuf`` (not a Sparkplug payload), ``unsupported`` (a metric type that is not stored: DataSet,
+Template, strings, arrays), ``not_born`` (data of an edge node before its NBIRTH), ``alias`` (an alias no
+birth declared). They label the
 ``decode.errors`` counter and appear in the dead-letter message, so they never change meaning.
 """
 
@@ -28,6 +31,10 @@ DecodeErrorCode = Literal[
     "name",
     "too_many_fields",
     "field_keys",
+    "protobuf",
+    "unsupported",
+    "not_born",
+    "alias",
 ]
 
 CODES: Final[frozenset[str]] = frozenset(get_args(DecodeErrorCode))

@@ -10,12 +10,14 @@ from collections.abc import Callable, Mapping
 
 from agent.decode.base import Decoder, DecoderContext
 from agent.decode.json_v1 import JsonV1Decoder
+from agent.decode.sparkplug_b import SparkplugBDecoder
 from agent.plugins import registered
 
 DecoderFactory = Callable[[DecoderContext], Decoder]
 
 DECODERS: Mapping[str, DecoderFactory] = {
     "json_v1": JsonV1Decoder,
+    "sparkplug_b": SparkplugBDecoder,
 }
 
 

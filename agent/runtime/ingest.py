@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from agent.commissioning.scorer import CommissioningScorer
-from agent.decode.base import Decoder
+from agent.decode.base import Decoder, Outbox
 from agent.decode.errors import DecodeError
 from agent.features.windows import Windower
 from agent.metrics import Metrics
@@ -119,10 +119,12 @@ class IngestWorker(Worker):
         batch = drain(self._messages, POLL_S, self._batch_max)
         if batch or self._raw_released or self._produced:
             self.process(batch)
+        self.talk_back()
 
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
             self.process(batch)
+        self.talk_back()
         with self._handoff_lock:
             self._closed = True
         if self._raw_released or self._produced:
@@ -197,6 +199,17 @@ class IngestWorker(Worker):
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
 
+    def talk_back(self) -> None:
+        """What a stateful decoder (``agent.decode.base.Outbox``) wants said: its requests published, its
+        partial rejections reported like rejected messages."""
+        if not isinstance(self._decoder, Outbox):
+            return
+        publish, rejected = self._decoder.outbox(time.time_ns())
+        for item in publish:
+            self._broker.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+        for rejection in rejected:
+            self._report(rejection.topic, rejection.error, rejection.payload)
+
     def _first_arrival(self, msg: Message) -> tuple[Message, bool]:
         """A redelivered message (DUP) with the arrival time of its first, stored delivery, if one was
         recorded (it had no device timestamp); else unchanged. True if restored."""
@@ -266,20 +279,23 @@ class IngestWorker(Worker):
             return ids
 
     def _reject(self, msg: Message, exc: DecodeError) -> None:
+        self._report(msg.topic, exc, msg.payload)
+
+    def _report(self, topic: str, exc: DecodeError, payload: bytes) -> None:
         """Count a rejected message and report it: through ``dead_letters`` (one by one within its rate, else
         in a summary; only those are logged one by one, a flood is logged once per summary), or without it
         (tests) as a dead letter on the broker."""
         self._metrics.inc("decode.errors", reason=exc.code)
         if self._dead_letters is None:
-            payload = self._topics.deadletter_payload(msg.topic, exc.code, exc.detail, msg.payload)
-            self._broker.publish(self._topics.deadletter, payload, qos=1, retain=False)
+            body = self._topics.deadletter_payload(topic, exc.code, exc.detail, payload)
+            self._broker.publish(self._topics.deadletter, body, qos=1, retain=False)
             one_by_one = True
         else:
-            one_by_one = self._dead_letters.dead_letter(msg.topic, exc.code, exc.detail, msg.payload)
+            one_by_one = self._dead_letters.dead_letter(topic, exc.code, exc.detail, payload)
         logger.log(
             logging.WARNING if one_by_one else logging.DEBUG,
             "rejected message on %s: %s (%s)",
-            msg.topic,
+            topic,
             exc.detail,
             exc.code,
         )

@@ -397,6 +397,8 @@ def test_every_error_code_is_exercised() -> None:
         "topic",
         "field_keys",
     }  # the last three: below, topic tests, test_decode_names.py
+    # Sparkplug B's own codes: tests/unit/test_sparkplug_decode.py
+    exercised |= {"protobuf", "unsupported", "not_born", "alias"}
     assert exercised == CODES
 
 
