@@ -1,0 +1,204 @@
+"""The agent as a Sparkplug B primary host, through a real Mosquitto and InfluxDB 1.6.7.
+
+An edge node and its device publish births (``pysparkplug``'s encoder) and then data carrying only aliases,
+a DataSet, a seq gap, a stale and a matching NDEATH (hand-made protobuf). The agent stores exactly one
+value per numeric metric value published, tagged with group, node and machine; dead-letters the DataSet
+with its reason; asks for a rebirth (NCMD) after the gap; ignores the stale death; publishes the node as
+stale after the matching one; and keeps its STATE topic retained, with a will that the broker fires (same
+timestamp as the online message) when the agent's connection drops without a DISCONNECT.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pysparkplug as psp
+import pytest
+from pysparkplug._protobuf import Payload as TahuPayload
+
+from agent.bootstrap import build_agent
+from agent.config import parse_config
+from agent.decode import sparkplug_proto as spb
+from agent.storage.influx_v1 import InfluxV1Sink
+from tests.integration.mqtt_helpers import publish
+
+pytestmark = pytest.mark.integration
+
+GROUP, NODE, DEVICE = "plant1", "gw1", "press-7"
+
+
+class Recorder:
+    """Records raw messages (protobuf and JSON) of the given filters."""
+
+    def __init__(self, host: str, port: int, topics: list[str]) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.arrived = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.arrived:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.arrived.notify_all()
+
+    def wait_for(self, predicate, timeout_s: float = 30.0) -> list[tuple[str, bytes, bool]]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: predicate(self.messages), timeout_s), self.messages
+            return list(self.messages)
+
+    def on(self, topic: str) -> list[bytes]:
+        with self.arrived:
+            return [payload for t, payload, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _data(seq: int, ts_ms: int, values: dict[int, tuple[str, object]]) -> bytes:
+    payload = TahuPayload(timestamp=ts_ms, seq=seq)
+    for alias, (field, value) in values.items():
+        setattr(payload.metrics.add(alias=alias), field, value)
+    return bytes(payload.SerializeToString())
+
+
+def _death(bd_seq: int, ts_ms: int) -> bytes:
+    payload = TahuPayload(timestamp=ts_ms)
+    payload.metrics.add(name="bdSeq", datatype=8, long_value=bd_seq)
+    return bytes(payload.SerializeToString())
+
+
+def test_sparkplug_edge_node_through_the_agent_into_influxdb(
+    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path
+) -> None:
+    agent_id = f"spb-{time.monotonic_ns()}"
+    host_id = f"host-{agent_id}"
+    config = parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
+            "mqtt": {
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "decoder": {"type": "sparkplug_b", "host_id": host_id, "group_ids": [GROUP], "reorder_timeout_s": 0.5},
+            },
+            "storage": {"url": influxdb_v1.url, "v1": {"database": influx_db_name}, "flush_interval_s": 0.2},
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "inference": {"models": []},
+        }
+    )
+    state_topic = f"spBv1.0/STATE/{host_id}"
+    node_state = f"pdm/{agent_id}/sparkplug/{GROUP}/{NODE}"
+    rec = Recorder(
+        mosquitto.host,
+        mosquitto.port,
+        [state_topic, f"spBv1.0/{GROUP}/NCMD/#", f"pdm/{agent_id}/sparkplug/#", f"pdm/{agent_id}/deadletter"],
+    )
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    births = [
+        (
+            f"spBv1.0/{GROUP}/NBIRTH/{NODE}",
+            psp.NBirth(
+                timestamp=t0,
+                seq=0,
+                metrics=(
+                    psp.Metric(timestamp=t0, name="bdSeq", datatype=psp.DataType.UINT64, value=3),
+                    psp.Metric(timestamp=t0, name="Node Control/Rebirth", datatype=psp.DataType.BOOLEAN, value=False),
+                    psp.Metric(timestamp=t0, name="supply_v", datatype=psp.DataType.DOUBLE, value=400.0, alias=1),
+                ),
+            ).encode(),
+        ),
+        (
+            f"spBv1.0/{GROUP}/DBIRTH/{NODE}/{DEVICE}",
+            psp.DBirth(
+                timestamp=t0,
+                seq=1,
+                metrics=(
+                    psp.Metric(timestamp=t0, name="temperature", datatype=psp.DataType.FLOAT, value=60.0, alias=10),
+                    psp.Metric(timestamp=t0, name="rpm", datatype=psp.DataType.INT32, value=1480, alias=11),
+                ),
+            ).encode(),
+        ),
+    ]
+    # Alias-only data, each with per-metric timestamps; one null (nothing stored for it).
+    data = []
+    for i in range(20):
+        ts = t0 + 1000 * (i + 1)
+        values = {10: ("float_value", 60.0 + i), 11: ("int_value", 1480 + i)}
+        payload = TahuPayload(timestamp=ts, seq=i + 2)
+        for alias, (field, value) in values.items():
+            setattr(payload.metrics.add(alias=alias, timestamp=ts), field, value)
+        if i == 5:
+            payload.metrics.add(alias=10, timestamp=ts + 1, is_null=True)
+        data.append((f"spBv1.0/{GROUP}/DDATA/{NODE}/{DEVICE}", bytes(payload.SerializeToString())))
+    dataset = TahuPayload(timestamp=t0 + 30_000, seq=22)
+    dataset.metrics.add(name="recipe", datatype=16).dataset_value.num_of_columns = 1
+    dataset.metrics.add(alias=1, double_value=401.0)
+    data.append((f"spBv1.0/{GROUP}/NDATA/{NODE}", bytes(dataset.SerializeToString())))
+
+    agent = build_agent(config)
+    agent.start()
+    try:
+        assert agent.mqtt.wait_subscribed(20)
+        online = json.loads(rec.wait_for(lambda m: any(t == state_topic for t, _, _ in m))[-1][1])
+        assert online["online"] is True
+
+        publish(mosquitto, births + data)
+        rec.wait_for(lambda m: any(t.endswith("/deadletter") for t, _, _ in m))
+        # A gap (seq 23 .. 29 never arrive): after the reorder timeout, one rebirth request.
+        publish(mosquitto, [(f"spBv1.0/{GROUP}/NDATA/{NODE}", _data(30, t0 + 31_000, {1: ("double_value", 402.0)}))])
+        rec.wait_for(lambda m: any("/NCMD/" in t for t, _, _ in m))
+        # A stale death (an older session's will) changes nothing; the matching one marks the node stale.
+        publish(mosquitto, [(f"spBv1.0/{GROUP}/NDEATH/{NODE}", _death(2, t0 + 32_000))])
+        publish(mosquitto, [(f"spBv1.0/{GROUP}/NDEATH/{NODE}", _death(3, t0 + 33_000))])
+        rec.wait_for(lambda m: any(t == node_state and json.loads(p)["state"] == "stale" for t, p, _ in m))
+
+        # The connection drops without DISCONNECT: the broker publishes the will (offline, same timestamp).
+        sock = agent.mqtt._client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.shutdown(socket.SHUT_RDWR)
+        rec.wait_for(lambda m: any(t == state_topic and not json.loads(p)["online"] for t, p, _ in m))
+        rec.wait_for(lambda m: [json.loads(p)["online"] for t, p, _ in m if t == state_topic][-1] is True)
+        assert agent.writer.flush(30)
+    finally:
+        agent.stop()
+        rec.close()
+
+    states = [json.loads(p) for p in rec.on(state_topic)]
+    will = next(s for s in states if not s["online"])
+    assert will["timestamp"] == online["timestamp"]  # the will of the session that published online
+    assert states[-1]["online"] is False  # the clean stop's offline, retained
+
+    (ncmd,) = rec.on(f"spBv1.0/{GROUP}/NCMD/{NODE}")
+    (metric,) = spb.Payload.FromString(ncmd).metrics
+    assert (metric.name, metric.boolean_value) == (b"Node Control/Rebirth", True)
+
+    dead = [json.loads(p) for p in rec.on(f"pdm/{agent_id}/deadletter")]
+    assert [(d["code"], "'recipe' is a DataSet" in d["reason"]) for d in dead] == [("unsupported", True)]
+
+    node_states = [json.loads(p) for p in rec.on(node_state)]
+    assert [s["state"] for s in node_states] == ["online", "online", "stale"]  # NBIRTH, DBIRTH, NDEATH(3)
+    assert node_states[-1]["devices"] == {DEVICE: "stale"}
+    assert agent.metrics.get("decode.events", event="stale_deaths") == 1
+    assert agent.metrics.get("decode.events", event="rebirths_requested") == 1
+
+    sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
+    counts = {}
+    for machine, field in ((DEVICE, "temperature"), (DEVICE, "rpm"), (NODE, "supply_v")):
+        rows = sink.query(
+            f'SELECT count("{field}") FROM "reading" WHERE "machine" = \'{machine}\' '
+            f"AND \"group\" = '{GROUP}' AND \"node\" = '{NODE}'"
+        )
+        counts[field] = rows[0]["values"][0][1] if rows else 0
+    # One value per metric value published: births 1 + 20 data (the null stores nothing); supply_v:
+    # birth, the DataSet message's other metric, and the message after the gap.
+    assert counts == {"temperature": 21, "rpm": 21, "supply_v": 3}
