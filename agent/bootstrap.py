@@ -34,7 +34,7 @@ from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import BaselineStore
 from agent.config import Config
-from agent.decode.base import Counted, DecodeLimits, Decoder, DecoderContext, HasPresence
+from agent.decode.base import Counted, DecodeLimits, Decoder, DecoderContext, HasPresence, Liveness
 from agent.decode.fieldkeys import FieldKeys
 from agent.decode.registry import build_decoder as registered_decoder
 from agent.decode.topic import TopicTemplate
@@ -48,7 +48,7 @@ from agent.ingest.mqtt import MqttConnection
 from agent.ingest.outbound import Outbound
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
-from agent.records import Message, Reading, SampleBlock, Window
+from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.agent import Agent
 from agent.runtime.alerting import AlertOutput
 from agent.runtime.batch import BatchScorer
@@ -214,8 +214,10 @@ def build_scoring(
     state_store: AlertStateStore | None = None,
     adaptation: tuple[AdapterStore | None, AutoAdapter | None] = (None, None),
     clock_ns: Callable[[], int] = time.time_ns,
+    offline: Callable[[Source], bool] | None = None,
 ) -> ScoringWorker:
-    """The scoring worker as the agent runs it; ``engine``, ``clock_ns`` and the I/O may be replaced."""
+    """The scoring worker as the agent runs it; ``engine``, ``clock_ns`` and the I/O may be replaced.
+    ``offline``: the decoder's word that a source went offline (``agent.decode.base.Liveness``)."""
     adapters, auto_adapter = adaptation
     scorer = BatchScorer(
         metrics,
@@ -227,7 +229,12 @@ def build_scoring(
     commands_config = config.alerts.commands
     alerts = AlertOutput(
         engine=engine
-        or AlertEngine(config.alerts.rulebook(), metrics=metrics, silence_limits=commands_config.silence_limits()),
+        or AlertEngine(
+            config.alerts.rulebook(),
+            metrics=metrics,
+            silence_limits=commands_config.silence_limits(),
+            offline=offline,
+        ),
         broker=broker,
         topics=Topics(config.agent.id, config.mqtt.base_topic),
         metrics=metrics,
@@ -425,6 +432,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         store_raw=ingest.store_raw,
         state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
         adaptation=adaptation,
+        offline=decoder.offline if isinstance(decoder, Liveness) else None,
     )
     router = stages.models.router
     health = build_health_server(

@@ -250,7 +250,13 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("adapters.training_failures", "Automatic adapter trainings that failed, by model.", "model"),
     # alerts and operator commands
     _counter("alerts.decided", "Alert engine decisions, by state (new, update, clear) and reason.", "state", "reason"),
-    _counter("alerts.suppressed", "Alerts held back, by reason (cooldown, flapping) and type.", "reason", "alert_type"),
+    _counter(
+        "alerts.suppressed",
+        "Alerts held back, by reason (cooldown, flapping, source_offline: a no_data of a source its "
+        "publisher declared offline, e.g. a Sparkplug death) and type.",
+        "reason",
+        "alert_type",
+    ),
     _counter("alerts.published", "Alert events published, by state.", "state"),
     _counter("alerts.silenced", "Alert events not published because their machine is silenced, by state.", "state"),
     _counter("alerts.unexplained", "Anomalous windows without top features (explaining failed), by model.", "model"),

@@ -162,8 +162,12 @@ class AlertEngine:
         new_event_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         metrics: Metrics | None = None,
         silence_limits: SilenceLimits = SilenceLimits(),
+        offline: Callable[[Source], bool] | None = None,
     ) -> None:
         self._rules = rules
+        self._offline = offline
+        """Whether the publisher's protocol declared a source offline (a Sparkplug NDEATH or DDEATH; called
+        from this engine's thread, must not block): its silence is then known and no ``no_data`` opens."""
         self._new_event_id = new_event_id
         self._metrics = metrics or Metrics()
         self._silence_limits = silence_limits
@@ -228,6 +232,12 @@ class AlertEngine:
         score = track.last_score
         silent_s = (now_ns - track.last_seen_ns) / NS_PER_S
         if score is None or not rule.no_data_after_s or silent_s < rule.no_data_after_s:
+            return None
+        if self._offline is not None and self._offline(key[0]):
+            # Not a dropout: the source's publisher said it went offline (its state shows it), so an alert
+            # would be false. Once per silence, like the event; the next window re-arms.
+            self._metrics.inc("alerts.suppressed", reason="source_offline", alert_type=NO_DATA)
+            track.last_score = None
             return None
         gap_key = (key[0], NO_DATA)
         gap_rule = self._rules.rule(NO_DATA)

@@ -15,7 +15,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 from agent.decode.errors import DecodeError
 from agent.decode.fieldkeys import FieldKeys
 from agent.decode.topic import TopicTemplate
-from agent.records import NS_PER_S, Decoded, Message
+from agent.records import NS_PER_S, Decoded, Message, Source
 
 _Y2000_NS: Final = 946_684_800 * NS_PER_S
 
@@ -124,3 +124,11 @@ class Counted(Protocol):
 
     @property
     def counts(self) -> Mapping[str, int]: ...
+
+
+@runtime_checkable
+class Liveness(Protocol):
+    """A decoder whose protocol says when a source goes offline (Sparkplug deaths). ``offline`` is called
+    from the scoring thread (the alert engine), so it only reads state the ingest thread replaces whole."""
+
+    def offline(self, source: Source) -> bool: ...

@@ -194,6 +194,19 @@ class SparkplugBDecoder:
         birth = topic.kind in ("NBIRTH", "DBIRTH")
         return self._readings(message, topic, node, payload, birth, now)
 
+    def offline(self, source: Source) -> bool:
+        """Whether ``source``'s edge node or device is dead since its last birth (``Liveness``)."""
+        try:
+            group, node_id, machine = source.tag("group"), source.tag("node"), source.machine
+        except KeyError:
+            return False
+        node = self._nodes.get((group, node_id))
+        if node is None:
+            return False
+        if not node.born:
+            return True
+        return machine != node_id and node.devices.get(machine) is False
+
     # --- the Outbox protocol ---------------------------------------------------------------------------
 
     def outbox(self, now_ns: int) -> tuple[list[Publish], list[Rejection]]:

@@ -15,12 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pysparkplug._protobuf import Payload as TahuPayload
 
+from agent.alerts.engine import AlertEngine
+from agent.alerts.rules import AlertRule, RuleBook
 from agent.decode import sparkplug_proto as spb
 from agent.decode.base import DecodeLimits, DecoderContext, Outbox
 from agent.decode.errors import CODES, DecodeError
 from agent.decode.sparkplug_b import NS_PER_MS, REBIRTH_METRIC, SparkplugBDecoder, StatePayload
 from agent.decode.topic import TopicTemplate
-from agent.records import NS_PER_S, Message, Reading
+from agent.metrics import Metrics
+from agent.records import NS_PER_S, Message, Reading, Source
+from tests.unit.test_alert_engine import Clock
 
 T0_MS = 1_764_000_000_000  # 2025-11-24
 T0_NS = T0_MS * NS_PER_MS
@@ -312,3 +316,21 @@ def test_mutated_valid_payloads_never_crash_the_decoder() -> None:
         for _ in range(rng.randint(1, 4)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         _feed(d, topics[i], bytes(data))
+
+
+def test_a_dead_node_opens_no_no_data_alert_and_a_silent_live_one_does() -> None:
+    d = born()
+    metrics = Metrics()
+    rules = RuleBook(AlertRule(raise_n=2, raise_m=3, clear_after=3, cooldown_s=0, renotify_s=0, no_data_after_s=30))
+    dead = Source.of(group="plant1", node="gw1", machine="press-7", sensor="process")
+    alive = Source.of(group="plant1", node="gw2", machine="lathe-2", sensor="process")
+    clock = Clock(AlertEngine(rules, metrics=metrics, offline=d.offline))
+    clock.feed([0.1] * 5, source=dead)
+    clock.feed([0.1] * 5, source=alive)
+    d.decode(msg("spBv1.0/plant1/DDEATH/gw1/press-7", psp.DDeath(timestamp=T0_MS, seq=2).encode()))
+    assert d.offline(dead) and not d.offline(alive)
+    gaps = clock.wait(60)
+    assert [(a.alert_type, a.source.machine) for a in gaps] == [("no_data", "lathe-2")]
+    assert metrics.get("alerts.suppressed", reason="source_offline", alert_type="no_data") == 1
+    d.decode(msg("spBv1.0/plant1/DBIRTH/gw1/press-7", dbirth(seq=3)))  # born again: watched again
+    assert not d.offline(dead)
