@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh Debian machine: the services the demo and the tests start (Mosquitto,
-# InfluxDB 1.x, VictoriaMetrics for the v2 write path) and a virtualenv with the package.
+# InfluxDB 1.x, VictoriaMetrics for the v2 write path), systemd-analyze for the unit's test, and a
+# virtualenv with the package.
 # Idempotent: what is already there is not installed again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,8 @@ missing=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto mosquitto-clients)
 command -v influxd >/dev/null 2>&1 || missing+=(influxdb)
 command -v victoria-metrics >/dev/null 2>&1 || missing+=(victoria-metrics)
+# systemd-analyze checks the service unit in deploy/systemd (tests/integration/test_deploy_service.py).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian packages: ${missing[*]}"
