@@ -111,7 +111,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _gauge(
         "decode.events",
         "Protocol events a stateful decoder counted since start (Sparkplug B: births, node_deaths, "
-        "device_deaths, stale_deaths, seq_gaps, seq_late, rebirths_requested, nulls, transient, metrics_rejected).",
+        "device_deaths, stale_deaths, seq_gaps, seq_late, rebirths_requested, nulls, transient, metrics_rejected, "
+        "state_restored).",
         "event",
     ),
     # spool

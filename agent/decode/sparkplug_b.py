@@ -61,6 +61,7 @@ EVENTS: Final = (
     "nulls",
     "transient",
     "metrics_rejected",
+    "state_restored",
 )
 """The protocol events counted (``decode.events{event}``)."""
 _MESSAGE_TYPES: Final = frozenset({"NBIRTH", "NDATA", "NDEATH", "DBIRTH", "DDATA", "DDEATH", "NCMD", "DCMD"})
@@ -137,8 +138,10 @@ class SparkplugBDecoder:
         self._base = context.outbound_base
         self._timeout_ns = round(self._options.reorder_timeout_s * NS_PER_S)
         groups = self._options.group_ids
+        self._state_topic = f"{NAMESPACE}/STATE/{self._options.host_id}"
+        self._state_payload = StatePayload()
         self._subscriptions = context.subscriptions or (
-            tuple(f"{NAMESPACE}/{g}/#" for g in groups) if groups else (f"{NAMESPACE}/#",)
+            (*(f"{NAMESPACE}/{g}/#" for g in groups), self._state_topic) if groups else (f"{NAMESPACE}/#",)
         )
         self._nodes: dict[tuple[str, str], _Node] = defaultdict(_Node)
         self._publish: list[Publish] = []
@@ -156,9 +159,12 @@ class SparkplugBDecoder:
         return self._subscriptions
 
     def presence(self) -> Presence:
-        return Presence(f"{NAMESPACE}/STATE/{self._options.host_id}", StatePayload())
+        return Presence(self._state_topic, self._state_payload)
 
     def decode(self, message: Message) -> list[Decoded]:
+        if message.topic == self._state_topic:
+            self._own_state(message.payload)
+            return []
         topic = _parse_topic(message.topic)
         if topic is None:
             return []  # STATE of a host, or a command: not input
@@ -252,6 +258,21 @@ class SparkplugBDecoder:
             node.devices[device] = False
         node.state_changed = True
         self._counts["node_deaths"] += 1
+
+    def _own_state(self, raw: bytes) -> None:
+        """An offline STATE of this host that is not the will of the current connection (an older session's,
+        delivered late): edge nodes would take the host for gone, so online is published again (spec)."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return  # not ours to judge: someone else's payload on our topic is overwritten below anyway
+        if isinstance(body, dict) and body.get("online") is True:
+            return
+        stamp = body.get("timestamp") if isinstance(body, dict) else None
+        if stamp is not None and stamp == self._state_payload.will_ms:
+            return  # this connection's own offline (a clean stop)
+        self._counts["state_restored"] += 1
+        self._publish.append(Publish(self._state_topic, self._state_payload("online"), qos=1, retain=True))
 
     def _check_seq(self, node: _Node, payload: Any, now_ns: int) -> None:
         """Track ``seq`` (0-255, wrapping): a late message fills its gap; a gap still open after
@@ -458,6 +479,11 @@ class StatePayload:
     def __init__(self, clock_ms: Callable[[], int] | None = None) -> None:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // NS_PER_MS)
         self._will_ms: int | None = None
+
+    @property
+    def will_ms(self) -> int | None:
+        """The timestamp of the latest will (and of the online message that follows it)."""
+        return self._will_ms
 
     def __call__(self, state: Literal["online", "offline"]) -> bytes:
         if state == "offline":

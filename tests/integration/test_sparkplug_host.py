@@ -193,6 +193,8 @@ def test_sparkplug_edge_node_through_the_agent_into_influxdb(
     assert node_states[-1]["devices"] == {DEVICE: "stale"}
     assert agent.metrics.get("decode.events", event="stale_deaths") == 1
     assert agent.metrics.get("decode.events", event="rebirths_requested") == 1
+    # The will reached the agent's own persistent session after the reconnect: online again at once.
+    assert agent.metrics.get("decode.events", event="state_restored") >= 1
 
     sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
     counts = {}

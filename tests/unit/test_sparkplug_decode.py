@@ -271,7 +271,7 @@ def test_topics_of_other_groups_and_wrong_shapes_are_rejected_and_state_and_comm
         assert info.value.code == "topic", topic
     assert d.decode(msg("spBv1.0/STATE/pdm-host", b'{"online":true}')) == []
     assert d.decode(msg("spBv1.0/plant1/NCMD/gw1", b"")) == []
-    assert d.subscriptions() == ("spBv1.0/plant1/#",)
+    assert d.subscriptions() == ("spBv1.0/plant1/#", "spBv1.0/STATE/pdm-host")
     assert isinstance(d, Outbox)
 
 
@@ -334,3 +334,19 @@ def test_a_dead_node_opens_no_no_data_alert_and_a_silent_live_one_does() -> None
     assert metrics.get("alerts.suppressed", reason="source_offline", alert_type="no_data") == 1
     d.decode(msg("spBv1.0/plant1/DBIRTH/gw1/press-7", dbirth(seq=3)))  # born again: watched again
     assert not d.offline(dead)
+
+
+def test_an_older_sessions_offline_state_is_answered_with_online_and_the_own_clean_stop_is_not() -> None:
+    d = decoder()
+    presence = d.presence()
+    presence.payload("offline")  # this connection's will
+    online = json.loads(presence.payload("online"))
+    state = "spBv1.0/STATE/pdm-host"
+    assert state in d.subscriptions()
+    older = json.dumps({"online": False, "timestamp": online["timestamp"] - 5000}).encode()
+    assert d.decode(msg(state, older)) == []
+    (republished,) = d.outbox(T0_NS)[0]
+    assert (republished.topic, republished.retain, json.loads(republished.payload)) == (state, True, online)
+    own_stop = presence.payload("offline")
+    d.decode(msg(state, own_stop))
+    assert d.outbox(T0_NS) == ([], [])
