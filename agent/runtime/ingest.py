@@ -15,6 +15,7 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder, Outbox
 from agent.decode.errors import DecodeError
 from agent.features.windows import Windower
+from agent.logs import RateLimitedLog
 from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
 from agent.runtime.defect import ShaftSpeeds
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 APPEND_RETRY_MAX_S = 2.0
 """Longest wait between spool append attempts (a refused append of a full spool costs a page count)."""
+REJECTED_LOG_LINES = 10
+REJECTED_LOG_INTERVAL_S = 60.0
+"""Rejected messages logged one by one (WARNING) per interval; the rest of the interval's rejections are
+summarised in one line at its end (each is still counted in ``decode.errors`` and on the dead-letter topic)."""
 
 
 def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[Window | Reading]:
@@ -89,6 +94,7 @@ class IngestWorker(Worker):
         self._handoff_lock = threading.Lock()
         self._closed = False  # after finish: what other threads hand over goes to the spool directly
         self._append_failing_since: float | None = None  # logged once per failing period (a full disk)
+        self._rejected_log = RateLimitedLog(logger, "rejected message(s)", REJECTED_LOG_LINES, REJECTED_LOG_INTERVAL_S)
 
     def store_raw(self, spool_ids: Sequence[int]) -> None:
         """Held blocks an alert released (called from the scoring thread; spooled with the next batch).
@@ -120,11 +126,13 @@ class IngestWorker(Worker):
         if batch or self._raw_released or self._produced:
             self.process(batch)
         self.talk_back()
+        self._rejected_log.flush()
 
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
             self.process(batch)
         self.talk_back()
+        self._rejected_log.flush(force=True)
         with self._handoff_lock:
             self._closed = True
         if self._raw_released or self._produced:
@@ -283,8 +291,8 @@ class IngestWorker(Worker):
 
     def _report(self, topic: str, exc: DecodeError, payload: bytes) -> None:
         """Count a rejected message and report it: through ``dead_letters`` (one by one within its rate, else
-        in a summary; only those are logged one by one, a flood is logged once per summary), or without it
-        (tests) as a dead letter on the broker."""
+        in a summary that the outbound side logs), or without it (tests) as a dead letter on the broker. Those
+        reported one by one are logged one by one up to ``REJECTED_LOG_LINES`` per interval, then summarised."""
         self._metrics.inc("decode.errors", reason=exc.code)
         if self._dead_letters is None:
             body = self._topics.deadletter_payload(topic, exc.code, exc.detail, payload)
@@ -292,13 +300,10 @@ class IngestWorker(Worker):
             one_by_one = True
         else:
             one_by_one = self._dead_letters.dead_letter(topic, exc.code, exc.detail, payload)
-        logger.log(
-            logging.WARNING if one_by_one else logging.DEBUG,
-            "rejected message on %s: %s (%s)",
-            topic,
-            exc.detail,
-            exc.code,
-        )
+        if one_by_one:
+            self._rejected_log.warning(exc.code, "rejected message on %s: %s (%s)", topic, exc.detail, exc.code)
+        else:
+            logger.debug("rejected message on %s: %s (%s)", topic, exc.detail, exc.code)
 
     def _put(self, item: Window | Reading, wait_s: float) -> float:
         """Queue an item for scoring; returns how long the next put of this batch may wait."""
