@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError as ProtobufError
 
 from agent.decode import sparkplug_proto as spb
 from agent.decode.base import DecoderContext, Presence, Publish, Rejection
-from agent.decode.errors import DecodeError, quote
+from agent.decode.errors import DecodeError, DecodeErrorCode, quote
 from agent.decode.json_v1 import _check_name
 from agent.records import NS_PER_S, Decoded, Message, Reading, Source
 
@@ -112,6 +112,7 @@ class _Node:
     expected_seq: int | None = None
     aliases: dict[int, tuple[str, int]] = field(default_factory=dict)  # alias -> (name, datatype)
     datatypes: dict[str, int] = field(default_factory=dict)  # name -> datatype (node and device metrics)
+    names_ok: set[str] = field(default_factory=set)  # names of births found storable (checked once)
     devices: dict[str, bool] = field(default_factory=dict)  # device id -> online
     missing: set[int] = field(default_factory=set)  # seqs skipped, waiting for reorder_timeout_s
     rebirth_due_ns: int | None = None  # when a rebirth is requested unless the problem resolves
@@ -237,6 +238,7 @@ class SparkplugBDecoder:
         node.bd_seq = bd_seq
         node.aliases.clear()
         node.datatypes.clear()
+        node.names_ok.clear()
         node.devices.clear()  # an NBIRTH means the devices are born again too
         node.missing.clear()
         node.rebirth_due_ns = None
@@ -343,9 +345,11 @@ class SparkplugBDecoder:
             (("group", topic.group), ("node", topic.node), ("machine", machine), ("sensor", self._options.sensor))
         )
         default_ns = payload.timestamp * NS_PER_MS if payload.HasField("timestamp") else message.received_ns
+        earliest = self._limits.min_time_ns
+        latest = message.received_ns + round(self._limits.max_future_s * NS_PER_S)
         by_time: dict[int, dict[str, float]] = defaultdict(dict)
         problems: list[str] = []
-        code: Literal["unsupported", "alias", "value", "timestamp", "name"] | None = None
+        code: DecodeErrorCode | None = None
         for metric in payload.metrics:
             try:
                 resolved = self._metric(metric, node, birth, now)
@@ -353,9 +357,11 @@ class SparkplugBDecoder:
                     continue
                 name, value = resolved
                 time_ns = metric.timestamp * NS_PER_MS if metric.HasField("timestamp") else default_ns
-                self._check_time(time_ns, message.received_ns, name)
+                if not earliest <= time_ns <= latest:
+                    when = "before 2000" if time_ns < earliest else "in the future"
+                    raise DecodeError("timestamp", f"metric {quote(name)} has a timestamp {when}")
             except DecodeError as exc:
-                code = code or exc.code  # type: ignore[assignment]
+                code = code or exc.code
                 problems.append(exc.detail)
                 continue
             by_time[time_ns][name] = value
@@ -365,7 +371,7 @@ class SparkplugBDecoder:
                 try:
                     self._field_keys.admit(machine, fields)
                 except DecodeError as exc:
-                    code = code or exc.code  # type: ignore[assignment]
+                    code = code or exc.code
                     problems.append(exc.detail)
                     continue
             readings.append(Reading(source, time_ns, fields))
@@ -379,11 +385,12 @@ class SparkplugBDecoder:
     def _metric(self, metric: Any, node: _Node, birth: bool, now: int) -> tuple[str, float] | None:
         """The (field name, value) of one metric; None when it holds nothing to store (a protocol metric,
         ``is_null``, ``is_transient``); ``DecodeError`` when it cannot be stored."""
-        if metric.HasField("name"):
+        raw_name = metric.name
+        if raw_name:
             try:
-                name = metric.name.decode("utf-8")
+                name = raw_name.decode("utf-8")
             except UnicodeDecodeError:
-                raise DecodeError("name", f"a metric name is not UTF-8: {quote(metric.name)}") from None
+                raise DecodeError("name", f"a metric name is not UTF-8: {quote(raw_name)}") from None
             datatype = metric.datatype if metric.HasField("datatype") else node.datatypes.get(name, 0)
             if birth:
                 node.datatypes[name] = datatype
@@ -399,24 +406,30 @@ class SparkplugBDecoder:
                 datatype = metric.datatype
         else:
             raise DecodeError("shape", "a metric with neither name nor alias")
-        if name == _BDSEQ or name.startswith(_CONTROL_PREFIXES):
-            return None
         if metric.is_null:
-            self._counts["nulls"] += 1
-            return None
-        if metric.is_transient:
-            self._counts["transient"] += 1
+            if name != _BDSEQ and not name.startswith(_CONTROL_PREFIXES):
+                self._counts["nulls"] += 1
             return None
         spec = _NUMERIC.get(datatype)
-        if spec is None:
-            kind = spb.DATATYPE_NAMES.get(datatype, f"datatype {datatype}")
-            raise DecodeError("unsupported", f"metric {quote(name)} is a {kind}; only numbers and booleans are stored")
+        if spec is None or metric.is_transient or name not in node.names_ok:
+            if name == _BDSEQ or name.startswith(_CONTROL_PREFIXES):
+                return None
+            if metric.is_transient:
+                self._counts["transient"] += 1
+                return None
+            if spec is None:
+                kind = spb.DATATYPE_NAMES.get(datatype, f"datatype {datatype}")
+                raise DecodeError(
+                    "unsupported", f"metric {quote(name)} is a {kind}; only numbers and booleans are stored"
+                )
+            _check_name(name, "metric name")
+            if birth:  # remembered until the next NBIRTH, so bounded by what births declare
+                node.names_ok.add(name)
         which, bits = spec
         present = metric.WhichOneof("value")
         if present != which:
             got = present or "no value"
             raise DecodeError("value", f"metric {quote(name)} ({spb.DATATYPE_NAMES[datatype]}) carries {got}")
-        _check_name(name, "metric name")
         raw = getattr(metric, which)
         if bits:
             raw &= (1 << bits) - 1
@@ -426,12 +439,6 @@ class SparkplugBDecoder:
         if not math.isfinite(value):
             raise DecodeError("value", f"metric {quote(name)} is {value}; values must be finite")
         return name, value
-
-    def _check_time(self, time_ns: int, received_ns: int, name: str) -> None:
-        if time_ns < self._limits.min_time_ns:
-            raise DecodeError("timestamp", f"metric {quote(name)} has timestamp {time_ns // NS_PER_MS} ms, before 2000")
-        if time_ns - received_ns > self._limits.max_future_s * NS_PER_S:
-            raise DecodeError("timestamp", f"metric {quote(name)} has a timestamp in the future")
 
 
 def _bd_seq(payload: Any) -> int | None:
