@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from agent.config import parse_config
+from agent.config.mqtt import DecoderSection
+from agent.decode import sparkplug_proto
 from agent.decode.base import DecodeLimits, DecoderContext
 from agent.decode.errors import CODES, DecodeError
 from agent.decode.registry import DECODERS, build_decoder
@@ -37,15 +39,27 @@ SOURCE = Source.of(site="s1", line="l1", machine="m01", sensor="x")
 
 # --- decoders -------------------------------------------------------------------------------------------
 
+
 # A valid message of each decoder's format, and what it decodes to.
+def _sparkplug_birth() -> bytes:
+    payload = sparkplug_proto.Payload(timestamp=T0 // 1_000_000, seq=0)
+    payload.metrics.add(name=b"bdSeq", datatype=sparkplug_proto.UINT64, long_value=0)
+    payload.metrics.add(name=b"temperature", alias=1, datatype=sparkplug_proto.DOUBLE, double_value=61.5)
+    return bytes(payload.SerializeToString())
+
+
 DECODER_EXAMPLES: dict[str, tuple[Message, int]] = {
     "json_v1": (Message("factory/s1/l1/m01/process", b'{"v":1,"ts":1790000000,"value":1.5}', 1, 1, T0), 1),
+    "sparkplug_b": (Message("spBv1.0/g1/NBIRTH/m01", _sparkplug_birth(), 0, 1, T0), 1),
 }
+# The decoder's section of the config (mqtt.decoder), for the decoders that read more than its type.
+DECODER_OPTIONS = {"sparkplug_b": DecoderSection(type="sparkplug_b", host_id="contract-host")}
 GARBAGE = [b"", b"\xff\xfe", b"{", b"[]", b"null", b"\x00" * 64, b'{"v":99}', b"1e999", b"A" * 2_000_000]
 
 
 def _decoder(kind: str):  # type: ignore[no-untyped-def]
-    return build_decoder(kind, DecoderContext(TEMPLATE, DecodeLimits(max_payload_bytes=1_048_576)))
+    limits = DecodeLimits(max_payload_bytes=1_048_576)
+    return build_decoder(kind, DecoderContext(TEMPLATE, limits, options=DECODER_OPTIONS.get(kind)))
 
 
 def test_every_decoder_has_an_example() -> None:
@@ -228,7 +242,9 @@ def test_the_anomaly_model_declares_its_abilities_and_they_work() -> None:
 
 @pytest.mark.parametrize("kind", sorted(DECODERS))
 def test_the_config_accepts_every_registered_decoder_type(kind: str) -> None:
-    assert parse_config({"mqtt": {"decoder": {"type": kind}}}, environ={}).mqtt.decoder.type == kind
+    options = DECODER_OPTIONS[kind].model_dump(exclude_defaults=True) if kind in DECODER_OPTIONS else {}
+    section = {**options, "type": kind}
+    assert parse_config({"mqtt": {"decoder": section}}, environ={}).mqtt.decoder.type == kind
 
 
 @pytest.mark.parametrize("kind", sorted(SINKS))

@@ -17,6 +17,8 @@ from pysparkplug._protobuf import Payload as TahuPayload
 
 from agent.alerts.engine import AlertEngine
 from agent.alerts.rules import AlertRule, RuleBook
+from agent.config import parse_config
+from agent.config.errors import ConfigError
 from agent.decode import sparkplug_proto as spb
 from agent.decode.base import DecodeLimits, DecoderContext, Outbox
 from agent.decode.errors import CODES, DecodeError
@@ -350,3 +352,12 @@ def test_an_older_sessions_offline_state_is_answered_with_online_and_the_own_cle
     own_stop = presence.payload("offline")
     d.decode(msg(state, own_stop))
     assert d.outbox(T0_NS) == ([], [])
+
+
+def test_the_config_refuses_sparkplug_without_host_id_and_group_ids_with_wildcards_by_key_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mqtt": {"decoder": {"type": "sparkplug_b", "group_ids": ["plant/1", "+"]}}}, environ={})
+    text = str(info.value)
+    assert "mqtt.decoder.host_id" in text and "mqtt.decoder.group_ids" in text
+    config = parse_config({"mqtt": {"decoder": {"type": "sparkplug_b", "host_id": "h"}}}, environ={})
+    assert config.mqtt.decoder.reorder_timeout_s == 2.0
