@@ -58,12 +58,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str | int, log_format: LogFormat = "text", process: str | None = None) -> None:
-    """Log to stderr at ``level`` in ``log_format``; ``process`` names a child process in every line.
+def setup_logging(level: str | int, log_format: str = "text", process: str | None = None) -> None:
+    """Log to stderr at ``level`` in ``log_format`` (one of ``LOG_FORMATS``); ``process`` names a child process
+    in every line.
 
     Like ``logging.basicConfig``, a no-op when the root logger already has handlers (a second command in the
     same interpreter, pytest's capture): the first configuration wins.
     """
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter(process))

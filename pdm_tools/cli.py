@@ -14,7 +14,8 @@ from collections.abc import Callable
 from importlib import metadata
 from types import ModuleType
 
-SetupLogging = Callable[[str], None]
+SetupLogging = Callable[[str, str], None]
+"""The runtime's log set-up: (level, format), from ``--log-level`` and ``--log-format`` or the command's default."""
 
 _SIMULATE = (
     "run the factory gateway simulator",
@@ -91,7 +92,7 @@ def _add_commands(
 ) -> None:
     def command(main: Callable[[argparse.Namespace], int], level: str) -> Callable[[argparse.Namespace], int]:
         def run(args: argparse.Namespace) -> int:
-            setup_logging(args.log_level or level)
+            setup_logging(args.log_level or level, args.log_format or "text")
             return main(args)
 
         return run

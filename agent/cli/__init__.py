@@ -14,6 +14,7 @@ from agent.cli import adapt as adapt_cli
 from agent.cli import config as config_cli
 from agent.cli import init as init_cli
 from agent.config import ConfigError, load_config
+from agent.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 PLUGIN_GROUP = "pdm_agent.commands"
 
@@ -22,12 +23,8 @@ DEFAULT_CONFIG = Path("config/agent.yaml")
 logger = logging.getLogger("agent")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(threadName)-10s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    setup_logging(level, log_format)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,7 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         config_cli.print_config_error(args.config, exc)
         return 1
-    _setup_logging(args.log_level or config.agent.log_level)
+    _setup_logging(args.log_level or config.agent.log_level, args.log_format or config.agent.log_format)
     try:
         agent = build_agent(config)
     except Exception as exc:
@@ -55,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "anomaly models, MQTT alerts.",
     )
     parser.add_argument("--version", action="version", version=f"pdm-agent {__version__}")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override the log level")
+    _add_log_options(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -71,7 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
     init_cli.add_parser(sub)
     adapt_cli.add_parser(sub)
     _add_plugin_commands(sub)
+    _add_log_options_to_subcommands(parser)
     return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default, help="override the log level")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default,
+        help="text (for people) or json (one object per line, for log shippers); default agent.log_format, else text",
+    )
+
+
+def _add_log_options_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format`` after the subcommand too (``pdm-agent run --log-format json``).
+
+    Their default there is SUPPRESS: argparse lets a subcommand's default overwrite what was given before
+    the subcommand, so only a value given after it may.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share one parser
+                _add_log_options(sub, default=argparse.SUPPRESS)
+                _add_log_options_to_subcommands(sub)
 
 
 def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:

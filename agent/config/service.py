@@ -22,6 +22,11 @@ class AgentSection(Section):
     log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], EnvChoice] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR."
     )
+    log_format: Annotated[Literal["text", "json"], EnvChoice] = Field(
+        "text",
+        description="text (for people) or json (one object per line: time, level, logger, thread, msg, exc; for "
+        "log shippers). The --log-format option overrides it.",
+    )
     heartbeat_s: float = Field(
         10.0,
         gt=0,

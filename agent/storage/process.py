@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from agent.logs import current_format, setup_logging
 from agent.metrics import Metrics
 from agent.spool.sqlite import SinkCursor, Spool
 from agent.storage.base import Sink
@@ -97,11 +98,12 @@ def _child_main(
     settings: WriterSettings,
     dead_letter_max_rows: int,
     log_level: int,
+    log_format: str = "text",
 ) -> None:
     """The writer process: one ``SinkWriter`` on its own cursor, commands and metrics over ``conn``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its writer stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [writer {sink_name}] %(name)s: %(message)s")
+    setup_logging(log_level, log_format, process=f"writer {sink_name}")  # like the agent's own lines
     relay = RelayMetrics()
     cursor = SinkCursor(spool_path, sink_name, dead_letter_max_rows)
     sink = make_sink()
@@ -177,6 +179,7 @@ class WriterProcess:
                 self.settings,
                 self.spool.dead_letter_max_rows,
                 logging.getLogger().getEffectiveLevel(),
+                current_format(),
             ),
             name=f"pdm-writer-{self.sink_name}",
             daemon=True,
