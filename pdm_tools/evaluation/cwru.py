@@ -3,20 +3,30 @@ drive-end vibration, with the agent's own bearing features (``agent.features.bea
 statistics, band power shares, envelope-spectrum peaks at the bearing frequencies × shaft speed) and its
 MLP classifier, exported to ONNX and quantized to INT8 exactly as the shipped model is.
 
-Protocols:
+Protocols (the leakage-free ones first):
 
+  cross-bearing leave one physical damaged bearing out (fault kind, defect diameter, outer-race position:
+                15 specimens on CWRU): train on every other bearing at all loads, test on all windows of
+                this one, so no window of a test bearing is in training; healthy parts rotate as for
+                cross-load. Per bearing: the share of its windows given its true class, and how far its
+                envelope-spectrum evidence at its own characteristic frequency stands above the healthy
+                windows' (``envelope_visible``): a bearing whose defect leaves no mark there can only be
+                recognised by what is specific to that rig. Pooled macro-F1 over all held-out windows.
+  cross-size    leave one defect diameter out: train on the other diameters at all loads, test on this
+                one (new damaged bearings); healthy parts rotate as for cross-load. FP32.
   cross-load    train on two motor loads, test on the third, for each of the three rotations. Healthy
                 data exist at load 0 only (Normal_0, 5 s): it is split by time into three disjoint parts,
                 part k standing in for load k, so healthy windows are in every training fold and never
                 shared between train and test. Also reported for the three fault classes alone.
+                Easy on CWRU: the same damaged bearings were recorded at every load.
   random split  non-overlapping windows of every recording, 70 % train / 30 % test at random
                 (stratified by class): windows of one recording are on both sides, as in the published
-                results (96.5-100 % accuracy), so it is optimistic. Cross-load is the honest measure.
-  cross-size    (not in the issue, reported because cross-load is easy on CWRU: the same damaged
-                bearings were recorded at every load) leave one defect diameter out: train on the other
-                diameters at all loads, test on this one; healthy parts rotate as above. FP32 only.
+                results (96.5-100 % accuracy), so it is optimistic.
   quantized     each four-class model also as static INT8 (QDQ, calibrated on its training rows),
                 with accuracy, macro-F1 and label agreement against its FP32 parent.
+
+Ablation (--ablation): cross-size again with groups of feature columns left out, to show which
+features carry the figure.
 
 Data: --data DIR (the folder with index.json), default $PDM_DATASETS/cwru or ../shared/datasets/cwru.
 Windows are 4096 samples (0.34 s at 12 kHz), hop 2048 for training and cross-load test windows.
@@ -33,13 +43,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from agent.features.bearing import BearingFeatureSpec
+from agent.features.bearing import TIME_STATS, BearingFeatureSpec
 from pdm_tools.datasets.cwru import (
     CLASS_NAMES,
     FAULT_CLASSES,
@@ -84,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"training seed (default {DEFAULT_SEED})")
     parser.add_argument("--no-quantize", action="store_true", help="skip the INT8 models (faster)")
+    parser.add_argument(
+        "--ablation", action="store_true", help="also cross-size with each feature group alone / left out (slower)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -93,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         # One BLAS thread: tiny matrices, and BLAS threads waiting for each other on a busy box cost 5x.
         with threadpool_limits(limits=1, user_api="blas"):
-            result = evaluate(Path(data_dir), seed=args.seed, quantized=not args.no_quantize)
+            result = evaluate(Path(data_dir), seed=args.seed, quantized=not args.no_quantize, ablation=args.ablation)
     except DatasetError as exc:
         print(f"cwru: {exc}", file=sys.stderr)
         return 2
@@ -110,8 +124,12 @@ def evaluate(
     seed: int = DEFAULT_SEED,
     config: MlpConfig | None = None,
     quantized: bool = True,
+    ablation: bool = False,
 ) -> dict[str, Any]:
-    """Run all protocols on the recordings in ``data_dir``; the result is JSON-ready."""
+    """Run all protocols on the recordings in ``data_dir``; the result is JSON-ready.
+
+    ``ablation``: also run cross-size with each group of feature columns left out (``ABLATION_GROUPS``).
+    """
     spec = spec or BearingFeatureSpec()
     config = config or MlpConfig()
     t0 = time.perf_counter()
@@ -124,6 +142,10 @@ def evaluate(
     normal_train = {load: featurize(spec, r, s, NORMAL_TRAIN_HOP) for load, (r, s) in normal_by_load.items()}
     normal_test = {load: featurize(spec, r, s, spec.hop_samples) for load, (r, s) in normal_by_load.items()}
     t_feat = time.perf_counter()
+
+    folds = Featurized(spec, faults, fault_rows, normal_train, normal_test, seed, config)
+    cross_bearing = _cross_bearing(folds)
+    t_bearing = time.perf_counter()
 
     n_features = spec.n_features
     cross: dict[str, Any] = {}
@@ -163,7 +185,7 @@ def evaluate(
             spec, recordings, seed, config, Path(tmp) / "random", quantized=quantized
         )
         t_random = time.perf_counter()
-    cross_size = _cross_size(spec, faults, fault_rows, normal_train, normal_test, seed, config)
+    cross_size = _cross_size(folds)
     t_size = time.perf_counter()
 
     result: dict[str, Any] = {
@@ -175,10 +197,11 @@ def evaluate(
         "model": {"type": "mlp", **config.to_dict(), "seed": seed},
         "recordings": {k: sum(r.kind == k for r in recordings) for k in CLASS_NAMES},
         "loads": loads,
+        "cross_bearing": cross_bearing,
+        "cross_fault_size": cross_size,
         "cross_load": _summary(cross, CLASS_NAMES),
         "cross_load_faults_only": _summary(cross3, FAULT_CLASSES),
         "random_split": {**random_split, "published": PUBLISHED_RANDOM_SPLIT},
-        "cross_fault_size": cross_size,
     }
     if quantized:
         drops = [cross[k]["macro_f1"] - quant[k]["macro_f1"] for k in cross]
@@ -192,11 +215,15 @@ def evaluate(
     result["timings_s"] = {
         "load": _r(t_load - t0, 3),
         "features": _r(t_feat - t_load, 3),
-        "cross_load_fit_and_quantize": _r(t_cross - t_feat, 3),
+        "cross_bearing": _r(t_bearing - t_feat, 3),
+        "cross_load_fit_and_quantize": _r(t_cross - t_bearing, 3),
         "random_split": _r(t_random - t_cross, 3),
         "cross_fault_size": _r(t_size - t_random, 3),
-        "total": _r(t_size - t0, 3),
     }
+    if ablation:
+        result["ablation"] = _ablation(folds)
+        result["timings_s"]["ablation"] = _r(time.perf_counter() - t_size, 3)
+    result["timings_s"]["total"] = _r(time.perf_counter() - t0, 3)
     return result
 
 
@@ -224,29 +251,42 @@ def _arrange(
     return loads, faults, {load: (longest, part) for load, part in zip(loads, parts, strict=True)}
 
 
+@dataclass(frozen=True)
+class Featurized:
+    """What the leave-out protocols share: the fault recordings and the features of their windows (by
+    file), the healthy parts' training and test rows (by the load they stand for), and the fit recipe."""
+
+    spec: BearingFeatureSpec
+    faults: Sequence[Recording]
+    fault_rows: dict[str, np.ndarray]
+    normal_train: dict[int, np.ndarray]
+    normal_test: dict[int, np.ndarray]
+    seed: int
+    config: MlpConfig
+
+
 def _cross_size(
-    spec: BearingFeatureSpec,
-    faults: Sequence[Recording],
-    fault_rows: dict[str, np.ndarray],
-    normal_train: dict[int, np.ndarray],
-    normal_test: dict[int, np.ndarray],
-    seed: int,
-    config: MlpConfig,
+    d: Featurized,
+    columns: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
-    """Leave one defect diameter out (four classes, FP32); ``None`` without two or more diameters."""
-    sizes = sorted({r.diameter_in for r in faults if r.diameter_in is not None})
-    if len(sizes) < 2 or any(r.diameter_in is None for r in faults):
+    """Leave one defect diameter out (four classes, FP32); ``None`` without two or more diameters.
+
+    ``columns``: indices of the feature columns to use (all when ``None``), for the ablation.
+    """
+    sizes = sorted({r.diameter_in for r in d.faults if r.diameter_in is not None})
+    if len(sizes) < 2 or any(r.diameter_in is None for r in d.faults):
         return None
-    parts = sorted(normal_train)
+    cols = np.arange(d.spec.n_features) if columns is None else np.asarray(columns)
+    parts = sorted(d.normal_train)
     folds: dict[str, Any] = {}
     for i, size in enumerate(sizes):
         part = parts[i % len(parts)]
-        train = [(fault_rows[r.file], r.label) for r in faults if r.diameter_in != size]
-        train += [(normal_train[p], 0) for p in parts if p != part]
-        test = [(fault_rows[r.file], r.label) for r in faults if r.diameter_in == size]
-        x_tr, y_tr = stack(train, spec.n_features)
-        x_te, y_te = stack([*test, (normal_test[part], 0)], spec.n_features)
-        model = fit_mlp(x_tr, y_tr, CLASS_NAMES, seed, config)
+        train = [(d.fault_rows[r.file][:, cols], r.label) for r in d.faults if r.diameter_in != size]
+        train += [(d.normal_train[p][:, cols], 0) for p in parts if p != part]
+        test = [(d.fault_rows[r.file][:, cols], r.label) for r in d.faults if r.diameter_in == size]
+        x_tr, y_tr = stack(train, len(cols))
+        x_te, y_te = stack([*test, (d.normal_test[part][:, cols], 0)], len(cols))
+        model = fit_mlp(x_tr, y_tr, CLASS_NAMES, d.seed, d.config)
         folds[f"test_diameter_{size:g}in"] = {
             "test_diameter_in": size,
             **classification.scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
@@ -259,7 +299,132 @@ def _cross_size(
         "folds": folds,
         "mean_accuracy": _r(float(np.mean(acc))),
         "mean_macro_f1": _r(float(np.mean(f1))),
+        "min_macro_f1": _r(float(np.min(f1))),
     }
+
+
+# The characteristic frequency whose envelope-spectrum peaks mark each fault class (``spec.multipliers``).
+DEFECT_FREQUENCY = {"inner_race": "bpfi", "outer_race": "bpfo", "ball": "bsf"}
+
+
+def bearing_id(rec: Recording) -> str:
+    """The physical damaged bearing of a recording: CWRU's fault name (kind, diameter, outer-race position).
+
+    Recordings of one bearing at several loads share it. Without a fault name in the index, kind and
+    diameter stand for it.
+    """
+    if rec.fault != rec.kind:
+        return rec.fault
+    return rec.kind if rec.diameter_in is None else f"{rec.kind}_{rec.diameter_in:g}in"
+
+
+def envelope_evidence(spec: BearingFeatureSpec, rows: np.ndarray, kind: str) -> np.ndarray | None:
+    """Per window, the envelope-spectrum evidence of ``kind``'s defect frequency: the mean over harmonics of
+    ``env{b}_{f}_{h}x`` (log10 peak / envelope median), best envelope band. ``None`` if the spec lacks it.
+    """
+    names = spec.feature_names()
+    freq = DEFECT_FREQUENCY.get(kind)
+    if freq is None or freq not in dict(spec.multipliers):
+        return None
+    per_band = [
+        rows[:, [names.index(f"env{b}_{freq}_{h}x") for h in range(1, spec.harmonics + 1)]].mean(axis=1)
+        for b in range(len(spec.envelope_bands_hz))
+    ]
+    return np.max(per_band, axis=0)
+
+
+def _cross_bearing(
+    d: Featurized,
+) -> dict[str, Any]:
+    """Leave one physical damaged bearing out (all its loads), four classes, FP32.
+
+    Every held-out window is predicted once, by the model that never saw its bearing; the healthy part
+    of fold ``i`` is scored in the first ``len(parts)`` folds only, so each healthy window counts once too.
+    A bearing is ``envelope_visible`` when the median of its windows' ``envelope_evidence`` for its own
+    class exceeds the largest value of that evidence on any healthy test window.
+    """
+    bearings: dict[str, list[Recording]] = {}
+    for r in d.faults:
+        bearings.setdefault(bearing_id(r), []).append(r)
+    parts = sorted(d.normal_train)
+    healthy = np.concatenate([d.normal_test[p] for p in parts])
+    y_all: list[np.ndarray] = []
+    pred_all: list[np.ndarray] = []
+    per_bearing: dict[str, Any] = {}
+    for i, (name, recs) in enumerate(sorted(bearings.items())):
+        part = parts[i % len(parts)]
+        train = [(d.fault_rows[r.file], r.label) for r in d.faults if bearing_id(r) != name]
+        train += [(d.normal_train[p], 0) for p in parts if p != part]
+        x_tr, y_tr = stack(train, d.spec.n_features)
+        if len(np.unique(y_tr)) < len(CLASS_NAMES):
+            raise DatasetError(f"cross-bearing: without bearing {name} a class has no training recording")
+        model = fit_mlp(x_tr, y_tr, CLASS_NAMES, d.seed, d.config)
+        x_te, y_te = stack([(d.fault_rows[r.file], r.label) for r in recs], d.spec.n_features)
+        pred = model.predict(x_te)
+        y_all.append(y_te)
+        pred_all.append(pred)
+        if i < len(parts):
+            y_all.append(np.zeros(len(d.normal_test[part]), dtype=np.int64))
+            pred_all.append(model.predict(d.normal_test[part]))
+        kind = recs[0].kind
+        entry: dict[str, Any] = {
+            "kind": kind,
+            "diameter_in": recs[0].diameter_in,
+            "loads": sorted(r.load_hp for r in recs),
+            "test_windows": len(y_te),
+            "recall": _r(float(np.mean(pred == y_te))),
+            "predicted": {c: int((pred == k).sum()) for k, c in enumerate(CLASS_NAMES)},
+        }
+        evidence = envelope_evidence(d.spec, x_te, kind)
+        reference = envelope_evidence(d.spec, healthy, kind)
+        if evidence is not None and reference is not None and len(reference):
+            entry["envelope_evidence_median"] = _r(float(np.median(evidence)), 4)
+            entry["healthy_evidence_max"] = _r(float(reference.max()), 4)
+            entry["envelope_visible"] = bool(np.median(evidence) > reference.max())
+        per_bearing[name] = entry
+    pooled = classification.scores(np.concatenate(y_all), np.concatenate(pred_all), len(CLASS_NAMES))
+    visible = [b for b in per_bearing.values() if b.get("envelope_visible")]
+    recalls = [b["recall"] for b in per_bearing.values()]
+    return {
+        "classes": list(CLASS_NAMES),
+        "bearings": per_bearing,
+        **pooled,
+        "mean_bearing_recall": _r(float(np.mean(recalls))),
+        "min_bearing_recall": _r(float(np.min(recalls))),
+        "envelope_visible_bearings": len(visible),
+        "mean_recall_envelope_visible": _r(float(np.mean([b["recall"] for b in visible]))) if visible else None,
+    }
+
+
+# Column groups of the ablation, by feature-name prefix (``BearingFeatureSpec.feature_names``).
+ABLATION_GROUPS: dict[str, tuple[str, ...]] = {
+    "time": TIME_STATS,
+    "band_shares": ("band_rel_",),
+    "envelope_peaks": ("env",),
+}
+
+
+def _ablation(
+    d: Featurized,
+) -> dict[str, Any]:
+    """Cross-size mean and worst macro-F1 with each feature group alone and with each group left out."""
+    names = d.spec.feature_names()
+    groups = {g: np.array([i for i, n in enumerate(names) if n.startswith(p)]) for g, p in ABLATION_GROUPS.items()}
+    out: dict[str, Any] = {}
+    for group, cols in groups.items():
+        rest = np.setdiff1d(np.arange(len(names)), cols)
+        for label, use in ((f"only_{group}", cols), (f"without_{group}", rest)):
+            if len(use) == 0:
+                continue
+            size = _cross_size(d, use)
+            if size is not None:
+                out[label] = {
+                    "features": len(use),
+                    "mean_macro_f1": size["mean_macro_f1"],
+                    "min_macro_f1": size["min_macro_f1"],
+                    "per_fold": [f["macro_f1"] for f in size["folds"].values()],
+                }
+    return out
 
 
 def _random_split(
@@ -328,6 +493,37 @@ def render_text(result: dict[str, Any]) -> str:
     """The result as plain-text tables (what ``pdm-agent evaluate cwru`` prints without --json)."""
     lines = [f"CWRU defect classification ({result['data_dir']}), classes {', '.join(result['classes'])}", ""]
     quant = result.get("quantized")
+    cb = result["cross_bearing"]
+    lines.append("Cross-bearing (leave one damaged bearing out, all its loads; no window of it in training), FP32:")
+    lines.append(f"  {'bearing':<12}{'kind':<12}{'windows':>8}{'recall':>8}  {'predicted':<40}envelope evidence")
+    for name, b in cb["bearings"].items():
+        predicted = " ".join(f"{c}:{n}" for c, n in b["predicted"].items() if n)
+        seen = ""
+        if "envelope_visible" in b:
+            seen = (
+                f"{b['envelope_evidence_median']:.2f} vs healthy max {b['healthy_evidence_max']:.2f}"
+                f" ({'visible' if b['envelope_visible'] else 'not visible'})"
+            )
+        lines.append(f"  {name:<12}{b['kind']:<12}{b['test_windows']:>8}{b['recall']:>8.3f}  {predicted:<40}{seen}")
+    lines.append(
+        f"  pooled: accuracy {cb['accuracy']:.4f}, macro-F1 {cb['macro_f1']:.4f}; mean bearing recall "
+        f"{cb['mean_bearing_recall']:.4f} (worst {cb['min_bearing_recall']:.4f}); "
+        f"{cb['envelope_visible_bearings']} of {len(cb['bearings'])} bearings visible in the envelope spectrum"
+    )
+    lines.append("")
+    size = result.get("cross_fault_size")
+    if size:
+        lines.append("Cross-size (leave one defect diameter out, all loads; new damaged bearings), FP32:")
+        for f in size["folds"].values():
+            lines.append(
+                f"  test diameter {f['test_diameter_in']:g} in: accuracy {f['accuracy']:.4f}, "
+                f"macro-F1 {f['macro_f1']:.4f}, confusion {f['confusion']}"
+            )
+        lines.append(
+            f"  mean: accuracy {size['mean_accuracy']:.4f}, macro-F1 {size['mean_macro_f1']:.4f} "
+            f"(worst fold {size['min_macro_f1']:.4f})"
+        )
+        lines.append("")
 
     def table(title: str, summary: dict[str, Any], qsum: dict[str, Any] | None) -> None:
         lines.append(title)
@@ -364,15 +560,15 @@ def render_text(result: dict[str, Any]) -> str:
     )
     for name, acc in rs["published"]["accuracy"].items():
         lines.append(f"  published: {name}: accuracy {acc:.4f}")
-    size = result.get("cross_fault_size")
-    if size:
-        lines += ["", "Cross-size (leave one defect diameter out, all loads; new damaged bearings), FP32:"]
-        for f in size["folds"].values():
+    ablation = result.get("ablation")
+    if ablation:
+        lines += ["", "Ablation (cross-size macro-F1 with feature groups alone / left out):"]
+        for label, a in ablation.items():
+            folds = " / ".join(f"{v:.3f}" for v in a["per_fold"])
             lines.append(
-                f"  test diameter {f['test_diameter_in']:g} in: accuracy {f['accuracy']:.4f}, "
-                f"macro-F1 {f['macro_f1']:.4f}, confusion {f['confusion']}"
+                f"  {label:<24}{a['features']:>3} features: mean {a['mean_macro_f1']:.4f}, "
+                f"worst {a['min_macro_f1']:.4f} ({folds})"
             )
-        lines.append(f"  mean: accuracy {size['mean_accuracy']:.4f}, macro-F1 {size['mean_macro_f1']:.4f}")
     if quant:
         lines += [
             "",

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from agent import cli
-from agent.features.bearing import SKF_6205
+from agent.features.bearing import SKF_6205, BearingFeatureSpec
 from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
 from agent.inference.manifest import Manifest
 from agent.records import Source, Window
+from pdm_tools.datasets.cwru import NORMAL_TRAIN_HOP, featurize, load_cwru
+from pdm_tools.evaluation import cwru
+from pdm_tools.models.defect_mlp import MlpConfig, fit_mlp
 from pdm_tools.training.defect_train import train_defect_classifier
 
 RATE = 12000
@@ -82,9 +86,42 @@ def test_evaluate_cwru_json_has_cross_load_random_split_and_quantized(
     assert np.array(result["cross_load_faults_only"]["rotations"]["test_load_1"]["confusion"]).shape == (3, 3)
     assert {"accuracy", "macro_f1", "published"} <= set(result["random_split"])
     assert sorted(result["cross_fault_size"]["folds"]) == ["test_diameter_0.007in", "test_diameter_0.014in"]
+    assert list(result).index("cross_bearing") < list(result).index("cross_load")  # leakage-free protocols first
+    bearings = result["cross_bearing"]["bearings"]
+    assert sorted(bearings) == [f"{k}_{d}in" for k in ("ball", "inner_race", "outer_race") for d in (0.007, 0.014)]
+    assert bearings["outer_race_0.007in"]["loads"] == [0, 1] and bearings["ball_0.014in"]["loads"] == [2]
+    # Every fault window once (7 per 16384-sample recording), every healthy window once (3 parts x 3).
+    assert result["cross_bearing"]["test_windows"] == 9 * 7 + 9
+    assert all(b["envelope_visible"] for b in bearings.values())  # the synthetic faults ring at their frequency
     quantized = result["quantized"]
     assert set(quantized["cross_load"]["rotations"]) == set(rotations)
     assert {"accuracy", "macro_f1", "label_agreement"} <= set(quantized["random_split"])
+
+
+def test_cross_bearing_never_trains_on_a_window_of_the_bearing_it_tests(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fold's training rows hold no row of the held-out bearing (at any load) and all other bearings."""
+    recordings = load_cwru(dataset)
+    spec = BearingFeatureSpec()
+    _, faults, normal_by_load = cwru._arrange(recordings)
+    rows = {r.file: featurize(spec, r, r.samples, spec.hop_samples) for r in faults}
+    normal_train = {k: featurize(spec, r, s, NORMAL_TRAIN_HOP) for k, (r, s) in normal_by_load.items()}
+    normal_test = {k: featurize(spec, r, s, spec.hop_samples) for k, (r, s) in normal_by_load.items()}
+    trained_on: list[np.ndarray] = []
+
+    def recording_fit(x: np.ndarray, y: np.ndarray, names: Any, seed: int, config: Any = None) -> Any:
+        trained_on.append(x)
+        return fit_mlp(x, y, names, seed, MlpConfig(hidden=(4,), max_iter=5))
+
+    monkeypatch.setattr(cwru, "fit_mlp", recording_fit)
+    result = cwru._cross_bearing(cwru.Featurized(spec, faults, rows, normal_train, normal_test, 0, MlpConfig()))
+    assert len(trained_on) == len(result["bearings"]) == 6
+    for x_train, name in zip(trained_on, result["bearings"], strict=True):
+        train = {row.tobytes() for row in x_train}
+        for r in faults:
+            held_out = cwru.bearing_id(r) == name
+            assert all((row.tobytes() in train) != held_out for row in rows[r.file]), (name, r.file)
 
 
 def test_evaluate_cwru_accepts_the_datasets_root_and_prints_tables(
@@ -93,6 +130,7 @@ def test_evaluate_cwru_accepts_the_datasets_root_and_prints_tables(
     assert cli.main(["evaluate", "cwru", "--data", str(dataset.parent), "--no-quantize"]) == 0
     out = capsys.readouterr().out
     assert "Cross-load, four classes" in out and "Random split" in out
+    assert out.index("Cross-bearing") < out.index("Cross-size") < out.index("Cross-load")
 
 
 def test_evaluate_cwru_says_clearly_when_the_data_is_missing(
