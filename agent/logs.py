@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -80,6 +80,23 @@ def current_format() -> LogFormat:
     """The format of this process's log (for a child process to log alike)."""
     handlers = logging.getLogger().handlers
     return "json" if any(isinstance(h.formatter, JsonFormatter) for h in handlers) else "text"
+
+
+def counters_line(snapshot: Mapping[str, float]) -> str:
+    """A counter snapshot as one readable line: ``name=value`` pairs, the non-zero ones only, whole numbers
+    without a decimal point (a log line, not a dict repr; the full set is on /metrics and the heartbeat).
+
+    >>> counters_line({"ingest.messages": 12.0, "decode.errors{reason=json}": 1.0, "spool.acked": 0.0,
+    ...                "storage.backoff_s": 0.41362})
+    'ingest.messages=12 decode.errors{reason=json}=1 storage.backoff_s=0.414 (1 other 0)'
+    """
+    shown = [f"{name}={_number(value)}" for name, value in snapshot.items() if value]
+    zero = len(snapshot) - len(shown)
+    return " ".join(shown) + (f" ({zero} other{'s' if zero > 1 else ''} 0)" if zero else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
 
 
 class RateLimitedLog:

@@ -23,6 +23,7 @@ from agent.inference.registry import ModelRegistry
 from agent.inference.router import ModelRouter
 from agent.ingest.mqtt import MqttConnection
 from agent.ingest.outbound import Outbound
+from agent.logs import counters_line
 from agent.metrics import Metrics
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
@@ -106,7 +107,7 @@ class Agent:
         self.spool.close()
         if self.health is not None:
             self.health.stop()
-        logger.info("agent %s stopped: %s", self.config.agent.id, self.summary())
+        logger.info("agent %s stopped: %s", self.config.agent.id, counters_line(self.summary()))
 
     def run_until_signal(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,3 +87,5 @@ def test_run_with_log_format_json_after_the_subcommand_writes_only_json_lines(mo
     rejected = [e for e in entries if e["msg"].startswith("rejected message on ")]
     assert len(rejected) == 1 and rejected[0]["level"] == "WARNING" and rejected[0]["thread"] == "ingest"
     assert any(entry.get("process", "").startswith("writer ") for entry in entries), "no line of the writer process"
+    (stopped,) = [e["msg"] for e in entries if e["logger"] == "agent.runtime.agent" and " stopped: " in e["msg"]]
+    assert re.search(r" decode\.errors\{reason=json\}=\d+ ", stopped) and "{'" not in stopped, stopped  # no dict repr
