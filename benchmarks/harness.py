@@ -152,11 +152,10 @@ class AgentProcess:
         data["storage"].update(url=self.influx_url)
         data["storage"]["raw_vibration"].update(mode=self.raw_vibration, every_n=10)
         data["storage"]["v1"]["database"] = self.database
-        data["spool"]["path"] = str(self.workdir / f"spool-{self.name}.db")
-        # Each run its own alert state: the default (alert_state.json beside the spool) would be shared by
-        # every agent of the benchmark, whose spools sit in one folder, and restore one run's open events
-        # into the next.
-        data["alerts"]["state_path"] = str(self.workdir / f"alert-state-{self.name}.json")
+        # Each run its own folder: the state files kept beside the spool by default (alert state, commissioning
+        # baselines, known field names, remembered subscriptions) would otherwise be shared by every agent of
+        # the benchmark and restore one run's open events and fitted baselines into the next.
+        data["spool"]["path"] = str(self.workdir / f"run-{self.name}" / "spool.db")
         for model in [*data["inference"]["models"], data["inference"]["defect"]]:
             model["path"] = str((REPO / "config" / model["path"]).resolve())
         self._config = data
