@@ -47,6 +47,7 @@ from agent.inference.router import CurrentClassifier, ModelRouter, ModelSlot
 from agent.ingest.mqtt import MqttConnection
 from agent.ingest.outbound import Outbound
 from agent.ingest.settings import MqttSettings, MqttTls
+from agent.ingest.shard import Shard
 from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.agent import Agent
@@ -288,7 +289,13 @@ def build_ingest(
         speeds=stages.speeds,
         arrivals=arrivals,
         dead_letters=dead_letters,
+        owns=build_shard(config).owns if config.mqtt.shard.count > 1 else None,
     )
+
+
+def build_shard(config: Config) -> Shard:
+    """This agent's share of the plant's machines (``mqtt.shard``)."""
+    return Shard(config.mqtt.shard.index, config.mqtt.shard.count)
 
 
 def build_mqtt(

@@ -95,6 +95,10 @@ CATALOG: tuple[MetricSpec, ...] = (
     # ingest and decoding
     _counter("ingest.messages", "MQTT messages taken by the ingest worker."),
     _counter("ingest.readings", "Readings decoded from accepted messages."),
+    _counter(
+        "ingest.not_owned",
+        "Readings and blocks left to another agent of the fleet (mqtt.shard): machines this agent does not own.",
+    ),
     _counter("ingest.blocks", "Sample blocks (vibration) decoded from accepted messages."),
     _counter("ingest.samples", "Samples in the decoded blocks."),
     _counter("ingest.backpressure_waits", "Times the MQTT thread waited on a full message queue (backpressure)."),

@@ -144,6 +144,29 @@ class DecoderSection(Section):
         return self
 
 
+class ShardSection(Section):
+    count: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Agents sharing this plant's machines (all with the same subscriptions); 1 = this agent owns all.",
+    )
+    index: int = Field(
+        0,
+        ge=0,
+        description="This agent's share, 0..count-1: it stores and scores the machines whose rendezvous hash it "
+        "wins and acknowledges the others (docs/scale_out.md).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShardSection:
+        if self.index >= self.count:
+            problems = Problems()
+            problems.add("index", f"must be below count ({self.count})")
+            problems.check()
+        return self
+
+
 class MqttSection(Section):
     host: EnvStr = Field("127.0.0.1", description="Broker host.")
     port: EnvInt = Field(1883, ge=1, le=65535, description="Broker port (1883 plaintext, usually 8883 with TLS).")
@@ -222,6 +245,11 @@ class MqttSection(Section):
     decoder: DecoderSection = Field(
         default_factory=DecoderSection, description="How payloads are decoded into readings and sample blocks."
     )
+    shard: ShardSection = Field(
+        default_factory=ShardSection,
+        description="Several agents for one plant: each owns a disjoint share of the machines by a hash of the "
+        "machine id, with all their windows and alert state.",
+    )
     outbound: OutboundSettings = Field(
         default_factory=OutboundSettings,
         description="Priorities and bounds of what the agent publishes: alerts first, dead letters beyond a rate "
@@ -246,5 +274,13 @@ class MqttSection(Section):
                 "(enable mqtt.tls or set require_tls: false)",
             )
         secret_from_file(self, "password", "password_file", problems)
+        for topic_filter in self.subscriptions:
+            if topic_filter.startswith("$share/"):
+                problems.add(
+                    "subscriptions",
+                    f"{topic_filter!r} is a shared subscription: the broker hands each message to one member "
+                    "(Mosquitto round-robin), which splits a machine's stream across agents and breaks its windows "
+                    "and alert state; give every agent the same plain filters and mqtt.shard (count, index)",
+                )
         problems.check()
         return self

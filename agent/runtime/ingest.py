@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from agent.commissioning.scorer import CommissioningScorer
@@ -52,6 +52,9 @@ class IngestWorker(Worker):
     stayed full for ``put_timeout_s``, the rest of a batch is dropped from scoring (counted), never from
     storage.
 
+    With ``owns`` (several agents share the plant, ``agent.ingest.shard``), records of machines this agent
+    does not own are counted and left out; their messages are acknowledged like the others.
+
     With ``arrivals`` (the spool), a message without a device timestamp keeps the arrival time of its first
     stored delivery when the broker redelivers it (``agent.spool.arrivals``): no second point in InfluxDB.
     """
@@ -73,6 +76,7 @@ class IngestWorker(Worker):
         batch_max: int = 500,
         arrivals: ArrivalLog | None = None,
         dead_letters: DeadLetters | None = None,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self._messages = messages
@@ -89,6 +93,7 @@ class IngestWorker(Worker):
         self._batch_max = batch_max
         self._arrivals = arrivals
         self._dead_letters = dead_letters
+        self._owns = owns  # with several agents (mqtt.shard): the machines this one stores and scores
         self._raw_released: deque[list[int]] = deque()
         self._produced: deque[Sequence[str]] = deque()
         self._handoff_lock = threading.Lock()
@@ -156,6 +161,12 @@ class IngestWorker(Worker):
             except DecodeError as exc:
                 self._reject(msg, exc)
                 continue
+            if self._owns is not None:
+                owned = [item for item in items if self._owns(item.source.machine)]
+                if len(owned) < len(items):
+                    # Another agent of the fleet stores and scores them; acknowledged here all the same.
+                    self._metrics.inc("ingest.not_owned", len(items) - len(owned))
+                    items = owned
             try:
                 message_entries, message_held = self._entries(items)
             except ValueError as exc:

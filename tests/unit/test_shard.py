@@ -1,0 +1,45 @@
+"""Machines sharded across several agents: the ownership rule and the config's refusals."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from agent.config import parse_config
+from agent.config.errors import ConfigError
+from agent.ingest.shard import Shard, owner
+
+MACHINES = [f"press-{i:04d}" for i in range(4000)]
+
+
+def test_every_machine_has_exactly_one_owner_and_the_shares_are_even() -> None:
+    shards = [Shard(i, 3) for i in range(3)]
+    owners = [[s.index for s in shards if s.owns(m)] for m in MACHINES]
+    assert all(len(o) == 1 for o in owners)
+    share = Counter(o[0] for o in owners)
+    assert all(abs(n - len(MACHINES) / 3) < len(MACHINES) * 0.05 for n in share.values()), share
+
+
+def test_adding_an_agent_moves_only_the_machines_it_takes() -> None:
+    before = {m: owner(m, 3) for m in MACHINES}
+    after = {m: owner(m, 4) for m in MACHINES}
+    moved = [m for m in MACHINES if before[m] != after[m]]
+    assert all(after[m] == 3 for m in moved)  # only to the new agent, never between the old ones
+    assert len(moved) < len(MACHINES) * 0.3  # about a quarter; hash % count would move about three quarters
+
+
+def test_one_agent_owns_everything_and_a_wrong_index_is_refused() -> None:
+    assert all(Shard(0, 1).owns(m) for m in MACHINES[:10])
+    with pytest.raises(ValueError, match=r"not in 0\.\.1"):
+        Shard(2, 2)
+
+
+def test_the_config_refuses_shared_subscriptions_and_an_index_beyond_the_count() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"mqtt": {"subscriptions": ["factory/#", "$share/pdm/factory/#"]}}, environ={})
+    text = str(info.value)
+    assert "mqtt.subscriptions: '$share/pdm/factory/#' is a shared subscription" in text
+    assert "splits a machine's stream" in text
+    with pytest.raises(ConfigError, match=r"mqtt\.shard\.index: must be below count \(2\)"):
+        parse_config({"mqtt": {"shard": {"count": 2, "index": 2}}}, environ={})
