@@ -14,8 +14,9 @@ The adapter's shape defaults to the automatic mode's (adaptation.auto of the exa
 alpha 2, on the first and last dense layers of the base (9 % of the shipped vibration model's file);
 --layers all adapts every layer (a larger adapter, more capacity).
 
-Exit status: 0 the adapter was written; 1 it could not be (unreadable or too little data, InfluxDB
-unreachable, invalid config); 2 a usage error (missing or contradictory options).
+Exit status: 0 the adapter was written; 1 it could not be made (invalid config, InfluxDB unreachable or
+without enough of the machine's windows); 2 a usage error (missing or contradictory options, a --model or
+--data that cannot be read as one).
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--since must look like 30m, 2h or 1d, got {args.since!r}")
     if args.out is None and args.config is None:
         raise UsageError("give --out, or --config to use its adaptation.dir")
-    manifest_data = json.loads((args.model / "manifest.json").read_text(encoding="utf-8"))
-    manifest = Manifest.from_dict(manifest_data, str(args.model / "manifest.json"))
-    layers = _layers(args.layers, BaseMlp.from_onnx(args.model / manifest.file).layer_names)
+    try:
+        manifest_data = json.loads((args.model / "manifest.json").read_text(encoding="utf-8"))
+        manifest = Manifest.from_dict(manifest_data, str(args.model / "manifest.json"))
+        base_layers = BaseMlp.from_onnx(args.model / manifest.file).layer_names
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"--model {args.model}: not a model directory: {exc}") from None
+    layers = _layers(args.layers, base_layers)
     config = load_config(args.config) if args.config else None
     if args.data is not None:
         x, y = _from_file(args.data, manifest)
@@ -203,31 +208,36 @@ def _layers(option: str, names: tuple[str, ...]) -> tuple[str, ...] | None:
 
 
 def _from_file(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None]:
-    with np.load(path, allow_pickle=False) as data:
-        if "x" not in data:
-            raise ValueError(f"{path}: no array 'x' (feature rows)")
-        x = np.asarray(data["x"], dtype=np.float32)
-        y_raw = data.get("y")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data:
+                raise UsageError(f"{path}: no array 'x' (feature rows)")
+            x = np.asarray(data["x"], dtype=np.float32)
+            y_raw = data.get("y")
+    except (OSError, ValueError) as exc:  # missing, not an .npz, pickled objects
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"--data {path}: cannot read it as .npz: {exc}") from None
     if x.ndim != 2 or x.shape[1] != manifest.n_features:
-        raise ValueError(f"{path}: x must have shape (n, {manifest.n_features}) for {manifest.model_id}, got {x.shape}")
+        raise UsageError(f"{path}: x must have shape (n, {manifest.n_features}) for {manifest.model_id}, got {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError(f"{path}: x contains NaN or infinity")
+        raise UsageError(f"{path}: x contains NaN or infinity")
     if manifest.task == "anomaly":
         return x, None
     if y_raw is None:
-        raise ValueError(f"{path}: a classifier needs labels 'y' (class indices or names)")
+        raise UsageError(f"{path}: a classifier needs labels 'y' (class indices or names)")
     names = list(manifest.class_names or ())
     if y_raw.dtype.kind in "US":
         unknown = sorted(set(y_raw.tolist()) - set(names))
         if unknown:
-            raise ValueError(f"{path}: unknown classes {unknown}; the model knows {names}")
+            raise UsageError(f"{path}: unknown classes {unknown}; the model knows {names}")
         y = np.array([names.index(v) for v in y_raw.tolist()], dtype=np.int64)
     else:
         y = np.asarray(y_raw, dtype=np.int64)
         if y.min() < 0 or y.max() >= len(names):
-            raise ValueError(f"{path}: class indices must be in 0..{len(names) - 1}")
+            raise UsageError(f"{path}: class indices must be in 0..{len(names) - 1}")
     if len(y) != len(x):
-        raise ValueError(f"{path}: {len(x)} rows in x but {len(y)} labels in y")
+        raise UsageError(f"{path}: {len(x)} rows in x but {len(y)} labels in y")
     return x, y
 
 

@@ -2,16 +2,21 @@
 
 ``pdm-agent train`` writes both models into ``models/`` (about a minute on 2 cores);
 ``pdm-agent train --quick --out DIR`` is the tiny run the tests use.
+
+Exit status: 0 every model asked for was built; 2 a usage error (bad options, ``--quick`` with the defect
+classifier only, or ``--model defect-classifier`` without the CWRU data).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pdm_tools.models.autoencoder import AutoencoderConfig
 from pdm_tools.quantization.static import CALIBRATION_METHODS, QuantizeConfig
@@ -85,11 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cheapest candidate that keeps accuracy on held-out data and is not slower than FP32; default auto)",
     )
     parser.add_argument("--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})")
+    parser.add_argument("--json", action="store_true", help="print what was built as one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.minutes <= 0 or args.process_minutes <= 0:
-        logger.error("--minutes and --process-minutes must be > 0")
+        print("pdm-agent train: error: --minutes and --process-minutes must be > 0", file=sys.stderr)
+        return 2
+    if args.quick and args.model == DEFECT_MODEL:
+        # --quick trains on a few seconds of simulated data; the classifier trains on the CWRU recordings
+        print(
+            "pdm-agent train: error: --quick builds the anomaly models only; drop it for --model defect-classifier",
+            file=sys.stderr,
+        )
         return 2
     if args.quick:
         plan = DataPlan.quick(args.seed)
@@ -98,13 +111,20 @@ def main(args: argparse.Namespace) -> int:
         plan = DataPlan(seed=args.seed, vibration_minutes=args.minutes, process_minutes=args.process_minutes)
         autoencoder, latency_runs = AutoencoderConfig(), 400
     command = _command(args)
-    if args.model in ("all", DEFECT_MODEL) and not args.quick:
-        status = _train_defect_classifier(args)
-        if status != 0 and args.model == DEFECT_MODEL:
-            return status
-    if args.model == DEFECT_MODEL:
-        return 0
-    names = list(MODELS) if args.model == "all" else [args.model]
+    built: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    if args.model in ("all", DEFECT_MODEL):
+        if args.quick:
+            skipped[DEFECT_MODEL] = "--quick builds the anomaly models only"
+        else:
+            status, result = _train_defect_classifier(args)
+            if status != 0:
+                return status
+            if isinstance(result, str):
+                skipped[DEFECT_MODEL] = result
+            else:
+                built.append(result)
+    names = [] if args.model == DEFECT_MODEL else list(MODELS) if args.model == "all" else [args.model]
     for name in names:
         subdir, build = MODELS[name]
         started = time.monotonic()
@@ -126,33 +146,58 @@ def main(args: argparse.Namespace) -> int:
             latency_runs=latency_runs,
         )
         det = manifest.metrics.get("detection_rate", {})
-        print(
-            f"{name}: {args.out / subdir / manifest.file} threshold {manifest.threshold:g}, "
-            f"false alarms {manifest.metrics.get('false_alarm_rate_test', 0):.3%}, detection "
-            + ", ".join(f"{k} {v['rate']:.0%}" for k, v in det.items())
-            + f" ({time.monotonic() - started:.0f} s)"
+        built.append(
+            {
+                "model": name,
+                "file": str(args.out / subdir / manifest.file),
+                "threshold": manifest.threshold,
+                "false_alarm_rate_test": manifest.metrics.get("false_alarm_rate_test", 0),
+                "detection_rate": {k: v["rate"] for k, v in det.items()},
+                "seconds": round(time.monotonic() - started, 1),
+            }
         )
+        if not args.json:
+            print(
+                f"{name}: {args.out / subdir / manifest.file} threshold {manifest.threshold:g}, "
+                f"false alarms {manifest.metrics.get('false_alarm_rate_test', 0):.3%}, detection "
+                + ", ".join(f"{k} {v['rate']:.0%}" for k, v in det.items())
+                + f" ({time.monotonic() - started:.0f} s)"
+            )
+    for name, reason in skipped.items():
+        print(f"{name}: skipped: {reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"built": built, "skipped": skipped}, indent=2))
     return 0
 
 
-def _train_defect_classifier(args: argparse.Namespace) -> int:
-    """The CWRU defect classifier (``pdm_tools.training.defect_train``), into ``--out``/defect_classifier."""
-    from pdm_tools.datasets.cwru import default_data_dir
-    from pdm_tools.training import defect_train
+def _train_defect_classifier(args: argparse.Namespace) -> tuple[int, dict[str, Any] | str]:
+    """The CWRU defect classifier (``pdm_tools.training.defect_train``), into ``--out``/defect_classifier:
+    (exit status, what was built or why it was skipped)."""
+    from pdm_tools.datasets.cwru import DatasetError, default_data_dir
+    from pdm_tools.training.defect_train import train_defect_classifier
 
     data = args.cwru_data if args.cwru_data is not None else default_data_dir()
     if not (Path(data) / "index.json").exists() and args.model == "all":
-        print(f"defect-classifier: skipped, no CWRU data at {data} (pass --cwru-data DIR)", file=sys.stderr)
-        return 0
-    ns = argparse.Namespace(
-        data=data,
-        out=args.out / "defect_classifier",
-        seed=args.seed,
-        model_version=args.model_version,
-        ship=args.ship,
-        no_evaluate=False,
-    )
-    return defect_train.main(ns)
+        return 0, f"no CWRU data at {data} (pass --cwru-data DIR)"
+    out = args.out / "defect_classifier"
+    started = time.monotonic()
+    try:
+        manifest = train_defect_classifier(data, out, args.seed, args.model_version, ship=args.ship)
+    except DatasetError as exc:
+        print(f"pdm-agent train: error: defect classifier: {exc}", file=sys.stderr)
+        return 2, str(exc)
+    cross = manifest.metrics.get("cross_load", {})
+    if not args.json:
+        print(
+            f"{manifest.model_id} {manifest.version}: {out / manifest.file} "
+            f"(cross-load mean macro-F1 {cross.get('mean_macro_f1', 'not evaluated')})"
+        )
+    return 0, {
+        "model": DEFECT_MODEL,
+        "file": str(out / manifest.file),
+        "cross_load_mean_macro_f1": cross.get("mean_macro_f1"),
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def _command(args: argparse.Namespace) -> str:

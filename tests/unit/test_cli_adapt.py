@@ -1,5 +1,5 @@
 """``pdm-agent adapt``: the automatic mode's adapter shape by default, ``--layers``, ``--json``, and exit codes
-that tell a usage error (2) from data that cannot be adapted on (1)."""
+that tell a usage error (2) from an adapter that cannot be made (1)."""
 
 from __future__ import annotations
 
@@ -69,10 +69,17 @@ def test_usage_errors_exit_2(argv: tuple[str, ...], message: str, capsys) -> Non
     assert code == 2 and message in err
 
 
-def test_data_that_cannot_be_adapted_on_exits_1(tmp_path: Path, capsys) -> None:
+def test_a_data_file_of_the_wrong_shape_or_missing_exits_2(tmp_path: Path, capsys) -> None:
     np.savez(tmp_path / "bad.npz", x=np.zeros((50, 3), dtype=np.float32))
     code, _, err = _adapt(capsys, "--data", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "a"))
-    assert code == 1 and "x must have shape (n, 16)" in err
+    assert code == 2 and "x must have shape (n, 16)" in err
+    code, _, err = _adapt(capsys, "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "a"))
+    assert code == 2 and "cannot read it as .npz" in err
+
+
+def test_too_few_windows_exit_1(rows: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = _adapt(capsys, "--data", str(rows), "--limit", "10", "--out", str(tmp_path / "a"))
+    assert code == 1 and "only 10 windows of machine m9; at least 20 are needed" in err
 
 
 def test_a_rank_below_one_is_refused_by_the_parser(capsys) -> None:
