@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from agent.config import ConfigError, json_schema, load_config
 
@@ -46,6 +49,11 @@ def _add_validate(subparsers: argparse._SubParsersAction, name: str, help_suffix
     )
     validate.add_argument("file", type=Path, help="the YAML config file")
     validate.add_argument("--models", action="store_true", help="also load and verify the configured models")
+    validate.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: {file, valid, errors: [{key, reason}], models: [...]} (exit status as without)",
+    )
     validate.set_defaults(func=cmd_validate)
 
 
@@ -58,11 +66,12 @@ def print_config_error(file: Path, exc: ConfigError) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    report: dict[str, Any] = {"file": str(args.file), "valid": False, "errors": [], "models": []}
     try:
         config = load_config(args.file)
     except ConfigError as exc:
-        print_config_error(args.file, exc)
-        return 1
+        report["errors"] = [{"key": key, "reason": reason} for key, reason in exc.errors]
+        return _report(args, report, partial(print_config_error, args.file, exc))
     if args.models:
         from agent.bootstrap import build_models  # heavy imports (onnxruntime) only when asked
         from agent.inference.manifest import ModelError
@@ -71,15 +80,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             models = build_models(config, Metrics())
         except ModelError as exc:
-            print(f"invalid model: {exc}", file=sys.stderr)
-            return 1
+            report["errors"] = [{"key": "inference", "reason": f"invalid model: {exc}"}]
+            return _report(args, report, partial(print, f"invalid model: {exc}", file=sys.stderr))
         for model in models.router.models:
-            print(f"model {model.model_id} {model.version}: ok (threshold {model.threshold:.4g})")
+            report["models"].append(
+                {"model_id": model.model_id, "version": model.version, "kind": "anomaly", "threshold": model.threshold}
+            )
         if models.classifier is not None:
-            names = ", ".join(models.classifier.class_names)
-            print(f"defect classifier {models.classifier.model_id} {models.classifier.version}: ok ({names})")
-    print(f"{args.file}: ok")
-    return 0
+            c = models.classifier
+            report["models"].append(
+                {"model_id": c.model_id, "version": c.version, "kind": "classifier", "classes": list(c.class_names)}
+            )
+    report["valid"] = True
+    return _report(args, report, partial(_print_ok, args.file, report["models"]))
+
+
+def _report(args: argparse.Namespace, report: dict[str, Any], as_text: Callable[[], None]) -> int:
+    """Print ``report`` as JSON on stdout (``--json``) or as text; the exit status: 0 valid, 1 not."""
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        as_text()
+    return 0 if report["valid"] else 1
+
+
+def _print_ok(file: Path, models: list[dict[str, Any]]) -> None:
+    for model in models:
+        if model["kind"] == "classifier":
+            names = ", ".join(model["classes"])
+            print(f"defect classifier {model['model_id']} {model['version']}: ok ({names})")
+        else:
+            print(f"model {model['model_id']} {model['version']}: ok (threshold {model['threshold']:.4g})")
+    print(f"{file}: ok")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

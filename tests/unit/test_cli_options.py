@@ -1,10 +1,16 @@
-"""Options every ``pdm-agent`` command shares: ``--log-level`` and ``--log-format`` before or after it."""
+"""Options every ``pdm-agent`` command shares: ``--log-level`` and ``--log-format`` before or after it;
+``--json`` of ``config validate``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from agent.cli import build_parser
+from agent.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = [
     ["run"],
@@ -37,3 +43,25 @@ def test_an_unknown_log_format_is_a_usage_error(capsys: pytest.CaptureFixture[st
         build_parser().parse_args(["run", "--log-format", "xml"])
     assert exited.value.code == 2
     assert "invalid choice: 'xml'" in capsys.readouterr().err
+
+
+def test_validate_json_reports_every_error_with_its_key_and_exits_1(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('mqtt:\n  port: "1883"\n  password: 12345678\nfoo: 1\n', encoding="utf-8")
+    assert main(["config", "validate", str(bad), "--json"]) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["valid"] is False and err == ""
+    assert [e["key"] for e in report["errors"]] == ["mqtt.port", "mqtt.password", "foo"]
+    assert "12345678" not in out  # a secret's value is never echoed, in JSON either
+
+
+def test_validate_json_lists_the_verified_models(capsys) -> None:
+    assert main(["validate-config", str(ROOT / "config" / "agent.yaml"), "--models", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is True and report["errors"] == []
+    assert [(m["model_id"], m["kind"]) for m in report["models"]] == [
+        ("vibration-anomaly", "anomaly"),
+        ("process-anomaly", "anomaly"),
+        ("bearing-defect-classifier", "classifier"),
+    ]
