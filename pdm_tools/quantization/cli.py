@@ -7,6 +7,9 @@ Reads the model directory's ``manifest.json`` to find the FP32 parent (``quantiz
 the model directory (``model.<candidate>.onnx``) and the manifest and model card are rewritten to name it
 and carry the record (an anomaly model shipped quantized gets its threshold recomputed by the shipped
 rule on the held-out healthy rows, since the threshold belongs to the shipped model's scores).
+
+Exit status: 0 done (whichever candidate the gate chose, FP32 included); 2 a usage error (bad options, a
+MODEL_DIR or DATA file that cannot be read as one).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ship", action="store_true", help="name the gate's choice in the manifest and model card of MODEL_DIR"
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of the table: the record (as in quantization.json), its file and what "
+        "was shipped",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,9 +82,13 @@ def main(args: argparse.Namespace) -> int:
         files["evaluation"] = _name(args.eval, model_dir)
     outcome = quantize_model(fp32, calibration.x, evaluation, out, settings, data_files=files, relative_to=model_dir)
     (out / RECORD_FILE).write_text(json.dumps(outcome.record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    shipped = ship(model_dir, manifest, outcome, evaluation) if args.ship else None
+    if args.json:
+        result = {"record_file": str(out / RECORD_FILE), "shipped": shipped, "record": outcome.record}
+        print(json.dumps(result, indent=2, allow_nan=False))
+        return 0
     print(render_table(outcome.record))
-    if args.ship:
-        shipped = ship(model_dir, manifest, outcome, evaluation)
+    if shipped is not None:
         print(f"shipped {shipped} (manifest and model card updated)")
     return 0
 

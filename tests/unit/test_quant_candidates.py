@@ -267,3 +267,11 @@ def test_layers_narrower_than_a_block_are_padded_to_a_valid_matmulnbits_block(tm
 def test_rows_for_the_gate_have_both_labels_for_an_anomaly_model(anomaly_dir: Path) -> None:
     rows = load_rows(anomaly_dir / "eval.npz", labels=True)
     assert isinstance(rows, Rows) and rows.y is not None and set(rows.y.tolist()) == {0, 1}
+
+
+def test_quantize_json_prints_the_record_and_nothing_else(classifier_dir: Path, tmp_path: Path, capsys) -> None:
+    capsys.readouterr()
+    assert _quantize(classifier_dir, "--out", str(tmp_path / "c"), "--json") == 0
+    result = json.loads(capsys.readouterr().out)  # the whole of stdout: no table around it
+    assert result["shipped"] is None and result["record_file"] == str(tmp_path / "c" / qcli.RECORD_FILE)
+    assert result["record"] == json.loads((tmp_path / "c" / qcli.RECORD_FILE).read_text())
