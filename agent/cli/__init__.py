@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -21,6 +22,7 @@ PLUGIN_GROUP = "pdm_agent.commands"
 DEFAULT_CONFIG = Path("config/agent.yaml")
 
 logger = logging.getLogger("agent")
+_RST_LITERAL = re.compile(r"``([^`]+)``")
 
 
 def _setup_logging(level: str, log_format: str = "text") -> None:
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     init_cli.add_parser(sub)
     adapt_cli.add_parser(sub)
     _add_plugin_commands(sub)
-    _add_log_options_to_subcommands(parser)
+    _finish_subcommands(parser)
     return parser
 
 
@@ -82,17 +84,30 @@ def _add_log_options(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
-def _add_log_options_to_subcommands(parser: argparse.ArgumentParser) -> None:
-    """``--log-level`` and ``--log-format`` after the subcommand too (``pdm-agent run --log-format json``).
+def _finish_subcommands(parser: argparse.ArgumentParser) -> None:
+    """What every (sub)subcommand gets, the plugins' included: ``--log-level`` and ``--log-format`` after the
+    subcommand too (``pdm-agent run --log-format json``), and a description in plain text.
 
-    Their default there is SUPPRESS: argparse lets a subcommand's default overwrite what was given before
-    the subcommand, so only a value given after it may.
+    The log options' default there is SUPPRESS: argparse lets a subcommand's default overwrite what was given
+    before the subcommand, so only a value given after it may. Descriptions are often module docstrings,
+    written in reST for the API docs: their double-backquoted literals lose the backquotes in --help.
     """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in dict.fromkeys(action.choices.values()):  # aliases share one parser
                 _add_log_options(sub, default=argparse.SUPPRESS)
-                _add_log_options_to_subcommands(sub)
+                if sub.description:
+                    sub.description = plain_text(sub.description)
+                _finish_subcommands(sub)
+
+
+def plain_text(rst: str) -> str:
+    """reST inline literals as plain text, for a terminal.
+
+    >>> plain_text("reads ``agent.features.bearing`` (``x``) and `y`")
+    'reads agent.features.bearing (x) and `y`'
+    """
+    return _RST_LITERAL.sub(r"\1", rst)
 
 
 def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:

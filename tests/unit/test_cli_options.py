@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,22 @@ def test_validate_json_lists_the_verified_models(capsys) -> None:
         ("process-anomaly", "anomaly"),
         ("bearing-defect-classifier", "classifier"),
     ]
+
+
+def _all_parsers(parser: argparse.ArgumentParser, name: str = "pdm-agent") -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(name, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found += _all_parsers(sub, f"{name} {sub_name}")
+    return found
+
+
+def test_every_help_text_is_plain_text_for_users() -> None:
+    """No reST literals (double backquotes) and no wording meant for the developers."""
+    parsers = _all_parsers(build_parser())
+    assert {"pdm-agent evaluate cwru", "pdm-agent model quantize", "pdm-agent adapt"} <= {n for n, _ in parsers}
+    for name, parser in parsers:
+        text = parser.format_help()
+        assert "``" not in text, name
+        assert not re.search(r"\bthe issue\b|\bTODO\b|\bnot in the issue", text), name
