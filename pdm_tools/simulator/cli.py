@@ -122,14 +122,15 @@ def build_config(args: argparse.Namespace) -> SimulatorConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the simulator: 0 when everything published was acknowledged, 2 on bad config, 1 otherwise."""
+    """Run the simulator: 0 when everything published was acknowledged, 2 on a bad option (usage), 1 on an
+    invalid config file (as ``pdm-agent run``) or anything else."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = build_config(args)
     except SimulatorConfigError as exc:
         print(f"simulator: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return 2 if exc.path.startswith("--") else 1
     stop = threading.Event()
     try:
         with _stop_on_signals(stop):

@@ -190,3 +190,10 @@ def test_bad_fault_flag_is_explained(spec: str, reason: str) -> None:
 def test_main_refuses_bad_config_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(parse("--speed", "0")) == 2
     assert "invalid configuration: --speed: speed: must be > 0" in capsys.readouterr().err
+
+
+def test_main_refuses_an_invalid_config_file_with_exit_code_1(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "simulator.yaml"
+    bad.write_text("broker:\n  port: 0\n", encoding="utf-8")
+    assert main(parse("--config", str(bad))) == 1  # like pdm-agent run: the file was read and found wanting
+    assert "invalid configuration: broker.port" in capsys.readouterr().err
