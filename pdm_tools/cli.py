@@ -90,10 +90,19 @@ def _add_commands(
     simulator_cli: ModuleType,
     training_cli: ModuleType,
 ) -> None:
-    def command(main: Callable[[argparse.Namespace], int], level: str) -> Callable[[argparse.Namespace], int]:
+    def command(
+        main: Callable[[argparse.Namespace], int], level: str, name: str | None = None
+    ) -> Callable[[argparse.Namespace], int]:
+        """``main`` with the log set up; with ``name``, a long job: progress lines while it runs (on a terminal)."""
+
         def run(args: argparse.Namespace) -> int:
             setup_logging(args.log_level or level, args.log_format or "text")
-            return main(args)
+            if name is None:
+                return main(args)
+            from pdm_tools.common.progress import progress
+
+            with progress(f"pdm-agent {name}" + (f" {args.dataset}" if name == "evaluate" else "")):
+                return main(args)
 
         return run
 
@@ -103,17 +112,17 @@ def _add_commands(
 
     train = sub.add_parser("train", help=_TRAIN[0], description=_TRAIN[1])
     training_cli.add_arguments(train)
-    train.set_defaults(func=command(training_cli.main, "INFO"))
+    train.set_defaults(func=command(training_cli.main, "INFO", "train"))
 
     evaluate = sub.add_parser("evaluate", help=_EVALUATE[0], description=_EVALUATE[1])
     evaluation_cli.add_arguments(evaluate)
-    evaluate.set_defaults(func=command(evaluation_cli.main, "WARNING"))
+    evaluate.set_defaults(func=command(evaluation_cli.main, "WARNING", "evaluate"))
 
     model = sub.add_parser("model", help="work on a built model (quantize)", description="Commands on a model dir.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     quantize = model_sub.add_parser("quantize", help=_QUANTIZE[0], description=_QUANTIZE[1])
     quantization_cli.add_arguments(quantize)
-    quantize.set_defaults(func=command(quantization_cli.main, "WARNING"))
+    quantize.set_defaults(func=command(quantization_cli.main, "WARNING", "model quantize"))
 
 
 def _missing(command: str, missing: list[str]) -> Callable[[argparse.Namespace], int]:

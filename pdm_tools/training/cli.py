@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pdm_tools.common.progress import note
 from pdm_tools.models.autoencoder import AutoencoderConfig
 from pdm_tools.quantization.static import CALIBRATION_METHODS, QuantizeConfig
 from pdm_tools.training.simdata import (
@@ -128,7 +129,9 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         subdir, build = MODELS[name]
         started = time.monotonic()
+        note(f"{name}: simulating the training data")
         data = build(plan)
+        note(f"{name}: training, exporting, quantizing and gating")
         manifest = train_anomaly_model(
             name,
             data.spec,
@@ -181,6 +184,7 @@ def _train_defect_classifier(args: argparse.Namespace) -> tuple[int, dict[str, A
         return 0, f"no CWRU data at {data} (pass --cwru-data DIR)"
     out = args.out / "defect_classifier"
     started = time.monotonic()
+    note(f"{DEFECT_MODEL}: CWRU features, training, cross-load evaluation")
     try:
         manifest = train_defect_classifier(data, out, args.seed, args.model_version, ship=args.ship)
     except DatasetError as exc:
