@@ -264,6 +264,11 @@ class Featurized:
     seed: int
     config: MlpConfig
 
+    @property
+    def n_features(self) -> int:
+        """Columns of the rows (the spec's, or another feature set's evaluated on the same protocols)."""
+        return int(next(iter(self.normal_test.values())).shape[1])
+
 
 def _cross_size(
     d: Featurized,
@@ -276,7 +281,7 @@ def _cross_size(
     sizes = sorted({r.diameter_in for r in d.faults if r.diameter_in is not None})
     if len(sizes) < 2 or any(r.diameter_in is None for r in d.faults):
         return None
-    cols = np.arange(d.spec.n_features) if columns is None else np.asarray(columns)
+    cols = np.arange(d.n_features) if columns is None else np.asarray(columns)
     parts = sorted(d.normal_train)
     folds: dict[str, Any] = {}
     for i, size in enumerate(sizes):
@@ -355,11 +360,11 @@ def _cross_bearing(
         part = parts[i % len(parts)]
         train = [(d.fault_rows[r.file], r.label) for r in d.faults if bearing_id(r) != name]
         train += [(d.normal_train[p], 0) for p in parts if p != part]
-        x_tr, y_tr = stack(train, d.spec.n_features)
+        x_tr, y_tr = stack(train, d.n_features)
         if len(np.unique(y_tr)) < len(CLASS_NAMES):
             raise DatasetError(f"cross-bearing: without bearing {name} a class has no training recording")
         model = fit_mlp(x_tr, y_tr, CLASS_NAMES, d.seed, d.config)
-        x_te, y_te = stack([(d.fault_rows[r.file], r.label) for r in recs], d.spec.n_features)
+        x_te, y_te = stack([(d.fault_rows[r.file], r.label) for r in recs], d.n_features)
         pred = model.predict(x_te)
         y_all.append(y_te)
         pred_all.append(pred)
@@ -375,8 +380,9 @@ def _cross_bearing(
             "recall": _r(float(np.mean(pred == y_te))),
             "predicted": {c: int((pred == k).sum()) for k, c in enumerate(CLASS_NAMES)},
         }
-        evidence = envelope_evidence(d.spec, x_te, kind)
-        reference = envelope_evidence(d.spec, healthy, kind)
+        same_columns = d.n_features == d.spec.n_features
+        evidence = envelope_evidence(d.spec, x_te, kind) if same_columns else None
+        reference = envelope_evidence(d.spec, healthy, kind) if same_columns else None
         if evidence is not None and reference is not None and len(reference):
             entry["envelope_evidence_median"] = _r(float(np.median(evidence)), 4)
             entry["healthy_evidence_max"] = _r(float(reference.max()), 4)
