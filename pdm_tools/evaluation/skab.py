@@ -316,6 +316,11 @@ def _row(name: str, f1: float, far: float, mar: float) -> str:
     return f"{name:<44} {f1:>5.3f} {far:>8.2f} {mar:>8.2f}"
 
 
+def _plain(values: dict[str, Any]) -> str:
+    """``{"p50": 3.1, "p99": 4.0}`` as ``p50 3.1, p99 4.0``: report text, not a dict repr."""
+    return ", ".join(f"{key} {value}" for key, value in values.items())
+
+
 def render_text(result: dict[str, Any]) -> str:
     """Human-readable report: ours beside the leaderboard, then the ONNX variants and the per-file lines."""
     lines = [
@@ -332,7 +337,7 @@ def render_text(result: dict[str, Any]) -> str:
     lines += [_row(f"  {e['model']}", e["f1"], e["far"], e["mar"]) for e in result["leaderboard"]]
     lines.append("")
     lines += [f"skipped: {s}" for s in result["skipped"]]
-    lines.append(f"config: {result['config']}")
+    lines.append("config: " + ", ".join(f"{key}={value}" for key, value in result["config"].items()))
     t = result["timing"]
     lines.append(f"streaming: {t['steps']} steps in {t['streaming_s']} s ({t['us_per_step']} us/step)")
     if quant:
@@ -344,9 +349,9 @@ def render_text(result: dict[str, Any]) -> str:
             )
         lat = quant["latency_first_file"]
         if lat:
-            per = ", ".join(f"{n} {lat[n]}" for n in lat if isinstance(lat[n], dict) and n != "sizes_bytes")
+            per = "; ".join(f"{n} {_plain(lat[n])}" for n in lat if isinstance(lat[n], dict) and n != "sizes_bytes")
             lines.append(f"latency ({lat['unit']}; {lat['cpu']}): {per}")
-            lines.append(f"sizes (bytes): {lat['sizes_bytes']}")
+            lines.append(f"sizes (bytes): {_plain(lat['sizes_bytes'])}")
     lines.append(
         "per file: " + "; ".join(f"{p['file']} F1 {p['f1']:.2f} FAR {p['far']:.1f}" for p in result["per_file"])
     )

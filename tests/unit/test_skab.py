@@ -79,3 +79,10 @@ def test_cli_text_report_and_missing_folder(skab_dir: Path, tmp_path: Path, caps
     assert "Conv-AE" in out and "commissioning baseline" in out
     assert cli.main(["evaluate", "skab", "--data", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_cli_text_report_has_no_dict_reprs(skab_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["evaluate", "skab", "--data", str(skab_dir)]) == 0  # with the ONNX variants and latency
+    out = capsys.readouterr().out
+    assert "latency (" in out and "config: commissioning_steps=400" in out
+    assert "{" not in out and "':" not in out, out
