@@ -4,80 +4,28 @@ object, from start through a rejected message to a clean stop."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from agent.cli.init import init_folder
+from tests.integration.agent_process import agent_process
 from tests.integration.mqtt_helpers import publish
 
 pytestmark = pytest.mark.integration
 
-TIMEOUT_S = 60.0
-
-
-def _closed_port() -> int:
-    """A port nothing listens on: the writer's connection is refused, so the writer process logs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(process: subprocess.Popen, log: Path, text: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if text in log.read_text(encoding="utf-8", errors="replace"):
-            return
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    pytest.fail(f"no {text!r} in the agent's log (exit code {process.poll()}):\n{log.read_text()[-4000:]}")
-
 
 def test_run_with_log_format_json_after_the_subcommand_writes_only_json_lines(mosquitto, tmp_path: Path) -> None:
-    init_folder(tmp_path / "site")
-    env = {
-        "PDM_MQTT_HOST": mosquitto.host,
-        "PDM_MQTT_PORT": str(mosquitto.port),
-        "PDM_INFLUX_URL": f"http://127.0.0.1:{_closed_port()}",
-        "PDM_HEALTH_PORT": "0",
-        "PDM_SPOOL": str(tmp_path / "state" / "spool.db"),
-    }
-    log = tmp_path / "agent.log"
-    command = [
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        "-c",
-        str(tmp_path / "site" / "agent.yaml"),
-        "--log-format",
-        "json",
-    ]
-    with log.open("wb") as out:
-        agent = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(agent, log, "subscribed to ")
+    # InfluxDB refuses (a closed port): the writer process retries and logs, in its own process
+    with agent_process(tmp_path, mosquitto, args=["--log-format", "json"]) as agent:
+        agent.wait_for("subscribed to ")
         publish(mosquitto, [(f"factory/s1/l1/logs-{uuid.uuid4().hex[:8]}/process", b"{garbage")])
-        _wait_for(agent, log, "rejected message on ")
-        agent.send_signal(signal.SIGTERM)
-        assert agent.wait(timeout=TIMEOUT_S) == 0, log.read_text()[-4000:]
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        agent.wait_for("rejected message on ")
+        assert agent.stop() == 0, agent.text()[-4000:]
 
-    lines = log.read_text(encoding="utf-8").splitlines()
     entries = []
-    for line in lines:
+    for line in agent.text().splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
