@@ -147,39 +147,8 @@ def evaluate(
     cross_bearing = _cross_bearing(folds)
     t_bearing = time.perf_counter()
 
-    n_features = spec.n_features
-    cross: dict[str, Any] = {}
-    cross3: dict[str, Any] = {}
-    quant: dict[str, Any] = {}
-    recipe: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pdm-cwru-") as tmp:
-        for test_load in loads:
-            key = f"test_load_{test_load}"
-            train_loads = [load for load in loads if load != test_load]
-            fault_train = [(fault_rows[r.file], r.label) for r in faults if r.load_hp != test_load]
-            fault_test = [(fault_rows[r.file], r.label) for r in faults if r.load_hp == test_load]
-            x_tr, y_tr = stack(fault_train + [(normal_train[load], 0) for load in train_loads], n_features)
-            x_te, y_te = stack([*fault_test, (normal_test[test_load], 0)], n_features)
-            model = fit_mlp(x_tr, y_tr, CLASS_NAMES, seed, config)
-            cross[key] = {
-                "train_loads": train_loads,
-                "test_load": test_load,
-                **classification.scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
-                "train_windows": len(y_tr),
-            }
-            if quantized:
-                scores, recipe = _quantized(model, x_tr, x_te, y_te, Path(tmp) / key)
-                quant[key] = {"train_loads": train_loads, "test_load": test_load, **scores}
-            # The three fault classes on their own (labels 1..3 -> 0..2).
-            x3_tr, y3_tr = stack(fault_train, n_features)
-            x3_te, y3_te = stack(fault_test, n_features)
-            model3 = fit_mlp(x3_tr, y3_tr - 1, FAULT_CLASSES, seed, config)
-            cross3[key] = {
-                "train_loads": train_loads,
-                "test_load": test_load,
-                **classification.scores(y3_te - 1, model3.predict(x3_te), len(FAULT_CLASSES)),
-                "train_windows": len(y3_tr),
-            }
+        cross, cross3, quant, recipe = _cross_load(folds, loads, Path(tmp), quantized)
         t_cross = time.perf_counter()
         random_split, random_quant = _random_split(
             spec, recordings, seed, config, Path(tmp) / "random", quantized=quantized
@@ -268,6 +237,45 @@ class Featurized:
     def n_features(self) -> int:
         """Columns of the rows (the spec's, or another feature set's evaluated on the same protocols)."""
         return int(next(iter(self.normal_test.values())).shape[1])
+
+
+def _cross_load(
+    d: Featurized, loads: Sequence[int], tmp: Path, quantized: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train on all loads but one, test on it, each rotation: four classes (FP32 and, if ``quantized``, INT8
+    exported under ``tmp``) and the three fault classes alone. Returns (four-class, fault-only, INT8, recipe).
+    """
+    cross: dict[str, Any] = {}
+    cross3: dict[str, Any] = {}
+    quant: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+    for test_load in loads:
+        key = f"test_load_{test_load}"
+        train_loads = [load for load in loads if load != test_load]
+        fault_train = [(d.fault_rows[r.file], r.label) for r in d.faults if r.load_hp != test_load]
+        fault_test = [(d.fault_rows[r.file], r.label) for r in d.faults if r.load_hp == test_load]
+        x_tr, y_tr = stack(fault_train + [(d.normal_train[load], 0) for load in train_loads], d.n_features)
+        x_te, y_te = stack([*fault_test, (d.normal_test[test_load], 0)], d.n_features)
+        model = fit_mlp(x_tr, y_tr, CLASS_NAMES, d.seed, d.config)
+        rotation = {"train_loads": train_loads, "test_load": test_load}
+        cross[key] = {
+            **rotation,
+            **classification.scores(y_te, model.predict(x_te), len(CLASS_NAMES)),
+            "train_windows": len(y_tr),
+        }
+        if quantized:
+            scores, recipe = _quantized(model, x_tr, x_te, y_te, tmp / key)
+            quant[key] = {**rotation, **scores}
+        # The three fault classes on their own (labels 1..3 -> 0..2).
+        x3_tr, y3_tr = stack(fault_train, d.n_features)
+        x3_te, y3_te = stack(fault_test, d.n_features)
+        model3 = fit_mlp(x3_tr, y3_tr - 1, FAULT_CLASSES, d.seed, d.config)
+        cross3[key] = {
+            **rotation,
+            **classification.scores(y3_te - 1, model3.predict(x3_te), len(FAULT_CLASSES)),
+            "train_windows": len(y3_tr),
+        }
+    return cross, cross3, quant, recipe
 
 
 def _cross_size(

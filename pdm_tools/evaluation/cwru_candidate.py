@@ -20,7 +20,8 @@ sets its scale:
   envelope favours, whatever the overall level).
 
 Run: ``python -m pdm_tools.evaluation.cwru_candidate [--data DIR] [--seeds 0 1 2 42] [--json]``: cross-size
-(mean and worst fold) for each seed and cross-bearing (seed 42), for the shipped features and the candidate.
+(mean and worst fold) for each seed, cross-bearing and cross-load FP32 / INT8 (last seed), for the shipped
+features and the candidate.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,10 +122,10 @@ def candidate_rows(spec: BearingFeatureSpec, rec: Recording, samples: np.ndarray
 
 
 def compare(data_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
-    """Cross-size per seed and cross-bearing (last seed) for the shipped features and the candidate."""
+    """Cross-size per seed; cross-bearing and cross-load FP32 / INT8 (last seed); shipped vs candidate."""
     spec = BearingFeatureSpec()
     config = MlpConfig()
-    _, faults, normal_by_load = cwru._arrange(load_cwru(data_dir))
+    loads, faults, normal_by_load = cwru._arrange(load_cwru(data_dir))
     out: dict[str, Any] = {"candidate_features": list(candidate_names(spec))}
     for label, rows in (("shipped", featurize), ("candidate", candidate_rows)):
         folds = cwru.Featurized(
@@ -146,6 +148,9 @@ def compare(data_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
                 "per_fold": {k: f["macro_f1"] for k, f in size["folds"].items()},
             }
         bearing = cwru._cross_bearing(folds)
+        with tempfile.TemporaryDirectory(prefix="pdm-cwru-candidate-") as tmp:
+            cross, _, quant, _ = cwru._cross_load(folds, loads, Path(tmp), quantized=True)
+        drops = [cross[k]["macro_f1"] - quant[k]["macro_f1"] for k in cross]
         out[label] = {
             "features": folds.n_features,
             "cross_size_by_seed": sizes,
@@ -154,6 +159,9 @@ def compare(data_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
                 k: bearing[k] for k in ("accuracy", "macro_f1", "mean_bearing_recall", "min_bearing_recall")
             }
             | {"recall": {name: b["recall"] for name, b in bearing["bearings"].items()}},
+            "cross_load": {k: cross[k]["macro_f1"] for k in cross},
+            "cross_load_int8": {k: quant[k]["macro_f1"] for k in quant},
+            "max_int8_drop_points": round(100 * max(drops), 4),
         }
     return out
 
