@@ -289,7 +289,7 @@ def build_ingest(
         speeds=stages.speeds,
         arrivals=arrivals,
         dead_letters=dead_letters,
-        owns=build_shard(config).owns if config.mqtt.shard.count > 1 else None,
+        shard=build_shard(config) if config.mqtt.shard.count > 1 else None,
     )
 
 

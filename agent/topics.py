@@ -11,6 +11,7 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | ``{base}/commands`` (subscribed) | no | operator commands: ack, silence, unsilence (see ``docs/contracts.md``) |
 | ``{base}/commands/result`` | no | ``{"v":1,"command","by","accepted","detail","time"}`` |
 | ``{base}/deadletter`` | no | ``{"v":1,"topic","code","reason","payload_excerpt","payload_bytes","time"}`` |
+| ``{base}/fleet`` | yes | sharded: ``{"v":1,"agent_id","shard":{"index","count"},"machines":[..],"time"}`` |
 | (summary) | no | beyond a rate: ``{"v":1,"code":"summary","reason","counts":{..},"total","from","to","time"}`` |
 
 Times in payloads are RFC 3339 UTC with milliseconds (``2024-11-25T23:00:00.250Z``).
@@ -109,6 +110,22 @@ class Topics:
     def command_result(self) -> str:
         """The agent's reply to each command: accepted and what it did, or refused and why."""
         return f"{self.base}/commands/result"
+
+    @property
+    def fleet(self) -> str:
+        """Retained: this agent's share of a sharded plant and the machines it owns (``pdm/+/fleet`` = the fleet)."""
+        return f"{self.base}/fleet"
+
+    def fleet_payload(self, index: int, count: int, machines: list[str], time_ns: int) -> bytes:
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "agent_id": self.agent_id,
+                "shard": {"index": index, "count": count},
+                "machines": machines,
+                "time": format_rfc3339(time_ns),
+            }
+        )
 
     def status_payload(self, state: StatusState, time_ns: int | None = None) -> bytes:
         if state not in ("online", "offline"):

@@ -1,6 +1,6 @@
 """Two agents share one plant (``mqtt.shard``): through one real Mosquitto into one InfluxDB 1.6.7, every
-reading is stored exactly once, each by the agent that owns its machine, and neither agent's windows see
-the other's machines."""
+reading is stored exactly once, each by the agent that owns its machine, neither agent keeps the other's
+machines, and the retained fleet view says which agent owns which."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from agent.config import parse_config
 from agent.ingest.shard import owner
 from agent.runtime.agent import Agent
 from agent.storage.influx_v1 import InfluxV1Sink
+from tests.integration.mqtt_helpers import Subscriber
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +96,15 @@ def test_two_agents_store_every_reading_once_each_only_its_own_machines(
     )
     counts = {series["tags"]["machine"]: series["values"][0][1] for series in rows}
     assert counts == dict.fromkeys(MACHINES, PER_MACHINE)
+
+    # The fleet view, retained: which agent owns which machines (the final one is published at the stop).
+    views = Subscriber(mosquitto.host, mosquitto.port, ["pdm/+/fleet"])
+    try:
+        seen = views.wait_for(lambda msgs: {t for t, _ in msgs} >= {f"pdm/{run}-0/fleet", f"pdm/{run}-1/fleet"})
+    finally:
+        views.close()
+    fleet = {body["agent_id"]: body for topic, body in seen if topic.startswith(f"pdm/{run}-")}
+    for index in range(2):
+        view = fleet[f"{run}-{index}"]
+        assert view["shard"] == {"index": index, "count": 2}
+        assert view["machines"] == [m for m in MACHINES if owner(m, 2) == index]
