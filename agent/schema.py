@@ -105,6 +105,40 @@ AGENT_FIELDS: Final = (
 # Per-label families the dashboards read by prefix: ``inference_seconds_p99_model_vibration_anomaly``.
 AGENT_FIELD_PREFIXES: Final = ("inference_seconds_p50_", "inference_seconds_p99_")
 
+# Every measurement: the tags it adds to the source tags (``reading`` ... ``defect``; ``alert_command`` and
+# ``agent`` have none of those) and its fields, a name ending in ``*`` standing for fields named by the data
+# (a reading's values, a model's features, one probability per class). The README's schema table is checked
+# against it (``tests/unit/test_schema_docs.py``).
+MEASUREMENTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    READING: ((), ("*", READING_SEQ_FIELD)),
+    VIBRATION: ((TAG_CHANNEL,), (VIBRATION_FIELD,)),
+    FEATURES: ((TAG_MODEL_ID, TAG_MODEL_VERSION), ("*",)),
+    SCORE: (
+        (TAG_MODEL_ID, TAG_MODEL_VERSION, TAG_ADAPTER),
+        (SCORE_FIELD, THRESHOLD_FIELD, ANOMALOUS_FIELD, WINDOW_START_FIELD),
+    ),
+    DEFECT: (
+        (TAG_MODEL_ID, TAG_MODEL_VERSION, DEFECT_CLASS_TAG),
+        (DEFECT_PROBABILITY_FIELD, f"{DEFECT_PROBABILITY_PREFIX}*"),
+    ),
+    ALERT: (
+        (TAG_MODEL_ID, TAG_MODEL_VERSION, ALERT_STATE_TAG, ALERT_TYPE_TAG, ALERT_SEVERITY_TAG),
+        (
+            ALERT_SCORE_FIELD,
+            ALERT_THRESHOLD_FIELD,
+            ALERT_EVENT_FIELD,
+            ALERT_SEQ_FIELD,
+            ALERT_ACTIVE_FIELD,
+            ALERT_DEFECT_FIELD,
+            ALERT_ACKED_FIELD,
+            ALERT_SILENCED_FIELD,
+            ALERT_FLAPPING_FIELD,
+        ),
+    ),
+    ALERT_COMMAND: ((COMMAND_TAG, COMMAND_RESULT_TAG, "machine"), (COMMAND_BY_FIELD, COMMAND_DETAIL_FIELD)),
+    AGENT: ((TAG_AGENT_ID,), ("*",)),
+}
+
 
 # --- what a name can be --------------------------------------------------------------------------------
 
