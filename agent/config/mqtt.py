@@ -140,6 +140,10 @@ class DecoderSection(Section):
         for group in self.group_ids:
             if not group or any(c in group for c in "+#/"):
                 problems.add("group_ids", f"{group!r} is not a Sparkplug group id (no '/', '+' or '#')")
+        for name in ("host_id", "sensor"):
+            value = getattr(self, name)
+            if value is not None and (not value or any(c in value for c in "+#/")):
+                problems.add(name, f"{value!r} must be one topic level (no '/', '+' or '#')")
         problems.check()
         return self
 

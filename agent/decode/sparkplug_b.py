@@ -49,6 +49,8 @@ NS_PER_MS: Final = 1_000_000
 REBIRTH_METRIC: Final = "Node Control/Rebirth"
 # Protocol metrics, not process values: never stored as readings.
 _CONTROL_PREFIXES: Final = ("Node Control/", "Device Control/", "Properties/", "Node Info/", "Device Info/")
+MAX_NODES: Final = 10_000
+"""Edge nodes the host keeps state for, at most: a flood of made-up node ids must not grow it without end."""
 _BDSEQ: Final = "bdSeq"
 EVENTS: Final = (
     "births",
@@ -172,7 +174,10 @@ class SparkplugBDecoder:
         if self._options.group_ids and topic.group not in self._options.group_ids:
             raise DecodeError("topic", f"group {quote(topic.group)} is not in mqtt.decoder.group_ids")
         payload = self._parse(message.payload)
-        node = self._nodes[(topic.group, topic.node)]
+        key = (topic.group, topic.node)
+        if key not in self._nodes and len(self._nodes) >= MAX_NODES:
+            raise DecodeError("too_large", f"more than {MAX_NODES:,} edge nodes; {quote(topic.node)} is not taken in")
+        node = self._nodes[key]
         now = message.received_ns
         if topic.kind == "NDEATH":
             self._node_death(topic, node, payload)

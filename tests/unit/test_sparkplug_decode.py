@@ -361,3 +361,13 @@ def test_the_config_refuses_sparkplug_without_host_id_and_group_ids_with_wildcar
     assert "mqtt.decoder.host_id" in text and "mqtt.decoder.group_ids" in text
     config = parse_config({"mqtt": {"decoder": {"type": "sparkplug_b", "host_id": "h"}}}, environ={})
     assert config.mqtt.decoder.reorder_timeout_s == 2.0
+
+
+def test_edge_nodes_beyond_the_bound_are_refused_and_known_ones_still_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.decode.sparkplug_b.MAX_NODES", 2)
+    d = born()  # gw1
+    d.decode(msg("spBv1.0/plant1/NBIRTH/gw2", nbirth()))
+    with pytest.raises(DecodeError) as info:
+        d.decode(msg("spBv1.0/plant1/NBIRTH/gw3", nbirth()))
+    assert info.value.code == "too_large" and "more than 2 edge nodes" in info.value.detail
+    assert d.decode(msg("spBv1.0/plant1/NDATA/gw1", alias_data(2, {1: ("double_value", 1.0)})))
