@@ -39,7 +39,8 @@ def test_init_writes_manifests_schema_and_dashboards(tmp_path: Path) -> None:
     dashboards = sorted(p.name for p in (tmp_path / "dashboards" / "json").iterdir())
     assert dashboards == ["agent_operations.json", "fleet_overview.json", "machine_detail.json"]
     assert (tmp_path / "dashboards" / "provisioning" / "datasources" / "influxdb.yaml").is_file()
-    assert len(written) == 20
+    assert sorted(p.name for p in (tmp_path / "dashboards" / "import").iterdir()) == dashboards  # for UI import
+    assert len(written) == 23
 
 
 def test_init_keeps_what_exists_unless_forced(tmp_path: Path) -> None:
