@@ -161,6 +161,12 @@ def train_defect_classifier(
                     for f in size["folds"].values()
                 },
             }
+        bearing = evaluation["cross_bearing"]
+        metrics["cross_bearing"] = {
+            **{k: bearing[k] for k in ("accuracy", "macro_f1", "mean_bearing_recall", "min_bearing_recall")},
+            "bearings": len(bearing["bearings"]),
+            "envelope_visible_bearings": bearing["envelope_visible_bearings"],
+        }
         quant = evaluation["quantized"]
         metrics["cross_load_int8"] = _brief(quant["cross_load"])
         metrics["int8_max_macro_f1_drop_points"] = quant["max_macro_f1_drop_points"]

@@ -172,3 +172,11 @@ def test_built_classifier_loads_verifies_and_classifies_windows_at_another_rate(
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="feature_spec_hash mismatch"):
         Manifest.load(out, task="classifier")
+
+
+def test_built_classifier_card_gives_the_new_bearing_figures(dataset: Path, tmp_path: Path) -> None:
+    manifest = train_defect_classifier(dataset, tmp_path / "model", seed=3, evaluate=True, latency_runs=2)
+    bearing = manifest.metrics["cross_bearing"]
+    assert bearing["bearings"] == 6 and 0 <= bearing["macro_f1"] <= 1
+    card = (tmp_path / "model" / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "Leaving one damaged bearing out (all its loads; 6 bearings)" in card
