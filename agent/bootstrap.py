@@ -30,6 +30,7 @@ from agent.adaptation.auto import AutoAdapter
 from agent.adaptation.lora import LoraConfig
 from agent.adaptation.serving import AdapterStore
 from agent.alerts.engine import AlertEngine
+from agent.alerts.homeassistant import Discovery
 from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import BaselineStore
@@ -228,6 +229,8 @@ def build_scoring(
         top_features=config.alerts.top_features,
     )
     commands_config = config.alerts.commands
+    topics = Topics(config.agent.id, config.mqtt.base_topic)
+    ha = config.homeassistant
     alerts = AlertOutput(
         engine=engine
         or AlertEngine(
@@ -237,13 +240,14 @@ def build_scoring(
             offline=offline,
         ),
         broker=broker,
-        topics=Topics(config.agent.id, config.mqtt.base_topic),
+        topics=topics,
         metrics=metrics,
         raw_policy=stages.raw_policy,
         store_raw=store_raw,
         state_store=state_store,
         clock_ns=clock_ns,
         auth=commands_config.command_auth(config.agent.id, clock_ns()),
+        discovery=Discovery(topics, ha.discovery_prefix) if ha.enabled else None,
     )
     return ScoringWorker(
         windows=windows if windows is not None else queue.Queue(maxsize=config.queues.windows_max),

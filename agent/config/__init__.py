@@ -26,7 +26,7 @@ from agent.config.inference import DefectSection, InferenceSection, ModelEntry
 from agent.config.learning import AdaptationAutoSection, AdaptationSection, CommissioningSection
 from agent.config.loader import Config, json_schema, load_config, parse_config
 from agent.config.mqtt import DecoderSection, MqttSection, MqttTlsSection
-from agent.config.service import AgentSection, HealthSection, QueuesSection
+from agent.config.service import AgentSection, HealthSection, HomeAssistantSection, QueuesSection
 from agent.config.storage import InfluxV1Section, InfluxV2Section, RawVibrationSection, SpoolSection, StorageSection
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "DecoderSection",
     "DefectSection",
     "HealthSection",
+    "HomeAssistantSection",
     "InferenceSection",
     "InfluxV1Section",
     "InfluxV2Section",

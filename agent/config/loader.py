@@ -14,7 +14,7 @@ from agent.config.errors import validate_model
 from agent.config.inference import InferenceSection
 from agent.config.learning import AdaptationSection, CommissioningSection
 from agent.config.mqtt import MqttSection
-from agent.config.service import AgentSection, HealthSection, QueuesSection
+from agent.config.service import AgentSection, HealthSection, HomeAssistantSection, QueuesSection
 from agent.config.storage import SpoolSection, StorageSection
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -51,6 +51,10 @@ class Config(Section):
     queues: QueuesSection = Field(default_factory=QueuesSection, description="Bounded queues between the threads.")
     health: HealthSection = Field(
         default_factory=HealthSection, description="HTTP /healthz, /readyz and Prometheus /metrics."
+    )
+    homeassistant: HomeAssistantSection = Field(
+        default_factory=HomeAssistantSection,
+        description="Optional Home Assistant MQTT discovery: machines as devices, their alert state as entities.",
     )
 
 

@@ -71,3 +71,17 @@ class HealthSection(Section):
         "scrape it.",
     )
     port: EnvInt = Field(9108, ge=0, le=65535, description="TCP port; 0 = any free port (logged at start).")
+
+
+class HomeAssistantSection(Section):
+    enabled: bool = Field(
+        False,
+        description="Announce the agent and each machine to Home Assistant by MQTT discovery (retained configs "
+        "under discovery_prefix): a machine becomes a device with its alert state as entities.",
+    )
+    discovery_prefix: EnvStr = Field(
+        "homeassistant",
+        min_length=1,
+        pattern=r"^[^+#]+$",
+        description="Home Assistant's MQTT discovery prefix (its default is homeassistant).",
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.alerts.commands import CommandAuth
 from agent.alerts.engine import AlertEngine, CommandError
+from agent.alerts.homeassistant import Discovery
 from agent.alerts.payload import alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
 from agent.metrics import Metrics
@@ -45,8 +46,10 @@ class AlertOutput:
         state_store: AlertStateStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         auth: CommandAuth | None = None,
+        discovery: Discovery | None = None,
     ) -> None:
         self.engine = engine
+        self._discovery = discovery  # Home Assistant: a machine's entities announced before its first state
         self._auth = auth  # None: unsigned commands, no check (tests of the engine's side only)
         self._broker = broker
         self._topics = topics
@@ -170,6 +173,9 @@ class AlertOutput:
             return
         now_ns = self.clock_ns()
         for machine in sorted(changed):
+            if self._discovery is not None:
+                for topic, config in self._discovery.for_machine(machine):
+                    self._broker.publish(topic, config, qos=1, retain=True)
             state = self.engine.machine_state(machine, now_ns)
             payload = machine_state_payload(state, self._topics.agent_id, now_ns)
             self._broker.publish(self._topics.state(machine), payload, qos=1, retain=True)
