@@ -1,4 +1,7 @@
-"""The alert JSON payload (schema ``agent/schemas/alert.schema.json``, version ``ALERT_SCHEMA_VERSION``)."""
+"""The alert JSON payload (schema ``agent/schemas/alert.schema.json``, version ``ALERT_SCHEMA_VERSION``).
+
+Version 3 carries its version as ``"v"``, like every other payload of the agent; version 2 called the same key
+``schema_version`` and was otherwise identical (docs/contracts.md, "Payload versions")."""
 
 from __future__ import annotations
 
@@ -9,13 +12,13 @@ from typing import Any
 from agent.records import Alert
 from agent.topics import format_rfc3339
 
-ALERT_SCHEMA_VERSION = 2
+ALERT_SCHEMA_VERSION = 3
 
 
 def alert_body(alert: Alert, agent_id: str) -> dict[str, Any]:
     """The payload of one lifecycle message as a JSON-able dict."""
     body: dict[str, Any] = {
-        "schema_version": ALERT_SCHEMA_VERSION,
+        "v": ALERT_SCHEMA_VERSION,
         "event_id": alert.event_id,
         "seq": alert.seq,
         "state": alert.state,
