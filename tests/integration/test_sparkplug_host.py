@@ -11,6 +11,7 @@ timestamp as the online message) when the agent's connection drops without a DIS
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -207,3 +208,65 @@ def test_sparkplug_edge_node_through_the_agent_into_influxdb(
     # One value per metric value published: births 1 + 20 data (the null stores nothing); supply_v:
     # birth, the DataSet message's other metric, and the message after the gap.
     assert counts == {"temperature": 21, "rpm": 21, "supply_v": 3}
+
+
+def test_fuzzed_sparkplug_payloads_never_stop_the_agent(mosquitto, influxdb_v1, influx_db_name, tmp_path: Path) -> None:
+    """Random and mutated protobuf on Sparkplug topics: each is stored or rejected with a known code; the
+    ingest worker never fails, and a valid node after them is stored."""
+    agent_id = f"spbfuzz-{time.monotonic_ns()}"
+    config = parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
+            "mqtt": {
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "decoder": {"type": "sparkplug_b", "host_id": f"h-{agent_id}", "group_ids": [GROUP]},
+            },
+            "storage": {"url": influxdb_v1.url, "v1": {"database": influx_db_name}, "flush_interval_s": 0.2},
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "inference": {"models": []},
+        }
+    )
+    rng = random.Random(20261203)
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    birth = TahuPayload(timestamp=t0, seq=0)
+    birth.metrics.add(name="bdSeq", datatype=8, long_value=1)
+    birth.metrics.add(name="temperature", alias=1, datatype=10, double_value=1.0, timestamp=t0)
+    seed = bytes(birth.SerializeToString())
+    fuzz: list[tuple[str, bytes]] = []
+    for i in range(300):
+        kind = rng.choice(["NBIRTH", "NDATA", "NDEATH", "DBIRTH/d1", "DDATA/d1"])
+        data = bytearray(seed) if i % 2 else bytearray(rng.randbytes(rng.randrange(1, 80)))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        fuzz.append(
+            (
+                f"spBv1.0/{GROUP}/{kind.split('/')[0]}/fz{i % 7}" + (f"/{kind.split('/')[1]}" if "/" in kind else ""),
+                bytes(data),
+            )
+        )
+    valid = [
+        (f"spBv1.0/{GROUP}/NBIRTH/ok", seed),
+        (f"spBv1.0/{GROUP}/NDATA/ok", _data(1, t0 + 1000, {1: ("double_value", 2.0)})),
+    ]
+    agent = build_agent(config)
+    agent.start()
+    try:
+        assert agent.mqtt.wait_subscribed(20)
+        publish(mosquitto, fuzz + valid)
+        sink = InfluxV1Sink(influxdb_v1.url, influx_db_name)
+        query = 'SELECT count("temperature") FROM "reading" WHERE "node" = \'ok\''
+        stored = 0
+        deadline = time.monotonic() + 60  # the valid node comes last: once stored, everything was taken
+        while stored < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            rows = sink.query(query) if agent.writer.flush(30) else []
+            stored = rows[0]["values"][0][1] if rows else 0
+        assert agent.ingest.is_alive()
+    finally:
+        agent.stop()
+    assert stored == 2
+    # Every message taken (plus the agent's own rebirth requests and STATE, which it also subscribes to).
+    assert agent.metrics.get("ingest.messages") >= len(fuzz) + len(valid)
+    assert agent.metrics.get("pipeline.errors", worker="ingest") == 0
