@@ -147,6 +147,10 @@ class SparkplugBDecoder:
             (*(f"{NAMESPACE}/{g}/#" for g in groups), self._state_topic) if groups else (f"{NAMESPACE}/#",)
         )
         self._nodes: dict[tuple[str, str], _Node] = defaultdict(_Node)
+        # What ``outbox`` looks at: nodes a message reached since its last call, and nodes with a rebirth due
+        # (so that a call costs what changed, not the number of nodes).
+        self._touched: set[tuple[str, str]] = set()
+        self._waiting: set[tuple[str, str]] = set()
         self._publish: list[Publish] = []
         self._rejected: list[Rejection] = []
         self._counts: dict[str, int] = dict.fromkeys(EVENTS, 0)
@@ -178,6 +182,7 @@ class SparkplugBDecoder:
         if key not in self._nodes and len(self._nodes) >= MAX_NODES:
             raise DecodeError("too_large", f"more than {MAX_NODES:,} edge nodes; {quote(topic.node)} is not taken in")
         node = self._nodes[key]
+        self._touched.add(key)
         now = message.received_ns
         if topic.kind == "NDEATH":
             self._node_death(topic, node, payload)
@@ -223,9 +228,15 @@ class SparkplugBDecoder:
 
     def outbox(self, now_ns: int) -> tuple[list[Publish], list[Rejection]]:
         """Due rebirth requests and changed node states (to publish) and per-metric rejections (to report)."""
-        for (group, node_id), node in self._nodes.items():
+        keys, self._touched = self._touched | self._waiting, set()
+        for group, node_id in keys:
+            node = self._nodes[(group, node_id)]
             if node.rebirth_due_ns is not None and now_ns >= node.rebirth_due_ns:
                 self._rebirth(group, node_id, node, now_ns)
+            if node.rebirth_due_ns is None:
+                self._waiting.discard((group, node_id))
+            else:
+                self._waiting.add((group, node_id))
             if node.state_changed:
                 node.state_changed = False
                 self._publish.append(self._state(group, node_id, node, now_ns))
