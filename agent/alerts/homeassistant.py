@@ -5,7 +5,7 @@ Home Assistant creates an entity for every retained JSON config it finds under
 nothing is published twice:
 
 - the agent (device ``pdm_{agent_id}``): ``binary_sensor`` connectivity from ``{base}/status``, and the
-  messages it received from ``{base}/heartbeat``;
+  messages it received and rejected from ``{base}/heartbeat`` (its flat ``fields``);
 - each machine (device ``pdm_{agent_id}_{machine}``, via the agent): ``binary_sensor`` problem (on while an
   alert event is open), ``sensor`` severity (``ok``, ``warning``, ``major``, ``critical``) with the open
   events and silences as attributes, and ``sensor`` open alert events, all from ``{base}/state/{machine}``.
@@ -88,9 +88,21 @@ class Discovery:
                 {
                     "name": "Messages received",
                     "state_topic": heartbeat,
-                    "value_template": "{{ value_json.counters['ingest.messages'] | int(0) }}",
+                    "value_template": "{{ value_json.fields.ingest_messages | int(0) }}",
                     "state_class": "total_increasing",
                     "icon": "mdi:message-arrow-left",
+                    "device": device,
+                },
+            ),
+            self._config(
+                "sensor",
+                "agent_rejected",
+                {
+                    "name": "Messages rejected",
+                    "state_topic": heartbeat,
+                    "value_template": "{{ value_json.fields.decode_errors | int(0) }}",
+                    "state_class": "total_increasing",
+                    "icon": "mdi:message-alert",
                     "device": device,
                 },
             ),

@@ -128,12 +128,17 @@ class Agent:
         return snap
 
     def publish_heartbeat(self) -> None:
-        """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB."""
+        """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB.
+
+        The heartbeat carries them twice: ``counters`` by dotted name with the labels in braces
+        (``decode.errors{reason=json}``), and ``fields``, flat snake_case keys exactly as the ``agent`` point's
+        fields (``decode_errors``, ``decode_errors_reason_json``), for consumers that cannot parse the labels
+        out of a key (Home Assistant templates, Node-RED)."""
         snap = self.summary()
         now_ns = time.time_ns()
-        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap}
-        self.outbound.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
         fields = agent_fields(self.metrics.collect())
+        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap, "fields": fields}
+        self.outbound.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
         if fields and not self.spool.closed:
             tags = {schema.TAG_AGENT_ID: self.config.agent.id}
             try:

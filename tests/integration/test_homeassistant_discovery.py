@@ -59,8 +59,8 @@ def _retained(mosquitto, topic_filter: str, expected: int) -> list[tuple[str, di
 
 def test_the_agent_and_a_scored_machine_are_announced_retained(mosquitto, tmp_path: Path) -> None:
     prefix, base, machine = _run(mosquitto, tmp_path, enabled=True)
-    configs = dict(_retained(mosquitto, f"{prefix}/#", 5))
-    assert len(configs) == 5, sorted(configs)
+    configs = dict(_retained(mosquitto, f"{prefix}/#", 6))
+    assert len(configs) == 6, sorted(configs)
     problem = next(c for t, c in configs.items() if t.startswith(f"{prefix}/binary_sensor/") and "problem" in t)
     assert problem["state_topic"] == f"{base}/state/{machine}" and problem["availability_topic"] == f"{base}/status"
     online = next(c for t, c in configs.items() if t.endswith("/agent_online/config"))

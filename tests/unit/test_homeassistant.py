@@ -25,6 +25,7 @@ def test_the_agent_and_a_machine_are_announced_once() -> None:
         "homeassistant/binary_sensor/pdm_edge-01/agent_online/config",
         "homeassistant/binary_sensor/pdm_edge-01/press-7_problem/config",
         "homeassistant/sensor/pdm_edge-01/agent_messages/config",
+        "homeassistant/sensor/pdm_edge-01/agent_rejected/config",
         "homeassistant/sensor/pdm_edge-01/press-7_open_alerts/config",
         "homeassistant/sensor/pdm_edge-01/press-7_severity/config",
     ]

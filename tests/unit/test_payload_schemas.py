@@ -12,6 +12,7 @@ import pytest
 
 from agent.alerts.commands import sign_command
 from agent.alerts.payload import machine_state_payload
+from agent.health.selfmetrics import agent_fields
 from agent.metrics import Metrics
 from agent.topics import Topics
 
@@ -75,10 +76,19 @@ def test_heartbeat_payload_names_every_metric_as_the_schema_says() -> None:
     metrics = Metrics()
     metrics.inc("decode.errors", reason="json")
     metrics.observe("inference.seconds", 0.002, model="vibration-anomaly")
-    body = {"v": 1, "agent_id": "edge-01", "time_ns": T, "counters": {**metrics.snapshot(), "spool.depth": 0}}
+    counters = {**metrics.snapshot(), "spool.depth": 0}
+    body = {
+        "v": 1,
+        "agent_id": "edge-01",
+        "time_ns": T,
+        "counters": counters,
+        "fields": agent_fields(metrics.collect()),
+    }
     assert valid("heartbeat", body)
     assert "inference.seconds.p99{model=vibration-anomaly}" in body["counters"]
+    assert body["fields"]["decode_errors"] == body["fields"]["decode_errors_reason_json"] == 1  # flat, and the total
     assert not valid("heartbeat", {**body, "counters": {"Bad Name": 1}})
+    assert not valid("heartbeat", {**body, "fields": {"decode.errors{reason=json}": 1}})
 
 
 @pytest.mark.parametrize(
