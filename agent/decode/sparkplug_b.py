@@ -279,16 +279,18 @@ class SparkplugBDecoder:
 
     def _own_state(self, raw: bytes) -> None:
         """An offline STATE of this host that is not the will of the current connection (an older session's,
-        delivered late): edge nodes would take the host for gone, so online is published again (spec)."""
+        delivered late), or a payload that is no STATE at all: edge nodes would take the host for gone, so
+        online is published again (spec)."""
         try:
             body = json.loads(raw)
         except ValueError:
-            return  # not ours to judge: someone else's payload on our topic is overwritten below anyway
-        if isinstance(body, dict) and body.get("online") is True:
-            return
-        stamp = body.get("timestamp") if isinstance(body, dict) else None
-        if stamp is not None and stamp == self._state_payload.will_ms:
-            return  # this connection's own offline (a clean stop)
+            body = None  # not a STATE payload: edge nodes cannot read it either, so it is replaced too
+        if isinstance(body, dict):
+            if body.get("online") is True:
+                return
+            stamp = body.get("timestamp")
+            if stamp is not None and stamp == self._state_payload.will_ms:
+                return  # this connection's own offline (a clean stop)
         self._counts["state_restored"] += 1
         self._publish.append(Publish(self._state_topic, self._state_payload("online"), qos=1, retain=True))
 

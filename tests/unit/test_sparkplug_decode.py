@@ -371,3 +371,11 @@ def test_edge_nodes_beyond_the_bound_are_refused_and_known_ones_still_work(monke
         d.decode(msg("spBv1.0/plant1/NBIRTH/gw3", nbirth()))
     assert info.value.code == "too_large" and "more than 2 edge nodes" in info.value.detail
     assert d.decode(msg("spBv1.0/plant1/NDATA/gw1", alias_data(2, {1: ("double_value", 1.0)})))
+
+
+def test_a_payload_on_the_own_state_topic_that_is_no_state_is_replaced_with_online() -> None:
+    d = decoder()
+    d.presence().payload("offline")
+    d.decode(msg("spBv1.0/STATE/pdm-host", b"OFFLINE"))  # a Sparkplug 2.x host's payload
+    (republished,) = d.outbox(T0_NS)[0]
+    assert json.loads(republished.payload)["online"] is True
