@@ -270,3 +270,73 @@ def test_fuzzed_sparkplug_payloads_never_stop_the_agent(mosquitto, influxdb_v1, 
     # Every message taken (plus the agent's own rebirth requests and STATE, which it also subscribes to).
     assert agent.metrics.get("ingest.messages") >= len(fuzz) + len(valid)
     assert agent.metrics.get("pipeline.errors", worker="ingest") == 0
+
+
+def test_a_sparkplug_device_gets_the_same_commissioning_baseline_and_alerts(
+    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path
+) -> None:
+    """Readings from Sparkplug go through the same stages as JSON ones: the device's process metrics are
+    commissioned, and an overheating afterwards raises an alert on the agent's alert topic."""
+    agent_id = f"spbalert-{time.monotonic_ns()}"
+    config = parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
+            "mqtt": {
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "decoder": {"type": "sparkplug_b", "host_id": f"h-{agent_id}", "group_ids": [GROUP]},
+            },
+            "storage": {"url": influxdb_v1.url, "v1": {"database": influx_db_name}, "flush_interval_s": 0.2},
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "inference": {"models": []},
+            "commissioning": {"enabled": True, "commissioning_steps": 60, "smoothing_steps": 5},
+        }
+    )
+    rng = random.Random(7)
+    t0 = time.time_ns() // 1_000_000 - 600_000
+    channels = {"temperature": (10, 55.0, 0.3), "current": (11, 12.0, 0.1), "pressure": (12, 3.0, 0.02)}
+
+    def step(i: int, fault: float) -> list[psp.Metric]:
+        return [
+            psp.Metric(
+                timestamp=t0 + 1000 * i,
+                name=name,
+                alias=alias,
+                datatype=psp.DataType.DOUBLE,
+                value=mean + rng.gauss(0, sd) + (fault if name == "temperature" else 0.0),
+            )
+            for name, (alias, mean, sd) in channels.items()
+        ]
+
+    node = psp.NBirth(
+        timestamp=t0,
+        seq=0,
+        metrics=(psp.Metric(timestamp=t0, name="bdSeq", datatype=psp.DataType.UINT64, value=0),),
+    ).encode()
+    messages = [(f"spBv1.0/{GROUP}/NBIRTH/{NODE}", node)]
+    messages.append(
+        (
+            f"spBv1.0/{GROUP}/DBIRTH/{NODE}/{DEVICE}",
+            psp.DBirth(timestamp=t0, seq=1, metrics=tuple(step(0, 0.0))).encode(),
+        )
+    )
+    for i in range(1, 150):
+        fault = 15.0 if i >= 100 else 0.0
+        payload = psp.DData(timestamp=t0 + 1000 * i, seq=(i + 1) % 256, metrics=tuple(step(i, fault))).encode()
+        messages.append((f"spBv1.0/{GROUP}/DDATA/{NODE}/{DEVICE}", payload))
+    alerts = Recorder(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/alerts/#"])
+    agent = build_agent(config)
+    agent.start()
+    try:
+        assert agent.mqtt.wait_subscribed(20)
+        publish(mosquitto, messages)
+        raised = alerts.wait_for(lambda m: any(json.loads(p).get("state") == "new" for _, p, _ in m), 60)
+    finally:
+        agent.stop()
+        alerts.close()
+    topic, body = next((t, json.loads(p)) for t, p, _ in raised if json.loads(p).get("state") == "new")
+    assert topic == f"pdm/{agent_id}/alerts/{DEVICE}/process"
+    assert body["tags"] == {"group": GROUP, "node": NODE, "machine": DEVICE, "sensor": "process"}
+    assert agent.metrics.get("commissioning.steps", phase="commissioning") == 60
+    assert agent.metrics.get("decode.events", event="seq_gaps") == 0
