@@ -28,7 +28,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ import pandas as pd
 from agent.commissioning import CommissioningBaseline, CommissioningConfig
 from agent.commissioning.detector import Detector
 from pdm_tools.datasets.paths import dataset_dir
+from pdm_tools.evaluation import plots
 from pdm_tools.models.commissioning_export import build_onnx, calibration_rows, window_rows
 from pdm_tools.quantization import static as q
 
@@ -190,8 +191,14 @@ def protocol_config(config: CommissioningConfig | None = None) -> CommissioningC
     return CommissioningConfig(commissioning_steps=TRAIN_ROWS, detector=detector)
 
 
-def evaluate(data_dir: Path, config: CommissioningConfig | None = None, quantized: bool = True) -> dict[str, Any]:
-    """Run the protocol on the files in ``data_dir``; the result is JSON-ready."""
+def evaluate(
+    data_dir: Path,
+    config: CommissioningConfig | None = None,
+    quantized: bool = True,
+    on_file: Callable[[SkabFile, np.ndarray, float], None] | None = None,
+) -> dict[str, Any]:
+    """Run the protocol on the files in ``data_dir``; the result is JSON-ready. ``on_file`` gets each file
+    with its scores (NaN while commissioning) and threshold (the figures of ``--plots``)."""
     config = protocol_config(config)
     t0 = time.perf_counter()
     files, skipped = load_skab(data_dir)
@@ -201,7 +208,9 @@ def evaluate(data_dir: Path, config: CommissioningConfig | None = None, quantize
     steps = 0
     t_stream = time.perf_counter()
     for f in files:
-        _, flags, detector = stream_file(f.values, config)
+        scores, flags, detector = stream_file(f.values, config)
+        if on_file is not None:
+            on_file(f, scores, detector.threshold)
         c = Confusion.of(flags[TRAIN_ROWS:], f.labels[TRAIN_ROWS:])
         total = total + c
         steps += len(f.values)
@@ -296,15 +305,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--no-quantize", action="store_true", help="skip the ONNX FP32/INT8 comparison (faster)")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="also write PNG figures into DIR: each file's score over time with the threshold and the labelled "
+        "anomaly, and the pooled confusion matrix",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     data_dir = args.data if args.data is not None else default_data_dir()
+    figures: list[Path] = []
+
+    def score_figure(f: SkabFile, scores: np.ndarray, threshold: float) -> None:
+        path = args.plots / f"skab_scores_{plots.file_stem(f.name)}.png"
+        title = f"SKAB {f.name}: commissioning baseline score"
+        figures.append(plots.score_figure(path, title, scores, threshold, f.labels, TRAIN_ROWS))
+
     try:
-        result = evaluate(Path(data_dir), quantized=not args.no_quantize)
+        if args.plots is not None:
+            args.plots.mkdir(parents=True, exist_ok=True)
+        on_file = score_figure if args.plots is not None else None
+        result = evaluate(Path(data_dir), quantized=not args.no_quantize, on_file=on_file)
     except DatasetError as exc:
         print(f"skab: {exc}", file=sys.stderr)
         return 2
+    except (OSError, plots.PlotsUnavailable) as exc:  # the plots folder; matplotlib not installed
+        print(f"skab: {exc}", file=sys.stderr)
+        return 2
+    if args.plots is not None:
+        matrix = np.array([[result["tn"], result["fp"]], [result["fn"], result["tp"]]])
+        title = f"SKAB, {result['files']} files pooled (test rows)"
+        figures.append(plots.confusion_figure(args.plots / "skab_confusion.png", title, matrix, ["normal", "anomaly"]))
+        print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grimp
 import pytest
 
-TOOLS_ONLY_LIBRARIES = ("scipy", "pandas", "sklearn", "jsonschema", "pytest")
+TOOLS_ONLY_LIBRARIES = ("scipy", "pandas", "sklearn", "jsonschema", "pytest", "matplotlib")
 
 
 @pytest.fixture(scope="module")

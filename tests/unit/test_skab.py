@@ -86,3 +86,28 @@ def test_cli_text_report_has_no_dict_reprs(skab_dir: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert "latency (" in out and "config: commissioning_steps=400" in out
     assert "{" not in out and "':" not in out, out
+
+
+def test_plots_writes_a_score_figure_per_file_and_the_confusion_matrix(
+    skab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "figures"
+    assert cli.main(["evaluate", "skab", "--data", str(skab_dir), "--no-quantize", "--plots", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["skab_confusion.png", "skab_scores_other_1.png", "skab_scores_valve1_0.png"]
+    for path in out.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+    assert "wrote 3 figures" in capsys.readouterr().err
+
+
+def test_plots_without_matplotlib_is_a_usage_error(
+    skab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdm_tools.evaluation import plots
+
+    def missing() -> None:
+        raise plots.PlotsUnavailable("--plots needs matplotlib: pip install 'pdm-agent[tools]'")
+
+    monkeypatch.setattr(plots, "_pyplot", missing)
+    code = cli.main(["evaluate", "skab", "--data", str(skab_dir), "--no-quantize", "--plots", str(tmp_path / "f")])
+    assert code == 2 and "pip install 'pdm-agent[tools]'" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""PNG figures of an evaluation (``pdm-agent evaluate ... --plots DIR``), drawn with matplotlib.
+
+matplotlib is a dependency of the tools (``pip install 'pdm-agent[tools]'``), never of the edge runtime, and
+is imported only when figures are asked for. Figures are written without a display (the Agg backend).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class PlotsUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotsUnavailable("--plots needs matplotlib: pip install 'pdm-agent[tools]'") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def file_stem(name: str) -> str:
+    """A file name part from a dataset file's name.
+
+    >>> file_stem("valve1/0.csv")
+    'valve1_0'
+    """
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name.removesuffix(".csv")).strip("_")
+
+
+def score_figure(
+    path: Path,
+    title: str,
+    scores: np.ndarray,
+    threshold: float,
+    labels: np.ndarray,
+    train_rows: int,
+) -> Path:
+    """The score of every row over time, the threshold, the labelled anomalies shaded and the commissioning
+    (training) rows marked: where the detector fires against where the anomaly is."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=100)
+    rows = np.arange(len(scores))
+    ax.plot(rows, scores, lw=0.8, color="tab:blue", label="score")
+    ax.axhline(threshold, color="tab:red", lw=1.0, ls="--", label=f"threshold {threshold:.3g}")
+    ax.axvspan(0, train_rows, color="0.85", label="commissioning (training)")
+    _shade(ax, labels.astype(bool), "tab:orange", "labelled anomaly")
+    ax.set_xlabel("row (1 s each)")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small", ncols=4)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(path: Path, title: str, matrix: np.ndarray, names: Sequence[str]) -> Path:
+    """A confusion matrix: true classes down, predicted across, counts in the cells."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.1 * len(names) + 1.5), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = matrix.max() if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _shade(ax: Any, mask: np.ndarray, color: str, label: str) -> None:
+    """Shade every run of True in ``mask`` (one legend entry)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    for n, (start, end) in enumerate(zip(edges[::2], edges[1::2], strict=True)):
+        ax.axvspan(start, end, color=color, alpha=0.25, label=label if n == 0 else None)
