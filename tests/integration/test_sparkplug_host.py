@@ -340,3 +340,67 @@ def test_a_sparkplug_device_gets_the_same_commissioning_baseline_and_alerts(
     assert body["tags"] == {"group": GROUP, "node": NODE, "machine": DEVICE, "sensor": "process"}
     assert agent.metrics.get("commissioning.steps", phase="commissioning") == 60
     assert agent.metrics.get("decode.events", event="seq_gaps") == 0
+
+
+def test_a_dead_sparkplug_device_opens_no_no_data_alert_and_a_silent_live_one_does(
+    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path
+) -> None:
+    """Both devices are commissioned and scored, then fall silent: the one its DDEATH declared dead opens no
+    ``no_data`` alert (counted as suppressed), the live one does."""
+    agent_id = f"spbdead-{time.monotonic_ns()}"
+    config = parse_config(
+        {
+            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "health": {"port": 0},
+            "mqtt": {
+                "host": mosquitto.host,
+                "port": mosquitto.port,
+                "decoder": {"type": "sparkplug_b", "host_id": f"h-{agent_id}", "group_ids": [GROUP]},
+            },
+            "storage": {"url": influxdb_v1.url, "v1": {"database": influx_db_name}, "flush_interval_s": 0.2},
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "inference": {"models": []},
+            "commissioning": {"enabled": True, "commissioning_steps": 20, "smoothing_steps": 3},
+            "alerts": {"types": {"commissioning-baseline": {"no_data_after_s": 2.0}}},
+        }
+    )
+    rng = random.Random(11)
+    t0 = time.time_ns() // 1_000_000 - 600_000
+    seq = iter(range(1, 10_000))
+
+    def values(i: int) -> tuple[psp.Metric, ...]:
+        means = {"temperature": 55.0, "current": 12.0, "pressure": 3.0}
+        return tuple(
+            psp.Metric(timestamp=t0 + 1000 * i, name=n, datatype=psp.DataType.DOUBLE, value=m + rng.gauss(0, 0.1))
+            for n, m in means.items()
+        )
+
+    bd = psp.Metric(timestamp=t0, name="bdSeq", datatype=psp.DataType.UINT64, value=0)
+    messages = [(f"spBv1.0/{GROUP}/NBIRTH/{NODE}", psp.NBirth(timestamp=t0, seq=0, metrics=(bd,)).encode())]
+    for device in (DEVICE, "lathe-2"):
+        birth = psp.DBirth(timestamp=t0, seq=next(seq) % 256, metrics=values(0)).encode()
+        messages.append((f"spBv1.0/{GROUP}/DBIRTH/{NODE}/{device}", birth))
+    for i in range(1, 40):
+        for device in (DEVICE, "lathe-2"):
+            data = psp.DData(timestamp=t0 + 1000 * i, seq=next(seq) % 256, metrics=values(i)).encode()
+            messages.append((f"spBv1.0/{GROUP}/DDATA/{NODE}/{device}", data))
+    death = psp.DDeath(timestamp=t0 + 50_000, seq=next(seq) % 256).encode()
+    alerts = Recorder(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/alerts/#"])
+    agent = build_agent(config)
+    agent.start()
+    try:
+        assert agent.mqtt.wait_subscribed(20)
+        # The death right behind the data, so that it is decoded long before the silence counts.
+        publish(mosquitto, [*messages, (f"spBv1.0/{GROUP}/DDEATH/{NODE}/{DEVICE}", death)])
+        alerts.wait_for(lambda m: any(json.loads(p).get("alert_type") == "no_data" for _, p, _ in m), 60)
+        deadline = time.monotonic() + 60
+        suppressed = 0.0
+        while not suppressed and time.monotonic() < deadline:
+            time.sleep(0.1)
+            suppressed = agent.metrics.get("alerts.suppressed", reason="source_offline", alert_type="no_data")
+    finally:
+        agent.stop()
+        alerts.close()
+    gaps = [t for t, p, _ in alerts.messages if json.loads(p).get("alert_type") == "no_data"]
+    assert gaps and all(t == f"pdm/{agent_id}/alerts/lathe-2/process" for t in gaps)
+    assert suppressed == 1
