@@ -43,6 +43,7 @@ from agent.decode.base import DecoderContext, Presence, Publish, Rejection
 from agent.decode.errors import DecodeError, DecodeErrorCode, quote
 from agent.decode.json_v1 import _check_name
 from agent.records import NS_PER_S, Decoded, Message, Reading, Source
+from agent.topics import format_rfc3339
 
 NAMESPACE: Final = "spBv1.0"
 NS_PER_MS: Final = 1_000_000
@@ -340,7 +341,7 @@ class SparkplugBDecoder:
             "state": "online" if node.born else "stale",
             "bdSeq": node.bd_seq,
             "devices": {d: "online" if up and node.born else "stale" for d, up in sorted(node.devices.items())},
-            "time_ms": now_ns // NS_PER_MS,
+            "time": format_rfc3339(now_ns),
         }
         topic = f"{self._base}/sparkplug/{group}/{node_id}"
         return Publish(topic, json.dumps(body, separators=(",", ":")).encode(), qos=1, retain=True)

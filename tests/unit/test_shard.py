@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 from agent.config import parse_config
 from agent.config.errors import ConfigError
 from agent.ingest.shard import Shard, owner
+from agent.topics import Topics
 
 MACHINES = [f"press-{i:04d}" for i in range(4000)]
 
@@ -43,3 +47,11 @@ def test_the_config_refuses_shared_subscriptions_and_an_index_beyond_the_count()
     assert "splits a machine's stream" in text
     with pytest.raises(ConfigError, match=r"mqtt\.shard\.index: must be below count \(2\)"):
         parse_config({"mqtt": {"shard": {"count": 2, "index": 2}}}, environ={})
+
+
+def test_the_fleet_view_payload_matches_its_schema() -> None:
+    path = Path(__file__).resolve().parents[2] / "agent" / "schemas" / "fleet.schema.json"
+    validator = jsonschema.Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
+    payload = json.loads(Topics("edge-01").fleet_payload(1, 3, ["m01", "m02"], 1_790_000_000 * 10**9))
+    assert validator.is_valid(payload)
+    assert not validator.is_valid({**payload, "shard": {"index": -1, "count": 3}})

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
+import jsonschema
 import pysparkplug as psp
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -379,3 +381,22 @@ def test_a_payload_on_the_own_state_topic_that_is_no_state_is_replaced_with_onli
     d.decode(msg("spBv1.0/STATE/pdm-host", b"OFFLINE"))  # a Sparkplug 2.x host's payload
     (republished,) = d.outbox(T0_NS)[0]
     assert json.loads(republished.payload)["online"] is True
+
+
+def _valid(name: str, payload: bytes) -> bool:
+    path = Path(__file__).resolve().parents[2] / "agent" / "schemas" / f"{name}.schema.json"
+    schema = json.loads(path.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema).is_valid(json.loads(payload))
+
+
+def test_node_state_and_state_payloads_match_their_schemas() -> None:
+    d = born()
+    d.decode(msg("spBv1.0/plant1/DDEATH/gw1/press-7", psp.DDeath(timestamp=T0_MS, seq=2).encode()))
+    (state,) = d.outbox(T0_NS)[0]
+    assert _valid("sparkplug_node", state.payload)
+    assert not _valid("sparkplug_node", json.dumps({**json.loads(state.payload), "state": "dead"}).encode())
+    presence = d.presence()
+    assert _valid("sparkplug_state", presence.payload("offline")) and _valid(
+        "sparkplug_state", presence.payload("online")
+    )
