@@ -84,6 +84,46 @@ def confusion_figure(path: Path, title: str, matrix: np.ndarray, names: Sequence
     return path
 
 
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """False and true positive rates at every threshold, and the area under that curve (ties as one step).
+
+    >>> fpr, tpr, auc = roc_points(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+    >>> auc
+    0.75
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order].astype(bool)
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each distinct score
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    tpr = np.r_[0.0, tp / max(int(y.sum()), 1)]
+    fpr = np.r_[0.0, fp / max(int((~y).sum()), 1)]
+    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # trapezoids (numpy 1.26 too)
+
+
+def roc_figure(path: Path, title: str, ratios: np.ndarray, labels: np.ndarray) -> Path:
+    """The ROC curve of score / threshold over pooled rows, with the operating point (ratio 1) marked."""
+    plt = _pyplot()
+    finite = np.isfinite(ratios)
+    ratios, labels = ratios[finite], labels[finite].astype(bool)
+    fpr, tpr, auc = roc_points(ratios, labels)
+    at = (
+        float((ratios[~labels] > 1).mean()) if (~labels).any() else 0.0,
+        float((ratios[labels] > 1).mean()) if labels.any() else 0.0,
+    )
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=100)
+    ax.plot(fpr, tpr, color="tab:blue", label=f"ROC (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+    ax.plot(*at, "o", color="tab:red", label=f"threshold: FPR {at[0]:.1%}, TPR {at[1]:.1%}")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _shade(ax: Any, mask: np.ndarray, color: str, label: str) -> None:
     """Shade every run of True in ``mask`` (one legend entry)."""
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))

@@ -310,18 +310,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="also write PNG figures into DIR: each file's score over time with the threshold and the labelled "
-        "anomaly, and the pooled confusion matrix",
+        "anomaly, the pooled confusion matrix and ROC curve",
     )
 
 
 def main(args: argparse.Namespace) -> int:
     data_dir = args.data if args.data is not None else default_data_dir()
     figures: list[Path] = []
+    ratios: list[np.ndarray] = []  # score / threshold of every test row: one scale across files
+    labels: list[np.ndarray] = []
 
     def score_figure(f: SkabFile, scores: np.ndarray, threshold: float) -> None:
         path = args.plots / f"skab_scores_{plots.file_stem(f.name)}.png"
         title = f"SKAB {f.name}: commissioning baseline score"
         figures.append(plots.score_figure(path, title, scores, threshold, f.labels, TRAIN_ROWS))
+        ratios.append(scores[TRAIN_ROWS:] / threshold)
+        labels.append(f.labels[TRAIN_ROWS:])
 
     try:
         if args.plots is not None:
@@ -338,6 +342,10 @@ def main(args: argparse.Namespace) -> int:
         matrix = np.array([[result["tn"], result["fp"]], [result["fn"], result["tp"]]])
         title = f"SKAB, {result['files']} files pooled (test rows)"
         figures.append(plots.confusion_figure(args.plots / "skab_confusion.png", title, matrix, ["normal", "anomaly"]))
+        roc_title = f"SKAB, {result['files']} files pooled: score / threshold"
+        figures.append(
+            plots.roc_figure(args.plots / "skab_roc.png", roc_title, np.concatenate(ratios), np.concatenate(labels))
+        )
         print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))

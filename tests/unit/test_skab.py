@@ -94,10 +94,10 @@ def test_plots_writes_a_score_figure_per_file_and_the_confusion_matrix(
     out = tmp_path / "figures"
     assert cli.main(["evaluate", "skab", "--data", str(skab_dir), "--no-quantize", "--plots", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["skab_confusion.png", "skab_scores_other_1.png", "skab_scores_valve1_0.png"]
+    assert names == ["skab_confusion.png", "skab_roc.png", "skab_scores_other_1.png", "skab_scores_valve1_0.png"]
     for path in out.iterdir():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
-    assert "wrote 3 figures" in capsys.readouterr().err
+    assert "wrote 4 figures" in capsys.readouterr().err
 
 
 def test_plots_without_matplotlib_is_a_usage_error(
