@@ -48,7 +48,7 @@ from agent.inference.router import CurrentClassifier, ModelRouter, ModelSlot
 from agent.ingest.mqtt import MqttConnection
 from agent.ingest.outbound import Outbound
 from agent.ingest.settings import MqttSettings, MqttTls
-from agent.ingest.shard import Shard
+from agent.ingest.shard import Shard, ShardFilter
 from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.agent import Agent
@@ -278,22 +278,25 @@ def build_ingest(
 ) -> IngestWorker:
     """The ingest worker as the agent runs it; ``arrivals``: where redelivered messages without a device
     timestamp find their first arrival time (the spool)."""
+    topics = Topics(config.agent.id, config.mqtt.base_topic)
+    decoder = decoder or build_decoder(config)
+    if config.mqtt.shard.count > 1:
+        decoder = ShardFilter(decoder, build_shard(config), topics, metrics)
     return IngestWorker(
         messages=messages,
         windows=windows,
-        decoder=decoder or build_decoder(config),
+        decoder=decoder,
         spool=spool,
         raw_policy=stages.raw_policy,
         windower=stages.windower,
         broker=broker,
-        topics=Topics(config.agent.id, config.mqtt.base_topic),
+        topics=topics,
         metrics=metrics,
         put_timeout_s=config.queues.put_timeout_s,
         baseline=stages.baseline,
         speeds=stages.speeds,
         arrivals=arrivals,
         dead_letters=dead_letters,
-        shard=build_shard(config) if config.mqtt.shard.count > 1 else None,
     )
 
 

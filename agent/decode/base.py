@@ -95,9 +95,10 @@ class Outbox(Protocol):
     """A decoder that talks back (optional, beside ``Decoder``): the ingest worker calls ``outbox(now_ns)``
     from its thread after each batch and on idle polls (about every ``agent.runtime.worker.POLL_S``), so
     that timeouts fire without new input; it publishes what is returned and reports the rejections like
-    rejected messages (counted in ``decode.errors``, on the dead-letter topic)."""
+    rejected messages (counted in ``decode.errors``, on the dead-letter topic). ``final``: the last call, at
+    stop: return what is pending even if its time has not come."""
 
-    def outbox(self, now_ns: int) -> tuple[list[Publish], list[Rejection]]: ...
+    def outbox(self, now_ns: int, final: bool = False) -> tuple[list[Publish], list[Rejection]]: ...
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ class SparkplugBDecoder:
 
     # --- the Outbox protocol ---------------------------------------------------------------------------
 
-    def outbox(self, now_ns: int) -> tuple[list[Publish], list[Rejection]]:
+    def outbox(self, now_ns: int, final: bool = False) -> tuple[list[Publish], list[Rejection]]:
         """Due rebirth requests and changed node states (to publish) and per-metric rejections (to report)."""
         keys, self._touched = self._touched | self._waiting, set()
         for group, node_id in keys:

@@ -15,8 +15,17 @@ them as ``hash % count`` would.
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Sequence
 from functools import lru_cache
 
+from agent.decode.base import Decoder, Outbox, Publish, Rejection
+from agent.metrics import Metrics
+from agent.records import Decoded, Message
+from agent.topics import Topics
+
+FLEET_INTERVAL_S = 5.0
+"""Shortest time between two fleet views (new machines appear in bursts at start); the last one at stop."""
 _CACHE_MACHINES = 65_536
 """Machines whose owner is remembered (the hash is cheap, but one lookup per reading is cheaper)."""
 
@@ -53,3 +62,47 @@ class Shard:
 
     def owns(self, machine: str) -> bool:
         return self.count == 1 or owner(machine, self.count) == self.index
+
+
+class ShardFilter:
+    """The configured decoder, keeping only the records of this agent's machines (``mqtt.shard``).
+
+    The others belong to another agent of the fleet, which stores and scores them; they are counted
+    (``ingest.not_owned``) and their message is acknowledged like any other. The machines of the share seen
+    so far are published retained on ``Topics.fleet`` (through the ``Outbox`` the ingest worker drains), when
+    they changed, at most every ``FLEET_INTERVAL_S`` and at stop. The wrapped decoder's own outbox is passed
+    on. So the ingest worker knows nothing of sharding.
+    """
+
+    def __init__(self, inner: Decoder, shard: Shard, topics: Topics, metrics: Metrics) -> None:
+        self._inner = inner
+        self._shard = shard
+        self._topics = topics
+        self._metrics = metrics
+        self._owned: set[str] = set()
+        self._changed = False
+        self._published = -float("inf")  # monotonic time of the last fleet view
+
+    def subscriptions(self) -> Sequence[str]:
+        return self._inner.subscriptions()
+
+    def decode(self, message: Message) -> list[Decoded]:
+        items = self._inner.decode(message)
+        owned = [item for item in items if self._shard.owns(item.source.machine)]
+        if len(owned) < len(items):
+            self._metrics.inc("ingest.not_owned", len(items) - len(owned))
+        for item in owned:
+            if item.source.machine not in self._owned:
+                self._owned.add(item.source.machine)
+                self._changed = True
+        return owned
+
+    def outbox(self, now_ns: int, final: bool = False) -> tuple[list[Publish], list[Rejection]]:
+        publish, rejected = self._inner.outbox(now_ns, final) if isinstance(self._inner, Outbox) else ([], [])
+        now = time.monotonic()
+        if self._changed and (final or now - self._published >= FLEET_INTERVAL_S):
+            self._changed = False
+            self._published = now
+            payload = self._topics.fleet_payload(self._shard.index, self._shard.count, sorted(self._owned), now_ns)
+            publish = [*publish, Publish(self._topics.fleet, payload, qos=1, retain=True)]
+        return publish, rejected

@@ -15,7 +15,6 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder, Outbox
 from agent.decode.errors import DecodeError
 from agent.features.windows import Windower
-from agent.ingest.shard import Shard
 from agent.logs import RateLimitedLog
 from agent.metrics import Metrics
 from agent.records import Decoded, Message, Reading, SampleBlock, Window
@@ -28,9 +27,6 @@ from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
-
-FLEET_INTERVAL_S = 5.0
-"""Shortest time between two fleet views of a sharded agent (new machines appear in bursts at start)."""
 
 APPEND_RETRY_MAX_S = 2.0
 """Longest wait between spool append attempts (a refused append of a full spool costs a page count)."""
@@ -56,10 +52,6 @@ class IngestWorker(Worker):
     stayed full for ``put_timeout_s``, the rest of a batch is dropped from scoring (counted), never from
     storage.
 
-    With ``shard`` (several agents share the plant, ``agent.ingest.shard``), records of machines this agent
-    does not own are counted and left out (their messages are acknowledged like the others), and the machines
-    it owns are published retained on ``Topics.fleet``.
-
     With ``arrivals`` (the spool), a message without a device timestamp keeps the arrival time of its first
     stored delivery when the broker redelivers it (``agent.spool.arrivals``): no second point in InfluxDB.
     """
@@ -81,7 +73,6 @@ class IngestWorker(Worker):
         batch_max: int = 500,
         arrivals: ArrivalLog | None = None,
         dead_letters: DeadLetters | None = None,
-        shard: Shard | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self._messages = messages
@@ -98,10 +89,6 @@ class IngestWorker(Worker):
         self._batch_max = batch_max
         self._arrivals = arrivals
         self._dead_letters = dead_letters
-        self._shard = shard  # with several agents (mqtt.shard): the machines this one stores and scores
-        self._owned: set[str] = set()  # the machines of the share seen so far (the fleet view)
-        self._fleet_changed = False
-        self._fleet_published = 0.0  # monotonic time of the last fleet view
         self._raw_released: deque[list[int]] = deque()
         self._produced: deque[Sequence[str]] = deque()
         self._handoff_lock = threading.Lock()
@@ -144,7 +131,7 @@ class IngestWorker(Worker):
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
             self.process(batch)
-        self.talk_back()
+        self.talk_back(final=True)
         self._rejected_log.flush(force=True)
         with self._handoff_lock:
             self._closed = True
@@ -169,8 +156,6 @@ class IngestWorker(Worker):
             except DecodeError as exc:
                 self._reject(msg, exc)
                 continue
-            if self._shard is not None:
-                items = self._own(items)
             try:
                 message_entries, message_held = self._entries(items)
             except ValueError as exc:
@@ -222,39 +207,12 @@ class IngestWorker(Worker):
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
 
-    def _own(self, items: list[Decoded]) -> list[Decoded]:
-        """The records of the machines this agent owns; the others belong to another agent of the fleet, which
-        stores and scores them (their message is acknowledged here all the same)."""
-        assert self._shard is not None
-        owned = [item for item in items if self._shard.owns(item.source.machine)]
-        if len(owned) < len(items):
-            self._metrics.inc("ingest.not_owned", len(items) - len(owned))
-        for item in owned:
-            if item.source.machine not in self._owned:
-                self._owned.add(item.source.machine)
-                self._fleet_changed = True
-        return owned
-
-    def _publish_fleet(self, force: bool = False) -> None:
-        """The retained fleet view of this agent (its share and machines), when its machines changed, at
-        most once per ``FLEET_INTERVAL_S``."""
-        if self._shard is None or not self._fleet_changed:
-            return
-        now = time.monotonic()
-        if not force and now - self._fleet_published < FLEET_INTERVAL_S:
-            return
-        self._fleet_changed = False
-        self._fleet_published = now
-        payload = self._topics.fleet_payload(self._shard.index, self._shard.count, sorted(self._owned), time.time_ns())
-        self._broker.publish(self._topics.fleet, payload, qos=1, retain=True)
-
-    def talk_back(self) -> None:
+    def talk_back(self, final: bool = False) -> None:
         """What a stateful decoder (``agent.decode.base.Outbox``) wants said: its requests published, its
-        partial rejections reported like rejected messages; and the fleet view when it changed."""
-        self._publish_fleet(force=self._stop_event.is_set())
+        partial rejections reported like rejected messages."""
         if not isinstance(self._decoder, Outbox):
             return
-        publish, rejected = self._decoder.outbox(time.time_ns())
+        publish, rejected = self._decoder.outbox(time.time_ns(), final)
         for item in publish:
             self._broker.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
         for rejection in rejected:

@@ -11,7 +11,9 @@ import pytest
 
 from agent.config import parse_config
 from agent.config.errors import ConfigError
-from agent.ingest.shard import Shard, owner
+from agent.ingest.shard import Shard, ShardFilter, owner
+from agent.metrics import Metrics
+from agent.records import Decoded, Message, Reading, Source
 from agent.topics import Topics
 
 MACHINES = [f"press-{i:04d}" for i in range(4000)]
@@ -55,3 +57,39 @@ def test_the_fleet_view_payload_matches_its_schema() -> None:
     payload = json.loads(Topics("edge-01").fleet_payload(1, 3, ["m01", "m02"], 1_790_000_000 * 10**9))
     assert validator.is_valid(payload)
     assert not validator.is_valid({**payload, "shard": {"index": -1, "count": 3}})
+
+
+class _Decoder:
+    """A decoder whose message says which machines its readings belong to (comma-separated payload)."""
+
+    def subscriptions(self) -> list[str]:
+        return ["factory/#"]
+
+    def decode(self, message: Message) -> list[Decoded]:
+        return [
+            Reading(Source.of(machine=m, sensor="process"), 1, {"t": 1.0}) for m in message.payload.decode().split(",")
+        ]
+
+
+def _message(machines: list[str]) -> Message:
+    return Message(topic="factory/x", payload=",".join(machines).encode(), qos=1, mid=1, received_ns=1)
+
+
+def test_the_shard_filter_keeps_this_agents_machines_counts_the_rest_and_publishes_the_fleet_view() -> None:
+    machines = [f"m{i:02d}" for i in range(12)]
+    mine = [m for m in machines if owner(m, 2) == 1]
+    assert 0 < len(mine) < len(machines)
+    metrics = Metrics()
+    topics = Topics("a1", "pdm")
+    shard_filter = ShardFilter(_Decoder(), Shard(1, 2), topics, metrics)
+    assert shard_filter.subscriptions() == ["factory/#"]
+    kept = shard_filter.decode(_message(machines[:6]))
+    assert [r.source.machine for r in kept] == [m for m in machines[:6] if m in mine]
+    assert metrics.get("ingest.not_owned") == 6 - len(kept)
+    first, rejected = shard_filter.outbox(0)
+    assert rejected == [] and [p.topic for p in first] == [topics.fleet] and first[0].retain
+    shard_filter.decode(_message(machines[6:]))
+    assert shard_filter.outbox(0) == ([], [])  # changed, but within FLEET_INTERVAL_S of the last view
+    (last,), _ = shard_filter.outbox(0, final=True)  # at stop: what is pending goes out
+    assert json.loads(last.payload)["machines"] == mine
+    assert shard_filter.outbox(0, final=True) == ([], [])  # nothing changed since
