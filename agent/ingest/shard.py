@@ -1,6 +1,6 @@
 """Which machines this agent owns when several agents share one plant (``mqtt.shard``).
 
-Every agent of a fleet subscribes to the same topics and decodes every message; the ingest worker keeps
+Every agent of a fleet subscribes to the same topics and decodes every message; ``ShardFilter`` keeps
 only the records of the machines this agent owns and acknowledges the rest (another agent stores them).
 So a machine's whole stream (its windows, baseline and alert state) lives on exactly one agent, whatever
 order the broker delivers in. MQTT shared subscriptions (``$share/``) cannot give that: Mosquitto hands
