@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import random
 import socket
-import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pysparkplug as psp
 import pytest
 from pysparkplug._protobuf import Payload as TahuPayload
@@ -26,43 +24,12 @@ from agent.bootstrap import build_agent
 from agent.config import parse_config
 from agent.decode import sparkplug_proto as spb
 from agent.storage.influx_v1 import InfluxV1Sink
+from tests.integration.mqtt_helpers import RawRecorder as Recorder
 from tests.integration.mqtt_helpers import publish
 
 pytestmark = pytest.mark.integration
 
 GROUP, NODE, DEVICE = "plant1", "gw1", "press-7"
-
-
-class Recorder:
-    """Records raw messages (protobuf and JSON) of the given filters."""
-
-    def __init__(self, host: str, port: int, topics: list[str]) -> None:
-        self.messages: list[tuple[str, bytes, bool]] = []
-        self.arrived = threading.Condition()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rec-{time.monotonic_ns()}")
-        self.client.on_message = self._on_message
-        self.client.connect(host, port)
-        for topic in topics:
-            self.client.subscribe(topic, qos=1)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, msg) -> None:
-        with self.arrived:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
-            self.arrived.notify_all()
-
-    def wait_for(self, predicate, timeout_s: float = 30.0) -> list[tuple[str, bytes, bool]]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: predicate(self.messages), timeout_s), self.messages
-            return list(self.messages)
-
-    def on(self, topic: str) -> list[bytes]:
-        with self.arrived:
-            return [payload for t, payload, _ in self.messages if t == topic]
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _data(seq: int, ts_ms: int, values: dict[int, tuple[str, object]]) -> bytes:
