@@ -23,13 +23,14 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, Final
 
 import numpy as np
 
 from agent import schema
 from agent.decode.base import DecodeLimits, DecoderContext
-from agent.decode.errors import DecodeError, describe_json, non_finite_name, quote
+from agent.decode.errors import DecodeError, DecodeErrorCode, describe_json, non_finite_name, quote
 from agent.decode.timestamps import parse_timestamp
 from agent.records import Decoded, Message, Reading, SampleBlock, Source
 
@@ -214,15 +215,26 @@ def _channel(raw: object) -> str:
 
 
 def _check_name(name: str, what: str) -> None:
+    fault = _name_fault(name)
+    if fault is not None:
+        code, problem = fault
+        raise DecodeError(code, f"{what} {problem}" if not name else f"{what} {quote(name)} {problem}")
+
+
+@lru_cache(maxsize=8192)
+def _name_fault(name: str) -> tuple[DecodeErrorCode, str] | None:
+    """Why ``name`` is refused (error code, reason) or None; cached: a source sends the same names in every
+    message, and this runs for each of them."""
     if not name:
-        raise DecodeError("shape", f"{what} is empty")
+        return "shape", "is empty"
     if len(name) > _MAX_NAME_CHARS:
-        raise DecodeError("shape", f"{what} {quote(name)} is longer than {_MAX_NAME_CHARS} characters")
+        return "shape", f"is longer than {_MAX_NAME_CHARS} characters"
     if _CONTROL_CHARS.search(name):
-        raise DecodeError("shape", f"{what} {quote(name)} contains a control character")
+        return "shape", "contains a control character"
     problem = schema.name_problem(name)
     if problem is not None:
-        raise DecodeError("name", f"{what} {quote(name)} {problem}; InfluxDB cannot store it")
+        return "name", f"{problem}; InfluxDB cannot store it"
+    return None
 
 
 def _seq(raw: object) -> int | None:
