@@ -1,0 +1,1 @@
+"""Images as a modality: decoding (``codec``), the local content-addressed store (``store``), preprocessing."""
