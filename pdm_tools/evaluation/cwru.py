@@ -28,6 +28,9 @@ Protocols (the leakage-free ones first):
 Ablation (--ablation): cross-size again with groups of feature columns left out, to show which
 features carry the figure.
 
+Figures (--plots DIR): the pooled confusion matrices of cross-bearing, cross-size and cross-load, and the
+INT8 against the FP32 class probabilities of every quantized model, as PNG.
+
 Data: --data DIR (the folder with index.json), default $PDM_DATASETS/cwru or ../shared/datasets/cwru.
 Windows are 4096 samples (0.34 s at 12 kHz), hop 2048 for training and cross-load test windows.
 
@@ -42,7 +45,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +66,15 @@ from pdm_tools.datasets.cwru import (
     normal_parts,
     stack,
 )
-from pdm_tools.evaluation import classification
+from pdm_tools.evaluation import classification, plots
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
 from pdm_tools.quantization import static as q
 from pdm_tools.quantization.static import compare_probabilities, quantize_classifier, run_classifier
 
 logger = logging.getLogger(__name__)
+
+# Called with each quantized model's test rows: (fold, true labels, FP32 and INT8 probabilities [rows, classes]).
+OnQuantized = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 
 DEFAULT_SEED = 42
 RANDOM_TEST_FRACTION = 0.3
@@ -98,17 +104,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablation", action="store_true", help="also cross-size with each feature group alone / left out (slower)"
     )
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="also write PNG figures into DIR: the confusion matrices of the leave-out protocols and the INT8 "
+        "against the FP32 probabilities",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     data_dir = args.data if args.data is not None else default_data_dir()
     if not (Path(data_dir) / "index.json").is_file() and (Path(data_dir) / "cwru" / "index.json").is_file():
         data_dir = Path(data_dir) / "cwru"
+    outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (labels, FP32, INT8) of each quantized model
     try:
+        if args.plots is not None:  # before the minutes of training, not after them
+            plots.require()
+            args.plots.mkdir(parents=True, exist_ok=True)
         # One BLAS thread: tiny matrices, and BLAS threads waiting for each other on a busy box cost 5x.
         with threadpool_limits(limits=1, user_api="blas"):
-            result = evaluate(Path(data_dir), seed=args.seed, quantized=not args.no_quantize, ablation=args.ablation)
-    except DatasetError as exc:
+            result = evaluate(
+                Path(data_dir),
+                seed=args.seed,
+                quantized=not args.no_quantize,
+                ablation=args.ablation,
+                on_quantized=lambda _fold, y, p32, p8: outputs.append((y, p32, p8)),
+            )
+        if args.plots is not None:
+            figures = write_figures(args.plots, result, outputs)
+            print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
+    except (DatasetError, OSError, plots.PlotsUnavailable) as exc:  # OSError: the plots folder
         print(f"cwru: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -118,6 +144,39 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_figures(
+    folder: Path, result: dict[str, Any], outputs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> list[Path]:
+    """The PNG figures of ``--plots``: each leave-out protocol's confusion matrix pooled over its folds (the
+    leakage-free ones first, as in the report), and the INT8 against the FP32 probability of every class on
+    every test row of every quantized model (cross-load rotations and the random split)."""
+    names = result["classes"]
+    protocols = [("cross_bearing", "cross-bearing (leave one damaged bearing out)", [result["cross_bearing"]])]
+    if result.get("cross_fault_size"):
+        folds = list(result["cross_fault_size"]["folds"].values())
+        protocols.append(("cross_size", "cross-size (leave one defect diameter out)", folds))
+    rotations = list(result["cross_load"]["rotations"].values())
+    protocols.append(("cross_load", "cross-load (train on two loads, test on the third)", rotations))
+    figures = []
+    for stem, what, parts in protocols:
+        matrix = np.sum([np.array(part["confusion"]) for part in parts], axis=0)
+        f1 = classification.scores_from_confusion(matrix)["macro_f1"]
+        title = f"CWRU {what}\nFP32, {int(matrix.sum())} test windows, macro-F1 {f1:.3f}"
+        figures.append(plots.confusion_figure(folder / f"cwru_confusion_{stem}.png", title, matrix, names))
+    if outputs:
+        p32 = np.concatenate([o[1] for o in outputs])
+        p8 = np.concatenate([o[2] for o in outputs])
+        agree = float(np.mean(p32.argmax(axis=1) == p8.argmax(axis=1)))
+        series = {name: (p32[:, k], p8[:, k]) for k, name in enumerate(names)}
+        title = f"CWRU INT8 vs FP32, {len(outputs)} models, {len(p32)} rows\nsame class on {agree:.2%} of the rows"
+        figures.append(
+            plots.agreement_figure(
+                folder / "cwru_int8_vs_fp32.png", title, series, "FP32 probability", "INT8 probability"
+            )
+        )
+    return figures
+
+
 def evaluate(
     data_dir: Path,
     spec: BearingFeatureSpec | None = None,
@@ -125,10 +184,12 @@ def evaluate(
     config: MlpConfig | None = None,
     quantized: bool = True,
     ablation: bool = False,
+    on_quantized: OnQuantized | None = None,
 ) -> dict[str, Any]:
     """Run all protocols on the recordings in ``data_dir``; the result is JSON-ready.
 
     ``ablation``: also run cross-size with each group of feature columns left out (``ABLATION_GROUPS``).
+    ``on_quantized``: gets the FP32 and INT8 outputs of every quantized model (the figures of ``--plots``).
     """
     spec = spec or BearingFeatureSpec()
     config = config or MlpConfig()
@@ -148,10 +209,10 @@ def evaluate(
     t_bearing = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="pdm-cwru-") as tmp:
-        cross, cross3, quant, recipe = _cross_load(folds, loads, Path(tmp), quantized)
+        cross, cross3, quant, recipe = _cross_load(folds, loads, Path(tmp), quantized, on_quantized)
         t_cross = time.perf_counter()
         random_split, random_quant = _random_split(
-            spec, recordings, seed, config, Path(tmp) / "random", quantized=quantized
+            spec, recordings, seed, config, Path(tmp) / "random", quantized=quantized, on_quantized=on_quantized
         )
         t_random = time.perf_counter()
     cross_size = _cross_size(folds)
@@ -240,7 +301,7 @@ class Featurized:
 
 
 def _cross_load(
-    d: Featurized, loads: Sequence[int], tmp: Path, quantized: bool
+    d: Featurized, loads: Sequence[int], tmp: Path, quantized: bool, on_quantized: OnQuantized | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Train on all loads but one, test on it, each rotation: four classes (FP32 and, if ``quantized``, INT8
     exported under ``tmp``) and the three fault classes alone. Returns (four-class, fault-only, INT8, recipe).
@@ -264,7 +325,7 @@ def _cross_load(
             "train_windows": len(y_tr),
         }
         if quantized:
-            scores, recipe = _quantized(model, x_tr, x_te, y_te, tmp / key)
+            scores, recipe = _quantized(model, x_tr, x_te, y_te, tmp / key, on_quantized)
             quant[key] = {**rotation, **scores}
         # The three fault classes on their own (labels 1..3 -> 0..2).
         x3_tr, y3_tr = stack(fault_train, d.n_features)
@@ -448,6 +509,7 @@ def _random_split(
     config: MlpConfig,
     tmp: Path,
     quantized: bool,
+    on_quantized: OnQuantized | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Non-overlapping windows of all recordings, stratified random split (optimistic protocol)."""
     x, y = stack([(featurize(spec, r, r.samples, spec.window_samples), r.label) for r in recordings], spec.n_features)
@@ -466,12 +528,17 @@ def _random_split(
     }
     quant: dict[str, Any] = {}
     if quantized:
-        quant, _ = _quantized(model, x[~test], x[test], y[test], tmp)
+        quant, _ = _quantized(model, x[~test], x[test], y[test], tmp, on_quantized)
     return result, quant
 
 
 def _quantized(
-    model: DefectMlp, x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, tmp: Path
+    model: DefectMlp,
+    x_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    tmp: Path,
+    on_quantized: OnQuantized | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Export FP32, quantize to INT8 (calibrated on the training rows), score both on the test rows."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -482,6 +549,8 @@ def _quantized(
     p8 = run_classifier(q.session(int8_path), x_test)
     if not np.array_equal(p32.argmax(axis=1), model.predict(x_test)):
         raise RuntimeError("the FP32 ONNX graph does not reproduce the numpy model's classes")
+    if on_quantized is not None:
+        on_quantized(tmp.name, y_test, p32, p8)
     scores = classification.scores(y_test, p8.argmax(axis=1), len(model.class_names))
     comparison = {k: _r(v) if isinstance(v, float) else v for k, v in compare_probabilities(p32, p8).items()}
     return {**scores, **comparison}, recipe

@@ -7,7 +7,7 @@ is imported only when figures are asked for. Figures are written without a displ
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,11 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def require() -> None:
+    """Raise ``PlotsUnavailable`` now, before a long evaluation, rather than when its figures are drawn."""
+    _pyplot()
 
 
 def file_stem(name: str) -> str:
@@ -59,10 +64,7 @@ def score_figure(
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize="small", ncols=4)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def confusion_figure(path: Path, title: str, matrix: np.ndarray, names: Sequence[str]) -> Path:
@@ -78,10 +80,7 @@ def confusion_figure(path: Path, title: str, matrix: np.ndarray, names: Sequence
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(int(count)), ha="center", va="center", color="white" if count > top / 2 else "black")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -118,6 +117,37 @@ def roc_figure(path: Path, title: str, ratios: np.ndarray, labels: np.ndarray) -
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
+    return _save(plt, fig, path)
+
+
+def agreement_figure(
+    path: Path,
+    title: str,
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """Quantized against full-precision outputs, one point per output and one colour per series (a class's
+    probability, an INT8 variant): on the diagonal where quantization changed nothing, so the spread off it
+    is the error the tables summarise in one number."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=100)
+    finite = [(name, x[ok], y[ok]) for name, (x, y) in series.items() for ok in [np.isfinite(x) & np.isfinite(y)]]
+    values = np.concatenate([np.r_[x, y] for _, x, y in finite]) if finite else np.zeros(1)
+    lo, hi = float(values.min()), float(values.max())
+    for name, x, y in finite:
+        err = float(np.abs(y - x).max()) if len(x) else 0.0
+        ax.scatter(x, y, s=4, alpha=0.5, linewidths=0, rasterized=True, label=f"{name} (max |diff| {err:.3g})")
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small", markerscale=3)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Write the figure and free it (pyplot keeps every open figure alive otherwise)."""
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -196,9 +196,11 @@ def evaluate(
     config: CommissioningConfig | None = None,
     quantized: bool = True,
     on_file: Callable[[SkabFile, np.ndarray, float], None] | None = None,
+    on_onnx: Callable[[dict[str, np.ndarray], float], None] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol on the files in ``data_dir``; the result is JSON-ready. ``on_file`` gets each file
-    with its scores (NaN while commissioning) and threshold (the figures of ``--plots``)."""
+    with its scores (NaN while commissioning) and threshold, ``on_onnx`` each file's ONNX scores by variant
+    with the FP32 model's threshold (the figures of ``--plots``)."""
     config = protocol_config(config)
     t0 = time.perf_counter()
     files, skipped = load_skab(data_dir)
@@ -239,12 +241,16 @@ def evaluate(
         },
     }
     if quantized:
-        result["quantized"] = evaluate_onnx(fitted, config)
+        result["quantized"] = evaluate_onnx(fitted, config, on_onnx)
     result["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
     return result
 
 
-def evaluate_onnx(fitted: Sequence[tuple[SkabFile, Detector]], config: CommissioningConfig) -> dict[str, Any]:
+def evaluate_onnx(
+    fitted: Sequence[tuple[SkabFile, Detector]],
+    config: CommissioningConfig,
+    on_onnx: Callable[[dict[str, np.ndarray], float], None] | None = None,
+) -> dict[str, Any]:
     """FP32 ONNX and INT8 versions of every file's detector, each thresholded by the same label-free rule."""
     factor = config.detector.threshold_factor
     window = config.detector.smoothing_steps
@@ -269,14 +275,17 @@ def evaluate_onnx(fitted: Sequence[tuple[SkabFile, Detector]], config: Commissio
                 paths[name] = Path(tmp) / f"{index}.{name}.onnx"
                 cal = calibration_rows(f.values[:TRAIN_ROWS], k, r)
                 recipe = q.quantize(paths["fp32"], paths[name], cal, q.QuantizeConfig())
+            by_variant: dict[str, np.ndarray] = {}
             for name, path in paths.items():
-                scores = q.run_scores(q.session(path), rows).astype(np.float64)
+                scores = by_variant[name] = q.run_scores(q.session(path), rows).astype(np.float64)
                 threshold = factor * float(scores[:train_rows].max())
                 flags = scores[train_rows:] > threshold
                 totals[name] = totals[name] + Confusion.of(flags, f.labels[TRAIN_ROWS:])
                 agreement[name] += int((flags == ref_flags).sum())
                 max_diff[name] = max(max_diff[name], float(np.abs(scores - reference).max()))
             n_test += len(ref_flags)
+            if on_onnx is not None:
+                on_onnx(by_variant, factor * float(by_variant["fp32"][:train_rows].max()))
             if index == 0:
                 latency = q.measure_latency(paths, rows[:train_rows], runs=100, repeats=3)
                 latency["sizes_bytes"] = {name: path.stat().st_size for name, path in paths.items()}
@@ -310,7 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="also write PNG figures into DIR: each file's score over time with the threshold and the labelled "
-        "anomaly, the pooled confusion matrix and ROC curve",
+        "anomaly, the pooled confusion matrix and ROC curve, and the INT8 against the FP32 scores",
     )
 
 
@@ -319,6 +328,11 @@ def main(args: argparse.Namespace) -> int:
     figures: list[Path] = []
     ratios: list[np.ndarray] = []  # score / threshold of every test row: one scale across files
     labels: list[np.ndarray] = []
+    onnx: dict[str, list[np.ndarray]] = {}  # each variant's scores / the FP32 threshold, every file's rows
+
+    def onnx_scores(by_variant: dict[str, np.ndarray], threshold: float) -> None:
+        for name, scores in by_variant.items():
+            onnx.setdefault(name, []).append(scores / threshold)
 
     def score_figure(f: SkabFile, scores: np.ndarray, threshold: float) -> None:
         path = args.plots / f"skab_scores_{plots.file_stem(f.name)}.png"
@@ -331,7 +345,8 @@ def main(args: argparse.Namespace) -> int:
         if args.plots is not None:
             args.plots.mkdir(parents=True, exist_ok=True)
         on_file = score_figure if args.plots is not None else None
-        result = evaluate(Path(data_dir), quantized=not args.no_quantize, on_file=on_file)
+        on_onnx = onnx_scores if args.plots is not None else None
+        result = evaluate(Path(data_dir), quantized=not args.no_quantize, on_file=on_file, on_onnx=on_onnx)
     except DatasetError as exc:
         print(f"skab: {exc}", file=sys.stderr)
         return 2
@@ -346,6 +361,18 @@ def main(args: argparse.Namespace) -> int:
         figures.append(
             plots.roc_figure(args.plots / "skab_roc.png", roc_title, np.concatenate(ratios), np.concatenate(labels))
         )
+        if onnx:
+            fp32 = np.concatenate(onnx.pop("fp32"))
+            series = {name: (fp32, np.concatenate(parts)) for name, parts in onnx.items()}
+            figures.append(
+                plots.agreement_figure(
+                    args.plots / "skab_int8_vs_fp32.png",
+                    f"SKAB INT8 vs FP32 ONNX, {result['files']} files, {len(fp32)} rows",
+                    series,
+                    "FP32 score / FP32 threshold",
+                    "INT8 score / FP32 threshold",
+                )
+            )
         print(f"wrote {len(figures)} figures to {args.plots}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))

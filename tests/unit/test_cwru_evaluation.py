@@ -133,6 +133,51 @@ def test_evaluate_cwru_accepts_the_datasets_root_and_prints_tables(
     assert out.index("Cross-bearing") < out.index("Cross-size") < out.index("Cross-load")
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (after checking the signature)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plots_writes_the_leave_out_confusion_matrices_and_the_int8_scatter(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "figures"
+    assert cli.main(["evaluate", "cwru", "--data", str(dataset), "--json", "--plots", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "cwru_confusion_cross_bearing.png",
+        "cwru_confusion_cross_load.png",
+        "cwru_confusion_cross_size.png",
+        "cwru_int8_vs_fp32.png",
+    ]
+    for path in out.iterdir():
+        width, height = png_size(path)
+        assert 300 <= width <= 1200 and 300 <= height <= 1200, (path.name, width, height)
+        assert 5_000 < path.stat().st_size < 300_000, path.name
+    captured = capsys.readouterr()
+    assert "wrote 4 figures" in captured.err
+    assert json.loads(captured.out)["quantized"]  # the figures do not replace the JSON on stdout
+
+
+def test_plots_checks_matplotlib_before_the_evaluation(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdm_tools.evaluation import plots
+
+    def missing() -> None:
+        raise plots.PlotsUnavailable("--plots needs matplotlib: pip install 'pdm-agent[tools]'")
+
+    def not_reached(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise AssertionError("the evaluation ran without matplotlib for its figures")
+
+    monkeypatch.setattr(plots, "_pyplot", missing)
+    monkeypatch.setattr(cwru, "evaluate", not_reached)
+    assert cli.main(["evaluate", "cwru", "--data", str(dataset), "--plots", str(tmp_path / "f")]) == 2
+    assert "pip install 'pdm-agent[tools]'" in capsys.readouterr().err
+
+
 def test_evaluate_cwru_says_clearly_when_the_data_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

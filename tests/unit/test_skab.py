@@ -100,6 +100,16 @@ def test_plots_writes_a_score_figure_per_file_and_the_confusion_matrix(
     assert "wrote 4 figures" in capsys.readouterr().err
 
 
+def test_plots_with_quantization_adds_the_int8_against_fp32_scatter(
+    skab_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "figures"
+    assert cli.main(["evaluate", "skab", "--data", str(skab_dir), "--plots", str(out)]) == 0
+    scatter = out / "skab_int8_vs_fp32.png"
+    assert scatter.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < scatter.stat().st_size < 300_000
+    assert "wrote 5 figures" in capsys.readouterr().err
+
+
 def test_plots_without_matplotlib_is_a_usage_error(
     skab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
