@@ -7,7 +7,10 @@
   ``feature_spec`` is an ``agent.features.spec.FeatureSpec``;
 - ``task: "classifier"`` — the defect classifier: input ``features`` float32 ``[batch, F]``, outputs
   ``probabilities`` float32 ``[batch, C]`` and ``label`` int64 ``[batch]``, plus ``class_names``; its
-  ``feature_spec`` is an ``agent.features.bearing.BearingFeatureSpec``.
+  ``feature_spec`` is an ``agent.features.bearing.BearingFeatureSpec``;
+- ``task: "image-classifier"`` — a camera image classifier: input ``image`` float32 ``[batch, 1, S, S]``,
+  output ``probs`` float32 ``[batch, C]`` (softmax inside the graph), plus ``class_names``; its
+  ``feature_spec`` is an ``agent.images.preprocess.ImageSpec`` (how a frame becomes the input).
 
 ``Manifest.load`` refuses a model directory unless the manifest has exactly the keys of its task, the
 ONNX file has the recorded sha256, and the feature specification recorded in it hashes to the recorded
@@ -31,15 +34,20 @@ from agent.inference.errors import ModelError
 if TYPE_CHECKING:
     from agent.features.bearing import BearingFeatureSpec
     from agent.features.spec import FeatureSpec
+    from agent.images.preprocess import ImageSpec
 
 __all__ = ["MANIFEST_FILE", "SCHEMA_VERSION", "TASKS", "Manifest", "ModelError", "TensorInfo", "sha256_file"]
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
-TASKS = ("anomaly", "classifier")
+TASKS = ("anomaly", "classifier", "image-classifier")
 
 # Keys every manifest has, and the keys of each task; ``to_dict`` writes them in field order.
-_TASK_KEYS = {"anomaly": ("threshold", "threshold_rule"), "classifier": ("class_names",)}
+_TASK_KEYS = {
+    "anomaly": ("threshold", "threshold_rule"),
+    "classifier": ("class_names",),
+    "image-classifier": ("class_names",),
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TENSOR_KEYS = ("name", "shape", "dtype")
 
@@ -99,13 +107,13 @@ class Manifest:
     def n_features(self) -> int:
         return len(self.feature_names)
 
-    def spec(self) -> FeatureSpec | BearingFeatureSpec:
+    def spec(self) -> FeatureSpec | BearingFeatureSpec | ImageSpec:
         """The feature specification the model was trained with (the task decides its type)."""
         return _spec_class(self.task).from_dict(self.feature_spec)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: common keys and the task's keys, in a stable order."""
-        skip = {k for task, keys in _TASK_KEYS.items() if task != self.task for k in keys}
+        skip = {k for keys in _TASK_KEYS.values() for k in keys} - set(_TASK_KEYS[self.task])
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name in skip:
@@ -162,7 +170,7 @@ class Manifest:
             raise ModelError(f"{where}: feature_names must be a non-empty list of strings")
         inputs = _tensors(data, "inputs", where)
         outputs = _tensors(data, "outputs", where)
-        task_values = (_anomaly_keys if task == "anomaly" else _classifier_keys)(data, names, inputs, outputs, where)
+        task_values = _TASK_CHECKS[task](data, names, inputs, outputs, where)
         return cls(
             schema_version=_get(data, "schema_version", int, where),
             model_id=_get(data, "model_id", str, where),
@@ -254,8 +262,12 @@ class Manifest:
             )
 
 
-def _spec_class(task: str) -> type[FeatureSpec] | type[BearingFeatureSpec]:
+def _spec_class(task: str) -> type[FeatureSpec] | type[BearingFeatureSpec] | type[ImageSpec]:
     # Imported here: the feature code imports numpy-heavy modules that manifest readers may not need.
+    if task == "image-classifier":
+        from agent.images.preprocess import ImageSpec
+
+        return ImageSpec
     if task == "classifier":
         from agent.features.bearing import BearingFeatureSpec
 
@@ -288,9 +300,7 @@ def _anomaly_keys(
 def _classifier_keys(
     data: dict[str, Any], names: list[str], inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], where: str
 ) -> dict[str, Any]:
-    classes = _get(data, "class_names", list, where)
-    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
-        raise ModelError(f"{where}: class_names must be two or more distinct strings")
+    classes = _class_names(data, where)
     want_in = (TensorInfo("features", ("batch", len(names)), "float32"),)
     want_out = (
         TensorInfo("probabilities", ("batch", len(classes)), "float32"),
@@ -304,6 +314,34 @@ def _classifier_keys(
             reason="shape",
         )
     return {"class_names": tuple(classes)}
+
+
+def _class_names(data: dict[str, Any], where: str) -> list[str]:
+    classes: list[str] = _get(data, "class_names", list, where)
+    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise ModelError(f"{where}: class_names must be two or more distinct strings")
+    return classes
+
+
+def _image_classifier_keys(
+    data: dict[str, Any], names: list[str], inputs: tuple[TensorInfo, ...], outputs: tuple[TensorInfo, ...], where: str
+) -> dict[str, Any]:
+    classes = _class_names(data, where)
+    spec = _get(data, "feature_spec", dict, where)
+    size = spec.get("size")
+    want_in = (TensorInfo("image", ("batch", 1, size, size), "float32"),)
+    want_out = (TensorInfo("probs", ("batch", len(classes)), "float32"),)
+    if inputs != want_in or outputs != want_out:
+        raise ModelError(
+            f"{where}: inputs/outputs must be {[t.to_dict() for t in want_in]} / {[t.to_dict() for t in want_out]} "
+            f"(feature_spec.size and class_names), got {[t.to_dict() for t in inputs]} / "
+            f"{[t.to_dict() for t in outputs]}",
+            reason="shape",
+        )
+    return {"class_names": tuple(classes)}
+
+
+_TASK_CHECKS = {"anomaly": _anomaly_keys, "classifier": _classifier_keys, "image-classifier": _image_classifier_keys}
 
 
 def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
