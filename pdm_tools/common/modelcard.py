@@ -3,17 +3,39 @@
 One card per task (anomaly model, defect classifier), each built only from the manifest, with the same
 "Quantization" section rendered from the manifest's quantization record (``pdm_tools.quantization.report``).
 ``pdm-agent train`` writes the cards, ``pdm-agent model quantize --ship`` rewrites them.
+
+Beside each card, ``figures/*.png`` (``write_figures``): the shipped model, its FP32 parent and its INT8
+version run on the model's own held-out rows (``eval.npz``, named in the quantization record), so the
+pictures need nothing but the model folder and are redrawn whenever the card is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.inference.manifest import Manifest
+from agent.inference.session import open_session
+from pdm_tools.common import plots
+
+logger = logging.getLogger(__name__)
 
 CARD_FILE = "MODEL_CARD.md"
+FIGURES_DIR = "figures"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One picture of the card: its path relative to the model folder and what it shows."""
+
+    file: str
+    caption: str
+
 
 _ANOMALY_LIMITS = {
     "vibration": [
@@ -59,14 +81,105 @@ _CLASSIFIER_LIMITS = (
 
 
 def write_model_card(manifest: Manifest, model_dir: Path) -> Path:
+    """Draw the figures, then write the card that links them."""
     path = Path(model_dir) / CARD_FILE
-    path.write_text(render_model_card(manifest), encoding="utf-8")
+    path.write_text(render_model_card(manifest, write_figures(manifest, Path(model_dir))), encoding="utf-8")
     return path
 
 
-def render_model_card(m: Manifest) -> str:
-    """Markdown for one model, built only from its manifest (so the two cannot disagree)."""
-    return _classifier_card(m) if m.task == "classifier" else _anomaly_card(m)
+def render_model_card(m: Manifest, figures: Sequence[Figure] = ()) -> str:
+    """Markdown for one model, built only from its manifest (so the two cannot disagree) and the figures
+    drawn from its folder."""
+    card = _classifier_card(m) if m.task == "classifier" else _anomaly_card(m)
+    if not figures:
+        return card
+    section = ["## Figures", ""]
+    for f in figures:
+        section += [f"![{f.caption}]({f.file})", "", f"*{f.caption}*", ""]
+    head, limits, tail = card.partition("## Known limits")
+    return head + "\n".join(section) + "\n" + limits + tail
+
+
+def write_figures(m: Manifest, model_dir: Path) -> list[Figure]:
+    """PNGs of the model on its held-out rows, into ``model_dir/figures``; none (with a warning) when the
+    folder has no evaluation rows, no INT8 file or matplotlib is missing, so the card is written anyway.
+
+    Anomaly model: the score histograms of healthy and faulty rows with the threshold, the ROC curve with
+    the operating point, INT8 against FP32 scores. Classifier: the confusion matrix, INT8 against FP32
+    class probabilities.
+    """
+    qz = m.quantization
+    files = {
+        "rows": (qz.get("evaluation") or {}).get("file"),
+        "fp32": (qz.get("parent") or {}).get("file"),
+        "int8": qz.get("int8_file"),
+    }
+    missing = [name for name, file in files.items() if not file or not (model_dir / file).is_file()]
+    if missing:
+        logger.warning("%s: no figures for the model card (no %s file)", model_dir, " or ".join(missing))
+        return []
+    try:
+        plots.require()
+    except plots.PlotsUnavailable as exc:
+        logger.warning("%s: no figures for the model card: %s", model_dir, exc)
+        return []
+    with np.load(model_dir / str(files["rows"])) as data:
+        x, y = data["x"], data["y"]
+    folder = model_dir / FIGURES_DIR
+    folder.mkdir(exist_ok=True)
+    # The first output: the score of an anomaly model, the probabilities of a classifier (FP32 and INT8 alike).
+    feed, output = m.inputs[0].name, m.outputs[0].name
+    outputs = {
+        k: open_session(model_dir / str(files[k]), threads=1).run([output], {feed: x.astype(np.float32)})[0]
+        for k in ("fp32", "int8")
+    }
+    shipped = "int8" if m.file == files["int8"] else "fp32"
+    name = f"{m.model_id} {m.version}"
+    n = f"{len(y)} held-out rows"
+    if m.task == "classifier":
+        probs = outputs
+        matrix = np.zeros((len(m.class_names),) * 2, dtype=np.int64)
+        np.add.at(matrix, (y, probs[shipped].argmax(axis=1)), 1)
+        agree = float(np.mean(probs["fp32"].argmax(axis=1) == probs["int8"].argmax(axis=1)))
+        series = {c: (probs["fp32"][:, k], probs["int8"][:, k]) for k, c in enumerate(m.class_names)}
+        plots.confusion_figure(folder / "confusion.png", f"{name} ({shipped.upper()}), {n}", matrix, m.class_names)
+        plots.agreement_figure(
+            folder / "int8_vs_fp32.png",
+            f"{name}: INT8 vs FP32\n{n}, same class on {agree:.2%}",
+            series,
+            "FP32 probability",
+            "INT8 probability",
+        )
+        return [
+            Figure(f"{FIGURES_DIR}/confusion.png", f"Confusion matrix of the shipped model on the {n}"),
+            Figure(f"{FIGURES_DIR}/int8_vs_fp32.png", f"INT8 against FP32 class probabilities on the {n}"),
+        ]
+    if m.threshold is None:
+        raise ValueError(f"{model_dir}: an anomaly model without a threshold")  # Manifest.load refuses it too
+    threshold = m.threshold
+    scores = {k: v.astype(np.float64) for k, v in outputs.items()}
+    healthy = y == 0
+    groups = {"healthy": scores[shipped][healthy], "faulty": scores[shipped][~healthy]}
+    plots.histogram_figure(
+        folder / "scores.png", f"{name} ({shipped.upper()}), {n}", groups, threshold, "anomaly score"
+    )
+    plots.roc_figure(folder / "roc.png", f"{name}: score / threshold", scores[shipped] / threshold, ~healthy)
+    series = {
+        label: (scores["fp32"][rows] / threshold, scores["int8"][rows] / threshold)
+        for label, rows in (("healthy", healthy), ("faulty", ~healthy))
+    }
+    plots.agreement_figure(
+        folder / "int8_vs_fp32.png",
+        f"{name}: INT8 vs FP32\n{n}",
+        series,
+        "FP32 score / threshold",
+        "INT8 score / threshold",
+    )
+    return [
+        Figure(f"{FIGURES_DIR}/scores.png", f"Scores of healthy and faulty windows against the threshold, {n}"),
+        Figure(f"{FIGURES_DIR}/roc.png", f"ROC curve of score / threshold with the operating point, {n}"),
+        Figure(f"{FIGURES_DIR}/int8_vs_fp32.png", f"INT8 against FP32 scores (over the threshold), {n}"),
+    ]
 
 
 def _anomaly_card(m: Manifest) -> str:

@@ -54,6 +54,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from agent.features.bearing import TIME_STATS, BearingFeatureSpec
+from pdm_tools.common import plots
 from pdm_tools.datasets.cwru import (
     CLASS_NAMES,
     FAULT_CLASSES,
@@ -66,7 +67,7 @@ from pdm_tools.datasets.cwru import (
     normal_parts,
     stack,
 )
-from pdm_tools.evaluation import classification, plots
+from pdm_tools.evaluation import classification
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
 from pdm_tools.quantization import static as q
 from pdm_tools.quantization.static import compare_probabilities, quantize_classifier, run_classifier

@@ -38,8 +38,8 @@ import pandas as pd
 
 from agent.commissioning import CommissioningBaseline, CommissioningConfig
 from agent.commissioning.detector import Detector
+from pdm_tools.common import plots
 from pdm_tools.datasets.paths import dataset_dir
-from pdm_tools.evaluation import plots
 from pdm_tools.models.commissioning_export import build_onnx, calibration_rows, window_rows
 from pdm_tools.quantization import static as q
 

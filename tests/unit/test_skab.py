@@ -113,7 +113,7 @@ def test_plots_with_quantization_adds_the_int8_against_fp32_scatter(
 def test_plots_without_matplotlib_is_a_usage_error(
     skab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pdm_tools.evaluation import plots
+    from pdm_tools.common import plots
 
     def missing() -> None:
         raise plots.PlotsUnavailable("--plots needs matplotlib: pip install 'pdm-agent[tools]'")

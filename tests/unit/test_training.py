@@ -151,7 +151,12 @@ def test_quick_training_is_reproducible_and_loads(tmp_path: Path) -> None:
     model = OnnxAnomalyModel(manifest, a)
     healthy = vibration_rows(SimulatedMachine(fleet_profile(0, 5), seed=5), 1.0, VIBRATION_SPEC)
     assert model.score(healthy).shape == (4,)
-    assert "## Known limits" in (a / "MODEL_CARD.md").read_text()
+    card = (a / "MODEL_CARD.md").read_text()
+    assert "## Known limits" in card
+    for figure in ("scores.png", "roc.png", "int8_vs_fp32.png"):  # drawn beside the model, linked, reproducible
+        assert f"](figures/{figure})" in card
+        assert (a / "figures" / figure).read_bytes() == (b / "figures" / figure).read_bytes()
+        assert (a / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_refuses_non_positive_minutes(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""PNG figures of an evaluation (``pdm-agent evaluate ... --plots DIR``), drawn with matplotlib.
+"""PNG figures of an evaluation (``pdm-agent evaluate ... --plots DIR``) and of the model cards
+(``pdm_tools.common.modelcard``), drawn with matplotlib.
 
 matplotlib is a dependency of the tools (``pip install 'pdm-agent[tools]'``), never of the edge runtime, and
 is imported only when figures are asked for. Figures are written without a display (the Agg backend).
@@ -120,6 +121,27 @@ def roc_figure(path: Path, title: str, ratios: np.ndarray, labels: np.ndarray) -
     return _save(plt, fig, path)
 
 
+def histogram_figure(path: Path, title: str, groups: Mapping[str, np.ndarray], threshold: float, xlabel: str) -> Path:
+    """Histograms of a score per group (healthy, faulty) on a log axis, with the threshold: how far apart the
+    groups are and which side of the threshold each falls."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    values = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in groups.values()] or [np.ones(1)])
+    lo, hi = float(values.min(initial=threshold)), float(values.max(initial=threshold))
+    bins = np.geomspace(min(lo, threshold) * 0.9, max(hi, threshold) * 1.1, 60)
+    for name, v in groups.items():
+        v = v[np.isfinite(v) & (v > 0)]
+        above = float((v > threshold).mean()) if len(v) else 0.0
+        ax.hist(v, bins=bins, alpha=0.55, label=f"{name}: {len(v)} rows, {above:.1%} above")
+    ax.axvline(threshold, color="tab:red", lw=1.0, ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    return _save(plt, fig, path)
+
+
 def agreement_figure(
     path: Path,
     title: str,
@@ -129,7 +151,8 @@ def agreement_figure(
 ) -> Path:
     """Quantized against full-precision outputs, one point per output and one colour per series (a class's
     probability, an INT8 variant): on the diagonal where quantization changed nothing, so the spread off it
-    is the error the tables summarise in one number."""
+    is the error the tables summarise in one number. Log axes when the outputs are positive and span more
+    than two decades (anomaly scores)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=100)
     finite = [(name, x[ok], y[ok]) for name, (x, y) in series.items() for ok in [np.isfinite(x) & np.isfinite(y)]]
@@ -139,6 +162,9 @@ def agreement_figure(
         err = float(np.abs(y - x).max()) if len(x) else 0.0
         ax.scatter(x, y, s=4, alpha=0.5, linewidths=0, rasterized=True, label=f"{name} (max |diff| {err:.3g})")
     ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls=":")
+    if lo > 0 and hi / lo > 100:  # scores over decades: healthy rows would sit in one corner on a linear axis
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -149,7 +175,7 @@ def agreement_figure(
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     """Write the figure and free it (pyplot keeps every open figure alive otherwise)."""
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": None})  # no matplotlib version in the bytes of committed figures
     plt.close(fig)
     return path
 
