@@ -1,4 +1,4 @@
-"""The tools' subcommands of ``pdm-agent``: ``simulate``, ``train``, ``evaluate`` and ``model quantize``.
+"""The tools' subcommands of ``pdm-agent``: ``simulate``, ``train``, ``evaluate``, ``model quantize`` and ``fleet``.
 
 The runtime CLI finds :func:`register` through the entry point group ``pdm_agent.commands`` (see
 ``pyproject.toml``); it never imports this package by name. When the tools' dependencies are not installed
@@ -8,6 +8,7 @@ The runtime CLI finds :func:`register` through the entry point group ``pdm_agent
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 from collections.abc import Callable
@@ -32,6 +33,11 @@ _EVALUATE = (
     "evaluate the models on public datasets with the published protocols",
     "Run a published evaluation protocol on a dataset folder and print the results next to the published "
     "ones (--json for one JSON object).",
+)
+_FLEET = (
+    "federated learning across agents with Flower (evaluate in simulation)",
+    "Train one model across agents without moving their data (Flower): fleet evaluate compares the "
+    "federated model with central and local-only training on a dataset split like a fleet.",
 )
 _QUANTIZE = (
     "build quantized candidates of a model's FP32 parent, measure them and gate which one ships",
@@ -60,6 +66,26 @@ def register(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> No
     from pdm_tools.training import cli as training_cli
 
     _add_commands(sub, setup_logging, evaluation_cli, quantization_cli, simulator_cli, training_cli)
+    _add_fleet(sub, setup_logging)
+
+
+def _add_fleet(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> None:
+    """``pdm-agent fleet``, or a placeholder that says to install the ``[fleet]`` extra (Flower)."""
+    if importlib.util.find_spec("flwr") is None:
+        sub.add_parser("fleet", help=f"{_FLEET[0]} (needs pdm-agent[fleet])").set_defaults(
+            func=_missing("fleet", ["flwr"], "fleet")
+        )
+        return
+    from pdm_tools.fleet_learning import cli as fleet_cli
+
+    fleet = sub.add_parser("fleet", help=_FLEET[0], description=_FLEET[1])
+    fleet_cli.add_arguments(fleet)
+
+    def run(args: argparse.Namespace) -> int:
+        setup_logging(args.log_level or "WARNING", args.log_format or "text")
+        return fleet_cli.main(args)
+
+    fleet.set_defaults(func=run)
 
 
 def missing_tools() -> list[str]:
@@ -125,11 +151,11 @@ def _add_commands(
     quantize.set_defaults(func=command(quantization_cli.main, "WARNING", "model quantize"))
 
 
-def _missing(command: str, missing: list[str]) -> Callable[[argparse.Namespace], int]:
+def _missing(command: str, missing: list[str], extra: str = "tools") -> Callable[[argparse.Namespace], int]:
     def refuse(args: argparse.Namespace) -> int:
         print(
             f"pdm-agent {command} is one of the tools, which need {', '.join(missing)} (not installed): "
-            "pip install 'pdm-agent[tools]'",
+            f"pip install 'pdm-agent[{extra}]'",
             file=sys.stderr,
         )
         return 2

@@ -1,0 +1,107 @@
+"""The Flower ClientApp an agent runs beside itself: it trains on the rows it holds and sends back only
+model parameters and metrics.
+
+The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual client per data folder under
+``data_root``, chosen by Flower's ``partition-id``) and in deployment (``flwr-supernode`` with
+``--node-config "data-dir='…'"``). Three message types:
+
+``query``    feature count, sum and sum of squares over the training rows (for the fleet's standardization;
+             refused below ``MIN_ROWS`` rows, where a sum would reveal a row)
+``train``    a few local epochs from the fleet's weights; replies the new weights and ``num-examples``
+``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts
+
+What a reply never holds: a feature row, a window, a reading, a label list. ``tests/unit/test_fleet_learning``
+inspects every reply.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from pdm_tools.fleet_learning.data import MIN_ROWS, ClientData, ClientDataError, load_client_data
+from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, local_train, to_arrays
+
+_loaded: dict[Path, ClientData] = {}
+
+
+def build_client_app(data_root: Path | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp. ``data_root``: simulation, client ``i`` reads ``data_root/client-{i}``; without it the
+    node's ``data-dir`` setting names the folder. ``mods``: Flower mods around every handler (the
+    evaluation's poisoned client is one)."""
+    app = ClientApp(mods=list(mods))
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        if len(data.x) < MIN_ROWS:
+            raise ClientDataError(f"{data.name}: {len(data.x)} training rows; feature sums need {MIN_ROWS}")
+        x = data.x.astype(np.float64)
+        sums = MetricRecord(
+            {"num-examples": len(x), "sum": x.sum(axis=0).tolist(), "sumsq": (x * x).sum(axis=0).tolist()}
+        )
+        return Message(RecordDict({"stats": sums}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        config = message.content.config_records["config"]
+        model = from_arrays(message.content.array_records["arrays"], data.class_names)
+        if model.n_features != data.x.shape[1]:
+            raise ClientDataError(f"{data.name}: rows have {data.x.shape[1]} features, the model {model.n_features}")
+        training = LocalTraining(
+            epochs=int(_number(config, "local-epochs", LocalTraining.epochs)),
+            learning_rate=_number(config, "learning-rate", LocalTraining.learning_rate),
+            alpha=_number(config, "alpha", LocalTraining.alpha),
+            batch_size=int(_number(config, "batch-size", LocalTraining.batch_size)),
+            proximal_mu=_number(config, "proximal-mu", 0.0),
+        )
+        rnd, base_seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
+        seed = zlib.crc32(f"{data.name}/{base_seed}/{rnd}".encode())
+        trained, loss = local_train(model, data.x, data.y, training, seed)
+        metrics = MetricRecord({"num-examples": len(data.x), "train-loss": loss})
+        return Message(RecordDict({"arrays": to_arrays(trained), "metrics": metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        model = from_arrays(message.content.array_records["arrays"], data.class_names)
+        k = len(data.class_names)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        if len(data.x_held):
+            np.add.at(confusion, (data.y_held, model.predict(data.x_held)), 1)
+        metrics = MetricRecord({"num-examples": len(data.y_held), "confusion": confusion.ravel().tolist()})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    return app
+
+
+def _number(config: ConfigRecord, key: str, default: float) -> float:
+    """A number from the round's config; a value of another type is the server's error, named here."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _data(context: Context, data_root: Path | None) -> ClientData:
+    """The client's rows, read once per process (a supernode keeps its ClientApp process between rounds)."""
+    if "data-dir" in context.node_config:
+        folder = Path(str(context.node_config["data-dir"]))
+    elif data_root is not None and "partition-id" in context.node_config:
+        folder = data_root / f"client-{int(context.node_config['partition-id'])}"
+    else:
+        raise ClientDataError("no data folder: start the supernode with --node-config \"data-dir='DIR'\"")
+    if folder not in _loaded:
+        _loaded[folder] = load_client_data(folder)
+    return _loaded[folder]
+
+
+# What ``flwr run`` loads in deployment: the node's ``data-dir`` names the folder.
+app = build_client_app()

@@ -1,0 +1,158 @@
+"""``pdm-agent fleet evaluate``: the federated defect classifier against one trained centrally on the pooled
+rows and against each client's own, on a dataset split like a fleet.
+
+The federation runs in Flower's simulation runtime with the same ClientApp the agents run (one virtual
+client per data folder written under a temporary directory). Central and local models are fitted with the
+shipped recipe (``fit_mlp``). Every model is scored on every client's held-out rows (the last part of each
+recording in time), and, with a load left out, on that load's rows.
+
+``robustness`` measures how far one poisoned client (it sends its update reversed and scaled) moves the fleet
+model under each strategy, on a synthetic fleet of machines at different speeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.simulation import run_simulation
+
+from pdm_tools.evaluation.classification import scores
+from pdm_tools.fleet_learning.client_app import build_client_app
+from pdm_tools.fleet_learning.data import Fleet
+from pdm_tools.fleet_learning.server_app import FederationConfig, FederationError, Outcome, build_server_app
+from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, fit_mlp
+
+logger = logging.getLogger(__name__)
+
+
+def simulate(fleet: Fleet, config: FederationConfig, mods: Sequence[Mod] = (), keep_replies: bool = False) -> Outcome:
+    """Run the federation over ``fleet``'s clients in Flower's simulation runtime (Ray, one CPU per client)."""
+    outcome = Outcome(keep_replies=keep_replies)
+    with tempfile.TemporaryDirectory(prefix="pdm-fleet-") as tmp:
+        root = Path(tmp)
+        for i, client in enumerate(fleet.clients):
+            client.save(root / f"client-{i}")
+        run_simulation(
+            server_app=build_server_app(config, outcome),
+            client_app=build_client_app(root, mods),
+            num_supernodes=len(fleet.clients),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+        )
+    if outcome.model is None:
+        raise FederationError("the simulation ended without a model (see the log above)")
+    return outcome
+
+
+def evaluate_fleet(fleet: Fleet, config: FederationConfig) -> dict[str, Any]:
+    """The JSON object of ``fleet evaluate``: ``federated``, ``central``, ``local``, ``bytes_per_round``, ``rounds``."""
+    return compare(fleet, config, simulate(fleet, config))
+
+
+def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpConfig | None = None) -> dict[str, Any]:
+    """The federation's model (``outcome``) against central and local-only fits, scored on the same rows."""
+    mlp = mlp or MlpConfig(hidden=config.hidden, alpha=config.training.alpha)
+    k = len(config.class_names)
+    x_held, y_held = fleet.held_out()
+
+    def measure(model: DefectMlp) -> dict[str, Any]:
+        s = scores(y_held, model.predict(x_held), k)
+        out: dict[str, Any] = {"macro_f1": s["macro_f1"], "accuracy": s["accuracy"]}
+        out["per_client_macro_f1"] = {
+            c.name: scores(c.y_held, model.predict(c.x_held), k)["macro_f1"] for c in fleet.clients
+        }
+        if len(fleet.unseen_y):
+            out["unseen_macro_f1"] = scores(fleet.unseen_y, model.predict(fleet.unseen_x), k)["macro_f1"]
+        return out
+
+    assert outcome.model is not None
+    x_all = np.concatenate([c.x for c in fleet.clients])
+    y_all = np.concatenate([c.y for c in fleet.clients])
+    central = fit_mlp(x_all, y_all, config.class_names, config.seed, mlp)
+    local_models = {c.name: fit_mlp(c.x, c.y, config.class_names, config.seed, mlp) for c in fleet.clients}
+    local = {name: measure(model) for name, model in local_models.items()}
+    training_rounds = [b for r, b in outcome.bytes_per_round.items() if r > 0]
+    rows = {c.name: len(c.y) for c in fleet.clients}
+    fewest = min(rows, key=lambda name: rows[name])
+    federated = measure(outcome.model)
+    result: dict[str, Any] = {
+        "federated": {**federated, "federated_evaluation": outcome.evaluation.get(config.rounds, {})},
+        "central": measure(central),
+        "local": {
+            "macro_f1": round(float(np.mean([v["macro_f1"] for v in local.values()])), 6),
+            "own_client_macro_f1": {name: v["per_client_macro_f1"][name] for name, v in local.items()},
+            "per_model_macro_f1": {name: v["macro_f1"] for name, v in local.items()},
+            **(
+                {"unseen_macro_f1": round(float(np.mean([v["unseen_macro_f1"] for v in local.values()])), 6)}
+                if len(fleet.unseen_y)
+                else {}
+            ),
+        },
+        "client_with_fewest_rows": {
+            "client": fewest,
+            "rows": rows[fewest],
+            "federated_macro_f1": federated["per_client_macro_f1"][fewest],
+            "local_macro_f1": local[fewest]["per_client_macro_f1"][fewest],
+        },
+        "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
+        "rounds": config.rounds,
+        "clients": len(fleet.clients),
+        "client_rows": rows,
+        "federation": config.to_dict(),
+    }
+    if fleet.unseen_name:
+        result["unseen"] = fleet.unseen_name
+    return result
+
+
+def poisoning_mod(poisoned: frozenset[int], boost: float = 10.0) -> Mod:
+    """A Flower mod that makes the clients with these partition ids send their update reversed and scaled
+    by ``boost`` (a model-replacement attack, or a client with a badly broken sensor pipeline)."""
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(message, context)
+        if message.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        if int(context.node_config.get("partition-id", -1)) not in poisoned:
+            return reply
+        start = message.content.array_records["arrays"]
+        trained = reply.content.array_records["arrays"]
+        reply.content["arrays"] = ArrayRecord(
+            {
+                name: Array((s - boost * (t - s)).astype(np.float32))
+                for name in trained
+                for s, t in [(start[name].numpy(), trained[name].numpy())]
+            }
+        )
+        return reply
+
+    return mod
+
+
+def robustness(
+    fleet: Fleet, config: FederationConfig, strategies: Sequence[str] = ("fedavg", "trimmed", "krum")
+) -> dict[str, Any]:
+    """For each strategy: the fleet model with client 0 poisoned vs without, as the relative L2 distance of
+    the parameters and the macro-F1 on every client's held-out rows."""
+    k = len(config.class_names)
+    x_held, y_held = fleet.held_out()
+    out: dict[str, Any] = {"clients": len(fleet.clients), "poisoned_clients": 1, "rounds": config.rounds}
+    for name in strategies:
+        run = FederationConfig(**{**config.__dict__, "strategy": name})
+        clean = simulate(fleet, run).model
+        poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({0}))]).model
+        assert clean is not None and poisoned is not None
+        theta = np.concatenate([w.ravel() for w in clean.weights + clean.biases])
+        theta_p = np.concatenate([w.ravel() for w in poisoned.weights + poisoned.biases])
+        out[name] = {
+            "relative_shift": round(float(np.linalg.norm(theta_p - theta) / np.linalg.norm(theta)), 4),
+            "macro_f1_clean": scores(y_held, clean.predict(x_held), k)["macro_f1"],
+            "macro_f1_poisoned": scores(y_held, poisoned.predict(x_held), k)["macro_f1"],
+        }
+    return out

@@ -1,0 +1,228 @@
+"""The Flower ServerApp that coordinates a federation: the fleet's standardization, then the chosen strategy.
+
+Before round 1 every client answers a ``query`` with its feature count, sum and sum of squares; their totals
+give the fleet-wide ``mean``/``scale`` (exactly those of the pooled rows, which no one ever pools). Then
+Flower's strategy runs ``rounds`` of train + federated evaluation. Strategies (``STRATEGIES``): ``fedavg``,
+``fedprox`` (proximal term in each client's loss), ``trimmed`` (coordinate-wise trimmed mean, drops the
+``trim_beta`` share of the highest and lowest values), ``krum`` (keeps the update closest to its neighbours).
+
+Every message's payload is counted (``Outcome.bytes_per_round``: Flower ``Record.count_bytes`` of both
+directions, without gRPC framing) through a ``Grid`` that wraps the runtime's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx, FedTrimmedAvg, Krum, Strategy
+
+from pdm_tools.evaluation.classification import scores_from_confusion
+from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, to_arrays
+from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("fedavg", "fedprox", "trimmed", "krum")
+
+
+class FederationError(Exception):
+    """The federation could not start or finish (too few clients answered)."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What the coordinator runs (recorded in the resulting model's provenance)."""
+
+    class_names: tuple[str, ...]
+    rounds: int = 20
+    strategy: str = "fedavg"
+    min_clients: int = 2
+    training: LocalTraining = field(default_factory=LocalTraining)
+    hidden: tuple[int, ...] = MlpConfig.hidden
+    proximal_mu: float = 0.1
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
+    seed: int = 42
+    round_timeout_s: float = 600.0
+    wait_for_clients_s: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "rounds": self.rounds,
+            "min_clients": self.min_clients,
+            "local_epochs": self.training.epochs,
+            "learning_rate": self.training.learning_rate,
+            "alpha": self.training.alpha,
+            "batch_size": self.training.batch_size,
+            "hidden": list(self.hidden),
+            **({"proximal_mu": self.proximal_mu} if self.strategy == "fedprox" else {}),
+            **({"trim_beta": self.trim_beta} if self.strategy == "trimmed" else {}),
+            **({"krum_malicious": self.krum_malicious} if self.strategy == "krum" else {}),
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class Outcome:
+    """What a finished federation leaves: the model, per-round payload bytes and federated evaluation, and
+    per client (by node id) the training row count it reported."""
+
+    model: DefectMlp | None = None
+    bytes_per_round: dict[int, int] = field(default_factory=dict)
+    evaluation: dict[int, dict[str, Any]] = field(default_factory=dict)
+    client_rows: dict[int, int] = field(default_factory=dict)
+    replies: list[tuple[str, RecordDict]] = field(default_factory=list)
+    keep_replies: bool = False
+
+
+def make_strategy(config: FederationConfig) -> Strategy:
+    """The Flower strategy named by ``config.strategy``; every client trains and evaluates each round."""
+    common: dict[str, Any] = {
+        "min_train_nodes": config.min_clients,
+        "min_evaluate_nodes": config.min_clients,
+        "min_available_nodes": config.min_clients,
+        "evaluate_metrics_aggr_fn": sum_confusions,
+    }
+    if config.strategy == "fedavg":
+        return FedAvg(**common)
+    if config.strategy == "fedprox":
+        return FedProx(proximal_mu=config.proximal_mu, **common)
+    if config.strategy == "trimmed":
+        return FedTrimmedAvg(beta=config.trim_beta, **common)
+    if config.strategy == "krum":
+        return Krum(num_malicious_nodes=config.krum_malicious, **common)
+    raise ValueError(f"strategy {config.strategy!r} is not one of {list(STRATEGIES)}")
+
+
+def sum_confusions(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Federated evaluation: the clients' confusion counts summed, and the scores of the sum."""
+    total: np.ndarray | None = None
+    for record in records:
+        counts = np.asarray(next(iter(record.metric_records.values()))["confusion"], dtype=np.int64)
+        total = counts if total is None else total + counts
+    if total is None:
+        return MetricRecord()
+    k = round(np.sqrt(len(total)))
+    s = scores_from_confusion(total.reshape(k, k))
+    return MetricRecord({"accuracy": s["accuracy"], "macro-f1": s["macro_f1"], "confusion": total.tolist()})
+
+
+def build_server_app(config: FederationConfig, outcome: Outcome) -> ServerApp:
+    """The ServerApp; when it returns, ``outcome`` holds the result (the simulation reads it in-process)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        counted = CountingGrid(grid, outcome)
+        mean, scale = fleet_standardization(counted, config)
+        model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
+        training = config.training
+        train_config = ConfigRecord(
+            {
+                "local-epochs": training.epochs,
+                "learning-rate": training.learning_rate,
+                "alpha": training.alpha,
+                "batch-size": training.batch_size,
+                "seed": config.seed,
+            }
+        )
+        result = make_strategy(config).start(
+            grid=counted,
+            initial_arrays=to_arrays(model),
+            num_rounds=config.rounds,
+            timeout=config.round_timeout_s,
+            train_config=train_config,
+        )
+        outcome.model = from_arrays(result.arrays, config.class_names)
+        for rnd, metrics in result.evaluate_metrics_clientapp.items():
+            outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
+
+    return app
+
+
+def fleet_standardization(grid: Grid, config: FederationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the pooled training rows, from each client's count, sum and sum of
+    squares (a ``query`` to every connected client once ``min_clients`` are there)."""
+    deadline = time.monotonic() + config.wait_for_clients_s
+    while len(nodes := list(grid.get_node_ids())) < config.min_clients:
+        if time.monotonic() > deadline:
+            raise FederationError(f"{len(nodes)} clients connected after {config.wait_for_clients_s} s")
+        time.sleep(1.0)
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    replies = [r for r in grid.send_and_receive(messages, timeout=config.round_timeout_s) if not r.has_error()]
+    if len(replies) < config.min_clients:
+        raise FederationError(f"{len(replies)} of {len(nodes)} clients sent feature sums; need {config.min_clients}")
+    n = 0.0
+    s = ss = np.zeros(0)
+    for reply in replies:
+        stats = reply.content.metric_records["stats"]
+        n += float(stats["num-examples"])  # type: ignore[arg-type]
+        s = s + np.asarray(stats["sum"], np.float64) if len(s) else np.asarray(stats["sum"], np.float64)
+        ss = ss + np.asarray(stats["sumsq"], np.float64) if len(ss) else np.asarray(stats["sumsq"], np.float64)
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+class CountingGrid(Grid):
+    """The runtime's grid, counting each round's payload bytes and the training rows each client reports
+    (and keeping the replies when ``outcome.keep_replies``, for tests that inspect what clients send)."""
+
+    def __init__(self, inner: Grid, outcome: Outcome) -> None:
+        self._inner = inner
+        self._outcome = outcome
+
+    def set_run(self, run: Any) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._inner.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        replies = list(self._inner.send_and_receive(sent, timeout=timeout))
+        rnd = 0
+        for m in sent:
+            config = m.content.config_records.get("config")
+            rnd = int(config.get("server-round", 0)) if config is not None else 0  # type: ignore[arg-type]
+        total = sum(_payload_bytes(m) for m in sent) + sum(_payload_bytes(r) for r in replies)
+        self._outcome.bytes_per_round[rnd] = self._outcome.bytes_per_round.get(rnd, 0) + total
+        for reply in replies:
+            if reply.has_error():
+                logger.warning("client %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            if self._outcome.keep_replies:
+                self._outcome.replies.append((reply.metadata.message_type, reply.content))
+            metrics = reply.content.metric_records.get("metrics")
+            if reply.metadata.message_type == MessageType.TRAIN and metrics is not None:
+                self._outcome.client_rows[reply.metadata.src_node_id] = int(metrics["num-examples"])  # type: ignore[arg-type]
+        return replies
+
+
+def _payload_bytes(message: Message) -> int:
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())

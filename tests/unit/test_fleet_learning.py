@@ -1,0 +1,120 @@
+"""Fleet learning's pure parts: the model as Flower arrays, the client's training step, its data folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from pdm_tools.datasets.cwru import CLASS_NAMES
+from pdm_tools.fleet_learning.data import (
+    ROWS_FILE,
+    ClientDataError,
+    data_sha256,
+    load_client_data,
+    synthetic_fleet,
+)
+from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
+
+
+def _model(n_features: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+    return init_mlp(np.zeros(n_features), np.ones(n_features), (16, 8), CLASS_NAMES, seed)
+
+
+def _loss(model, x: np.ndarray, y: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    p = model.predict_proba(x)
+    return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))))
+
+
+def test_model_survives_the_trip_through_flower_arrays() -> None:
+    model = _model()
+    back = from_arrays(to_arrays(model), CLASS_NAMES)
+    x = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    np.testing.assert_array_equal(back.logits(x), model.logits(x))
+    assert list(to_arrays(model).keys()) == ["mean", "scale", "w0", "b0", "w1", "b1", "w2", "b2"]
+
+
+def test_arrays_that_are_not_the_model_are_a_clear_error() -> None:
+    record = to_arrays(_model())
+    with pytest.raises(ValueError, match="not an MLP for 3 classes"):
+        from_arrays(record, CLASS_NAMES[:3])
+    del record["b1"]
+    with pytest.raises(ValueError, match="lack 'b1'"):
+        from_arrays(record, CLASS_NAMES)
+    bad = to_arrays(_model())
+    bad["w1"] = Array(np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="not an MLP"):
+        from_arrays(bad, CLASS_NAMES)
+
+
+def test_local_training_lowers_the_loss_and_keeps_the_fleet_standardization() -> None:
+    client = synthetic_fleet(1, 400, seed=3).clients[0]
+    start = init_mlp(client.x.mean(axis=0), client.x.std(axis=0), (16, 8), CLASS_NAMES, 0)
+    trained, _ = local_train(start, client.x, client.y, LocalTraining(epochs=40, learning_rate=1e-2), seed=1)
+    assert _loss(trained, client.x, client.y) < 0.5 * _loss(start, client.x, client.y)
+    np.testing.assert_array_equal(trained.mean, start.mean)
+    np.testing.assert_array_equal(trained.scale, start.scale)
+
+
+def test_proximal_term_keeps_a_client_near_the_round_start() -> None:
+    client = synthetic_fleet(1, 400, seed=4).clients[0]
+    start = init_mlp(client.x.mean(axis=0), client.x.std(axis=0), (16, 8), CLASS_NAMES, 0)
+
+    def moved(mu: float) -> float:
+        trained, _ = local_train(start, client.x, client.y, LocalTraining(epochs=5, proximal_mu=mu), seed=1)
+        return float(sum(np.linalg.norm(a - b) for a, b in zip(trained.weights, start.weights, strict=True)))
+
+    assert moved(10.0) < 0.8 * moved(0.0)
+
+
+def test_local_training_is_deterministic_for_a_seed() -> None:
+    client = synthetic_fleet(1, 200, seed=5).clients[0]
+    start = init_mlp(client.x.mean(axis=0), client.x.std(axis=0), (16, 8), CLASS_NAMES, 0)
+    a, _ = local_train(start, client.x, client.y, LocalTraining(epochs=2), seed=7)
+    b, _ = local_train(start, client.x, client.y, LocalTraining(epochs=2), seed=7)
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_client_folder_round_trip_and_hash(tmp_path: Path) -> None:
+    client = synthetic_fleet(2, 100, seed=6).clients[1]
+    folder = client.save(tmp_path / "c")
+    back = load_client_data(folder)
+    np.testing.assert_array_equal(back.x, client.x)
+    np.testing.assert_array_equal(back.y_held, client.y_held)
+    assert back.class_names == CLASS_NAMES and back.name == client.name
+    assert len(data_sha256(folder)) == 64
+
+
+def test_bad_client_folders_are_named_errors(tmp_path: Path) -> None:
+    with pytest.raises(ClientDataError, match="cannot read"):
+        load_client_data(tmp_path / "absent")
+    client = synthetic_fleet(1, 100, seed=6).clients[0]
+    np.savez(tmp_path / ROWS_FILE, x=client.x, y=client.y + 10, x_held=client.x_held, y_held=client.y_held,
+             class_names=np.array(CLASS_NAMES))  # fmt: skip
+    with pytest.raises(ClientDataError, match=r"labels outside 0\.\.3"):
+        load_client_data(tmp_path)
+    x = client.x.copy()
+    x[0, 0] = np.nan
+    np.savez(tmp_path / ROWS_FILE, x=x, y=client.y, x_held=client.x_held, y_held=client.y_held,
+             class_names=np.array(CLASS_NAMES))  # fmt: skip
+    with pytest.raises(ClientDataError, match="finite rows"):
+        load_client_data(tmp_path)
+    np.savez(tmp_path / ROWS_FILE, x=client.x, y=client.y)
+    with pytest.raises(ClientDataError, match=r"missing arrays \['x_held', 'y_held', 'class_names'\]"):
+        load_client_data(tmp_path)
+
+
+def test_synthetic_fleet_is_non_iid_and_uneven() -> None:
+    fleet = synthetic_fleet(4, 300, seed=1)
+    rows = [len(c.y) for c in fleet.clients]
+    assert rows == sorted(rows) and rows[0] < rows[-1]
+    centres = [c.x.mean(axis=0) for c in fleet.clients]
+    assert np.linalg.norm(centres[0] - centres[-1]) > 1.0
+
+
+def test_empty_array_record_is_rejected() -> None:
+    with pytest.raises(ValueError, match="lack"):
+        from_arrays(ArrayRecord(), CLASS_NAMES)
