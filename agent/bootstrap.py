@@ -7,7 +7,8 @@ so that tests and benchmarks build exactly what the agent runs, replacing only t
 - ``build_models``: the anomaly models and the defect classifier (``inference.models[].type``), loaded,
   verified and warmed up before any connection, so a bad model stops the start with a clear error;
 - ``build_stages``: the pure stages both workers share (windower, shaft speeds, baseline, defect stage);
-- ``build_decoder`` and ``build_ingest``: MQTT messages -> records -> spool -> windows;
+- ``build_decoder``, ``build_inputs`` and ``build_ingest``: MQTT messages -> records -> spool -> windows (and
+  camera images -> the image store, ``build_image_store``);
 - ``build_scoring``: windows -> features -> models -> alert engine -> MQTT;
 - ``build_sink``: the spool's destination (``storage.type``, ``agent.storage.registry``).
 
@@ -37,10 +38,13 @@ from agent.commissioning.store import BaselineStore
 from agent.config import Config
 from agent.decode.base import Counted, DecodeLimits, Decoder, DecoderContext, HasPresence, Liveness
 from agent.decode.fieldkeys import FieldKeys
+from agent.decode.image import camera_template
 from agent.decode.registry import build_decoder as registered_decoder
+from agent.decode.routes import Routes
 from agent.decode.topic import TopicTemplate
 from agent.features.windows import Windower
 from agent.health.server import build_health_server
+from agent.images.store import ImageStore
 from agent.inference.base import AnomalyModel, DefectClassifier
 from agent.inference.kinds import model_class
 from agent.inference.registry import ModelRegistry, default_builders
@@ -50,12 +54,13 @@ from agent.ingest.outbound import Outbound
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.ingest.shard import Shard, ShardFilter
 from agent.metrics import Metrics
-from agent.records import Message, Reading, SampleBlock, Source, Window
+from agent.records import Message, Reading, SampleBlock, ScoringItem, Source
 from agent.runtime.agent import Agent
 from agent.runtime.alerting import AlertOutput
 from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
+from agent.runtime.inspection import ImageClassifier, InspectionStage
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog
 from agent.spool.arrivals import ArrivalLog
@@ -64,7 +69,9 @@ from agent.storage.base import Sink
 from agent.storage.points import RawVibrationPolicy
 from agent.storage.process import WriterProcess, WriterSettings
 from agent.storage.registry import build_sink as registered_sink
-from agent.storage.writer import Writer
+from agent.storage.selection import Selection
+from agent.storage.sinks import SinkWriters, sinks_check
+from agent.storage.writer import BacklogBudget, Writer
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -80,6 +87,8 @@ class Models:
     router: ModelRouter
     classifier: DefectClassifier | None
     registry: ModelRegistry | None
+    images: ImageClassifier | None = None
+    """The camera image classifier (``camera.model``), when camera images are taken in and scored."""
 
 
 def build_models(config: Config, metrics: Metrics) -> Models:
@@ -109,7 +118,13 @@ def build_models(config: Config, metrics: Metrics) -> Models:
         loaded = cast(DefectClassifier, model_class(d.type).load(d.path, threads=inf.threads))
         classifier = loaded
         metrics.set("models.loaded", 1, model=loaded.model_id, version=loaded.version)
-    return Models(ModelRouter(routes), classifier, registry)
+    images: ImageClassifier | None = None
+    cam = config.camera
+    if cam.enabled and cam.model.path is not None:
+        # Any model kind whose class has the image classifier's methods (agent.runtime.inspection).
+        images = cast(ImageClassifier, model_class(cam.model.type).load(cam.model.path, threads=inf.threads))
+        metrics.set("models.loaded", 1, model=images.model_id, version=images.version)
+    return Models(ModelRouter(routes), classifier, registry, images)
 
 
 def build_sink(config: Config) -> Sink:
@@ -136,6 +151,40 @@ def build_decoder(config: Config, field_keys_file: Path | None = None) -> Decode
         options=m.decoder,
     )
     return registered_decoder(m.decoder.type, context)
+
+
+def build_inputs(config: Config, main: Decoder) -> Decoder:
+    """The main decoder alone, or with camera images taken in: the camera's decoder (``camera.decoder``) for
+    the camera topics, then the main one for the rest (``agent.decode.routes``)."""
+    cam = config.camera
+    if not cam.enabled:
+        return main
+    m = config.mqtt
+    context = DecoderContext(
+        topic_template=camera_template(cam.topic_template),
+        limits=DecodeLimits(max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s),
+        outbound_base=Topics(config.agent.id, m.base_topic).base,
+        options=cam,
+    )
+    return Routes([registered_decoder(cam.decoder, context), main])
+
+
+def build_image_store(config: Config, metrics: Metrics) -> ImageStore | None:
+    """The camera images' content-addressed store (``camera.store``; default: ``images/`` beside the spool)."""
+    cam = config.camera
+    if not cam.enabled:
+        return None
+    root = cam.store.dir or config.spool.path.parent / "images"
+    return ImageStore(root, cam.store.max_bytes, cam.store.max_age_s, metrics)
+
+
+def image_url_base(config: Config) -> str:
+    """Where alerts say the agent serves its images: ``camera.public_url``, else the health endpoint."""
+    if config.camera.public_url:
+        return config.camera.public_url.rstrip("/")
+    host = config.health.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{config.health.port}"
 
 
 def build_adaptation(config: Config, metrics: Metrics) -> tuple[AdapterStore | None, AutoAdapter | None]:
@@ -167,10 +216,11 @@ class Stages:
     baseline: CommissioningScorer | None
     defect: DefectStage | None
     raw_policy: RawVibrationPolicy
+    inspection: InspectionStage | None = None
 
-    def feed(self, items: Sequence[Reading | SampleBlock]) -> list[Window | Reading]:
+    def feed(self, items: Sequence[Reading | SampleBlock]) -> list[ScoringItem]:
         """What the ingest worker queues for scoring for these items (benchmarks drive scoring with it)."""
-        out: list[Window | Reading] = []
+        out: list[ScoringItem] = []
         for item in items:
             if isinstance(item, Reading):
                 self.speeds.observe(item)
@@ -192,6 +242,17 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
             c.to_commissioning_config(), c.sensors, c.channels, metrics, store, c.save_interval_s
         )
     raw = config.storage.raw_vibration
+    cam = config.camera
+    inspection = None
+    if cam.enabled:
+        base = image_url_base(config)
+        inspection = InspectionStage(
+            models.images,
+            alert_type=cam.alert_type,
+            min_confidence=cam.min_confidence,
+            image_url=lambda sha256: f"{base}/images/{sha256}",
+            defect_classes=cam.defect_classes,
+        )
     return Stages(
         models=models,
         windower=Windower(models.router.spec_for, metrics),
@@ -199,6 +260,7 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
         baseline=baseline,
         defect=defect,
         raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks),
+        inspection=inspection,
     )
 
 
@@ -209,7 +271,7 @@ def build_scoring(
     *,
     spool: LineLog,
     broker: Broker,
-    windows: queue.Queue[Window | Reading] | None = None,
+    windows: queue.Queue[ScoringItem] | None = None,
     commands: queue.Queue[Message] | None = None,
     store_raw: Callable[[Sequence[int]], None] = lambda spool_ids: None,
     engine: AlertEngine | None = None,
@@ -260,6 +322,7 @@ def build_scoring(
         max_batch=config.inference.max_batch,
         baseline=stages.baseline,
         commands=commands,
+        inspection=stages.inspection,
     )
 
 
@@ -269,17 +332,18 @@ def build_ingest(
     metrics: Metrics,
     *,
     messages: queue.Queue[Message],
-    windows: queue.Queue[Window | Reading],
+    windows: queue.Queue[ScoringItem],
     spool: EntryLog,
     broker: Broker,
     decoder: Decoder | None = None,
     arrivals: ArrivalLog | None = None,
     dead_letters: DeadLetters | None = None,
+    images: ImageStore | None = None,
 ) -> IngestWorker:
     """The ingest worker as the agent runs it; ``arrivals``: where redelivered messages without a device
-    timestamp find their first arrival time (the spool)."""
+    timestamp find their first arrival time (the spool); ``images``: where camera images are kept."""
     topics = Topics(config.agent.id, config.mqtt.base_topic)
-    decoder = decoder or build_decoder(config)
+    decoder = decoder or build_inputs(config, build_decoder(config))
     if config.mqtt.shard.count > 1:
         decoder = ShardFilter(decoder, build_shard(config), topics, metrics)
     return IngestWorker(
@@ -297,6 +361,7 @@ def build_ingest(
         speeds=stages.speeds,
         arrivals=arrivals,
         dead_letters=dead_letters,
+        images=images,
     )
 
 
@@ -372,7 +437,7 @@ def build_spool(config: Config, metrics: Metrics) -> Spool:
         max_points=spool.max_points,
         drop_policy=spool.drop_policy,
         metrics=metrics,
-        sinks=(LOCAL_SINK,),
+        sinks=(LOCAL_SINK, *(u.name for u in config.storage.upstreams)),
         hold_s=spool.hold_s,
         reserve_bytes=spool.reserve_bytes,
         arrivals_max_age_s=spool.arrivals_max_age_s,
@@ -392,16 +457,47 @@ def build_writer(config: Config, spool: Spool, metrics: Metrics, *, sink: Sink |
     return settings.writer(spool.cursor(LOCAL_SINK), sink or build_sink(config), metrics)
 
 
+def build_upstream_writers(config: Config, spool: Spool, metrics: Metrics) -> dict[str, Writer]:
+    """A writer per ``storage.upstreams`` entry, at its own cursor, with its selection, backlog caps and rate."""
+    writers: dict[str, Writer] = {}
+    for up in config.storage.upstreams:
+        readings = up.select.readings
+        settings = WriterSettings(
+            up.batch_size,
+            up.flush_interval_s,
+            up.backoff_min_s,
+            up.backoff_max_s,
+            selection=Selection(
+                kinds=frozenset(up.select.kinds),
+                readings_interval_s={"none": None, "all": 0.0}.get(readings.mode, readings.interval_s),
+                aggregates=tuple(readings.aggregates),
+                grace_s=readings.grace_s,
+                raw=up.select.raw_vibration,
+            ),
+            budget=BacklogBudget(up.max_backlog_bytes, up.max_backlog_age_s),
+            rate_points_s=up.rate_limit_points_s,
+            local_metrics=False,
+        )
+        make_sink = partial(registered_sink, up.type, up)
+        if up.writer_process:
+            writers[up.name] = WriterProcess(spool, up.name, make_sink, settings, metrics)
+        else:
+            writers[up.name] = settings.writer(spool.cursor(up.name), make_sink(), metrics)
+    return writers
+
+
 def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | None = None) -> Agent:
     """Wire the whole agent from a validated config. No connection is made until ``Agent.start``."""
     metrics = metrics or Metrics()
     stages = build_stages(config, metrics)
     topics = Topics(config.agent.id, config.mqtt.base_topic)
-    decoder = build_decoder(config, config.spool.path.parent / FIELD_KEYS_FILE)
+    main_decoder = build_decoder(config, config.spool.path.parent / FIELD_KEYS_FILE)
+    decoder = build_inputs(config, main_decoder)  # with camera images: routed by topic
+    images = build_image_store(config, metrics)
 
     messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
     # Windows for the models and process readings for the commissioning baselines, in arrival order.
-    windows: queue.Queue[Window | Reading] = queue.Queue(maxsize=config.queues.windows_max)
+    windows: queue.Queue[ScoringItem] = queue.Queue(maxsize=config.queues.windows_max)
     commands: queue.Queue[Message] = queue.Queue(maxsize=COMMANDS_MAX)
 
     def enqueue(message: Message) -> None:
@@ -414,14 +510,17 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
             metrics.inc("ingest.backpressure_waits")
         messages.put(message)
 
-    mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics, decoder)
-    if isinstance(decoder, Counted):
-        for event in decoder.counts:
-            metrics.set_function("decode.events", partial(decoder.counts.get, event, 0), event=event)
+    mqtt = build_mqtt(config, topics, decoder.subscriptions(), enqueue, metrics, main_decoder)
+    if isinstance(main_decoder, Counted):
+        for event in main_decoder.counts:
+            metrics.set_function("decode.events", partial(main_decoder.counts.get, event, 0), event=event)
     # Everything the workers publish goes through the outbound queues (alerts first, dead letters rate-limited).
     outbound = Outbound(mqtt, topics, config.mqtt.outbound, metrics)
     spool = build_spool(config, metrics)
-    writer = build_writer(config, spool, metrics, sink=sink)
+    writer: Writer = build_writer(config, spool, metrics, sink=sink)
+    upstreams = build_upstream_writers(config, spool, metrics)
+    if upstreams:
+        writer = SinkWriters({LOCAL_SINK: writer, **upstreams})
     adaptation = build_adaptation(config, metrics)
     ingest = build_ingest(
         config,
@@ -434,6 +533,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         decoder=decoder,
         arrivals=spool,
         dead_letters=outbound,
+        images=images,
     )
     scoring = build_scoring(
         config,
@@ -446,7 +546,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         store_raw=ingest.store_raw,
         state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
         adaptation=adaptation,
-        offline=decoder.offline if isinstance(decoder, Liveness) else None,
+        offline=main_decoder.offline if isinstance(main_decoder, Liveness) else None,
     )
     router = stages.models.router
     health = build_health_server(
@@ -456,8 +556,14 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
             "mqtt": lambda: mqtt.is_connected,
             "models": lambda: len(router.models) == len(config.inference.models),
             "spool": spool.check_writable,
+            **(
+                {"sinks": sinks_check(spool.backlogs, {u.name: u.ready_max_lag_s for u in config.storage.upstreams})}
+                if upstreams
+                else {}
+            ),
         },
         liveness={"ingest": ingest.is_alive, "scoring": scoring.is_alive, "writer": lambda: writer.alive},
+        images=images,
     )
     return Agent(
         config=config,

@@ -146,6 +146,42 @@ CATALOG: tuple[MetricSpec, ...] = (
     _gauge("spool.bytes", "Bytes in the spool, counted against spool.max_bytes."),
     _gauge("spool.backlog_points", "Points a sink has not confirmed yet (sampled), by sink.", "sink"),
     _gauge("spool.backlog_age_s", "Age of the oldest row a sink waits for (sampled), by sink.", "sink"),
+    _gauge(
+        "spool.backlog_rows", "Rows a sink has not confirmed yet (sampled; held blocks not counted), by sink.", "sink"
+    ),
+    _gauge("spool.backlog_bytes", "Bytes of the rows a sink has not confirmed yet (sampled), by sink.", "sink"),
+    # every sink's writer, by sink (the local sink's also as the unlabelled storage.* below)
+    _counter("sink.points_written", "Points a sink's database confirmed, by sink.", "sink"),
+    _counter(
+        "sink.rows_written", "Spool rows a sink has passed (written or excluded by its selection), by sink.", "sink"
+    ),
+    _counter("sink.write_failures", "Failed writes, by sink and kind (retryable, rejected, config).", "sink", "kind"),
+    _counter("sink.retries", "Batches a sink's writer will try again after a failure, by sink.", "sink"),
+    _counter("sink.writer_errors", "Unexpected errors of a sink's writer, by sink.", "sink"),
+    _counter("sink.cursor_failures", "Failed saves of a sink's durable cursor (a full disk), by sink.", "sink"),
+    _gauge("sink.backoff_s", "Current backoff of a sink's writer (0 when writes succeed), by sink.", "sink"),
+    _histogram("sink.write_seconds", "Duration of successful writes (one batch each), by sink.", "sink"),
+    _counter(
+        "sink.dead_lettered",
+        "Points a sink dead-lettered, by sink and reason (rejected by the database, unencodable).",
+        "sink",
+        "reason",
+    ),
+    _counter(
+        "sink.backlog_dropped_points",
+        "Points of rows a sink passed over because its backlog exceeded its byte or age cap, by sink.",
+        "sink",
+    ),
+    _counter(
+        "sink.backlog_dropped_bytes", "Bytes of the rows a sink passed over for its backlog caps, by sink.", "sink"
+    ),
+    _counter("sink.unencodable", "Spool rows a sink could not encode (dead-lettered), by kind.", "sink", "kind"),
+    _counter("sink.raw_released", "Raw vibration points a sink wrote because an alert released them.", "sink"),
+    _counter("sink.raw_missing", "Released held blocks a sink found gone from the spool (its caps), by sink.", "sink"),
+    _counter("sink.late_readings", "Readings for a downsampling bucket already written (not sent), by sink.", "sink"),
+    _gauge("sink.writer_process", "1 while a sink's writer process is alive, by sink.", "sink"),
+    _counter("sink.writer_restarts", "Times a sink's writer process died and was started again, by sink.", "sink"),
+    _gauge("sink.points_per_s", "Points a sink's database confirmed per second over the last writes, by sink.", "sink"),
     # InfluxDB writer
     _counter("storage.points_written", "Points InfluxDB confirmed."),
     _counter("storage.write_failures", "Failed InfluxDB writes, by kind (retryable, rejected, config).", "kind"),
@@ -233,6 +269,17 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("models.swaps", "Hot swaps to another version of a model, by model.", "model"),
     _counter("models.refused", "Model directories the registry refused, by reason.", "reason"),
     _counter("models.reload_errors", "Unexpected errors while rescanning the model directory."),
+    # camera images
+    _counter("images.received", "Camera images decoded and accepted (stored by reference in the spool)."),
+    _counter("images.stored", "Images written to the image store (a repeated image is stored once)."),
+    _counter("images.store_errors", "Images that could not be written to the image store (disk full, permissions)."),
+    _counter("images.evicted", "Images deleted from the image store, by reason (size, age).", "reason"),
+    _gauge("images.store_bytes", "Bytes of the image files in the store, counted against camera.store.max_bytes."),
+    _gauge("images.store_files", "Images in the image store."),
+    _counter("images.scored", "Images classified, by model.", "model"),
+    _counter("images.unscored", "Images not classified, by reason (no_model, bad_input).", "reason"),
+    _counter("images.defects", "Images classified as a defect class with enough confidence, by class.", "class"),
+    _counter("images.fetched", "GET /images/{sha256} requests, by result (ok, not_found, bad_request).", "result"),
     _counter("defect.classified", "Anomalous vibration windows given a defect class."),
     _counter("defect.skipped", "Anomalous windows left unclassified, by reason.", "reason"),
     _counter("commissioning.steps", "Readings scored by the commissioning baseline, by phase.", "phase"),

@@ -1,6 +1,7 @@
 """Small frozen records passed between pipeline stages.
 
-The flow is ``Message -> (Reading | SampleBlock) -> Window -> FeatureVector -> Score -> Alert``.
+The flow is ``Message -> (Reading | SampleBlock) -> Window -> FeatureVector -> Score -> Alert``; camera
+images are ``Message -> ImageFrame -> Inspection -> Score -> Alert`` (an image is its own window).
 Stages never pass loose dicts; arrays carry their shape and dtype in the docstring of the field.
 """
 
@@ -94,7 +95,27 @@ class SampleBlock:
         return self.start_ns + round((len(self.samples) - 1) * NS_PER_S / self.rate_hz)
 
 
-Decoded = Reading | SampleBlock
+@dataclass(frozen=True, slots=True)
+class ImageFrame:
+    """One camera image, decoded once at ingest (``agent.images.codec``) and scored whole (no window).
+
+    ``gray``: uint8, shape ``(height, width)``, read-only. ``payload``: the bytes as received, which the
+    ingest worker writes to the image store under ``sha256`` (their hex digest) and then no stage keeps.
+    ``metadata``: the camera's optional text metadata (JSON envelope), stored beside the reference.
+    """
+
+    source: Source
+    time_ns: int
+    sha256: str
+    format: str
+    width: int
+    height: int
+    gray: np.ndarray
+    payload: bytes
+    metadata: Mapping[str, str]
+
+
+Decoded = Reading | SampleBlock | ImageFrame
 
 WindowKind = str
 """The modality that cut the window: a key of ``agent.features.registry.MODALITIES`` (``vibration``, ``process``)."""
@@ -117,6 +138,11 @@ class Window:
     data: np.ndarray
     times_s: np.ndarray
     rate_hz: float | None = None
+
+
+ScoringItem = Window | Reading | ImageFrame
+"""What the ingest worker queues for the scoring worker: windows, readings for the commissioning baselines,
+and camera images (scored whole)."""
 
 
 @dataclass(frozen=True, slots=True)

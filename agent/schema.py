@@ -36,6 +36,21 @@ DEFECT_CLASS_TAG: Final = "defect"
 DEFECT_PROBABILITY_FIELD: Final = "probability"
 DEFECT_PROBABILITY_PREFIX: Final = "p_"  # one field per class: p_normal, p_inner_race, ...
 
+# Camera images: one ``image`` point per accepted image at its time, written with the message's
+# acknowledgement (the reference: the bytes are in the image store, ``agent/images/store.py``), and one
+# ``inspection`` point per classified image (class as a tag, its probability and one per class).
+IMAGE: Final = "image"
+IMAGE_SHA256_FIELD: Final = "sha256"
+IMAGE_FORMAT_FIELD: Final = "format"
+IMAGE_WIDTH_FIELD: Final = "width"
+IMAGE_HEIGHT_FIELD: Final = "height"
+IMAGE_BYTES_FIELD: Final = "bytes"
+IMAGE_STORED_FIELD: Final = "stored"  # false: the store could not keep it (disk full) or it exceeded the cap
+IMAGE_METADATA_PREFIX: Final = "m_"  # one string field per key of the camera's metadata
+INSPECTION: Final = "inspection"
+INSPECTION_CLASS_TAG: Final = "class"
+INSPECTION_DEFECT_FIELD: Final = "defect"  # true when the class is a defect class at camera.min_confidence
+
 # Alert events: one point per published lifecycle message (new, update, clear), at the decision time.
 # Tags: the source tags, model tags, ``state``, ``alert_type`` and ``severity``.
 ALERT: Final = "alert"
@@ -120,6 +135,27 @@ MEASUREMENTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     DEFECT: (
         (TAG_MODEL_ID, TAG_MODEL_VERSION, DEFECT_CLASS_TAG),
         (DEFECT_PROBABILITY_FIELD, f"{DEFECT_PROBABILITY_PREFIX}*"),
+    ),
+    IMAGE: (
+        (),
+        (
+            IMAGE_SHA256_FIELD,
+            IMAGE_FORMAT_FIELD,
+            IMAGE_WIDTH_FIELD,
+            IMAGE_HEIGHT_FIELD,
+            IMAGE_BYTES_FIELD,
+            IMAGE_STORED_FIELD,
+            f"{IMAGE_METADATA_PREFIX}*",
+        ),
+    ),
+    INSPECTION: (
+        (TAG_MODEL_ID, TAG_MODEL_VERSION, INSPECTION_CLASS_TAG),
+        (
+            DEFECT_PROBABILITY_FIELD,
+            f"{DEFECT_PROBABILITY_PREFIX}*",
+            IMAGE_SHA256_FIELD,
+            INSPECTION_DEFECT_FIELD,
+        ),
     ),
     ALERT: (
         (TAG_MODEL_ID, TAG_MODEL_VERSION, ALERT_STATE_TAG, ALERT_TYPE_TAG, ALERT_SEVERITY_TAG),

@@ -1,7 +1,8 @@
 """The alert JSON payload (schema ``agent/schemas/alert.schema.json``, version ``ALERT_SCHEMA_VERSION``).
 
-Version 3 carries its version as ``"v"``, like every other payload of the agent; version 2 called the same key
-``schema_version`` and was otherwise identical (docs/contracts.md, "Payload versions")."""
+Version 4 adds ``image`` (a camera image's sha256, format, size and the URL to fetch it, on alerts of camera
+images); version 3 carries its version as ``"v"``, like every other payload of the agent; version 2 called the
+same key ``schema_version`` and was otherwise identical (docs/contracts.md, "Payload versions")."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 from agent.records import Alert
 from agent.topics import format_rfc3339
 
-ALERT_SCHEMA_VERSION = 3
+ALERT_SCHEMA_VERSION = 4
+IMAGE_KEY = "image"
+"""The key under which the alert engine keeps a camera image's reference with the event's verdict
+(``Alert.defect``); the payload shows it as its own ``image`` object."""
 
 
 def alert_body(alert: Alert, agent_id: str) -> dict[str, Any]:
@@ -41,7 +45,11 @@ def alert_body(alert: Alert, agent_id: str) -> dict[str, Any]:
         "top_features": [{"name": n, "contribution": c} for n, c in alert.top_features],
     }
     if alert.defect is not None:
-        body["defect"] = dict(alert.defect)
+        defect = dict(alert.defect)
+        image = defect.pop(IMAGE_KEY, None)
+        body["defect"] = defect
+        if isinstance(image, Mapping):
+            body[IMAGE_KEY] = dict(image)
     return body
 
 

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from agent.config.alerts import AlertsSection
 from agent.config.base import Section, context_for, read_yaml
+from agent.config.camera import CameraSection
 from agent.config.errors import validate_model
 from agent.config.inference import InferenceSection
 from agent.config.learning import AdaptationSection, CommissioningSection
@@ -51,6 +52,11 @@ class Config(Section):
     queues: QueuesSection = Field(default_factory=QueuesSection, description="Bounded queues between the threads.")
     health: HealthSection = Field(
         default_factory=HealthSection, description="HTTP /healthz, /readyz and Prometheus /metrics."
+    )
+    camera: CameraSection = Field(
+        default_factory=CameraSection,
+        description="Camera images beside the readings: decoded, stored by sha256, classified, alerted "
+        "(docs/camera.md).",
     )
     homeassistant: HomeAssistantSection = Field(
         default_factory=HomeAssistantSection,

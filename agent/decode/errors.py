@@ -7,7 +7,8 @@ fields in one message than ``DecodeLimits.max_fields``), ``field_keys`` (a field
 beyond the limits of distinct names, ``agent.decode.fieldkeys``); Sparkplug B (``agent.decode.sparkplug_b``):
 ``protobuf`` (not a Sparkplug payload), ``unsupported`` (a metric type that is not stored: DataSet,
 Template, strings, arrays), ``not_born`` (data of an edge node before its NBIRTH), ``alias`` (an alias no
-birth declared). They label the
+birth declared); camera images (``agent.decode.image``, codes of ``agent.images.codec``): ``empty``,
+``unsupported_format``, ``bad_dimensions``, ``truncated``, ``corrupt`` (and ``too_large``). They label the
 ``decode.errors`` counter and appear in the dead-letter message, so they never change meaning.
 """
 
@@ -35,6 +36,11 @@ DecodeErrorCode = Literal[
     "unsupported",
     "not_born",
     "alias",
+    "empty",
+    "unsupported_format",
+    "bad_dimensions",
+    "truncated",
+    "corrupt",
 ]
 
 CODES: Final[frozenset[str]] = frozenset(get_args(DecodeErrorCode))

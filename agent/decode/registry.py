@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from agent.decode.base import Decoder, DecoderContext
+from agent.decode.image import ImageDecoder
 from agent.decode.json_v1 import JsonV1Decoder
 from agent.decode.sparkplug_b import SparkplugBDecoder
 from agent.plugins import registered
@@ -18,6 +19,7 @@ DecoderFactory = Callable[[DecoderContext], Decoder]
 DECODERS: Mapping[str, DecoderFactory] = {
     "json_v1": JsonV1Decoder,
     "sparkplug_b": SparkplugBDecoder,
+    "image": ImageDecoder,  # camera images (camera.decoder), beside the main decoder: agent.decode.routes
 }
 
 

@@ -24,6 +24,7 @@ _RESERVED_TAGS: Final = frozenset(
         schema.ALERT_TYPE_TAG,
         schema.ALERT_SEVERITY_TAG,
         schema.DEFECT_CLASS_TAG,
+        schema.INSPECTION_CLASS_TAG,
         schema.COMMAND_TAG,
         schema.COMMAND_RESULT_TAG,
         schema.TAG_MODEL_ID,
@@ -64,7 +65,9 @@ class TopicTemplate:
     'factory/berlin/l1/press-7/process'
     """
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, required: tuple[str, ...] = REQUIRED_TAGS) -> None:
+        """``required``: the placeholders the template must have (a camera topic may name its ``sensor`` as
+        a literal level, e.g. ``factory/{site}/{line}/{machine}/camera``; its decoder adds the tag)."""
         if not isinstance(template, str) or not template:
             raise ValueError(f"topic template must be a non-empty string, got {template!r}")
         self._template = template
@@ -94,7 +97,7 @@ class TopicTemplate:
             if index == 1 and level.startswith("$"):
                 self._invalid(f"topics starting with '$' ({level!r}) are reserved for the broker")
             levels.append((None, level))
-        missing = [name for name in REQUIRED_TAGS if name not in names]
+        missing = [name for name in required if name not in names]
         if missing:
             self._invalid("missing required placeholder(s) " + ", ".join(f"{{{m}}}" for m in missing))
         self._levels: tuple[tuple[str | None, str | None], ...] = tuple(levels)

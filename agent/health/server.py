@@ -6,10 +6,15 @@
   writable), else 503. Not ready is not dead: the agent recovers by itself (reconnects, the disk frees up).
 - Both answer JSON: ``{"status": "ok"|"failing", "checks": {"mqtt": {"ok": true}, "spool": {"ok": false,
   "error": "..."}}}``. A check is a callable without arguments returning a truthy value when it passes;
-  one that raises fails, with ``"TypeName: message"`` as its error. Checks run on the request's thread
-  and should be quick (they are called for every request).
+  one that raises fails, with ``"TypeName: message"`` as its error; one that returns a mapping passes unless
+  its ``ok`` is false, and its items are shown (the sinks check: each sink's backlog). Checks run on the
+  request's thread and should be quick (they are called for every request).
 - ``GET /metrics``: the registry of the ``Metrics`` (``agent/metrics.py``) in the Prometheus text format,
   as ``prometheus_client.generate_latest`` writes it.
+- ``GET /images/{sha256}``: a camera image from the image store (``agent.images.store``; only when camera
+  images are taken in): 200 with its own content type, 404 when unknown or evicted, 400 for a name that is
+  no lowercase hex sha256. Content-addressed, so cacheable forever. Unauthenticated like the rest of the
+  endpoint: keep ``health.host`` on the box or behind a proxy that authenticates (docs/security.md).
 - Anything else: 404; a method other than GET or HEAD: 501 (the stdlib's answer).
 
 Threads: ``start()`` binds the socket (so a taken port fails the start, naming ``health.port``) and serves
@@ -35,6 +40,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.config import Config
+from agent.images.store import SHA256_HEX, ImageStore
 from agent.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,7 @@ Check = Callable[[], object]
 """Passes when it returns a truthy value; fails when it returns a falsy one or raises."""
 
 _REQUEST_TIMEOUT_S = 10.0  # a client that sends nothing does not keep a thread forever
+IMAGES_PATH = "/images/"
 
 
 def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, dict[str, Any]]]:
@@ -54,7 +61,12 @@ def run_checks(checks: Mapping[str, Check]) -> tuple[bool, dict[str, dict[str, A
     states: dict[str, dict[str, Any]] = {}
     for name, check in checks.items():
         try:
-            states[name] = {"ok": bool(check())}
+            result = check()
+            # A check may say more than pass or fail (the sinks check: each sink's backlog): a mapping's items
+            # go into its state, with its "ok".
+            states[name] = (
+                {**result, "ok": bool(result.get("ok", True))} if isinstance(result, Mapping) else {"ok": bool(result)}
+            )
         except Exception as exc:
             logger.debug("health check %s raised", name, exc_info=True)
             states[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -71,8 +83,10 @@ class HealthServer:
         host: str = "127.0.0.1",
         port: int = 9108,
         liveness: Mapping[str, Check] | None = None,
+        images: ImageStore | None = None,
     ) -> None:
         self.metrics = metrics
+        self.images = images
         self.readiness = dict(readiness)
         self.liveness = dict(liveness or {})
         self.host = host
@@ -153,6 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, send_body: bool) -> None:
         path = urlsplit(self.path).path
+        cache = "no-store"
         try:
             if path == "/healthz":
                 status, content_type, body = _checks_response(self.health.liveness)
@@ -162,6 +177,10 @@ class _Handler(BaseHTTPRequestHandler):
                 status = HTTPStatus.OK
                 content_type = CONTENT_TYPE_LATEST
                 body = generate_latest(self.health.metrics.registry)
+            elif path.startswith(IMAGES_PATH) and self.health.images is not None:
+                status, content_type, body = _image_response(self.health, path[len(IMAGES_PATH) :])
+                if status == HTTPStatus.OK:
+                    cache = "public, max-age=31536000, immutable"  # content-addressed: never changes
             else:
                 status, content_type = HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8"
                 body = b"not found: try /healthz, /readyz or /metrics\n"
@@ -171,7 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", cache)
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         if send_body:
             self.wfile.write(body)
@@ -188,13 +208,31 @@ def _checks_response(checks: Mapping[str, Check]) -> tuple[HTTPStatus, str, byte
     return (HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE), "application/json", body.encode()
 
 
+def _image_response(health: HealthServer, name: str) -> tuple[HTTPStatus, str, bytes]:
+    text = "text/plain; charset=utf-8"
+    assert health.images is not None
+    if not SHA256_HEX.fullmatch(name):
+        health.metrics.inc("images.fetched", result="bad_request")
+        return HTTPStatus.BAD_REQUEST, text, b"not an image name: /images/{sha256 as 64 lowercase hex digits}\n"
+    image = health.images.read(name)
+    if image is None:
+        health.metrics.inc("images.fetched", result="not_found")
+        return HTTPStatus.NOT_FOUND, text, b"no such image (never received, or evicted by the store's caps)\n"
+    health.metrics.inc("images.fetched", result="ok")
+    return HTTPStatus.OK, image.content_type, image.data
+
+
 def build_health_server(
     config: Config,
     metrics: Metrics,
     readiness: Mapping[str, Check],
     liveness: Mapping[str, Check] | None = None,
+    images: ImageStore | None = None,
 ) -> HealthServer | None:
-    """The health server of ``config.health`` (not started), or None when it is disabled."""
+    """The health server of ``config.health`` (not started), or None when it is disabled; ``images``: the
+    store that ``/images/{sha256}`` serves."""
     if not config.health.enabled:
         return None
-    return HealthServer(metrics, readiness, host=config.health.host, port=config.health.port, liveness=liveness)
+    return HealthServer(
+        metrics, readiness, host=config.health.host, port=config.health.port, liveness=liveness, images=images
+    )

@@ -16,7 +16,7 @@ from typing import Any
 from agent.alerts.commands import CommandAuth
 from agent.alerts.engine import AlertEngine, CommandError
 from agent.alerts.homeassistant import Discovery
-from agent.alerts.payload import alert_payload, machine_state_payload
+from agent.alerts.payload import IMAGE_KEY, alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
 from agent.metrics import Metrics
 from agent.records import Alert, Message
@@ -82,7 +82,12 @@ class AlertOutput:
         """Store the score, run the alert engine, publish what it decides; returns the lines to spool."""
         lines = to_lines(score_lines, verdict.score, self._metrics)
         defect = verdict.defect.as_dict() if verdict.defect is not None else None
-        for alert in self.engine.observe(verdict.score, now_ns, defect, verdict.top_features):
+        if defect is not None and verdict.evidence is not None:
+            # Kept with the verdict the event shows, so that the alert names the image of its class.
+            defect[IMAGE_KEY] = dict(verdict.evidence)
+        for alert in self.engine.observe(
+            verdict.score, now_ns, defect, verdict.top_features, alert_type=verdict.alert_type
+        ):
             lines.extend(self.handle(alert))
         return lines
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +26,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What the alert engine gets for one scored window."""
+    """What the alert engine gets for one scored window (or camera image).
+
+    ``alert_type``: None = the model id; ``evidence``: what the alert shows beside the verdict (a camera
+    image's sha256 and fetch URL, ``agent.runtime.inspection``), carried as the ``image`` of the payload.
+    """
 
     score: Score
     defect: DefectPrediction | None = None
     top_features: tuple[tuple[str, float], ...] = ()
+    alert_type: str | None = None
+    evidence: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)

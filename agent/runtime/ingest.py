@@ -15,9 +15,11 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.decode.base import Decoder, Outbox
 from agent.decode.errors import DecodeError
 from agent.features.windows import Windower
+from agent.images.points import image_lines
+from agent.images.store import ImageStore
 from agent.logs import RateLimitedLog
 from agent.metrics import Metrics
-from agent.records import Decoded, Message, Reading, SampleBlock, Window
+from agent.records import Decoded, ImageFrame, Message, Reading, SampleBlock, ScoringItem
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.worker import POLL_S, Broker, DeadLetters, EntryLog, Worker, drain
 from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
@@ -36,10 +38,12 @@ REJECTED_LOG_INTERVAL_S = 60.0
 summarised in one line at its end (each is still counted in ``decode.errors`` and on the dead-letter topic)."""
 
 
-def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[Window | Reading]:
+def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[ScoringItem]:
     """What the scoring worker gets for one decoded item: the windows it completes and, for a machine's
-    commissioning baseline, the reading itself."""
-    out: list[Window | Reading] = list(windower.add(item))
+    commissioning baseline, the reading itself; a camera image is scored whole (it is its own window)."""
+    if isinstance(item, ImageFrame):
+        return [item]
+    out: list[ScoringItem] = list(windower.add(item))
     if baseline is not None and isinstance(item, Reading) and baseline.handles(item.source):
         out.append(item)
     return out
@@ -59,7 +63,7 @@ class IngestWorker(Worker):
     def __init__(
         self,
         messages: queue.Queue[Message],
-        windows: queue.Queue[Window | Reading],
+        windows: queue.Queue[ScoringItem],
         decoder: Decoder,
         spool: EntryLog,
         raw_policy: RawVibrationPolicy,
@@ -73,8 +77,10 @@ class IngestWorker(Worker):
         batch_max: int = 500,
         arrivals: ArrivalLog | None = None,
         dead_letters: DeadLetters | None = None,
+        images: ImageStore | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
+        self._images = images
         self._messages = messages
         self._windows = windows
         self._decoder = decoder
@@ -141,7 +147,7 @@ class IngestWorker(Worker):
     def process(self, batch: Sequence[Message]) -> None:
         entries: list[Entry] = []
         held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
-        readings_n = blocks_n = samples_n = 0  # counted once per batch: a metric call per message costs
+        readings_n = blocks_n = samples_n = images_n = 0  # counted once per batch: a metric call per message costs
         # Windows go to scoring as soon as their message is decoded, before the spool commit: alerts wait
         # neither for the disk nor for the rest of the batch, and scoring a reading that is not yet durable
         # is harmless (the acknowledgement below still waits for it). Once the scoring queue has stayed
@@ -174,9 +180,11 @@ class IngestWorker(Worker):
                     readings_n += 1
                     if self._speeds is not None:
                         self._speeds.observe(item)
-                else:
+                elif isinstance(item, SampleBlock):
                     blocks_n += 1
                     samples_n += len(item.samples)
+                else:
+                    images_n += 1
             for item in items:
                 for queued in for_scoring(item, self._windower, self._baseline):
                     wait_s = self._put(queued, wait_s)
@@ -186,6 +194,8 @@ class IngestWorker(Worker):
         if blocks_n:
             self._metrics.inc("ingest.blocks", blocks_n)
             self._metrics.inc("ingest.samples", samples_n)
+        if images_n:
+            self._metrics.inc("images.received", images_n)
         while self._raw_released:
             entries.append(encode_raw_ref(self._raw_released.popleft()))
         produced: list[str] = []
@@ -244,7 +254,11 @@ class IngestWorker(Worker):
         if readings:
             entries.append(encode_readings(readings))
         for item in items:
-            if isinstance(item, SampleBlock):
+            if isinstance(item, ImageFrame):
+                # The bytes once in the image store, a reference in the spool (agent/images/store.py says why).
+                stored = self._images is not None and self._images.put(item.sha256, item.format, item.payload)
+                entries.append(encode_lines(image_lines(item, stored)))
+            elif isinstance(item, SampleBlock):
                 decision = self._raw.decide(item)
                 if decision == "skip":
                     continue
@@ -305,7 +319,7 @@ class IngestWorker(Worker):
         else:
             logger.debug("rejected message on %s: %s (%s)", topic, exc.detail, exc.code)
 
-    def _put(self, item: Window | Reading, wait_s: float) -> float:
+    def _put(self, item: ScoringItem, wait_s: float) -> float:
         """Queue an item for scoring; returns how long the next put of this batch may wait."""
         try:
             self._windows.put(item, timeout=wait_s) if wait_s > 0 else self._windows.put_nowait(item)

@@ -19,9 +19,10 @@ from agent.commissioning.scorer import CommissioningScorer
 from agent.inference.base import AnomalyModel
 from agent.inference.router import ModelRouter
 from agent.metrics import Metrics
-from agent.records import Message, Reading, Window
+from agent.records import ImageFrame, Message, Reading, ScoringItem, Window
 from agent.runtime.alerting import SAVE_WAIT_S, AlertOutput, StateSaver
 from agent.runtime.batch import BatchScorer, Verdict
+from agent.runtime.inspection import InspectionStage
 from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 DECIDE_CHUNK = 32
 """Windows of one model scored per model run before their alerts are decided (ONNX's per-run overhead is
 small at this size: ``docs/benchmarks.md``, batch 1 vs 32)."""
+IMAGE_CHUNK = 16
+"""Camera images classified per model run before their alerts are decided: a convolution over 16 frames
+already amortises the run's overhead, and the image model is warmed up at this batch size."""
 
 
 class ScoringWorker(Worker):
@@ -36,7 +40,7 @@ class ScoringWorker(Worker):
 
     def __init__(
         self,
-        windows: queue.Queue[Window | Reading],
+        windows: queue.Queue[ScoringItem],
         router: ModelRouter,
         scorer: BatchScorer,
         alerts: AlertOutput,
@@ -46,8 +50,10 @@ class ScoringWorker(Worker):
         max_batch: int,
         baseline: CommissioningScorer | None = None,
         commands: queue.Queue[Message] | None = None,
+        inspection: InspectionStage | None = None,
     ) -> None:
         super().__init__("scoring", metrics)
+        self._inspection = inspection
         self._windows = windows
         self._router = router
         self._scorer = scorer
@@ -80,13 +86,17 @@ class ScoringWorker(Worker):
         if self._baseline_saver is not None:
             self._baseline_saver.close(SAVE_WAIT_S)
 
-    def process(self, batch: Sequence[Window | Reading]) -> None:
+    def process(self, batch: Sequence[ScoringItem]) -> None:
         commands = drain(self._commands, 0, 100) if self._commands is not None else []
         lines: list[str] = []
         for msg in commands:
             lines.extend(self.alerts.command(msg))
         groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
+        frames: list[ImageFrame] = []
         for item in batch:
+            if isinstance(item, ImageFrame):
+                frames.append(item)
+                continue
             if isinstance(item, Reading):
                 lines.extend(self._baseline_step(item))
                 continue
@@ -103,6 +113,7 @@ class ScoringWorker(Worker):
                 now_ns = self.alerts.clock_ns()
                 for verdict in scored.verdicts:
                     lines.extend(self.alerts.decide(verdict, now_ns))
+        lines.extend(self._inspect(frames))
         lines.extend(self.alerts.tick(self.alerts.clock_ns()))
         if lines:
             self._spool.append_lines(lines)
@@ -112,6 +123,22 @@ class ScoringWorker(Worker):
         for msg in commands:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
+
+    def _inspect(self, frames: Sequence[ImageFrame]) -> list[str]:
+        """Camera images through the inspection stage, in chunks like the windows, then the alert engine."""
+        if not frames:
+            return []
+        if self._inspection is None:
+            self._metrics.inc("images.unscored", len(frames), reason="no_model")
+            return []
+        lines: list[str] = []
+        for start in range(0, len(frames), IMAGE_CHUNK):
+            verdicts, inspected = self._inspection.inspect(frames[start : start + IMAGE_CHUNK], self._metrics)
+            lines.extend(inspected)
+            now_ns = self.alerts.clock_ns()
+            for verdict in verdicts:
+                lines.extend(self.alerts.decide(verdict, now_ns))
+        return lines
 
     def _baseline_step(self, reading: Reading) -> list[str]:
         if self._baseline is None:

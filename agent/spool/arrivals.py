@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from agent.metrics import Metrics
-from agent.records import Decoded, Message, Reading
+from agent.records import Decoded, Message, SampleBlock
 from agent.spool.codec import Entry, Kind
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def used_arrival_time(items: Sequence[Decoded], received_ns: int) -> bool:
 
     A device timestamp equal to the arrival time to the nanosecond also counts: one needless record.
     """
-    return any((item.time_ns if isinstance(item, Reading) else item.start_ns) == received_ns for item in items)
+    return any((item.start_ns if isinstance(item, SampleBlock) else item.time_ns) == received_ns for item in items)
 
 
 def encode_arrival(key: bytes, arrival_ns: int) -> Entry:

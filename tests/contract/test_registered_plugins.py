@@ -6,6 +6,7 @@ until it passes the contract of its seam.
 
 from __future__ import annotations
 
+import io
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from agent.config import parse_config
 from agent.config.mqtt import DecoderSection
@@ -28,7 +30,7 @@ from agent.features.spec import FeatureSpec
 from agent.features.windows import Windower
 from agent.inference.kinds import MODEL_KINDS, model_class
 from agent.metrics import Metrics
-from agent.records import NS_PER_S, Decoded, Message, Reading, SampleBlock, Source
+from agent.records import NS_PER_S, Decoded, ImageFrame, Message, Reading, SampleBlock, Source
 from agent.storage.base import RetryableWriteError
 from agent.storage.registry import SINKS, build_sink
 
@@ -48,9 +50,16 @@ def _sparkplug_birth() -> bytes:
     return bytes(payload.SerializeToString())
 
 
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.arange(16 * 16, dtype=np.uint16).reshape(16, 16).astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
 DECODER_EXAMPLES: dict[str, tuple[Message, int]] = {
     "json_v1": (Message("factory/s1/l1/m01/process", b'{"v":1,"ts":1790000000,"value":1.5}', 1, 1, T0), 1),
     "sparkplug_b": (Message("spBv1.0/g1/NBIRTH/m01", _sparkplug_birth(), 0, 1, T0), 1),
+    "image": (Message("factory/s1/l1/m01/camera", _png(), 1, 1, T0), 1),
 }
 # The decoder's section of the config (mqtt.decoder), for the decoders that read more than its type.
 DECODER_OPTIONS = {"sparkplug_b": DecoderSection(type="sparkplug_b", host_id="contract-host")}
@@ -74,7 +83,7 @@ def test_a_decoder_subscribes_and_decodes_its_example(kind: str) -> None:
     message, count = DECODER_EXAMPLES[kind]
     records = decoder.decode(message)
     assert len(records) == count
-    assert all(isinstance(r, Reading | SampleBlock) and r.source.machine == "m01" for r in records)
+    assert all(isinstance(r, Reading | SampleBlock | ImageFrame) and r.source.machine == "m01" for r in records)
 
 
 @pytest.mark.parametrize("kind", sorted(DECODERS))

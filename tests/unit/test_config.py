@@ -196,7 +196,7 @@ def test_a_missing_file_is_named():
     [
         ({"mqtt": {"qos": True}}, "mqtt.qos", "expected an integer, got true"),
         ({"mqtt": {"subscriptions": "a/#"}}, "mqtt.subscriptions", "expected a list, got 'a/#'"),
-        ({"mqtt": {"decoder": {"type": "json_v2"}}}, "mqtt.decoder.type", "must be one of 'json_v1'"),
+        ({"mqtt": {"decoder": {"type": "json_v2"}}}, "mqtt.decoder.type", "must be one of 'image', 'json_v1'"),
         ({"storage": {"api": "v1"}}, "storage.api", "renamed to type"),
         ({"storage": {"timeout_s": float("nan")}}, "storage.timeout_s", "expected a finite number"),
         (

@@ -399,6 +399,8 @@ def test_every_error_code_is_exercised() -> None:
     }  # the last three: below, topic tests, test_decode_names.py
     # Sparkplug B's own codes: tests/unit/test_sparkplug_decode.py
     exercised |= {"protobuf", "unsupported", "not_born", "alias"}
+    # Camera images' codes: tests/unit/test_camera_decode.py
+    exercised |= {"empty", "unsupported_format", "bad_dimensions", "truncated", "corrupt"}
     assert exercised == CODES
 
 
