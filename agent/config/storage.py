@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from agent.config.base import ConfigPath, EnvChoice, EnvStr, Section, registry_key, registry_schema, secret_from_file
 from agent.config.errors import Problems
 from agent.storage.registry import SINKS
+from agent.storage.selection import AGGREGATES, POINT_KINDS, Aggregate, PointKind
 
 
 class InfluxV1Section(Section):
@@ -70,16 +71,14 @@ class RawVibrationSection(Section):
     keep_blocks: int = Field(10, gt=0, description="around_alerts: blocks kept before an alert and stored after it.")
 
 
-class StorageSection(Section):
-    RENAMED: ClassVar[dict[str, str]] = {
-        "api": "renamed to type (api: v1 is now type: influx_v1, api: v2 is type: influx_v2)"
-    }
+class SinkConnection(Section):
+    """What every sink has: its type, where it is, and how its writer batches and retries."""
 
     type: Annotated[str, EnvChoice, registry_key(SINKS), registry_schema(SINKS)] = Field(
         "influx_v1",
         description="The sink, a registry key: influx_v1 = /write and InfluxQL (InfluxDB 1.x, the v1 "
         "compatibility API of 2.x/3.x), settings in v1; influx_v2 = influxdb-client (InfluxDB 2.x, 3.x, Cloud, "
-        "1.8+), settings in v2.",
+        "1.8+, VictoriaMetrics), settings in v2.",
     )
     url: EnvStr = Field("http://127.0.0.1:8086", description="InfluxDB base URL (http:// or https://).")
     v1: InfluxV1Section = Field(default_factory=InfluxV1Section, description="Settings of type influx_v1.")
@@ -103,20 +102,119 @@ class StorageSection(Section):
         description="Run the writer (line protocol and HTTP) in a process of its own, on the second core; "
         "false = a thread of the agent (single-core boxes, tests).",
     )
-    raw_vibration: RawVibrationSection = Field(
-        default_factory=RawVibrationSection,
-        description="Which raw vibration samples are stored (10,000+ points a second per sensor).",
-    )
 
     @model_validator(mode="after")
-    def _check(self) -> StorageSection:
+    def _check(self) -> SinkConnection:
         problems = Problems()
         if not re.match(r"https?://", self.url):
             problems.add("url", f"must start with http:// or https://, got {self.url!r}")
         elif self.require_tls and not self.url.startswith("https://"):
-            problems.add("require_tls", "is true but storage.url is not https://: refusing plaintext")
+            problems.add("require_tls", "is true but url is not https://: refusing plaintext")
         if self.backoff_max_s < self.backoff_min_s:
-            problems.add("backoff_max_s", "must be >= storage.backoff_min_s")
+            problems.add("backoff_max_s", "must be >= backoff_min_s")
+        problems.check()
+        return self
+
+
+class ReadingsSelection(Section):
+    mode: Annotated[Literal["none", "all", "downsample"], EnvChoice] = Field(
+        "downsample",
+        description="Process readings upstream: none, all (full resolution), or downsample (one point per "
+        "series and interval_s with the aggregates, stamped at the interval's start).",
+    )
+    interval_s: float = Field(60.0, gt=0, description="downsample: the bucket length in seconds.")
+    aggregates: list[Aggregate] = Field(
+        default_factory=lambda: list(AGGREGATES),
+        min_length=1,
+        description="downsample: fields <field>_<aggregate> per bucket (plus n, the readings in it).",
+    )
+    grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="downsample: a bucket is written once a reading of its series falls in a later bucket, or "
+        "once the newest reading time seen has passed its end by this much; a reading for a written bucket is "
+        "late (counted, not sent).",
+    )
+
+
+class SelectSection(Section):
+    kinds: list[PointKind] = Field(
+        default_factory=lambda: list(POINT_KINDS),
+        description="The agent's own points this sink gets: features, scores (anomaly scores, defect classes), "
+        "alerts, alert_commands, heartbeat (the agent point).",
+    )
+    readings: ReadingsSelection = Field(
+        default_factory=ReadingsSelection, description="Process readings: none, all, or downsampled."
+    )
+    raw_vibration: Annotated[Literal["none", "around_alerts", "all"], EnvChoice] = Field(
+        "around_alerts",
+        description="Raw vibration: none, around_alerts (the blocks an alert released, with "
+        "storage.raw_vibration.mode around_alerts) or all (also the blocks the local sink stores as they come).",
+    )
+
+
+class UpstreamSection(SinkConnection):
+    type: Annotated[str, EnvChoice, registry_key(SINKS), registry_schema(SINKS)] = Field(
+        "influx_v2",
+        description="The sink, a registry key (as storage.type); influx_v2 reaches InfluxDB 2.x/3.x, Cloud and "
+        "VictoriaMetrics through the v2 write API.",
+    )
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="The sink's name: its cursor in the spool and its sink label in the metrics (not local).",
+    )
+    url: EnvStr = Field(description="The upstream's base URL (http:// or https://).")
+    max_backlog_bytes: int = Field(
+        1024**3,
+        gt=0,
+        description="Cap of this sink's backlog in bytes (default 1 GiB, below spool.max_bytes): beyond it its "
+        "oldest rows are passed over, moving only this sink's cursor (counted in sink.backlog_dropped_points, "
+        "logged once a minute); the local sink's data is never touched.",
+    )
+    max_backlog_age_s: float = Field(
+        7 * 86_400.0,
+        gt=0,
+        description="Cap of this sink's backlog in age (default 7 days): older rows are passed over the same way.",
+    )
+    rate_limit_points_s: float | None = Field(
+        20_000.0,
+        gt=0,
+        description="At most this many points a second (catching up after an outage takes a bounded share of "
+        "the link and the CPU); null = no limit.",
+    )
+    ready_max_lag_s: float | None = Field(
+        None,
+        gt=0,
+        description="/readyz fails, naming this sink, while its oldest unsent row is older than this; null = "
+        "its backlog never makes the agent unready (it is in /readyz's sinks check and the heartbeat anyway).",
+    )
+    select: SelectSection = Field(default_factory=SelectSection, description="What this sink gets of the spool.")
+
+
+class StorageSection(SinkConnection):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "api": "renamed to type (api: v1 is now type: influx_v1, api: v2 is type: influx_v2)"
+    }
+
+    raw_vibration: RawVibrationSection = Field(
+        default_factory=RawVibrationSection,
+        description="Which raw vibration samples are stored (10,000+ points a second per sensor).",
+    )
+    upstreams: list[UpstreamSection] = Field(
+        default_factory=list,
+        description="Further sinks, each with its own cursor in the spool, its own retries and backlog caps, "
+        "and a selection of what it gets (the section above is the local sink, which gets everything).",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> StorageSection:
+        problems = Problems()
+        names = [u.name for u in self.upstreams]
+        for i, name in enumerate(names):
+            if name == "local":
+                problems.add(f"upstreams.{i}.name", "local is the name of the storage section's own sink")
+            elif name in names[:i]:
+                problems.add(f"upstreams.{i}.name", f"{name!r} is used twice")
         problems.check()
         return self
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, Row, connect, immediate
+from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, ROW_OVERHEAD_BYTES, Row, connect, immediate
 
 
 class SinkCursor:
@@ -79,13 +79,67 @@ class SinkCursor:
             cur = self._connection().execute(f"SELECT body FROM entry WHERE id IN ({marks}) ORDER BY id", tuple(ids))
             return [bytes(body) for (body,) in cur]
 
-    def advance(self, last_id: int) -> None:
-        """The sink confirmed every row up to ``last_id``: move the cursor there, durably."""
+    def advance(self, last_id: int, state: bytes | None = None) -> None:
+        """The sink confirmed every row up to ``last_id``: move the cursor there, durably, with the writer's
+        ``state`` as of that row (an upstream's open buckets) in the same transaction."""
         if last_id <= self._position:
             return
         with self._lock, immediate(self._connection()) as conn:
             conn.execute("UPDATE cursor SET last_id = ? WHERE sink = ?", (last_id, self.sink))
+            if state is not None:
+                conn.execute("INSERT OR REPLACE INTO sink_state (sink, state) VALUES (?, ?)", (self.sink, state))
         self._position = last_id
+
+    def state(self) -> bytes | None:
+        """The state saved with the cursor by the last ``advance`` that had one."""
+        with self._lock:
+            row = self._connection().execute("SELECT state FROM sink_state WHERE sink = ?", (self.sink,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def backlog_cut(self, after_id: int, max_bytes: int, max_age_s: float) -> tuple[int, int, int, int]:
+        """Where this sink's backlog after ``after_id`` must start so that it holds at most ``max_bytes``
+        (bodies plus the per-row overhead) and nothing older than ``max_age_s``: ``(cut id, rows, points,
+        bytes)`` of the oldest rows to pass over (``after_id`` and zeros when within both caps).
+
+        Held blocks count for neither cap (they leave the spool by themselves, ``Spool.compact``)."""
+        cutoff = time.time_ns() - int(max_age_s * 1e9)
+        cut = after_id
+        with self._lock:
+            conn = self._connection()
+            young = conn.execute(
+                "SELECT id FROM entry WHERE id > ? AND held = 0 AND enqueued_ns >= ? ORDER BY id LIMIT 1",
+                (after_id, cutoff),
+            ).fetchone()
+            if young is None:
+                old = conn.execute("SELECT max(id) FROM entry WHERE id > ? AND held = 0", (after_id,)).fetchone()
+                cut = after_id if old[0] is None else int(old[0])
+            else:
+                cut = max(after_id, int(young[0]) - 1)
+            (size,) = conn.execute(
+                f"SELECT coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD_BYTES} FROM entry "
+                "WHERE id > ? AND held = 0",
+                (cut,),
+            ).fetchone()
+            over = int(size) - max_bytes
+            if over > 0:
+                cur = conn.execute(
+                    f"SELECT id, length(body) + {ROW_OVERHEAD_BYTES} FROM entry WHERE id > ? AND held = 0 ORDER BY id",
+                    (cut,),
+                )
+                for row_id, row_bytes in cur:
+                    cut = int(row_id)
+                    over -= int(row_bytes)
+                    if over <= 0:
+                        break
+                cur.close()
+            if cut <= after_id:
+                return after_id, 0, 0, 0
+            rows, points, size = conn.execute(
+                f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(body)), 0) + count(*) * "
+                f"{ROW_OVERHEAD_BYTES} FROM entry WHERE id > ? AND id <= ? AND held = 0",
+                (after_id, cut),
+            ).fetchone()
+        return cut, int(rows), int(points), int(size)
 
     def dead_letter(self, items: Sequence[tuple[int, str]], reason: str) -> int:
         """Record ``(row id, line)`` the sink refused, with its reason; returns how many old ones were trimmed."""

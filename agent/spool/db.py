@@ -11,6 +11,8 @@ from pathlib import Path
 
 DEFAULT_DEAD_LETTER_MAX_ROWS = 100_000
 BUSY_TIMEOUT_MS = 10_000
+ROW_OVERHEAD_BYTES = 48
+"""What a row costs beyond its body (id, kind, points, bytes, time, the b-tree cell): counted in the byte caps."""
 HELD = -1
 """``entry.held`` of a block kept for a possible release; 0 for other rows; the release's id once released."""
 
@@ -28,6 +30,10 @@ CREATE TABLE IF NOT EXISTS cursor (
     sink TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sink_state (
+    sink TEXT PRIMARY KEY,
+    state BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letter (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sink TEXT NOT NULL,
@@ -42,7 +48,9 @@ CREATE TABLE IF NOT EXISTS arrival (
     arrival_ns INTEGER NOT NULL
 );
 """
-"""``arrival``: the arrival time of each stored message that had no device timestamp (``agent.spool.arrivals``);
+"""``sink_state``: what a sink's writer must resume with besides its cursor (an upstream's open downsampling
+buckets), saved in the same transaction as the cursor. ``arrival``: the arrival time of each stored message
+that had no device timestamp (``agent.spool.arrivals``);
 ``id`` grows with each record, so pruning takes the oldest first without an index on the time."""
 
 

@@ -44,7 +44,7 @@ from agent.metrics import Metrics
 from agent.spool import arrivals
 from agent.spool.codec import Entry, Kind, decode_raw_ref, encode_lines
 from agent.spool.cursor import SinkCursor
-from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, HELD, Row, connect, immediate
+from agent.spool.db import DEFAULT_DEAD_LETTER_MAX_ROWS, HELD, ROW_OVERHEAD_BYTES, Row, connect, immediate
 
 __all__ = [
     "DEFAULT_DEAD_LETTER_MAX_ROWS",
@@ -62,8 +62,6 @@ DropPolicy = Literal["oldest", "newest"]
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 DROP_LOG_INTERVAL_S = 10.0
 DEFAULT_SINKS = ("local",)
-ROW_OVERHEAD_BYTES = 48
-"""What a row costs beyond its body (id, kind, points, bytes, time, the b-tree cell): counted in the byte cap."""
 MIN_FREE_BYTES = 16 * 1024 * 1024
 """Free space below which ``writable()`` says no: room for a few WAL growths of large batches."""
 COMPACT_INTERVAL_S = 0.5
@@ -175,7 +173,7 @@ class Spool:
         self._last_compact = 0.0
         self._last_checkpoint = 0.0
         self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
-        self._backlog_cache: tuple[float, dict[str, tuple[int, int, float]]] = (-float("inf"), {})
+        self._backlog_cache: tuple[float, dict[str, tuple[int, int, float, int]]] = (-float("inf"), {})
         self.reserve_bytes = reserve_bytes
         self._reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._full_since: float | None = None  # monotonic time the disk was found full; None while there is room
@@ -196,6 +194,7 @@ class Spool:
             for gone in sorted(known - set(self.sinks)):
                 logger.warning("spool %s: sink %r is no longer configured; forgetting its cursor", self.path, gone)
                 conn.execute("DELETE FROM cursor WHERE sink = ?", (gone,))
+                conn.execute("DELETE FROM sink_state WHERE sink = ?", (gone,))
             for sink in self.sinks:  # a new sink starts at the oldest retained row
                 conn.execute("INSERT OR IGNORE INTO cursor (sink, last_id) VALUES (?, 0)", (sink,))
         rows, points, size = conn.execute(
@@ -217,6 +216,8 @@ class Spool:
         for sink in self.sinks:
             self._metrics.set_function("spool.backlog_points", partial(self._sink_backlog, sink, 1), sink=sink)
             self._metrics.set_function("spool.backlog_age_s", partial(self._sink_backlog, sink, 2), sink=sink)
+            self._metrics.set_function("spool.backlog_rows", partial(self._sink_backlog, sink, 0), sink=sink)
+            self._metrics.set_function("spool.backlog_bytes", partial(self._sink_backlog, sink, 3), sink=sink)
         if self._rows:
             logger.info("spool %s resumes with %d rows (%d points)", self.path, self._rows, self._points)
 
@@ -551,22 +552,26 @@ class Spool:
         self._metrics.set("spool.points", self._points)
         self._metrics.set("spool.bytes", self._bytes)
 
-    def backlogs(self) -> dict[str, tuple[int, int, float]]:
-        """Per sink: rows and points after its cursor, and the age in seconds of the oldest of them."""
+    def backlogs(self) -> dict[str, tuple[int, int, float, int]]:
+        """Per sink: rows, points after its cursor, the age in seconds of the oldest of them, and their bytes
+        (held blocks are not a sink's backlog: they give it nothing until released)."""
         cached_at, cached = self._backlog_cache
         if time.monotonic() - cached_at < BACKLOG_CACHE_S:
             return cached
-        out: dict[str, tuple[int, int, float]] = {}
+        out: dict[str, tuple[int, int, float, int]] = {}
         now = time.time_ns()
         cursors = self.cursors()
         with self._lock:
             conn = self._connection()
             for sink, last_id in cursors.items():
-                rows, points, oldest = conn.execute(
-                    "SELECT count(*), coalesce(sum(points), 0), min(enqueued_ns) FROM entry WHERE id > ?", (last_id,)
+                rows, points, oldest, size = conn.execute(
+                    "SELECT count(*), coalesce(sum(points), 0), min(enqueued_ns), "
+                    f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD_BYTES} FROM entry "
+                    "WHERE id > ? AND held = 0",
+                    (last_id,),
                 ).fetchone()
                 age = 0.0 if oldest is None else max(0.0, (now - int(oldest)) / 1e9)
-                out[sink] = (int(rows), int(points), age)
+                out[sink] = (int(rows), int(points), age, int(size))
         self._backlog_cache = (time.monotonic(), out)
         return out
 

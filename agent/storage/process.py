@@ -29,7 +29,8 @@ from agent.logs import current_format, setup_logging
 from agent.metrics import Metrics
 from agent.spool.sqlite import SinkCursor, Spool
 from agent.storage.base import Sink
-from agent.storage.writer import MetricsSink, SinkFactory, SinkWriter
+from agent.storage.selection import RowSelector, Selection
+from agent.storage.writer import BacklogBudget, MetricsSink, SinkFactory, SinkWriter
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class WriterSettings:
     flush_interval_s: float = 1.0
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+    selection: Selection | None = None
+    """An upstream's selection; None: every entry at full resolution (the local sink)."""
+    budget: BacklogBudget | None = None
+    rate_points_s: float | None = None
+    local_metrics: bool = True
 
     def writer(self, cursor: SinkCursor, sink: Sink, metrics: MetricsSink) -> SinkWriter:
         return SinkWriter(
@@ -57,6 +63,10 @@ class WriterSettings:
             flush_interval_s=self.flush_interval_s,
             backoff_min_s=self.backoff_min_s,
             backoff_max_s=self.backoff_max_s,
+            selector=None if self.selection is None else RowSelector(self.selection),
+            budget=self.budget,
+            rate_points_s=self.rate_points_s,
+            local_metrics=self.local_metrics,
         )
 
 
@@ -199,8 +209,13 @@ class WriterProcess:
         self._process, self._conn = process, parent
         if self._flushers:
             self._send(("flush", True))
-        self.metrics.set("storage.writer_process", 1)
+        self._up(1)
         logger.info("writer of %s runs in process %d", self.sink_name, process.pid)
+
+    def _up(self, value: int) -> None:
+        if self.settings.local_metrics:
+            self.metrics.set("storage.writer_process", value)
+        self.metrics.set("sink.writer_process", value, sink=self.sink_name)
 
     def start(self) -> None:
         if self._supervisor is not None:
@@ -240,8 +255,10 @@ class WriterProcess:
                 continue
             if self._stopping.is_set():
                 return
-            self.metrics.set("storage.writer_process", 0)
-            self.metrics.inc("storage.writer_restarts")
+            self._up(0)
+            if self.settings.local_metrics:
+                self.metrics.inc("storage.writer_restarts")
+            self.metrics.inc("sink.writer_restarts", sink=self.sink_name)
             failures += 1
             delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (failures - 1))
             logger.error(
@@ -312,4 +329,4 @@ class WriterProcess:
             self._process.join(5.0)
         if self._conn is not None:
             self._conn.close()
-        self.metrics.set("storage.writer_process", 0)
+        self._up(0)

@@ -20,7 +20,15 @@ Failures, as before the spool became a log:
 - ``PermanentWriteError`` that does not reject the data (401, 403, 404: credentials, permissions, no
   such database): the batch is kept and retried at ``backoff_max_s``, logging an error.
 
-Failures are counted in ``storage.write_failures{kind=retryable|rejected|config}``. The sink is owned by
+Failures are counted in ``sink.write_failures{sink,kind=retryable|rejected|config}`` (and, for the local
+sink, as before in the unlabelled ``storage.write_failures{kind}``).
+
+An upstream sink (``storage.upstreams``) adds three things: a *selection* (``agent.storage.selection``:
+which entries it gets, readings downsampled, whose open buckets are saved with the cursor), a *backlog
+budget* (bytes and age: beyond it the writer passes over its oldest rows, moving only its own cursor,
+counted in ``sink.backlog_dropped_points`` and logged once per ``DROP_LOG_INTERVAL_S``), and a *rate limit*
+(points per second, so that catching up after an outage takes a bounded share of the link and the CPU).
+The sink is owned by
 the caller, which closes it after ``stop()``. ``agent.storage.process`` runs the same writer in a
 process of its own.
 """
@@ -41,11 +49,23 @@ from agent.spool.codec import Kind
 from agent.spool.sqlite import Row, SinkCursor
 from agent.storage.base import PermanentWriteError, RetryableWriteError, Sink
 from agent.storage.entries import entry_lines
+from agent.storage.selection import RowSelector
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05  # how often an idle writer looks for new rows
 _PREPARED_MAX = 2  # batches made ahead of the one being written
+BUDGET_CHECK_S = 2.0  # how often a sink with a backlog budget measures its backlog
+DROP_LOG_INTERVAL_S = 60.0
+RATE_WINDOW_S = 5.0  # sink.points_per_s is measured over at least this long
+
+
+@dataclass(frozen=True)
+class BacklogBudget:
+    """An upstream's backlog caps: beyond either, its writer passes over its oldest rows (counted)."""
+
+    max_bytes: int
+    max_age_s: float
 
 
 class Writer(Protocol):
@@ -81,6 +101,9 @@ class Batch:
     raw_released: int = 0
     body: bytes | None = None
     """The lines joined and encoded, made by the preparing thread for a sink with ``write_body``."""
+    row_count: int = 0
+    state: bytes | None = None
+    """The selector's state once these rows are in (saved with the cursor at ``last_id``)."""
 
 
 class SinkWriter:
@@ -96,7 +119,14 @@ class SinkWriter:
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
         rng: random.Random | None = None,
+        *,
+        selector: RowSelector | None = None,
+        budget: BacklogBudget | None = None,
+        rate_points_s: float | None = None,
+        local_metrics: bool = True,
     ) -> None:
+        """``selector``, ``budget`` and ``rate_points_s``: an upstream's (see the module docstring);
+        ``local_metrics``: also count in the unlabelled ``storage.*`` metrics (the local sink)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         if not 0 < backoff_min_s <= backoff_max_s:
@@ -123,6 +153,26 @@ class SinkWriter:
         self._cursor_failing_since: float | None = None
         self._write_body: Callable[[bytes, int], None] | None = getattr(sink, "write_body", None)
         self._threads: list[threading.Thread] = []
+        self.selector = selector
+        self.budget = budget
+        self.rate_points_s = rate_points_s
+        self.local_metrics = local_metrics
+        self._delivered_state: bytes | None = None
+        if selector is not None:
+            selector.restore(cursor.state(), cursor.sink)
+        self._cut = cursor.position  # rows up to here are passed over (the backlog budget)
+        self._budget_checked = -float("inf")
+        self._dropped_since_log = 0
+        self._last_drop_log = -float("inf")
+        self._send_allowed_at = 0.0  # the rate limit's next free moment (monotonic)
+        self._rate_window = (time.monotonic(), 0)
+
+    # -- metrics: every sink's labelled, the local sink's also as before ---------------------------
+
+    def _dead_lettered(self, points: int, reason: str) -> None:
+        if self.local_metrics:
+            self.metrics.inc("spool.dead_lettered", points)
+        self.metrics.inc("sink.dead_lettered", points, sink=self.cursor.sink, reason=reason)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -192,6 +242,16 @@ class SinkWriter:
         while True:
             if self._stop.is_set() and (time.monotonic() >= self._stop_deadline or self._failures):
                 return
+            if self._read_up_to < self._cut:
+                # The backlog budget passed over rows not read yet: queue what is pending, then a batch that
+                # only moves the cursor past them (in order, so the cursor never skips unwritten rows).
+                if pending is not None and not self._queue(pending):
+                    return
+                pending = None
+                if not self._queue(Batch(last_id=self._cut)):
+                    return
+                self._read_up_to = self._cut
+                continue
             try:
                 room = self.batch_size - (len(pending.lines) if pending else 0)
                 rows = self.cursor.read_after(self._read_up_to, max(1, room), overshoot=True)
@@ -203,13 +263,16 @@ class SinkWriter:
                     self._read_up_to = pending.last_id
             except Exception:
                 logger.exception("writer of %s: reading the spool failed; retrying", self.cursor.sink)
-                self.metrics.inc("storage.writer_errors")
+                if self.local_metrics:
+                    self.metrics.inc("storage.writer_errors")
+                self.metrics.inc("sink.writer_errors", sink=self.cursor.sink)
                 self._stop.wait(self.backoff_min_s)
                 continue
             due = pending is not None and (
                 len(pending.lines) >= self.batch_size
                 or self._hurry()
                 or time.monotonic() - first_row_at >= self.flush_interval_s
+                or pending.last_id <= self._cut  # passed over by the backlog budget: let it move the cursor
             )
             if pending is not None and due:
                 if not self._queue(pending):
@@ -228,6 +291,11 @@ class SinkWriter:
         """Hand ``batch`` to the sender, waiting while it is busy; False when stopping ran out of time."""
         if self._write_body is not None and batch.lines:
             batch.body = "\n".join(batch.lines).encode()
+        if self.selector is not None:
+            batch.state = self.selector.state()
+            late = self.selector.take_late()
+            if late:
+                self.metrics.inc("sink.late_readings", late, sink=self.cursor.sink)
         while True:
             try:
                 self._prepared.put(batch, timeout=_IDLE_POLL_S)
@@ -238,11 +306,15 @@ class SinkWriter:
 
     def _add(self, batch: Batch, rows: list[Row]) -> None:
         for row in rows:
+            batch.row_count += 1
             if row.held:  # a held block gives nothing by itself (a release names it)
                 batch.last_id = row.id
                 continue
             try:
-                lines = entry_lines(row.kind, row.body, self._resolve)
+                if self.selector is None:
+                    lines = entry_lines(row.kind, row.body, self._resolve)
+                else:
+                    lines = self.selector.lines(row.kind, row.body, self._resolve)
             except (ValueError, UnicodeDecodeError) as exc:
                 self._unencodable(row, exc)
                 lines = []
@@ -256,14 +328,18 @@ class SinkWriter:
         """The held blocks a raw-data release names; those the spool's caps dropped meanwhile are counted."""
         bodies = self.cursor.bodies(ids)
         if len(bodies) < len(ids):
-            self.metrics.inc("storage.raw_missing", len(ids) - len(bodies))
+            if self.local_metrics:
+                self.metrics.inc("storage.raw_missing", len(ids) - len(bodies))
+            self.metrics.inc("sink.raw_missing", len(ids) - len(bodies), sink=self.cursor.sink)
         return bodies
 
     def _unencodable(self, row: Row, exc: Exception) -> None:
         """A row no sink could ever take: dead-letter it with the reason instead of writing it."""
         kind = Kind(row.kind).name.lower() if row.kind in set(Kind) else f"kind{row.kind}"
-        self.metrics.inc("storage.unencodable", kind=kind)
-        self.metrics.inc("spool.dead_lettered", max(1, row.points))
+        if self.local_metrics:
+            self.metrics.inc("storage.unencodable", kind=kind)
+        self.metrics.inc("sink.unencodable", kind=kind, sink=self.cursor.sink)
+        self._dead_lettered(max(1, row.points), "unencodable")
         described = f"<{kind} entry {row.id}: {len(row.body)} bytes, {row.points} points>"
         trimmed = self.cursor.dead_letter([(row.id, described)], f"unencodable: {exc}")
         if trimmed:
@@ -280,6 +356,7 @@ class SinkWriter:
 
     def _send(self) -> None:
         while not (self._stop.is_set() and time.monotonic() >= self._stop_deadline):
+            self._check_budget()
             try:
                 batch = self._prepared.get(timeout=_IDLE_POLL_S)
             except queue.Empty:
@@ -288,22 +365,75 @@ class SinkWriter:
                     return  # stopping, and everything prepared is written
                 continue
             while True:
+                if batch.last_id <= self._cut:  # the backlog budget passed over these rows
+                    self._delivered_to, self._delivered_state = batch.last_id, batch.state
+                    self._confirm()
+                    break
                 try:
                     delay = self._deliver(batch)
                 except Exception:
                     # Top of the thread: a bug or a spool (disk) error must not end delivery for good.
                     logger.exception("writer of %s: unexpected error, retrying after a backoff", self.cursor.sink)
-                    self.metrics.inc("storage.writer_errors")
+                    if self.local_metrics:
+                        self.metrics.inc("storage.writer_errors")
+                    self.metrics.inc("sink.writer_errors", sink=self.cursor.sink)
                     delay = self._next_backoff()
-                self.metrics.set("storage.backoff_s", delay)
+                if self.local_metrics:
+                    self.metrics.set("storage.backoff_s", delay)
+                self.metrics.set("sink.backoff_s", delay, sink=self.cursor.sink)
                 if delay <= 0:
                     break
+                self.metrics.inc("sink.retries", sink=self.cursor.sink)
                 self._stop.wait(delay)
                 if self._stop.is_set():
                     return  # stopping while the sink fails: this batch and the rest stay in the spool
+                self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Every ``BUDGET_CHECK_S``: beyond the backlog budget, pass over the oldest rows (counted, logged once
+        per ``DROP_LOG_INTERVAL_S``). Only this sink's cursor moves: the rows stay in the spool for the other
+        sinks, and compaction removes them once those have them too."""
+        if self.budget is None or time.monotonic() - self._budget_checked < BUDGET_CHECK_S:
+            return
+        self._budget_checked = time.monotonic()
+        after = max(self._delivered_to, self._cut)
+        try:
+            cut, _rows, points, size = self.cursor.backlog_cut(after, self.budget.max_bytes, self.budget.max_age_s)
+        except sqlite3.Error as exc:
+            logger.warning("writer of %s: cannot measure its backlog, will retry: %s", self.cursor.sink, exc)
+            return
+        if cut <= after:
+            return
+        self._cut = cut
+        self._wake.set()
+        self.metrics.inc("sink.backlog_dropped_points", points, sink=self.cursor.sink)
+        self.metrics.inc("sink.backlog_dropped_bytes", size, sink=self.cursor.sink)
+        self._dropped_since_log += points
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+            self._last_drop_log = now
+            logger.warning(
+                "sink %s: its backlog is over its caps (%d bytes, %.0f s): passed over %d points of its oldest rows "
+                "(counted in sink.backlog_dropped_points; other sinks keep them)",
+                self.cursor.sink,
+                self.budget.max_bytes,
+                self.budget.max_age_s,
+                self._dropped_since_log,
+            )
+            self._dropped_since_log = 0
+
+    def _rate_limit(self, points: int) -> None:
+        """Wait for the rate limit's share of ``points`` (a token bucket of one batch)."""
+        if not self.rate_points_s or not points:
+            return
+        wait = self._send_allowed_at - time.monotonic()
+        if wait > 0:
+            self._stop.wait(wait)
+        self._send_allowed_at = max(self._send_allowed_at, time.monotonic()) + points / self.rate_points_s
 
     def _deliver(self, batch: Batch) -> float:
         """Write one batch and move the cursor; the seconds to back off before retrying it (0: done)."""
+        self._rate_limit(len(batch.lines))
         try:
             if batch.lines:
                 try:
@@ -311,16 +441,22 @@ class SinkWriter:
                 except PermanentWriteError as exc:
                     if not exc.rejects_data:
                         raise
-                    self.metrics.inc("storage.write_failures", kind="rejected")
+                    if self.local_metrics:
+                        self.metrics.inc("storage.write_failures", kind="rejected")
+                    self.metrics.inc("sink.write_failures", kind="rejected", sink=self.cursor.sink)
                     self._isolate(batch.lines, batch.rows, exc)
         except RetryableWriteError as exc:
-            self.metrics.inc("storage.write_failures", kind="retryable")
+            if self.local_metrics:
+                self.metrics.inc("storage.write_failures", kind="retryable")
+            self.metrics.inc("sink.write_failures", kind="retryable", sink=self.cursor.sink)
             delay = max(self._next_backoff(), exc.retry_after_s or 0.0)
             log = logger.warning if self._failures == 1 else logger.debug
             log("write to %s failed, will retry in %.1f s: %s", self.cursor.sink, delay, exc)
             return delay
         except PermanentWriteError as exc:
-            self.metrics.inc("storage.write_failures", kind="config")
+            if self.local_metrics:
+                self.metrics.inc("storage.write_failures", kind="config")
+            self.metrics.inc("sink.write_failures", kind="config", sink=self.cursor.sink)
             self._failures += 1
             logger.error(
                 "%s refused the write, keeping the data spooled and retrying in %.0f s: %s",
@@ -329,10 +465,13 @@ class SinkWriter:
                 exc,
             )
             return self.backoff_max_s
-        self._delivered_to = batch.last_id
+        self._delivered_to, self._delivered_state = batch.last_id, batch.state
         self._confirm()
+        self.metrics.inc("sink.rows_written", batch.row_count, sink=self.cursor.sink)
         if batch.raw_released:
-            self.metrics.inc("storage.raw_released", batch.raw_released)
+            if self.local_metrics:
+                self.metrics.inc("storage.raw_released", batch.raw_released)
+            self.metrics.inc("sink.raw_released", batch.raw_released, sink=self.cursor.sink)
         if self._failures:
             logger.info("writes to %s succeed again", self.cursor.sink)
         self._failures = 0
@@ -346,9 +485,14 @@ class SinkWriter:
         if self._delivered_to <= self.cursor.position:
             return
         try:
-            self.cursor.advance(self._delivered_to)
+            if self._delivered_state is None:
+                self.cursor.advance(self._delivered_to)
+            else:
+                self.cursor.advance(self._delivered_to, self._delivered_state)
         except sqlite3.Error as exc:
-            self.metrics.inc("storage.cursor_failures")
+            if self.local_metrics:
+                self.metrics.inc("storage.cursor_failures")
+            self.metrics.inc("sink.cursor_failures", sink=self.cursor.sink)
             if self._cursor_failing_since is None:
                 self._cursor_failing_since = time.monotonic()
                 logger.error(
@@ -371,8 +515,19 @@ class SinkWriter:
             self._write_body(body, len(lines))
         else:
             self.sink.write(lines)
-        self.metrics.observe("storage.write_seconds", time.monotonic() - started)
-        self.metrics.inc("storage.points_written", len(lines))
+        now = time.monotonic()
+        if self.local_metrics:
+            self.metrics.observe("storage.write_seconds", now - started)
+        self.metrics.observe("sink.write_seconds", now - started, sink=self.cursor.sink)
+        if self.local_metrics:
+            self.metrics.inc("storage.points_written", len(lines))
+        self.metrics.inc("sink.points_written", len(lines), sink=self.cursor.sink)
+        since, points = self._rate_window
+        points += len(lines)
+        if now - since >= RATE_WINDOW_S:
+            self.metrics.set("sink.points_per_s", points / (now - since), sink=self.cursor.sink)
+            since, points = now, 0
+        self._rate_window = (since, points)
 
     def _isolate(self, lines: list[str], rows: list[int], error: PermanentWriteError) -> None:
         """``lines`` were refused as a whole: bisect, write the good halves, dead-letter single bad lines.
@@ -382,7 +537,7 @@ class SinkWriter:
         """
         if len(lines) == 1:
             trimmed = self.cursor.dead_letter([(rows[0], lines[0])], str(error))
-            self.metrics.inc("spool.dead_lettered")
+            self._dead_lettered(1, "rejected")
             if trimmed:
                 self.metrics.inc("spool.dead_letter_trimmed", trimmed)
             logger.warning(
