@@ -5,7 +5,7 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | topic | retained | payload |
 |---|---|---|
 | ``{base}/status`` | yes | ``{"v":1,"state":"online"|"offline","agent_id":..,"time":..}``; will: offline |
-| ``{base}/heartbeat`` | yes | counters (built by the composition root) |
+| ``{base}/heartbeat`` | yes | ``{"v":2,"agent_id","time_ns","fields":{..}}``: the ``agent`` point's fields |
 | ``{base}/alerts/{machine}/{sensor}`` | no, QoS 1 | alert JSON, ``agent/schemas/alert.schema.json`` |
 | ``{base}/state/{machine}`` | yes | ``{"v":1,"machine","state":"ok"|severity,"open_alerts":[..],"silences":[..]}`` |
 | ``{base}/commands`` (subscribed) | no | operator commands: ack, silence, unsilence (see ``docs/contracts.md``) |
@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 SCHEMA_VERSION: Final = 1
+HEARTBEAT_VERSION: Final = 2
+"""2: ``fields`` only (version 1 also had ``counters``, the same values keyed ``name{label=value}``)."""
 EXCERPT_BYTES: Final = 256
 
 StatusState = Literal["online", "offline"]
@@ -138,6 +140,15 @@ class Topics:
                 "time": format_rfc3339(time.time_ns() if time_ns is None else time_ns),
             }
         )
+
+    def heartbeat_payload(self, fields: Mapping[str, float], time_ns: int) -> bytes:
+        """The agent's self-metrics, flat (``agent.health.selfmetrics.agent_fields``: the ``agent`` point's
+        fields), so that Home Assistant templates and Node-RED read a key without parsing labels out of it.
+
+        >>> Topics("e").heartbeat_payload({"decode_errors": 1.0}, 10**9)
+        b'{"v":2,"agent_id":"e","time_ns":1000000000,"fields":{"decode_errors":1.0}}'
+        """
+        return _dump({"v": HEARTBEAT_VERSION, "agent_id": self.agent_id, "time_ns": time_ns, "fields": dict(fields)})
 
     def deadletter_payload(
         self, topic: str, code: str, reason: str, payload: bytes, time_ns: int | None = None

@@ -40,6 +40,7 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.health.selfmetrics import series_field
 from benchmarks.harness import AgentProcess, Publisher
 from benchmarks.workload import Event, Fleet
 
@@ -303,7 +304,7 @@ def run_agent(
     check = check_stored(url, agent.database, machines, n // machines)
 
     def total(prefix: str) -> float:
-        return sum(v for k, v in counters.items() if k == prefix or k.startswith(prefix + "{"))
+        return float(counters.get(series_field(prefix), 0.0))
 
     return {
         "subscriber": "agent",

@@ -37,6 +37,7 @@ from typing import Any
 
 from agent import schema
 from agent.config.loader import load_config
+from agent.health.selfmetrics import series_field
 from benchmarks.burst import influx_query
 from benchmarks.harness import AgentProcess, Publisher
 from benchmarks.workload import NS, Fleet
@@ -47,11 +48,8 @@ COMMISSIONING_MODEL_ID = "commissioning-baseline"  # agent/commissioning/scorer.
 
 
 def _total(counters: dict[str, float], name: str, label: str | None = None) -> float:
-    return sum(
-        v
-        for k, v in counters.items()
-        if (k == name or k.startswith(name + "{")) and (label is None or label in k.partition("{")[2])
-    )
+    """A heartbeat field: ``name`` summed over its labels, or its series with the one ``label`` (``k=v``)."""
+    return float(counters.get(series_field(f"{name}{{{label}}}" if label else name), 0.0))
 
 
 def commissioning_state(counters: dict[str, float]) -> dict[str, float]:

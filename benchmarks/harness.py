@@ -25,6 +25,7 @@ import yaml
 from agent import schema
 from agent.alerts.rules import AlertRule
 from agent.config.loader import load_config
+from agent.health.selfmetrics import series_field
 from agent.storage.influx_v1 import InfluxV1Sink
 from benchmarks.workload import Event
 
@@ -204,7 +205,7 @@ class AgentProcess:
             self.alerts.append(ReceivedAlert(now, msg.topic, json.loads(msg.payload)))
         elif msg.topic.endswith("/heartbeat"):
             with self._heartbeat:
-                self.counters = json.loads(msg.payload).get("counters", {})
+                self.counters = json.loads(msg.payload).get("fields", {})  # heartbeat v2: flat fields
                 self.counters_at = now
                 self._heartbeat.notify_all()
         elif msg.topic.endswith("/status") and b'"online"' in msg.payload:
@@ -217,8 +218,9 @@ class AgentProcess:
             self._heartbeat.wait_for(lambda: self.counters_at > seen, timeout_s)
             return dict(self.counters)
 
-    def counter(self, prefix: str) -> float:
-        return sum(v for k, v in self.counters.items() if k == prefix or k.startswith(prefix + "{"))
+    def counter(self, name: str) -> float:
+        """The last heartbeat's ``name`` (a counter summed over its labels) or ``name{label=value}``."""
+        return float(self.counters.get(series_field(name), 0.0))
 
     def wait_caught_up(self, messages: int, timeout_s: float, spool_below: int = 5000) -> float | None:
         """Seconds until the agent received ``messages`` and its spool is below ``spool_below`` lines."""

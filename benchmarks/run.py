@@ -53,6 +53,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from agent.config.loader import load_config  # noqa: E402
+from agent.health.selfmetrics import series_field  # noqa: E402
 from agent.records import Reading, SampleBlock  # noqa: E402
 from agent.spool.codec import Entry, encode_block, encode_readings  # noqa: E402
 from agent.storage.influx_v1 import InfluxV1Sink  # noqa: E402
@@ -452,9 +453,7 @@ class Run:
                 drain_rate = (n2 - n1) / (h2 - h1)
 
         def delta(key: str) -> float:
-            return sum(v for k, v in after.items() if k.split("{")[0] == key) - sum(
-                v for k, v in before.items() if k.split("{")[0] == key
-            )
+            return float(after.get(series_field(key), 0.0)) - float(before.get(series_field(key), 0.0))
 
         n = len(events)
         target = n / wall_s
@@ -511,9 +510,9 @@ class Run:
             "zero_loss": stored["readings"] == self.readings
             and (self.agent.raw_vibration != "every_n" or stored["samples"] == expected_samples),
             "peak_rss_mb": memory.get("VmHWM", 0) / 1024,
-            "decode_errors": sum(v for k, v in counters.items() if k.startswith("decode.errors")),
-            "spool_dropped": sum(v for k, v in counters.items() if k.startswith("spool.dropped")),
-            "windows_dropped": sum(v for k, v in counters.items() if k.startswith("windows.dropped")),
+            "decode_errors": counters.get(series_field("decode.errors"), 0.0),
+            "spool_dropped": counters.get(series_field("spool.dropped"), 0.0),
+            "windows_dropped": counters.get(series_field("windows.dropped"), 0.0),
         }
 
 
@@ -703,11 +702,7 @@ def bench_alerts(
     onset, decision = latency_summary(acc.onset_s), latency_summary(acc.decision_s)
 
     def suppressed(reason: str) -> float:
-        return sum(
-            v
-            for k, v in counters.items()
-            if k.startswith("alerts.suppressed{") and f"reason={reason}" in k and f"alert_type={ALERT_TYPE}" in k
-        )
+        return float(counters.get(series_field(f"alerts.suppressed{{reason={reason},alert_type={ALERT_TYPE}}}"), 0.0))
 
     result = {
         "raw_vibration": raw,

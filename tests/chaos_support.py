@@ -49,6 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import schema
+from agent.health.selfmetrics import series_field
 from pdm_tools.dev import services as devservices
 from pdm_tools.dev.services import Service
 
@@ -850,8 +851,8 @@ class Rig:
         last, since = -1, time.monotonic()
         while time.monotonic() < deadline:
             count = self.influx.reading_count() or 0
-            counters = self.recorder.heartbeat.get("counters", {})
-            drained = counters.get("spool.depth", 1) == 0
+            fields = self.recorder.heartbeat.get("fields", {})
+            drained = fields.get("spool_depth", 1) == 0
             if count >= process_messages and drained:
                 return True
             if count != last:
@@ -884,9 +885,10 @@ def _merge(base: dict, overrides: dict) -> None:
             base[key] = value
 
 
-def counter(counters: dict, name: str) -> float:
-    """Sum of a counter over its label sets (``name`` and ``name{...}``)."""
-    return sum(v for k, v in counters.items() if k == name or k.startswith(name + "{"))
+def counter(fields: dict, name: str, missing: float = 0.0) -> float:
+    """A heartbeat's value of ``name`` (a counter's sum over its label sets) or ``name{label=value}``;
+    ``missing`` without it (no heartbeat yet: ``{}``)."""
+    return float(fields.get(series_field(name), missing))
 
 
 # -------------------------------------------------------------------------------------------- scenarios
@@ -916,7 +918,7 @@ class ScenarioResult:
     accounting: Accounting
     recovery: Recovery
     stats: dict
-    counters: dict  # the final heartbeat of the (last) agent process
+    counters: dict  # the final heartbeat's fields of the (last) agent process
     agent_exit_code: int | None
     outage_s: float
     wall_s: float
@@ -924,7 +926,7 @@ class ScenarioResult:
     sessions_present: list[bool] = field(default_factory=list)  # per agent connect, from the agent log
     killed_at: float | None = None  # time.monotonic() of the kill (broker scenarios)
     notes: list[str] = field(default_factory=list)
-    during: dict = field(default_factory=dict)  # the last heartbeat's counters before the fault ended
+    during: dict = field(default_factory=dict)  # the last heartbeat's fields before the fault ended
     fault: dict = field(default_factory=dict)  # the fault's own numbers (proxy counts, messages held ...)
 
     def render(self) -> str:
@@ -985,7 +987,7 @@ def run_scenario(
         assert rig.recorder is not None
         # The final heartbeat (published at stop, retained) reaches the recorder shortly after.
         rig.recorder.wait(lambda r: int(r.heartbeat.get("time_ns", 0)) >= stop_ns, 10)
-        result.counters = dict(rig.recorder.heartbeat.get("counters", {}))
+        result.counters = dict(rig.recorder.heartbeat.get("fields", {}))
         result.accounting = rig.account(stats)
         recorded = rig.recorder.snapshot()
         if rig.witness is not None:
@@ -1107,12 +1109,12 @@ def stall_influxdb(stall_s: float = 8.0, end: str = "drop", recovery_timeout_s: 
 
     def disrupt(rig: Rig, result: ScenarioResult) -> None:
         assert rig.proxy is not None and rig.recorder is not None and rig.influx is not None
-        result.before = dict(rig.recorder.heartbeat.get("counters", {}))
+        result.before = dict(rig.recorder.heartbeat.get("fields", {}))
         rig.proxy.stall()
         stalled = time.monotonic()
         log(f"InfluxDB stalled (responses held); ending it ({end}) in {stall_s} s")
         time.sleep(stall_s)
-        result.during = dict(rig.recorder.heartbeat.get("counters", {}))
+        result.during = dict(rig.recorder.heartbeat.get("fields", {}))
         baseline = rig.influx.reading_count() or 0
         ends[end](rig.proxy)
         t0 = time.monotonic()
@@ -1130,7 +1132,7 @@ def kill_agent(outage_s: float = 2.0) -> Disruption:
 
     def disrupt(rig: Rig, result: ScenarioResult) -> None:
         assert rig.recorder is not None and rig.influx is not None
-        result.before = dict(rig.recorder.heartbeat.get("counters", {}))
+        result.before = dict(rig.recorder.heartbeat.get("fields", {}))
         rig.kill_agent()
         killed = time.monotonic()
         log(f"agent killed (-9); restarting in {outage_s} s")

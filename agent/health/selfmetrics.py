@@ -37,6 +37,23 @@ def field_name(name: str, labels: Labels = ()) -> str:
     return "_".join(_INVALID.sub("_", p).strip("_") for p in parts)
 
 
+def series_field(key: str) -> str:
+    """The field of a series written ``name{label=value,...}`` (``Metrics.snapshot``'s keys, the stop line's
+    summary, heartbeat version 1's ``counters``): where that value is in the heartbeat's ``fields`` and the
+    ``agent`` point. Unlabelled, a counter's field is its sum over every label set.
+
+    >>> series_field("decode.errors{reason=bad json}"), series_field("decode.errors"), series_field("spool.depth")
+    ('decode_errors_reason_bad_json', 'decode_errors', 'spool_depth')
+    >>> series_field("inference.seconds.p99{model=vibration-anomaly}")
+    'inference_seconds_p99_model_vibration_anomaly'
+    """
+    name, _, rest = key.partition("{")
+    labels = (
+        tuple((k, v) for k, _, v in (part.partition("=") for part in rest.removesuffix("}").split(","))) if rest else ()
+    )
+    return field_name(name, labels)
+
+
 def agent_fields(snapshot: MetricsSnapshot) -> dict[str, float]:
     """The fields of one ``agent`` point: every counter, gauge and histogram of ``snapshot`` (see above)."""
     fields: dict[str, float] = {}

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sqlite3
@@ -130,15 +129,13 @@ class Agent:
     def publish_heartbeat(self) -> None:
         """Counters on the retained heartbeat topic and as an ``agent`` point in InfluxDB.
 
-        The heartbeat carries them twice: ``counters`` by dotted name with the labels in braces
-        (``decode.errors{reason=json}``), and ``fields``, flat snake_case keys exactly as the ``agent`` point's
-        fields (``decode_errors``, ``decode_errors_reason_json``), for consumers that cannot parse the labels
-        out of a key (Home Assistant templates, Node-RED)."""
-        snap = self.summary()
+        Both carry the same flat snake_case ``fields`` (``decode_errors``, ``decode_errors_reason_json``,
+        ``spool_depth``). Heartbeat version 1 also had ``counters``, the same values keyed
+        ``decode.errors{reason=json}`` (``agent.health.selfmetrics.series_field`` maps such a key to its
+        field; docs/contracts.md)."""
         now_ns = time.time_ns()
         fields = agent_fields(self.metrics.collect())
-        body = {"v": 1, "agent_id": self.config.agent.id, "time_ns": now_ns, "counters": snap, "fields": fields}
-        self.outbound.publish(self.topics.heartbeat, json.dumps(body).encode(), qos=1, retain=True)
+        self.outbound.publish(self.topics.heartbeat, self.topics.heartbeat_payload(fields, now_ns), qos=1, retain=True)
         if fields and not self.spool.closed:
             tags = {schema.TAG_AGENT_ID: self.config.agent.id}
             try:

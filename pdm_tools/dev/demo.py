@@ -288,20 +288,20 @@ def run_demo(
         exit_code = agent.wait(60)
         time.sleep(0.5)  # the final heartbeat is retained; give the listener a moment to receive it
 
-        counters = listener.heartbeat.get("counters", {})
+        fields = listener.heartbeat.get("fields", {})  # heartbeat v2: flat, counters summed over their labels
         sink = InfluxV1Sink(
             url=url, database=database, retention_policy=None, username=None, password=None, timeout_s=30
         )
         report = DemoReport(
             messages_published=int(stats["messages"]),
-            messages_received=int(counters.get("ingest.messages", 0)),
-            readings_received=int(counters.get("ingest.readings", 0)),
-            decode_errors=int(sum(v for k, v in counters.items() if k.startswith("decode.errors"))),
+            messages_received=int(fields.get("ingest_messages", 0)),
+            readings_received=int(fields.get("ingest_readings", 0)),
+            decode_errors=int(fields.get("decode_errors", 0)),
             readings_stored=_count(sink, f'SELECT count("seq") FROM "{schema.READING}"'),
             vibration_samples_stored=_count(
                 sink, f'SELECT count("{schema.VIBRATION_FIELD}") FROM "{schema.VIBRATION}"'
             ),
-            windows_scored=int(sum(v for k, v in counters.items() if k.startswith("windows.scored"))),
+            windows_scored=int(fields.get("windows_scored", 0)),
             scores_stored=_count(sink, f'SELECT count("{schema.SCORE_FIELD}") FROM "{schema.SCORE}"'),
             alerts=list(listener.alerts),
             faults=_read_truth(truth),
@@ -341,8 +341,8 @@ def _wait_until_drained(listener: _Listener, published: int, timeout_s: float) -
     """Until the agent's heartbeat shows it received everything and its spool is empty."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        counters = listener.heartbeat.get("counters", {})
-        if counters.get("ingest.messages", 0) >= published and counters.get("spool.depth", 1) == 0:
+        fields = listener.heartbeat.get("fields", {})
+        if fields.get("ingest_messages", 0) >= published and fields.get("spool_depth", 1) == 0:
             return
         time.sleep(0.5)
 

@@ -108,16 +108,16 @@ def _configure(rig: chaos.Rig) -> None:
 
 
 def _heartbeat_since(rig: chaos.Rig, since_ns: int, name: str, at_least: float, timeout_s: float = 120) -> dict:
-    """The counters of the first heartbeat of the agent started at ``since_ns`` with ``name`` >= ``at_least``."""
+    """The fields of the first heartbeat of the agent started at ``since_ns`` with ``name`` >= ``at_least``."""
     assert rig.recorder is not None
 
     def reached(r: chaos.Recorder) -> bool:
         hb = r.heartbeat
-        return int(hb.get("time_ns", 0)) > since_ns and chaos.counter(hb.get("counters", {}), name) >= at_least
+        return int(hb.get("time_ns", 0)) > since_ns and chaos.counter(hb.get("fields", {}), name) >= at_least
 
     if not rig.recorder.wait(reached, timeout_s):
         raise AssertionError(f"{name} never reached {at_least}: {rig.recorder.heartbeat}\n{rig.agent_log()[-3000:]}")
-    return dict(rig.recorder.heartbeat["counters"])
+    return dict(rig.recorder.heartbeat["fields"])
 
 
 def _restart(rig: chaos.Rig, how: str) -> dict:

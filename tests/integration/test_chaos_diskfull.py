@@ -55,7 +55,7 @@ def tmpfs(path: Path, size_bytes: int) -> Iterator[Path]:
 
 def _counters(rig: chaos.Rig) -> dict:
     assert rig.recorder is not None
-    return dict(rig.recorder.heartbeat.get("counters", {}))
+    return dict(rig.recorder.heartbeat.get("fields", {}))
 
 
 def _health_url(rig: chaos.Rig, start: int) -> str:
@@ -95,7 +95,7 @@ def test_a_full_spool_disk_stops_acks_says_so_and_recovers_without_loss_or_dupli
     def disrupt(rig: chaos.Rig, result: chaos.ScenarioResult) -> None:
         assert rig.recorder is not None and rig.influxdb is not None and rig.agent is not None
         url = _health_url(rig, 1)
-        if not rig.recorder.wait(lambda r: r.heartbeat.get("counters", {}).get("spool.disk_full") == 1, 90):
+        if not rig.recorder.wait(lambda r: chaos.counter(r.heartbeat.get("fields", {}), "spool.disk_full") == 1, 90):
             raise AssertionError(f"the disk never filled up:\n{rig.agent_log()[-3000:]}")
         full_at = time.monotonic()
         observed["readyz_full"] = _readyz(url)
@@ -122,8 +122,8 @@ def test_a_full_spool_disk_stops_acks_says_so_and_recovers_without_loss_or_dupli
         rig.simulator.wait(rig.duration_s / rig.speed + 120)
         observed["room_again"] = rig.recorder.wait(
             lambda r: (
-                r.heartbeat.get("counters", {}).get("spool.depth") == 0
-                and r.heartbeat.get("counters", {}).get("spool.disk_full") == 0
+                chaos.counter(r.heartbeat.get("fields", {}), "spool.depth", missing=-1) == 0
+                and chaos.counter(r.heartbeat.get("fields", {}), "spool.disk_full", missing=-1) == 0
             ),
             120,
         )
@@ -147,7 +147,8 @@ def test_a_full_spool_disk_stops_acks_says_so_and_recovers_without_loss_or_dupli
     status, body = observed["readyz_full"]  # type: ignore[misc]
     assert status == 503 and "disk full" in body["checks"]["spool"]["error"], body
     full = observed["counters_full"]
-    assert isinstance(full, dict) and full["spool.append_failures"] >= 1 and full["spool.reserve_bytes"] == 0
+    assert isinstance(full, dict) and chaos.counter(full, "spool.append_failures") >= 1
+    assert chaos.counter(full, "spool.reserve_bytes") == 0
     assert observed["stop_exit"] == 0, f"SIGTERM with a full disk: {observed['stop_exit']}\n{log_text[-3000:]}"
     assert observed["room_again"], "the spool never left the full state once its backlog was delivered"
     assert observed["readyz_after"][0] == 200, observed["readyz_after"]  # type: ignore[index]

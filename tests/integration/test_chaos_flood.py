@@ -50,6 +50,7 @@ BROKER_CONF = "max_queued_messages 0\nmax_queued_bytes 0\n"
 VALID_MACHINES = ("v01", "v02", "v03")
 VALID_PER_MACHINE = 200
 ALERT_MACHINE = "hot1"
+REASON_FIELD = "decode_errors_reason_"  # the heartbeat field of decode.errors{reason=...}, before the reason
 ALERT_NORMAL, ALERT_HOT = 60, 40  # readings at 1 s intervals (device time): normal, then hot
 
 
@@ -249,7 +250,7 @@ def test_a_hostile_flood_is_dead_lettered_or_summarised_exactly_and_valid_readin
         # its count stopped moving for 20 s: the accounting below then says which).
         last, since = -1.0, time.monotonic()
         while time.monotonic() - since < 20:
-            taken = chaos.counter(observer.heartbeat.get("counters", {}), "ingest.messages")
+            taken = chaos.counter(observer.heartbeat.get("fields", {}), "ingest.messages")
             if taken >= total:
                 break
             if taken != last:
@@ -264,7 +265,7 @@ def test_a_hostile_flood_is_dead_lettered_or_summarised_exactly_and_valid_readin
         stop_ns = time.time_ns()
         assert rig.stop_agent() == 0
         observer.wait(lambda r: int(r.heartbeat.get("time_ns", 0)) >= stop_ns, 30)
-        counters = dict(observer.heartbeat.get("counters", {}))
+        counters = dict(observer.heartbeat.get("fields", {}))
         # The final summary goes out at stop, with the final heartbeat; both are confirmed before the agent exits.
         with observer._cond:
             deadletters = list(observer.deadletters)
@@ -280,8 +281,8 @@ def test_a_hostile_flood_is_dead_lettered_or_summarised_exactly_and_valid_readin
         summarised.update(s["counts"])
         assert s["total"] == sum(s["counts"].values())
     reported = one_by_one + summarised
-    errors = {
-        key.split("reason=")[1].rstrip("}"): int(v) for key, v in counters.items() if key.startswith("decode.errors{")
+    errors = {  # the heartbeat's decode_errors_reason_{code} fields
+        key.removeprefix(REASON_FIELD): int(v) for key, v in counters.items() if key.startswith(REASON_FIELD)
     }
     bad_published = {reason: n for reason, n in published.items() if reason not in ("valid", "alert_machine")}
     hb_during = [a for a, t in heartbeats if flood_start_ns <= t <= flood_end_ns]
@@ -304,7 +305,7 @@ def test_a_hostile_flood_is_dead_lettered_or_summarised_exactly_and_valid_readin
         f"{max(gaps, default=0):.2f} s"
         f"\n  agent peak RSS (with the writer process): {rss_before:.0f} MB before the flood, {rss_peak:.0f} MB peak"
         f"\n  outbound counters: "
-        f"{ {k: v for k, v in counters.items() if k.startswith(('mqtt.outbound', 'mqtt.deadletter', 'mqtt.publish'))} }"
+        f"{ {k: v for k, v in counters.items() if k.startswith(('mqtt_outbound', 'mqtt_deadletter', 'mqtt_publish'))} }"
     )
 
     # Every valid reading exactly once.

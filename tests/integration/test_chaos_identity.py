@@ -109,7 +109,7 @@ def test_readings_without_a_timestamp_are_stored_once_across_five_agent_kills(tm
             time.sleep(4.0)  # a backlog builds up at the broker: thousands of messages to drain at once
             rig.start_agent()
             time.sleep(delay)
-            counters = rig.recorder.heartbeat.get("counters", {})
+            counters = rig.recorder.heartbeat.get("fields", {})
             restored += chaos.counter(counters, "ingest.arrival_restored")
             redelivered += chaos.counter(counters, "ingest.redelivered")
         time.sleep(2.0)
@@ -118,7 +118,7 @@ def test_readings_without_a_timestamp_are_stored_once_across_five_agent_kills(tm
         stored_all = rig.wait_stored(published, timeout_s=180)
         readings = rig.influx.readings()
         assert rig.stop_agent() == 0
-        counters = rig.recorder.heartbeat.get("counters", {})
+        counters = rig.recorder.heartbeat.get("fields", {})
 
     per_seq = Counter((p["machine"], int(p["seq"])) for p in readings)
     expected = {(m, seq) for m in MACHINES for seq in range(publisher.sent[m])}

@@ -327,10 +327,10 @@ def test_a_built_agent_is_ready_when_started_and_its_self_metrics_reach_influxdb
             assert late.pop("retained") is True
             heartbeat.pop("retained")
             assert late == heartbeat
-            assert (heartbeat["v"], heartbeat["agent_id"]) == (1, config.agent.id)
-            counters = heartbeat["counters"]
-            assert counters["mqtt.connects"] == 1 and counters["mqtt.connected"] == 1
-            assert "spool.oldest_age_s" in counters and "storage.write_seconds.p99" in counters
+            assert (heartbeat["v"], heartbeat["agent_id"]) == (2, config.agent.id)
+            fields = heartbeat["fields"]
+            assert fields["mqtt_connects"] == 1 and fields["mqtt_connected"] == 1
+            assert "spool_oldest_age_s" in fields and "storage_write_seconds_p99" in fields
             assert agent.writer.flush(TIMEOUT_S)
             points = sink.query("SELECT * FROM agent")
             assert points and len(points[0]["values"]) == 2  # this test's point and the heartbeat's

@@ -12,7 +12,7 @@ import pytest
 
 from agent.alerts.commands import sign_command
 from agent.alerts.payload import machine_state_payload
-from agent.health.selfmetrics import agent_fields
+from agent.health.selfmetrics import agent_fields, series_field
 from agent.metrics import Metrics
 from agent.topics import Topics
 
@@ -76,19 +76,32 @@ def test_heartbeat_payload_names_every_metric_as_the_schema_says() -> None:
     metrics = Metrics()
     metrics.inc("decode.errors", reason="json")
     metrics.observe("inference.seconds", 0.002, model="vibration-anomaly")
-    counters = {**metrics.snapshot(), "spool.depth": 0}
-    body = {
-        "v": 1,
-        "agent_id": "edge-01",
-        "time_ns": T,
-        "counters": counters,
-        "fields": agent_fields(metrics.collect()),
-    }
+    body = json.loads(Topics("edge-01").heartbeat_payload(agent_fields(metrics.collect()), T))
     assert valid("heartbeat", body)
-    assert "inference.seconds.p99{model=vibration-anomaly}" in body["counters"]
+    assert body["v"] == 2 and "counters" not in body  # version 2: the labelled keys are gone
     assert body["fields"]["decode_errors"] == body["fields"]["decode_errors_reason_json"] == 1  # flat, and the total
-    assert not valid("heartbeat", {**body, "counters": {"Bad Name": 1}})
+    assert "inference_seconds_p99_model_vibration_anomaly" in body["fields"]
     assert not valid("heartbeat", {**body, "fields": {"decode.errors{reason=json}": 1}})
+    assert not valid("heartbeat", {**body, "counters": {"decode.errors": 1}})  # a version 1 body is not a 2
+    assert not valid("heartbeat", {**body, "v": 1})
+
+
+def test_every_key_of_heartbeat_version_1_has_its_value_in_version_2_fields() -> None:
+    """The migration note's promise: ``series_field`` finds each v1 ``counters`` value among the v2 fields
+    (labelled and unlabelled counters, several labels, gauges, histogram quantiles)."""
+    metrics = Metrics()
+    metrics.inc("decode.errors", reason="json")
+    metrics.inc("decode.errors", 2, reason="bad_topic")
+    metrics.inc("alerts.suppressed", reason="cooldown", alert_type="vibration_anomaly")
+    metrics.inc("ingest.messages", 5)
+    metrics.set("spool.depth", 7)
+    metrics.observe("inference.seconds", 0.002, model="vibration-anomaly")
+    version_1 = metrics.snapshot()  # what version 1 published as counters
+    fields = agent_fields(metrics.collect())
+    assert len(version_1) >= 6
+    for key, value in version_1.items():
+        assert fields[series_field(key)] == value, key
+    assert fields[series_field("decode.errors")] == 3  # a v1 consumer summing over labels reads the total
 
 
 @pytest.mark.parametrize(
