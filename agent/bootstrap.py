@@ -60,7 +60,7 @@ from agent.runtime.alerting import AlertOutput
 from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
-from agent.runtime.inspection import ImageClassifier, InspectionStage
+from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog
 from agent.spool.arrivals import ArrivalLog
@@ -178,15 +178,6 @@ def build_image_store(config: Config, metrics: Metrics) -> ImageStore | None:
     return ImageStore(root, cam.store.max_bytes, cam.store.max_age_s, metrics)
 
 
-def image_url_base(config: Config) -> str:
-    """Where alerts say the agent serves its images: ``camera.public_url``, else the health endpoint."""
-    if config.camera.public_url:
-        return config.camera.public_url.rstrip("/")
-    host = config.health.host
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{config.health.port}"
-
-
 def build_adaptation(config: Config, metrics: Metrics) -> tuple[AdapterStore | None, AutoAdapter | None]:
     """The per-machine adapter store and, with ``adaptation.auto``, the trainer that fills it."""
     a = config.adaptation
@@ -245,12 +236,12 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
     cam = config.camera
     inspection = None
     if cam.enabled:
-        base = image_url_base(config)
+        host = f"[{config.health.host}]" if ":" in config.health.host else config.health.host
         inspection = InspectionStage(
             models.images,
             alert_type=cam.alert_type,
             min_confidence=cam.min_confidence,
-            image_url=lambda sha256: f"{base}/images/{sha256}",
+            image_url=ImageLinks(cam.public_url, f"http://{host}:{config.health.port}"),
             defect_classes=cam.defect_classes,
         )
     return Stages(
@@ -565,6 +556,8 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         liveness={"ingest": ingest.is_alive, "scoring": scoring.is_alive, "writer": lambda: writer.alive},
         images=images,
     )
+    if stages.inspection is not None and isinstance(stages.inspection.image_url, ImageLinks):
+        stages.inspection.image_url.server = health  # its bound port, known at start
     return Agent(
         config=config,
         metrics=metrics,

@@ -37,6 +37,25 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(parts) == len(levels)
 
 
+def covers(wide: str, narrow: str) -> bool:
+    """Whether filter ``wide`` matches every topic that filter ``narrow`` matches.
+
+    >>> covers("factory/#", "factory/+/+/+/camera"), covers("factory/+/+/+/+", "factory/+/+/+/camera")
+    (True, True)
+    >>> covers("factory/+/+/+/camera", "factory/#"), covers("a/b", "a/+")
+    (False, False)
+    """
+    wide_levels, narrow_levels = wide.split("/"), narrow.split("/")
+    for index, level in enumerate(wide_levels):
+        if level == "#":
+            return True
+        if index >= len(narrow_levels) or narrow_levels[index] == "#":
+            return False
+        if level != "+" and level != narrow_levels[index]:
+            return False
+    return len(wide_levels) == len(narrow_levels)
+
+
 class Routes:
     """A decoder made of decoders, each for the topics of its own subscriptions (see the module docstring).
 
@@ -51,10 +70,13 @@ class Routes:
         self._cache: dict[str, Decoder] = {}  # topics repeat with every message of a source
 
     def subscriptions(self) -> tuple[str, ...]:
-        out: list[str] = []
+        """Every route's filters, less those another one covers: a broker delivers a message once per
+        matching subscription of a client (Mosquitto does), so ``factory/+/+/+/camera`` beside ``factory/#``
+        would bring every image twice."""
+        unique: list[str] = []
         for filters in self._filters:
-            out.extend(f for f in filters if f not in out)
-        return tuple(out)
+            unique.extend(f for f in filters if f not in unique)
+        return tuple(f for f in unique if not any(g != f and covers(g, f) for g in unique))
 
     def decoder_for(self, topic: str) -> Decoder:
         found = self._cache.get(topic)

@@ -28,6 +28,26 @@ from agent.runtime.worker import to_lines
 logger = logging.getLogger(__name__)
 
 
+class ImageLinks:
+    """Where alerts say the agent serves an image: ``camera.public_url`` when set, else the health endpoint's
+    URL once it is bound (``health.port: 0`` picks a free port at start), else ``fallback``."""
+
+    def __init__(self, public_url: str | None, fallback: str) -> None:
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.fallback = fallback.rstrip("/")
+        self.server: _HasUrl | None = None
+        """Set by the composition root once the health server exists; read on the scoring thread."""
+
+    def __call__(self, sha256: str) -> str:
+        base = self.public_url or (self.server.url if self.server is not None else self.fallback)
+        return f"{base}/images/{sha256}"
+
+
+class _HasUrl(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
 class ImageClassifier(Protocol):
     """What the stage needs of an image model (``agent.inference.image``, kind ``image-classifier``).
 

@@ -129,7 +129,10 @@ def test_camera_template_needs_machine_but_not_sensor() -> None:
 def test_routes_send_camera_topics_to_the_camera_decoder_and_the_rest_to_the_main_one() -> None:
     main = JsonV1Decoder(DecoderContext(TopicTemplate("factory/{site}/{line}/{machine}/{sensor}")))
     routes = Routes([_decoder(), main])
-    assert routes.subscriptions() == ("factory/+/+/+/camera", "factory/#")
+    # One subscription: a broker delivers a message once per matching filter, the camera's is covered.
+    assert routes.subscriptions() == ("factory/#",)
+    exact = JsonV1Decoder(DecoderContext(TopicTemplate("plant/{machine}/{sensor}")))
+    assert Routes([_decoder(), exact]).subscriptions() == ("factory/+/+/+/camera", "plant/#")
     (frame,) = routes.decode(Message(TOPIC, _image(), 1, 1, T0))
     assert isinstance(frame, ImageFrame)
     (reading,) = routes.decode(Message("factory/s1/l1/press-7/process", b'{"v":1,"value":2}', 1, 2, T0))
