@@ -12,11 +12,13 @@ sink (``storage.upstreams``) writes only what its selection names:
 
 Downsampling is exact and deterministic. A series' bucket is emitted once, complete: when a reading of
 that series falls in a later bucket, or when the newest reading time seen (of any series, in spool order)
-has passed the bucket's end by ``grace_s``. A reading for a bucket already emitted is *late*: counted
-(``sink.late_readings``), not written. The open buckets are the selector's ``state``, which the writer saves
-in the same transaction as the sink's cursor (``SinkCursor.advance``), so a restart resumes with exactly the
-aggregates of the rows before the cursor and a redelivered batch carries the same points (the upstream
-overwrites a point with the same series and timestamp: idempotent).
+has passed the bucket's end by ``grace_s``. A series' readings are taken in time order: one not newer than
+the newest of its series (a redelivered message, a reading out of order, one for a bucket already emitted)
+is *late*: counted (``sink.late_readings``), not aggregated, so a redelivery never counts a reading twice.
+The open buckets are the selector's ``state``, which the writer saves in the same transaction as the
+sink's cursor (``SinkCursor.advance``), so a restart resumes with exactly the aggregates of the rows before
+the cursor and a redelivered batch carries the same points (the upstream overwrites a point with the same
+series and timestamp: idempotent).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ MEASUREMENT_KINDS: dict[str, tuple[str, ...]] = {
 Aggregate = Literal["mean", "min", "max", "last"]
 AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 RawSelection = Literal["none", "around_alerts", "all"]
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Downsampler:
         self.late = 0
         """Readings for a bucket already emitted (counted by the writer, then reset)."""
         self._open: dict[tuple[str, ...], _Bucket] = {}
-        self._closed_to: dict[tuple[str, ...], int] = {}
+        self._newest: dict[tuple[str, ...], int] = {}  # per series, the newest reading time taken
         self._watermark_ns: int | None = None
 
     def add_entry(self, body: bytes) -> list[str]:
@@ -155,11 +157,12 @@ class Downsampler:
             keep = [i for i, name in enumerate(names) if name != schema.READING_SEQ_FIELD]
             series = tuple(flat)
             index = time_ns // self.interval_ns
-            bucket = self._open.get(series)
-            closed = self._closed_to.get(series)
-            if (closed is not None and index <= closed) or (bucket is not None and index < bucket.index):
+            newest = self._newest.get(series)
+            if newest is not None and time_ns <= newest:
                 self.late += 1
                 continue
+            self._newest[series] = time_ns
+            bucket = self._open.get(series)
             if bucket is not None and index > bucket.index:
                 out.append(self._emit(series, bucket))
                 bucket = None
@@ -176,7 +179,6 @@ class Downsampler:
 
     def _emit(self, series: tuple[str, ...], bucket: _Bucket) -> str:
         del self._open[series]
-        self._closed_to[series] = bucket.index
         tags = dict(zip(series[::2], series[1::2], strict=True))
         parts: list[str] = []
         for name in sorted(bucket.fields):
@@ -190,7 +192,7 @@ class Downsampler:
     def state(self) -> dict[str, Any]:
         return {
             "open": [[list(s), b.index, b.n, b.fields] for s, b in self._open.items()],
-            "closed": [[list(s), i] for s, i in self._closed_to.items()],
+            "newest": [[list(s), t] for s, t in self._newest.items()],
             "watermark_ns": self._watermark_ns,
         }
 
@@ -199,7 +201,7 @@ class Downsampler:
             tuple(s): _Bucket(int(i), int(n), {k: [float(x) for x in v] for k, v in f.items()})
             for s, i, n, f in state["open"]
         }
-        self._closed_to = {tuple(s): int(i) for s, i in state["closed"]}
+        self._newest = {tuple(s): int(t) for s, t in state["newest"]}
         wm = state["watermark_ns"]
         self._watermark_ns = None if wm is None else int(wm)
 

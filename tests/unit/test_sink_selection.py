@@ -94,12 +94,17 @@ def test_the_same_rows_give_the_same_points_across_any_restart() -> None:
         assert head + _lines(second, entries[cut:]) == reference
 
 
-def test_a_reading_for_a_written_bucket_is_late_counted_and_not_sent() -> None:
+def test_a_reading_not_newer_than_its_series_newest_is_late_counted_and_not_aggregated() -> None:
     selector = RowSelector(Selection(readings_interval_s=60, grace_s=0))
     _lines(selector, [_entry(M1, 0, temp=1.0), _entry(M1, 61, temp=2.0)])
-    assert _lines(selector, [_entry(M1, 30, temp=100.0)]) == []
+    assert _lines(selector, [_entry(M1, 30, temp=100.0)]) == []  # for a bucket already written
     assert selector.take_late() == 1
     assert selector.take_late() == 0
+    # A redelivered message (same time) in the open bucket is not counted twice.
+    _lines(selector, [_entry(M1, 61, temp=2.0), _entry(M1, 62, temp=4.0)])
+    assert selector.take_late() == 1
+    (line,) = _lines(selector, [_entry(M1, 120, temp=0.0)])
+    assert line.endswith(f"temp_mean=3.0,temp_min=2.0,temp_max=4.0,temp_last=4.0,n=2i {T0 + 60 * S}")
 
 
 def test_a_non_finite_reading_is_refused_before_the_state_changes() -> None:
