@@ -12,6 +12,7 @@ model under each strategy, on a synthetic fleet of machines at different speeds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -135,6 +136,19 @@ def poisoning_mod(poisoned: frozenset[int], boost: float = 10.0) -> Mod:
     return mod
 
 
+def relative_shift(model: DefectMlp, reference: DefectMlp) -> float:
+    """``||theta - theta_ref|| / ||theta_ref||`` over the weights and biases: how far ``model`` moved.
+
+    >>> from pdm_tools.fleet_learning.params import init_mlp
+    >>> m = init_mlp(np.zeros(2), np.ones(2), (3,), ("a", "b"), seed=0)
+    >>> relative_shift(m, m)
+    0.0
+    """
+    theta = np.concatenate([p.ravel() for p in reference.weights + reference.biases]).astype(np.float64)
+    other = np.concatenate([p.ravel() for p in model.weights + model.biases]).astype(np.float64)
+    return float(np.linalg.norm(other - theta) / np.linalg.norm(theta))
+
+
 def robustness(
     fleet: Fleet, config: FederationConfig, strategies: Sequence[str] = ("fedavg", "trimmed", "krum")
 ) -> dict[str, Any]:
@@ -144,14 +158,12 @@ def robustness(
     x_held, y_held = fleet.held_out()
     out: dict[str, Any] = {"clients": len(fleet.clients), "poisoned_clients": 1, "rounds": config.rounds}
     for name in strategies:
-        run = FederationConfig(**{**config.__dict__, "strategy": name})
+        run = dataclasses.replace(config, strategy=name)
         clean = simulate(fleet, run).model
         poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({0}))]).model
         assert clean is not None and poisoned is not None
-        theta = np.concatenate([w.ravel() for w in clean.weights + clean.biases])
-        theta_p = np.concatenate([w.ravel() for w in poisoned.weights + poisoned.biases])
         out[name] = {
-            "relative_shift": round(float(np.linalg.norm(theta_p - theta) / np.linalg.norm(theta)), 4),
+            "relative_shift": round(relative_shift(poisoned, clean), 4),
             "macro_f1_clean": scores(y_held, clean.predict(x_held), k)["macro_f1"],
             "macro_f1_poisoned": scores(y_held, poisoned.predict(x_held), k)["macro_f1"],
         }

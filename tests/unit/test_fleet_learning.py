@@ -17,13 +17,14 @@ from pdm_tools.fleet_learning.data import (
     synthetic_fleet,
 )
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
+from pdm_tools.models.defect_mlp import DefectMlp
 
 
-def _model(n_features: int = 8, seed: int = 0):  # type: ignore[no-untyped-def]
+def _model(n_features: int = 8, seed: int = 0) -> DefectMlp:
     return init_mlp(np.zeros(n_features), np.ones(n_features), (16, 8), CLASS_NAMES, seed)
 
 
-def _loss(model, x: np.ndarray, y: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+def _loss(model: DefectMlp, x: np.ndarray, y: np.ndarray) -> float:
     p = model.predict_proba(x)
     return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))))
 
