@@ -1,4 +1,4 @@
-"""``pdm-agent evaluate {skab,cwru}``: each dataset's protocol lives in its own module."""
+"""``pdm-agent evaluate {skab,cwru,neu}``: each dataset's protocol lives in its own module."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pdm_tools.evaluation import cwru, skab
+    from pdm_tools.evaluation import cwru, neu, skab
 
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     skab_parser = sub.add_parser(
@@ -25,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cwru.add_arguments(cwru_parser)
     cwru_parser.set_defaults(evaluate=cwru.main)
+    neu_parser = sub.add_parser(
+        "neu",
+        help="NEU surface defect images: the shipped image model, FP32 vs INT8, latency",
+        description=neu.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    neu.add_arguments(neu_parser)
+    neu_parser.set_defaults(evaluate=neu.main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,9 +7,11 @@ window is nine shifted views concatenated on the channel axis); the backward pas
 gradients back with the same nine shifts. ``tests/unit/test_image_model_cnn.py`` checks the gradients
 against finite differences and the ONNX export against the numpy forward pass.
 
-Architecture (``Cnn``): ``blocks`` x [conv 3x3 (same padding) -> ReLU -> max-pool 2x2], global average
-pool, dense, softmax. Exported graph: input ``image`` float32 ``(N, 1, S, S)`` (NCHW), output ``probs``
-float32 ``(N, C)``, as ``agent.inference.image`` serves it.
+Architecture (``Cnn``): ``blocks`` x [conv 3x3 (same padding) -> batch norm -> ReLU -> max-pool 2x2],
+global average pool, dense, softmax. Batch norm makes a net this small train in a few dozen epochs; at
+export it is folded into the convolution's weights and bias (inference uses the running statistics), so
+the graph has no BatchNormalization node. Exported graph: input ``image`` float32 ``(N, 1, S, S)``
+(NCHW), output ``probs`` float32 ``(N, C)``, as ``agent.inference.image`` serves it.
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+_BN_EPS = 1e-5
+_MOMENTUM = 0.1  # weight of the newest batch in the running batch-norm statistics
 Params = dict[str, np.ndarray]
 
 
 @dataclass
 class Cnn:
-    """Weights of the network: ``w{i}`` ``(9 * C_in, C_out)`` rows in (ky, kx, c) order, ``b{i}``, ``wd``, ``bd``."""
+    """Weights: ``w{i}`` ``(9 * C_in, C_out)`` rows in (ky, kx, c) order, batch-norm scale ``g{i}`` and shift
+    ``b{i}``, dense ``wd``, ``bd``; ``stats``: the batch norms' running ``mean{i}``/``var{i}`` (not trained)."""
 
     channels: tuple[int, ...]
     n_classes: int
     params: Params = field(default_factory=dict)
+    stats: Params = field(default_factory=dict)
 
     @classmethod
     def init(cls, channels: Sequence[int], n_classes: int, seed: int) -> Cnn:
@@ -41,22 +47,29 @@ class Cnn:
         c_in = 1
         for i, c_out in enumerate(channels):
             params[f"w{i}"] = (rng.standard_normal((9 * c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32)
+            params[f"g{i}"] = np.ones(c_out, dtype=np.float32)
             params[f"b{i}"] = np.zeros(c_out, dtype=np.float32)
             c_in = c_out
         params["wd"] = (rng.standard_normal((c_in, n_classes)) * np.sqrt(1.0 / c_in)).astype(np.float32)
         params["bd"] = np.zeros(n_classes, dtype=np.float32)
-        return cls(tuple(channels), n_classes, params)
+        stats = {
+            f"{k}{i}": np.full(c, v, np.float32) for i, c in enumerate(channels) for k, v in (("mean", 0), ("var", 1))
+        }
+        return cls(tuple(channels), n_classes, params, stats)
 
     @property
     def parameter_count(self) -> int:
         return sum(int(p.size) for p in self.params.values())
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """float32 ``(N, 1, S, S)`` -> logits ``(N, C)`` (no cache: inference)."""
+        """float32 ``(N, 1, S, S)`` -> logits ``(N, C)`` (inference: batch norm with the running statistics)."""
         return self._forward(x, None)
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray, weight_decay: float = 0.0) -> tuple[float, Params]:
-        """Mean cross-entropy of ``(N, 1, S, S)`` images with int labels ``y`` and its gradient per parameter."""
+        """Mean cross-entropy of ``(N, 1, S, S)`` images with int labels ``y`` and its gradient per parameter.
+
+        Training mode: batch norm uses the batch's statistics and updates the running ones in ``stats``.
+        """
         cache: list[tuple[np.ndarray, ...]] = []
         z = self._forward(x, cache)
         z = z - z.max(axis=1, keepdims=True)
@@ -75,17 +88,19 @@ class Cnn:
         (h,) = cache.pop()
         dh = np.broadcast_to(dpool[:, None, None, :] / (h.shape[1] * h.shape[2]), h.shape).astype(np.float32)
         for i in reversed(range(len(self.channels))):
-            cols, pre, act, shape = cache.pop()
+            cols, xhat, inv_std, act, shape = cache.pop()
             dact = _maxpool_backward(act, dh)
-            dpre = dact * (pre > 0)
-            d2 = dpre.reshape(-1, dpre.shape[-1])
+            dy = (dact * (act > 0)).reshape(-1, act.shape[-1])
+            grads[f"g{i}"] = (dy * xhat).sum(axis=0)
+            grads[f"b{i}"] = dy.sum(axis=0)
+            dxhat = dy * self.params[f"g{i}"]
+            d2 = inv_std * (dxhat - dxhat.mean(axis=0) - xhat * (dxhat * xhat).mean(axis=0))
             grads[f"w{i}"] = cols.T @ d2
-            grads[f"b{i}"] = d2.sum(axis=0)
             if i > 0:
                 dh = _col2im(d2 @ self.params[f"w{i}"].T, tuple(int(s) for s in shape))
         if weight_decay:
             for k in self.params:
-                if k.startswith("w"):
+                if k.startswith("w"):  # conv and dense weights; not the batch norms' scale and shift
                     loss += 0.5 * weight_decay * float((self.params[k] ** 2).sum())
                     grads[k] = grads[k] + weight_decay * self.params[k]
         return loss, {k: g.astype(np.float32, copy=False) for k, g in grads.items()}
@@ -96,10 +111,18 @@ class Cnn:
         h = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)  # NHWC
         for i in range(len(self.channels)):
             cols = _im2col(h)
-            pre = (cols @ self.params[f"w{i}"] + self.params[f"b{i}"]).reshape(*h.shape[:3], -1)
-            act = np.maximum(pre, 0)
+            z = cols @ self.params[f"w{i}"]
+            if cache is None:
+                mean, var = self.stats[f"mean{i}"], self.stats[f"var{i}"]
+            else:
+                mean, var = z.mean(axis=0), z.var(axis=0)
+                self.stats[f"mean{i}"] = (1 - _MOMENTUM) * self.stats[f"mean{i}"] + _MOMENTUM * mean
+                self.stats[f"var{i}"] = (1 - _MOMENTUM) * self.stats[f"var{i}"] + _MOMENTUM * var
+            inv_std = 1.0 / np.sqrt(var + _BN_EPS)
+            xhat = (z - mean) * inv_std
+            act = np.maximum(xhat * self.params[f"g{i}"] + self.params[f"b{i}"], 0).reshape(*h.shape[:3], -1)
             if cache is not None:
-                cache.append((cols, pre, act, np.array(h.shape)))
+                cache.append((cols, xhat, inv_std, act, np.array(h.shape)))
             h = _maxpool(act)
         if cache is not None:
             cache.append((h,))
@@ -115,10 +138,15 @@ class Cnn:
         nodes = []
         prev, c_in = "image", 1
         for i, c_out in enumerate(self.channels):
-            w = self.params[f"w{i}"].reshape(3, 3, c_in, c_out).transpose(3, 2, 0, 1)
+            # Batch norm folded: y = g * (w.x - mean) / std + b = (w * g / std).x + (b - mean * g / std)
+            scale = self.params[f"g{i}"].astype(np.float64) / np.sqrt(
+                self.stats[f"var{i}"].astype(np.float64) + _BN_EPS
+            )
+            w = (self.params[f"w{i}"] * scale).reshape(3, 3, c_in, c_out).transpose(3, 2, 0, 1)
+            bias = self.params[f"b{i}"] - self.stats[f"mean{i}"] * scale
             inits += [
                 numpy_helper.from_array(np.ascontiguousarray(w, dtype=np.float32), f"conv{i}.weight"),
-                numpy_helper.from_array(self.params[f"b{i}"].astype(np.float32), f"conv{i}.bias"),
+                numpy_helper.from_array(bias.astype(np.float32), f"conv{i}.bias"),
             ]
             nodes += [
                 helper.make_node(

@@ -83,10 +83,11 @@ class QuantizeConfig:
 
 
 class RowsReader(CalibrationDataReader):
-    """Feeds calibration feature rows (float32 ``(n, F)``) to the calibrator."""
+    """Feeds calibration rows (float32 ``(n, F)``, or ``(n, 1, S, S)`` images) to the calibrator."""
 
-    def __init__(self, rows: np.ndarray, batch_size: int | None = None) -> None:
+    def __init__(self, rows: np.ndarray, batch_size: int | None = None, input_name: str = INPUT_NAME) -> None:
         self._rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self._input = input_name
         # One batch by default: the percentile calibrator stacks batches and needs them all the same size.
         self._batch_size = batch_size or max(1, len(self._rows))
         self._it: Iterator[dict[str, np.ndarray]] = iter(())
@@ -97,7 +98,7 @@ class RowsReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter(
-            {INPUT_NAME: self._rows[i : i + self._batch_size]} for i in range(0, len(self._rows), self._batch_size)
+            {self._input: self._rows[i : i + self._batch_size]} for i in range(0, len(self._rows), self._batch_size)
         )
 
 
@@ -116,12 +117,21 @@ def quantize_classifier(
 
 
 def quantize_static_qdq(
-    fp32_path: Path, int8_path: Path, calibration_rows: np.ndarray, config: QuantizeConfig, excluded: list[str]
+    fp32_path: Path,
+    int8_path: Path,
+    calibration_rows: np.ndarray,
+    config: QuantizeConfig,
+    excluded: list[str],
+    input_name: str = INPUT_NAME,
 ) -> dict[str, Any]:
-    """Static QDQ quantization of any of our graphs, ``excluded`` nodes kept in float; returns the recipe."""
+    """Static QDQ quantization of any of our graphs, ``excluded`` nodes kept in float; returns the recipe.
+
+    ``calibration_rows``: what the graph's input ``input_name`` takes, batched on the first axis
+    (feature rows ``(n, F)``, or images ``(n, 1, S, S)`` for the image classifier).
+    """
     rows = np.ascontiguousarray(calibration_rows, dtype=np.float32)
-    if rows.ndim != 2 or len(rows) == 0:
-        raise ValueError(f"calibration rows must be a non-empty (n, F) array, got {rows.shape}")
+    if rows.ndim < 2 or len(rows) == 0:
+        raise ValueError(f"calibration rows must be a non-empty (n, ...) array, got {rows.shape}")
     extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
     if config.calibration == "percentile":
         extra["CalibPercentile"] = config.percentile
@@ -134,7 +144,7 @@ def quantize_static_qdq(
         quantize_static(
             str(fp32_path),
             str(int8_path),
-            RowsReader(rows),
+            RowsReader(rows, input_name=input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,

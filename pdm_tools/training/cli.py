@@ -2,9 +2,13 @@
 
 ``pdm-agent train`` writes both models into ``models/`` (about a minute on 2 cores);
 ``pdm-agent train --quick --out DIR`` is the tiny run the tests use.
+``pdm-agent train --model surface-defect --data DIR`` builds the camera image classifier from the NEU images
+(``pdm_tools.images.build``, a few minutes on one thread); ``--model all`` builds it too when the images are
+there and keeps the shipped ``models/surface_defect`` otherwise.
 
 Exit status: 0 every model asked for was built; 2 a usage error (bad options, ``--quick`` with the defect
-classifier only, or ``--model defect-classifier`` without the CWRU data).
+classifier only, or ``--model defect-classifier`` without the CWRU data, or ``--model surface-defect`` without
+the NEU images).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ MODELS: dict[str, tuple[str, Callable[[DataPlan], Dataset]]] = {
     "process-anomaly": ("process_anomaly", process_dataset),
 }
 DEFECT_MODEL = "defect-classifier"
+IMAGE_MODEL = "surface-defect"
 DEFAULT_SEED = 42
 DEFAULT_VERSION = "1.0.0"
 QUICK_AUTOENCODER = AutoencoderConfig(max_epochs=30, patience=5)
@@ -65,9 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny data and few epochs (tests; not for shipping)")
     parser.add_argument(
         "--model",
-        choices=["all", *MODELS, DEFECT_MODEL],
+        choices=["all", *MODELS, DEFECT_MODEL, IMAGE_MODEL],
         default="all",
-        help="which model to build (default all; the defect classifier needs the CWRU data, see --cwru-data)",
+        help="which model to build (default all; the defect classifier needs the CWRU data, see --cwru-data; "
+        "the surface-defect image classifier the NEU images, see --data)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="NEU images for the surface-defect classifier (default $PDM_DATASETS/neu or ../shared/datasets/neu); "
+        "with --model all and no images there, the shipped model is kept and a line says so",
     )
     parser.add_argument(
         "--cwru-data",
@@ -98,6 +111,12 @@ def main(args: argparse.Namespace) -> int:
     if args.minutes <= 0 or args.process_minutes <= 0:
         print("pdm-agent train: error: --minutes and --process-minutes must be > 0", file=sys.stderr)
         return 2
+    if args.quick and args.model == IMAGE_MODEL:
+        print(
+            "pdm-agent train: error: --quick builds the anomaly models only; drop it for --model surface-defect",
+            file=sys.stderr,
+        )
+        return 2
     if args.quick and args.model == DEFECT_MODEL:
         # --quick trains on a few seconds of simulated data; the classifier trains on the CWRU recordings
         print(
@@ -114,18 +133,21 @@ def main(args: argparse.Namespace) -> int:
     command = _command(args)
     built: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    if args.model in ("all", DEFECT_MODEL):
+    # The models trained from a public dataset: skipped under --quick, and under "all" without their data.
+    for name, train_it in ((DEFECT_MODEL, _train_defect_classifier), (IMAGE_MODEL, _train_image_model)):
+        if args.model not in ("all", name):
+            continue
         if args.quick:
-            skipped[DEFECT_MODEL] = "--quick builds the anomaly models only"
+            skipped[name] = "--quick builds the anomaly models only"
+            continue
+        status, result = train_it(args)
+        if status != 0:
+            return status
+        if isinstance(result, str):
+            skipped[name] = result
         else:
-            status, result = _train_defect_classifier(args)
-            if status != 0:
-                return status
-            if isinstance(result, str):
-                skipped[DEFECT_MODEL] = result
-            else:
-                built.append(result)
-    names = [] if args.model == DEFECT_MODEL else list(MODELS) if args.model == "all" else [args.model]
+            built.append(result)
+    names = [] if args.model in (DEFECT_MODEL, IMAGE_MODEL) else list(MODELS) if args.model == "all" else [args.model]
     for name in names:
         subdir, build = MODELS[name]
         started = time.monotonic()
@@ -202,6 +224,42 @@ def _train_defect_classifier(args: argparse.Namespace) -> tuple[int, dict[str, A
         "cross_load_mean_macro_f1": cross.get("mean_macro_f1"),
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _train_image_model(args: argparse.Namespace) -> tuple[int, dict[str, Any] | str]:
+    """The NEU surface-defect CNN (``pdm_tools.images.build``), into ``--out``/surface_defect:
+    (exit status, what was built or why it was skipped)."""
+    from pdm_tools.datasets.neu import DatasetError, default_data_dir
+    from pdm_tools.images.build import build_surface_defect
+    from pdm_tools.images.train import TrainConfig
+
+    data = Path(args.data if args.data is not None else default_data_dir())
+    if not data.is_dir():
+        if args.model == "all":
+            return 0, f"no NEU images at {data} (pass --data DIR); models/surface_defect is kept as shipped"
+        print(f"pdm-agent train: error: surface-defect: no NEU images at {data} (pass --data DIR)", file=sys.stderr)
+        return 2, "no data"
+    note(f"{IMAGE_MODEL}: decoding the images, training, quantizing and gating")
+    try:
+        summary = build_surface_defect(
+            data,
+            args.out / "surface_defect",
+            TrainConfig(seed=args.seed),
+            version=args.model_version,
+            ship=args.ship,
+            progress=None if args.json else note,
+        )
+    except DatasetError as exc:
+        print(f"pdm-agent train: error: surface-defect: {exc}", file=sys.stderr)
+        return 2, str(exc)
+    if not args.json:
+        test = summary["test"]
+        print(
+            f"{IMAGE_MODEL}: {summary['dir']} ships {summary['shipped']}; test accuracy FP32 "
+            f"{test['fp32']['accuracy']:.4f}, INT8 {test['int8']['accuracy']:.4f} on {test['images']} images "
+            f"({summary['seconds']:.0f} s)"
+        )
+    return 0, summary
 
 
 def _command(args: argparse.Namespace) -> str:

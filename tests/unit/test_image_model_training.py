@@ -1,0 +1,167 @@
+"""The surface-defect training path without the dataset: gradients, export, split, synthetic images, the
+one-command build (train -> ONNX -> INT8 -> gate -> manifest) and ``evaluate neu`` on generated files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.images.codec import decode_image
+from agent.inference.image import OnnxImageClassifier
+from pdm_tools.datasets.neu import CLASS_NAMES, DatasetError, load_images, stratified_split
+from pdm_tools.evaluation import neu as evaluate_neu
+from pdm_tools.evaluation.cli import add_arguments as evaluate_arguments
+from pdm_tools.images import synth
+from pdm_tools.images.build import INT8_FILE, build_surface_defect
+from pdm_tools.images.cnn import Cnn
+from pdm_tools.images.export import FP32_FILE
+from pdm_tools.images.measure import bare_throughput
+from pdm_tools.images.train import TrainConfig, train_surface_cnn
+
+TINY = TrainConfig(size=32, channels=(4, 8), epochs=2, batch_size=16, seed=7)
+
+
+def test_backward_pass_matches_finite_differences_for_every_parameter() -> None:
+    net = Cnn.init((3, 4), 3, seed=0)
+    rng = np.random.default_rng(1)
+    for k in net.params:  # float64 and non-trivial batch-norm parameters, so differences are exact enough
+        net.params[k] = net.params[k].astype(np.float64) + 0.1 * rng.standard_normal(net.params[k].shape)
+    x, y = rng.standard_normal((3, 1, 8, 8)), np.array([0, 2, 1])
+    _, grads = net.loss_and_grads(x, y, weight_decay=1e-2)
+    for name, p in net.params.items():
+        idx = tuple(int(rng.integers(0, s)) for s in p.shape)
+        old = p[idx]
+        p[idx] = old + 1e-5
+        plus, _ = net.loss_and_grads(x, y, 1e-2)
+        p[idx] = old - 1e-5
+        minus, _ = net.loss_and_grads(x, y, 1e-2)
+        p[idx] = old
+        assert (plus - minus) / 2e-5 == pytest.approx(float(grads[name][idx]), rel=1e-3, abs=1e-6), name
+
+
+def test_the_export_folds_batch_norm_and_gives_the_numpy_inference_probabilities(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    net = Cnn.init((4, 8), 3, seed=2)
+    rng = np.random.default_rng(3)
+    net.loss_and_grads(rng.standard_normal((8, 1, 16, 16)), rng.integers(0, 3, 8))  # moves the running statistics
+    x = rng.standard_normal((5, 1, 16, 16)).astype(np.float32)
+    z = net.logits(x)
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(net.to_onnx(16, ("a", "b", "c")).SerializeToString())
+    (probs,) = ort.InferenceSession(str(path)).run(["probs"], {"image": x})
+    assert np.allclose(probs, expected, atol=1e-5)
+    assert not any(n.op_type == "BatchNormalization" for n in net.to_onnx(16, ("a", "b", "c")).graph.node)
+
+
+def test_the_split_is_stratified_disjoint_and_seeded() -> None:
+    labels = np.repeat(np.arange(6), 250)
+    parts = stratified_split(labels, (0.7, 0.15, 0.15), seed=42)
+    assert [len(p) for p in parts] == [1050, 222, 228]
+    assert len(np.unique(np.concatenate(parts))) == 1500
+    for p in parts:
+        counts = np.bincount(labels[p], minlength=6)
+        assert counts.max() - counts.min() <= 1
+    again = stratified_split(labels, (0.7, 0.15, 0.15), seed=42)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_generated_images_are_seeded_and_decode_through_the_agents_codec() -> None:
+    for name in CLASS_NAMES:
+        a, b = synth.generate(name, 5), synth.generate(name, 5)
+        assert a.shape == (synth.SIZE, synth.SIZE) and a.dtype == np.uint8 and np.array_equal(a, b)
+        assert not np.array_equal(a, synth.generate(name, 6))
+        for fmt in ("png", "jpeg"):
+            decoded = decode_image(synth.encode(a, fmt))
+            assert decoded.gray.shape == a.shape and decoded.format == fmt
+    with pytest.raises(ValueError, match="unknown class"):
+        synth.generate("rust", 1)
+
+
+def _neu_folder(root: Path, per_class: int) -> Path:
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    for name in CLASS_NAMES:
+        for n in range(per_class):
+            (folder / f"{name}_{n + 1}.png").write_bytes(synth.encode(synth.generate(name, n)))
+    return root
+
+
+def test_training_is_deterministic_with_a_seed(tmp_path: Path) -> None:
+    images = load_images(_neu_folder(tmp_path, 6))
+    a = train_surface_cnn(images, len(CLASS_NAMES), TINY)
+    b = train_surface_cnn(images, len(CLASS_NAMES), TINY)
+    assert all(np.array_equal(a.net.params[k], b.net.params[k]) for k in a.net.params)
+    assert set(a.test.files).isdisjoint(a.train.files) and set(a.validation.files).isdisjoint(a.train.files)
+
+
+def test_one_command_builds_a_model_folder_the_agent_loads_and_evaluate_neu_scores_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _neu_folder(tmp_path / "neu", 6)
+    out = tmp_path / "surface_defect"
+    summary = build_surface_defect(data, out, TINY)
+    assert (out / FP32_FILE).is_file() and (out / INT8_FILE).is_file() and (out / "MODEL_CARD.md").is_file()
+    model = OnnxImageClassifier.load(out)
+    manifest = model.manifest
+    assert model.classes == CLASS_NAMES and model.input_size == TINY.size
+    assert manifest.file == summary["file"]
+    assert manifest.quantization["gate"]["chosen"] in ("fp32", "int8-static-minmax-channel")
+    assert manifest.quantization["recipe"]["per_channel"] is True
+    assert manifest.quantization["recipe"]["format"] == "QDQ"
+    assert manifest.training["data"]["images"] == {"train": 24, "validation": 6, "test": 6}
+
+    parser = argparse.ArgumentParser()
+    evaluate_arguments(parser)
+    args = parser.parse_args(["neu", "--data", str(data), "--model-dir", str(out), "--json"])
+    assert evaluate_neu.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "macro_f1", "int8_accuracy", "fp32_p50_ms", "int8_p50_ms", "size_bytes", "images"):
+        assert key in result
+    assert result["images"] == 36 and len(result["confusion"]) == len(CLASS_NAMES)
+    assert set(result["fp32_p50_ms"]) == {"batch1", "batch16"}
+
+    rate = bare_throughput(out / manifest.file, [synth.generate("patches", i) for i in range(20)], TINY.size)
+    assert rate["images"] == 20 and rate["images_per_s"] > 0
+
+
+def test_evaluate_neu_without_images_says_so_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    evaluate_arguments(parser)
+    args = parser.parse_args(["neu", "--data", str(tmp_path / "nothing")])
+    assert evaluate_neu.main(args) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_labelled_image_is_named(tmp_path: Path) -> None:
+    folder = _neu_folder(tmp_path, 1) / "images"
+    (folder / "rust_1.png").write_bytes(synth.encode(synth.generate("patches", 0)))
+    with pytest.raises(DatasetError, match=r"rust_1\.png"):
+        load_images(tmp_path)
+    (folder / "rust_1.png").unlink()
+    (folder / "patches_9.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(DatasetError, match=r"patches_9\.png"):
+        load_images(tmp_path)
+
+
+def test_train_surface_defect_without_images_is_a_usage_error_and_all_keeps_the_shipped_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pdm_tools.training import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", "surface-defect", "--data", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert train_cli.main(args) == 2
+    assert "no NEU images" in capsys.readouterr().err
+    args = parser.parse_args(["--model", "all", "--data", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert train_cli._train_image_model(args) == (
+        0,
+        f"no NEU images at {tmp_path / 'none'} (pass --data DIR); models/surface_defect is kept as shipped",
+    )
