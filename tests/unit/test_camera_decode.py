@@ -161,3 +161,31 @@ def test_the_envelope_size_limit_follows_the_image_limit() -> None:
 )
 def test_topic_filter_matching(topic_filter: str, topic: str, matches: bool) -> None:
     assert topic_matches(topic_filter, topic) is matches
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP"])
+def test_mutated_images_decode_or_are_rejected_never_another_exception(fmt: str) -> None:
+    """Bit flips, truncations and spliced bytes over valid images: an ``ImageFrame`` or a ``DecodeError``."""
+    rng = np.random.default_rng(11)
+    valid = _image(fmt, size=(40, 48))
+    decoder = _decoder()
+    codes: set[str] = set()
+    for i in range(300):
+        data = bytearray(valid)
+        kind = i % 3
+        if kind == 0:
+            for pos in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[pos] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:
+            del data[int(rng.integers(1, len(data))) :]
+        else:
+            at = int(rng.integers(0, len(data)))
+            data[at:at] = rng.integers(0, 256, size=int(rng.integers(1, 64)), dtype=np.uint8).tobytes()
+        try:
+            frames = decoder.decode(Message(TOPIC, bytes(data), 1, i, T0))
+        except DecodeError as exc:
+            codes.add(exc.code)
+            assert len(exc.detail) < 400
+            continue
+        assert isinstance(frames[0], ImageFrame) and frames[0].gray.dtype == np.uint8
+    assert codes, "some mutations must be rejected"
