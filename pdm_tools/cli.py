@@ -23,6 +23,12 @@ _SIMULATE = (
     "Publish simulated machines (vibration blocks, temperature, current, pressure) over MQTT, with faults "
     "scheduled by config or --fault, and write the ground truth of the faults.",
 )
+_CAMERA = (
+    "publish camera images (generated, or a NEU-style folder) with their ground truth",
+    "Publish inspection images on factory/{site}/{line}/{machine}/camera (raw bytes, or the JSON envelope "
+    "with --envelope), generated textures of the NEU classes or the files of --images DIR, and write each "
+    "image's true class with --ground-truth.",
+)
 _TRAIN = (
     "build the shipped models (train, export to ONNX, quantize, gate, write manifests)",
     "Train the anomaly models on normal data from the simulator (and the defect classifier on CWRU), export "
@@ -135,6 +141,13 @@ def _add_commands(
     simulate = sub.add_parser("simulate", help=_SIMULATE[0], description=_SIMULATE[1])
     simulator_cli.add_arguments(simulate)
     simulate.set_defaults(func=command(simulator_cli.main, "INFO"))
+    # ``simulate camera``: an inspection camera instead of the machines (its own options).
+    from pdm_tools.simulator import camera as camera_cli
+
+    cameras = simulate.add_subparsers(title="other simulators", dest="simulator", metavar="{camera}")
+    camera = cameras.add_parser("camera", help=_CAMERA[0], description=_CAMERA[1])
+    camera_cli.add_arguments(camera)
+    camera.set_defaults(func=command(camera_cli.main, "INFO"))
 
     train = sub.add_parser("train", help=_TRAIN[0], description=_TRAIN[1])
     training_cli.add_arguments(train)
