@@ -300,7 +300,7 @@ def build_scoring(
         state_store=state_store,
         clock_ns=clock_ns,
         auth=commands_config.command_auth(config.agent.id, clock_ns()),
-        discovery=Discovery(topics, ha.discovery_prefix) if ha.enabled else None,
+        discovery=Discovery(topics, ha.discovery_prefix, ha.scores_interval_s) if ha.enabled else None,
     )
     return ScoringWorker(
         windows=windows if windows is not None else queue.Queue(maxsize=config.queues.windows_max),

@@ -8,6 +8,7 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | ``{base}/heartbeat`` | yes | ``{"v":2,"agent_id","time_ns","fields":{..}}``: the ``agent`` point's fields |
 | ``{base}/alerts/{machine}/{sensor}`` | no, QoS 1 | alert JSON, ``agent/schemas/alert.schema.json`` |
 | ``{base}/state/{machine}`` | yes | ``{"v":1,"machine","state":"ok"|severity,"open_alerts":[..],"silences":[..]}`` |
+| ``{base}/scores/{machine}`` | yes | for Home Assistant: ``{"v":1,"machine","scores":{"{sensor}/{model}":{..}}}`` |
 | ``{base}/commands`` (subscribed) | no | operator commands: ack, silence, unsilence (see ``docs/contracts.md``) |
 | ``{base}/commands/result`` | no | ``{"v":1,"command","by","accepted","detail","time"}`` |
 | ``{base}/deadletter`` | no | ``{"v":1,"topic","code","reason","payload_excerpt","payload_bytes","time"}`` |
@@ -98,6 +99,22 @@ class Topics:
     def state(self, machine: str) -> str:
         """Retained alert state of one machine."""
         return f"{self.base}/state/{_level('machine', machine)}"
+
+    def scores(self, machine: str) -> str:
+        """Retained latest anomaly scores of one machine (published for Home Assistant's score sensors)."""
+        return f"{self.base}/scores/{_level('machine', machine)}"
+
+    def scores_payload(self, machine: str, scores: Mapping[str, Mapping[str, object]], time_ns: int) -> bytes:
+        """The latest score of each sensor and model of ``machine``, keyed ``{sensor}/{model_id}``."""
+        return _dump(
+            {
+                "v": SCHEMA_VERSION,
+                "agent_id": self.agent_id,
+                "machine": machine,
+                "scores": {key: dict(entry) for key, entry in sorted(scores.items())},
+                "time": format_rfc3339(time_ns),
+            }
+        )
 
     @property
     def state_filter(self) -> str:

@@ -77,11 +77,19 @@ class HomeAssistantSection(Section):
     enabled: bool = Field(
         False,
         description="Announce the agent and each machine to Home Assistant by MQTT discovery (retained configs "
-        "under discovery_prefix): a machine becomes a device with its alert state as entities.",
+        "under discovery_prefix): a machine becomes a device with its alert state and anomaly scores as "
+        "entities.",
     )
     discovery_prefix: EnvStr = Field(
         "homeassistant",
         min_length=1,
         pattern=r"^[^+#]+$",
         description="Home Assistant's MQTT discovery prefix (its default is homeassistant).",
+    )
+    scores_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description="Each machine's latest anomaly scores go to Home Assistant (retained on "
+        "pdm/{id}/scores/{machine}, one sensor entity per sensor and model) at most this often, in seconds; "
+        "0 = no score entities.",
     )

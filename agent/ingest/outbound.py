@@ -12,7 +12,8 @@ kind           what                                   when its queue is full
 ``alert``      alert lifecycle messages               the oldest is dropped (counted); bound is large
 ``control``    command replies, retained machine      the oldest is dropped (counted)
                states
-``status``     heartbeat (retained)                   the oldest is dropped (counted)
+``status``     heartbeat, Home Assistant configs      the oldest is dropped (counted)
+               and scores (retained)
 ``deadletter`` rejected input                         never queued beyond it: summarised instead
 =============  =====================================  ===============================================
 

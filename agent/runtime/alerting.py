@@ -81,6 +81,8 @@ class AlertOutput:
     def decide(self, verdict: Verdict, now_ns: int) -> list[str]:
         """Store the score, run the alert engine, publish what it decides; returns the lines to spool."""
         lines = to_lines(score_lines, verdict.score, self._metrics)
+        if self._discovery is not None:  # Home Assistant's score sensors
+            self._publish_retained(self._discovery.on_score(verdict.score, now_ns))
         defect = verdict.defect.as_dict() if verdict.defect is not None else None
         if defect is not None and verdict.evidence is not None:
             # Kept with the verdict the event shows, so that the alert names the image of its class.
@@ -97,6 +99,8 @@ class AlertOutput:
         if now_ns - self._last_tick_ns < TICK_INTERVAL_S * 1e9:
             return []
         self._last_tick_ns = now_ns
+        if self._discovery is not None:  # the last score of a machine that went quiet within the interval
+            self._publish_retained(self._discovery.due(now_ns))
         lines: list[str] = []
         for alert in self.engine.tick(now_ns):
             lines.extend(self.handle(alert))
@@ -179,12 +183,15 @@ class AlertOutput:
         now_ns = self.clock_ns()
         for machine in sorted(changed):
             if self._discovery is not None:
-                for topic, config in self._discovery.for_machine(machine):
-                    self._broker.publish(topic, config, qos=1, retain=True)
+                self._publish_retained(self._discovery.for_machine(machine))
             state = self.engine.machine_state(machine, now_ns)
             payload = machine_state_payload(state, self._topics.agent_id, now_ns)
             self._broker.publish(self._topics.state(machine), payload, qos=1, retain=True)
         changed.clear()
+
+    def _publish_retained(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for topic, payload in messages:
+            self._broker.publish(topic, payload, qos=1, retain=True)
 
     def save_state(self, wait: bool = False) -> None:
         """Save the engine's state if it changed: snapshot here, written (with its fsyncs) by a saver thread,

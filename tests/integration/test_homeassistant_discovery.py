@@ -1,6 +1,8 @@
 """Home Assistant MQTT discovery through a real Mosquitto: with ``homeassistant.enabled`` a running agent
 announces itself and a machine (retained, before the machine's first state), and the machine's entities
-read the state topic the agent then publishes. Without it, nothing is published under the prefix."""
+read the state topic the agent then publishes; each scored sensor's score entity reads the retained scores
+the agent publishes for it (valid against their schema). Without it, nothing is published under the prefix
+and no scores."""
 
 from __future__ import annotations
 
@@ -9,12 +11,17 @@ import time
 import uuid
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.integration.agent_process import TIMEOUT_S, agent_process
 from tests.integration.mqtt_helpers import Subscriber, publish
 
 pytestmark = pytest.mark.integration
+
+SCORES_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).resolve().parents[2] / "agent" / "schemas" / "scores.schema.json").read_text())
+)
 
 
 def _run(mosquitto, tmp_path: Path, enabled: bool) -> tuple[str, str, str]:
@@ -59,8 +66,15 @@ def _retained(mosquitto, topic_filter: str, expected: int) -> list[tuple[str, di
 
 def test_the_agent_and_a_scored_machine_are_announced_retained(mosquitto, tmp_path: Path) -> None:
     prefix, base, machine = _run(mosquitto, tmp_path, enabled=True)
-    configs = dict(_retained(mosquitto, f"{prefix}/#", 6))
-    assert len(configs) == 6, sorted(configs)
+    configs = dict(_retained(mosquitto, f"{prefix}/#", 7))
+    scores = [c for t, c in configs.items() if "_score_" in t]
+    assert len(configs) - len(scores) == 6 and scores, sorted(configs)  # agent 3, machine 3, a score per model
+    [(topic, body)] = _retained(mosquitto, f"{base}/scores/+", 1)
+    assert topic == f"{base}/scores/{machine}" and SCORES_SCHEMA.is_valid(body), body
+    for entity in scores:
+        assert entity["state_topic"] == topic and entity["state_class"] == "measurement"
+        key = entity["value_template"].split('"')[1]  # {{ value_json.scores["{sensor}/{model}"].score }}
+        assert key in body["scores"] and isinstance(body["scores"][key]["score"], float), (key, body)
     problem = next(c for t, c in configs.items() if t.startswith(f"{prefix}/binary_sensor/") and "problem" in t)
     assert problem["state_topic"] == f"{base}/state/{machine}" and problem["availability_topic"] == f"{base}/status"
     online = next(c for t, c in configs.items() if t.endswith("/agent_online/config"))
@@ -72,5 +86,6 @@ def test_the_agent_and_a_scored_machine_are_announced_retained(mosquitto, tmp_pa
 
 
 def test_nothing_is_announced_unless_enabled(mosquitto, tmp_path: Path) -> None:
-    prefix, _, _ = _run(mosquitto, tmp_path, enabled=False)
+    prefix, base, _ = _run(mosquitto, tmp_path, enabled=False)
     assert _retained(mosquitto, f"{prefix}/#", 0) == []
+    assert _retained(mosquitto, f"{base}/scores/+", 0) == []
