@@ -50,6 +50,7 @@ faults:
 """
 # Malformed payloads published before the simulator starts: they must show on the errors panel.
 BAD_PAYLOADS = (b"{not json", b'{"v": 1, "value": "NaN"}')
+CAMERA_IMAGES = 12  # from `pdm-agent simulate camera`, for the inspection panel
 INTERVAL = "5s"  # $__interval: a few points per panel over this short run (the datasource's minimum is 1s)
 # The machine a user opens in the machine detail dashboard: the one with the fault (the saved default is the
 # first machine, whose healthy windows have no defect class, raw vibration or alert to show).
@@ -206,8 +207,22 @@ class Filled:
     time_range: TimeRange
 
 
+def _image_model(workdir: Path) -> Path:
+    """A tiny seeded image classifier of the shipped contract (the inspection panel needs classified images)."""
+    from agent.images.preprocess import ImageSpec
+    from pdm_tools.datasets.neu import CLASS_NAMES
+    from pdm_tools.images.cnn import Cnn
+    from pdm_tools.images.export import write_model_dir
+
+    model_dir = workdir / "surface_defect"
+    net = Cnn.init((4, 8), len(CLASS_NAMES), seed=2)
+    write_model_dir(net.to_onnx(32, CLASS_NAMES), model_dir, ImageSpec(32), CLASS_NAMES)
+    return model_dir
+
+
 def _agent_config(mosquitto: Service, influx: Service, database: str, workdir: Path, agent_id: str):
     data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
+    data["camera"].update(enabled=True, model={"type": "image-classifier", "path": str(_image_model(workdir))})
     data["agent"].update(id=agent_id, heartbeat_s=1)
     data["mqtt"].update(host=mosquitto.host, port=mosquitto.port)
     data["storage"].update(url=influx.url, flush_interval_s=0.2)
@@ -265,7 +280,31 @@ def fill(mosquitto: Service, influx: Service, database: str, workdir: Path) -> F
             timeout=300,
         )
         assert sim.returncode == 0, sim.stderr[-2000:]
-        expected = json.loads(stats_path.read_text())["messages"] + len(BAD_PAYLOADS)
+        camera = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "simulate",
+                "camera",
+                "--host",
+                mosquitto.host,
+                "--port",
+                str(mosquitto.port),
+                "--count",
+                str(CAMERA_IMAGES),
+                "--rate",
+                "50",
+                "--size",
+                "64",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert camera.returncode == 0, camera.stderr[-2000:]
+        expected = json.loads(stats_path.read_text())["messages"] + len(BAD_PAYLOADS) + CAMERA_IMAGES
         deadline = time.monotonic() + 90
         while agent.metrics.get("ingest.messages") < expected or agent.spool.depth() > 0:
             assert time.monotonic() < deadline, f"the agent did not drain: {agent.summary()}"

@@ -57,6 +57,11 @@ SCHEMA: dict[str, Names] = {
         frozenset(SOURCE_TAGS | MODEL_TAGS | {schema.DEFECT_CLASS_TAG}),
         prefixes=(schema.DEFECT_PROBABILITY_PREFIX,),
     ),
+    schema.INSPECTION: Names(
+        frozenset({schema.DEFECT_PROBABILITY_FIELD, schema.IMAGE_SHA256_FIELD, schema.INSPECTION_DEFECT_FIELD}),
+        frozenset(SOURCE_TAGS | MODEL_TAGS | {schema.INSPECTION_CLASS_TAG}),
+        prefixes=(schema.DEFECT_PROBABILITY_PREFIX,),
+    ),
     schema.ALERT: Names(
         frozenset(
             {
