@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-adaptation test test-unit check lint typecheck models bench bench-quant clean
+.PHONY: setup demo demo-adaptation demo-camera test test-unit check lint typecheck models bench bench-quant clean
 
 setup:
 	@scripts/setup.sh
@@ -12,6 +12,9 @@ demo: setup ## run the agent against a local broker and database with the gatewa
 
 demo-adaptation: setup ## a two-pole motor in a four-pole fleet gets its own LoRA adapter on the device (~2 min)
 	$(PY) scripts/demo_adaptation.py
+
+demo-camera: setup ## a camera's surface defect alerted end to end, its image fetched from the agent (~1 min, no dataset)
+	$(PY) scripts/demo_camera.py
 
 test: setup ## unit and integration tests (integration tests start their own Mosquitto and InfluxDB)
 	$(PY) -m pytest -q
