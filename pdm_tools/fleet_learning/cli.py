@@ -1,21 +1,28 @@
 """``pdm-agent fleet …``: federated learning across agents with Flower.
 
 ``fleet evaluate`` runs a federation in Flower's simulation runtime over a dataset split like a fleet and
-compares it with central and local-only training (``pdm_tools.fleet_learning.evaluate``).
+compares it with central and local-only training (``pdm_tools.fleet_learning.evaluate``). ``fleet serve``
+runs the coordinator (Flower's SuperLink) and one federation on it; ``fleet client`` runs an agent's
+SuperNode, whose ClientApp trains on the agent's data folder (``pdm_tools.fleet_learning.deploy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir, load_cwru
-from pdm_tools.fleet_learning.data import ClientDataError, Fleet, cwru_fleet, synthetic_fleet
+from pdm_tools.fleet_learning.data import ClientDataError
+from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError
 
@@ -58,6 +65,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(fleet_main=main_evaluate)
 
+    serve = sub.add_parser(
+        "serve",
+        help="run the coordinator (Flower SuperLink) and one federation on the agents that connect",
+        description="Start Flower's SuperLink, submit the fleet app, wait for the federation to finish, write "
+        "the fleet model (model.npz) and federation.json to --out, stop.",
+    )
+    serve.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9093, help="SuperLink HTTP port (default 9093)")
+    serve.add_argument("--state", type=Path, required=True, help="folder for the SuperLink's database and logs")
+    serve.add_argument("--out", type=Path, required=True, help="folder for model.npz and federation.json")
+    serve.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default fedavg)")
+    serve.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    serve.add_argument(
+        "--min-clients", type=int, default=2, help="clients a round needs; the rest may be offline (default 2)"
+    )
+    serve.add_argument("--local-epochs", type=int, default=LocalTraining.epochs, help="client epochs per round")
+    serve.add_argument(
+        "--round-timeout-s",
+        type=float,
+        default=120.0,
+        help="how long a round waits for clients before aggregating what came (default 120)",
+    )
+    serve.add_argument(
+        "--timeout-s", type=float, default=3600.0, help="give up when the federation has not finished by then"
+    )
+    serve.add_argument("--json", action="store_true", help="print federation.json when done")
+    serve.set_defaults(fleet_main=main_serve)
+
+    client = sub.add_parser(
+        "client",
+        help="join the fleet: an agent's Flower SuperNode, training on its own data folder",
+        description="Run Flower's SuperNode for this agent. Its ClientApp reads only --data (rows.npz) and sends "
+        "model parameters, feature sums and counts; it keeps retrying while the coordinator is unreachable.",
+    )
+    client.add_argument("--superlink", required=True, help="coordinator address host:port")
+    client.add_argument("--data", type=Path, required=True, help="the agent's data folder (rows.npz)")
+    client.add_argument(
+        "--runtime-port", type=int, default=9094, help="local port between the SuperNode and its ClientApp"
+    )
+    client.set_defaults(fleet_main=main_client)
+
 
 def main(args: argparse.Namespace) -> int:
     return int(args.fleet_main(args))
@@ -92,6 +140,97 @@ def main_evaluate(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result, indent=2 if args.json else None, allow_nan=False))
     return 0
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    from pdm_tools.fleet_learning import deploy
+
+    if args.rounds < 1 or args.min_clients < 1 or args.local_epochs < 1:
+        print("fleet serve: --rounds, --min-clients and --local-epochs must be >= 1", file=sys.stderr)
+        return 2
+    state, out = args.state.resolve(), args.out.resolve()
+    result = out / deploy.RESULT_FILE
+    result.unlink(missing_ok=True)
+    log = state / "superlink.log"
+    try:
+        link = deploy.start_superlink(state, args.host, args.port, log)
+    except (OSError, FileNotFoundError) as exc:
+        print(f"fleet serve: {exc}", file=sys.stderr)
+        return 2
+    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    try:
+        deploy.wait_for_port(local, args.port, 60.0, link)
+        run_config = {
+            "strategy": args.strategy,
+            "rounds": args.rounds,
+            "min-clients": args.min_clients,
+            "local-epochs": args.local_epochs,
+            "round-timeout-s": args.round_timeout_s,
+            "out-dir": str(out),
+        }
+        deploy.submit_run(state, f"{local}:{args.port}", run_config, log)
+        print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)
+        deadline = time.monotonic() + args.timeout_s
+        while not result.is_file():
+            if link.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited with {link.returncode} (see {log})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result after {args.timeout_s} s (see {log})")
+            time.sleep(1.0)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"fleet serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        _stop(link)
+    summary = json.loads(result.read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        last = summary["evaluation"].get(str(args.rounds), {})
+        print(f"fleet model in {out}: {args.rounds} rounds, federated evaluation {last}")
+    return 0 if summary["complete"] else 1
+
+
+def main_client(args: argparse.Namespace) -> int:
+    from pdm_tools.fleet_learning import deploy
+    from pdm_tools.fleet_learning.data import load_client_data
+
+    try:
+        data = load_client_data(args.data)  # refuse a bad folder before joining, not in round 1
+    except ClientDataError as exc:
+        print(f"fleet client: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"fleet client: {data.name}, {len(data.y)} training rows, {len(data.y_held)} held out; "
+        f"joining {args.superlink}",
+        file=sys.stderr,
+    )
+    node = subprocess.Popen(
+        deploy.supernode_command(args.superlink, args.data, args.runtime_port), env=deploy.flower_env()
+    )
+    try:
+        return node.wait()
+    except KeyboardInterrupt:
+        _stop(node)
+        return 0
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate ``process`` (its whole process group when it leads one: the SuperLink and the ServerApp it
+    started) and wait; kill it when it does not stop within 10 s."""
+    if process.poll() is not None:
+        return
+    group = os.getpgid(process.pid) == process.pid
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        try:
+            process.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _fleet(args: argparse.Namespace) -> Fleet:

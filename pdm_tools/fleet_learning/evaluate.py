@@ -26,7 +26,7 @@ from flwr.simulation import run_simulation
 
 from pdm_tools.evaluation.classification import scores
 from pdm_tools.fleet_learning.client_app import build_client_app
-from pdm_tools.fleet_learning.data import Fleet
+from pdm_tools.fleet_learning.fleets import Fleet
 from pdm_tools.fleet_learning.server_app import FederationConfig, FederationError, Outcome, build_server_app
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, fit_mlp
 

@@ -72,13 +72,14 @@ class FederationConfig:
 
 @dataclass
 class Outcome:
-    """What a finished federation leaves: the model, per-round payload bytes and federated evaluation, and
-    per client (by node id) the training row count it reported."""
+    """What a finished federation leaves: the model, per-round payload bytes and federated evaluation, per
+    client (by node id) the training row count it reported, and the nodes whose update each round used."""
 
     model: DefectMlp | None = None
     bytes_per_round: dict[int, int] = field(default_factory=dict)
     evaluation: dict[int, dict[str, Any]] = field(default_factory=dict)
     client_rows: dict[int, int] = field(default_factory=dict)
+    participants: dict[int, list[int]] = field(default_factory=dict)
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
     keep_replies: bool = False
 
@@ -121,31 +122,37 @@ def build_server_app(config: FederationConfig, outcome: Outcome) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        counted = CountingGrid(grid, outcome)
-        mean, scale = fleet_standardization(counted, config)
-        model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
-        training = config.training
-        train_config = ConfigRecord(
-            {
-                "local-epochs": training.epochs,
-                "learning-rate": training.learning_rate,
-                "alpha": training.alpha,
-                "batch-size": training.batch_size,
-                "seed": config.seed,
-            }
-        )
-        result = make_strategy(config).start(
-            grid=counted,
-            initial_arrays=to_arrays(model),
-            num_rounds=config.rounds,
-            timeout=config.round_timeout_s,
-            train_config=train_config,
-        )
-        outcome.model = from_arrays(result.arrays, config.class_names)
-        for rnd, metrics in result.evaluate_metrics_clientapp.items():
-            outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
+        federate(grid, config, outcome)
 
     return app
+
+
+def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
+    """The coordinator's work in one run: the fleet's standardization, then ``config.rounds`` rounds of the
+    strategy; fills ``outcome``."""
+    counted = CountingGrid(grid, outcome)
+    mean, scale = fleet_standardization(counted, config)
+    model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
+    training = config.training
+    train_config = ConfigRecord(
+        {
+            "local-epochs": training.epochs,
+            "learning-rate": training.learning_rate,
+            "alpha": training.alpha,
+            "batch-size": training.batch_size,
+            "seed": config.seed,
+        }
+    )
+    result = make_strategy(config).start(
+        grid=counted,
+        initial_arrays=to_arrays(model),
+        num_rounds=config.rounds,
+        timeout=config.round_timeout_s,
+        train_config=train_config,
+    )
+    outcome.model = from_arrays(result.arrays, config.class_names)
+    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+        outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
 
 
 def fleet_standardization(grid: Grid, config: FederationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +225,9 @@ class CountingGrid(Grid):
                 self._outcome.replies.append((reply.metadata.message_type, reply.content))
             metrics = reply.content.metric_records.get("metrics")
             if reply.metadata.message_type == MessageType.TRAIN and metrics is not None:
-                self._outcome.client_rows[reply.metadata.src_node_id] = int(metrics["num-examples"])  # type: ignore[arg-type]
+                node = reply.metadata.src_node_id
+                self._outcome.client_rows[node] = int(metrics["num-examples"])  # type: ignore[arg-type]
+                self._outcome.participants.setdefault(rnd, []).append(node)
         return replies
 
 

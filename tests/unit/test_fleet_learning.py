@@ -14,8 +14,8 @@ from pdm_tools.fleet_learning.data import (
     ClientDataError,
     data_sha256,
     load_client_data,
-    synthetic_fleet,
 )
+from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
 from pdm_tools.models.defect_mlp import DefectMlp
 

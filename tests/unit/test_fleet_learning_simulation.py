@@ -14,8 +14,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from pdm_tools.datasets.cwru import CLASS_NAMES
-from pdm_tools.fleet_learning.data import Fleet, synthetic_fleet
 from pdm_tools.fleet_learning.evaluate import compare, poisoning_mod, relative_shift, simulate
+from pdm_tools.fleet_learning.fleets import Fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
 

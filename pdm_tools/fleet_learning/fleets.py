@@ -1,0 +1,116 @@
+"""The fleets ``fleet evaluate`` builds from a dataset: which client holds which rows.
+
+CWRU: one client per motor load (non-IID: speed and signal differ by load), every recording split by time
+into training and held-out rows. Synthetic: machines at different speeds with Gaussian classes, for tests
+and the robust-aggregation measurement (no dataset needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.features.bearing import BearingFeatureSpec
+from pdm_tools.datasets.cwru import CLASS_NAMES, NORMAL_TRAIN_HOP, Recording, featurize, normal_parts, stack
+from pdm_tools.fleet_learning.data import ClientData, ClientDataError
+from pdm_tools.training.defect_train import HOLDOUT_FRACTION, split_by_time
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Clients of one evaluation, and the rows of a load no client trained on (empty when none left out)."""
+
+    clients: tuple[ClientData, ...]
+    unseen_x: np.ndarray
+    unseen_y: np.ndarray
+    unseen_name: str = ""
+
+    def held_out(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every client's held-out rows, pooled."""
+        return (
+            np.concatenate([c.x_held for c in self.clients]),
+            np.concatenate([c.y_held for c in self.clients]),
+        )
+
+
+def cwru_fleet(
+    recordings: Sequence[Recording], spec: BearingFeatureSpec, clients: int, leave_out_load: int | None = None
+) -> Fleet:
+    """Clients by motor load (non-IID: speed and signal differ by load), each recording split by time.
+
+    With more clients than loads, the recordings of a load are dealt class by class to its clients (so every
+    client holds every class), and the healthy piece standing for the load is split by time between them.
+    CWRU has healthy data at load 0 only: as in ``pdm_tools.evaluation.cwru``, consecutive disjoint parts of
+    it stand for each load. ``leave_out_load``: that load's clients are dropped and all its windows become
+    the unseen rows.
+    """
+    faults = [r for r in recordings if r.kind != "normal"]
+    normals = [r for r in recordings if r.kind == "normal"]
+    loads = sorted({r.load_hp for r in faults})
+    if not normals or not loads:
+        raise ClientDataError("CWRU fleet needs fault recordings and a healthy recording")
+    if leave_out_load is not None and leave_out_load not in loads:
+        raise ClientDataError(f"--leave-out-load {leave_out_load} is not one of the loads {loads}")
+    per_load = max(1, -(-clients // len(loads)))
+    fewest = min(sum(1 for r in faults if r.load_hp == load and r.kind == k) for load in loads for k in CLASS_NAMES[1:])
+    if clients < len(loads) or per_load > fewest:
+        raise ClientDataError(
+            f"--clients {clients}: CWRU gives each motor load ({len(loads)}) one to {fewest} clients "
+            f"({len(loads)}..{fewest * len(loads)})"
+        )
+    healthy = max(normals, key=lambda r: len(r.samples))
+    parts = normal_parts(healthy, len(loads))
+    # Each client's healthy piece is short (CWRU: 5 s for all loads): its held-out tail gets at least five
+    # windows, its head at least three.
+    healthy_tail = spec.window_samples + 4 * NORMAL_TRAIN_HOP
+    if len(parts[0]) // per_load < healthy_tail + spec.window_samples + 2 * NORMAL_TRAIN_HOP:
+        raise ClientDataError(
+            f"--clients {clients}: the healthy recording ({len(healthy.samples)} samples) is too short to give "
+            f"{per_load} clients per load their own training and held-out windows"
+        )
+    out: list[ClientData] = []
+    unseen: list[tuple[np.ndarray, int]] = []
+    for load, part in zip(loads, parts, strict=True):
+        at_load = [r for r in faults if r.load_hp == load]
+        pieces = np.array_split(part, per_load)
+        for j in range(per_load):
+            mine = [
+                r for k in CLASS_NAMES[1:] for i, r in enumerate(x for x in at_load if x.kind == k) if i % per_load == j
+            ]
+            sources = [(r, r.samples, spec.hop_samples) for r in mine] + [(healthy, pieces[j], NORMAL_TRAIN_HOP)]
+            if load == leave_out_load:
+                unseen += [(featurize(spec, r, s, hop), r.label) for r, s, hop in sources]
+                continue
+            train, held = [], []
+            for r, samples, hop in sources:
+                head, tail = split_by_time(samples, max(HOLDOUT_FRACTION, healthy_tail / len(samples)))
+                train.append((featurize(spec, r, head, hop), r.label))
+                held.append((featurize(spec, r, tail, hop), r.label))
+            x, y = stack(train, spec.n_features)
+            xh, yh = stack(held, spec.n_features)
+            out.append(ClientData(f"load{load}-{j}", x, y, xh, yh, CLASS_NAMES))
+    ux, uy = stack(unseen, spec.n_features)
+    return Fleet(tuple(out), ux, uy, f"load {leave_out_load}" if leave_out_load is not None else "")
+
+
+def synthetic_fleet(
+    clients: int, rows: int, seed: int, n_features: int = 8, class_names: Sequence[str] = CLASS_NAMES
+) -> Fleet:
+    """A fleet of machines at different speeds: each class a Gaussian cluster whose centre shifts with the
+    machine's speed (non-IID like CWRU's loads), rows split in time order 85/15. Clients get different row
+    counts (the first ones fewest). For tests and the robust-aggregation measurement; no dataset needed."""
+    rng = np.random.default_rng(seed)
+    k = len(class_names)
+    centres = rng.normal(0.0, 2.0, (k, n_features))
+    speed_axis = rng.normal(0.0, 1.0, n_features)
+    out = []
+    for c in range(clients):
+        speed = 0.6 + 0.8 * c / max(1, clients - 1)  # relative shaft speed of the machine
+        n = max(k * 8, int(rows * (0.4 + 1.2 * c / max(1, clients - 1))))
+        y = rng.integers(0, k, n)
+        x = (centres[y] * speed + speed_axis * speed + rng.normal(0.0, 1.0, (n, n_features))).astype(np.float32)
+        cut_at = round(n * (1 - HOLDOUT_FRACTION))
+        out.append(ClientData(f"machine{c}", x[:cut_at], y[:cut_at], x[cut_at:], y[cut_at:], tuple(class_names)))
+    return Fleet(tuple(out), np.empty((0, n_features), np.float32), np.empty(0, np.int64))
