@@ -165,9 +165,10 @@ class UpstreamSection(SinkConnection):
     )
     url: EnvStr = Field(description="The upstream's base URL (http:// or https://).")
     max_backlog_bytes: int = Field(
-        1024**3,
+        3 * 2**29,
         gt=0,
-        description="Cap of this sink's backlog in bytes (default 1 GiB, below spool.max_bytes): beyond it its "
+        description="Cap of this sink's backlog in bytes (default 1.5 GiB: a day at the demo's rate is 1.35 GB; "
+        "below spool.max_bytes, so that it applies first): beyond it its "
         "oldest rows are passed over, moving only this sink's cursor (counted in sink.backlog_dropped_points, "
         "logged once a minute); the local sink's data is never touched.",
     )
@@ -212,9 +213,9 @@ class StorageSection(SinkConnection):
         names = [u.name for u in self.upstreams]
         for i, name in enumerate(names):
             if name == "local":
-                problems.add(f"upstreams.{i}.name", "local is the name of the storage section's own sink")
+                problems.add(f"upstreams[{i}].name", "local is the name of the storage section's own sink")
             elif name in names[:i]:
-                problems.add(f"upstreams.{i}.name", f"{name!r} is used twice")
+                problems.add(f"upstreams[{i}].name", f"{name!r} is used twice")
         problems.check()
         return self
 
