@@ -60,7 +60,7 @@ from agent.runtime.alerting import AlertOutput
 from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
-from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage
+from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage, PendingImages
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog
 from agent.spool.arrivals import ArrivalLog
@@ -242,6 +242,7 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
             alert_type=cam.alert_type,
             min_confidence=cam.min_confidence,
             image_url=ImageLinks(cam.public_url, f"http://{host}:{config.health.port}"),
+            pending=PendingImages(cam.max_pending_bytes),
             defect_classes=cam.defect_classes,
         )
     return Stages(
@@ -353,6 +354,7 @@ def build_ingest(
         arrivals=arrivals,
         dead_letters=dead_letters,
         images=images,
+        pending_images=stages.inspection.pending if stages.inspection is not None else None,
     )
 
 

@@ -277,7 +277,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     _gauge("images.store_bytes", "Bytes of the image files in the store, counted against camera.store.max_bytes."),
     _gauge("images.store_files", "Images in the image store."),
     _counter("images.scored", "Images classified, by model.", "model"),
-    _counter("images.unscored", "Images not classified, by reason (no_model, bad_input).", "reason"),
+    _counter("images.unscored", "Images not classified, by reason (no_model, bad_input, backlog).", "reason"),
     _counter("images.defects", "Images classified as a defect class with enough confidence, by class.", "class"),
     _counter("images.fetched", "GET /images/{sha256} requests, by result (ok, not_found, bad_request).", "result"),
     _counter("defect.classified", "Anomalous vibration windows given a defect class."),

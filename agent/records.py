@@ -100,7 +100,8 @@ class ImageFrame:
     """One camera image, decoded once at ingest (``agent.images.codec``) and scored whole (no window).
 
     ``gray``: uint8, shape ``(height, width)``, read-only. ``payload``: the bytes as received, which the
-    ingest worker writes to the image store under ``sha256`` (their hex digest) and then no stage keeps.
+    ingest worker writes to the image store under ``sha256`` (their hex digest); the frame it queues for
+    scoring has them emptied (``b""``), its pixels counted against ``camera.max_pending_bytes``.
     ``metadata``: the camera's optional text metadata (JSON envelope), stored beside the reference.
     """
 

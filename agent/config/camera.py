@@ -97,6 +97,12 @@ class CameraSection(Section):
         le=1,
         description="An image is a defect when its top class is a defect class with at least this probability.",
     )
+    max_pending_bytes: int = Field(
+        67_108_864,
+        gt=0,
+        description="Decoded pixels of the images waiting to be classified, at most (bytes; a 200x200 frame is "
+        "40 kB); beyond it an image is stored but not classified (images.unscored, reason backlog).",
+    )
     public_url: EnvStr | None = Field(
         None,
         description="Base URL alerts give for fetching an image (+ /images/{sha256}); null = "

@@ -21,6 +21,7 @@ from agent.logs import RateLimitedLog
 from agent.metrics import Metrics
 from agent.records import Decoded, ImageFrame, Message, Reading, SampleBlock, ScoringItem
 from agent.runtime.defect import ShaftSpeeds
+from agent.runtime.inspection import PendingImages
 from agent.runtime.worker import POLL_S, Broker, DeadLetters, EntryLog, Worker, drain
 from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
 from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
@@ -78,9 +79,11 @@ class IngestWorker(Worker):
         arrivals: ArrivalLog | None = None,
         dead_letters: DeadLetters | None = None,
         images: ImageStore | None = None,
+        pending_images: PendingImages | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
         self._images = images
+        self._pending_images = pending_images
         self._messages = messages
         self._windows = windows
         self._decoder = decoder
@@ -187,6 +190,11 @@ class IngestWorker(Worker):
                     images_n += 1
             for item in items:
                 for queued in for_scoring(item, self._windower, self._baseline):
+                    if isinstance(queued, ImageFrame):
+                        image = self._image_for_scoring(queued)
+                        if image is None:
+                            continue
+                        queued = image
                     wait_s = self._put(queued, wait_s)
         self._metrics.inc("ingest.messages", len(batch))
         if readings_n:
@@ -319,6 +327,14 @@ class IngestWorker(Worker):
         else:
             logger.debug("rejected message on %s: %s (%s)", topic, exc.detail, exc.code)
 
+    def _image_for_scoring(self, frame: ImageFrame) -> ImageFrame | None:
+        """The frame to queue (without its file bytes: they are in the store now), or None when the pixels
+        already waiting for scoring are at their byte bound (counted; the image stays stored and referenced)."""
+        if self._pending_images is not None and not self._pending_images.take(frame.gray.nbytes):
+            self._metrics.inc("images.unscored", reason="backlog")
+            return None
+        return replace(frame, payload=b"")
+
     def _put(self, item: ScoringItem, wait_s: float) -> float:
         """Queue an item for scoring; returns how long the next put of this batch may wait."""
         try:
@@ -328,5 +344,7 @@ class IngestWorker(Worker):
         except queue.Full:
             # Explicit, counted drop: scoring is behind; the readings themselves are stored.
             self._metrics.inc("windows.dropped", reason="queue_full")
+            if isinstance(item, ImageFrame) and self._pending_images is not None:
+                self._pending_images.give_back(item.gray.nbytes)
             logger.warning("scoring queue full; %s of %s dropped", type(item).__name__, item.source)
             return 0.0

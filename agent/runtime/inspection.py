@@ -11,8 +11,9 @@ The alert carries the classifier's verdict and the image's sha256 with the URL t
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -26,6 +27,41 @@ from agent.runtime.batch import Verdict
 from agent.runtime.worker import to_lines
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PENDING_BYTES = 64 * 1024 * 1024
+
+
+class PendingImages:
+    """The decoded pixels of the images queued for scoring, bounded in bytes (``camera.max_pending_bytes``).
+
+    The scoring queue is bounded in items (``queues.windows_max``), and an item can be one 200 × 200 frame
+    (40 kB) or one 4096 × 4096 frame (16 MB): without a byte bound a burst of large images could take
+    gigabytes. The ingest worker ``take``s an image's bytes before queueing it (False: not scored, counted
+    ``images.unscored{reason=backlog}``, still stored and referenced); the scoring worker ``give_back``s them
+    once it has scored it. Both threads: one lock.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"PendingImages: max_bytes must be > 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self._bytes + n > self.max_bytes:
+                return False
+            self._bytes += n
+            return True
+
+    def give_back(self, n: int) -> None:
+        with self._lock:
+            self._bytes = max(0, self._bytes - n)
 
 
 class ImageLinks:
@@ -79,6 +115,7 @@ class InspectionStage:
     min_confidence: float
     image_url: Callable[[str], str]
     defect_classes: tuple[str, ...] = ()
+    pending: PendingImages = field(default_factory=lambda: PendingImages(DEFAULT_PENDING_BYTES))
 
     def __post_init__(self) -> None:
         if self.classifier is not None and self.defect_classes:

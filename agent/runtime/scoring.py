@@ -133,7 +133,11 @@ class ScoringWorker(Worker):
             return []
         lines: list[str] = []
         for start in range(0, len(frames), IMAGE_CHUNK):
-            verdicts, inspected = self._inspection.inspect(frames[start : start + IMAGE_CHUNK], self._metrics)
+            chunk = frames[start : start + IMAGE_CHUNK]
+            try:
+                verdicts, inspected = self._inspection.inspect(chunk, self._metrics)
+            finally:
+                self._inspection.pending.give_back(sum(f.gray.nbytes for f in chunk))
             lines.extend(inspected)
             now_ns = self.alerts.clock_ns()
             for verdict in verdicts:
