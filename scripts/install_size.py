@@ -9,6 +9,9 @@ was installed; pip runs from this interpreter with ``--python``):
 - ``tools``: ``pip install 'WHEEL[tools]'``, plus training, evaluation, simulator and dev services;
 - ``0.1.0``: the runtime dependencies of the previous release (``OLD_RELEASE_DEPENDENCIES``).
 
+Each installation's time is pip's wall time (resolving, downloading unless pip's cache has the files,
+unpacking, compiling ``.pyc``), measured once: a figure of this machine and its network, not a benchmark.
+
 Without ``--wheel`` the wheel is built from this checkout (``tests/wheel_support.py``). Sizes are the
 apparent sizes of the files, in MB of 10^6 bytes, including the ``.pyc`` files pip compiles at install.
 Each file is attributed to the distribution whose RECORD lists it. "via" names the direct dependencies a
@@ -26,6 +29,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -146,16 +150,19 @@ def measure(python: Path, direct: list[str]) -> dict:
 
 def install(label: str, requirements: list[str], direct: list[str], work: Path) -> dict:
     python = wheel_support.create_venv(work / label, with_pip=False)
+    started = time.perf_counter()
     wheel_support.pip_install(python, requirements, use_target_pip=False)
+    seconds = time.perf_counter() - started
     result = measure(python, direct)
-    result.update(label=label, requirements=requirements)
+    result.update(label=label, requirements=requirements, install_s=round(seconds, 1))
     return result
 
 
 def render(result: dict) -> str:
     lines = [
         f"{result['label']}: pip install {' '.join(result['requirements'])}",
-        f"  site-packages: {result['total_bytes'] / MB:.1f} MB, {len(result['dists'])} distributions",
+        f"  site-packages: {result['total_bytes'] / MB:.1f} MB, {len(result['dists'])} distributions, "
+        f"pip install {result['install_s']:.1f} s",
         f"  {'distribution':<28} {'version':<12} {'MB':>7}  via",
     ]
     for d in sorted(result["dists"].values(), key=lambda d: -d["bytes"]):
