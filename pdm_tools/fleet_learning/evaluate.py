@@ -152,19 +152,28 @@ def relative_shift(model: DefectMlp, reference: DefectMlp) -> float:
 def robustness(
     fleet: Fleet, config: FederationConfig, strategies: Sequence[str] = ("fedavg", "trimmed", "krum")
 ) -> dict[str, Any]:
-    """For each strategy: the fleet model with client 0 poisoned vs without, as the relative L2 distance of
-    the parameters and the macro-F1 on every client's held-out rows."""
+    """For each strategy: the fleet model with client 0 poisoned vs without. ``shift_vs_training``: the
+    distance between the two over the distance the clean run's training moved the model from its start
+    (1.0: the poisoned client displaced the model as far as all of training did); ``relative_shift``: the
+    same distance over the clean model's norm; macro-F1 on every client's held-out rows."""
     k = len(config.class_names)
     x_held, y_held = fleet.held_out()
     out: dict[str, Any] = {"clients": len(fleet.clients), "poisoned_clients": 1, "rounds": config.rounds}
     for name in strategies:
         run = dataclasses.replace(config, strategy=name)
-        clean = simulate(fleet, run).model
+        clean_run = simulate(fleet, run)
+        clean, start = clean_run.model, clean_run.initial
         poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({0}))]).model
-        assert clean is not None and poisoned is not None
+        assert clean is not None and poisoned is not None and start is not None
+        moved = relative_shift(clean, start) * _norm(start)
         out[name] = {
+            "shift_vs_training": round(relative_shift(poisoned, clean) * _norm(clean) / moved, 4),
             "relative_shift": round(relative_shift(poisoned, clean), 4),
             "macro_f1_clean": scores(y_held, clean.predict(x_held), k)["macro_f1"],
             "macro_f1_poisoned": scores(y_held, poisoned.predict(x_held), k)["macro_f1"],
         }
     return out
+
+
+def _norm(model: DefectMlp) -> float:
+    return float(np.linalg.norm(np.concatenate([p.ravel() for p in model.weights + model.biases]).astype(np.float64)))

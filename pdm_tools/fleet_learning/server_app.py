@@ -76,6 +76,7 @@ class Outcome:
     client (by node id) the training row count it reported, and the nodes whose update each round used."""
 
     model: DefectMlp | None = None
+    initial: DefectMlp | None = None
     bytes_per_round: dict[int, int] = field(default_factory=dict)
     evaluation: dict[int, dict[str, Any]] = field(default_factory=dict)
     client_rows: dict[int, int] = field(default_factory=dict)
@@ -133,6 +134,7 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
     counted = CountingGrid(grid, outcome)
     mean, scale = fleet_standardization(counted, config)
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
+    outcome.initial = model
     training = config.training
     train_config = ConfigRecord(
         {

@@ -1,0 +1,117 @@
+"""A federation on real processes: ``pdm-agent fleet serve`` (Flower's SuperLink and the ServerApp) and three
+``pdm-agent fleet client`` agents (Flower SuperNodes, each with its own data folder).
+
+One client is killed (its whole process group: SuperNode and ClientApp) as soon as it receives the first
+training message, and started again on the same folder. The federation must not stall on it: the round
+aggregates what came within ``--round-timeout-s`` (``--min-clients 2``), every round completes, and the
+restarted agent (a new SuperNode id) trains in a later round. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdm_tools.fleet_learning.fleets import synthetic_fleet
+from tests.integration.agent_process import closed_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(900)]
+
+WAIT_S = 600.0
+
+
+def _pdm_agent(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one group per agent: killing it kills its SuperNode and ClientApp
+        )
+
+
+def _wait_for_text(log: Path, text: str, *watched: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """Until ``text`` is in ``log``; fails with the log of a watched process that exits first."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if log.is_file() and text in log.read_text(encoding="utf-8", errors="replace"):
+            return
+        for process, its_log in watched:
+            if process.poll() is not None:
+                pytest.fail(f"exited with {process.returncode}:\n{its_log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"no {text!r} in {log}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        process.wait(timeout=60)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_killed_client_does_not_stall_the_federation_and_rejoins(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    fleet = synthetic_fleet(3, 200, seed=2)
+    folders = [client.save(tmp_path / f"agent-{i}") for i, client in enumerate(fleet.clients)]
+    port = closed_port()
+    superlink = f"127.0.0.1:{port}"
+    out = tmp_path / "out"
+    serve_log = tmp_path / "serve.log"
+    serve = _pdm_agent(
+        "fleet", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"),
+        "--out", str(out), "--rounds", "3", "--min-clients", "2", "--round-timeout-s", "60", "--json",
+        log=serve_log,
+    )  # fmt: skip
+    processes.append(serve)
+    logs = [tmp_path / f"agent-{i}.log" for i in range(3)]
+    clients = [
+        _pdm_agent("fleet", "client", "--superlink", superlink, "--data", str(folder),
+                   "--runtime-port", str(closed_port()), log=log)
+        for folder, log in zip(folders, logs, strict=True)
+    ]  # fmt: skip
+    processes.extend(clients)
+
+    # The third agent dies the moment its first training message arrives (mid-round 1) ...
+    _wait_for_text(logs[2], "Receiving: train message", (clients[2], logs[2]), (serve, serve_log))
+    _kill_group(clients[2])
+    # ... and comes back on the same folder: a new SuperNode.
+    rejoined_log = tmp_path / "agent-2-again.log"
+    rejoined = _pdm_agent("fleet", "client", "--superlink", superlink, "--data", str(folders[2]),
+                          "--runtime-port", str(closed_port()), log=rejoined_log)  # fmt: skip
+    processes.append(rejoined)
+
+    assert serve.wait(timeout=WAIT_S) == 0, serve_log.read_text(errors="replace")[-4000:]
+    summary = json.loads((out / "federation.json").read_text(encoding="utf-8"))
+    assert summary["complete"] is True
+    assert sorted(summary["evaluation"]) == ["1", "2", "3"]
+    participants = summary["participants"]
+    assert len(participants["1"]) == 2, "the killed agent's round-1 update cannot be there"
+    later = set(participants["2"]) | set(participants["3"])
+    newcomers = later - set(participants["1"])
+    assert newcomers, f"the restarted agent never trained again: {participants}"
+    assert "Receiving: train message" in rejoined_log.read_text(errors="replace")
+    assert (out / "model.npz").is_file()
