@@ -18,6 +18,7 @@ Concrete plugins are chosen through the registries of ``agent.decode``, ``agent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -32,6 +33,7 @@ from agent.adaptation.lora import LoraConfig
 from agent.adaptation.serving import AdapterStore
 from agent.alerts.engine import AlertEngine
 from agent.alerts.homeassistant import Discovery
+from agent.alerts.rules import RuleBook
 from agent.alerts.store import AlertStateStore
 from agent.commissioning.scorer import CommissioningScorer
 from agent.commissioning.store import BaselineStore
@@ -256,6 +258,17 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
     )
 
 
+def rulebook(config: Config) -> RuleBook:
+    """The alert rules of ``alerts``; with camera images, their alert type without a rule of its own gets the
+    default one without ``no_data`` events: a camera idle between parts is no dropout."""
+    rules = config.alerts.rulebook()
+    cam = config.camera
+    if not cam.enabled or cam.alert_type in rules.by_type:
+        return rules
+    by_type = {**rules.by_type, cam.alert_type: dataclasses.replace(rules.default, no_data_after_s=0.0)}
+    return dataclasses.replace(rules, by_type=by_type)
+
+
 def build_scoring(
     config: Config,
     stages: Stages,
@@ -288,7 +301,7 @@ def build_scoring(
     alerts = AlertOutput(
         engine=engine
         or AlertEngine(
-            config.alerts.rulebook(),
+            rulebook(config),
             metrics=metrics,
             silence_limits=commands_config.silence_limits(),
             offline=offline,

@@ -109,7 +109,9 @@ def test_images_are_inspected_stored_and_a_defect_alerted_with_its_image(
     )
     deadletter = f"pdm/{agent_id}/deadletter"
     alerts = f"pdm/{agent_id}/alerts/cam-1/camera"
-    seen = sub.wait_for(lambda msgs: sum(t == deadletter for t, _ in msgs) >= 3 and any(t == alerts for t, _ in msgs))
+    seen = sub.wait_for(
+        lambda msgs: sum(t == deadletter for t, _ in msgs) >= 3 and any(t == alerts for t, _ in msgs), timeout_s=60
+    )
     codes = sorted(body["code"] for topic, body in seen if topic == deadletter)
     assert codes == ["bad_dimensions", "truncated", "unsupported_format"]
     (alert,) = [body for topic, body in seen if topic == alerts]

@@ -95,3 +95,15 @@ def test_pending_images_are_bounded_in_bytes() -> None:
     assert pending.take(60) and not pending.take(50) and pending.take(40)
     pending.give_back(60)
     assert pending.bytes == 40 and pending.take(60)
+
+
+def test_the_camera_alert_type_raises_no_no_data_events_unless_configured(tmp_path: Path) -> None:
+    from agent.bootstrap import rulebook
+
+    default = rulebook(parse_config({"camera": {"enabled": True}}))
+    assert default.rule("surface-defect").no_data_after_s == 0
+    assert default.rule("vibration-anomaly").no_data_after_s == default.default.no_data_after_s
+    configured = parse_config(
+        {"camera": {"enabled": True}, "alerts": {"types": {"surface-defect": {"no_data_after_s": 300}}}}
+    )
+    assert rulebook(configured).rule("surface-defect").no_data_after_s == 300
