@@ -90,6 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--timeout-s", type=float, default=3600.0, help="give up when the federation has not finished by then"
     )
+    serve.add_argument(
+        "--version",
+        default="",
+        help="also write the fleet model as version VERSION of the defect classifier (ONNX, manifest with the "
+        "federation's provenance, model card) into --out, ready to copy into the agents' models_dir",
+    )
     serve.add_argument("--json", action="store_true", help="print federation.json when done")
     serve.set_defaults(fleet_main=main_serve)
 
@@ -167,6 +173,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "local-epochs": args.local_epochs,
             "round-timeout-s": args.round_timeout_s,
             "out-dir": str(out),
+            "version": args.version,
         }
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log)
         print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)

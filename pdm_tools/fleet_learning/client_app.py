@@ -6,7 +6,8 @@ The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual c
 ``--node-config "data-dir='…'"``). Three message types:
 
 ``query``    feature count, sum and sum of squares over the training rows (for the fleet's standardization;
-             refused below ``MIN_ROWS`` rows, where a sum would reveal a row)
+             refused below ``MIN_ROWS`` rows, where a sum would reveal a row), and the sha256 of the rows
+             file with the held-out row count (the new model's provenance)
 ``train``    a few local epochs from the fleet's weights; replies the new weights and ``num-examples``
 ``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts
 
@@ -25,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from pdm_tools.fleet_learning.data import MIN_ROWS, ClientData, ClientDataError, load_client_data
+from pdm_tools.fleet_learning.data import MIN_ROWS, ClientData, ClientDataError, data_sha256, load_client_data
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, local_train, to_arrays
 
 _loaded: dict[Path, ClientData] = {}
@@ -46,7 +47,11 @@ def build_client_app(data_root: Path | None = None, mods: Sequence[Mod] = ()) ->
         sums = MetricRecord(
             {"num-examples": len(x), "sum": x.sum(axis=0).tolist(), "sumsq": (x * x).sum(axis=0).tolist()}
         )
-        return Message(RecordDict({"stats": sums}), reply_to=message)
+        # Provenance of the coming model: which data (by hash) and how much, never the data.
+        provenance = ConfigRecord(
+            {"data-sha256": data_sha256(_folder(context, data_root)), "held-out": len(data.y_held)}
+        )
+        return Message(RecordDict({"stats": sums, "provenance": provenance}), reply_to=message)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -91,16 +96,22 @@ def _number(config: ConfigRecord, key: str, default: float) -> float:
 
 
 def _data(context: Context, data_root: Path | None) -> ClientData:
-    """The client's rows, read once per process (a supernode keeps its ClientApp process between rounds)."""
+    """The client's rows, read once per process (the simulation keeps its ClientApp processes between rounds)."""
+    folder = _folder(context, data_root)
+    if folder not in _loaded:
+        _loaded[folder] = load_client_data(folder)
+    return _loaded[folder]
+
+
+def _folder(context: Context, data_root: Path | None) -> Path:
+    """The node's ``data-dir``, or in the simulation ``data_root/client-{partition-id}``."""
     if "data-dir" in context.node_config:
         folder = Path(str(context.node_config["data-dir"]))
     elif data_root is not None and "partition-id" in context.node_config:
         folder = data_root / f"client-{int(context.node_config['partition-id'])}"
     else:
         raise ClientDataError("no data folder: start the supernode with --node-config \"data-dir='DIR'\"")
-    if folder not in _loaded:
-        _loaded[folder] = load_client_data(folder)
-    return _loaded[folder]
+    return folder
 
 
 # What ``flwr run`` loads in deployment: the node's ``data-dir`` names the folder.

@@ -52,6 +52,7 @@ RUN_CONFIG: dict[str, Any] = {
     "seed": 42,
     "round-timeout-s": 120.0,
     "out-dir": "",
+    "version": "",
 }
 
 
@@ -73,12 +74,18 @@ def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
 
 
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """The ServerApp of a submitted run: the federation, then its result written to ``out-dir``."""
+    """The ServerApp of a submitted run: the federation, then its result written to ``out-dir`` (with
+    ``version``, also the model version directory the agents' registry takes, ``ship.write_version``)."""
     run_config = dict(context.run_config)
     out_dir = Path(str(run_config.get("out-dir") or "."))
     config = config_from_run(run_config)
     outcome = Outcome()
     federate(grid, config, outcome)
+    version = str(run_config.get("version") or "")
+    if version and outcome.model is not None:
+        from pdm_tools.fleet_learning.ship import write_version
+
+        write_version(out_dir, config, outcome, version)
     write_result(out_dir, config, outcome)
 
 

@@ -81,6 +81,7 @@ class Outcome:
     evaluation: dict[int, dict[str, Any]] = field(default_factory=dict)
     client_rows: dict[int, int] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
+    provenance: dict[int, dict[str, Any]] = field(default_factory=dict)
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
     keep_replies: bool = False
 
@@ -132,7 +133,7 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
     """The coordinator's work in one run: the fleet's standardization, then ``config.rounds`` rounds of the
     strategy; fills ``outcome``."""
     counted = CountingGrid(grid, outcome)
-    mean, scale = fleet_standardization(counted, config)
+    mean, scale = fleet_standardization(counted, config, outcome)
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
     outcome.initial = model
     training = config.training
@@ -157,9 +158,12 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
         outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
 
 
-def fleet_standardization(grid: Grid, config: FederationConfig) -> tuple[np.ndarray, np.ndarray]:
+def fleet_standardization(
+    grid: Grid, config: FederationConfig, outcome: Outcome | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of the pooled training rows, from each client's count, sum and sum of
-    squares (a ``query`` to every connected client once ``min_clients`` are there)."""
+    squares (a ``query`` to every connected client once ``min_clients`` are there); their provenance
+    (data hash, row counts) goes into ``outcome``."""
     deadline = time.monotonic() + config.wait_for_clients_s
     while len(nodes := list(grid.get_node_ids())) < config.min_clients:
         if time.monotonic() > deadline:
@@ -173,6 +177,12 @@ def fleet_standardization(grid: Grid, config: FederationConfig) -> tuple[np.ndar
     s = ss = np.zeros(0)
     for reply in replies:
         stats = reply.content.metric_records["stats"]
+        if outcome is not None:
+            provenance = reply.content.config_records.get("provenance")
+            outcome.provenance[reply.metadata.src_node_id] = {
+                "rows": int(stats["num-examples"]),  # type: ignore[arg-type]
+                **({k: v for k, v in provenance.items()} if provenance is not None else {}),
+            }
         n += float(stats["num-examples"])  # type: ignore[arg-type]
         s = s + np.asarray(stats["sum"], np.float64) if len(s) else np.asarray(stats["sum"], np.float64)
         ss = ss + np.asarray(stats["sumsq"], np.float64) if len(ss) else np.asarray(stats["sumsq"], np.float64)

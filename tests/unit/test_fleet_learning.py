@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
+from agent.features.bearing import BearingFeatureSpec
+from agent.inference.classifier import OnnxDefectClassifier
+from agent.inference.errors import ModelError
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.data import (
     ROWS_FILE,
@@ -17,6 +21,8 @@ from pdm_tools.fleet_learning.data import (
 )
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
+from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
+from pdm_tools.fleet_learning.ship import write_version
 from pdm_tools.models.defect_mlp import DefectMlp
 
 
@@ -119,3 +125,43 @@ def test_synthetic_fleet_is_non_iid_and_uneven() -> None:
 def test_empty_array_record_is_rejected() -> None:
     with pytest.raises(ValueError, match="lack"):
         from_arrays(ArrayRecord(), CLASS_NAMES)
+
+
+def test_fleet_version_loads_like_a_shipped_model_and_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    spec = BearingFeatureSpec()
+    client = synthetic_fleet(1, 300, seed=8, n_features=spec.n_features).clients[0]
+    start = init_mlp(client.x.mean(axis=0), client.x.std(axis=0), (16, 8), CLASS_NAMES, 0)
+    model, _ = local_train(start, client.x, client.y, LocalTraining(epochs=3), seed=1)
+    outcome = Outcome(
+        model=model,
+        evaluation={1: {"accuracy": 0.5, "macro-f1": 0.4}, 2: {"accuracy": 0.9, "macro-f1": 0.88}},
+        participants={1: [7, 9], 2: [7]},
+        provenance={7: {"rows": 120, "data-sha256": "ab" * 32, "held-out": 20}, 9: {"rows": 80}},
+    )
+    config = FederationConfig(class_names=CLASS_NAMES, rounds=2, strategy="trimmed", hidden=(16, 8))
+    folder = write_version(tmp_path, config, outcome, "1.1.0")
+    assert folder.name == "bearing-defect-classifier-1.1.0"
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    federation = manifest["training"]["federation"]
+    assert federation["strategy"] == "trimmed" and federation["rounds_completed"] == 2
+    assert federation["clients"] == [
+        {"node": "7", "rows": 120, "data-sha256": "ab" * 32, "held-out": 20, "rounds_trained": 2},
+        {"node": "9", "rows": 80, "rounds_trained": 1},
+    ]
+    assert manifest["metrics"]["final"] == {"accuracy": 0.9, "macro-f1": 0.88}
+    assert "trimmed" in (folder / "MODEL_CARD.md").read_text(encoding="utf-8")
+    loaded = OnnxDefectClassifier.load(folder)
+    np.testing.assert_allclose(loaded.predict_proba(client.x_held), model.predict_proba(client.x_held), atol=1e-5)
+
+    onnx_file = folder / manifest["file"]
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        OnnxDefectClassifier.load(folder)
+
+
+def test_a_model_that_does_not_fit_the_feature_spec_is_not_shipped(tmp_path: Path) -> None:
+    outcome = Outcome(model=_model(8))
+    with pytest.raises(ValueError, match="8 inputs, the feature spec 48"):
+        write_version(tmp_path, FederationConfig(class_names=CLASS_NAMES), outcome, "1.1.0")

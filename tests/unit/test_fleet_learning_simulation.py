@@ -21,7 +21,7 @@ from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
 
 # What each kind of reply may hold: record name -> the keys allowed in it.
 ALLOWED = {
-    "query": {"stats": {"num-examples", "sum", "sumsq"}},
+    "query": {"stats": {"num-examples", "sum", "sumsq"}, "provenance": {"data-sha256", "held-out"}},
     "train": {
         "arrays": {"mean", "scale", "w0", "b0", "w1", "b1", "w2", "b2"},
         "metrics": {"num-examples", "train-loss"},
