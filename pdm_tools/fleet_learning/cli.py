@@ -112,6 +112,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     client.set_defaults(fleet_main=main_client)
 
+    install = sub.add_parser(
+        "install",
+        help="put a fleet model version into an agent's models_dir (verified first; the agent hot-swaps it)",
+        description="Verify VERSION_DIR (manifest, sha256, feature spec), stage it in MODELS_DIR/.incoming and "
+        "rename it into place; the agent's registry verifies, loads and swaps it in if it is the highest version.",
+    )
+    install.add_argument("version_dir", type=Path, help="a version directory written by fleet serve --version")
+    install.add_argument("--models-dir", type=Path, required=True, help="the agent's inference.models_dir")
+    install.set_defaults(fleet_main=main_install)
+
+    rollback = sub.add_parser(
+        "rollback",
+        help="move the newest verifying version of a model out of models_dir (the agent falls back)",
+        description="Move the highest verifying version of MODEL_ID to MODELS_DIR/.rolled-back; the agent's "
+        "registry then runs the highest version that remains.",
+    )
+    rollback.add_argument("--models-dir", type=Path, required=True, help="the agent's inference.models_dir")
+    rollback.add_argument(
+        "--model-id", default="bearing-defect-classifier", help="model id (default bearing-defect-classifier)"
+    )
+    rollback.set_defaults(fleet_main=main_rollback)
+
 
 def main(args: argparse.Namespace) -> int:
     return int(args.fleet_main(args))
@@ -220,6 +242,31 @@ def main_client(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _stop(node)
         return 0
+
+
+def main_install(args: argparse.Namespace) -> int:
+    from agent.inference.errors import ModelError
+    from pdm_tools.fleet_learning.distribute import install
+
+    try:
+        target = install(args.version_dir, args.models_dir)
+    except (ModelError, OSError) as exc:
+        print(f"fleet install: refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"installed {target}")
+    return 0
+
+
+def main_rollback(args: argparse.Namespace) -> int:
+    from pdm_tools.fleet_learning.distribute import rollback
+
+    try:
+        version, moved = rollback(args.models_dir, args.model_id)
+    except (LookupError, OSError) as exc:
+        print(f"fleet rollback: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back {args.model_id} {version} (moved to {moved})")
+    return 0
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from flwr.app import Array, ArrayRecord
 from agent.features.bearing import BearingFeatureSpec
 from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
+from agent.inference.registry import ModelRegistry, default_builders
+from agent.metrics import Metrics
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.data import (
     ROWS_FILE,
@@ -19,6 +22,7 @@ from pdm_tools.fleet_learning.data import (
     data_sha256,
     load_client_data,
 )
+from pdm_tools.fleet_learning.distribute import install, rollback
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
@@ -165,3 +169,45 @@ def test_a_model_that_does_not_fit_the_feature_spec_is_not_shipped(tmp_path: Pat
     outcome = Outcome(model=_model(8))
     with pytest.raises(ValueError, match="8 inputs, the feature spec 48"):
         write_version(tmp_path, FederationConfig(class_names=CLASS_NAMES), outcome, "1.1.0")
+
+
+def _fleet_version(out: Path, version: str, seed: int) -> Path:
+    spec = BearingFeatureSpec()
+    client = synthetic_fleet(1, 200, seed=seed, n_features=spec.n_features).clients[0]
+    model = init_mlp(client.x.mean(axis=0), client.x.std(axis=0), (16, 8), CLASS_NAMES, seed)
+    outcome = Outcome(model=model, evaluation={1: {"accuracy": 0.5}}, provenance={1: {"rows": len(client.y)}})
+    return write_version(out, FederationConfig(class_names=CLASS_NAMES, rounds=1, hidden=(16, 8)), outcome, version)
+
+
+def test_fleet_version_is_installed_hot_swapped_refused_when_bad_and_rolled_back(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    built = tmp_path / "built"
+    install(_fleet_version(built, "1.1.0", 1), models)
+    reg = ModelRegistry(models, Metrics(), default_builders(1))
+    slot = reg.track("bearing-defect-classifier", "classifier")
+    assert reg.active()["bearing-defect-classifier"][0] == "1.1.0"
+
+    install(_fleet_version(built, "1.2.0", 2), models)
+    reg.refresh()
+    assert reg.active()["bearing-defect-classifier"][0] == "1.2.0"
+    assert slot.model.manifest.version == "1.2.0"  # the slot the scoring thread reads was swapped
+
+    # A bad version is refused by install, and by the agent's registry when it arrives some other way.
+    bad = _fleet_version(built, "1.3.0", 3)
+    onnx_file = bad / "model.fp32.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ModelError, match="sha256"):
+        install(bad, models)
+    assert not (models / bad.name).exists()
+    shutil.copytree(bad, models / bad.name)
+    reg.refresh()
+    assert reg.active()["bearing-defect-classifier"][0] == "1.2.0"
+    assert [e.reason for e in reg.refused().values()] == ["sha256"]
+
+    version, moved = rollback(models, "bearing-defect-classifier")
+    assert version == "1.2.0" and moved.parent.name == ".rolled-back"
+    reg.refresh()
+    assert reg.active()["bearing-defect-classifier"][0] == "1.1.0"
+    with pytest.raises(LookupError, match="nothing to roll back to"):
+        rollback(models, "bearing-defect-classifier")

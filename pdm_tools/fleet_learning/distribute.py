@@ -1,0 +1,62 @@
+"""Putting a fleet model version on an agent, and taking it back: two file moves the registry watches.
+
+``install``: the version directory is verified (manifest, sha256, feature spec) before anything moves,
+copied to ``models_dir/.incoming/`` (the registry ignores dot folders) and renamed into place in one step,
+so the registry never sees half a copy; it then verifies it again, loads, warms up and hot-swaps it if it
+is the highest version (``agent/inference/registry.py``). ``rollback``: the highest version of a model id
+that verifies moves to ``models_dir/.rolled-back/``; the registry falls back to the highest that remains.
+A version that arrives by other means and does not verify is refused by the registry, and the running
+one keeps scoring.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from agent.inference.errors import ModelError
+from agent.inference.manifest import MANIFEST_FILE, Manifest
+from agent.inference.registry import version_key
+
+INCOMING = ".incoming"
+ROLLED_BACK = ".rolled-back"
+
+
+def install(version_dir: Path, models_dir: Path) -> Path:
+    """Copy a verified version directory into ``models_dir``; returns its new path. ``ModelError`` when it
+    does not verify, ``FileExistsError`` when the directory name is taken."""
+    version_dir, models_dir = Path(version_dir), Path(models_dir)
+    manifest = Manifest.load(version_dir)
+    target = models_dir / version_dir.name
+    if target.exists():
+        raise FileExistsError(f"{target} exists: model {manifest.model_id} {manifest.version} is installed")
+    staging = models_dir / INCOMING / version_dir.name
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(version_dir, staging)
+    Manifest.load(staging)  # the copy, too
+    staging.rename(target)
+    return target
+
+
+def rollback(models_dir: Path, model_id: str) -> tuple[str, Path]:
+    """Move the highest verifying version of ``model_id`` out of the registry's sight; returns its version and
+    where it went. ``LookupError`` when fewer than two versions verify (nothing to fall back to)."""
+    models_dir = Path(models_dir)
+    versions = []
+    for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (path / MANIFEST_FILE).is_file():
+            continue
+        try:
+            manifest = Manifest.load(path)
+        except ModelError:
+            continue
+        if manifest.model_id == model_id:
+            versions.append((version_key(manifest.version), manifest.version, path))
+    if len(versions) < 2:
+        raise LookupError(f"{models_dir}: {len(versions)} verifying version(s) of {model_id}; nothing to roll back to")
+    _, version, path = max(versions)
+    away = models_dir / ROLLED_BACK / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    away.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(away)
+    return version, away
