@@ -79,6 +79,9 @@ def init_folder(target: Path, force: bool = False) -> tuple[list[Path], list[Pat
         for file in _children(model):
             if file.name.endswith(".onnx"):
                 put(target / "models" / model.name / file.name, file.read_bytes())
+            elif file.name == "figures" and file.is_dir():  # the pictures its card links
+                for figure, relative in _walk(file):
+                    put(target / "models" / model.name / "figures" / relative, figure.read_bytes())
     for file, relative in _walk(assets / "dashboards"):
         put(target / "dashboards" / relative, file.read_bytes())
     return written, kept

@@ -92,6 +92,7 @@ def test_the_wheel_carries_the_assets_as_files_and_no_training_data(installed: I
             manifest = json.loads(zf.read(f"agent/assets/models/{model}/manifest.json"))
             assert f"agent/assets/models/{model}/{manifest['file']}" in names
             assert f"agent/assets/models/{model}/MODEL_CARD.md" in names
+            assert f"agent/assets/models/{model}/figures/int8_vs_fp32.png" in names  # the card's pictures
         assert b"${PDM_MQTT_HOST" in zf.read("agent/assets/agent.yaml")
         assert {"fleet_overview.json", "machine_detail.json"} <= {
             Path(n).name for n in names if n.startswith("agent/assets/dashboards/json/")
@@ -140,6 +141,7 @@ def test_init_writes_config_models_and_dashboards_that_validate(
         manifest = json.loads((site / "models" / model / "manifest.json").read_text(encoding="utf-8"))
         assert (site / "models" / model / manifest["file"]).stat().st_size > 0
         assert (site / "models" / model / "MODEL_CARD.md").exists()
+        assert (site / "models" / model / "figures" / "int8_vs_fp32.png").exists()
     assert (site / "dashboards" / "json" / "fleet_overview.json").exists()
     assert (site / "dashboards" / "provisioning" / "datasources" / "influxdb.yaml").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,15 @@ def test_init_writes_manifests_schema_and_dashboards(tmp_path: Path) -> None:
     for name in ("vibration_anomaly", "process_anomaly", "defect_classifier"):
         manifest = Manifest.load(tmp_path / "models" / name)  # verifies the ONNX file's sha256
         assert (tmp_path / "models" / name / manifest.file).is_file()
-        assert (tmp_path / "models" / name / "MODEL_CARD.md").is_file()
+        card = (tmp_path / "models" / name / "MODEL_CARD.md").read_text(encoding="utf-8")
+        figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card)
+        assert figures and all((tmp_path / "models" / name / f).is_file() for f in figures)  # no broken picture
     assert json.loads((tmp_path / "agent.schema.json").read_text()) == json.loads(json.dumps(json_schema()))
     dashboards = sorted(p.name for p in (tmp_path / "dashboards" / "json").iterdir())
     assert dashboards == ["agent_operations.json", "fleet_overview.json", "machine_detail.json"]
     assert (tmp_path / "dashboards" / "provisioning" / "datasources" / "influxdb.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "dashboards" / "import").iterdir()) == dashboards  # for UI import
-    assert len(written) == 23
+    assert len(written) == 31  # 8 of them the model cards' figures
 
 
 def test_init_keeps_what_exists_unless_forced(tmp_path: Path) -> None:
