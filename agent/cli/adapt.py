@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from agent import schema
 from agent.config import Config, ConfigError, load_config
 from agent.config.learning import AdaptationAutoSection
 from agent.inference.manifest import Manifest
@@ -242,26 +241,21 @@ def _from_file(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray |
 
 
 def _from_influx(config: Config, manifest: Manifest, machine: str, since: str, limit: int) -> np.ndarray:
+    """The machine's stored feature vectors of the last ``since``, from the local store (``agent.storage.query``:
+    the local InfluxDB, whatever the upstream sinks are doing)."""
     from agent.bootstrap import build_sink
-    from agent.storage.influx_v1 import InfluxV1Sink, quote_identifier
+    from agent.storage.query import LocalStore, since_ns
 
     sink = build_sink(config)
-    if not isinstance(sink, InfluxV1Sink):
-        raise ValueError("reading features needs storage.type influx_v1 (InfluxQL)")
-    names = list(manifest.feature_names)
-    columns = ", ".join(quote_identifier(n) for n in names)
-    machine_literal = machine.replace("\\", "\\\\").replace("'", "\\'")
-    rows = sink.query(
-        f"SELECT {columns} FROM {quote_identifier(schema.FEATURES)} "
-        f"WHERE {quote_identifier(schema.TAG_MODEL_ID)} = '{manifest.model_id}' AND \"machine\" = '{machine_literal}' "
-        f"AND time > now() - {since} ORDER BY time ASC LIMIT {int(limit)}"
-    )
-    values = [v[1:] for series in rows for v in series.get("values", [])]
-    if not values:
+    try:
+        found = LocalStore(sink).features(
+            machine, manifest.model_id, list(manifest.feature_names), since_ns(since), limit=limit
+        )
+    finally:
+        sink.close()
+    if not len(found):
         raise ValueError(f"no stored features of machine {machine} for {manifest.model_id} in the last {since}")
-    x = np.array([[np.nan if c is None else c for c in row] for row in values], dtype=np.float32)
-    complete = np.isfinite(x).all(axis=1)
-    return x[complete]
+    return found.complete().values.astype(np.float32)
 
 
 def _default_out(config: Config | None, model_id: str, machine: str) -> Path:

@@ -12,6 +12,9 @@ killed with SIGKILL and started again; then the upstream comes back. Afterwards:
   local database (rewrites after the kill are the same points: equal values at equal timestamps);
 - the local sink's delivery lag (the heartbeat's ``spool_backlog_age_s_sink_local``) during the outage is
   printed beside the lag before it (``-s``): measured, not asserted (no timing thresholds in tests).
+
+The second test reads the local store back (``agent.storage.query``, what ``pdm-agent adapt`` uses) from a
+real InfluxDB while the configured upstream is unreachable.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import chaos_support as chaos
 from agent import schema
 from pdm_tools.dev import services as devservices
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+REPO = Path(__file__).resolve().parents[2]
 
 INTERVAL_S = 4
 GRACE_S = 4
@@ -139,6 +143,7 @@ def _local_points(rig: chaos.Rig, measurement: str, field: str, tags: tuple[str,
     return out
 
 
+@pytest.mark.chaos
 def test_upstream_killed_under_load_and_the_agent_killed_gets_exactly_its_selection(tmp_path: Path) -> None:
     vm = devservices.start_victoria_metrics(tmp_path / "victoria-metrics")
     try:
@@ -234,3 +239,61 @@ def test_upstream_killed_under_load_and_the_agent_killed_gets_exactly_its_select
         )
     finally:
         vm.stop()
+
+
+def test_the_local_store_is_read_back_for_adapt_with_the_upstream_unreachable(
+    influxdb_v1: devservices.Service, influx_db_name: str, tmp_path: Path
+) -> None:
+    from agent.bootstrap import build_sink
+    from agent.cli.adapt import _from_influx
+    from agent.config import parse_config
+    from agent.inference.manifest import Manifest
+    from agent.storage.query import LocalStore
+
+    unreachable = f"http://127.0.0.1:{devservices.free_port()}"
+    config = parse_config(
+        {
+            "storage": {
+                "url": influxdb_v1.url,
+                "v1": {"database": influx_db_name},
+                "upstreams": [{"name": "cloud", "url": unreachable}],
+            },
+            "spool": {"path": str(tmp_path / "spool.db")},
+        },
+        environ={},
+    )
+    manifest_path = REPO / "models" / "process_anomaly" / "manifest.json"
+    manifest = Manifest.from_dict(json.loads(manifest_path.read_text()), str(manifest_path))
+    names = list(manifest.feature_names)
+    now = time.time_ns() // NS * NS
+    start = now - 3600 * NS
+    lines = []
+    for i in range(40):
+        t = start + i * 60 * NS
+        lines.append(f"reading,machine=m1,sensor=process temperature={50 + i}.5,rpm=1780.0,seq={i}i {t}")
+        lines.append(f"reading,machine=m2,sensor=process temperature=20.0 {t}")
+        values = ",".join(f"{n}={i + k / 10}" for k, n in enumerate(names))
+        lines.append(f"features,machine=m1,model_id={manifest.model_id} {values} {t}")
+        lines.append(
+            f"anomaly_score,machine=m1,model_id={manifest.model_id} score={i / 40},threshold=0.9,anomalous=0i {t}"
+        )
+    lines.append(f"features,machine=m1,model_id={manifest.model_id} {names[0]}=1.0 {now - 30 * NS}")  # incomplete
+    sink = build_sink(config)
+    try:
+        sink.write(lines)
+        store = LocalStore(sink)
+        readings = store.readings("m1", start, now)
+        assert readings.columns == ("rpm", "temperature") and len(readings) == 40  # seq and the tags left out
+        assert readings.values[3].tolist() == [1780.0, 53.5]
+        assert readings.times_ns[3] == start + 180 * NS
+        window = store.readings("m1", start + 600 * NS, start + 1200 * NS, fields=["temperature"])
+        assert window.values[:, 0].tolist() == [60.5 + k for k in range(10)]  # [start, end)
+        scores = store.scores("m1", start, model_id=manifest.model_id)
+        assert scores.columns == ("score", "threshold", "anomalous") and scores.values[-1].tolist() == [0.975, 0.9, 0]
+        assert len(store.features("m1", manifest.model_id, names, start)) == 41
+        assert len(store.readings("m3", start)) == 0
+    finally:
+        sink.close()
+    # What adapt trains on: the complete feature vectors of the last hour, oldest first.
+    x = _from_influx(config, manifest, "m1", "2h", 1000)
+    assert x.shape == (40, len(names)) and x[0, 1] == pytest.approx(0.1) and x[-1, 0] == 39.0
