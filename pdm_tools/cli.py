@@ -89,7 +89,12 @@ def _add_fleet(sub: argparse._SubParsersAction, setup_logging: SetupLogging) -> 
 
     def run(args: argparse.Namespace) -> int:
         setup_logging(args.log_level or "WARNING", args.log_format or "text")
-        return fleet_cli.main(args)
+        if args.fleet_command != "evaluate":  # serve and client run until stopped: no progress lines
+            return fleet_cli.main(args)
+        from pdm_tools.common.progress import progress
+
+        with progress("pdm-agent fleet evaluate"):  # minutes of federated rounds
+            return fleet_cli.main(args)
 
     fleet.set_defaults(func=run)
 

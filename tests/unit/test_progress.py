@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import sys
 import threading
+
+import pytest
 
 from pdm_tools.common.progress import note, progress
 
@@ -47,3 +50,22 @@ def test_a_terminal_gets_lines_with_the_elapsed_time_and_the_current_step() -> N
     assert lines and lines[-1].startswith("pdm-agent train: ") and lines[-1].endswith(" s, vibration-anomaly: training")
     assert not any(t.name == "progress" for t in threading.enumerate())  # stopped with the block
     note("after")  # no progress active: ignored
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [(["evaluate", "--dataset", "synthetic"], True), (["serve", "--state", "s", "--out", "o"], False)],
+)
+def test_fleet_evaluate_shows_progress_and_the_fleet_services_do_not(
+    command: list[str], shown: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("flwr")
+    from agent import cli
+    from pdm_tools.common import progress as progress_module
+    from pdm_tools.fleet_learning import cli as fleet_cli
+
+    seen: list[bool] = []
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.setattr(fleet_cli, "main", lambda args: seen.append(progress_module._active is not None) or 0)
+    assert cli.main(["fleet", *command]) == 0
+    assert seen == [shown]
