@@ -96,12 +96,13 @@ class SinkCursor:
             row = self._connection().execute("SELECT state FROM sink_state WHERE sink = ?", (self.sink,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def backlog_cut(self, after_id: int, max_bytes: int, max_age_s: float) -> tuple[int, int, int, int]:
+    def backlog_cut(self, after_id: int, max_bytes: int | None, max_age_s: float) -> tuple[int, int, int, int]:
         """Where this sink's backlog after ``after_id`` must start so that it holds at most ``max_bytes``
         (bodies plus the per-row overhead) and nothing older than ``max_age_s``: ``(cut id, rows, points,
         bytes)`` of the oldest rows to pass over (``after_id`` and zeros when within both caps).
 
-        Held blocks count for neither cap (they leave the spool by themselves, ``Spool.compact``)."""
+        Held blocks count for neither cap (they leave the spool by themselves, ``Spool.compact``). The age is
+        found from the oldest rows on; the bytes need a scan of the whole backlog (``max_bytes`` None: skip it)."""
         cutoff = time.time_ns() - int(max_age_s * 1e9)
         cut = after_id
         with self._lock:
@@ -115,12 +116,14 @@ class SinkCursor:
                 cut = after_id if old[0] is None else int(old[0])
             else:
                 cut = max(after_id, int(young[0]) - 1)
-            (size,) = conn.execute(
-                f"SELECT coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD_BYTES} FROM entry "
-                "WHERE id > ? AND held = 0",
-                (cut,),
-            ).fetchone()
-            over = int(size) - max_bytes
+            over = 0
+            if max_bytes is not None:
+                (size,) = conn.execute(
+                    f"SELECT coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD_BYTES} FROM entry "
+                    "WHERE id > ? AND held = 0",
+                    (cut,),
+                ).fetchone()
+                over = int(size) - max_bytes
             if over > 0:
                 cur = conn.execute(
                     f"SELECT id, length(body) + {ROW_OVERHEAD_BYTES} FROM entry WHERE id > ? AND held = 0 ORDER BY id",

@@ -55,7 +55,10 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05  # how often an idle writer looks for new rows
 _PREPARED_MAX = 2  # batches made ahead of the one being written
-BUDGET_CHECK_S = 2.0  # how often a sink with a backlog budget measures its backlog
+BUDGET_CHECK_S = 2.0  # how often a sink with a backlog budget checks the age of its backlog ...
+BUDGET_BYTES_CHECK_S = 60.0
+"""... and its bytes: a scan of the whole backlog (1.35 GB after a day at the demo's rate), so once a minute;
+the byte cap may be exceeded by what arrives in between (about 1 MB a minute at the demo's rate)."""
 DROP_LOG_INTERVAL_S = 60.0
 RATE_WINDOW_S = 5.0  # sink.points_per_s is measured over at least this long
 
@@ -161,7 +164,7 @@ class SinkWriter:
         if selector is not None:
             selector.restore(cursor.state(), cursor.sink)
         self._cut = cursor.position  # rows up to here are passed over (the backlog budget)
-        self._budget_checked = -float("inf")
+        self._budget_checked = self._budget_bytes_checked = -float("inf")
         self._dropped_since_log = 0
         self._last_drop_log = -float("inf")
         self._send_allowed_at = 0.0  # the rate limit's next free moment (monotonic)
@@ -395,10 +398,14 @@ class SinkWriter:
         sinks, and compaction removes them once those have them too."""
         if self.budget is None or time.monotonic() - self._budget_checked < BUDGET_CHECK_S:
             return
-        self._budget_checked = time.monotonic()
+        self._budget_checked = now = time.monotonic()
+        check_bytes = now - self._budget_bytes_checked >= BUDGET_BYTES_CHECK_S
+        if check_bytes:
+            self._budget_bytes_checked = now
         after = max(self._delivered_to, self._cut)
+        max_bytes = self.budget.max_bytes if check_bytes else None
         try:
-            cut, _rows, points, size = self.cursor.backlog_cut(after, self.budget.max_bytes, self.budget.max_age_s)
+            cut, _rows, points, size = self.cursor.backlog_cut(after, max_bytes, self.budget.max_age_s)
         except sqlite3.Error as exc:
             logger.warning("writer of %s: cannot measure its backlog, will retry: %s", self.cursor.sink, exc)
             return

@@ -137,6 +137,7 @@ def test_the_upstreams_byte_cap_moves_only_its_own_cursor_and_is_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(writer_module, "BUDGET_CHECK_S", 0.0)
+    monkeypatch.setattr(writer_module, "BUDGET_BYTES_CHECK_S", 0.0)
     spool, make = two_sinks
     entries = [_score(t) for t in range(100, 200)]  # of one size
     row_bytes = len(entries[0].body) + 48
