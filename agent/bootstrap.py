@@ -467,6 +467,14 @@ def build_upstream_writers(config: Config, spool: Spool, metrics: Metrics) -> di
     """A writer per ``storage.upstreams`` entry, at its own cursor, with its selection, backlog caps and rate."""
     writers: dict[str, Writer] = {}
     for up in config.storage.upstreams:
+        if up.max_backlog_bytes >= config.spool.max_bytes:
+            logger.warning(
+                "upstream %s: max_backlog_bytes %d is not below spool.max_bytes %d: the spool's own cap applies "
+                "first and its drops are not counted per sink (docs/edge_cloud.md)",
+                up.name,
+                up.max_backlog_bytes,
+                config.spool.max_bytes,
+            )
         readings = up.select.readings
         settings = WriterSettings(
             up.batch_size,
