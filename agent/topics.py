@@ -5,7 +5,7 @@ Base ``pdm/{agent_id}`` (configurable), see ``docs/contracts.md``:
 | topic | retained | payload |
 |---|---|---|
 | ``{base}/status`` | yes | ``{"v":1,"state":"online"|"offline","agent_id":..,"time":..}``; will: offline |
-| ``{base}/heartbeat`` | yes | ``{"v":2,"agent_id","time_ns","fields":{..}}``: the ``agent`` point's fields |
+| ``{base}/heartbeat`` | yes | ``{"v":2,"agent_id","time_ns","time","fields":{..}}``: the ``agent`` point's fields |
 | ``{base}/alerts/{machine}/{sensor}`` | no, QoS 1 | alert JSON, ``agent/schemas/alert.schema.json`` |
 | ``{base}/state/{machine}`` | yes | ``{"v":1,"machine","state":"ok"|severity,"open_alerts":[..],"silences":[..]}`` |
 | ``{base}/scores/{machine}`` | yes | for Home Assistant: ``{"v":1,"machine","scores":{"{sensor}/{model}":{..}}}`` |
@@ -163,9 +163,10 @@ class Topics:
         fields), so that Home Assistant templates and Node-RED read a key without parsing labels out of it.
 
         >>> Topics("e").heartbeat_payload({"decode_errors": 1.0}, 10**9)
-        b'{"v":2,"agent_id":"e","time_ns":1000000000,"fields":{"decode_errors":1.0}}'
+        b'{"v":2,"agent_id":"e","time_ns":1000000000,"time":"1970-01-01T00:00:01.000Z","fields":{"decode_errors":1.0}}'
         """
-        return _dump({"v": HEARTBEAT_VERSION, "agent_id": self.agent_id, "time_ns": time_ns, "fields": dict(fields)})
+        body = {"v": HEARTBEAT_VERSION, "agent_id": self.agent_id, "time_ns": time_ns, "time": format_rfc3339(time_ns)}
+        return _dump({**body, "fields": dict(fields)})
 
     def deadletter_payload(
         self, topic: str, code: str, reason: str, payload: bytes, time_ns: int | None = None

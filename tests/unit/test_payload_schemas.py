@@ -79,6 +79,8 @@ def test_heartbeat_payload_names_every_metric_as_the_schema_says() -> None:
     body = json.loads(Topics("edge-01").heartbeat_payload(agent_fields(metrics.collect()), T))
     assert valid("heartbeat", body)
     assert body["v"] == 2 and "counters" not in body  # version 2: the labelled keys are gone
+    assert body["time"] == "2026-09-21T14:13:20.250Z" and body["time_ns"] == T  # RFC 3339 like every payload
+    assert not valid("heartbeat", {k: v for k, v in body.items() if k != "time"})
     assert body["fields"]["decode_errors"] == body["fields"]["decode_errors_reason_json"] == 1  # flat, and the total
     assert "inference_seconds_p99_model_vibration_anomaly" in body["fields"]
     assert not valid("heartbeat", {**body, "fields": {"decode.errors{reason=json}": 1}})
