@@ -24,7 +24,7 @@ from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir,
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
-from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError
+from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
 DATASETS = ("cwru", "synthetic")
 
@@ -61,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
         "fedavg, trimmed mean and krum",
     )
+    evaluate.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise multiplier (with --dp-clip; fedavg/fedprox; epsilon reported)",
+    )
+    evaluate.add_argument(
+        "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
+    )
     evaluate.add_argument("--seed", type=int, default=42, help="seed of the initial weights and client batches")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(fleet_main=main_evaluate)
@@ -89,6 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--timeout-s", type=float, default=3600.0, help="give up when the federation has not finished by then"
+    )
+    serve.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise multiplier (with --dp-clip; fedavg/fedprox; epsilon reported)",
+    )
+    serve.add_argument(
+        "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
     )
     serve.add_argument(
         "--version",
@@ -151,8 +169,11 @@ def main_evaluate(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             min_clients=len(fleet.clients),
             training=LocalTraining(epochs=args.local_epochs),
+            dp_noise=args.dp_noise,
+            dp_clip=args.dp_clip,
             seed=args.seed,
         )
+        make_strategy(config)  # a combination that cannot run fails here (exit 2), not after the simulation
         # One BLAS thread per process: tiny matrices, and the simulation runs one process per CPU.
         with threadpool_limits(limits=1, user_api="blas"):
             if args.poisoned:
@@ -163,7 +184,7 @@ def main_evaluate(args: argparse.Namespace) -> int:
                 from pdm_tools.fleet_learning.evaluate import evaluate_fleet
 
                 result = {"dataset": args.dataset, **evaluate_fleet(fleet, config)}
-    except (DatasetError, ClientDataError, FederationError) as exc:
+    except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2 if args.json else None, allow_nan=False))
@@ -175,6 +196,13 @@ def main_serve(args: argparse.Namespace) -> int:
 
     if args.rounds < 1 or args.min_clients < 1 or args.local_epochs < 1:
         print("fleet serve: --rounds, --min-clients and --local-epochs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        make_strategy(
+            deploy.config_from_run({"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip})
+        )
+    except ValueError as exc:
+        print(f"fleet serve: {exc}", file=sys.stderr)
         return 2
     state, out = args.state.resolve(), args.out.resolve()
     result = out / deploy.RESULT_FILE
@@ -196,6 +224,8 @@ def main_serve(args: argparse.Namespace) -> int:
             "round-timeout-s": args.round_timeout_s,
             "out-dir": str(out),
             "version": args.version,
+            "dp-noise": args.dp_noise,
+            "dp-clip": args.dp_clip,
         }
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log)
         print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)

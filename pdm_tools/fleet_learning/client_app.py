@@ -8,7 +8,8 @@ The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual c
 ``query``    feature count, sum and sum of squares over the training rows (for the fleet's standardization;
              refused below ``MIN_ROWS`` rows, where a sum would reveal a row), and the sha256 of the rows
              file with the held-out row count (the new model's provenance)
-``train``    a few local epochs from the fleet's weights; replies the new weights and ``num-examples``
+``train``    a few local epochs from the fleet's weights; replies the new weights, ``num-examples`` (FedAvg's
+             weight) and ``unit-weight`` (the weight with differential privacy, where all count the same)
 ``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts
 
 What a reply never holds: a feature row, a window, a reading, a label list. ``tests/unit/test_fleet_learning``
@@ -28,6 +29,7 @@ from flwr.clientapp.typing import Mod
 
 from pdm_tools.fleet_learning.data import MIN_ROWS, ClientData, ClientDataError, data_sha256, load_client_data
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, local_train, to_arrays
+from pdm_tools.models.defect_mlp import DefectMlp
 
 _loaded: dict[Path, ClientData] = {}
 
@@ -57,7 +59,7 @@ def build_client_app(data_root: Path | None = None, mods: Sequence[Mod] = ()) ->
     def train(message: Message, context: Context) -> Message:
         data = _data(context, data_root)
         config = message.content.config_records["config"]
-        model = from_arrays(message.content.array_records["arrays"], data.class_names)
+        model = _model(message, data)
         if model.n_features != data.x.shape[1]:
             raise ClientDataError(f"{data.name}: rows have {data.x.shape[1]} features, the model {model.n_features}")
         training = LocalTraining(
@@ -70,21 +72,32 @@ def build_client_app(data_root: Path | None = None, mods: Sequence[Mod] = ()) ->
         rnd, base_seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
         seed = zlib.crc32(f"{data.name}/{base_seed}/{rnd}".encode())
         trained, loss = local_train(model, data.x, data.y, training, seed)
-        metrics = MetricRecord({"num-examples": len(data.x), "train-loss": loss})
+        metrics = MetricRecord({"num-examples": len(data.x), "unit-weight": 1, "train-loss": loss})
         return Message(RecordDict({"arrays": to_arrays(trained), "metrics": metrics}), reply_to=message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         data = _data(context, data_root)
-        model = from_arrays(message.content.array_records["arrays"], data.class_names)
+        model = _model(message, data)
         k = len(data.class_names)
         confusion = np.zeros((k, k), dtype=np.int64)
         if len(data.x_held):
             np.add.at(confusion, (data.y_held, model.predict(data.x_held)), 1)
-        metrics = MetricRecord({"num-examples": len(data.y_held), "confusion": confusion.ravel().tolist()})
+        metrics = MetricRecord(
+            {"num-examples": len(data.y_held), "unit-weight": 1, "confusion": confusion.ravel().tolist()}
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
+
+
+def _model(message: Message, data: ClientData) -> DefectMlp:
+    """The fleet model of a train or evaluate message: its arrays and the run's standardization."""
+    config = message.content.config_records["config"]
+    mean, scale = config.get("mean"), config.get("scale")
+    if not isinstance(mean, list) or not isinstance(scale, list):
+        raise ValueError("the round's config lacks the standardization ('mean', 'scale')")
+    return from_arrays(message.content.array_records["arrays"], data.class_names, np.array(mean), np.array(scale))
 
 
 def _number(config: ConfigRecord, key: str, default: float) -> float:

@@ -51,6 +51,8 @@ RUN_CONFIG: dict[str, Any] = {
     "class-names": "normal,inner_race,outer_race,ball",
     "seed": 42,
     "round-timeout-s": 120.0,
+    "dp-noise": 0.0,
+    "dp-clip": 0.0,
     "out-dir": "",
     "version": "",
 }
@@ -68,6 +70,8 @@ def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
         strategy=str(merged["strategy"]),
         min_clients=int(merged["min-clients"]),
         training=LocalTraining(epochs=int(merged["local-epochs"]), learning_rate=float(merged["learning-rate"])),
+        dp_noise=float(merged["dp-noise"]),
+        dp_clip=float(merged["dp-clip"]),
         seed=int(merged["seed"]),
         round_timeout_s=float(merged["round-timeout-s"]),
     )
@@ -103,6 +107,7 @@ def write_result(out_dir: Path, config: FederationConfig, outcome: Outcome) -> P
         "evaluation": {str(k): v for k, v in sorted(outcome.evaluation.items())},
         "client_rows": {str(k): v for k, v in sorted(outcome.client_rows.items())},
         "participants": {str(k): sorted(str(n) for n in v) for k, v in sorted(outcome.participants.items())},
+        **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }
     path = out_dir / RESULT_FILE
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -106,6 +106,7 @@ def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpCo
         "clients": len(fleet.clients),
         "client_rows": rows,
         "federation": config.to_dict(),
+        **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }
     if fleet.unseen_name:
         result["unseen"] = fleet.unseen_name
@@ -152,8 +153,10 @@ def relative_shift(model: DefectMlp, reference: DefectMlp) -> float:
 def robustness(
     fleet: Fleet, config: FederationConfig, strategies: Sequence[str] = ("fedavg", "trimmed", "krum")
 ) -> dict[str, Any]:
-    """For each strategy: the fleet model with client 0 poisoned vs without. ``shift_vs_training``: the
-    distance between the two over the distance the clean run's training moved the model from its start
+    """For each strategy: the fleet model with one client poisoned vs without. The poisoned client is the one
+    with the most rows (FedAvg weighs updates by row count, so that is the attack that moves it most).
+    ``shift_vs_training``: the distance between the two over the distance the clean run's training moved the
+    model from its start
     (1.0: the poisoned client displaced the model as far as all of training did); ``relative_shift``: the
     same distance over the clean model's norm; macro-F1 on every client's held-out rows."""
     k = len(config.class_names)
@@ -163,7 +166,8 @@ def robustness(
         run = dataclasses.replace(config, strategy=name)
         clean_run = simulate(fleet, run)
         clean, start = clean_run.model, clean_run.initial
-        poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({0}))]).model
+        biggest = max(range(len(fleet.clients)), key=lambda i: len(fleet.clients[i].y))
+        poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({biggest}))]).model
         assert clean is not None and poisoned is not None and start is not None
         moved = relative_shift(clean, start) * _norm(start)
         out[name] = {

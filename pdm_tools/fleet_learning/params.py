@@ -6,8 +6,10 @@ uses scikit-learn, which cannot start from given weights nor add FedProx's proxi
 therefore runs a few epochs of the same recipe in numpy (Adam, L2 ``alpha``, classes balanced by
 resampling, ReLU, softmax cross-entropy) starting from the fleet's weights.
 
-Arrays on the wire, in this order: ``mean``, ``scale`` ``(F,)``; ``w0``, ``b0``, ``w1``, ... float32. Clients
-never change ``mean``/``scale`` (the server computes them from the clients' feature sums before round 1).
+Arrays on the wire: ``w0``, ``b0``, ``w1``, ... float32, the only values a round trains and averages (and
+the only ones differential privacy clips and noises). The fleet's standardization ``mean``/``scale`` ``(F,)``
+is fixed for the run (the server computes it from the clients' feature sums before round 1) and travels in
+each round's config.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -34,24 +37,25 @@ class LocalTraining:
 
 
 def to_arrays(model: DefectMlp) -> ArrayRecord:
-    """The model's parameters as a Flower ``ArrayRecord`` (names in the module docstring)."""
-    arrays = {"mean": model.mean, "scale": model.scale}
+    """The model's trained parameters as a Flower ``ArrayRecord`` (names in the module docstring)."""
+    arrays = {}
     for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
         arrays[f"w{i}"], arrays[f"b{i}"] = w, b
     return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()})
 
 
-def from_arrays(record: ArrayRecord, class_names: Sequence[str]) -> DefectMlp:
-    """The inverse of :func:`to_arrays`; raises ``ValueError`` when the arrays do not form an MLP."""
+def from_arrays(record: ArrayRecord, class_names: Sequence[str], mean: np.ndarray, scale: np.ndarray) -> DefectMlp:
+    """The inverse of :func:`to_arrays`, with the run's standardization; ``ValueError`` when the arrays do
+    not form an MLP."""
+    mean, scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
     try:
         arrays = {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}
         layers = sum(1 for k in arrays if k.startswith("w"))
         weights = tuple(arrays[f"w{i}"] for i in range(layers))
         biases = tuple(arrays[f"b{i}"] for i in range(layers))
-        mean, scale = arrays["mean"], arrays["scale"]
     except KeyError as exc:
         raise ValueError(f"model arrays lack {exc}; got {sorted(record.keys())}") from None
-    widths = [len(mean)] + [w.shape[1] for w in weights]
+    widths = [len(mean)] + [w.shape[1] if w.ndim == 2 else -1 for w in weights]
     if (
         layers == 0
         or mean.shape != scale.shape
@@ -62,8 +66,15 @@ def from_arrays(record: ArrayRecord, class_names: Sequence[str]) -> DefectMlp:
         or widths[-1] != len(class_names)
     ):
         shapes = {k: list(v.shape) for k, v in arrays.items()}
-        raise ValueError(f"model arrays {shapes} are not an MLP for {len(class_names)} classes")
+        raise ValueError(
+            f"model arrays {shapes} are not an MLP from {len(mean)} features to {len(class_names)} classes"
+        )
     return DefectMlp(mean=mean, scale=scale, weights=weights, biases=biases, class_names=tuple(class_names))
+
+
+def standardization(model: DefectMlp) -> dict[str, Any]:
+    """The run's ``mean``/``scale`` as config values (they travel with each round's messages)."""
+    return {"mean": model.mean.astype(float).tolist(), "scale": model.scale.astype(float).tolist()}
 
 
 def init_mlp(

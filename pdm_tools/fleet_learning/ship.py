@@ -116,4 +116,5 @@ def provenance(config: FederationConfig, outcome: Outcome) -> dict[str, Any]:
             for node, facts in sorted(outcome.provenance.items())
         ],
         "bytes_per_round": {str(k): v for k, v in sorted(outcome.bytes_per_round.items())},
+        **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }

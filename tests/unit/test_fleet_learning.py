@@ -41,23 +41,26 @@ def _loss(model: DefectMlp, x: np.ndarray, y: np.ndarray) -> float:
 
 def test_model_survives_the_trip_through_flower_arrays() -> None:
     model = _model()
-    back = from_arrays(to_arrays(model), CLASS_NAMES)
+    back = from_arrays(to_arrays(model), CLASS_NAMES, model.mean, model.scale)
     x = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
     np.testing.assert_array_equal(back.logits(x), model.logits(x))
-    assert list(to_arrays(model).keys()) == ["mean", "scale", "w0", "b0", "w1", "b1", "w2", "b2"]
+    assert list(to_arrays(model).keys()) == ["w0", "b0", "w1", "b1", "w2", "b2"]
 
 
 def test_arrays_that_are_not_the_model_are_a_clear_error() -> None:
-    record = to_arrays(_model())
-    with pytest.raises(ValueError, match="not an MLP for 3 classes"):
-        from_arrays(record, CLASS_NAMES[:3])
+    model = _model()
+    record = to_arrays(model)
+    with pytest.raises(ValueError, match="not an MLP from 8 features to 3 classes"):
+        from_arrays(record, CLASS_NAMES[:3], model.mean, model.scale)
+    with pytest.raises(ValueError, match="not an MLP from 5 features"):
+        from_arrays(record, CLASS_NAMES, model.mean[:5], model.scale[:5])
     del record["b1"]
     with pytest.raises(ValueError, match="lack 'b1'"):
-        from_arrays(record, CLASS_NAMES)
-    bad = to_arrays(_model())
+        from_arrays(record, CLASS_NAMES, model.mean, model.scale)
+    bad = to_arrays(model)
     bad["w1"] = Array(np.zeros((3, 3), np.float32))
     with pytest.raises(ValueError, match="not an MLP"):
-        from_arrays(bad, CLASS_NAMES)
+        from_arrays(bad, CLASS_NAMES, model.mean, model.scale)
 
 
 def test_local_training_lowers_the_loss_and_keeps_the_fleet_standardization() -> None:
@@ -127,8 +130,8 @@ def test_synthetic_fleet_is_non_iid_and_uneven() -> None:
 
 
 def test_empty_array_record_is_rejected() -> None:
-    with pytest.raises(ValueError, match="lack"):
-        from_arrays(ArrayRecord(), CLASS_NAMES)
+    with pytest.raises(ValueError, match=r"model arrays \{\} are not an MLP"):
+        from_arrays(ArrayRecord(), CLASS_NAMES, np.zeros(8), np.ones(8))
 
 
 def test_fleet_version_loads_like_a_shipped_model_and_a_tampered_one_is_refused(tmp_path: Path) -> None:

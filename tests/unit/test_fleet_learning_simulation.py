@@ -17,16 +17,16 @@ from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.evaluate import compare, poisoning_mod, relative_shift, simulate
 from pdm_tools.fleet_learning.fleets import Fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
-from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
+from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome, make_strategy, privacy_budget
 
 # What each kind of reply may hold: record name -> the keys allowed in it.
 ALLOWED = {
     "query": {"stats": {"num-examples", "sum", "sumsq"}, "provenance": {"data-sha256", "held-out"}},
     "train": {
         "arrays": {"mean", "scale", "w0", "b0", "w1", "b1", "w2", "b2"},
-        "metrics": {"num-examples", "train-loss"},
+        "metrics": {"num-examples", "unit-weight", "train-loss"},
     },
-    "evaluate": {"metrics": {"num-examples", "confusion"}},
+    "evaluate": {"metrics": {"num-examples", "unit-weight", "confusion"}},
 }
 
 
@@ -116,3 +116,17 @@ def test_trimmed_mean_keeps_one_poisoned_client_from_moving_the_model(
     trimmed = simulate(fleet, dataclasses.replace(config, strategy="trimmed"), mods=poison).model
     assert fedavg is not None and trimmed is not None
     assert relative_shift(trimmed, outcome.model) < 0.5 * relative_shift(fedavg, outcome.model)
+
+
+def test_differential_privacy_clips_noises_and_reports_the_budget(
+    federation: tuple[Fleet, FederationConfig, Outcome],
+) -> None:
+    fleet, config, outcome = federation
+    dp = dataclasses.replace(config, rounds=2, dp_noise=1.0, dp_clip=0.5)
+    private = simulate(fleet, dp)
+    assert private.privacy["epsilon"] == round(privacy_budget(1.0, 2, 1e-5), 4)
+    assert private.privacy["rounds"] == 2 and private.privacy["clipping_norm"] == 0.5
+    assert private.model is not None and outcome.model is not None
+    assert relative_shift(private.model, outcome.model) > 0
+    with pytest.raises(ValueError, match="averaging only"):
+        make_strategy(dataclasses.replace(dp, strategy="krum"))
