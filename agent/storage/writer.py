@@ -429,18 +429,22 @@ class SinkWriter:
             )
             self._dropped_since_log = 0
 
-    def _rate_limit(self, points: int) -> None:
-        """Wait for the rate limit's share of ``points`` (a token bucket of one batch)."""
-        if not self.rate_points_s or not points:
-            return
-        wait = self._send_allowed_at - time.monotonic()
-        if wait > 0:
-            self._stop.wait(wait)
-        self._send_allowed_at = max(self._send_allowed_at, time.monotonic()) + points / self.rate_points_s
+    def _rate_limit(self) -> None:
+        """Wait until the rate limit allows the next write (what the confirmed writes used, ``_rate_used``)."""
+        if self.rate_points_s:
+            wait = self._send_allowed_at - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+
+    def _rate_used(self, points: int) -> None:
+        """``points`` were confirmed: the next write waits for their share of the rate (failed attempts are
+        free, so that the retries of an outage do not pile up a wait for after it)."""
+        if self.rate_points_s and points:
+            self._send_allowed_at = max(self._send_allowed_at, time.monotonic()) + points / self.rate_points_s
 
     def _deliver(self, batch: Batch) -> float:
         """Write one batch and move the cursor; the seconds to back off before retrying it (0: done)."""
-        self._rate_limit(len(batch.lines))
+        self._rate_limit()
         try:
             if batch.lines:
                 try:
@@ -474,6 +478,7 @@ class SinkWriter:
             return self.backoff_max_s
         self._delivered_to, self._delivered_state = batch.last_id, batch.state
         self._confirm()
+        self._rate_used(len(batch.lines))
         self.metrics.inc("sink.rows_written", batch.row_count, sink=self.cursor.sink)
         if batch.raw_released:
             if self.local_metrics:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -187,3 +188,24 @@ def test_readyz_names_the_sink_behind_its_limit_and_shows_every_backlog() -> Non
     }
     with pytest.raises(RuntimeError, match=r"sinks behind: cloud 700 s behind \(limit 600 s\)"):
         sinks_check(lambda: backlogs, {"cloud": 600.0})()
+
+
+def test_the_rate_limit_charges_confirmed_points_not_the_retries_of_an_outage(
+    two_sinks: tuple[Spool, Callable[..., SinkWriter]],
+) -> None:
+    """Forty failed attempts of a 7-point batch at 7 points/s must not leave a 40 s wait behind them."""
+    spool, make = two_sinks
+    spool.append([_score(t) for t in range(100, 107)])
+    attempts = 0
+
+    def fail_forty(lines: list[str]) -> RetryableWriteError | None:
+        nonlocal attempts
+        attempts += 1
+        return RetryableWriteError("away") if attempts <= 40 else None
+
+    sink = ScriptedSink(fail=fail_forty)
+    writer = make("cloud", sink, selector=RowSelector(Selection()), rate_points_s=7.0)
+    assert writer.flush(TIMEOUT_S)
+    assert attempts == 41 and len(sink.accepted) == 7
+    owed_s = writer._send_allowed_at - time.monotonic()
+    assert owed_s <= 1.0  # the one confirmed batch's share, not 41 of them
