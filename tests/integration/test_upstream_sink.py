@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
@@ -77,6 +79,34 @@ def _lag_samples(rig: chaos.Rig, seconds: float) -> list[float]:
             samples[int(beat.get("time_ns", 0))] = float(fields[LOCAL_LAG])
         time.sleep(0.2)
     return list(samples.values())
+
+
+def _readyz(rig: chaos.Rig) -> dict:
+    """The agent's /readyz answer (its health port is chosen by the OS: the log names the URL)."""
+    match = re.search(r"health endpoint on (http://\S+) ", rig.agent_log())
+    assert match, "the agent did not log its health endpoint"
+    try:
+        with urllib.request.urlopen(f"{match.group(1)}/readyz", timeout=10) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+
+
+def _rss_kb(pid: int) -> dict[str, int]:
+    """Resident memory (kB) of the agent process and of each of its children (the writer processes)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) != pid and int(fields[1]) != pid:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+        rss = re.search(r"VmRSS:\s+(\d+)", status)
+        name = "agent" if int(stat.parent.name) == pid else f"child {stat.parent.name}"
+        out[name] = int(rss.group(1)) if rss else 0
+    return out
 
 
 def _lag(samples: list[float]) -> str:
@@ -160,6 +190,9 @@ def test_upstream_killed_under_load_and_the_agent_killed_gets_exactly_its_select
             # each series), which is the upstream's durability, not the agent's, and which no client can see.
             vm.stop()
             lag_outage = _lag_samples(rig, 5.0)
+            ready = _readyz(rig)
+            assert rig.agent is not None
+            rss = _rss_kb(rig.agent.pid)
             killed_beat = dict(rig.recorder.heartbeat.get("fields", {})) if rig.recorder else {}
             rig.kill_agent()  # SIGKILL while the upstream is away
             time.sleep(2.0)
@@ -182,6 +215,11 @@ def test_upstream_killed_under_load_and_the_agent_killed_gets_exactly_its_select
             readings = rig.influx.readings() if rig.influx else []
             local_scores = _local_points(rig, schema.SCORE, schema.SCORE_FIELD, ("machine", "model_id"))
             local_beats = _local_points(rig, schema.AGENT, "ingest_messages", ("agent_id",))
+
+        # -- /readyz while the upstream was away: ready (no ready_max_lag_s), the upstream's backlog shown
+        sinks = ready["checks"]["sinks"]
+        assert ready["status"] == "ok" and sinks["ok"], ready
+        assert sinks["sinks"]["cloud"]["backlog_rows"] > 0 and sinks["sinks"]["cloud"]["backlog_age_s"] > 0, ready
 
         # -- the local sink: every reading and sample exactly once
         print(accounting.render())
@@ -233,6 +271,7 @@ def test_upstream_killed_under_load_and_the_agent_killed_gets_exactly_its_select
             f"returned; upstream write failures before the kill "
             f"{sum(v for k, v in killed_beat.items() if k.startswith('sink_write_failures_') and 'cloud' in k)}"
         )
+        print(f"resident memory (kB) of the agent and its writer processes, during the outage: {rss}")
         print(
             f"local delivery lag (backlog age, s): {_lag(lag_before)} with the upstream up; {_lag(lag_outage)} with "
             f"it away; {_lag(lag_restarted)} with it away after the agent's kill and restart"
