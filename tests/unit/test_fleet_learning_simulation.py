@@ -2,7 +2,8 @@
 
 What is checked: the federated model is as good as one fitted on the pooled rows; clients send only model
 parameters, feature sums and counts (every reply is inspected); a trimmed mean keeps a poisoned client from
-moving the fleet model where FedAvg follows it. Three simulations of five clients, a few rounds each.
+moving the fleet model where FedAvg follows it; differential privacy reports its budget. Four simulations
+of five clients, a few rounds each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pdm_tools.fleet_learning.evaluate import compare, poisoning_mod, relative_s
 from pdm_tools.fleet_learning.fleets import Fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome, make_strategy, privacy_budget
+
+# Ray starts real processes (a local cluster and one worker per CPU) for each simulation.
+pytestmark = pytest.mark.integration
 
 # What each kind of reply may hold: record name -> the keys allowed in it.
 ALLOWED = {
