@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agent.inference.classifier import OnnxDefectClassifier
+from agent.inference.image import OnnxImageClassifier
 from agent.inference.model import OnnxAnomalyModel
 from agent.plugins import registered
 
-MODEL_KINDS: Mapping[str, type[OnnxAnomalyModel] | type[OnnxDefectClassifier]] = {
+ModelClass = type[OnnxAnomalyModel] | type[OnnxDefectClassifier] | type[OnnxImageClassifier]
+
+MODEL_KINDS: Mapping[str, ModelClass] = {
     "anomaly": OnnxAnomalyModel,
     "classifier": OnnxDefectClassifier,
+    "image-classifier": OnnxImageClassifier,
 }
 
 
-def model_class(kind: str) -> type[OnnxAnomalyModel] | type[OnnxDefectClassifier]:
+def model_class(kind: str) -> ModelClass:
     """The class of model kind ``kind``; ``ValueError`` naming the known kinds otherwise."""
     return registered(MODEL_KINDS, kind, "model type")

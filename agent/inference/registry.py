@@ -40,11 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.inference.classifier import OnnxDefectClassifier
 from agent.inference.errors import ModelError
-from agent.inference.kinds import MODEL_KINDS
+from agent.inference.kinds import MODEL_KINDS, ModelClass
 from agent.inference.manifest import MANIFEST_FILE, Manifest
-from agent.inference.model import OnnxAnomalyModel
 from agent.inference.router import ModelSlot
 from agent.metrics import Metrics
 
@@ -85,7 +83,7 @@ def version_key(version: str) -> VersionKey:
 def default_builders(threads: int) -> dict[str, Builder]:
     """A builder per model kind of ``agent.inference.kinds`` (the manifest's ``task``)."""
 
-    def builder(cls: type[OnnxAnomalyModel] | type[OnnxDefectClassifier]) -> Builder:
+    def builder(cls: ModelClass) -> Builder:
         return lambda manifest, path: cls(manifest, path, threads)
 
     return {kind: builder(cls) for kind, cls in MODEL_KINDS.items()}

@@ -42,10 +42,11 @@ def render_card(m: Manifest) -> str:
         f"- Data: {t.get('data', {}).get('dataset', 'n/a')}; split {t.get('data', {}).get('images', {})} "
         f"(seeded stratified, seed {t.get('seed')}).",
         f"- Network: {len(cfg.get('channels', []))} x [conv 3x3, batch norm (folded at export), ReLU, max-pool], "
-        f"channels {cfg.get('channels')}, global average pool, dense; {t.get('parameters')} parameters.",
+        f"channels {', '.join(str(c) for c in cfg.get('channels', []))}, global average pool, dense; "
+        f"{t.get('parameters')} parameters.",
         f"- numpy (no framework), {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, Adam with cosine "
         f"learning rate {cfg.get('learning_rate')} -> {cfg.get('final_learning_rate')}, weight decay "
-        f"{cfg.get('weight_decay')}; augmentation: random crop (78-100 % of the side), flips, quarter turns.",
+        f"{cfg.get('weight_decay')}; augmentation: random crop (78-100 % of the side), horizontal and vertical flips.",
         f"- Best validation epoch {t.get('best_epoch')} (validation accuracy {t.get('validation_accuracy', 0):.4f}); "
         f"training {t.get('train_seconds')} s on one thread.",
         "",

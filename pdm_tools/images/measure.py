@@ -16,7 +16,8 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.images.preprocess import prepare
-from agent.inference.image import INPUT, OUTPUT
+from agent.inference.image import INPUT, OUTPUT, TASK
+from agent.inference.manifest import Manifest
 from agent.inference.session import open_session
 from pdm_tools.evaluation.classification import scores
 
@@ -77,17 +78,20 @@ def latency(
     return out
 
 
-def bare_throughput(model_dir_file: Path, grays: Sequence[np.ndarray], size: int, batch: int = 16) -> dict[str, Any]:
+def bare_throughput(model_dir: Path, grays: Sequence[np.ndarray], batch: int = 16) -> dict[str, Any]:
     """Images per second through bare ONNX Runtime (one thread), preprocessing included, over ``grays``.
 
-    ``grays``: uint8 frames as a camera sends them (e.g. 200 x 200); each is prepared with the agent's
-    ``prepare`` and scored in batches of ``batch``. This is the ceiling the live agent's rate (decode,
-    store, queue, write) is compared with in the benchmark.
+    ``model_dir``: an image model folder (its manifest is verified; the file it names is run). ``grays``:
+    uint8 frames as a camera sends them (e.g. 200 x 200); each is prepared with the agent's ``prepare``
+    and scored in batches of ``batch``. This is the ceiling the live agent's rate (decode, store, queue,
+    write) is compared with in the benchmark.
     """
-    if not grays:
+    if len(grays) == 0:
         raise ValueError("bare_throughput needs at least one frame")
-    sess = open_session(Path(model_dir_file), 1)
-    sess.run([OUTPUT], {INPUT: np.zeros((batch, 1, size, size), dtype=np.float32)})
+    manifest = Manifest.load(model_dir, TASK)
+    size = int(manifest.feature_spec["size"])
+    sess = open_session(Path(model_dir) / manifest.file, 1)
+    sess.run([OUTPUT], {INPUT: np.zeros((batch, 1, size, size), dtype=np.float32)})  # allocate before timing
     t0 = time.perf_counter()
     prep = 0.0
     for lo in range(0, len(grays), batch):
@@ -97,6 +101,7 @@ def bare_throughput(model_dir_file: Path, grays: Sequence[np.ndarray], size: int
         sess.run([OUTPUT], {INPUT: x})
     total = time.perf_counter() - t0
     return {
+        "model": f"{manifest.model_id} {manifest.version} ({manifest.file})",
         "images": len(grays),
         "batch": batch,
         "threads": 1,

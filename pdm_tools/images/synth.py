@@ -46,10 +46,12 @@ def encode(gray: np.ndarray, fmt: str = "png") -> bytes:
 
 
 def _background(rng: np.random.Generator, size: int, level: float = 120, spread: float = 12) -> Image.Image:
+    """Mottled grey with faint streaks along the rolling direction (vertical, as in every NEU image)."""
     coarse = rng.normal(0, 1, (size // 8 + 1, size // 8 + 1))
     low = np.asarray(Image.fromarray(coarse.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
+    streaks = np.repeat(rng.normal(0, 1, (1, size)), size, axis=0)
     fine = rng.normal(0, 1, (size, size))
-    x = level + spread * low + 0.5 * spread * fine
+    x = level + spread * low + 0.6 * spread * streaks + 0.5 * spread * fine
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
 
 
@@ -60,17 +62,14 @@ def _finish(image: Image.Image, rng: np.random.Generator, blur: float = 0.8) -> 
 
 
 def _scratches(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A few long, thin, nearly parallel bright or dark lines."""
-    image = _background(rng, size, level=140)
+    """A few long, thin, bright lines along the rolling direction on a dark strip."""
+    image = _background(rng, size, level=80, spread=10)
     draw = ImageDraw.Draw(image)
-    vertical = rng.random() < 0.5
     for _ in range(int(rng.integers(1, 4))):
         a = rng.uniform(0.1, 0.9) * size
-        b = a + rng.uniform(-0.15, 0.15) * size
+        b = a + rng.uniform(-0.03, 0.03) * size
         lo, hi = rng.uniform(0, 0.3) * size, rng.uniform(0.7, 1) * size
-        shade = int(rng.choice([50, 225]))
-        line = [(a, lo), (b, hi)] if vertical else [(lo, a), (hi, b)]
-        draw.line(line, fill=shade, width=int(rng.integers(2, 4)))
+        draw.line([(a, lo), (b, hi)], fill=int(rng.integers(180, 240)), width=int(rng.integers(2, 6)))
     return _finish(image, rng)
 
 
@@ -89,33 +88,33 @@ def _crazing(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _patches(rng: np.random.Generator, size: int) -> np.ndarray:
     """Large dark irregular blobs: thresholded smooth noise."""
-    image = np.asarray(_background(rng, size, level=150), dtype=np.float32)
+    image = np.asarray(_background(rng, size, level=170, spread=20), dtype=np.float32)
     field = rng.normal(0, 1, (size // 20 + 1, size // 20 + 1)).astype(np.float32)
     smooth = np.asarray(Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC))
     mask = smooth > np.quantile(smooth, rng.uniform(0.6, 0.8))
-    image = np.where(mask, image * 0.45, image)
+    image = np.where(mask, image * 0.3, image)
     return _finish(Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), rng, blur=2.0)
 
 
 def _pitted_surface(rng: np.random.Generator, size: int) -> np.ndarray:
     """Many small round dark pits scattered over the surface."""
-    image = _background(rng, size, level=130)
+    image = _background(rng, size, level=200, spread=10)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(size // 4, size // 2))):
         x, y = rng.uniform(0, size, 2)
         r = rng.uniform(1, 3.5)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.integers(30, 80)))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.integers(110, 160)))
     return _finish(image, rng)
 
 
 def _inclusion(rng: np.random.Generator, size: int) -> np.ndarray:
     """A few elongated dark streaks along the rolling direction."""
-    image = _background(rng, size, level=135)
+    image = _background(rng, size, level=95, spread=6)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(2, 6))):
         x, y = rng.uniform(0.1, 0.9, 2) * size
         w, h = rng.uniform(2, 5), rng.uniform(10, 35)
-        draw.ellipse([x - w, y - h, x + w, y + h], fill=int(rng.integers(30, 70)))
+        draw.ellipse([x - w, y - h, x + w, y + h], fill=int(rng.integers(50, 75)))
     return _finish(image, rng, blur=1.2)
 
 

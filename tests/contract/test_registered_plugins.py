@@ -222,6 +222,7 @@ def test_an_unknown_feature_kind_is_refused_by_name() -> None:
 MODEL_EXAMPLES: dict[str, Path] = {
     "anomaly": REPO / "models" / "vibration_anomaly",
     "classifier": REPO / "models" / "defect_classifier",
+    "image-classifier": REPO / "models" / "surface_defect",
 }
 
 

@@ -12,7 +12,12 @@ import pytest
 from agent.images.preprocess import ImageSpec, batch, prepare
 from agent.inference.errors import ModelError
 from agent.inference.image import OnnxImageClassifier
+from agent.inference.kinds import model_class
 from agent.inference.manifest import Manifest
+from pdm_tools.common.modelcard import CARD_FILE
+from pdm_tools.datasets.neu import CLASS_NAMES
+from pdm_tools.images import synth
+from pdm_tools.images.card import render_card
 from pdm_tools.images.cnn import Cnn
 from pdm_tools.images.export import write_model_dir
 
@@ -169,3 +174,30 @@ def test_an_image_model_is_refused_as_another_kind_and_another_kind_as_an_image_
     with pytest.raises(ModelError, match="not a 'image-classifier'"):
         OnnxImageClassifier(Manifest.load(Path("models/defect_classifier")), Path("models/defect_classifier"))
     assert manifest.task == "image-classifier"
+
+
+# --- the shipped model ---------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "surface_defect"
+
+
+def test_the_shipped_image_model_loads_as_its_registered_kind_and_is_well_under_a_megabyte() -> None:
+    model = model_class("image-classifier").load(SHIPPED)
+    assert isinstance(model, OnnxImageClassifier)
+    assert model.classes == CLASS_NAMES
+    for name in ("model.fp32.onnx", "model.int8.onnx"):
+        assert (SHIPPED / name).stat().st_size < 512 * 1024
+    assert model.manifest.quantization["recipe"]["per_channel"] is True
+    assert model.manifest.quantization["shipped_file"] == model.manifest.file
+
+
+def test_the_shipped_card_is_what_the_card_writer_makes_from_the_manifest() -> None:
+    manifest = Manifest.load(SHIPPED)
+    assert (SHIPPED / CARD_FILE).read_text(encoding="utf-8") == render_card(manifest)
+
+
+@pytest.mark.parametrize("name", ["patches", "scratches"])
+def test_the_shipped_model_recognises_the_generated_classes_the_demo_publishes(name: str) -> None:
+    model = OnnxImageClassifier.load(SHIPPED)
+    index, _ = model.classify(model.prepare([synth.generate(name, seed) for seed in range(20)]))
+    assert [model.classes[i] for i in index] == [name] * 20
