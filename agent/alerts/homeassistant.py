@@ -76,14 +76,15 @@ class Discovery:
         self._scores_pending.add(machine)
         return out + self.due(now_ns, only=machine)
 
-    def due(self, now_ns: int, only: str | None = None) -> list[tuple[str, bytes]]:
+    def due(self, now_ns: int, only: str | None = None, final: bool = False) -> list[tuple[str, bytes]]:
         """The scores of each machine with a new score whose last publication is ``scores_interval_s`` old
-        (called on every score, and periodically so that the last score of a quiet machine goes out too)."""
+        (called on every score, and periodically so that the last score of a quiet machine goes out too);
+        ``final``: every machine with a new score, whatever the interval (at the agent's stop)."""
         out: list[tuple[str, bytes]] = []
         for machine in [only] if only is not None else sorted(self._scores_pending):
             if machine not in self._scores_pending:
                 continue
-            if now_ns - self._scores_sent_ns.get(machine, -(2**62)) < self._scores_interval_ns:
+            if not final and now_ns - self._scores_sent_ns.get(machine, -(2**62)) < self._scores_interval_ns:
                 continue
             self._scores_pending.discard(machine)
             self._scores_sent_ns[machine] = now_ns

@@ -209,7 +209,10 @@ class AlertOutput:
             logger.error("alert state not saved to %s within %.0f s", self._state_store.path, SAVE_WAIT_S)
 
     def close(self) -> None:
-        """Write the last state and end the saver thread (after the scoring worker stopped)."""
+        """Publish the scores still waiting for their interval, write the last state and end the saver thread
+        (after the scoring worker stopped)."""
+        if self._discovery is not None:
+            self._publish_retained(self._discovery.due(self.clock_ns(), final=True))
         if self._saver is not None:
             self._saver.close(SAVE_WAIT_S)
 

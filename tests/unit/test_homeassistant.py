@@ -99,6 +99,10 @@ def test_a_machines_scores_go_out_at_most_every_interval_with_the_latest_of_each
     vibration = body["scores"]["vibration/vibration-anomaly"]
     assert (vibration["score"], vibration["ratio"], vibration["anomalous"]) == (1.6, 2.0, True)
     assert body["scores"]["process/process-anomaly"]["score"] == 0.2
+    assert discovery.on_score(_score("m1", "vibration", 0.3, 115), 115 * NS) == []  # within the interval: waits
+    assert discovery.due(116 * NS) == []
+    [(_, payload)] = discovery.due(116 * NS, final=True)  # at the agent's stop it goes out anyway
+    assert json.loads(payload)["scores"]["vibration/vibration-anomaly"]["score"] == 0.3
     assert discovery.due(200 * NS) == []  # nothing new since
 
 
