@@ -187,8 +187,32 @@ def main_evaluate(args: argparse.Namespace) -> int:
     except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2 if args.json else None, allow_nan=False))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_text(result))
     return 0
+
+
+def render_text(result: dict[str, Any]) -> str:
+    """The figures of ``fleet evaluate`` as a few plain lines (``--json`` gives all of them)."""
+    if "poisoning" in result:
+        p = result["poisoning"]
+        lines = [
+            f"{p['clients']} clients, one poisoned, {p['rounds']} rounds: shift vs training, macro-F1 clean/poisoned"
+        ]
+        lines += [
+            f"  {name:8} {v['shift_vs_training']:7.3f}  {v['macro_f1_clean']:.3f} / {v['macro_f1_poisoned']:.3f}"
+            for name, v in p.items()
+            if isinstance(v, dict)
+        ]
+        return "\n".join(lines)
+    lines = [f"{result['dataset']}: {result['clients']} clients, {result['rounds']} rounds, macro-F1 on held-out rows"]
+    for name in ("federated", "central", "local"):
+        unseen = result[name].get("unseen_macro_f1")
+        extra = f"  on {result['unseen']}: {unseen:.3f}" if unseen is not None else ""
+        lines.append(f"  {name:9} {result[name]['macro_f1']:.3f}{extra}")
+    lines.append(f"  bytes per round {result['bytes_per_round']:,}")
+    if "privacy" in result:
+        lines.append(f"  privacy: epsilon {result['privacy']['epsilon']} at delta {result['privacy']['delta']}")
+    return "\n".join(lines)
 
 
 def main_serve(args: argparse.Namespace) -> int:

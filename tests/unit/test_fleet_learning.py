@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent.inference.errors import ModelError
 from agent.inference.registry import ModelRegistry, default_builders
 from agent.metrics import Metrics
 from pdm_tools.datasets.cwru import CLASS_NAMES
+from pdm_tools.fleet_learning import cli as fleet_cli
 from pdm_tools.fleet_learning.data import (
     ROWS_FILE,
     ClientDataError,
@@ -214,3 +216,43 @@ def test_fleet_version_is_installed_hot_swapped_refused_when_bad_and_rolled_back
     assert reg.active()["bearing-defect-classifier"][0] == "1.1.0"
     with pytest.raises(LookupError, match="nothing to roll back to"):
         rollback(models, "bearing-defect-classifier")
+
+
+def _fleet_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    fleet_cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_fleet_evaluate_refuses_what_cannot_run_before_simulating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fleet_cli.main(_fleet_args("evaluate", "--dataset", "synthetic", "--clients", "1")) == 2
+    assert "--clients >= 2" in capsys.readouterr().err
+    args = _fleet_args("evaluate", "--dataset", "synthetic", "--strategy", "krum", "--dp-noise", "1", "--dp-clip", "1")
+    assert fleet_cli.main(args) == 2
+    assert "averaging only (fedavg, fedprox), not krum" in capsys.readouterr().err
+    assert fleet_cli.main(_fleet_args("evaluate", "--dataset", "cwru", "--data", str(tmp_path))) == 2
+    assert "index.json not found" in capsys.readouterr().err
+
+
+def test_fleet_evaluate_text_names_each_model_and_the_budget() -> None:
+    result = {
+        "dataset": "cwru",
+        "clients": 2,
+        "rounds": 20,
+        "unseen": "load 0",
+        "federated": {"macro_f1": 1.0, "unseen_macro_f1": 0.996753},
+        "central": {"macro_f1": 1.0, "unseen_macro_f1": 0.99915},
+        "local": {"macro_f1": 0.99, "unseen_macro_f1": 0.985501},
+        "bytes_per_round": 136854,
+        "privacy": {"epsilon": 31.46, "delta": 1e-05},
+    }
+    assert fleet_cli.render_text(result).splitlines() == [
+        "cwru: 2 clients, 20 rounds, macro-F1 on held-out rows",
+        "  federated 1.000  on load 0: 0.997",
+        "  central   1.000  on load 0: 0.999",
+        "  local     0.990  on load 0: 0.986",
+        "  bytes per round 136,854",
+        "  privacy: epsilon 31.46 at delta 1e-05",
+    ]
