@@ -41,9 +41,11 @@ _EVALUATE = (
     "ones (--json for one JSON object).",
 )
 _FLEET = (
-    "federated learning across agents with Flower (evaluate in simulation)",
+    "federated learning across agents with Flower (evaluate, serve, client, install, rollback)",
     "Train one model across agents without moving their data (Flower): fleet evaluate compares the "
-    "federated model with central and local-only training on a dataset split like a fleet.",
+    "federated model with central and local-only training on a dataset split like a fleet (simulation); "
+    "fleet serve coordinates a federation, fleet client joins it from an agent, fleet install and "
+    "rollback put the resulting model version on an agent and take it back.",
 )
 _QUANTIZE = (
     "build quantized candidates of a model's FP32 parent, measure them and gate which one ships",
