@@ -72,6 +72,11 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 """A write-ahead log that grew beyond this (a burst, a long read) is truncated to it when it restarts."""
 SLOW_APPEND_S = 1.0
 BACKLOG_CACHE_S = 0.5
+HELD_EXPIRED = f"held != 0 AND held = {HELD} AND enqueued_ns < ?"
+RELEASED_PASSED = "held != 0 AND held > 0 AND held <= ?"
+"""Compaction's held rows: ``held != 0`` repeated so that SQLite uses the partial index ``entry_held`` (it only
+does when the query names the index's own condition): without it each compaction pass, every 0.5 s, read the
+whole table, which a day's backlog for an upstream makes 1.35 GB."""
 
 
 class SpoolNotWritable(Exception):
@@ -514,7 +519,7 @@ class Spool:
                 ("held = 0 AND id > ? AND id <= ?", (self._compacted_to, upper))
             ]
             if first:
-                clauses += [(f"held = {HELD} AND enqueued_ns < ?", (cutoff,)), ("held > 0 AND held <= ?", (floor,))]
+                clauses += [(HELD_EXPIRED, (cutoff,)), (RELEASED_PASSED, (floor,))]
             removed += self._delete(clauses, prune=first)
             self._compacted_to = max(self._compacted_to, upper)
             first = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import time
 from pathlib import Path
 
@@ -25,13 +26,12 @@ import pytest
 from agent.config.storage import SpoolSection, UpstreamSection
 from agent.metrics import Metrics
 from agent.records import Reading, Source
+from agent.spool import sqlite as sqlite_module
 from agent.spool.codec import Entry, encode_lines, encode_readings
 from agent.spool.sqlite import ROW_OVERHEAD_BYTES, Spool
 from agent.storage.base import RetryableWriteError
 from agent.storage.selection import RowSelector, Selection
 from agent.storage.writer import BacklogBudget, SinkWriter
-
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1800)]
 
 MINUTES = int(os.environ.get("PDM_OUTAGE_MINUTES", "60"))
 MACHINES = [Source.of(machine=f"m{i:02d}", sensor="process") for i in range(1, 5)]
@@ -83,6 +83,8 @@ def _minute(k: int, rng: random.Random) -> list[Entry]:
     return entries
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(1800)
 def test_a_day_without_the_upstream_fits_the_default_caps_and_loses_nothing(tmp_path: Path) -> None:
     spool_defaults = SpoolSection()
     upstream = UpstreamSection(name="cloud", url="http://127.0.0.1:1")
@@ -168,3 +170,17 @@ def test_a_day_without_the_upstream_fits_the_default_caps_and_loses_nothing(tmp_
             w.stop(30)
             w.cursor.close()
         spool.close()
+
+
+def test_compaction_finds_held_rows_through_their_index_not_a_scan_of_the_backlog(tmp_path: Path) -> None:
+    """With a day's backlog for an upstream, a compaction pass (every 0.5 s) that scans the table reads 1.35 GB."""
+    with Spool(tmp_path / "spool.db", 10**12, 10**9) as spool:
+        spool.append([encode_lines([f"m v=1 {i}"]) for i in range(2000)])
+        conn = sqlite3.connect(tmp_path / "spool.db")
+        conn.execute("ANALYZE")
+        for where in (sqlite_module.HELD_EXPIRED, sqlite_module.RELEASED_PASSED):
+            plan = " ".join(
+                str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN DELETE FROM entry WHERE {where}", (0,))
+            )
+            assert "USING COVERING INDEX entry_held" in plan or "USING INDEX entry_held" in plan, plan
+        conn.close()
