@@ -2,7 +2,7 @@
 model parameters and metrics.
 
 The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual client per data folder under
-``data_root``, chosen by Flower's ``partition-id``) and in deployment (``flwr-supernode`` with
+``data_root``, chosen by Flower's ``partition-id``) and in deployment (``flower-supernode`` with
 ``--node-config "data-dir='…'"``). Three message types:
 
 ``query``    feature count, sum and sum of squares over the training rows (for the fleet's standardization;
@@ -12,8 +12,8 @@ The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual c
              weight) and ``unit-weight`` (the weight with differential privacy, where all count the same)
 ``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts
 
-What a reply never holds: a feature row, a window, a reading, a label list. ``tests/unit/test_fleet_learning``
-inspects every reply.
+What a reply never holds: a feature row, a window, a reading, a label list.
+``tests/unit/test_fleet_learning_simulation`` inspects every reply.
 """
 
 from __future__ import annotations
@@ -97,6 +97,12 @@ def _model(message: Message, data: ClientData) -> DefectMlp:
     mean, scale = config.get("mean"), config.get("scale")
     if not isinstance(mean, list) or not isinstance(scale, list):
         raise ValueError("the round's config lacks the standardization ('mean', 'scale')")
+    classes = config.get("class-names")
+    if isinstance(classes, list) and tuple(str(c) for c in classes) != data.class_names:
+        raise ClientDataError(
+            f"{data.name}: the fleet model's classes {[str(c) for c in classes]} are not this client's "
+            f"{list(data.class_names)}"
+        )
     return from_arrays(message.content.array_records["arrays"], data.class_names, np.array(mean), np.array(scale))
 
 

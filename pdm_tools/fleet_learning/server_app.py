@@ -195,6 +195,7 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
             "alpha": training.alpha,
             "batch-size": training.batch_size,
             "seed": config.seed,
+            "class-names": list(config.class_names),
             **standardization(model),
         }
     )
@@ -204,7 +205,7 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
         num_rounds=config.rounds,
         timeout=config.round_timeout_s,
         train_config=train_config,
-        evaluate_config=ConfigRecord(standardization(model)),
+        evaluate_config=ConfigRecord({"class-names": list(config.class_names), **standardization(model)}),
     )
     outcome.model = from_arrays(result.arrays, config.class_names, model.mean, model.scale)
     for rnd, metrics in result.evaluate_metrics_clientapp.items():
