@@ -30,9 +30,9 @@ from agent.inference.errors import ModelError
 from agent.inference.image import OnnxImageClassifier
 from agent.inference.session import open_session
 from pdm_tools.datasets.neu import DatasetError, default_data_dir, image_files, load_images, stratified_split
-from pdm_tools.images.build import INT8_FILE
-from pdm_tools.images.export import FP32_FILE
-from pdm_tools.images.measure import agreement, classification, latency, run_probs
+from pdm_tools.evaluation.classification import scores
+from pdm_tools.images.export import FP32_FILE, INT8_FILE
+from pdm_tools.images.measure import agreement, latency, run_probs
 from pdm_tools.images.train import TrainConfig, prepared
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "surface_defect"
@@ -109,6 +109,13 @@ def evaluate(data: Path, model_dir: Path, test_only: bool = False) -> dict[str, 
         "threads": 1,
         "wrong": [images.files[i] for i in np.flatnonzero(probs[shipped].argmax(axis=1) != images.labels)][:50],
     }
+
+
+def classification(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class F1 and the confusion matrix (rows true, columns predicted) of probabilities."""
+    s = scores(labels, probs.argmax(axis=1), n_classes)
+    s["images"] = s.pop("test_windows")
+    return s
 
 
 def render_text(r: dict[str, Any]) -> str:

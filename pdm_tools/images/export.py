@@ -14,6 +14,7 @@ from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha25
 
 MODEL_ID = "surface_defect"
 FP32_FILE = "model.fp32.onnx"
+INT8_FILE = "model.int8.onnx"  # static INT8 beside the parent; the manifest names the one that ships
 
 
 def image_manifest(

@@ -19,7 +19,6 @@ from agent.images.preprocess import prepare
 from agent.inference.image import INPUT, OUTPUT, TASK
 from agent.inference.manifest import Manifest
 from agent.inference.session import open_session
-from pdm_tools.evaluation.classification import scores
 
 BATCHES = (1, 16)
 
@@ -28,13 +27,6 @@ def run_probs(sess: ort.InferenceSession, x: np.ndarray, batch_size: int = 64) -
     """Probabilities float32 ``(N, C)`` of prepared images ``(N, 1, S, S)``, in batches."""
     out = [sess.run([OUTPUT], {INPUT: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(out).astype(np.float32)
-
-
-def classification(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class F1 and the confusion matrix (rows true, columns predicted)."""
-    s = scores(labels, probs.argmax(axis=1), n_classes)
-    s["images"] = s.pop("test_windows")
-    return s
 
 
 def agreement(fp32: np.ndarray, int8: np.ndarray) -> float:

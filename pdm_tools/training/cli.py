@@ -3,7 +3,7 @@
 ``pdm-agent train`` writes both models into ``models/`` (about a minute on 2 cores);
 ``pdm-agent train --quick --out DIR`` is the tiny run the tests use.
 ``pdm-agent train --model surface-defect --data DIR`` builds the camera image classifier from the NEU images
-(``pdm_tools.images.build``, a few minutes on one thread); ``--model all`` builds it too when the images are
+(``pdm_tools.training.surface_defect``); ``--model all`` builds it too when the images are
 there and keeps the shipped ``models/surface_defect`` otherwise.
 
 Exit status: 0 every model asked for was built; 2 a usage error (bad options, ``--quick`` with the defect
@@ -227,11 +227,11 @@ def _train_defect_classifier(args: argparse.Namespace) -> tuple[int, dict[str, A
 
 
 def _train_image_model(args: argparse.Namespace) -> tuple[int, dict[str, Any] | str]:
-    """The NEU surface-defect CNN (``pdm_tools.images.build``), into ``--out``/surface_defect:
+    """The NEU surface-defect CNN (``pdm_tools.training.surface_defect``), into ``--out``/surface_defect:
     (exit status, what was built or why it was skipped)."""
     from pdm_tools.datasets.neu import DatasetError, default_data_dir
-    from pdm_tools.images.build import build_surface_defect
     from pdm_tools.images.train import TrainConfig
+    from pdm_tools.training.surface_defect import build_surface_defect
 
     data = Path(args.data if args.data is not None else default_data_dir())
     if not data.is_dir():

@@ -16,11 +16,11 @@ from pdm_tools.datasets.neu import CLASS_NAMES, DatasetError, load_images, strat
 from pdm_tools.evaluation import neu as evaluate_neu
 from pdm_tools.evaluation.cli import add_arguments as evaluate_arguments
 from pdm_tools.images import synth
-from pdm_tools.images.build import INT8_FILE, build_surface_defect
 from pdm_tools.images.cnn import Cnn
-from pdm_tools.images.export import FP32_FILE
+from pdm_tools.images.export import FP32_FILE, INT8_FILE
 from pdm_tools.images.measure import bare_throughput
 from pdm_tools.images.train import TrainConfig, train_surface_cnn
+from pdm_tools.training.surface_defect import build_surface_defect
 
 TINY = TrainConfig(size=32, channels=(4, 8), epochs=2, batch_size=16, seed=7)
 

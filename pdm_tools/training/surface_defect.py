@@ -25,14 +25,14 @@ import onnxruntime as ort
 
 from agent.inference.image import OnnxImageClassifier
 from pdm_tools.datasets.neu import CLASS_NAMES, load_images
+from pdm_tools.evaluation.neu import classification
 from pdm_tools.images.card import write_card
-from pdm_tools.images.export import FP32_FILE, image_manifest, write_model_dir
-from pdm_tools.images.measure import agreement, classification, latency, run_probs
+from pdm_tools.images.export import FP32_FILE, INT8_FILE, image_manifest, write_model_dir
+from pdm_tools.images.measure import agreement, latency, run_probs
 from pdm_tools.images.train import TrainConfig, Trained, prepared, train_surface_cnn
 from pdm_tools.quantization.gate import PARENT, Criteria, Measured, decide
 from pdm_tools.quantization.static import QuantizeConfig, cpu_description, quantize_static_qdq
 
-INT8_FILE = "model.int8.onnx"
 INT8_NAME = "int8-static-minmax-channel"
 # The bar for shipping INT8 on this CPU: at most 0.6 x the FP32 latency (the gate's own rule is 1.0).
 LATENCY_RATIO = 0.6
@@ -59,7 +59,7 @@ def build_surface_defect(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (FP32_FILE, INT8_FILE):
         (out_dir / stale).unlink(missing_ok=True)
-    fp32 = trained.net.to_onnx(config.size, CLASS_NAMES, doc="surface defect CNN (NEU), pdm_tools.images.build")
+    fp32 = trained.net.to_onnx(config.size, CLASS_NAMES, doc="surface defect CNN (NEU)")
     write_model_dir(fp32, out_dir, trained.spec, CLASS_NAMES, version=version)
     say("quantizing: static INT8, per-channel, QDQ")
     rng = np.random.default_rng(config.seed)
@@ -101,7 +101,7 @@ def build_surface_defect(
         metrics=_metrics(record["measured"], chosen),
         quantization=quantization,
         training=training,
-        created_by="pdm_tools.images.build.build_surface_defect",
+        created_by="pdm_tools.training.surface_defect.build_surface_defect",
     )
     manifest.write(out_dir)
     OnnxImageClassifier.load(out_dir)  # the folder must load exactly as the agent loads it
