@@ -49,9 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--clients", type=int, default=None, help="clients (default: cwru one per load, synthetic 10)"
     )
-    evaluate.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
-    evaluate.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default fedavg)")
-    evaluate.add_argument("--local-epochs", type=int, default=LocalTraining.epochs, help="client epochs per round")
     evaluate.add_argument(
         "--leave-out-load", type=int, default=None, metavar="HP", help="cwru: no client trains on this load"
     )
@@ -61,15 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
         "fedavg, trimmed mean and krum",
     )
-    evaluate.add_argument(
-        "--dp-noise",
-        type=float,
-        default=0.0,
-        help="differential privacy: Gaussian noise multiplier (with --dp-clip; fedavg/fedprox; epsilon reported)",
-    )
-    evaluate.add_argument(
-        "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
-    )
+    _federation_arguments(evaluate, rounds=20)
     evaluate.add_argument("--seed", type=int, default=42, help="seed of the initial weights and client batches")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(fleet_main=main_evaluate)
@@ -84,12 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=9093, help="SuperLink HTTP port (default 9093)")
     serve.add_argument("--state", type=Path, required=True, help="folder for the SuperLink's database and logs")
     serve.add_argument("--out", type=Path, required=True, help="folder for model.npz and federation.json")
-    serve.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default fedavg)")
-    serve.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    _federation_arguments(serve, rounds=10)
     serve.add_argument(
         "--min-clients", type=int, default=2, help="clients a round needs; the rest may be offline (default 2)"
     )
-    serve.add_argument("--local-epochs", type=int, default=LocalTraining.epochs, help="client epochs per round")
     serve.add_argument(
         "--round-timeout-s",
         type=float,
@@ -98,15 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--timeout-s", type=float, default=3600.0, help="give up when the federation has not finished by then"
-    )
-    serve.add_argument(
-        "--dp-noise",
-        type=float,
-        default=0.0,
-        help="differential privacy: Gaussian noise multiplier (with --dp-clip; fedavg/fedprox; epsilon reported)",
-    )
-    serve.add_argument(
-        "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
     )
     serve.add_argument(
         "--version",
@@ -151,6 +129,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-id", default="bearing-defect-classifier", help="model id (default bearing-defect-classifier)"
     )
     rollback.set_defaults(fleet_main=main_rollback)
+
+
+def _federation_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options ``evaluate`` and ``serve`` share: strategy, rounds, local epochs, differential privacy."""
+    parser.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default fedavg)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"federated rounds (default {rounds})")
+    parser.add_argument("--local-epochs", type=int, default=LocalTraining.epochs, help="client epochs per round")
+    parser.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise multiplier (with --dp-clip; fedavg/fedprox; epsilon reported)",
+    )
+    parser.add_argument(
+        "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
