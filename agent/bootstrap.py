@@ -581,6 +581,12 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     )
     if stages.inspection is not None and isinstance(stages.inspection.image_url, ImageLinks):
         stages.inspection.image_url.server = health  # its bound port, known at start
+        if health is None and not config.camera.public_url:
+            logger.warning(
+                "camera images are stored but not served: health.enabled is false, so the URLs in the alerts "
+                "(%s) answer nothing; enable health or set camera.public_url",
+                stages.inspection.image_url("{sha256}"),
+            )
     return Agent(
         config=config,
         metrics=metrics,
