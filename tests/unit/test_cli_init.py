@@ -16,6 +16,8 @@ from agent.config import json_schema, load_config
 from agent.inference.manifest import Manifest
 from agent.metrics import Metrics
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_init_writes_a_config_whose_models_load_from_the_folder(tmp_path: Path) -> None:
     assert main(["init", str(tmp_path / "site")]) == 0
@@ -43,7 +45,9 @@ def test_init_writes_manifests_schema_and_dashboards(tmp_path: Path) -> None:
     assert dashboards == ["agent_operations.json", "fleet_overview.json", "machine_detail.json"]
     assert (tmp_path / "dashboards" / "provisioning" / "datasources" / "influxdb.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "dashboards" / "import").iterdir()) == dashboards  # for UI import
-    assert len(written) == 31  # 8 of them the model cards' figures
+    models = [m for m in (REPO / "models").iterdir() if (m / "manifest.json").is_file()]
+    per_model = [2 + len(list(m.glob("*.onnx"))) + len(list(m.glob("figures/*.png"))) for m in models]
+    assert len(written) == 2 + 9 + sum(per_model)  # config and schema, dashboards, models with their figures
 
 
 def test_init_keeps_what_exists_unless_forced(tmp_path: Path) -> None:
