@@ -4,7 +4,9 @@
 One client is killed (its whole process group: SuperNode and ClientApp) as soon as it receives the first
 training message, and started again on the same folder. The federation must not stall on it: the round
 aggregates what came within ``--round-timeout-s`` (``--min-clients 2``), every round completes, and the
-restarted agent (a new SuperNode id) trains in a later round. No timing is asserted.
+restarted agent (a new SuperNode id) trains in a later round. The federation's model comes out as a
+registry version (``--version``) that ``pdm-agent fleet install`` puts on an agent, whose registry runs it.
+No timing is asserted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.features.bearing import BearingFeatureSpec
+from agent.inference.registry import ModelRegistry, default_builders
+from agent.metrics import Metrics
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from tests.integration.agent_process import closed_port
 
@@ -75,7 +80,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_killed_client_does_not_stall_the_federation_and_rejoins(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    fleet = synthetic_fleet(3, 200, seed=2)
+    fleet = synthetic_fleet(3, 200, seed=2, n_features=BearingFeatureSpec().n_features)
     folders = [client.save(tmp_path / f"agent-{i}") for i, client in enumerate(fleet.clients)]
     port = closed_port()
     superlink = f"127.0.0.1:{port}"
@@ -83,8 +88,8 @@ def test_killed_client_does_not_stall_the_federation_and_rejoins(
     serve_log = tmp_path / "serve.log"
     serve = _pdm_agent(
         "fleet", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"),
-        "--out", str(out), "--rounds", "3", "--min-clients", "2", "--round-timeout-s", "60", "--json",
-        log=serve_log,
+        "--out", str(out), "--rounds", "3", "--min-clients", "2", "--round-timeout-s", "60",
+        "--version", "1.1.0", "--json", log=serve_log,
     )  # fmt: skip
     processes.append(serve)
     logs = [tmp_path / f"agent-{i}.log" for i in range(3)]
@@ -115,3 +120,22 @@ def test_killed_client_does_not_stall_the_federation_and_rejoins(
     assert newcomers, f"the restarted agent never trained again: {participants}"
     assert "Receiving: train message" in rejoined_log.read_text(errors="replace")
     assert (out / "model.npz").is_file()
+
+    # The round's result ships: installed on an agent, its registry verifies and runs it.
+    version_dir = out / "bearing-defect-classifier-1.1.0"
+    manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["training"]["federation"]["rounds_completed"] == 3
+    assert len(manifest["training"]["federation"]["clients"]) >= 2  # those connected when round 0 asked
+    models = tmp_path / "models"
+    models.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "fleet", "install", str(version_dir), "--models-dir", str(models)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    registry = ModelRegistry(models, Metrics(), default_builders(1))
+    registry.track("bearing-defect-classifier", "classifier")
+    assert registry.active()["bearing-defect-classifier"][0] == "1.1.0"
