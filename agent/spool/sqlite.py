@@ -72,6 +72,11 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 """A write-ahead log that grew beyond this (a burst, a long read) is truncated to it when it restarts."""
 SLOW_APPEND_S = 1.0
 BACKLOG_CACHE_S = 0.5
+BACKLOG_SCAN_SHARE = 20.0
+"""A backlog scan that took ``t`` seconds is not repeated within ``BACKLOG_SCAN_SHARE * t`` (at most 5 % of a
+core): after days without an upstream one scan reads a gigabyte of rows, and every scrape asked for it."""
+BACKLOG_SCAN_CHEAP_S = 0.01
+"""Scans faster than this are repeated after every append (exact depths for small backlogs, as before)."""
 HELD_EXPIRED = f"held != 0 AND held = {HELD} AND enqueued_ns < ?"
 RELEASED_PASSED = "held != 0 AND held > 0 AND held <= ?"
 """Compaction's held rows: ``held != 0`` repeated so that SQLite uses the partial index ``entry_held`` (it only
@@ -178,7 +183,12 @@ class Spool:
         self._last_compact = 0.0
         self._last_checkpoint = 0.0
         self._compacted_to = 0  # no ordinary row at or below this id is left (see compact)
-        self._backlog_cache: tuple[float, dict[str, tuple[int, int, float, int]]] = (-float("inf"), {})
+        # (taken at, least interval before the next scan, result); the scans run on their own read connection
+        # so that the appending threads never wait for one (``backlogs``).
+        self._backlog_cache: tuple[float, float, dict[str, tuple[int, int, float, int]]] = (-float("inf"), 0.0, {})
+        self._backlog_stale = True
+        self._backlog_lock = threading.Lock()
+        self._backlog_reader: sqlite3.Connection | None = None
         self.reserve_bytes = reserve_bytes
         self._reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._full_since: float | None = None  # monotonic time the disk was found full; None while there is room
@@ -293,7 +303,7 @@ class Spool:
                     dropped_bytes += gone[2]
             self._rows, self._points, self._bytes = rows, points, size
             self._last_id = max([self._last_id, *(i for i in ids if i is not None)])
-        self._backlog_cache = (-float("inf"), {})
+        self._backlog_stale = True
         self._metrics.inc("spool.appended", sum(entries[i].points for i in keep))
         self._publish_gauges()
         if dropped_points or dropped_bytes:
@@ -559,17 +569,28 @@ class Spool:
 
     def backlogs(self) -> dict[str, tuple[int, int, float, int]]:
         """Per sink: rows, points after its cursor, the age in seconds of the oldest of them, and their bytes
-        (held blocks are not a sink's backlog: they give it nothing until released)."""
-        cached_at, cached = self._backlog_cache
-        if time.monotonic() - cached_at < BACKLOG_CACHE_S:
-            return cached
-        out: dict[str, tuple[int, int, float, int]] = {}
-        now = time.time_ns()
-        cursors = self.cursors()
-        with self._lock:
-            conn = self._connection()
+        (held blocks are not a sink's backlog: they give it nothing until released).
+
+        Sampled: a result is reused for ``BACKLOG_CACHE_S``, and a scan that took long (a big backlog) is not
+        repeated before ``BACKLOG_SCAN_SHARE`` times its duration. The scan reads on its own connection, outside
+        the spool's lock, so ingest appends while a metrics scrape counts a day's backlog."""
+        with self._backlog_lock:
+            taken_at, least, cached = self._backlog_cache
+            since = time.monotonic() - taken_at
+            if since < least or (since < BACKLOG_CACHE_S and not self._backlog_stale):
+                return cached
+            self._backlog_stale = False
+            cursors = self.cursors()
+            reader = self._backlog_reader
+            if reader is None:
+                reader = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
+                reader.execute("PRAGMA query_only=ON")
+                self._backlog_reader = reader
+            started = time.monotonic()
+            now = time.time_ns()
+            out: dict[str, tuple[int, int, float, int]] = {}
             for sink, last_id in cursors.items():
-                rows, points, oldest, size = conn.execute(
+                rows, points, oldest, size = reader.execute(
                     "SELECT count(*), coalesce(sum(points), 0), min(enqueued_ns), "
                     f"coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD_BYTES} FROM entry "
                     "WHERE id > ? AND held = 0",
@@ -577,8 +598,10 @@ class Spool:
                 ).fetchone()
                 age = 0.0 if oldest is None else max(0.0, (now - int(oldest)) / 1e9)
                 out[sink] = (int(rows), int(points), age, int(size))
-        self._backlog_cache = (time.monotonic(), out)
-        return out
+            took = time.monotonic() - started
+            least = BACKLOG_SCAN_SHARE * took if took >= BACKLOG_SCAN_CHEAP_S else 0.0
+            self._backlog_cache = (time.monotonic(), least, out)
+            return out
 
     def _sink_backlog(self, sink: str, index: int) -> float | None:
         if self._conn is None:
@@ -592,7 +615,7 @@ class Spool:
         return float(max(b[index] for b in self.backlogs().values()))
 
     def depth(self) -> int:
-        """Points the slowest sink has not confirmed yet (sampled, at most ``BACKLOG_CACHE_S`` old)."""
+        """Points the slowest sink has not confirmed yet (sampled: ``backlogs``)."""
         if self._conn is None:
             return 0
         return max(b[1] for b in self.backlogs().values())
@@ -752,6 +775,10 @@ class Spool:
             finally:
                 self._conn.close()
                 self._conn = None
+        with self._backlog_lock:
+            if self._backlog_reader is not None:
+                self._backlog_reader.close()
+                self._backlog_reader = None
 
     def __enter__(self) -> Spool:
         return self

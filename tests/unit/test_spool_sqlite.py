@@ -760,3 +760,42 @@ def test_the_maintenance_thread_compacts_and_checkpoints_so_appending_threads_on
         assert metrics.get("spool.append_seconds") == 1  # one append, timed
         cursor.close()
     assert spool._maintenance is not None and not spool._maintenance.is_alive()  # stopped by close
+
+
+def test_a_backlog_scan_does_not_hold_up_appends(spool: Spool) -> None:
+    """Counting a sink's backlog (a metrics scrape, /readyz) reads on its own connection: an append made while
+    the scan runs completes before the scan ends (under the spool's lock it would wait for the whole scan)."""
+    _append(spool, _entries(50))
+    spool.backlogs()  # opens the reader connection
+    reader = spool._backlog_reader
+    assert reader is not None
+    appended = threading.Event()
+
+    def append_meanwhile() -> int:
+        if not appended.is_set():
+            worker = threading.Thread(target=lambda: (_append(spool, _entries(1, start=50)), appended.set()))
+            worker.start()
+            worker.join(10.0)
+            appended.set()  # once only; the assertion below tells a completed append from a timed-out one
+        return 0
+
+    reader.set_progress_handler(append_meanwhile, 1)
+    spool.append(_entries(1, start=51))  # a new row: the next call scans again
+    spool.backlogs()
+    reader.set_progress_handler(None, 1)
+    assert spool.size()[0] == 52, "the append made during the scan did not complete while the scan ran"
+
+
+def test_a_slow_backlog_scan_is_not_repeated_at_once(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan slower than BACKLOG_SCAN_CHEAP_S waits BACKLOG_SCAN_SHARE times its duration before the next one,
+    appends or not; a cheap one is repeated after the next append (exact depths while backlogs are small)."""
+    _append(spool, _entries(3))
+    assert spool.depth() == 3
+    _append(spool, _entries(2, start=3))
+    assert spool.depth() == 5  # cheap: exact after an append
+    monkeypatch.setattr(spool_module, "BACKLOG_SCAN_CHEAP_S", 0.0)
+    monkeypatch.setattr(spool_module, "BACKLOG_SCAN_SHARE", 1e9)
+    _append(spool, _entries(1, start=5))
+    assert spool.depth() == 6  # this scan counts as slow: the next waits
+    _append(spool, _entries(1, start=6))
+    assert spool.depth() == 6
