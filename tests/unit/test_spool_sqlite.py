@@ -771,9 +771,12 @@ def test_a_backlog_scan_does_not_hold_up_appends(spool: Spool) -> None:
     assert reader is not None
     appended = threading.Event()
 
+    def append_one() -> None:
+        _append(spool, _entries(1, start=50))
+
     def append_meanwhile() -> int:
         if not appended.is_set():
-            worker = threading.Thread(target=lambda: (_append(spool, _entries(1, start=50)), appended.set()))
+            worker = threading.Thread(target=append_one)
             worker.start()
             worker.join(10.0)
             appended.set()  # once only; the assertion below tells a completed append from a timed-out one
