@@ -201,3 +201,24 @@ def test_the_shipped_model_recognises_the_generated_classes_the_demo_publishes(n
     model = OnnxImageClassifier.load(SHIPPED)
     index, _ = model.classify(model.prepare([synth.generate(name, seed) for seed in range(20)]))
     assert [model.classes[i] for i in index] == [name] * 20
+
+
+def test_the_model_registry_serves_an_image_model_and_swaps_in_a_new_version(tmp_path: Path) -> None:
+    from agent.inference.registry import ModelRegistry
+    from agent.metrics import Metrics
+
+    models = tmp_path / "models"
+    net = Cnn.init((4, 8), len(CLASSES), seed=3)
+    write_model_dir(net.to_onnx(SIZE, CLASSES), models / "v1", ImageSpec(SIZE), CLASSES, model_id="cam")
+    registry = ModelRegistry(models, Metrics())
+    slot = registry.track("cam", "image-classifier")
+    assert isinstance(slot.model, OnnxImageClassifier) and slot.model.version == "1.0.0"
+    # A new version with another input size: images are not windowed, so it is swapped in without a restart.
+    net2 = Cnn.init((4, 8), len(CLASSES), seed=4)
+    write_model_dir(
+        net2.to_onnx(2 * SIZE, CLASSES), models / "v2", ImageSpec(2 * SIZE), CLASSES, model_id="cam", version="1.1.0"
+    )
+    registry.refresh()
+    assert slot.model.version == "1.1.0" and slot.model.input_size == 2 * SIZE
+    index, _ = slot.model.classify(slot.model.prepare([frame(1)]))
+    assert index.shape == (1,)
