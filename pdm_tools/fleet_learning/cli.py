@@ -24,9 +24,10 @@ from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir,
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
+from pdm_tools.fleet_learning.process import AeTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
-DATASETS = ("cwru", "synthetic")
+DATASETS = ("cwru", "skab", "synthetic")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         choices=DATASETS,
         required=True,
-        help="cwru: one client per motor load (or several per load); synthetic: machines at different speeds",
+        help="cwru: one client per motor load (or several per load); skab: the process autoencoder, one client "
+        "per testbed group (or several per group); synthetic: machines at different speeds",
     )
     evaluate.add_argument(
-        "--data", type=Path, default=None, help="CWRU folder (default $PDM_DATASETS/cwru or ../shared/datasets/cwru)"
+        "--data",
+        type=Path,
+        default=None,
+        help="CWRU or SKAB folder (default $PDM_DATASETS/cwru or skab, or ../shared/datasets/...)",
     )
     evaluate.add_argument(
         "--clients", type=int, default=None, help="clients (default: cwru one per load, synthetic 10)"
@@ -155,6 +160,8 @@ def main_evaluate(args: argparse.Namespace) -> int:
     if args.rounds < 1 or (args.clients is not None and args.clients < 2) or args.local_epochs < 1:
         print("fleet evaluate: --rounds and --local-epochs must be >= 1, --clients >= 2", file=sys.stderr)
         return 2
+    if args.dataset == "skab":
+        return _evaluate_skab(args)
     try:
         fleet = _fleet(args)
         config = FederationConfig(
@@ -183,6 +190,53 @@ def main_evaluate(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_text(result))
     return 0
+
+
+def _evaluate_skab(args: argparse.Namespace) -> int:
+    """``fleet evaluate --dataset skab``: the process autoencoder (``pdm_tools.fleet_learning.process_eval``)."""
+    from pdm_tools.evaluation import skab
+    from pdm_tools.fleet_learning.process_app import ProcessFederation
+    from pdm_tools.fleet_learning.process_eval import evaluate_process_fleet, skab_fleet
+
+    if args.poisoned or args.leave_out_load is not None:
+        print("fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic", file=sys.stderr)
+        return 2
+    try:
+        files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
+        clients = skab_fleet(files, args.clients)
+        federation = FederationConfig(
+            class_names=(),
+            rounds=args.rounds,
+            strategy=args.strategy,
+            min_clients=len(clients),
+            dp_noise=args.dp_noise,
+            dp_clip=args.dp_clip,
+            seed=args.seed,
+        )
+        config = ProcessFederation(federation, clients[0].n_channels, training=AeTraining(epochs=args.local_epochs))
+        make_strategy(federation)
+        with threadpool_limits(limits=1, user_api="blas"):
+            result = {"dataset": "skab", **evaluate_process_fleet(clients, config)}
+    except (skab.DatasetError, ClientDataError, FederationError, ValueError) as exc:
+        print(f"fleet evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_process_text(result))
+    return 0
+
+
+def render_process_text(result: dict[str, Any]) -> str:
+    """The figures of ``fleet evaluate --dataset skab`` as a few plain lines."""
+    lines = [f"skab: {result['clients']} clients, {result['rounds']} rounds, pooled over files: F1, FAR %, MAR %"]
+    for name in ("federated", "central", "local"):
+        v = result[name]
+        lines.append(f"  {name:9} {v['f1']:.3f} {v['far']:7.2f} {v['mar']:7.2f}")
+    few = result["client_with_fewest_rows"]
+    lines.append(
+        f"  fewest rows: {few['client']} ({few['rows']}): federated F1 {few['federated_f1']:.3f}, "
+        f"local {few['local_f1']:.3f}"
+    )
+    lines.append(f"  bytes per round {result['bytes_per_round']:,}")
+    return "\n".join(lines)
 
 
 def render_text(result: dict[str, Any]) -> str:

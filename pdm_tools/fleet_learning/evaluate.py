@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from pdm_tools.evaluation.classification import scores
@@ -40,15 +42,20 @@ def simulate(fleet: Fleet, config: FederationConfig, mods: Sequence[Mod] = (), k
         root = Path(tmp)
         for i, client in enumerate(fleet.clients):
             client.save(root / f"client-{i}")
-        run_simulation(
-            server_app=build_server_app(config, outcome),
-            client_app=build_client_app(root, mods),
-            num_supernodes=len(fleet.clients),
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
-        )
+        run_in_simulation(build_server_app(config, outcome), build_client_app(root, mods), len(fleet.clients))
     if outcome.model is None:
         raise FederationError("the simulation ended without a model (see the log above)")
     return outcome
+
+
+def run_in_simulation(server_app: ServerApp, client_app: ClientApp, clients: int) -> None:
+    """Flower's simulation runtime: ``clients`` virtual SuperNodes, one CPU each, on at most two CPUs."""
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
 
 
 def evaluate_fleet(fleet: Fleet, config: FederationConfig) -> dict[str, Any]:

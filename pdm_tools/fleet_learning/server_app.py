@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,15 +107,20 @@ class Outcome:
     keep_replies: bool = False
 
 
-def make_strategy(config: FederationConfig) -> Strategy:
-    """The Flower strategy named by ``config.strategy``; every client trains and evaluates each round."""
+def make_strategy(
+    config: FederationConfig,
+    evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+) -> Strategy:
+    """The Flower strategy named by ``config.strategy``; every client trains and evaluates each round.
+    ``evaluate_metrics_aggr_fn``: how the clients' evaluation metrics add up (default: the classifier's
+    confusion matrices, ``sum_confusions``)."""
     common: dict[str, Any] = {
         # With DP every update weighs the same (the noise is calibrated to one client's clipped share).
         "weighted_by_key": "unit-weight" if config.dp else "num-examples",
         "min_train_nodes": config.min_clients,
         "min_evaluate_nodes": config.min_clients,
         "min_available_nodes": config.min_clients,
-        "evaluate_metrics_aggr_fn": sum_confusions,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn or sum_confusions,
     }
     strategy: Strategy
     if config.strategy == "fedavg":

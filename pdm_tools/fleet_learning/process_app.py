@@ -1,0 +1,234 @@
+"""Flower apps of the fleet's process autoencoder (``pdm_tools.fleet_learning.process``).
+
+A client holds one or more machines' readings (SKAB: one file per machine run) in ``process.npz``
+(``values`` the readings concatenated, ``lengths`` each machine's row count, ``labels`` the ``anomaly``
+column where known, else empty). Each machine's commissioning baseline and threshold are fitted on the
+client; two message types reach it:
+
+``train``    a few local epochs of the fleet autoencoder on its machines' commissioning windows; replies the
+             weights and ``num-examples``
+``evaluate`` its machines' test steps scored by the fleet autoencoder, each against its own label-free
+             threshold; replies the confusion counts ``tp``/``fp``/``fn``/``tn`` (without labels: all zero
+             but ``fp + tn``, so ``fp`` is the alarm count)
+
+What a reply never holds: a reading, a z vector, a label. The server needs no feature sums (each machine
+standardizes itself), so there is no ``query`` round.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from agent.commissioning.detector import DetectorConfig
+from pdm_tools.fleet_learning.client_app import _folder, _number
+from pdm_tools.fleet_learning.data import ClientDataError
+from pdm_tools.fleet_learning.process import (
+    PROCESS_HIDDEN,
+    AeTraining,
+    Series,
+    confusion,
+    from_arrays,
+    init_autoencoder,
+    smoothed_z,
+    to_arrays,
+    train_autoencoder,
+)
+from pdm_tools.fleet_learning.server_app import CountingGrid, FederationConfig, Outcome, make_strategy
+from pdm_tools.models.autoencoder import Autoencoder
+
+PROCESS_FILE = "process.npz"
+COUNTS = ("tp", "fp", "fn", "tn")
+
+
+@dataclass(frozen=True)
+class ProcessClient:
+    """One client's machines: ``values[i]`` ``(n_i, C)`` readings, ``labels[i]`` ``(n_i,)`` bool or ``None``."""
+
+    name: str
+    values: tuple[np.ndarray, ...]
+    labels: tuple[np.ndarray | None, ...]
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.values[0].shape[1])
+
+    def series(self, config: DetectorConfig | None = None) -> list[Series]:
+        return [smoothed_z(v, y, config) for v, y in zip(self.values, self.labels, strict=True)]
+
+    def save(self, folder: Path) -> Path:
+        """Write ``folder/process.npz``; returns the folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        labelled = all(y is not None for y in self.labels)
+        np.savez(
+            folder / PROCESS_FILE,
+            values=np.concatenate(self.values),
+            lengths=np.array([len(v) for v in self.values], np.int64),
+            labels=np.concatenate([y for y in self.labels if y is not None]) if labelled else np.zeros(0, bool),
+            name=np.array(self.name),
+        )
+        return folder
+
+
+def load_process_client(folder: Path) -> ProcessClient:
+    """The machines in ``folder/process.npz``; ``ClientDataError`` names what is wrong."""
+    path = Path(folder) / PROCESS_FILE
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            values = np.asarray(npz["values"], np.float64)
+            lengths = np.asarray(npz["lengths"], np.int64)
+            labels = np.asarray(npz["labels"], bool)
+            name = str(npz["name"]) if "name" in npz.files else Path(folder).name
+    except (OSError, ValueError, KeyError) as exc:
+        raise ClientDataError(f"{path}: cannot read: {exc}") from exc
+    if values.ndim != 2 or int(lengths.sum()) != len(values) or (len(labels) and len(labels) != len(values)):
+        raise ClientDataError(
+            f"{path}: values {values.shape}, lengths summing to {int(lengths.sum())} and {len(labels)} labels differ"
+        )
+    if not np.isfinite(values).all():
+        raise ClientDataError(f"{path}: readings contain NaN or infinity")
+    cuts = np.cumsum(lengths)[:-1]
+    parts = tuple(np.split(values, cuts))
+    return ProcessClient(name, parts, tuple(np.split(labels, cuts)) if len(labels) else (None,) * len(parts))
+
+
+@dataclass(frozen=True)
+class ProcessFederation:
+    """What the coordinator runs for the process model: the common options (``FederationConfig``; its
+    ``class_names`` are unused) and the autoencoder's shape."""
+
+    federation: FederationConfig
+    n_channels: int
+    hidden: tuple[int, ...] = PROCESS_HIDDEN
+    training: AeTraining = field(default_factory=AeTraining)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.federation.to_dict().items() if k not in ("alpha", "hidden", "learning_rate")}
+        return {
+            **out,
+            "model": "process autoencoder",
+            "hidden": list(self.hidden),
+            "local_epochs": self.training.epochs,
+            "learning_rate": self.training.learning_rate,
+            "batch_size": self.training.batch_size,
+        }
+
+
+@dataclass
+class ProcessOutcome:
+    """The fleet autoencoder, the initial one, and the run's counters (bytes, rows, federated evaluation)."""
+
+    model: Autoencoder | None = None
+    initial: Autoencoder | None = None
+    counters: Outcome = field(default_factory=Outcome)
+
+
+def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum)."""
+    total = dict.fromkeys(COUNTS, 0)
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        for key in COUNTS:
+            total[key] += int(metrics[key])  # type: ignore[arg-type]
+    return MetricRecord(total)  # type: ignore[arg-type]
+
+
+def build_process_server_app(config: ProcessFederation, outcome: ProcessOutcome) -> ServerApp:
+    """The ServerApp; when it returns, ``outcome`` holds the fleet autoencoder."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        federate_process(grid, config, outcome)
+
+    return app
+
+
+def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutcome) -> None:
+    """``rounds`` rounds of the strategy on the autoencoder, federated evaluation every round."""
+    fed = config.federation
+    model = init_autoencoder(config.n_channels, config.hidden, fed.seed)
+    outcome.initial = model
+    train_config = ConfigRecord(
+        {
+            "local-epochs": config.training.epochs,
+            "learning-rate": config.training.learning_rate,
+            "batch-size": config.training.batch_size,
+            "seed": fed.seed,
+            "channels": config.n_channels,
+        }
+    )
+    result = make_strategy(fed, sum_counts).start(
+        grid=CountingGrid(grid, outcome.counters),
+        initial_arrays=to_arrays(model),
+        num_rounds=fed.rounds,
+        timeout=fed.round_timeout_s,
+        train_config=train_config,
+        evaluate_config=ConfigRecord({"channels": config.n_channels}),
+    )
+    outcome.model = from_arrays(result.arrays, config.n_channels)
+    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+        outcome.counters.evaluation[rnd] = {k: int(metrics[k]) for k in COUNTS if k in metrics}  # type: ignore[arg-type]
+
+
+_loaded: dict[Path, tuple[ProcessClient, list[Series]]] = {}
+
+
+def build_process_client_app(data_root: Path | None = None, detector: DetectorConfig | None = None) -> ClientApp:
+    """The ClientApp. ``data_root``: simulation, client ``i`` reads ``data_root/client-{i}``; without it the
+    node's ``data-dir`` setting names the folder. ``detector``: the machines' commissioning settings."""
+    app = ClientApp()
+    det = detector or DetectorConfig()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        client, series = _data(context, data_root, det)
+        config = message.content.config_records["config"]
+        model = _model(message, client)
+        training = AeTraining(
+            epochs=int(_number(config, "local-epochs", AeTraining.epochs)),
+            learning_rate=_number(config, "learning-rate", AeTraining.learning_rate),
+            batch_size=int(_number(config, "batch-size", AeTraining.batch_size)),
+        )
+        rnd, base_seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
+        rows = np.concatenate([s.train for s in series])
+        trained, loss = train_autoencoder(
+            model, rows, training, zlib.crc32(f"{client.name}/{base_seed}/{rnd}".encode())
+        )
+        metrics = MetricRecord({"num-examples": len(rows), "unit-weight": 1, "train-mse": loss})
+        return Message(RecordDict({"arrays": to_arrays(trained), "metrics": metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        client, series = _data(context, data_root, det)
+        counts = confusion(_model(message, client), series, det.threshold_factor)
+        steps = sum(len(s.test) for s in series)
+        metrics = MetricRecord({"num-examples": steps, "unit-weight": 1, **counts})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    return app
+
+
+def _model(message: Message, client: ProcessClient) -> Autoencoder:
+    channels = message.content.config_records["config"].get("channels")
+    if channels != client.n_channels:
+        raise ClientDataError(
+            f"{client.name}: the fleet model has {channels!r} channels, this client's readings {client.n_channels}"
+        )
+    return from_arrays(message.content.array_records["arrays"], client.n_channels)
+
+
+def _data(context: Context, data_root: Path | None, det: DetectorConfig) -> tuple[ProcessClient, list[Series]]:
+    """The client's machines and their smoothed z vectors, computed once per process."""
+    folder = _folder(context, data_root)
+    if folder not in _loaded:
+        client = load_process_client(folder)
+        _loaded[folder] = (client, client.series(det))
+    return _loaded[folder]

@@ -1,0 +1,149 @@
+"""``pdm-agent fleet evaluate --dataset skab``: the fleet's process autoencoder trained federatedly, centrally
+and by each client alone, scored with SKAB's outlier-detection protocol.
+
+Fleet: clients are SKAB's testbed groups (the folder a file is in: ``valve1``, ``valve2``, ``other``); with
+more clients than groups, a group's files are dealt round-robin to several clients (the group with the most
+files per client gets the next one). Every file is one machine run: its first ``TRAIN_ROWS`` rows are its
+commissioning (label-free training), the rest its test steps, as in ``pdm_tools.evaluation.skab``.
+
+The three models (``pdm_tools.fleet_learning.process``) start from the same weights and run the same number
+of epochs (``rounds × local_epochs``): *federated* in Flower's simulation runtime (each client trains on its
+own machines' commissioning windows, the strategy averages), *central* on all clients' commissioning
+windows pooled, *local* one per client on its own only. Every machine's threshold is its own label-free
+``threshold_factor × max commissioning score``; confusion counts are pooled over files with
+F1 = TP / (TP + (FP + FN) / 2), FAR = FP / (FP + TN) %, MAR = FN / (FN + TP) %. Federated and central are
+scored on every file; a local model on its own client's files (it is that client's model).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.commissioning.detector import DetectorConfig
+from pdm_tools.evaluation.skab import Confusion, SkabFile
+from pdm_tools.fleet_learning.data import ClientDataError
+from pdm_tools.fleet_learning.evaluate import run_in_simulation
+from pdm_tools.fleet_learning.process import AeTraining, Series, confusion, train_autoencoder
+from pdm_tools.fleet_learning.process_app import (
+    ProcessClient,
+    ProcessFederation,
+    ProcessOutcome,
+    build_process_client_app,
+    build_process_server_app,
+)
+from pdm_tools.fleet_learning.server_app import FederationError, Outcome
+from pdm_tools.models.autoencoder import Autoencoder
+
+
+def skab_fleet(files: Sequence[SkabFile], clients: int | None = None) -> list[ProcessClient]:
+    """``clients`` clients (default: one per testbed group) holding the files of their group."""
+    groups: dict[str, list[SkabFile]] = {}
+    for f in files:
+        groups.setdefault(f.name.split("/")[0] if "/" in f.name else "root", []).append(f)
+    n = len(groups) if clients is None else clients
+    if not len(groups) <= n <= len(files):
+        raise ClientDataError(
+            f"--clients {n}: SKAB gives each testbed group ({', '.join(sorted(groups))}) at least one client and "
+            f"each client at least one file ({len(groups)}..{len(files)})"
+        )
+    per_group = dict.fromkeys(groups, 1)
+    for _ in range(n - len(groups)):
+        spare = [g for g in groups if per_group[g] < len(groups[g])]
+        per_group[max(spare, key=lambda g: len(groups[g]) / per_group[g])] += 1
+    out = []
+    for group in sorted(groups):
+        k = per_group[group]
+        for j in range(k):
+            mine = groups[group][j::k]
+            name = group if k == 1 else f"{group}-{j}"
+            out.append(ProcessClient(name, tuple(f.values for f in mine), tuple(f.labels for f in mine)))
+    return out
+
+
+def simulate_process(
+    clients: Sequence[ProcessClient], config: ProcessFederation, keep_replies: bool = False
+) -> ProcessOutcome:
+    """The federation over ``clients`` in Flower's simulation runtime, with the agents' process ClientApp;
+    ``keep_replies``: the outcome keeps what every client sent (for tests that inspect it)."""
+    outcome = ProcessOutcome(counters=Outcome(keep_replies=keep_replies))
+    with tempfile.TemporaryDirectory(prefix="pdm-fleet-process-") as tmp:
+        root = Path(tmp)
+        for i, client in enumerate(clients):
+            client.save(root / f"client-{i}")
+        run_in_simulation(build_process_server_app(config, outcome), build_process_client_app(root), len(clients))
+    if outcome.model is None:
+        raise FederationError("the simulation ended without a model (see the log above)")
+    return outcome
+
+
+def evaluate_process_fleet(clients: Sequence[ProcessClient], config: ProcessFederation) -> dict[str, Any]:
+    """The JSON object of ``fleet evaluate --dataset skab``."""
+    return compare_process(clients, config, simulate_process(clients, config))
+
+
+def compare_process(
+    clients: Sequence[ProcessClient],
+    config: ProcessFederation,
+    outcome: ProcessOutcome,
+    detector: DetectorConfig | None = None,
+) -> dict[str, Any]:
+    """The federation's autoencoder (``outcome``) against central and local-only fits from the same start."""
+    assert outcome.model is not None and outcome.initial is not None
+    det = detector or DetectorConfig()
+    series = {c.name: c.series(det) for c in clients}
+    epochs = config.federation.rounds * config.training.epochs
+    budget = AeTraining(epochs, config.training.learning_rate, config.training.batch_size)
+    seed = config.federation.seed
+
+    def train(rows: Sequence[Series]) -> Autoencoder:
+        return train_autoencoder(outcome.initial, np.concatenate([s.train for s in rows]), budget, seed)[0]  # type: ignore[arg-type]
+
+    def counts(model: Autoencoder, rows: Sequence[Series]) -> Confusion:
+        return Confusion(**confusion(model, rows, det.threshold_factor))
+
+    def measure(model: Autoencoder) -> dict[str, Any]:
+        per_client = {name: counts(model, s) for name, s in series.items()}
+        total = sum(per_client.values(), Confusion())
+        return {**total.to_dict(), "per_client_f1": {name: round(c.f1, 4) for name, c in per_client.items()}}
+
+    central = train([s for rows in series.values() for s in rows])
+    own = {name: counts(train(rows), rows) for name, rows in series.items()}
+    rows = {name: int(sum(len(s.train) for s in rows)) for name, rows in series.items()}
+    fewest = min(rows, key=lambda name: rows[name])
+    federated = measure(outcome.model)
+    evaluation = outcome.counters.evaluation.get(config.federation.rounds, {})
+    training_rounds = [b for r, b in outcome.counters.bytes_per_round.items() if r > 0]
+    return {
+        "federated": {
+            **federated,
+            **({"federated_evaluation": Confusion(**evaluation).to_dict()} if evaluation else {}),
+        },
+        "central": measure(central),
+        "local": {
+            **sum(own.values(), Confusion()).to_dict(),
+            "own_client_f1": {name: round(c.f1, 4) for name, c in own.items()},
+        },
+        "client_with_fewest_rows": {
+            "client": fewest,
+            "rows": rows[fewest],
+            "federated_f1": federated["per_client_f1"][fewest],
+            "local_f1": round(own[fewest].f1, 4),
+        },
+        "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
+        "rounds": config.federation.rounds,
+        "clients": len(clients),
+        "client_rows": rows,
+        "client_files": {c.name: len(c.values) for c in clients},
+        "federation": config.to_dict(),
+        "detector": det.to_dict(),
+        "protocol": (
+            "SKAB outlier detection per file: first 400 rows = the machine's commissioning (its baseline's "
+            "standardization, the autoencoder's training rows, its threshold = factor x max commissioning score; "
+            "no label read), rest = test, point-wise on 'anomaly', confusion pooled over files"
+        ),
+    }
