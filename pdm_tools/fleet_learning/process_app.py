@@ -18,6 +18,7 @@ standardizes itself), so there is no ``query`` round.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from pdm_tools.fleet_learning.client_app import _folder, _number
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.process import (
     PROCESS_HIDDEN,
+    TRAIN_ROWS,
     AeTraining,
     Series,
     confusion,
@@ -225,8 +227,44 @@ def _model(message: Message, client: ProcessClient) -> Autoencoder:
     return from_arrays(message.content.array_records["arrays"], client.n_channels)
 
 
+def store_client(
+    agent_config: Path, machine: str, since: str, fields: Sequence[str] | None = None, now_ns: int | None = None
+) -> ProcessClient:
+    """A client holding one machine's process readings of the last ``since`` (``30d``, ``12h``), read from the
+    agent's local store (``agent.storage.query.LocalStore``: the local InfluxDB of ``agent_config``, even with
+    every upstream unreachable) instead of a data folder. ``fields``: the channels, in the fleet's order
+    (default: every numeric field the machine has, sorted). Only rows with every channel count; the first
+    ``TRAIN_ROWS`` of them are the machine's commissioning. No labels: evaluation counts alarms."""
+    from agent.bootstrap import build_sink
+    from agent.config import load_config
+    from agent.storage.query import LocalStore, since_ns
+
+    config = load_config(agent_config)
+    sink = build_sink(config)
+    try:
+        found = LocalStore(sink).readings(machine, since_ns(since, now_ns), fields=fields).complete()
+    finally:
+        sink.close()
+    if len(found) < TRAIN_ROWS:
+        channels = ", ".join(found.columns) or "any field"
+        raise ClientDataError(
+            f"machine {machine}: {len(found)} complete readings ({channels}) in the last {since} in the local "
+            f"store; the process model needs at least {TRAIN_ROWS}"
+        )
+    return ProcessClient(machine, (found.values,), (None,))
+
+
 def _data(context: Context, data_root: Path | None, det: DetectorConfig) -> tuple[ProcessClient, list[Series]]:
-    """The client's machines and their smoothed z vectors, computed once per process."""
+    """The client's machines and their smoothed z vectors, computed once per process: from the local store
+    when the node names ``agent-config`` and ``machine`` (and ``since``, ``fields``), else from its folder."""
+    node = context.node_config
+    if "agent-config" in node:
+        key = Path(str(node["agent-config"]))
+        if key not in _loaded:
+            fields = [f for f in str(node.get("fields", "")).split(",") if f] or None
+            client = store_client(key, str(node.get("machine", "")), str(node.get("since", "30d")), fields)
+            _loaded[key] = (client, client.series(det))
+        return _loaded[key]
     folder = _folder(context, data_root)
     if folder not in _loaded:
         client = load_process_client(folder)
