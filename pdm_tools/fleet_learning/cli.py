@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
         "fedavg, trimmed mean and krum",
     )
+    evaluate.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="skab: skip the quantization gate's metrics (INT8 vs FP32 on every client's machines) after the "
+        "last round",
+    )
     _federation_arguments(evaluate, rounds=20)
     evaluate.add_argument("--seed", type=int, default=42, help="seed of the initial weights and client batches")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -213,7 +219,12 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
             dp_clip=args.dp_clip,
             seed=args.seed,
         )
-        config = ProcessFederation(federation, clients[0].n_channels, training=AeTraining(epochs=args.local_epochs))
+        config = ProcessFederation(
+            federation,
+            clients[0].n_channels,
+            training=AeTraining(epochs=args.local_epochs),
+            quantize=not args.no_quantize,
+        )
         make_strategy(federation)
         with threadpool_limits(limits=1, user_api="blas"):
             result = {"dataset": "skab", **evaluate_process_fleet(clients, config)}
@@ -235,6 +246,15 @@ def render_process_text(result: dict[str, Any]) -> str:
         f"  fewest rows: {few['client']} ({few['rows']}): federated F1 {few['federated_f1']:.3f}, "
         f"local {few['local_f1']:.3f}"
     )
+    gate = result.get("quantization_gate")
+    if gate:
+        d = gate["int8_vs_fp32"]
+        verdict = "passes" if d["accuracy_rules_passed"] else "fails: " + "; ".join(d["reasons"])
+        lines.append(
+            f"  INT8 vs FP32 on {gate['clients']} clients' machines: AUC {d['auc_delta']:+.4f}, detection "
+            f"{d['detection_delta_points']:+.2f} points, decisions equal on {100 * d['decision_agreement']:.2f} %; "
+            f"gate {verdict}"
+        )
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -43,7 +43,8 @@ from pdm_tools.fleet_learning.process import (
     to_arrays,
     train_autoencoder,
 )
-from pdm_tools.fleet_learning.server_app import CountingGrid, FederationConfig, Outcome, make_strategy
+from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report
+from pdm_tools.fleet_learning.server_app import CountingGrid, FederationConfig, FederationError, Outcome, make_strategy
 from pdm_tools.models.autoencoder import Autoencoder
 
 PROCESS_FILE = "process.npz"
@@ -110,6 +111,7 @@ class ProcessFederation:
     n_channels: int
     hidden: tuple[int, ...] = PROCESS_HIDDEN
     training: AeTraining = field(default_factory=AeTraining)
+    quantize: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.federation.to_dict().items() if k not in ("alpha", "hidden", "learning_rate")}
@@ -120,6 +122,7 @@ class ProcessFederation:
             "local_epochs": self.training.epochs,
             "learning_rate": self.training.learning_rate,
             "batch_size": self.training.batch_size,
+            "quantization_gate": self.quantize,
         }
 
 
@@ -130,6 +133,7 @@ class ProcessOutcome:
     model: Autoencoder | None = None
     initial: Autoencoder | None = None
     counters: Outcome = field(default_factory=Outcome)
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -167,8 +171,9 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
             "channels": config.n_channels,
         }
     )
+    counted = CountingGrid(grid, outcome.counters)
     result = make_strategy(fed, sum_counts).start(
-        grid=CountingGrid(grid, outcome.counters),
+        grid=counted,
         initial_arrays=to_arrays(model),
         num_rounds=fed.rounds,
         timeout=fed.round_timeout_s,
@@ -178,6 +183,27 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
     outcome.model = from_arrays(result.arrays, config.n_channels)
     for rnd, metrics in result.evaluate_metrics_clientapp.items():
         outcome.counters.evaluation[rnd] = {k: int(metrics[k]) for k in COUNTS if k in metrics}  # type: ignore[arg-type]
+    if config.quantize:
+        outcome.gate = quantization_gate(counted, config, result.arrays)
+
+
+def quantization_gate(grid: Grid, config: ProcessFederation, arrays: ArrayRecord) -> dict[str, Any]:
+    """The fleet model's INT8 against its FP32 on every client's machines (``process_gate``): one more
+    evaluate message with ``quantize`` set, to every connected client; their counts summed."""
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"channels": config.n_channels, "quantize": True})})
+    messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+    replies = [r for r in grid.send_and_receive(messages, timeout=config.federation.round_timeout_s)]
+    answered = [r.content.metric_records["metrics"] for r in replies if not r.has_error()]
+    if not answered:
+        raise FederationError("no client answered the quantization gate's evaluation")
+    totals: dict[str, Any] = {}
+    for metrics in answered:
+        for key, value in metrics.items():
+            if isinstance(value, list):
+                totals[key] = (np.asarray(totals[key]) + np.asarray(value)).tolist() if key in totals else value
+            else:
+                totals[key] = totals.get(key, 0) + value
+    return {"clients": len(answered), **gate_report(totals)}
 
 
 _loaded: dict[Path, tuple[ProcessClient, list[Series]]] = {}
@@ -210,9 +236,12 @@ def build_process_client_app(data_root: Path | None = None, detector: DetectorCo
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         client, series = _data(context, data_root, det)
-        counts = confusion(_model(message, client), series, det.threshold_factor)
+        model = _model(message, client)
+        counts = confusion(model, series, det.threshold_factor)
         steps = sum(len(s.test) for s in series)
         metrics = MetricRecord({"num-examples": steps, "unit-weight": 1, **counts})
+        if message.content.config_records["config"].get("quantize") is True:
+            metrics.update(gate_counts(model, series, det.threshold_factor))
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app

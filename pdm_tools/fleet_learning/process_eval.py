@@ -134,6 +134,7 @@ def compare_process(
             "federated_f1": federated["per_client_f1"][fewest],
             "local_f1": round(own[fewest].f1, 4),
         },
+        **({"quantization_gate": outcome.gate} if outcome.gate else {}),
         "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
         "rounds": config.federation.rounds,
         "clients": len(clients),

@@ -36,6 +36,7 @@ from pdm_tools.fleet_learning.process_app import (
     load_process_client,
 )
 from pdm_tools.fleet_learning.process_eval import compare_process, simulate_process, skab_fleet
+from pdm_tools.fleet_learning.process_gate import RATIO_EDGES, gate_counts, gate_report
 from pdm_tools.fleet_learning.server_app import FederationConfig
 from pdm_tools.models.autoencoder import Autoencoder
 
@@ -188,6 +189,48 @@ def test_comparison_scores_every_model_the_same_way() -> None:
     assert result["central"]["f1"] > result["federated"]["f1"]
 
 
+def test_gate_counts_and_report_of_one_client() -> None:
+    series = [smoothed_z(*_machine(i, 10.0 * i), DETECTOR) for i in range(2)]
+    start = init_autoencoder(CHANNELS, (8, 2, 8), seed=0)
+    model, _ = train_autoencoder(start, np.concatenate([s.train for s in series]), AeTraining(20, 1e-2), seed=1)
+    counts = gate_counts(model, series, DETECTOR.threshold_factor)
+    assert set(counts) == GATE_KEYS
+    n = {k: v for k, v in counts.items() if isinstance(v, int)}
+    # FP32 ONNX decides as the numpy model does (up to float32 rounding at the threshold).
+    numpy_counts = confusion(model, series, DETECTOR.threshold_factor)
+    assert abs(n["fp32-tp"] - numpy_counts["tp"]) <= 2 and abs(n["fp32-fp"] - numpy_counts["fp"]) <= 2
+    anomalous = 2 * (FAULT.stop - FAULT.start)
+    assert sum(counts["fp32-hist-pos"]) == n["fp32-tp"] + n["fp32-fn"] == anomalous  # type: ignore[arg-type]
+    report = gate_report(counts)
+    assert set(report["int8_vs_fp32"]) >= {"auc_delta", "detection_delta_points", "accuracy_rules_passed"}
+    assert report["fp32"]["detection_rate"] == round(100 * n["fp32-tp"] / anomalous, 2)
+
+
+def test_gate_report_fails_an_int8_model_that_misses_what_fp32_detects() -> None:
+    edges = len(RATIO_EDGES) - 1
+    hist = [0] * edges
+    fp32_pos, int8_pos = list(hist), list(hist)
+    fp32_pos[-1], int8_pos[-1], int8_pos[0] = 100, 90, 10  # INT8 scores 10 anomalous steps as quiet
+    neg = list(hist)
+    neg[1] = 900
+    totals = {
+        **{f"fp32-{k}": v for k, v in zip(("tp", "fp", "fn", "tn"), (100, 0, 0, 900), strict=True)},
+        **{f"int8-{k}": v for k, v in zip(("tp", "fp", "fn", "tn"), (90, 0, 10, 900), strict=True)},
+        "fp32-hist-pos": fp32_pos,
+        "fp32-hist-neg": neg,
+        "int8-hist-pos": int8_pos,
+        "int8-hist-neg": neg,
+        "int8-agree": 990,
+        "steps": 1000,
+    }
+    report = gate_report(totals)
+    assert report["fp32"]["auc"] == 1.0 and report["int8"]["detection_rate"] == 90.0
+    d = report["int8_vs_fp32"]
+    assert not d["accuracy_rules_passed"] and d["detection_delta_points"] == -10.0
+    assert any("detection at the operating false-alarm rate drops 10.00 points" in r for r in d["reasons"])
+    assert any("AUC drops" in r for r in d["reasons"])
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     fleet_cli.add_arguments(parser)
@@ -217,6 +260,10 @@ ALLOWED = {
     },
     "evaluate": {"metrics": {"num-examples", "unit-weight", "tp", "fp", "fn", "tn"}},
 }
+GATE_KEYS = {f"{v}-{k}" for v in ("fp32", "int8") for k in ("tp", "fp", "fn", "tn", "hist-pos", "hist-neg")} | {
+    "int8-agree",
+    "steps",
+}
 
 
 @pytest.mark.integration
@@ -228,16 +275,20 @@ def test_federation_sends_only_weights_and_counts_and_its_evaluation_matches(ska
         CHANNELS,
         hidden=(8, 2, 8),
         training=AeTraining(epochs=5, learning_rate=1e-2),
+        quantize=True,
     )
     outcome = simulate_process(clients, fed, keep_replies=True)
     readings = np.concatenate([v for c in clients for v in c.values])
     z_rows = np.concatenate([np.concatenate([s.train, s.test]) for c in clients for s in c.series()])
     kinds = set()
+    gate_replies = 0
     for kind, content in outcome.counters.replies:
         kinds.add(kind)
-        assert {name: set(r.keys()) for name, r in content.items()} == {
-            name: keys for name, keys in ALLOWED[kind].items() if name in content
-        }
+        keys = {name: set(r.keys()) for name, r in content.items()}
+        if kind == "evaluate" and "fp32-tp" in keys["metrics"]:  # the quantization gate's evaluation
+            gate_replies += 1
+            keys["metrics"] -= GATE_KEYS
+        assert keys == {name: keys for name, keys in ALLOWED[kind].items() if name in content}
         for record in content.array_records.values():
             for array in record.values():
                 flat = np.asarray(array.numpy(), np.float64).reshape(-1, array.shape[-1])
@@ -252,4 +303,11 @@ def test_federation_sends_only_weights_and_counts_and_its_evaluation_matches(ska
     fe = result["federated"]["federated_evaluation"]
     assert {k: fe[k] for k in ("tp", "fp", "fn", "tn")} == {k: result["federated"][k] for k in ("tp", "fp", "fn", "tn")}
     assert result["bytes_per_round"] > 0 and outcome.model is not None
+    # The gate's metrics came back from every client and add up to every test step of every machine.
+    gate = result["quantization_gate"]
+    assert gate_replies == gate["clients"] == 3
+    steps = sum(len(v) - TRAIN_ROWS for c in clients for v in c.values)
+    for variant in ("fp32", "int8"):
+        assert sum(gate[variant][k] for k in ("tp", "fp", "fn", "tn")) == steps
+    assert 0 <= gate["int8_vs_fp32"]["decision_agreement"] <= 1
     assert outcome.initial is not None and not _same(outcome.model, outcome.initial)
