@@ -31,7 +31,7 @@ _MIN_CROP = 0.78
 class TrainConfig:
     """Hyper-parameters; recorded in the manifest's ``training`` record."""
 
-    size: int = 96
+    size: int = 128
     channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     epochs: int = 35
     batch_size: int = 32
