@@ -8,11 +8,12 @@ that the federated evaluation the server collects equals the same model scored l
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from agent.commissioning.detector import DetectorConfig
 from pdm_tools.evaluation.skab import Confusion, SkabFile, load_skab
@@ -266,6 +267,29 @@ GATE_KEYS = {f"{v}-{k}" for v in ("fp32", "int8") for k in ("tp", "fp", "fn", "t
 }
 
 
+def _rows_in(content: RecordDict, known: Sequence[np.ndarray]) -> list[str]:
+    """Names of the arrays in ``content`` that hold a row equal to one of the ``known`` rows (readings or z
+    vectors, ``(n, CHANNELS)``); only arrays whose rows are ``CHANNELS`` wide can."""
+    found = []
+    for record in content.array_records.values():
+        for key, array in record.items():
+            a = np.asarray(array.numpy(), np.float64)
+            flat = a.reshape(-1, a.shape[-1])
+            if flat.shape[1] == CHANNELS and any(np.isclose(flat[:, None], k[None]).all(axis=2).any() for k in known):
+                found.append(key)
+    return found
+
+
+def test_leak_check_sees_a_reading_in_the_arrays() -> None:
+    readings = _machine(0, 1.0)[0]
+    weights = to_arrays(init_autoencoder(CHANNELS, (8, 2, 8), seed=0))
+    assert _rows_in(RecordDict({"arrays": weights}), (readings,)) == []
+    leaky = np.asarray(weights["w3"].numpy()).copy()
+    leaky[5] = readings[123]
+    weights["w3"] = Array(leaky.astype(np.float64))
+    assert _rows_in(RecordDict({"arrays": weights}), (readings,)) == ["w3"]
+
+
 @pytest.mark.integration
 def test_federation_sends_only_weights_and_counts_and_its_evaluation_matches(skab_dir: Path) -> None:
     files, _ = load_skab(skab_dir)
@@ -288,13 +312,8 @@ def test_federation_sends_only_weights_and_counts_and_its_evaluation_matches(ska
         if kind == "evaluate" and "fp32-tp" in keys["metrics"]:  # the quantization gate's evaluation
             gate_replies += 1
             keys["metrics"] -= GATE_KEYS
-        assert keys == {name: keys for name, keys in ALLOWED[kind].items() if name in content}
-        for record in content.array_records.values():
-            for array in record.values():
-                flat = np.asarray(array.numpy(), np.float64).reshape(-1, array.shape[-1])
-                if flat.shape[1] == CHANNELS:  # a weight matrix into the output layer: no row of it is data
-                    for known in (readings, z_rows):
-                        assert not np.isclose(flat[:, None, :], known[None, :, :]).all(axis=2).any()
+        assert keys == {name: allowed for name, allowed in ALLOWED[kind].items() if name in content}
+        assert _rows_in(content, (readings, z_rows)) == []
     assert kinds == {"train", "evaluate"}
     assert sorted(outcome.counters.participants) == [1, 2, 3]
     assert all(len(p) == 3 for p in outcome.counters.participants.values())
