@@ -2,7 +2,7 @@
 
 Why numpy: the project trains its other models without a deep-learning framework, PyTorch's PyPI wheel
 pulls gigabytes of CUDA libraries, and JAX CPU is an 86 MB download (jaxlib 82 MB) for what is, at this
-size, four 3x3 convolutions. Convolutions are matrix products over ``im2col`` columns (NHWC, so a 3x3
+size, five 3x3 convolutions. Convolutions are matrix products over ``im2col`` columns (NHWC, so a 3x3
 window is nine shifted views concatenated on the channel axis); the backward pass scatters the column
 gradients back with the same nine shifts. ``tests/unit/test_image_model_cnn.py`` checks the gradients
 against finite differences and the ONNX export against the numpy forward pass.
