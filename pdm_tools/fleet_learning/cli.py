@@ -103,6 +103,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the fleet model as version VERSION of the defect classifier (ONNX, manifest with the "
         "federation's provenance, model card) into --out, ready to copy into the agents' models_dir",
     )
+    serve.add_argument(
+        "--model",
+        choices=("classifier", "process"),
+        default="classifier",
+        help="what the fleet trains: the defect classifier (default) or the process autoencoder (each agent's "
+        "machine standardized by its own commissioning baseline; see docs/fleet.md)",
+    )
+    serve.add_argument("--channels", type=int, default=0, help="process: the readings' channel count")
+    serve.add_argument(
+        "--quantize",
+        action="store_true",
+        help="process: after the last round, the quantization gate's metrics (INT8 vs FP32) on every client",
+    )
     serve.add_argument("--json", action="store_true", help="print federation.json when done")
     serve.set_defaults(fleet_main=main_serve)
 
@@ -113,7 +126,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model parameters, feature sums and counts; it keeps retrying while the coordinator is unreachable.",
     )
     client.add_argument("--superlink", required=True, help="coordinator address host:port")
-    client.add_argument("--data", type=Path, required=True, help="the agent's data folder (rows.npz)")
+    source = client.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="the agent's data folder (rows.npz, or process.npz)")
+    source.add_argument(
+        "--agent-config",
+        type=Path,
+        help="process model: read the machine's readings from this agent's local store (its InfluxDB)",
+    )
+    client.add_argument("--machine", default="", help="with --agent-config: the machine whose readings train")
+    client.add_argument("--since", default="30d", help="with --agent-config: readings of the last 30d (default)")
+    client.add_argument(
+        "--fields", default="", help="with --agent-config: the channels, comma-separated, in the fleet's order"
+    )
     client.add_argument(
         "--runtime-port", type=int, default=9094, help="local port between the SuperNode and its ClientApp"
     )
@@ -293,6 +317,10 @@ def main_serve(args: argparse.Namespace) -> int:
         make_strategy(
             deploy.config_from_run({"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip})
         )
+        if args.model == "process" and args.channels < 1:
+            raise ValueError("--model process needs --channels (the readings' channel count)")
+        if args.model == "process" and args.version:
+            raise ValueError("--version ships the defect classifier; the process model has no registry version yet")
     except ValueError as exc:
         print(f"fleet serve: {exc}", file=sys.stderr)
         return 2
@@ -318,8 +346,9 @@ def main_serve(args: argparse.Namespace) -> int:
             "version": args.version,
             "dp-noise": args.dp_noise,
             "dp-clip": args.dp_clip,
+            **({"channels": args.channels, "quantize": args.quantize} if args.model == "process" else {}),
         }
-        deploy.submit_run(state, f"{local}:{args.port}", run_config, log)
+        deploy.submit_run(state, f"{local}:{args.port}", run_config, log, args.model)
         print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)
         deadline = time.monotonic() + args.timeout_s
         while not result.is_file():
@@ -345,20 +374,30 @@ def main_serve(args: argparse.Namespace) -> int:
 def main_client(args: argparse.Namespace) -> int:
     from pdm_tools.fleet_learning import deploy
     from pdm_tools.fleet_learning.data import load_client_data
+    from pdm_tools.fleet_learning.process_app import PROCESS_FILE, load_process_client, store_client
 
-    try:
-        data = load_client_data(args.data)  # refuse a bad folder before joining, not in round 1
-    except ClientDataError as exc:
+    node_config: dict[str, str] = {}
+    try:  # refuse bad data before joining, not in round 1
+        if args.agent_config is not None:
+            if not args.machine:
+                raise ClientDataError("--agent-config needs --machine (whose readings train)")
+            fields = [f for f in args.fields.split(",") if f] or None
+            process = store_client(args.agent_config, args.machine, args.since, fields)
+            node_config = {"agent-config": str(args.agent_config.resolve()), "machine": args.machine}
+            node_config |= {"since": args.since, **({"fields": args.fields} if fields else {})}
+            what = f"machine {args.machine}, {len(process.values[0])} readings of the last {args.since} (local store)"
+        elif (args.data / PROCESS_FILE).is_file():
+            process = load_process_client(args.data)
+            what = f"{process.name}, {len(process.values)} machine runs (process model)"
+        else:
+            data = load_client_data(args.data)
+            what = f"{data.name}, {len(data.y)} training rows, {len(data.y_held)} held out"
+    except (ClientDataError, ValueError, OSError) as exc:  # ValueError: also a bad agent config
         print(f"fleet client: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"fleet client: {data.name}, {len(data.y)} training rows, {len(data.y_held)} held out; "
-        f"joining {args.superlink}",
-        file=sys.stderr,
-    )
-    node = subprocess.Popen(
-        deploy.supernode_command(args.superlink, args.data, args.runtime_port), env=deploy.flower_env()
-    )
+    print(f"fleet client: {what}; joining {args.superlink}", file=sys.stderr)
+    command = deploy.supernode_command(args.superlink, args.data, args.runtime_port, node_config)
+    node = subprocess.Popen(command, env=deploy.flower_env())
     try:
         return node.wait()
     except KeyboardInterrupt:

@@ -100,15 +100,20 @@ def write_result(out_dir: Path, config: FederationConfig, outcome: Outcome) -> P
     model = outcome.model
     if model is not None:
         save_model(model, out_dir / MODEL_FILE)
+    return write_summary(out_dir, {"federation": config.to_dict(), "complete": model is not None}, outcome)
+
+
+def write_summary(out_dir: Path, head: dict[str, Any], outcome: Outcome) -> Path:
+    """``out_dir/federation.json``: ``head`` (settings, whether a model came out), then the run's counters."""
     summary = {
-        "federation": config.to_dict(),
-        "complete": model is not None,
+        **head,
         "bytes_per_round": {str(k): v for k, v in sorted(outcome.bytes_per_round.items())},
         "evaluation": {str(k): v for k, v in sorted(outcome.evaluation.items())},
         "client_rows": {str(k): v for k, v in sorted(outcome.client_rows.items())},
         "participants": {str(k): sorted(str(n) for n in v) for k, v in sorted(outcome.participants.items())},
         **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULT_FILE
     path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return path
@@ -135,10 +140,23 @@ def load_model(path: Path) -> DefectMlp:
         )
 
 
-def write_app(folder: Path) -> Path:
-    """The Flower App folder ``flwr run`` submits: a ``pyproject.toml`` naming this package's apps."""
+# The apps a run can be (``fleet serve --model``): ServerApp and ClientApp, and the run settings it adds.
+APPS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "classifier": ("pdm_tools.fleet_learning.deploy:SERVER_APP", "pdm_tools.fleet_learning.client_app:app", {}),
+    "process": (
+        "pdm_tools.fleet_learning.process_app:SERVER_APP",
+        "pdm_tools.fleet_learning.process_app:app",
+        {"channels": 0, "quantize": False},
+    ),
+}
+
+
+def write_app(folder: Path, model: str = "classifier") -> Path:
+    """The Flower App folder ``flwr run`` submits: a ``pyproject.toml`` naming this package's apps for
+    ``model`` (``APPS``)."""
+    server, client, extra = APPS[model]
     folder.mkdir(parents=True, exist_ok=True)
-    config_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in RUN_CONFIG.items())
+    config_lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in {**RUN_CONFIG, **extra}.items())
     (folder / "pyproject.toml").write_text(
         f"""[build-system]
 requires = ["hatchling"]
@@ -154,8 +172,8 @@ dependencies = []
 publisher = "pdm-agent"
 
 [tool.flwr.app.components]
-serverapp = "pdm_tools.fleet_learning.deploy:SERVER_APP"
-clientapp = "pdm_tools.fleet_learning.client_app:app"
+serverapp = "{server}"
+clientapp = "{client}"
 
 [tool.flwr.app.config]
 {config_lines}
@@ -223,10 +241,10 @@ def start_superlink(state: Path, host: str, port: int, log: Path) -> subprocess.
         )  # fmt: skip
 
 
-def submit_run(state: Path, address: str, run_config: dict[str, Any], log: Path) -> None:
-    """Write the app and the connection under ``state`` and submit the run (``flwr run``); raises
-    ``RuntimeError`` with Flower's output when the SuperLink refuses it."""
-    app = write_app(state / "app")
+def submit_run(state: Path, address: str, run_config: dict[str, Any], log: Path, model: str = "classifier") -> None:
+    """Write the app (of ``model``) and the connection under ``state`` and submit the run (``flwr run``);
+    raises ``RuntimeError`` with Flower's output when the SuperLink refuses it."""
+    app = write_app(state / "app", model)
     home = state / "flwr-home"
     write_connection(home, address)
     overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
@@ -244,11 +262,16 @@ def submit_run(state: Path, address: str, run_config: dict[str, Any], log: Path)
         raise RuntimeError(f"flwr run failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-2000:]}")
 
 
-def supernode_command(superlink: str, data_dir: Path, runtime_port: int) -> list[str]:
-    """``flower-supernode`` for one agent: its ClientApp reads only ``data_dir``."""
+def supernode_command(
+    superlink: str, data_dir: Path | None, runtime_port: int, node_config: dict[str, str] | None = None
+) -> list[str]:
+    """``flower-supernode`` for one agent: its ClientApp reads only ``data_dir``, or what ``node_config``
+    names (the process model's local store: ``agent-config``, ``machine``, ``since``, ``fields``)."""
+    node = {"data-dir": str(data_dir.resolve())} if data_dir is not None else dict(node_config or {})
+    settings = " ".join(f"{key}='{value}'" for key, value in node.items())
     return [
         flower_command("flower-supernode"), "--insecure", "--superlink", superlink,
-        "--port", str(runtime_port), "--node-config", f"data-dir='{data_dir.resolve()}'",
+        "--port", str(runtime_port), "--node-config", settings,
     ]  # fmt: skip
 
 

@@ -299,3 +299,45 @@ def _data(context: Context, data_root: Path | None, det: DetectorConfig) -> tupl
         client = load_process_client(folder)
         _loaded[folder] = (client, client.series(det))
     return _loaded[folder]
+
+
+PROCESS_MODEL_FILE = "process_model.npz"
+
+
+def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
+    """The process federation's settings from a submitted run's config (``deploy.RUN_CONFIG`` plus
+    ``channels`` and ``quantize``); ``ValueError`` names what is wrong."""
+    from pdm_tools.fleet_learning import deploy
+
+    federation = deploy.config_from_run({k: v for k, v in run_config.items() if k in deploy.RUN_CONFIG})
+    channels = int(run_config.get("channels", 0))
+    if channels < 1:
+        raise ValueError(f"the process model needs its channel count (run config 'channels'), got {channels}")
+    training = AeTraining(epochs=federation.training.epochs, learning_rate=federation.training.learning_rate)
+    return ProcessFederation(federation, channels, training=training, quantize=bool(run_config.get("quantize")))
+
+
+def _deployed_main(grid: Grid, context: Context) -> None:
+    """The ServerApp of a submitted process run: the federation, then ``out-dir/process_model.npz`` (the
+    autoencoder's arrays) and ``federation.json`` (with the quantization gate's report when asked)."""
+    from pdm_tools.fleet_learning import deploy
+
+    run_config = dict(context.run_config)
+    out_dir = Path(str(run_config.get("out-dir") or "."))
+    config = config_from_run(run_config)
+    outcome = ProcessOutcome()
+    federate_process(grid, config, outcome)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if outcome.model is not None:
+        arrays: dict[str, Any] = {name: a.numpy() for name, a in to_arrays(outcome.model).items()}
+        np.savez(out_dir / PROCESS_MODEL_FILE, **arrays)
+    head = {"federation": config.to_dict(), "complete": outcome.model is not None}
+    deploy.write_summary(
+        out_dir, {**head, **({"quantization_gate": outcome.gate} if outcome.gate else {})}, outcome.counters
+    )
+
+
+# What ``flwr run`` loads for ``fleet serve --model process``: the node's settings name the data.
+app = build_process_client_app()
+SERVER_APP = ServerApp()
+SERVER_APP.main()(_deployed_main)

@@ -253,6 +253,25 @@ def test_fleet_evaluate_skab_refuses_what_cannot_run(
         assert message in capsys.readouterr().err
 
 
+def test_fleet_serve_and_client_refuse_a_process_run_they_cannot_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serve = ("fleet", "serve", "--state", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--model", "process")
+    assert fleet_cli.main(_args(*serve[1:])) == 2
+    assert "--model process needs --channels" in capsys.readouterr().err
+    assert fleet_cli.main(_args(*serve[1:], "--channels", "8", "--version", "1.0.0")) == 2
+    assert "the process model has no registry version yet" in capsys.readouterr().err
+    client = ("client", "--superlink", "127.0.0.1:1", "--agent-config", str(tmp_path / "agent.yaml"))
+    assert fleet_cli.main(_args(*client)) == 2
+    assert "--agent-config needs --machine" in capsys.readouterr().err
+    assert fleet_cli.main(_args(*client, "--machine", "m1")) == 2
+    assert "agent.yaml" in capsys.readouterr().err  # no such config file: named, before joining
+    ProcessClient("m", (_machine(0, 1.0)[0],), (None,)).save(tmp_path / "bad")
+    (tmp_path / "bad" / PROCESS_FILE).write_bytes(b"not a zip")
+    assert fleet_cli.main(_args("client", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "bad"))) == 2
+    assert "process.npz: cannot read" in capsys.readouterr().err
+
+
 # What each kind of reply may hold: record name -> the keys allowed in it.
 ALLOWED = {
     "train": {
