@@ -122,8 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     client = sub.add_parser(
         "client",
         help="join the fleet: an agent's Flower SuperNode, training on its own data folder",
-        description="Run Flower's SuperNode for this agent. Its ClientApp reads only --data (rows.npz) and sends "
-        "model parameters, feature sums and counts; it keeps retrying while the coordinator is unreachable.",
+        description="Run Flower's SuperNode for this agent. Its ClientApp reads only --data (rows.npz; process.npz "
+        "for the process model) or, with --agent-config, the machine's readings in the agent's local store, and "
+        "sends model parameters, feature sums and counts; it keeps retrying while the coordinator is unreachable.",
     )
     client.add_argument("--superlink", required=True, help="coordinator address host:port")
     source = client.add_mutually_exclusive_group(required=True)

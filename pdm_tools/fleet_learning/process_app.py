@@ -206,7 +206,8 @@ def quantization_gate(grid: Grid, config: ProcessFederation, arrays: ArrayRecord
     return {"clients": len(answered), **gate_report(totals)}
 
 
-_loaded: dict[Path, tuple[ProcessClient, list[Series]]] = {}
+# Per ClientApp process: a folder, or (agent config, machine, since, fields) of the local store.
+_loaded: dict[Path | tuple[str, ...], tuple[ProcessClient, list[Series]]] = {}
 
 
 def build_process_client_app(data_root: Path | None = None, detector: DetectorConfig | None = None) -> ClientApp:
@@ -288,10 +289,10 @@ def _data(context: Context, data_root: Path | None, det: DetectorConfig) -> tupl
     when the node names ``agent-config`` and ``machine`` (and ``since``, ``fields``), else from its folder."""
     node = context.node_config
     if "agent-config" in node:
-        key = Path(str(node["agent-config"]))
+        key = tuple(str(node.get(k, "")) for k in ("agent-config", "machine", "since", "fields"))
         if key not in _loaded:
-            fields = [f for f in str(node.get("fields", "")).split(",") if f] or None
-            client = store_client(key, str(node.get("machine", "")), str(node.get("since", "30d")), fields)
+            config, machine, since, fields = key
+            client = store_client(Path(config), machine, since or "30d", [f for f in fields.split(",") if f] or None)
             _loaded[key] = (client, client.series(det))
         return _loaded[key]
     folder = _folder(context, data_root)

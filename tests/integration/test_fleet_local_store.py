@@ -111,6 +111,9 @@ def test_process_client_reads_its_machine_from_the_local_store(agent_config: tup
     counts = {k: int(v) for k, v in evaluated.content.metric_records["metrics"].items() if isinstance(v, int)}
     # No labels on an agent: every alarm is counted as a false one, every later step is scored.
     assert counts["tp"] == counts["fn"] == 0 and counts["fp"] + counts["tn"] == ROWS - TRAIN_ROWS
+    # Another machine on the same agent (the same ClientApp process, as in a simulation) is its own data.
+    with pytest.raises(ClientDataError, match="machine m2: 0 complete readings"):
+        _call({**node, "machine": "m2"}, MessageType.TRAIN, RecordDict({"arrays": to_arrays(start), "config": config}))
     # A fleet model of other channels is refused by name (the SuperNode sends the error back as the reply).
     other = RecordDict({"arrays": to_arrays(init_autoencoder(4, (2,), 0)), "config": ConfigRecord({"channels": 4})})
     with pytest.raises(ClientDataError, match="the fleet model has 4 channels, this client's readings 3"):
