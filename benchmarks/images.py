@@ -89,9 +89,13 @@ def live(agent: CameraAgent, host: str, port: int, payloads: list[bytes], timeou
     publish_s = publisher.publish(events, speed=None)
     publisher.close()
     scored = before
+    unscored0 = agent.counters.get("images_unscored", 0.0)
+    unscored = unscored0
     while time.perf_counter() - start < timeout_s:
-        scored = agent.wait_heartbeat(timeout_s=2).get("images_scored", 0.0)
-        if scored - before >= len(payloads):
+        fields = agent.wait_heartbeat(timeout_s=2)
+        scored, unscored = fields.get("images_scored", 0.0), fields.get("images_unscored", 0.0)
+        # A burst beyond camera.max_pending_bytes is stored but not scored (counted): done when all are counted.
+        if scored - before + unscored - unscored0 >= len(payloads):
             break
     elapsed = time.perf_counter() - start
     cpu = agent.cpu_s() - cpu0
@@ -99,6 +103,7 @@ def live(agent: CameraAgent, host: str, port: int, payloads: list[bytes], timeou
     return {
         "images": len(payloads),
         "scored": done,
+        "unscored_backlog": int(unscored - unscored0),
         "publish_s": round(publish_s, 2),
         "seconds": round(elapsed, 2),
         "images_per_s": round(done / elapsed, 1),
