@@ -356,7 +356,8 @@ def bench_onnx(runs: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     for manifest_path in sorted((REPO / "models").glob("*/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
-        width = int(manifest["inputs"][0]["shape"][1])
+        # Feature vectors (batch, width) and images (batch, 1, S, S) alike: the shape after the batch axis.
+        item_shape = tuple(int(d) for d in manifest["inputs"][0]["shape"][1:])
         name = manifest["inputs"][0]["name"]
         sessions = {}
         for precision in ("fp32", "int8"):
@@ -370,7 +371,7 @@ def bench_onnx(runs: int) -> dict[str, Any]:
             sessions[precision] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         result: dict[str, Any] = {"shipped_file": manifest.get("file")}
         for batch in (1, 32):
-            x = rng.standard_normal((batch, width)).astype(np.float32)
+            x = rng.standard_normal((batch, *item_shape)).astype(np.float32)
             times: dict[str, list[float]] = {p: [] for p in sessions}
             for s in sessions.values():
                 for _ in range(20):
