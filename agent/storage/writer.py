@@ -172,13 +172,6 @@ class SinkWriter:
 
     # -- metrics: every sink's labelled, the local sink's also as before ---------------------------
 
-    def _record(self, record: Callable[..., None], name: str, value: float = 1.0, **labels: str) -> None:
-        """``sink.{name}{sink=...}`` and, for the local sink, the unlabelled ``storage.{name}`` as before;
-        ``record``: ``self.metrics.inc``, ``set`` or ``observe``."""
-        if self.local_metrics:
-            record(f"storage.{name}", value, **labels)
-        record(f"sink.{name}", value, sink=self.cursor.sink, **labels)
-
     def _dead_lettered(self, points: int, reason: str) -> None:
         if self.local_metrics:
             self.metrics.inc("spool.dead_lettered", points)
@@ -273,7 +266,9 @@ class SinkWriter:
                     self._read_up_to = pending.last_id
             except Exception:
                 logger.exception("writer of %s: reading the spool failed; retrying", self.cursor.sink)
-                self._record(self.metrics.inc, "writer_errors")
+                if self.local_metrics:
+                    self.metrics.inc("storage.writer_errors")
+                self.metrics.inc("sink.writer_errors", sink=self.cursor.sink)
                 self._stop.wait(self.backoff_min_s)
                 continue
             due = pending is not None and (
@@ -336,13 +331,17 @@ class SinkWriter:
         """The held blocks a raw-data release names; those the spool's caps dropped meanwhile are counted."""
         bodies = self.cursor.bodies(ids)
         if len(bodies) < len(ids):
-            self._record(self.metrics.inc, "raw_missing", len(ids) - len(bodies))
+            if self.local_metrics:
+                self.metrics.inc("storage.raw_missing", len(ids) - len(bodies))
+            self.metrics.inc("sink.raw_missing", len(ids) - len(bodies), sink=self.cursor.sink)
         return bodies
 
     def _unencodable(self, row: Row, exc: Exception) -> None:
         """A row no sink could ever take: dead-letter it with the reason instead of writing it."""
         kind = Kind(row.kind).name.lower() if row.kind in set(Kind) else f"kind{row.kind}"
-        self._record(self.metrics.inc, "unencodable", kind=kind)
+        if self.local_metrics:
+            self.metrics.inc("storage.unencodable", kind=kind)
+        self.metrics.inc("sink.unencodable", kind=kind, sink=self.cursor.sink)
         self._dead_lettered(max(1, row.points), "unencodable")
         described = f"<{kind} entry {row.id}: {len(row.body)} bytes, {row.points} points>"
         trimmed = self.cursor.dead_letter([(row.id, described)], f"unencodable: {exc}")
@@ -378,9 +377,13 @@ class SinkWriter:
                 except Exception:
                     # Top of the thread: a bug or a spool (disk) error must not end delivery for good.
                     logger.exception("writer of %s: unexpected error, retrying after a backoff", self.cursor.sink)
-                    self._record(self.metrics.inc, "writer_errors")
+                    if self.local_metrics:
+                        self.metrics.inc("storage.writer_errors")
+                    self.metrics.inc("sink.writer_errors", sink=self.cursor.sink)
                     delay = self._next_backoff()
-                self._record(self.metrics.set, "backoff_s", delay)
+                if self.local_metrics:
+                    self.metrics.set("storage.backoff_s", delay)
+                self.metrics.set("sink.backoff_s", delay, sink=self.cursor.sink)
                 if delay <= 0:
                     break
                 self.metrics.inc("sink.retries", sink=self.cursor.sink)
@@ -449,16 +452,22 @@ class SinkWriter:
                 except PermanentWriteError as exc:
                     if not exc.rejects_data:
                         raise
-                    self._record(self.metrics.inc, "write_failures", kind="rejected")
+                    if self.local_metrics:
+                        self.metrics.inc("storage.write_failures", kind="rejected")
+                    self.metrics.inc("sink.write_failures", kind="rejected", sink=self.cursor.sink)
                     self._isolate(batch.lines, batch.rows, exc)
         except RetryableWriteError as exc:
-            self._record(self.metrics.inc, "write_failures", kind="retryable")
+            if self.local_metrics:
+                self.metrics.inc("storage.write_failures", kind="retryable")
+            self.metrics.inc("sink.write_failures", kind="retryable", sink=self.cursor.sink)
             delay = max(self._next_backoff(), exc.retry_after_s or 0.0)
             log = logger.warning if self._failures == 1 else logger.debug
             log("write to %s failed, will retry in %.1f s: %s", self.cursor.sink, delay, exc)
             return delay
         except PermanentWriteError as exc:
-            self._record(self.metrics.inc, "write_failures", kind="config")
+            if self.local_metrics:
+                self.metrics.inc("storage.write_failures", kind="config")
+            self.metrics.inc("sink.write_failures", kind="config", sink=self.cursor.sink)
             self._failures += 1
             logger.error(
                 "%s refused the write, keeping the data spooled and retrying in %.0f s: %s",
@@ -472,7 +481,9 @@ class SinkWriter:
         self._rate_used(len(batch.lines))
         self.metrics.inc("sink.rows_written", batch.row_count, sink=self.cursor.sink)
         if batch.raw_released:
-            self._record(self.metrics.inc, "raw_released", batch.raw_released)
+            if self.local_metrics:
+                self.metrics.inc("storage.raw_released", batch.raw_released)
+            self.metrics.inc("sink.raw_released", batch.raw_released, sink=self.cursor.sink)
         if self._failures:
             logger.info("writes to %s succeed again", self.cursor.sink)
         self._failures = 0
@@ -491,7 +502,9 @@ class SinkWriter:
             else:
                 self.cursor.advance(self._delivered_to, self._delivered_state)
         except sqlite3.Error as exc:
-            self._record(self.metrics.inc, "cursor_failures")
+            if self.local_metrics:
+                self.metrics.inc("storage.cursor_failures")
+            self.metrics.inc("sink.cursor_failures", sink=self.cursor.sink)
             if self._cursor_failing_since is None:
                 self._cursor_failing_since = time.monotonic()
                 logger.error(
@@ -515,8 +528,12 @@ class SinkWriter:
         else:
             self.sink.write(lines)
         now = time.monotonic()
-        self._record(self.metrics.observe, "write_seconds", now - started)
-        self._record(self.metrics.inc, "points_written", len(lines))
+        if self.local_metrics:
+            self.metrics.observe("storage.write_seconds", now - started)
+        self.metrics.observe("sink.write_seconds", now - started, sink=self.cursor.sink)
+        if self.local_metrics:
+            self.metrics.inc("storage.points_written", len(lines))
+        self.metrics.inc("sink.points_written", len(lines), sink=self.cursor.sink)
         since, points = self._rate_window
         points += len(lines)
         if now - since >= RATE_WINDOW_S:
