@@ -28,6 +28,7 @@ from pdm_tools.fleet_learning.process import AeTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
 DATASETS = ("cwru", "skab", "synthetic")
+MODELS = ("federated", "central", "local")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument(
         "--leave-out-load", type=int, default=None, metavar="HP", help="cwru: no client trains on this load"
+    )
+    evaluate.add_argument(
+        "--least-data-clients",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K clients keep only --least-data-fraction of their training data (cwru: of each recording's "
+        "training part, by time; skab: of their machine runs); the JSON compares federated and local-only on them",
+    )
+    evaluate.add_argument(
+        "--least-data-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of its training data a least-data client keeps (default 0.1)",
     )
     evaluate.add_argument(
         "--poisoned",
@@ -191,6 +207,13 @@ def main_evaluate(args: argparse.Namespace) -> int:
     if args.rounds < 1 or (args.clients is not None and args.clients < 2) or args.local_epochs < 1:
         print("fleet evaluate: --rounds and --local-epochs must be >= 1, --clients >= 2", file=sys.stderr)
         return 2
+    if args.least_data_clients and (args.dataset == "synthetic" or args.poisoned):
+        print(
+            "fleet evaluate: --least-data-clients is for cwru and skab (the synthetic fleet's clients already hold "
+            "0.4x to 1.6x the nominal rows; --poisoned measures something else)",
+            file=sys.stderr,
+        )
+        return 2
     if args.dataset == "skab":
         return _evaluate_skab(args)
     try:
@@ -216,6 +239,8 @@ def main_evaluate(args: argparse.Namespace) -> int:
                 from pdm_tools.fleet_learning.evaluate import evaluate_fleet
 
                 result = {"dataset": args.dataset, **evaluate_fleet(fleet, config)}
+                if "least_data_clients" in result:
+                    result["least_data_clients"]["fraction"] = args.least_data_fraction
     except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
@@ -227,14 +252,14 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
     """``fleet evaluate --dataset skab``: the process autoencoder (``pdm_tools.fleet_learning.process_eval``)."""
     from pdm_tools.evaluation import skab
     from pdm_tools.fleet_learning.process_app import ProcessFederation
-    from pdm_tools.fleet_learning.process_eval import evaluate_process_fleet, skab_fleet
+    from pdm_tools.fleet_learning.process_eval import evaluate_process_fleet, uneven_skab_fleet
 
     if args.poisoned or args.leave_out_load is not None:
         print("fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic", file=sys.stderr)
         return 2
     try:
         files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
-        clients = skab_fleet(files, args.clients)
+        clients, least = uneven_skab_fleet(files, args.clients, args.least_data_clients, args.least_data_fraction)
         federation = FederationConfig(
             class_names=(),
             rounds=args.rounds,
@@ -252,7 +277,9 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
         )
         make_strategy(federation)
         with threadpool_limits(limits=1, user_api="blas"):
-            result = {"dataset": "skab", **evaluate_process_fleet(clients, config)}
+            result = {"dataset": "skab", **evaluate_process_fleet(clients, config, least)}
+        if "least_data_clients" in result:
+            result["least_data_clients"]["fraction"] = args.least_data_fraction
     except (skab.DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
@@ -263,7 +290,7 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
 def render_process_text(result: dict[str, Any]) -> str:
     """The figures of ``fleet evaluate --dataset skab`` as a few plain lines."""
     lines = [f"skab: {result['clients']} clients, {result['rounds']} rounds, pooled over files: F1, FAR %, MAR %"]
-    for name in ("federated", "central", "local"):
+    for name in MODELS:
         v = result[name]
         lines.append(f"  {name:9} {v['f1']:.3f} {v['far']:7.2f} {v['mar']:7.2f}")
     few = result["client_with_fewest_rows"]
@@ -280,6 +307,11 @@ def render_process_text(result: dict[str, Any]) -> str:
             f"{d['detection_delta_points']:+.2f} points, decisions equal on {100 * d['decision_agreement']:.2f} %; "
             f"gate {verdict}"
         )
+    least = result.get("least_data_clients")
+    if least:
+        for name, v in least["clients"].items():
+            figures = ", ".join(f"{m} {v[m]['f1']:.3f} / {v[m]['far']:.2f} / {v[m]['mar']:.2f}" for m in MODELS)
+            lines.append(f"  least data: {name} ({v['files']} files, {v['rows']} windows): {figures}")
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
     return "\n".join(lines)
 
@@ -302,6 +334,13 @@ def render_text(result: dict[str, Any]) -> str:
         unseen = result[name].get("unseen_macro_f1")
         extra = f"  on {result['unseen']}: {unseen:.3f}" if unseen is not None else ""
         lines.append(f"  {name:9} {result[name]['macro_f1']:.3f}{extra}")
+    least = result.get("least_data_clients")
+    if least:
+        for name, v in least["clients"].items():
+            lines.append(
+                f"  least data: {name} ({v['rows']} rows): federated {v['federated_macro_f1']:.3f}, "
+                f"local-only {v['local_macro_f1']:.3f}, central {v['central_macro_f1']:.3f}"
+            )
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
     if "privacy" in result:
         lines.append(f"  privacy: epsilon {result['privacy']['epsilon']} at delta {result['privacy']['delta']}")
@@ -459,4 +498,11 @@ def _fleet(args: argparse.Namespace) -> Fleet:
 
     recordings = load_cwru(Path(data_dir))
     loads = len({r.load_hp for r in recordings if r.kind != "normal"})
-    return cwru_fleet(recordings, BearingFeatureSpec(), args.clients or loads, args.leave_out_load)
+    return cwru_fleet(
+        recordings,
+        BearingFeatureSpec(),
+        args.clients or loads,
+        args.leave_out_load,
+        args.least_data_clients,
+        args.least_data_fraction,
+    )

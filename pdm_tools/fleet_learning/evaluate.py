@@ -89,9 +89,10 @@ def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpCo
     rows = {c.name: len(c.y) for c in fleet.clients}
     fewest = min(rows, key=lambda name: rows[name])
     federated = measure(outcome.model)
+    centrally = measure(central)
     result: dict[str, Any] = {
         "federated": {**federated, "federated_evaluation": outcome.evaluation.get(config.rounds, {})},
-        "central": measure(central),
+        "central": centrally,
         "local": {
             "macro_f1": round(float(np.mean([v["macro_f1"] for v in local.values()])), 6),
             "own_client_macro_f1": {name: v["per_client_macro_f1"][name] for name, v in local.items()},
@@ -108,6 +109,11 @@ def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpCo
             "federated_macro_f1": federated["per_client_macro_f1"][fewest],
             "local_macro_f1": local[fewest]["per_client_macro_f1"][fewest],
         },
+        **(
+            {"least_data_clients": least_data_entries(fleet, rows, federated, centrally, local)}
+            if fleet.least_data
+            else {}
+        ),
         "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
         "rounds": config.rounds,
         "clients": len(fleet.clients),
@@ -118,6 +124,32 @@ def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpCo
     if fleet.unseen_name:
         result["unseen"] = fleet.unseen_name
     return result
+
+
+def least_data_entries(
+    fleet: Fleet,
+    rows: dict[str, int],
+    federated: dict[str, Any],
+    central: dict[str, Any],
+    local: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Per least-data client: its training rows, and the macro-F1 on its own held-out rows of the fleet model,
+    the central one and its own local-only model; then their means over those clients."""
+    per_client = {
+        name: {
+            "rows": rows[name],
+            "held_out_rows": len(next(c for c in fleet.clients if c.name == name).y_held),
+            "federated_macro_f1": federated["per_client_macro_f1"][name],
+            "central_macro_f1": central["per_client_macro_f1"][name],
+            "local_macro_f1": local[name]["per_client_macro_f1"][name],
+        }
+        for name in fleet.least_data
+    }
+    mean = {
+        key: round(float(np.mean([v[key] for v in per_client.values()])), 6)
+        for key in ("federated_macro_f1", "central_macro_f1", "local_macro_f1")
+    }
+    return {"clients": per_client, "mean": mean}
 
 
 def poisoning_mod(poisoned: frozenset[int], boost: float = 10.0) -> Mod:

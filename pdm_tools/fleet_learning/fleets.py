@@ -26,6 +26,8 @@ class Fleet:
     unseen_x: np.ndarray
     unseen_y: np.ndarray
     unseen_name: str = ""
+    # Clients that hold only a small share of their data (``--least-data-clients``): reported one by one.
+    least_data: tuple[str, ...] = ()
 
     def held_out(self) -> tuple[np.ndarray, np.ndarray]:
         """Every client's held-out rows, pooled."""
@@ -36,7 +38,12 @@ class Fleet:
 
 
 def cwru_fleet(
-    recordings: Sequence[Recording], spec: BearingFeatureSpec, clients: int, leave_out_load: int | None = None
+    recordings: Sequence[Recording],
+    spec: BearingFeatureSpec,
+    clients: int,
+    leave_out_load: int | None = None,
+    least_data: int = 0,
+    fraction: float = 1.0,
 ) -> Fleet:
     """Clients by motor load (non-IID: speed and signal differ by load), each recording split by time.
 
@@ -45,6 +52,11 @@ def cwru_fleet(
     CWRU has healthy data at load 0 only: as in ``pdm_tools.evaluation.cwru``, consecutive disjoint parts of
     it stand for each load. ``leave_out_load``: that load's clients are dropped and all its windows become
     the unseen rows.
+
+    ``least_data`` clients (``least_data_choice``) train on only the first ``fraction`` of each of their
+    recordings' training part (a machine that has recorded for a shorter time; at least two windows per
+    recording); their held-out rows are the same as with all their data, so every model is scored on them
+    alike.
     """
     faults = [r for r in recordings if r.kind != "normal"]
     normals = [r for r in recordings if r.kind == "normal"]
@@ -70,6 +82,10 @@ def cwru_fleet(
             f"--clients {clients}: the healthy recording ({len(healthy.samples)} samples) is too short to give "
             f"{per_load} clients per load their own training and held-out windows"
         )
+    trained_loads = [load for load in loads if load != leave_out_load]
+    small = least_data_choice(trained_loads, per_load, least_data)
+    if least_data and not 0 < fraction < 1:
+        raise ClientDataError(f"--least-data-fraction {fraction}: must be between 0 and 1 (exclusive)")
     out: list[ClientData] = []
     unseen: list[tuple[np.ndarray, int]] = []
     for load, part in zip(loads, parts, strict=True):
@@ -86,13 +102,30 @@ def cwru_fleet(
             train, held = [], []
             for r, samples, hop in sources:
                 head, tail = split_by_time(samples, max(HOLDOUT_FRACTION, healthy_tail / len(samples)))
+                if f"load{load}-{j}" in small:
+                    head = head[: max(round(len(head) * fraction), spec.window_samples + hop)]
                 train.append((featurize(spec, r, head, hop), r.label))
                 held.append((featurize(spec, r, tail, hop), r.label))
             x, y = stack(train, spec.n_features)
             xh, yh = stack(held, spec.n_features)
             out.append(ClientData(f"load{load}-{j}", x, y, xh, yh, CLASS_NAMES))
     ux, uy = stack(unseen, spec.n_features)
-    return Fleet(tuple(out), ux, uy, f"load {leave_out_load}" if leave_out_load is not None else "")
+    return Fleet(tuple(out), ux, uy, f"load {leave_out_load}" if leave_out_load is not None else "", tuple(small))
+
+
+def least_data_choice(loads: Sequence[int], per_load: int, count: int) -> list[str]:
+    """Names of the ``count`` clients that keep little data: one load after the other (so two of them are at
+    different loads whenever there are two loads), each load's last client first.
+
+    >>> least_data_choice([0, 1, 2], 2, 4)
+    ['load0-1', 'load1-1', 'load2-1', 'load0-0']
+    """
+    if not 0 <= count < len(loads) * per_load:
+        raise ClientDataError(
+            f"--least-data-clients {count}: must leave at least one of the {len(loads) * per_load} training "
+            "clients with all its data"
+        )
+    return [f"load{loads[k % len(loads)]}-{per_load - 1 - k // len(loads)}" for k in range(count)]
 
 
 def synthetic_fleet(

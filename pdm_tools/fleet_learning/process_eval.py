@@ -42,6 +42,16 @@ from pdm_tools.models.autoencoder import Autoencoder
 
 def skab_fleet(files: Sequence[SkabFile], clients: int | None = None) -> list[ProcessClient]:
     """``clients`` clients (default: one per testbed group) holding the files of their group."""
+    return uneven_skab_fleet(files, clients)[0]
+
+
+def uneven_skab_fleet(
+    files: Sequence[SkabFile], clients: int | None = None, least_data: int = 0, fraction: float = 1.0
+) -> tuple[list[ProcessClient], list[str]]:
+    """``skab_fleet`` where ``least_data`` clients (``least_data_names``) keep only the first ``fraction`` of
+    their files (at least one): a site with fewer machine runs of that kind, so less anomaly-free
+    commissioning data. The files they drop are in no client (that site never had them). Returns the
+    clients and the least-data clients' names."""
     groups: dict[str, list[SkabFile]] = {}
     for f in files:
         groups.setdefault(f.name.split("/")[0] if "/" in f.name else "root", []).append(f)
@@ -55,14 +65,41 @@ def skab_fleet(files: Sequence[SkabFile], clients: int | None = None) -> list[Pr
     for _ in range(n - len(groups)):
         spare = [g for g in groups if per_group[g] < len(groups[g])]
         per_group[max(spare, key=lambda g: len(groups[g]) / per_group[g])] += 1
+    if least_data and not 0 < fraction < 1:
+        raise ClientDataError(f"--least-data-fraction {fraction}: must be between 0 and 1 (exclusive)")
+    small = least_data_names(per_group, least_data)
     out = []
     for group in sorted(groups):
         k = per_group[group]
         for j in range(k):
             mine = groups[group][j::k]
             name = group if k == 1 else f"{group}-{j}"
+            if name in small:
+                mine = mine[: max(1, round(len(mine) * fraction))]
             out.append(ProcessClient(name, tuple(f.values for f in mine), tuple(f.labels for f in mine)))
-    return out
+    return out, small
+
+
+def least_data_names(per_group: dict[str, int], count: int) -> list[str]:
+    """Names of the ``count`` clients that keep little data: one testbed group after the other (sorted), each
+    group's last client first.
+
+    >>> least_data_names({"valve1": 2, "other": 1}, 2)
+    ['other', 'valve1-1']
+    """
+    total = sum(per_group.values())
+    if not 0 <= count < total:
+        raise ClientDataError(
+            f"--least-data-clients {count}: must leave at least one of the {total} clients with all its data"
+        )
+    order: list[str] = []
+    groups = sorted(per_group)
+    for turn in range(max(per_group.values())):
+        for g in groups:
+            j = per_group[g] - 1 - turn
+            if j >= 0:
+                order.append(g if per_group[g] == 1 else f"{g}-{j}")
+    return order[:count]
 
 
 def simulate_process(
@@ -81,9 +118,11 @@ def simulate_process(
     return outcome
 
 
-def evaluate_process_fleet(clients: Sequence[ProcessClient], config: ProcessFederation) -> dict[str, Any]:
-    """The JSON object of ``fleet evaluate --dataset skab``."""
-    return compare_process(clients, config, simulate_process(clients, config))
+def evaluate_process_fleet(
+    clients: Sequence[ProcessClient], config: ProcessFederation, least_data: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The JSON object of ``fleet evaluate --dataset skab``; ``least_data``: clients reported one by one."""
+    return compare_process(clients, config, simulate_process(clients, config), least_data=least_data)
 
 
 def compare_process(
@@ -91,8 +130,10 @@ def compare_process(
     config: ProcessFederation,
     outcome: ProcessOutcome,
     detector: DetectorConfig | None = None,
+    least_data: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The federation's autoencoder (``outcome``) against central and local-only fits from the same start."""
+    """The federation's autoencoder (``outcome``) against central and local-only fits from the same start;
+    ``least_data``: clients whose F1/FAR/MAR under each model are reported one by one."""
     assert outcome.model is not None and outcome.initial is not None
     det = detector or DetectorConfig()
     series = {c.name: c.series(det) for c in clients}
@@ -113,6 +154,16 @@ def compare_process(
 
     central = train([s for rows in series.values() for s in rows])
     own = {name: counts(train(rows), rows) for name, rows in series.items()}
+    least = {
+        name: {
+            "rows": int(sum(len(s.train) for s in series[name])),
+            "files": len(series[name]),
+            "federated": counts(outcome.model, series[name]).to_dict(),
+            "central": counts(central, series[name]).to_dict(),
+            "local": own[name].to_dict(),
+        }
+        for name in least_data
+    }
     rows = {name: int(sum(len(s.train) for s in rows)) for name, rows in series.items()}
     fewest = min(rows, key=lambda name: rows[name])
     federated = measure(outcome.model)
@@ -134,6 +185,7 @@ def compare_process(
             "federated_f1": federated["per_client_f1"][fewest],
             "local_f1": round(own[fewest].f1, 4),
         },
+        **({"least_data_clients": {"clients": least, "pooled": _pooled(least)}} if least else {}),
         **({"quantization_gate": outcome.gate} if outcome.gate else {}),
         "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
         "rounds": config.federation.rounds,
@@ -147,4 +199,13 @@ def compare_process(
             "standardization, the autoencoder's training rows, its threshold = factor x max commissioning score; "
             "no label read), rest = test, point-wise on 'anomaly', confusion pooled over files"
         ),
+    }
+
+
+def _pooled(least: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each model's confusion pooled over the least-data clients (the protocol pools over files)."""
+    counts = ("tp", "fp", "fn", "tn")
+    return {
+        model: Confusion(**{k: sum(v[model][k] for v in least.values()) for k in counts}).to_dict()
+        for model in ("federated", "central", "local")
     }
