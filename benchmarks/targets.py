@@ -113,13 +113,19 @@ def _vibration_mix(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(_row("zero_loss_vibration_mix", T_LOSS, None, "", bool, _not_run("throughput")))
     else:
         fin = thr["final"]
+        if fin.get("raw_vibration", "every_n") == "every_n":
+            raw = f"{fin['samples_stored']:,}/{fin['samples_expected']:,} raw samples (every_n)"
+        else:
+            raw = (
+                f"{fin['samples_stored']:,} raw samples stored of {fin.get('raw_released', 0):,.0f} released by "
+                f"alerts, {fin.get('raw_missing', 0):,.0f} missing ({fin['raw_vibration']})"
+            )
         rows.append(
             _row(
                 "zero_loss_vibration_mix",
                 T_LOSS,
                 bool(fin["zero_loss"]),
-                f"{fin['readings_stored']:,}/{fin['readings_published']:,} readings, "
-                f"{fin['samples_stored']:,}/{fin['samples_expected']:,} raw samples",
+                f"{fin['readings_stored']:,}/{fin['readings_published']:,} readings, {raw}",
                 bool,
             )
         )

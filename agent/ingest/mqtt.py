@@ -64,6 +64,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.ingest.paho_buffered import client_class
 from agent.ingest.remembered import RememberedFilters
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
@@ -139,7 +140,7 @@ class MqttConnection:
     def _build_client(self) -> paho.Client:
         s = self._settings
         v5 = s.protocol == "5"
-        client = paho.Client(
+        client = client_class()(  # paho with buffered socket reads (agent/ingest/paho_buffered.py)
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,

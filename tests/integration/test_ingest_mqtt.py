@@ -24,6 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.ingest.mqtt import MqttConnection
+from agent.ingest.paho_buffered import BufferedClient
 from agent.ingest.settings import MqttSettings
 from agent.metrics import Metrics
 from agent.records import Message
@@ -511,3 +512,41 @@ def test_bad_settings_are_refused_with_the_field_name(kwargs: dict[str, object],
     assert fragment in str(info.value)
     assert "for MqttSettings" in str(info.value)
     assert "s3cret-pw" not in str(info.value)  # errors never echo the input (it may hold the password)
+
+
+def test_buffered_reads_deliver_every_message_whole_and_in_order(
+    mosquitto: Service, connections, observers, prefix: str
+) -> None:
+    """paho's small reads are served from 64 KiB socket reads (agent/ingest/paho_buffered.py): packets that
+    straddle two reads, a message larger than a read, and hundreds queued at once all arrive intact."""
+    inbox, metrics = Inbox(), Metrics()
+    conn = connections(mosquitto, inbox, metrics, client_id=f"{prefix}-agent", subscriptions=(f"{prefix}/#",))
+    start_and_wait(conn)
+    client = conn._client
+    assert isinstance(client, BufferedClient)
+    sizes = [1, 170, 11_000, 3, 200_000, 70_000, 127, 128, 16_383, 16_384, 5] * 40
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    gateway = observers(mosquitto)
+    infos = [gateway.client.publish(f"{prefix}/m/{i % 7}", p, qos=1) for i, p in enumerate(payloads)]
+    for info in infos:
+        info.wait_for_publish(TIMEOUT_S)
+    got = []
+    for _ in payloads:
+        message = inbox.get(f"message {len(got)} of {len(payloads)}")
+        conn.ack(message.mid, message.qos)
+        got.append(message)
+    assert [m.payload for m in got] == payloads
+    assert [m.topic for m in got] == [f"{prefix}/m/{i % 7}" for i in range(len(payloads))]
+    assert metrics.get("mqtt.acks") == len(payloads)
+    # Fewer socket reads than messages: the small ones came several to a read.
+    assert 0 < client.socket_reads < len(payloads)
+    assert client.buffered_bytes() == 0
+
+
+def test_bytes_of_a_closed_connection_are_not_parsed_after_a_reconnect() -> None:
+    """What was buffered from a connection that closed is dropped with it, never read as the next one's."""
+    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="buffer-reset")
+    client._rbuf, client._rpos = b"\x30\x05half", 2
+    assert client.buffered_bytes() == 4
+    client._sock_close()
+    assert client.buffered_bytes() == 0
