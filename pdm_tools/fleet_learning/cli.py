@@ -197,6 +197,12 @@ def _federation_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument(
         "--dp-clip", type=float, default=0.0, help="differential privacy: clipping norm of each client's update"
     )
+    parser.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (Flower's SecAgg+): the coordinator sees only the sum of the clients' updates "
+        "(defect classifier; fedavg/fedprox, no DP; agents need nothing else)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -226,6 +232,7 @@ def main_evaluate(args: argparse.Namespace) -> int:
             training=LocalTraining(epochs=args.local_epochs),
             dp_noise=args.dp_noise,
             dp_clip=args.dp_clip,
+            secagg=args.secagg,
             seed=args.seed,
         )
         make_strategy(config)  # a combination that cannot run fails here (exit 2), not after the simulation
@@ -254,8 +261,11 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
     from pdm_tools.fleet_learning.process_app import ProcessFederation
     from pdm_tools.fleet_learning.process_eval import evaluate_process_fleet, uneven_skab_fleet
 
-    if args.poisoned or args.leave_out_load is not None:
-        print("fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic", file=sys.stderr)
+    if args.poisoned or args.leave_out_load is not None or args.secagg:
+        print(
+            "fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic; --secagg for the classifier",
+            file=sys.stderr,
+        )
         return 2
     try:
         files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
@@ -342,6 +352,8 @@ def render_text(result: dict[str, Any]) -> str:
                 f"local-only {v['local_macro_f1']:.3f}, central {v['central_macro_f1']:.3f}"
             )
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
+    if "secagg" in result.get("federation", {}):
+        lines.append("  secure aggregation (SecAgg+): the coordinator saw only the sum of the updates")
     if "privacy" in result:
         lines.append(f"  privacy: epsilon {result['privacy']['epsilon']} at delta {result['privacy']['delta']}")
     return "\n".join(lines)
@@ -355,8 +367,12 @@ def main_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         make_strategy(
-            deploy.config_from_run({"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip})
+            deploy.config_from_run(
+                {"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "secagg": args.secagg}
+            )
         )
+        if args.model == "process" and args.secagg:
+            raise ValueError("--secagg is wired for the defect classifier; the process model has no SecAgg+ yet")
         if args.model == "process" and args.channels < 1:
             raise ValueError("--model process needs --channels (the readings' channel count)")
         if args.model == "process" and args.version:
@@ -386,6 +402,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "version": args.version,
             "dp-noise": args.dp_noise,
             "dp-clip": args.dp_clip,
+            **({"secagg": True} if args.secagg else {}),
             **({"channels": args.channels, "quantize": args.quantize} if args.model == "process" else {}),
         }
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log, args.model)

@@ -29,6 +29,7 @@ from flwr.clientapp.typing import Mod
 
 from pdm_tools.fleet_learning.data import MIN_ROWS, ClientData, ClientDataError, data_sha256, load_client_data
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, local_train, to_arrays
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
 from pdm_tools.models.defect_mlp import DefectMlp
 
 _loaded: dict[Path, ClientData] = {}
@@ -133,5 +134,6 @@ def _folder(context: Context, data_root: Path | None) -> Path:
     return folder
 
 
-# What ``flwr run`` loads in deployment: the node's ``data-dir`` names the folder.
-app = build_client_app()
+# What ``flwr run`` loads in deployment: the node's ``data-dir`` names the folder. The SecAgg+ mods act only
+# on a run with secure aggregation (``fleet serve --secagg``): an agent needs nothing else to join one.
+app = build_client_app(mods=SECAGG_MODS)

@@ -53,6 +53,7 @@ RUN_CONFIG: dict[str, Any] = {
     "round-timeout-s": 120.0,
     "dp-noise": 0.0,
     "dp-clip": 0.0,
+    "secagg": False,
     "out-dir": "",
     "version": "",
 }
@@ -72,6 +73,7 @@ def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
         training=LocalTraining(epochs=int(merged["local-epochs"]), learning_rate=float(merged["learning-rate"])),
         dp_noise=float(merged["dp-noise"]),
         dp_clip=float(merged["dp-clip"]),
+        secagg=bool(merged["secagg"]),
         seed=int(merged["seed"]),
         round_timeout_s=float(merged["round-timeout-s"]),
     )
@@ -84,7 +86,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(run_config.get("out-dir") or "."))
     config = config_from_run(run_config)
     outcome = Outcome()
-    federate(grid, config, outcome)
+    federate(grid, config, outcome, context)
     version = str(run_config.get("version") or "")
     if version and outcome.model is not None:
         from pdm_tools.fleet_learning.ship import write_version

@@ -29,6 +29,7 @@ from flwr.simulation import run_simulation
 from pdm_tools.evaluation.classification import scores
 from pdm_tools.fleet_learning.client_app import build_client_app
 from pdm_tools.fleet_learning.fleets import Fleet
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
 from pdm_tools.fleet_learning.server_app import FederationConfig, FederationError, Outcome, build_server_app
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, fit_mlp
 
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 def simulate(fleet: Fleet, config: FederationConfig, mods: Sequence[Mod] = (), keep_replies: bool = False) -> Outcome:
     """Run the federation over ``fleet``'s clients in Flower's simulation runtime (Ray, one CPU per client)."""
     outcome = Outcome(keep_replies=keep_replies)
+    # With secure aggregation the clients run SecAgg+ (outermost) around the translation of its messages.
+    mods = (*SECAGG_MODS, *mods) if config.secagg else tuple(mods)
     with tempfile.TemporaryDirectory(prefix="pdm-fleet-") as tmp:
         root = Path(tmp)
         for i, client in enumerate(fleet.clients):

@@ -32,6 +32,7 @@ from flwr.serverapp.strategy import (
 
 from pdm_tools.evaluation.classification import scores_from_confusion
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, standardization, to_arrays
+from pdm_tools.fleet_learning.secagg import SecAggSettings, check_secagg
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class FederationConfig:
     seed: int = 42
     round_timeout_s: float = 600.0
     wait_for_clients_s: float = 600.0
+    # Secure aggregation (SecAgg+, ``secagg.py``): the coordinator sees only the sum of the updates.
+    secagg: bool = False
+    secagg_settings: SecAggSettings = field(default_factory=SecAggSettings)
 
     @property
     def dp(self) -> bool:
@@ -86,6 +90,7 @@ class FederationConfig:
                 if self.dp
                 else {}
             ),
+            **({"secagg": self.secagg_settings.to_dict()} if self.secagg else {}),
             "seed": self.seed,
         }
 
@@ -105,6 +110,7 @@ class Outcome:
     privacy: dict[str, Any] = field(default_factory=dict)
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
     keep_replies: bool = False
+    secagg: dict[str, Any] = field(default_factory=dict)
 
 
 def make_strategy(
@@ -122,6 +128,8 @@ def make_strategy(
         "min_available_nodes": config.min_clients,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn or sum_confusions,
     }
+    if config.secagg:
+        check_secagg(config.strategy, config.dp)
     strategy: Strategy
     if config.strategy == "fedavg":
         strategy = FedAvg(**common)
@@ -180,14 +188,22 @@ def build_server_app(config: FederationConfig, outcome: Outcome) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federate(grid, config, outcome)
+        federate(grid, config, outcome, context)
 
     return app
 
 
-def federate(grid: Grid, config: FederationConfig, outcome: Outcome) -> None:
+def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Context | None = None) -> None:
     """The coordinator's work in one run: the fleet's standardization, then ``config.rounds`` rounds of the
-    strategy; fills ``outcome``."""
+    strategy; fills ``outcome``. With ``config.secagg`` the rounds are Flower's SecAgg+ workflow
+    (``secagg.federate_secagg``, which needs the run's ``context``)."""
+    if config.secagg:
+        from pdm_tools.fleet_learning.secagg import federate_secagg
+
+        if context is None:
+            raise FederationError("secure aggregation needs the ServerApp's context (Flower's legacy workflow)")
+        federate_secagg(grid, context, config, outcome)
+        return
     counted = CountingGrid(grid, outcome)
     mean, scale = fleet_standardization(counted, config, outcome)
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
@@ -296,7 +312,10 @@ class CountingGrid(Grid):
         rnd = 0
         for m in sent:
             config = m.content.config_records.get("config")
-            rnd = int(config.get("server-round", 0)) if config is not None else 0  # type: ignore[arg-type]
+            if config is not None:
+                rnd = int(config.get("server-round", 0))  # type: ignore[arg-type]
+            elif m.metadata.group_id.isdigit():  # Flower's legacy workflows (SecAgg+) name the round here
+                rnd = int(m.metadata.group_id)
         total = sum(_payload_bytes(m) for m in sent) + sum(_payload_bytes(r) for r in replies)
         self._outcome.bytes_per_round[rnd] = self._outcome.bytes_per_round.get(rnd, 0) + total
         for reply in replies:
@@ -306,9 +325,11 @@ class CountingGrid(Grid):
             if self._outcome.keep_replies:
                 self._outcome.replies.append((reply.metadata.message_type, reply.content))
             metrics = reply.content.metric_records.get("metrics")
-            if reply.metadata.message_type == MessageType.TRAIN and metrics is not None:
+            legacy = reply.content.metric_records.get("fitres.num_examples")  # SecAgg+'s masked-vector reply
+            if reply.metadata.message_type == MessageType.TRAIN and (metrics or legacy) is not None:
                 node = reply.metadata.src_node_id
-                self._outcome.client_rows[node] = int(metrics["num-examples"])  # type: ignore[arg-type]
+                rows = metrics["num-examples"] if metrics is not None else legacy["num_examples"]  # type: ignore[index]
+                self._outcome.client_rows[node] = int(rows)  # type: ignore[arg-type]
                 self._outcome.participants.setdefault(rnd, []).append(node)
         return replies
 
@@ -316,4 +337,23 @@ class CountingGrid(Grid):
 def _payload_bytes(message: Message) -> int:
     if not message.has_content():
         return 0
-    return sum(record.count_bytes() for record in message.content.values())
+    return sum(
+        _config_bytes(record) if isinstance(record, ConfigRecord) else record.count_bytes()
+        for record in message.content.values()
+    )
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    """``ConfigRecord.count_bytes`` (keys, 8 per number, 1 per bool, the length of a str or bytes) without its
+    refusal of an empty string or list, which the legacy and SecAgg+ messages carry.
+
+    >>> _config_bytes(ConfigRecord({"a": "", "bb": [1, 2], "c": [b"xyz", b""], "d": True}))
+    25
+    """
+
+    def size(value: Any) -> int:
+        if isinstance(value, bool):
+            return 1
+        return len(value) if isinstance(value, str | bytes) else 8
+
+    return sum(len(k) + (sum(size(x) for x in v) if isinstance(v, list) else size(v)) for k, v in record.items())

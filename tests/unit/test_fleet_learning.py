@@ -234,6 +234,14 @@ def test_fleet_evaluate_refuses_what_cannot_run_before_simulating(
     assert "averaging only (fedavg, fedprox), not krum" in capsys.readouterr().err
     assert fleet_cli.main(_fleet_args("evaluate", "--dataset", "cwru", "--data", str(tmp_path))) == 2
     assert "index.json not found" in capsys.readouterr().err
+    args = _fleet_args("evaluate", "--dataset", "synthetic", "--strategy", "trimmed", "--secagg")
+    assert fleet_cli.main(args) == 2
+    assert "SecAgg+ shows the coordinator only the sum" in capsys.readouterr().err
+    serve = ("serve", "--state", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--secagg")
+    assert fleet_cli.main(_fleet_args(*serve, "--strategy", "krum")) == 2
+    assert "--strategy krum: SecAgg+" in capsys.readouterr().err
+    assert fleet_cli.main(_fleet_args(*serve, "--model", "process", "--channels", "3")) == 2
+    assert "--secagg is wired for the defect classifier" in capsys.readouterr().err
 
 
 def test_fleet_evaluate_text_names_each_model_and_the_budget() -> None:

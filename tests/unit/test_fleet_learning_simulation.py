@@ -2,13 +2,15 @@
 
 What is checked: the federated model is as good as one fitted on the pooled rows; clients send only model
 parameters, feature sums and counts (every reply is inspected); a trimmed mean keeps a poisoned client from
-moving the fleet model where FedAvg follows it; differential privacy reports its budget. Four simulations
-of five clients, a few rounds each.
+moving the fleet model where FedAvg follows it; differential privacy reports its budget; with secure
+aggregation the coordinator gets FedAvg's model within SecAgg+'s quantization error and no client's
+weights. Five simulations of five clients, a few rounds each (SecAgg+: one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import numpy as np
 import pytest
@@ -17,12 +19,15 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.evaluate import compare, poisoning_mod, relative_shift, simulate
 from pdm_tools.fleet_learning.fleets import Fleet, synthetic_fleet
-from pdm_tools.fleet_learning.params import LocalTraining
+from pdm_tools.fleet_learning.params import LocalTraining, local_train
+from pdm_tools.fleet_learning.secagg import secagg_error_bound
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome, make_strategy, privacy_budget
+from pdm_tools.models.defect_mlp import DefectMlp
 
 # Ray starts real processes (a local cluster and one worker per CPU) for each simulation.
 pytestmark = pytest.mark.integration
 
+FITRES = ("metrics", "num_examples", "parameters", "status")
 # What each kind of reply may hold: record name -> the keys allowed in it.
 ALLOWED = {
     "query": {"stats": {"num-examples", "sum", "sumsq"}, "provenance": {"data-sha256", "held-out"}},
@@ -134,3 +139,47 @@ def test_differential_privacy_clips_noises_and_reports_the_budget(
     assert relative_shift(private.model, outcome.model) > 0
     with pytest.raises(ValueError, match="averaging only"):
         make_strategy(dataclasses.replace(dp, strategy="krum"))
+
+
+def _params(model: DefectMlp) -> np.ndarray:
+    return np.concatenate([p.ravel() for p in model.weights + model.biases]).astype(np.float64)
+
+
+def test_secure_aggregation_gives_fedavg_within_its_quantization_and_hides_each_update(
+    federation: tuple[Fleet, FederationConfig, Outcome],
+) -> None:
+    fleet, config, _ = federation
+    secure = dataclasses.replace(config, rounds=1, secagg=True)
+    outcome = simulate(fleet, secure, keep_replies=True)
+    assert outcome.model is not None and outcome.initial is not None
+    # Plain FedAvg of round 1, computed here: each client's local training from the same start with the seed
+    # its ClientApp uses, averaged by row count.
+    rows = np.array([len(c.y) for c in fleet.clients], np.float64)
+    trained = [
+        _params(
+            local_train(outcome.initial, c.x, c.y, config.training, zlib.crc32(f"{c.name}/{config.seed}/1".encode()))[0]
+        )
+        for c in fleet.clients
+    ]
+    fedavg = np.average(np.stack(trained), axis=0, weights=rows)
+    error = np.abs(_params(outcome.model) - fedavg).max()
+    assert 0 < error <= secagg_error_bound(secure.secagg_settings, rows.tolist())
+    # What reached the coordinator in the training round: keys, key shares and masked integer vectors, never
+    # a client's weights (the legacy reply's parameters are empty) nor a raw row.
+    train_replies = [content for kind, content in outcome.replies if kind == "train"]
+    assert len(train_replies) == 4 * 5  # setup, share keys, masked vector, unmask: each client each stage
+    for content in train_replies:
+        assert set(content.keys()) <= {"secaggplus_configs", *(f"fitres.{k}" for k in FITRES)}
+        assert all(len(record) == 0 for record in content.array_records.values())
+        assert raw_rows_in(content, fleet) == []
+    assert outcome.evaluation[1]["macro-f1"] > 0 and outcome.secagg["max_weight"] == rows.max()
+
+
+def test_secure_aggregation_refuses_what_would_need_each_update() -> None:
+    config = FederationConfig(class_names=CLASS_NAMES, secagg=True)
+    for robust in ("trimmed", "krum"):
+        with pytest.raises(ValueError, match=f"--strategy {robust}: SecAgg\\+ shows the coordinator only the sum"):
+            make_strategy(dataclasses.replace(config, strategy=robust))
+    with pytest.raises(ValueError, match="clips each client's update, which SecAgg\\+ hides"):
+        make_strategy(dataclasses.replace(config, dp_noise=1.0, dp_clip=1.0))
+    make_strategy(dataclasses.replace(config, strategy="fedprox"))

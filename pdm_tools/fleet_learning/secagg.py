@@ -1,0 +1,243 @@
+"""Secure aggregation (Flower's SecAgg+) for the defect classifier's federation: the coordinator learns the
+weighted average of the clients' models and nothing about any single one.
+
+How Flower 1.42 runs it. SecAgg+ is a workflow of Flower's legacy server API
+(``flwr.server.workflow.SecAggPlusWorkflow`` inside ``DefaultWorkflow``, driving a legacy ``FedAvg``), and a
+client mod (``flwr.client.mod.secaggplus_mod``) that runs the protocol's four stages (keys, key shares,
+masked vector, unmasking) around the client's train handler. The message-API strategies the rest of the
+fleet uses (``flwr.serverapp.strategy``) have no secure-aggregation variant. So with ``--secagg`` the
+coordinator runs the same standardization query as always, then the legacy workflow; on the client,
+``legacy_adapter_mod`` translates the legacy messages (``fitins.*``, ``evaluateins.*``) to the ClientApp's
+own (``arrays``, ``config``) and its replies back (``fitres.*``, ``evaluateres.*``). The ClientApp's train
+and evaluate handlers are unchanged.
+
+What changes on the wire. A client's train reply holds no model: ``secaggplus_mod`` multiplies the
+client's weights by its share of the weight (``rows / max_weight``), clips them to ``±clipping_range``,
+quantizes them to ``quantization_range`` integer levels and adds pairwise and private masks modulo
+``modulus_range``; only that masked vector leaves the client. The coordinator can unmask the sum only.
+The price is the quantization: every weight is rounded to a step of ``2 · clipping_range /
+quantization_range`` times the client's weight share, so the aggregate differs slightly from plain FedAvg's
+(``secagg_error_bound``; measured in ``docs/fleet.md``).
+
+What it excludes. Robust aggregation (trimmed mean, Krum) ranks or compares the individual updates, which
+SecAgg+ hides by design; server-side differential privacy clips each individual update, which the
+coordinator no longer sees. Both combinations are refused with that reason (``check_secagg``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid
+
+from pdm_tools.evaluation.classification import scores_from_confusion
+from pdm_tools.fleet_learning.params import from_arrays, init_mlp, standardization, to_arrays
+
+if TYPE_CHECKING:  # server_app imports this module; the types only, one way at run time
+    from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+'s parameters (Flower's defaults but the share fractions, chosen for small plant fleets)."""
+
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    # Each client's secret is split among this share of the round's clients, and this share of the shares
+    # rebuilds it: with 3 clients, each shares with all 3 and any 2 can unmask a client that dropped out.
+    shares: float = 1.0
+    threshold: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "modulus_range": self.modulus_range,
+            "shares": self.shares,
+            "reconstruction_threshold": self.threshold,
+        }
+
+
+def check_secagg(strategy: str, dp: bool) -> None:
+    """``ValueError`` naming why secure aggregation cannot run with ``strategy`` or with DP."""
+    if strategy not in ("fedavg", "fedprox"):
+        raise ValueError(
+            f"secure aggregation cannot run with --strategy {strategy}: SecAgg+ shows the coordinator only the sum "
+            "of the clients' updates, and a robust aggregation (trimmed mean, krum) must see each update to rank "
+            "or compare them; use fedavg or fedprox with --secagg, or a robust strategy without it"
+        )
+    if dp:
+        raise ValueError(
+            "secure aggregation cannot run with --dp-noise/--dp-clip: the server-side clipping clips each "
+            "client's update, which SecAgg+ hides from the coordinator"
+        )
+
+
+def secagg_error_bound(settings: SecAggSettings, weights: list[float]) -> float:
+    """Largest difference, per weight, between SecAgg+'s aggregate and the exact weighted mean of the same
+    client models (``weights``: their row counts), when no weight is clipped. Each client's ``share · w``
+    (``share = rows / max rows``) is rounded stochastically to a step of ``2 · clipping_range /
+    quantization_range`` (less than one step off) and its share to ``1 / quantization_range`` (half a level
+    off, times at most ``2 · clipping_range`` between a weight and the mean); the sum is divided by the total
+    share.
+
+    >>> round(secagg_error_bound(SecAggSettings(), [500.0, 500.0]) * 1e6, 3)
+    5.722
+    """
+    step = 2 * settings.clipping_range / settings.quantization_range
+    largest = max(weights)
+    total_share = sum(w / largest for w in weights)
+    per_client = step + settings.clipping_range / settings.quantization_range
+    return len(weights) * per_client / total_share
+
+
+def _mlp_names(count: int) -> list[str]:
+    """The classifier's array names in Flower's legacy order (``to_arrays``: w0, b0, w1, b1, ...).
+
+    >>> _mlp_names(4)
+    ['w0', 'b0', 'w1', 'b1']
+    """
+    return [f"{'wb'[i % 2]}{i // 2}" for i in range(count)]
+
+
+def named_arrays(record: ArrayRecord) -> ArrayRecord:
+    """A legacy parameters record (arrays keyed ``0``, ``1``, … in ``to_arrays`` order) as the classifier's
+    named arrays (``params.from_arrays`` reads them)."""
+    tensors = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+    names = _mlp_names(len(tensors))
+    return ArrayRecord({name: Array(np.asarray(t, np.float32)) for name, t in zip(names, tensors, strict=True)})
+
+
+def legacy_adapter_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A client mod: the legacy workflow's train and evaluate messages as the ClientApp's own, and its replies
+    as the legacy ones; every other message passes unchanged (so a client with this mod joins any run)."""
+    content = message.content
+    for kind in ("fitins", "evaluateins"):
+        if f"{kind}.parameters" in content.array_records:
+            break
+    else:
+        return call_next(message, context)
+    arrays = named_arrays(content.array_records[f"{kind}.parameters"])
+    message.content = RecordDict({"arrays": arrays, "config": content.config_records[f"{kind}.config"]})
+    reply = call_next(message, context)
+    if reply.has_error():
+        return reply
+    metrics = reply.content.metric_records["metrics"]
+    rows = int(cast(int, metrics["num-examples"]))
+    ok = Status(code=Code.OK, message="")
+    if kind == "fitins":
+        trained = reply.content.array_records["arrays"]
+        parameters = ndarrays_to_parameters([trained[name].numpy() for name in _mlp_names(len(trained))])
+        loss = float(cast(float, metrics["train-loss"]))
+        reply.content = compat.fitres_to_recorddict(FitRes(ok, parameters, rows, {"train-loss": loss}), False)
+    else:
+        confusion = [int(c) for c in cast(list[int], metrics["confusion"])]
+        wrong = 1.0 - float(np.trace(_square(confusion))) / max(1, sum(confusion))
+        counts: dict[str, bool | bytes | float | int | str] = {f"c{i}": c for i, c in enumerate(confusion)}
+        reply.content = compat.evaluateres_to_recorddict(EvaluateRes(ok, wrong, rows, counts))
+    return reply
+
+
+def optional_secagg_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``secaggplus_mod`` for the messages of a SecAgg+ round (they carry its configs), nothing otherwise: the
+    agents' one ClientApp serves runs with and without secure aggregation."""
+    if message.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+# The mods a ClientApp needs for secure aggregation, outermost first.
+SECAGG_MODS = (optional_secagg_mod, legacy_adapter_mod)
+
+
+def _square(counts: list[int]) -> np.ndarray:
+    k = round(np.sqrt(len(counts)))
+    return np.asarray(counts, np.int64).reshape(k, k)
+
+
+def sum_legacy_confusions(results: list[tuple[int, dict[str, Any]]]) -> dict[str, bool | bytes | float | int | str]:
+    """Federated evaluation under the legacy workflow: the clients' confusion counts (``c0``, ``c1``, …)
+    summed, and the scores of the sum."""
+    if not results:
+        return {}
+    size = len(results[0][1])
+    total = [sum(int(m[f"c{i}"]) for _, m in results) for i in range(size)]
+    s = scores_from_confusion(_square(total))
+    return {"accuracy": s["accuracy"], "macro-f1": s["macro_f1"], **{f"c{i}": c for i, c in enumerate(total)}}
+
+
+def federate_secagg(grid: Grid, context: Context, config: FederationConfig, outcome: Outcome) -> None:
+    """``server_app.federate`` with SecAgg+: the fleet's standardization (as always: sums, not rows), then
+    ``config.rounds`` rounds of the legacy FedAvg whose fit step is the SecAgg+ workflow; fills ``outcome``."""
+    from pdm_tools.fleet_learning.server_app import CountingGrid, fleet_standardization
+
+    check_secagg(config.strategy, config.dp)
+    counted = CountingGrid(grid, outcome)
+    mean, scale = fleet_standardization(counted, config, outcome)
+    model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
+    outcome.initial = model
+    training = config.training
+    common = {"class-names": list(config.class_names), **standardization(model)}
+    fit_config = {
+        "local-epochs": training.epochs,
+        "learning-rate": training.learning_rate,
+        "alpha": training.alpha,
+        "batch-size": training.batch_size,
+        "seed": config.seed,
+        **({"proximal-mu": config.proximal_mu} if config.strategy == "fedprox" else {}),
+        **common,
+    }
+
+    def on_fit(rnd: int) -> dict[str, Any]:
+        return {**fit_config, "server-round": rnd}
+
+    def on_evaluate(rnd: int) -> dict[str, Any]:
+        return {**common, "server-round": rnd}
+
+    strategy = LegacyFedAvg(
+        min_fit_clients=config.min_clients,
+        min_evaluate_clients=config.min_clients,
+        min_available_clients=config.min_clients,
+        # Lists travel in the config records (``ConfigRecord`` takes them) though the legacy type says scalars.
+        on_fit_config_fn=cast(Callable[[int], dict[str, Any]], on_fit),
+        on_evaluate_config_fn=cast(Callable[[int], dict[str, Any]], on_evaluate),
+        initial_parameters=ndarrays_to_parameters([a.numpy() for a in to_arrays(model).values()]),
+        evaluate_metrics_aggregation_fn=sum_legacy_confusions,
+    )
+    settings = config.secagg_settings
+    # Weight shares are rows / max_weight, at most 1 (beyond it SecAgg+ may overflow): the largest client.
+    max_weight = float(max(int(p["rows"]) for p in outcome.provenance.values()))
+    workflow = SecAggPlusWorkflow(
+        num_shares=settings.shares,
+        reconstruction_threshold=settings.threshold,
+        max_weight=max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=config.round_timeout_s,
+    )
+    legacy = LegacyContext(
+        context, config=ServerConfig(num_rounds=config.rounds, round_timeout=config.round_timeout_s), strategy=strategy
+    )
+    DefaultWorkflow(fit_workflow=workflow)(counted, legacy)
+    arrays = named_arrays(legacy.state.array_records[MAIN_PARAMS_RECORD])
+    outcome.model = from_arrays(arrays, config.class_names, model.mean, model.scale)
+    for key, values in legacy.history.metrics_distributed.items():
+        if key in ("accuracy", "macro-f1"):
+            for rnd, value in values:
+                outcome.evaluation.setdefault(rnd, {})[key] = value
+    outcome.secagg = {**settings.to_dict(), "max_weight": max_weight}
