@@ -16,10 +16,9 @@ from agent.features.extract import extract_matrix
 from agent.inference.base import Adaptable, AnomalyModel
 from agent.inference.classifier import DefectPrediction
 from agent.metrics import Metrics
-from agent.records import FeatureVector, Score, Window
+from agent.records import Score, Window
 from agent.runtime.defect import DefectStage
-from agent.runtime.worker import to_lines
-from agent.storage.points import feature_lines
+from agent.spool.codec import Entry, encode_features
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +40,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Scored:
-    """A scored batch: the verdicts, and the ``features`` and ``defect`` lines to store."""
+    """A scored batch: the verdicts, the ``defect`` lines to store, and the feature vectors as one spool
+    entry (formatted by the writer: line protocol for a batch's features cost the scoring thread a quarter
+    of its time under the benchmark's load)."""
 
     verdicts: list[Verdict]
     lines: list[str]
+    entries: list[Entry]
 
 
 class BatchScorer:
@@ -72,7 +74,7 @@ class BatchScorer:
             windows = [w for w, ok in zip(windows, finite, strict=True) if ok]
             x = x[finite]
         if not windows:
-            return Scored([], [])
+            return Scored([], [], [])
         t0 = time.perf_counter()
         scores, thresholds, adapters = self._run_model(model, windows, x)
         elapsed = time.perf_counter() - t0
@@ -83,7 +85,6 @@ class BatchScorer:
         self._metrics.observe("inference.seconds", elapsed, model=model.model_id)
         self._metrics.observe("inference.window_seconds", elapsed / len(windows), model=model.model_id)
         names = model.spec.feature_names()
-        spec_hash = model.spec.spec_hash()
         defects = (
             {}
             if self._defect is None
@@ -92,7 +93,7 @@ class BatchScorer:
         explained = self._explain(model, names, x, scores, [a is None for a in adapters])
         lines: list[str] = []
         verdicts: list[Verdict] = []
-        for i, (window, row, value) in enumerate(zip(windows, x, scores, strict=True)):
+        for i, (window, value) in enumerate(zip(windows, scores, strict=True)):
             score = Score(
                 source=window.source,
                 start_ns=window.start_ns,
@@ -103,13 +104,16 @@ class BatchScorer:
                 threshold=float(thresholds[i]),
                 adapter=adapters[i],
             )
-            fv = FeatureVector(window=window, names=names, values=row, spec_hash=spec_hash)
-            lines.extend(to_lines(lambda f: feature_lines(f, model.model_id, model.version), fv, self._metrics))
             defect = defects.get(i)
             if defect is not None and self._defect is not None:
                 lines.extend(self._defect.lines(window, defect, self._metrics))
             verdicts.append(Verdict(score, defect, explained.get(i, ())))
-        return Scored(verdicts, lines)
+        entries = [
+            encode_features(
+                model.model_id, model.version, names, [w.source for w in windows], [w.end_ns for w in windows], x
+            )
+        ]
+        return Scored(verdicts, lines, entries)
 
     def _run_model(
         self, model: AnomalyModel, windows: Sequence[Window], x: np.ndarray

@@ -99,7 +99,7 @@ class IngestWorker(Worker):
         self._arrivals = arrivals
         self._dead_letters = dead_letters
         self._raw_released: deque[list[int]] = deque()
-        self._produced: deque[Sequence[str]] = deque()
+        self._produced: deque[Entry] = deque()
         self._handoff_lock = threading.Lock()
         self._closed = False  # after finish: what other threads hand over goes to the spool directly
         self._append_failing_since: float | None = None  # logged once per failing period (a full disk)
@@ -122,13 +122,18 @@ class IngestWorker(Worker):
         """Points the scoring thread produced (features, scores, alerts): spooled with the next batch, in the
         ingest thread's transaction, so that the scoring thread never waits for the spool's write lock.
         A crash loses them as it would have before they were appended (they are not acknowledged data)."""
-        if not lines:
+        if lines:
+            self.append_entries([encode_lines(lines)])
+
+    def append_entries(self, entries: Sequence[Entry]) -> None:
+        """Points the scoring thread produced, as entries (``append_lines``; features come as one entry)."""
+        if not entries:
             return
         with self._handoff_lock:
             if not self._closed:
-                self._produced.append(lines)
+                self._produced.extend(entries)
                 return
-        self._append_durably([encode_lines(lines)])
+        self._append_durably(list(entries))
 
     def step(self) -> None:
         batch = drain(self._messages, POLL_S, self._batch_max)
@@ -206,11 +211,8 @@ class IngestWorker(Worker):
             self._metrics.inc("images.received", images_n)
         while self._raw_released:
             entries.append(encode_raw_ref(self._raw_released.popleft()))
-        produced: list[str] = []
         while self._produced:
-            produced.extend(self._produced.popleft())
-        if produced:
-            entries.append(encode_lines(produced))
+            entries.append(self._produced.popleft())
         if entries:
             ids = self._append_durably(entries)
             if ids is None:

@@ -24,6 +24,7 @@ from agent.runtime.alerting import SAVE_WAIT_S, AlertOutput, StateSaver
 from agent.runtime.batch import BatchScorer, Verdict
 from agent.runtime.inspection import InspectionStage
 from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
+from agent.spool.codec import Entry, encode_lines
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class ScoringWorker(Worker):
     def process(self, batch: Sequence[ScoringItem]) -> None:
         commands = drain(self._commands, 0, 100) if self._commands is not None else []
         lines: list[str] = []
+        entries: list[Entry] = []
         for msg in commands:
             lines.extend(self.alerts.command(msg))
         groups: dict[int, tuple[AnomalyModel, list[Window]]] = {}
@@ -110,13 +112,16 @@ class ScoringWorker(Worker):
             for start in range(0, len(windows), DECIDE_CHUNK):
                 scored = self._scorer.score(model, windows[start : start + DECIDE_CHUNK])
                 lines.extend(scored.lines)
+                entries.extend(scored.entries)
                 now_ns = self.alerts.clock_ns()
                 for verdict in scored.verdicts:
                     lines.extend(self.alerts.decide(verdict, now_ns))
         lines.extend(self._inspect(frames))
         lines.extend(self.alerts.tick(self.alerts.clock_ns()))
         if lines:
-            self._spool.append_lines(lines)
+            entries.append(encode_lines(lines))
+        if entries:
+            self._spool.append_entries(entries)
         self.alerts.publish_machine_states()
         self.alerts.save_state(wait=bool(commands))
         self._save_baselines(wait=bool(commands))

@@ -36,12 +36,15 @@ class DeadLetters(Protocol):
 
 class LineLog(Protocol):
     """Where the scoring worker and the heartbeat store the points they produce: the spool
-    (``agent.spool.sqlite.Spool``: committed when ``append_lines`` returns, raising ``OSError`` or
-    ``sqlite3.Error`` otherwise), or the ingest worker, which spools them with its next transaction
-    (``IngestWorker.append_lines``: returns at once). Thread-safe.
+    (``agent.spool.sqlite.Spool``: committed when ``append_lines``/``append_entries`` returns, raising
+    ``OSError`` or ``sqlite3.Error`` otherwise), or the ingest worker, which spools them with its next
+    transaction (``IngestWorker.append_lines``/``append_entries``: returns at once). Thread-safe.
+    ``append_entries`` takes produced points as spool entries (``LINES``, ``FEATURES``), formatted by the writer.
     """
 
     def append_lines(self, lines: Sequence[str]) -> object: ...
+
+    def append_entries(self, entries: Sequence[Entry]) -> object: ...
 
 
 class EntryLog(LineLog, Protocol):

@@ -15,6 +15,10 @@ Layout (little-endian; ``str`` = ``u16`` byte length + UTF-8; ``tags`` = ``u8`` 
   tags, channel (str), then the samples as float32 up to the end;
 - ``LINES``: line protocol lines joined by newlines (UTF-8);
 - ``RAW_REF``: ``u32`` count and the ``i64`` spool ids of held blocks whose raw samples are now wanted;
+- ``FEATURES``: one model's feature vectors of a scored batch: ``u32`` header size, the header (UTF-8 JSON:
+  model id and version, feature names, the value dtype, the distinct sources' tags as flat lists and each
+  row's index into them), then the windows' end times (``i64`` each) and the values (row-major, ``f4`` or
+  ``f8``); the writer formats them, so the scoring thread never does;
 - ``ARRIVAL``: never a row: the arrival time of a message without a device timestamp, which the spool
   records in its ``arrival`` table in the same transaction (``agent.spool.arrivals``): a 16-byte key, ``i64``.
 
@@ -41,6 +45,7 @@ class Kind(IntEnum):
     LINES = 3
     RAW_REF = 4
     ARRIVAL = 5
+    FEATURES = 6
 
 
 STORE_RAW = 1
@@ -184,3 +189,66 @@ def encode_raw_ref(ids: Sequence[int]) -> Entry:
 def decode_raw_ref(body: bytes) -> list[int]:
     (count,) = _U32.unpack_from(body)
     return [int(i) for i in np.frombuffer(body, dtype="<i8", count=count, offset=_U32.size)]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureRows:
+    """The contents of a ``FEATURES`` entry (``decode_features``)."""
+
+    model_id: str
+    model_version: str
+    names: list[str]
+    sources: list[Source]  # row i's source is sources[rows[i]]
+    rows: list[int]
+    end_ns: np.ndarray  # int64 (n,)
+    values: np.ndarray  # float32 or float64 (n, len(names))
+
+
+def encode_features(
+    model_id: str,
+    model_version: str,
+    names: Sequence[str],
+    sources: Sequence[Source],
+    end_ns: Sequence[int],
+    values: np.ndarray,
+) -> Entry:
+    """One model's feature vectors (``values`` row i: the window of ``sources[i]`` ending at ``end_ns[i]``)."""
+    matrix = np.asarray(values)
+    if matrix.ndim != 2 or matrix.shape != (len(sources), len(names)) or len(end_ns) != len(sources):
+        raise ValueError(
+            f"{len(sources)} sources, {len(end_ns)} end times and {len(names)} names, "
+            f"but values of shape {matrix.shape}"
+        )
+    dtype = "<f4" if matrix.dtype == np.float32 else "<f8"
+    index: dict[Source, int] = {}
+    rows = [index.setdefault(src, len(index)) for src in sources]
+    header = json.dumps(
+        {
+            "model": [model_id, model_version],
+            "names": list(names),
+            "dtype": dtype,
+            "sources": [[part for tag in src.tags for part in tag] for src in index],
+            "rows": rows,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+    try:
+        times = np.asarray(end_ns, dtype="<i8")
+    except OverflowError as exc:
+        raise ValueError(f"a window end does not fit in int64: {exc}") from None
+    data = np.ascontiguousarray(matrix, dtype=dtype).tobytes()
+    body = b"".join((_U32.pack(len(header)), header, times.tobytes(), data))
+    return Entry(Kind.FEATURES, body, len(sources))
+
+
+def decode_features(body: bytes) -> FeatureRows:
+    (size,) = _U32.unpack_from(body)
+    head = json.loads(body[_U32.size : _U32.size + size])
+    n, k = len(head["rows"]), len(head["names"])
+    offset = _U32.size + size
+    end_ns = np.frombuffer(body, dtype="<i8", count=n, offset=offset)
+    values = np.frombuffer(body, dtype=head["dtype"], count=n * k, offset=offset + 8 * n).reshape(n, k)
+    sources = [Source(tuple(zip(flat[::2], flat[1::2], strict=True))) for flat in head["sources"]]
+    model_id, model_version = head["model"]
+    return FeatureRows(model_id, model_version, list(head["names"]), sources, list(head["rows"]), end_ns, values)

@@ -320,6 +320,10 @@ class Spool:
         """Points the agent produced itself (already line protocol), as one entry."""
         return self.append([encode_lines(lines)]) if lines else []
 
+    def append_entries(self, entries: Sequence[Entry]) -> object:
+        """Points the agent produced itself, as entries (``LINES``, ``FEATURES``)."""
+        return self.append(entries) if entries else []
+
     def _fitting(self, entries: Sequence[Entry], points: int, size: int) -> set[int]:
         """Indexes of the entries to insert: all but what does not fit under ``newest``; under ``oldest``
         the newest entries that fit in the caps on their own."""

@@ -13,9 +13,9 @@ from functools import lru_cache
 
 from agent import schema
 from agent.records import Reading, Source
-from agent.spool.codec import Kind, decode_block, decode_raw_ref, readings_parts
+from agent.spool.codec import Kind, decode_block, decode_features, decode_raw_ref, readings_parts
 from agent.storage.line_protocol import escape_key, escape_measurement, format_tags
-from agent.storage.points import block_lines, reading_lines
+from agent.storage.points import block_lines, feature_rows_lines, reading_lines
 
 _SEQ_KEY = f"{schema.READING_SEQ_FIELD}="
 
@@ -82,6 +82,8 @@ def entry_lines(kind: int, body: bytes, resolve: ResolveBlocks | None = None) ->
         return block_lines(block) if store_raw else []
     if kind == Kind.LINES:
         return body.decode().split("\n") if body else []
+    if kind == Kind.FEATURES:
+        return feature_rows_lines(decode_features(body))
     if kind == Kind.RAW_REF:
         if resolve is None:
             return []

@@ -222,6 +222,8 @@ class RowSelector:
         sel = self.selection
         if kind == Kind.LINES:
             return [line for line in entry_lines(kind, body) if measurement_of(line) in self._measurements]
+        if kind == Kind.FEATURES:
+            return entry_lines(kind, body) if schema.FEATURES in self._measurements else []
         if kind == Kind.READINGS:
             if sel.readings_interval_s is None:
                 return []

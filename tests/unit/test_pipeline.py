@@ -66,8 +66,12 @@ class FakeSpool:
         return [self.entries[i - 1].body for i in ids]
 
     def append_lines(self, lines):
-        """What the scoring worker appends: line protocol it produced."""
+        """What the heartbeat appends: line protocol it produced."""
         return self.append([encode_lines(lines)])
+
+    def append_entries(self, entries):
+        """What the scoring worker appends: the points it produced, as entries."""
+        return self.append(entries)
 
 
 class FakeBroker:

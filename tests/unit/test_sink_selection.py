@@ -10,7 +10,7 @@ import pytest
 
 from agent import schema
 from agent.records import Reading, SampleBlock, Source
-from agent.spool.codec import Entry, Kind, encode_block, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.codec import Entry, Kind, encode_block, encode_features, encode_lines, encode_raw_ref, encode_readings
 from agent.storage import selection as selection_module
 from agent.storage.selection import Downsampler, RowSelector, Selection
 
@@ -53,6 +53,15 @@ def test_only_the_selected_kinds_of_the_agents_points_pass() -> None:
     selector = RowSelector(Selection(kinds=frozenset({"scores", "alerts"})))
     entry = encode_lines(lines)
     assert selector.lines(entry.kind, entry.body) == [lines[1], lines[2], lines[3]]
+
+
+def test_a_features_entry_goes_only_to_a_selection_with_features() -> None:
+    entry = encode_features("vib", "1", ("rms",), [M1, M2], [T0, T0 + 1], np.array([[1.5], [2.5]], np.float32))
+    assert _lines(RowSelector(Selection(kinds=frozenset({"scores", "alerts"}))), [entry]) == []
+    assert _lines(RowSelector(Selection(kinds=frozenset({"features"}))), [entry]) == [
+        f"features,machine=m1,model_id=vib,model_version=1,sensor=process rms=1.5 {T0}",
+        f"features,machine=m2,model_id=vib,model_version=1,sensor=process rms=2.5 {T0 + 1}",
+    ]
 
 
 def test_readings_none_all_or_downsampled() -> None:

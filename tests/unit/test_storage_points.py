@@ -10,6 +10,8 @@ import pytest
 
 from agent import schema
 from agent.records import Alert, FeatureVector, Reading, SampleBlock, Score, Source, Window
+from agent.spool.codec import Kind, encode_features
+from agent.storage.entries import entry_lines
 from agent.storage.points import (
     RawVibrationPolicy,
     alert_lines,
@@ -264,3 +266,34 @@ def test_policy_around_alerts_ring_keeps_only_the_last_keep_blocks_ids() -> None
 def test_policy_refuses_bad_settings(mode: str, every_n: int, keep_blocks: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RawVibrationPolicy(mode, every_n, keep_blocks)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_features_entry_gives_the_lines_feature_lines_gives_one_by_one(dtype: type) -> None:
+    """The scoring thread spools a batch's feature vectors as one binary entry and the writer formats them:
+    the points must be those of ``feature_lines``, value for value (shortest repr of the values' dtype)."""
+    rng = np.random.default_rng(7)
+    names = ("rms", "kurtosis", "band 1", "a=b,c")  # names that need escaping
+    edge = np.array([0.1, 1e-07, 1e16, 16777216.0, -0.0, 3.4e38, 1.5e-45, 2.0], dtype=dtype)
+    values = np.concatenate(
+        [rng.normal(scale=1e3, size=(40, 4)), rng.lognormal(sigma=20, size=(40, 4)), edge.reshape(2, 4)]
+    ).astype(dtype)
+    sources = [SRC, PROC, Source.of(machine="m 2", sensor="x,y")] * 27 + [SRC]
+    windows = [dataclasses.replace(_window(), source=src, end_ns=T0 + 1000 * i) for i, src in enumerate(sources)]
+    entry = encode_features("vib-ae", "1.2.0", names, sources, [w.end_ns for w in windows], values)
+    assert entry.kind == Kind.FEATURES and entry.points == len(windows)
+    expected = [
+        line
+        for w, row in zip(windows, values, strict=True)
+        for line in feature_lines(FeatureVector(window=w, names=names, values=row, spec_hash="h"), "vib-ae", "1.2.0")
+    ]
+    assert entry_lines(entry.kind, entry.body) == expected
+
+
+def test_a_features_entry_with_a_non_finite_value_is_refused_whole() -> None:
+    values = np.array([[1.0, 2.0], [np.inf, 3.0]], np.float32)
+    entry = encode_features("m", "1", ("a", "b"), [SRC, PROC], [T0, T0 + 1], values)
+    with pytest.raises(ValueError, match="row 1"):
+        entry_lines(entry.kind, entry.body)
+    with pytest.raises(ValueError, match="2 sources, 2 end times and 3 names"):
+        encode_features("m", "1", ("a", "b", "c"), [SRC, PROC], [T0, T0 + 1], values)
