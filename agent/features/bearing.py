@@ -33,6 +33,27 @@ Definitions (``x``: the samples of one window, ``n`` of them, float64, mean remo
   envelope's median level; the ratio does not depend on the amplitude of the signal;
   ``env{b}_kurtosis`` is the Pearson kurtosis of the band-passed signal (impulsiveness in that band).
 
+- envelope evidence (group ``envelope_evidence``, issue 21: what transfers between physically different
+  bearings, scaled so that neither the damage size nor the load sets it). For two variants of the window,
+  ``w`` pre-whitened (every FFT line set to unit magnitude, phase kept: cepstral pre-whitening, so the
+  rig's resonances and the impact strength drop out) and ``r`` raw, and for each evidence band (a fixed
+  grid of 1000-3000 Hz bands over 500-5000 Hz): band-pass, squared Hilbert envelope, its Hann-windowed
+  amplitude spectrum ``S``. Each line ``f`` gets ``20 log10(peak / background)`` in dB: the largest ``S``
+  within ``max(1.5 bins, 2 %)`` of ``f`` against the median of ``S`` over the other bins within
+  ``max(10 bins, half the shaft frequency)`` of it (its *local* background). Per variant ``v``::
+
+      ev{v}_{c}            best band of the mean dB over harmonics h = 1..harmonics of h * f_c
+      ev{v}_{c}_sidebands  the same over h * f_c ± modulation: BPFI ± shaft (an inner race turns with the
+                           shaft through the load zone), BSF ± FTF (a ball with the cage)
+      rel{v}_{c}           for BPFI, BPFO, BSF: ev{v}_{c} minus the largest ev{v} of the other two (which
+                           defect the envelope favours, whatever its overall level)
+      kurt{v}_best         log10 of the largest kurtosis of the band-passed signal over the bands
+
+  The best band is chosen per window from the window alone (a kurtogram-lite), so nothing is tuned on a
+  dataset. Every evidence column is invariant to the signal's amplitude.
+- ``groups`` selects and orders the column groups (``time``, ``band_shares``, ``envelope_peaks``,
+  ``envelope_evidence``); the default, the first three, is the version-1 feature vector.
+
 All arithmetic is float64, results float32. Non-finite samples, a bad rate or rpm, or an envelope band
 above the Nyquist frequency raise ``ValueError``. Numpy only.
 """
@@ -61,6 +82,25 @@ KIND: Final = "bearing"
 SKF_6205: Final = (("bpfi", 5.4152), ("bpfo", 3.5848), ("bsf", 4.7135), ("ftf", 0.39828))
 
 TIME_STATS: Final = ("log10_rms", "crest_factor", "kurtosis", "skewness", "shape_factor", "impulse_factor")
+# Column groups, in extraction order. The first three are the version-1 features (every spec before
+# ``groups`` existed had exactly these); ``envelope_evidence`` is the scale-free evidence of issue 21.
+GROUPS: Final = ("time", "band_shares", "envelope_peaks", "envelope_evidence")
+DEFAULT_GROUPS: Final = GROUPS[:3]
+# Evidence bands: a fixed grid of 1000, 2000 and 3000 Hz wide bands over 500-5000 Hz, half-overlapping
+# (a "kurtogram-lite"); the evidence of each frequency family is its best band, chosen per window from
+# the window alone, so nothing is tuned on a dataset. 5000 Hz keeps 10.24 kHz sensors in range.
+EVIDENCE_BANDS_HZ: Final = (
+    *((lo, lo + 1000.0) for lo in range(500, 4001, 500)),
+    *((lo, lo + 2000.0) for lo in range(500, 2501, 1000)),
+    (500.0, 3500.0),
+    (2000.0, 5000.0),
+)
+# The defect families compared by ``rel_*`` and the sideband families (carrier, modulation): an inner
+# race turns with the shaft, a ball with the cage (FTF).
+DEFECTS: Final = ("bpfi", "bpfo", "bsf")
+SIDEBANDS: Final = (("bpfi", "shaft"), ("bsf", "ftf"))
+# Background of an evidence peak: the bins within max(this many bins, half the shaft frequency) of it.
+BACKGROUND_BINS: Final = 10
 _EPS: Final = 1e-12
 _KEYS: Final = (
     "kind",
@@ -75,6 +115,9 @@ _KEYS: Final = (
     "multipliers",
     "version",
 )
+# Keys added after version 1: written only when they differ from their default (``groups``) so that the
+# specs of models built before keep their text and hash; read when present.
+_OPTIONAL_KEYS: Final = ("groups", "evidence_bands_hz")
 
 
 @dataclass(frozen=True)
@@ -96,6 +139,8 @@ class BearingFeatureSpec:
     tolerance_rel: float = 0.02
     multipliers: tuple[tuple[str, float], ...] = SKF_6205
     version: int = BEARING_FEATURE_CODE_VERSION
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    evidence_bands_hz: tuple[tuple[float, float], ...] = EVIDENCE_BANDS_HZ
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -128,6 +173,12 @@ class BearingFeatureSpec:
             fail("multipliers", "must have unique names other than 'shaft'")
         if not _is_int(self.version) or self.version < 1:
             fail("version", "must be a positive integer")
+        groups = tuple(self.groups)
+        if not groups or any(g not in GROUPS for g in groups) or len(set(groups)) != len(groups):
+            fail("groups", f"must be distinct names out of {list(GROUPS)}")
+        evidence = tuple((float(lo), float(hi)) for lo, hi in self.evidence_bands_hz)
+        if not evidence or any(not 0 < lo < hi or lo != int(lo) or hi != int(hi) for lo, hi in evidence):
+            fail("evidence_bands_hz", "must be non-empty (lo, hi) pairs of whole hertz with 0 < lo < hi")
         # Normalise so that equal specs written with ints or floats hash alike.
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "band_edges_hz", edges)
@@ -135,6 +186,8 @@ class BearingFeatureSpec:
         object.__setattr__(self, "tolerance_bins", float(self.tolerance_bins))
         object.__setattr__(self, "tolerance_rel", float(self.tolerance_rel))
         object.__setattr__(self, "multipliers", mults)
+        object.__setattr__(self, "groups", tuple(g for g in GROUPS if g in groups))
+        object.__setattr__(self, "evidence_bands_hz", evidence)
 
     @property
     def frequencies(self) -> tuple[tuple[str, float], ...]:
@@ -149,8 +202,21 @@ class BearingFeatureSpec:
     def n_features(self) -> int:
         return len(self.feature_names())
 
+    @property
+    def top_frequency_hz(self) -> float:
+        """The highest frequency any used band reaches: the sampling rate must be at least twice it."""
+        tops = [self.band_edges_hz[-1]]
+        if "envelope_peaks" in self.groups:
+            tops += [hi for _, hi in self.envelope_bands_hz]
+        if "envelope_evidence" in self.groups:
+            tops += [hi for _, hi in self.evidence_bands_hz]
+        return max(tops)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; ``from_dict(to_dict())`` gives back an equal spec."""
+        extra: dict[str, Any] = {}
+        if self.groups != DEFAULT_GROUPS:
+            extra = {"groups": list(self.groups), "evidence_bands_hz": [list(b) for b in self.evidence_bands_hz]}
         return {
             "kind": KIND,
             "window_samples": self.window_samples,
@@ -163,6 +229,7 @@ class BearingFeatureSpec:
             "tolerance_rel": self.tolerance_rel,
             "multipliers": [[n, m] for n, m in self.multipliers],
             "version": self.version,
+            **extra,
         }
 
     @classmethod
@@ -170,7 +237,7 @@ class BearingFeatureSpec:
         """Strict inverse of ``to_dict``: unknown or missing keys and invalid values raise ``ValueError``."""
         if not isinstance(d, Mapping):
             raise ValueError(f"bearing feature spec must be a mapping, got {type(d).__name__}")
-        unknown = sorted(str(k) for k in d if k not in _KEYS)
+        unknown = sorted(str(k) for k in d if k not in _KEYS + _OPTIONAL_KEYS)
         missing = [k for k in _KEYS if k not in d]
         if unknown or missing:
             raise ValueError(f"bearing feature spec: unknown key(s) {unknown}, missing key(s) {missing}")
@@ -188,6 +255,8 @@ class BearingFeatureSpec:
                 tolerance_rel=d["tolerance_rel"],
                 multipliers=tuple((n, m) for n, m in d["multipliers"]),
                 version=d["version"],
+                groups=tuple(d.get("groups", DEFAULT_GROUPS)),
+                evidence_bands_hz=tuple((lo, hi) for lo, hi in d.get("evidence_bands_hz", EVIDENCE_BANDS_HZ)),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bearing feature spec: {exc}") from exc
@@ -218,13 +287,36 @@ def _is_int(value: object) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def _feature_names(spec: BearingFeatureSpec) -> tuple[str, ...]:
-    names = list(TIME_STATS)
-    edges = spec.band_edges_hz
-    names += [f"band_rel_{int(lo)}_{int(hi)}hz" for lo, hi in itertools.pairwise(edges)]
-    for b in range(len(spec.envelope_bands_hz)):
-        names.append(f"env{b}_kurtosis")
-        names += [f"env{b}_{c}_{h}x" for c, _ in spec.frequencies for h in range(1, spec.harmonics + 1)]
+    names: list[str] = []
+    if "time" in spec.groups:
+        names += TIME_STATS
+    if "band_shares" in spec.groups:
+        names += [f"band_rel_{int(lo)}_{int(hi)}hz" for lo, hi in itertools.pairwise(spec.band_edges_hz)]
+    if "envelope_peaks" in spec.groups:
+        for b in range(len(spec.envelope_bands_hz)):
+            names.append(f"env{b}_kurtosis")
+            names += [f"env{b}_{c}_{h}x" for c, _ in spec.frequencies for h in range(1, spec.harmonics + 1)]
+    if "envelope_evidence" in spec.groups:
+        for variant in _VARIANTS:
+            names += [f"ev{variant}_{c}" for c, _ in spec.frequencies]
+            names += [f"ev{variant}_{c}_sidebands" for c, _ in _sidebands(spec)]
+            names += [f"rel{variant}_{c}" for c in _defects(spec)]
+            names.append(f"kurt{variant}_best")
     return tuple(names)
+
+
+# Evidence variants: ``w`` of the pre-whitened window, ``r`` of the raw one.
+_VARIANTS: Final = ("w", "r")
+
+
+def _sidebands(spec: BearingFeatureSpec) -> tuple[tuple[str, str], ...]:
+    known = {c for c, _ in spec.frequencies}
+    return tuple((c, s) for c, s in SIDEBANDS if c in known and s in known)
+
+
+def _defects(spec: BearingFeatureSpec) -> tuple[str, ...]:
+    present = tuple(c for c in DEFECTS if c in dict(spec.multipliers))
+    return present if len(present) >= 2 else ()
 
 
 def extract_bearing_matrix(
@@ -271,7 +363,7 @@ def bearing_features(spec: BearingFeatureSpec, x: np.ndarray, rate_hz: np.ndarra
         raise ValueError(f"rate_hz must be finite and > 0, got {np.unique(rate_hz).tolist()}")
     if not (np.isfinite(rpm).all() and (rpm > 0).all()):
         raise ValueError(f"rpm must be finite and > 0, got {np.unique(rpm).tolist()}")
-    top = max(spec.band_edges_hz[-1], max(hi for _, hi in spec.envelope_bands_hz))
+    top = spec.top_frequency_hz
     if top > float(rate_hz.min()) / 2:
         raise ValueError(
             f"bands up to {top:g} Hz need a sampling rate of at least {2 * top:g} Hz, got {rate_hz.min():g} Hz"
@@ -286,19 +378,28 @@ def bearing_features(spec: BearingFeatureSpec, x: np.ndarray, rate_hz: np.ndarra
             ]
         )
     x = x - x.mean(axis=1, keepdims=True)
-    parts = [_time_stats(x)]
-    power = band_powers(x, rate_hz, spec.band_edges_hz)
-    total = power.sum(axis=1, keepdims=True)
-    share = np.divide(power, total, out=np.zeros_like(power), where=total > 0)
-    parts.append(np.log10(share + _EPS))
+    parts = []
+    if "time" in spec.groups:
+        parts.append(_time_stats(x))
+    if "band_shares" in spec.groups:
+        power = band_powers(x, rate_hz, spec.band_edges_hz)
+        total = power.sum(axis=1, keepdims=True)
+        share = np.divide(power, total, out=np.zeros_like(power), where=total > 0)
+        parts.append(np.log10(share + _EPS))
     spectrum = np.fft.rfft(x, axis=1)
     freqs = np.fft.rfftfreq(n)[None, :] * rate_hz[:, None]  # (m, n_bins)
-    for lo, hi in spec.envelope_bands_hz:
-        passed, envelope = _band_envelope(spectrum, freqs, n, lo, hi)
-        parts.append(_kurtosis(passed)[:, None])
-        envelope -= envelope.mean(axis=1, keepdims=True)
-        env_spectrum = np.abs(np.fft.rfft(envelope * _hann(n), axis=1))
-        parts.append(_peak_ratios(spec, env_spectrum, rate_hz, rpm, n, hi - lo))
+    if "envelope_peaks" in spec.groups:
+        for lo, hi in spec.envelope_bands_hz:
+            passed, envelope = _band_envelope(spectrum, freqs, n, lo, hi)
+            parts.append(_kurtosis(passed)[:, None])
+            envelope -= envelope.mean(axis=1, keepdims=True)
+            env_spectrum = np.abs(np.fft.rfft(envelope * _hann(n), axis=1))
+            parts.append(_peak_ratios(spec, env_spectrum, rate_hz, rpm, n, hi - lo))
+    if "envelope_evidence" in spec.groups:
+        magnitude = np.abs(spectrum)
+        whitened = np.divide(spectrum, magnitude, out=np.zeros_like(spectrum), where=magnitude > _EPS * magnitude.max())
+        for variant in (whitened, spectrum):  # the order of _VARIANTS
+            parts.append(_envelope_evidence(spec, variant, freqs, n, rate_hz, rpm))
     return np.concatenate(parts, axis=1)
 
 
@@ -384,6 +485,81 @@ def _peak_ratios(
                 peak = float(row[lo:hi].max()) if hi > lo else 0.0
                 out[i, j] = math.log10(peak / level + _EPS) if level > 0 else 0.0
                 j += 1
+    return out
+
+
+def _envelope_evidence(
+    spec: BearingFeatureSpec, spectrum: np.ndarray, freqs: np.ndarray, n: int, rate_hz: np.ndarray, rpm: np.ndarray
+) -> np.ndarray:
+    """The ``ev*``, ``ev*_sidebands``, ``rel*`` and ``kurt*_best`` columns of one variant (see the module
+    docstring) from the rows' spectra ``(m, n // 2 + 1)``."""
+    m = spectrum.shape[0]
+    targets, slices = _evidence_targets(spec)
+    ratios = np.empty((len(spec.evidence_bands_hz), m, len(targets)))
+    kurt = np.empty((len(spec.evidence_bands_hz), m))
+    for b, (lo, hi) in enumerate(spec.evidence_bands_hz):
+        passed, envelope = _band_envelope(spectrum, freqs, n, lo, hi)
+        kurt[b] = _kurtosis(passed)
+        squared = envelope * envelope
+        squared -= squared.mean(axis=1, keepdims=True)
+        ratios[b] = _local_peak_db(np.abs(np.fft.rfft(squared * _hann(n), axis=1)), targets, rate_hz, rpm, n)
+    # Per family: the mean over its lines in each band, then the best band.
+    families = np.stack([ratios[:, :, sl].mean(axis=2) for sl in slices], axis=2).max(axis=0)  # (m, families)
+    names = [c for c, _ in spec.frequencies] + [c for c, _ in _sidebands(spec)]
+    evidence = families[:, : len(spec.frequencies)]
+    defects = [names.index(c) for c in _defects(spec)]
+    rel = [families[:, j] - np.max([families[:, k] for k in defects if k != j], axis=0) for j in defects]
+    best = np.log10(np.maximum(kurt.max(axis=0), _EPS))
+    return np.column_stack([evidence, families[:, len(spec.frequencies) :], *rel, best])
+
+
+@functools.lru_cache(maxsize=16)
+def _evidence_targets(spec: BearingFeatureSpec) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Lines of the evidence, as multiples of the shaft frequency, and the slice of each family in them:
+    harmonics ``h = 1..harmonics`` of every characteristic frequency, then ``h * carrier ± modulation`` of
+    every sideband family."""
+    mult = dict(spec.frequencies)
+    lines: list[float] = []
+    slices = []
+    for _, f in spec.frequencies:
+        slices.append(slice(len(lines), len(lines) + spec.harmonics))
+        lines += [h * f for h in range(1, spec.harmonics + 1)]
+    for carrier, modulation in _sidebands(spec):
+        slices.append(slice(len(lines), len(lines) + 2 * spec.harmonics))
+        lines += [h * mult[carrier] + s * mult[modulation] for h in range(1, spec.harmonics + 1) for s in (-1, 1)]
+    return np.array(lines), tuple(slices)
+
+
+def _local_peak_db(ses: np.ndarray, targets: np.ndarray, rate_hz: np.ndarray, rpm: np.ndarray, n: int) -> np.ndarray:
+    """``20 log10(peak / local background)`` of each line ``targets * shaft`` in each row's spectrum ``ses``.
+
+    Peak: the largest bin within ``max(1.5 bins, 2 %)`` of the line; background: the median of the other
+    bins within ``max(BACKGROUND_BINS bins, half the shaft frequency)``. 0 dB where the background is 0.
+    Rows with the same rate and speed share their bins, so they are done together.
+
+    >>> ses = np.ones((1, 200)); ses[0, 100] = 10.0
+    >>> _local_peak_db(ses, np.array([1.0, 0.5]), np.array([398.0]), np.array([6000.0]), 398).round(3).tolist()
+    [[20.0, 0.0]]
+    """
+    out = np.zeros((ses.shape[0], len(targets)))
+    n_bins = ses.shape[1]
+    keys = np.stack([rate_hz, rpm], axis=1)
+    for key in np.unique(keys, axis=0):
+        rows = np.flatnonzero((keys == key).all(axis=1))
+        df, shaft = key[0] / n, key[1] / 60.0
+        for t, multiple in enumerate(targets):
+            f = multiple * shaft
+            tol = max(1.5 * df, 0.02 * f)
+            width = max(BACKGROUND_BINS * df, 0.5 * shaft, 2 * tol)
+            bins = np.arange(max(1, math.ceil((f - width) / df)), min(n_bins, math.floor((f + width) / df) + 1))
+            zone = np.abs(bins * df - f) <= tol
+            if not zone.any() or zone.all():
+                continue  # the line is beyond the spectrum: no evidence either way
+            part = ses[rows]
+            peak = part[:, bins[zone]].max(axis=1)
+            background = np.median(part[:, bins[~zone]], axis=1)
+            ratio = np.divide(peak, background, out=np.ones_like(peak), where=background > 0)
+            out[rows, t] = 20.0 * np.log10(np.maximum(ratio, _EPS))
     return out
 
 
