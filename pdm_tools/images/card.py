@@ -41,7 +41,8 @@ def render_card(m: Manifest) -> str:
         "",
         f"- Data: {t.get('data', {}).get('dataset', 'n/a')}; split {t.get('data', {}).get('images', {})} "
         f"(seeded stratified, seed {t.get('seed')}).",
-        f"- Network: {len(cfg.get('channels', []))} x [conv 3x3, batch norm (folded at export), ReLU, max-pool], "
+        f"- Network: {_stem(int(cfg.get('space_to_depth', 1)))}"
+        f"{len(cfg.get('channels', []))} x [conv 3x3, batch norm (folded at export), ReLU, max-pool], "
         f"channels {', '.join(str(c) for c in cfg.get('channels', []))}, global average pool, dense; "
         f"{t.get('parameters')} parameters.",
         f"- numpy (no framework), {cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, Adam with cosine "
@@ -97,3 +98,10 @@ def render_card(m: Manifest) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _stem(block: int) -> str:
+    """The space-to-depth stem in words (``""`` for a model built without one)."""
+    if block <= 1:
+        return ""
+    return f"space-to-depth {block} x {block} (each {block} x {block} patch becomes {block * block} channels), then "

@@ -7,11 +7,18 @@ window is nine shifted views concatenated on the channel axis); the backward pas
 gradients back with the same nine shifts. ``tests/unit/test_image_model_cnn.py`` checks the gradients
 against finite differences and the ONNX export against the numpy forward pass.
 
-Architecture (``Cnn``): ``blocks`` x [conv 3x3 (same padding) -> batch norm -> ReLU -> max-pool 2x2],
-global average pool, dense, softmax. Batch norm makes a net this small train in a few dozen epochs; at
-export it is folded into the convolution's weights and bias (inference uses the running statistics), so
-the graph has no BatchNormalization node. Exported graph: input ``image`` float32 ``(N, 1, S, S)``
-(NCHW), output ``probs`` float32 ``(N, C)``, as ``agent.inference.image`` serves it.
+Architecture (``Cnn``): an optional space-to-depth stem, then ``blocks`` x [conv 3x3 (same padding) ->
+batch norm -> ReLU -> max-pool 2x2], global average pool, dense, softmax. Batch norm makes a net this small
+train in a few dozen epochs; at export it is folded into the convolution's weights and bias (inference uses
+the running statistics), so the graph has no BatchNormalization node. Exported graph: input ``image``
+float32 ``(N, 1, S, S)`` (NCHW), output ``probs`` float32 ``(N, C)``, as ``agent.inference.image`` serves it.
+
+Why the space-to-depth stem (``space_to_depth=4``: each 4x4 patch of pixels becomes 16 channels of one
+position, ONNX ``SpaceToDepth``, no weights): on an AVX2 CPU without VNNI, ONNX Runtime's INT8 convolution
+beats the FP32 one only when it has enough input channels to multiply; a first convolution over one
+channel at full resolution was 8x slower in INT8 than in FP32 (558 against 72 us) and made the whole INT8
+model 1.5x slower. With the stem every convolution sees at least 16 input channels at a quarter of the
+side, and the INT8 graph runs in about half the FP32 time (docs/results_neu.md has the measured designs).
 """
 
 from __future__ import annotations
@@ -32,19 +39,24 @@ Params = dict[str, np.ndarray]
 @dataclass
 class Cnn:
     """Weights: ``w{i}`` ``(9 * C_in, C_out)`` rows in (ky, kx, c) order, batch-norm scale ``g{i}`` and shift
-    ``b{i}``, dense ``wd``, ``bd``; ``stats``: the batch norms' running ``mean{i}``/``var{i}`` (not trained)."""
+    ``b{i}``, dense ``wd``, ``bd``; ``stats``: the batch norms' running ``mean{i}``/``var{i}`` (not trained).
+    ``space_to_depth``: block side of the stem (1: none; ``b``: the first convolution sees ``b * b`` channels
+    at ``1/b`` of the side, channel ``by * b + bx`` holding pixel ``(by, bx)`` of each block, as in ONNX)."""
 
     channels: tuple[int, ...]
     n_classes: int
     params: Params = field(default_factory=dict)
     stats: Params = field(default_factory=dict)
+    space_to_depth: int = 1
 
     @classmethod
-    def init(cls, channels: Sequence[int], n_classes: int, seed: int) -> Cnn:
+    def init(cls, channels: Sequence[int], n_classes: int, seed: int, space_to_depth: int = 1) -> Cnn:
         """He-initialised weights from ``seed`` (same seed, same weights)."""
+        if space_to_depth < 1:
+            raise ValueError(f"space_to_depth must be >= 1, got {space_to_depth}")
         rng = np.random.default_rng(seed)
         params: Params = {}
-        c_in = 1
+        c_in = space_to_depth * space_to_depth
         for i, c_out in enumerate(channels):
             params[f"w{i}"] = (rng.standard_normal((9 * c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32)
             params[f"g{i}"] = np.ones(c_out, dtype=np.float32)
@@ -55,7 +67,12 @@ class Cnn:
         stats = {
             f"{k}{i}": np.full(c, v, np.float32) for i, c in enumerate(channels) for k, v in (("mean", 0), ("var", 1))
         }
-        return cls(tuple(channels), n_classes, params, stats)
+        return cls(tuple(channels), n_classes, params, stats, space_to_depth)
+
+    @property
+    def reduction(self) -> int:
+        """How many times smaller the last feature map's side is than the input's (S must divide by it)."""
+        return self.space_to_depth << len(self.channels)
 
     @property
     def parameter_count(self) -> int:
@@ -106,9 +123,9 @@ class Cnn:
         return loss, {k: g.astype(np.float32, copy=False) for k, g in grads.items()}
 
     def _forward(self, x: np.ndarray, cache: list[tuple[np.ndarray, ...]] | None) -> np.ndarray:
-        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % (1 << len(self.channels)):
-            raise ValueError(f"input must be (N, 1, S, S) with S divisible by {1 << len(self.channels)}, got {x.shape}")
-        h = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)  # NHWC
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % self.reduction or x.shape[3] % self.reduction:
+            raise ValueError(f"input must be (N, 1, S, S) with S divisible by {self.reduction}, got {x.shape}")
+        h = _space_to_depth(np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32), self.space_to_depth)
         for i in range(len(self.channels)):
             cols = _im2col(h)
             z = cols @ self.params[f"w{i}"]
@@ -134,9 +151,15 @@ class Cnn:
 
     def to_onnx(self, size: int, class_names: Sequence[str], doc: str = "") -> onnx.ModelProto:
         """The network as an ONNX graph: ``image`` float32 ``(batch, 1, size, size)`` -> ``probs`` ``(batch, C)``."""
+        if size % self.reduction:
+            raise ValueError(f"size must be divisible by {self.reduction}, got {size}")
         inits: list[TensorProto] = []
         nodes = []
         prev, c_in = "image", 1
+        if self.space_to_depth > 1:
+            b = self.space_to_depth
+            nodes.append(helper.make_node("SpaceToDepth", [prev], ["stem"], name="space_to_depth", blocksize=b))
+            prev, c_in = "stem", b * b
         for i, c_out in enumerate(self.channels):
             # Batch norm folded: y = g * (w.x - mean) / std + b = (w * g / std).x + (b - mean * g / std)
             scale = self.params[f"g{i}"].astype(np.float64) / np.sqrt(
@@ -180,6 +203,15 @@ class Cnn:
         model.doc_string = doc or f"classes: {', '.join(class_names)}"
         onnx.checker.check_model(model)
         return model
+
+
+def _space_to_depth(h: np.ndarray, b: int) -> np.ndarray:
+    """NHWC ``(N, H, W, C)`` -> ``(N, H/b, W/b, b*b*C)``, channel ``(by * b + bx) * C + c`` (ONNX's order)."""
+    if b == 1:
+        return h
+    n, hh, ww, c = h.shape
+    t = h.reshape(n, hh // b, b, ww // b, b, c).transpose(0, 1, 3, 2, 4, 5)
+    return np.ascontiguousarray(t.reshape(n, hh // b, ww // b, b * b * c))
 
 
 def _im2col(h: np.ndarray) -> np.ndarray:

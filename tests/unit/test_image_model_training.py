@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.images.codec import decode_image
+from agent.images.preprocess import prepare
 from agent.inference.image import OnnxImageClassifier
 from pdm_tools.datasets.neu import CLASS_NAMES, DatasetError, load_images, stratified_split
 from pdm_tools.evaluation import neu as evaluate_neu
@@ -25,8 +26,9 @@ from pdm_tools.training.surface_defect import build_surface_defect
 TINY = TrainConfig(size=32, channels=(4, 8), epochs=2, batch_size=16, seed=7)
 
 
-def test_backward_pass_matches_finite_differences_for_every_parameter() -> None:
-    net = Cnn.init((3, 4), 3, seed=0)
+@pytest.mark.parametrize("space_to_depth", [1, 2])
+def test_backward_pass_matches_finite_differences_for_every_parameter(space_to_depth: int) -> None:
+    net = Cnn.init((3, 4), 3, seed=0, space_to_depth=space_to_depth)
     rng = np.random.default_rng(1)
     for k in net.params:  # float64 and non-trivial batch-norm parameters, so differences are exact enough
         net.params[k] = net.params[k].astype(np.float64) + 0.1 * rng.standard_normal(net.params[k].shape)
@@ -43,21 +45,51 @@ def test_backward_pass_matches_finite_differences_for_every_parameter() -> None:
         assert (plus - minus) / 2e-5 == pytest.approx(float(grads[name][idx]), rel=1e-3, abs=1e-6), name
 
 
-def test_the_export_folds_batch_norm_and_gives_the_numpy_inference_probabilities(tmp_path: Path) -> None:
+@pytest.mark.parametrize("space_to_depth", [1, 4])
+def test_the_export_folds_batch_norm_and_gives_the_numpy_inference_probabilities(
+    tmp_path: Path, space_to_depth: int
+) -> None:
     import onnxruntime as ort
 
-    net = Cnn.init((4, 8), 3, seed=2)
+    net = Cnn.init((4, 8), 3, seed=2, space_to_depth=space_to_depth)
+    side = 4 * net.reduction  # a 4 x 4 last feature map: the pools and the stem's channel order both matter
     rng = np.random.default_rng(3)
-    net.loss_and_grads(rng.standard_normal((8, 1, 16, 16)), rng.integers(0, 3, 8))  # moves the running statistics
-    x = rng.standard_normal((5, 1, 16, 16)).astype(np.float32)
+    net.loss_and_grads(rng.standard_normal((8, 1, side, side)), rng.integers(0, 3, 8))  # moves the running stats
+    x = rng.standard_normal((5, 1, side, side)).astype(np.float32)
     z = net.logits(x)
     expected = np.exp(z - z.max(axis=1, keepdims=True))
     expected /= expected.sum(axis=1, keepdims=True)
+    graph = net.to_onnx(side, ("a", "b", "c"))
     path = tmp_path / "m.onnx"
-    path.write_bytes(net.to_onnx(16, ("a", "b", "c")).SerializeToString())
+    path.write_bytes(graph.SerializeToString())
     (probs,) = ort.InferenceSession(str(path)).run(["probs"], {"image": x})
     assert np.allclose(probs, expected, atol=1e-5)
-    assert not any(n.op_type == "BatchNormalization" for n in net.to_onnx(16, ("a", "b", "c")).graph.node)
+    assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    assert any(n.op_type == "SpaceToDepth" for n in graph.graph.node) == (space_to_depth > 1)
+
+
+def test_the_stem_keeps_the_pixels_of_a_block_together_in_onnx_order() -> None:
+    from pdm_tools.images.cnn import _space_to_depth
+
+    img = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    out = _space_to_depth(img, 4)
+    assert out.shape == (2, 2, 2, 16)
+    # channel by * 4 + bx of block (i, j) is pixel (4i + by, 4j + bx)
+    assert out[1, 1, 0, 2 * 4 + 3] == img[1, 4 + 2, 0 + 3, 0]
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Cnn.init((4,), 3, seed=0, space_to_depth=16).to_onnx(48, ("a", "b", "c"))
+    with pytest.raises(ValueError, match="space_to_depth"):
+        Cnn.init((4,), 3, seed=0, space_to_depth=0)
+
+
+def test_the_shipped_architecture_gives_every_convolution_16_or_more_input_channels() -> None:
+    """Why: on an AVX2 CPU without VNNI, a one-channel convolution at full resolution made the INT8 graph
+    1.5x slower than FP32 (docs/results_neu.md); the stem is what lets INT8 pay. No timing here: the shape."""
+    config = TrainConfig()
+    graph = Cnn.init(config.channels, 6, 0, config.space_to_depth).to_onnx(config.size, CLASS_NAMES)
+    weights = {t.name: tuple(t.dims) for t in graph.graph.initializer}
+    convs = [n for n in graph.graph.node if n.op_type == "Conv"]
+    assert convs and all(weights[n.input[1]][1] >= 16 for n in convs)
 
 
 def test_the_split_is_stratified_disjoint_and_seeded() -> None:
@@ -99,6 +131,21 @@ def test_training_is_deterministic_with_a_seed(tmp_path: Path) -> None:
     b = train_surface_cnn(images, len(CLASS_NAMES), TINY)
     assert all(np.array_equal(a.net.params[k], b.net.params[k]) for k in a.net.params)
     assert set(a.test.files).isdisjoint(a.train.files) and set(a.validation.files).isdisjoint(a.train.files)
+
+
+def test_the_kept_epoch_is_exported_with_its_own_batch_norm_statistics(tmp_path: Path) -> None:
+    """The network handed to the export must be the one validated at the kept epoch: its weights and the
+    batch norms' running statistics of that epoch (later epochs' statistics once cost 9 points)."""
+    images = load_images(_neu_folder(tmp_path, 6))
+    config = TrainConfig(size=32, channels=(4, 8), epochs=4, batch_size=8, learning_rate=0.05, seed=5)
+    trained = train_surface_cnn(images, len(CLASS_NAMES), config)
+    assert trained.best_epoch < config.epochs  # otherwise later statistics could not differ: not a test
+    kept = trained.history[trained.best_epoch - 1]
+    logits = trained.net.logits(np.stack([prepare(g, config.size) for g in trained.validation.grays]))
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = float(-logp[np.arange(len(logits)), trained.validation.labels].mean())
+    assert loss == pytest.approx(kept["val_loss"], rel=1e-6)
 
 
 def test_one_command_builds_a_model_folder_the_agent_loads_and_evaluate_neu_scores_it(
