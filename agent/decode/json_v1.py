@@ -96,7 +96,9 @@ def _parse_json(text: str) -> Any:
     try:
         # NaN/Infinity literals (which Python's json accepts) become floats here so that the value check
         # can name the field; every number is checked for finiteness, which also catches 1e999 -> inf.
-        return json.loads(text, parse_constant=float, object_pairs_hook=_unique_keys)
+        if text.startswith("\ufeff"):  # as json.loads says it (JSONDecoder.decode does not check)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _JSON.decode(text)
     except json.JSONDecodeError as exc:
         if not text.strip():
             raise DecodeError("json", "payload is empty") from None
@@ -120,6 +122,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
                 raise DecodeError("shape", f"duplicate key {quote(key)}")
             seen.add(key)
     return out
+
+
+# One decoder for every message (``json.loads`` with options builds a new one per call).
+_JSON = json.JSONDecoder(parse_constant=float, object_pairs_hook=_unique_keys)
 
 
 def _decode_object(source: Source, doc: dict[str, Any], received_ns: int, limits: DecodeLimits) -> Decoded:
@@ -196,15 +202,27 @@ def _fields(raw: object, max_fields: int) -> dict[str, float]:
         raise DecodeError("shape", "'fields' is empty")
     if len(raw) > max_fields:
         raise DecodeError("too_many_fields", f"'fields' has {len(raw):,} fields; the limit is {max_fields:,}")
+    _check_field_names(tuple(raw))
     out: dict[str, float] = {}
     for name, value in raw.items():
+        # The common case inline; the error message is only built for a value that needs one.
+        if type(value) is float and math.isfinite(value):
+            out[name] = value
+        else:
+            out[name] = _number(value, f"field {quote(name)}")
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _check_field_names(names: tuple[str, ...]) -> None:
+    """Raise for the first field name that cannot be stored; cached per set of names, which a source sends
+    in every message (a cached call costs one lookup; a refused set raises again each time)."""
+    for name in names:
         _check_name(name, "field name")
         if name in _RESERVED_FIELDS:
             raise DecodeError("shape", f"field name {name!r} is reserved")
         if name.startswith("_"):
             raise DecodeError("shape", f"field name {quote(name)} starts with '_', which InfluxDB reserves")
-        out[name] = _number(value, f"field {quote(name)}")
-    return out
 
 
 def _channel(raw: object) -> str:
