@@ -212,3 +212,17 @@ def test_train_surface_defect_without_images_is_a_usage_error_and_all_keeps_the_
         0,
         f"no NEU images at {tmp_path / 'none'} (pass --data DIR); models/surface_defect is kept as shipped",
     )
+
+
+def test_design_latency_quantizes_and_times_each_design_with_random_weights() -> None:
+    from pdm_tools.images.designs import Design, measure_designs
+
+    designs = [Design("plain", 1, (4, 8)), Design("stem", 4, (8,))]
+    records = measure_designs(designs, size=32, runs=2, rounds=1)
+    assert [r["design"] for r in records] == ["plain", "stem"]
+    assert records[1]["parameters"] == Cnn.init((8,), 6, 0, 4).parameter_count
+    for r in records:
+        assert r["int8_bytes"] > 0
+        for b in ("batch1", "batch16"):
+            assert r[b]["fp32_p50_ms"] > 0 and r[b]["int8_p50_ms"] > 0
+            assert r[b]["ratio"] == pytest.approx(r[b]["int8_p50_ms"] / r[b]["fp32_p50_ms"], abs=1e-3)
