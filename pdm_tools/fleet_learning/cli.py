@@ -74,6 +74,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of its training data a least-data client keeps (default 0.1)",
     )
     evaluate.add_argument(
+        "--adapters",
+        action="store_true",
+        help="cwru: instead, one LoRA adapter trained by the machines that meet a new defect size (on the frozen "
+        "classifier) against each machine's own; --clients per training load (default 2 per load)",
+    )
+    evaluate.add_argument(
+        "--adapter-diameter", type=float, default=0.014, help="--adapters: the new defect diameter (inch)"
+    )
+    evaluate.add_argument(
+        "--adapter-windows",
+        type=int,
+        default=3,
+        help="--adapters: labelled windows each client keeps per recording (default 3)",
+    )
+    evaluate.add_argument(
         "--poisoned",
         action="store_true",
         help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
@@ -222,6 +237,8 @@ def main_evaluate(args: argparse.Namespace) -> int:
         return 2
     if args.dataset == "skab":
         return _evaluate_skab(args)
+    if args.adapters:
+        return _evaluate_adapters(args)
     try:
         fleet = _fleet(args)
         config = FederationConfig(
@@ -295,6 +312,54 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_process_text(result))
     return 0
+
+
+def _evaluate_adapters(args: argparse.Namespace) -> int:
+    """``fleet evaluate --dataset cwru --adapters`` (``pdm_tools.fleet_learning.adapter_eval``)."""
+    from agent.features.bearing import BearingFeatureSpec
+    from pdm_tools.fleet_learning.adapter_eval import default_federation, evaluate_adapter_fleet, shift_fleet
+
+    if args.dataset != "cwru" or args.poisoned or args.secagg or args.dp_noise or args.least_data_clients:
+        print(
+            "fleet evaluate: --adapters is for cwru, with fedavg and without DP, SecAgg+ or poisoning", file=sys.stderr
+        )
+        return 2
+    if args.strategy != "fedavg" or args.adapter_windows < 1:
+        print("fleet evaluate: --adapters averages with fedavg and needs --adapter-windows >= 1", file=sys.stderr)
+        return 2
+    try:
+        recordings = load_cwru(_cwru_dir(args))
+        train_loads = len({r.load_hp for r in recordings if r.kind != "normal"}) - 1
+        per_load = max(1, -(-(args.clients or 2 * train_loads) // train_loads))
+        base, clients, test, reference = shift_fleet(
+            recordings, BearingFeatureSpec(), args.adapter_diameter, per_load, args.adapter_windows
+        )
+        config = default_federation(args.rounds, args.local_epochs, len(clients), args.seed)
+        with threadpool_limits(limits=1, user_api="blas"):
+            adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
+    except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
+        print(f"fleet evaluate: {exc}", file=sys.stderr)
+        return 2
+    adapters |= {"diameter_in": args.adapter_diameter, "windows_per_recording": args.adapter_windows}
+    result = {"dataset": "cwru", "adapters": adapters}
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_adapter_text(adapters))
+    return 0
+
+
+def render_adapter_text(result: dict[str, Any]) -> str:
+    """The figures of ``fleet evaluate --adapters`` as a few plain lines."""
+    lines = [
+        f"cwru adapters: {result['clients']} clients, {result['rounds']} rounds, macro-F1 on the new size at an "
+        "unseen load (reference: the other sizes there)"
+    ]
+    for name in ("base", "federated", "central", "local"):
+        v = result[name]
+        lines.append(f"  {name:9} {v['macro_f1']:.3f}  reference {v['reference_macro_f1']:.3f}")
+    lines.append(
+        f"  bytes per round {result['bytes_per_round']:,} ({result['adapter_parameters']} adapter parameters; "
+        f"the whole classifier has {result['base_parameters']:,})"
+    )
+    return "\n".join(lines)
 
 
 def render_process_text(result: dict[str, Any]) -> str:
@@ -505,15 +570,20 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def _cwru_dir(args: argparse.Namespace) -> Path:
+    """``--data`` or the default datasets folder, or its ``cwru`` subfolder."""
+    data_dir = Path(args.data if args.data is not None else default_data_dir())
+    if not (data_dir / "index.json").is_file() and (data_dir / "cwru" / "index.json").is_file():
+        data_dir = data_dir / "cwru"
+    return data_dir
+
+
 def _fleet(args: argparse.Namespace) -> Fleet:
     if args.dataset == "synthetic":
         return synthetic_fleet(args.clients or 10, 300, args.seed)
-    data_dir = args.data if args.data is not None else default_data_dir()
-    if not (Path(data_dir) / "index.json").is_file() and (Path(data_dir) / "cwru" / "index.json").is_file():
-        data_dir = Path(data_dir) / "cwru"
     from agent.features.bearing import BearingFeatureSpec
 
-    recordings = load_cwru(Path(data_dir))
+    recordings = load_cwru(_cwru_dir(args))
     loads = len({r.load_hp for r in recordings if r.kind != "normal"})
     return cwru_fleet(
         recordings,

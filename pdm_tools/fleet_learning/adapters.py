@@ -1,0 +1,257 @@
+"""Federated LoRA adapters: machines of one type train one adapter together on the frozen fleet base, and only
+the adapter's low-rank factors travel.
+
+The base is the shipped classifier's graph (``agent.adaptation.lora.BaseMlp``: frozen, FP32 here); an adapter
+is ``A_i``, ``B_i`` per adapted layer (``agent.adaptation.lora.LoraWeights``). A round: every client starts
+from the fleet's factors, runs a few epochs of Adam on its own labelled windows with the adapter's own
+objective (``loss_and_gradients``: class-balanced cross-entropy through base plus branches), and returns its
+factors; the strategy averages ``A`` and ``B`` separately (FedAvg, weighted by rows). The average of the
+products ``A_i B_i`` is not the product of the averages, so the fleet adapter is not exactly what any client
+computed; the federated evaluation measures what the averaged adapter does.
+
+Messages: ``train`` gets the factors (``<layer>.A``, ``<layer>.B``) and the round's settings, replies the
+trained factors, ``num-examples`` and the loss; ``evaluate`` replies the confusion counts of base plus the
+fleet adapter on the client's held-out rows. A client's rows are a ``rows.npz`` folder (``data.ClientData``);
+the base graph is read from the path in the node config ``base-model`` (the simulation's temporary copy).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from agent.adaptation.lora import BaseMlp, LoraWeights, _class_weights, loss_and_gradients
+from pdm_tools.fleet_learning.client_app import _data, _number
+from pdm_tools.fleet_learning.server_app import CountingGrid, FederationError, Outcome, sum_confusions
+
+_bases: dict[Path, BaseMlp] = {}
+
+
+@dataclass(frozen=True)
+class AdapterFederation:
+    """What the coordinator runs: the adapter's shape (rank, alpha, layers) and the rounds' training."""
+
+    layers: tuple[str, ...]
+    rank: int = 2
+    alpha: float = 4.0
+    rounds: int = 10
+    local_epochs: int = 5
+    learning_rate: float = 5e-3
+    batch_size: int = 32
+    weight_decay: float = 1e-4
+    min_clients: int = 2
+    seed: int = 42
+    round_timeout_s: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": "LoRA adapter on the frozen classifier",
+            "strategy": "fedavg (A and B averaged separately, weighted by rows)",
+            "layers": list(self.layers),
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class AdapterOutcome:
+    """The fleet adapter, the one it started from, and the run's counters (bytes, rows, evaluation)."""
+
+    adapter: LoraWeights | None = None
+    initial: LoraWeights | None = None
+    counters: Outcome = field(default_factory=Outcome)
+
+
+def adapter_to_arrays(lora: LoraWeights) -> ArrayRecord:
+    """The factors as Flower arrays ``<layer>.A`` ``(fan_in, r)``, ``<layer>.B`` ``(r, fan_out)``, float32."""
+    out = {}
+    for layer, (a, b) in lora.factors.items():
+        out[f"{layer}.A"], out[f"{layer}.B"] = a, b
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items()})
+
+
+def adapter_from_arrays(record: ArrayRecord, base: BaseMlp, rank: int, alpha: float) -> LoraWeights:
+    """The inverse of :func:`adapter_to_arrays`; ``ValueError`` when the arrays are not a rank-``rank``
+    adapter of ``base``'s layers."""
+    keys = sorted(record)
+    names = {k.rsplit(".", 1)[0] for k in keys}
+    layers = [n for n in base.layer_names if n in names]
+    if not layers or len(layers) != len(names) or any(f"{n}.{f}" not in record for n in layers for f in "AB"):
+        raise ValueError(f"adapter arrays {keys} are not A/B factors of {list(base.layer_names)}")
+    factors = {}
+    for name in layers:
+        layer = base.layer(name)
+        a = np.asarray(record[f"{name}.A"].numpy(), np.float32)
+        b = np.asarray(record[f"{name}.B"].numpy(), np.float32)
+        if a.shape != (layer.fan_in, rank) or b.shape != (rank, layer.fan_out):
+            raise ValueError(
+                f"{name}: factors {a.shape} and {b.shape} are not "
+                f"({layer.fan_in}, {rank}) and ({rank}, {layer.fan_out})"
+            )
+        factors[name] = (a, b)
+    return LoraWeights(rank=rank, alpha=alpha, factors=factors)
+
+
+def train_adapter(
+    base: BaseMlp,
+    start: LoraWeights,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    learning_rate: float = 5e-3,
+    batch_size: int = 32,
+    weight_decay: float = 1e-4,
+) -> tuple[LoraWeights, float]:
+    """``epochs`` epochs of Adam on the factors from ``start`` (the base stays frozen), on raw feature rows ``x``
+    with class indices ``y``; returns the new factors and the last epoch's mean loss. The same step as
+    ``agent.adaptation.lora.train_lora``, but from given factors and without early stopping (a round's
+    budget is fixed by the coordinator)."""
+    rng = np.random.default_rng(seed)
+    z = base.standardize(x, start)
+    y = np.asarray(y, np.int64)
+    class_weight = _class_weights(y, base.layers[-1].fan_out)
+    layers = start.layers
+    params = [p.astype(np.float64) for name in layers for p in start.factors[name]]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    step, loss = 0, 0.0
+
+    def as_weights(ps: list[np.ndarray]) -> LoraWeights:
+        factors = {n: (ps[2 * i], ps[2 * i + 1]) for i, n in enumerate(layers)}
+        return LoraWeights(rank=start.rank, alpha=start.alpha, factors=factors, standardization=start.standardization)
+
+    for _ in range(epochs):
+        order = rng.permutation(len(z))
+        losses = []
+        for lo in range(0, len(z), batch_size):
+            rows = order[lo : lo + batch_size]
+            value, grads = loss_and_gradients(base, as_weights(params), z[rows], y[rows], class_weight)
+            losses.append(value)
+            step += 1
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                g = g + weight_decay * p
+                m[i] = beta1 * m[i] + (1 - beta1) * g
+                v[i] = beta2 * v[i] + (1 - beta2) * g * g
+                p -= learning_rate * (m[i] / (1 - beta1**step)) / (np.sqrt(v[i] / (1 - beta2**step)) + eps)
+        loss = float(np.mean(losses)) if losses else 0.0
+    out = as_weights([p.astype(np.float32) for p in params])
+    return out, loss
+
+
+def build_adapter_client_app(data_root: Path | None = None, base_model: Path | None = None) -> ClientApp:
+    """The adapter's ClientApp. ``data_root``: simulation (client ``i`` reads ``data_root/client-{i}``);
+    ``base_model``: the base graph (else the node config's ``base-model``)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        base = _base(context, base_model)
+        config = message.content.config_records["config"]
+        start = _adapter(message, base)
+        rnd, seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
+        trained, loss = train_adapter(
+            base,
+            start,
+            data.x,
+            data.y,
+            int(_number(config, "local-epochs", 5)),
+            zlib.crc32(f"{data.name}/{seed}/{rnd}".encode()),
+            _number(config, "learning-rate", 5e-3),
+            int(_number(config, "batch-size", 32)),
+            _number(config, "weight-decay", 1e-4),
+        )
+        metrics = MetricRecord({"num-examples": len(data.x), "train-loss": loss})
+        return Message(RecordDict({"arrays": adapter_to_arrays(trained), "metrics": metrics}), reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        base = _base(context, base_model)
+        lora = _adapter(message, base)
+        k = len(data.class_names)
+        confusion = np.zeros((k, k), dtype=np.int64)
+        if len(data.x_held):
+            np.add.at(confusion, (data.y_held, base.predict(data.x_held, lora)), 1)
+        metrics = MetricRecord({"num-examples": len(data.y_held), "confusion": confusion.ravel().tolist()})
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+    return app
+
+
+def _adapter(message: Message, base: BaseMlp) -> LoraWeights:
+    config = message.content.config_records["config"]
+    rank, alpha = int(_number(config, "rank", 0)), _number(config, "alpha", 0.0)
+    return adapter_from_arrays(message.content.array_records["arrays"], base, rank, alpha)
+
+
+def _base(context: Context, base_model: Path | None) -> BaseMlp:
+    """The frozen base graph, read once per process."""
+    path = base_model or Path(str(context.node_config.get("base-model", "")))
+    if not path.is_file():
+        raise FederationError(f"no base model at {path!s}: start the supernode with --node-config \"base-model='…'\"")
+    if path not in _bases:
+        _bases[path] = BaseMlp.from_onnx(path)
+    return _bases[path]
+
+
+def build_adapter_server_app(config: AdapterFederation, base: BaseMlp, outcome: AdapterOutcome) -> ServerApp:
+    """The ServerApp: FedAvg over the factors from ``LoraWeights.initial`` (``B = 0``: the fleet starts at the
+    base), with federated evaluation each round; fills ``outcome``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        counted = CountingGrid(grid, outcome.counters)
+        initial = LoraWeights.initial(base, config.layers, config.rank, config.alpha, config.seed)
+        outcome.initial = initial
+        shape: dict[str, ConfigRecordValues] = {"rank": config.rank, "alpha": config.alpha, "seed": config.seed}
+        strategy = FedAvg(
+            min_train_nodes=config.min_clients,
+            min_evaluate_nodes=config.min_clients,
+            min_available_nodes=config.min_clients,
+            evaluate_metrics_aggr_fn=sum_confusions,
+        )
+        result = strategy.start(
+            grid=counted,
+            initial_arrays=adapter_to_arrays(initial),
+            num_rounds=config.rounds,
+            timeout=config.round_timeout_s,
+            train_config=ConfigRecord(
+                {
+                    **shape,
+                    "local-epochs": config.local_epochs,
+                    "learning-rate": config.learning_rate,
+                    "batch-size": config.batch_size,
+                    "weight-decay": config.weight_decay,
+                }
+            ),
+            evaluate_config=ConfigRecord(shape),
+        )
+        outcome.adapter = adapter_from_arrays(result.arrays, base, config.rank, config.alpha)
+        for rnd, metrics in result.evaluate_metrics_clientapp.items():
+            outcome.counters.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
+
+    return app
+
+
+def layer_parameters(base: BaseMlp, layers: Sequence[str] | None = None) -> int:
+    """Weights and biases of ``base`` (of ``layers`` only, if given): what a full-model round would carry."""
+    return sum(layer.weight.size + layer.bias.size for layer in base.layers if layers is None or layer.name in layers)
