@@ -498,8 +498,17 @@ class Run:
         # The heartbeat adds a point to the spool every beat, so "empty" is rarely seen: wait for "almost
         # empty"; on SIGTERM the agent writes the rest before it exits.
         drained = self.agent.wait_caught_up(self.publisher.published, timeout_s=180, spool_below=100)
-        memory = self.agent.memory_kb()
+        # A raw-data release is a spool row of no points (its blocks' points count when written), so "drained"
+        # can come before the writer wrote the last releases: wait until the released count stops changing.
         counters = dict(self.agent.counters)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.agent.wait_heartbeat(timeout_s=2)
+            later = self.agent.wait_heartbeat(timeout_s=2)
+            if later.get(series_field("storage.raw_released")) == counters.get(series_field("storage.raw_released")):
+                break
+            counters = later
+        memory = self.agent.memory_kb()
         code = self.agent.stop()
         stored = self.agent.stored()
         expected_samples = self.fleet.stored_samples_expected(self.blocks, self.agent.every_n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Agent:
     """Trains per-machine adapters at the end of commissioning (``adaptation.auto``), on its own thread."""
 
     def start(self) -> None:
+        sys.setswitchinterval(self.config.agent.switch_interval_ms / 1000)  # process-wide; see its description
         if self.health is not None:
             self.health.start()  # first: a port in use stops the start before any thread runs
         self.scoring.restore()
