@@ -22,6 +22,7 @@ silences) whose transitions, commands and persisted state must change together; 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import uuid
 from collections import deque
@@ -87,9 +88,14 @@ class _Event:
     last_hot_ns: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        # Field by field rather than dataclasses.asdict, which deep-copies every value recursively: the state
+        # of every open event is taken after each scoring step that changed it, on the scoring thread. The
+        # containers an event mutates or shares are copied; everything else is immutable.
+        out = {name: getattr(self, name) for name in _EVENT_FIELDS}
         out["source"] = [list(t) for t in self.source.tags]
         out["top_features"] = [list(t) for t in self.top_features]
+        out["defect"] = copy.deepcopy(self.defect)
+        out["defect_votes"] = dict(self.defect_votes)
         return out
 
     @classmethod
@@ -98,6 +104,9 @@ class _Event:
         values["source"] = Source(tuple((str(k), str(v)) for k, v in values["source"]))
         values["top_features"] = tuple((str(n), float(c)) for n, c in values.get("top_features", ()))
         return cls(**values)
+
+
+_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(_Event))
 
 
 @dataclass
