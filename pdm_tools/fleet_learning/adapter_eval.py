@@ -162,8 +162,9 @@ def evaluate_adapter_fleet(
         "adapter_parameters": adapter_parameters,
         "base_parameters": full,
         "bytes_per_round": bytes_per_round,
-        # The same round carrying the whole classifier instead: each message's arrays scale with the parameters.
-        "full_model_bytes_per_round_estimate": int(bytes_per_round * full / adapter_parameters),
+        # The same round carrying the whole classifier instead: three messages per client hold the arrays (the
+        # model to it and back for training, to it for evaluation), each 4 bytes per parameter more.
+        "full_model_bytes_per_round_estimate": bytes_per_round + 4 * (full - adapter_parameters) * 3 * len(clients),
         "rounds": config.rounds,
         "clients": len(clients),
         "federation": config.to_dict(),
