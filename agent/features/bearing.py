@@ -42,11 +42,13 @@ Definitions (``x``: the samples of one window, ``n`` of them, float64, mean remo
   within ``max(1.5 bins, 2 %)`` of ``f`` against the median of ``S`` over the other bins within
   ``max(10 bins, half the shaft frequency)`` of it (its *local* background). Per variant ``v``::
 
-      ev{v}_{c}            best band of the mean dB over harmonics h = 1..harmonics of h * f_c
+      ev{v}_{c}            best band of the mean dB over harmonics h = 1..harmonics of h * f_c; also
+                           ev{v}_bsf_even over h * 2 BSF (a ball defect strikes both races per spin)
       ev{v}_{c}_sidebands  the same over h * f_c ± modulation: BPFI ± shaft (an inner race turns with the
                            shaft through the load zone), BSF ± FTF (a ball with the cage)
       rel{v}_{c}           for BPFI, BPFO, BSF: ev{v}_{c} minus the largest ev{v} of the other two (which
-                           defect the envelope favours, whatever its overall level)
+                           defect the envelope favours, whatever its overall level); a ball's ev is the
+                           larger of ev{v}_bsf and ev{v}_bsf_even
       kurt{v}_best         log10 of the largest kurtosis of the band-passed signal over the bands
 
   The best band is chosen per window from the window alone (a kurtogram-lite), so nothing is tuned on a
@@ -298,7 +300,7 @@ def _feature_names(spec: BearingFeatureSpec) -> tuple[str, ...]:
             names += [f"env{b}_{c}_{h}x" for c, _ in spec.frequencies for h in range(1, spec.harmonics + 1)]
     if "envelope_evidence" in spec.groups:
         for variant in _VARIANTS:
-            names += [f"ev{variant}_{c}" for c, _ in spec.frequencies]
+            names += [f"ev{variant}_{c}" for c in _families(spec)]
             names += [f"ev{variant}_{c}_sidebands" for c, _ in _sidebands(spec)]
             names += [f"rel{variant}_{c}" for c in _defects(spec)]
             names.append(f"kurt{variant}_best")
@@ -307,6 +309,13 @@ def _feature_names(spec: BearingFeatureSpec) -> tuple[str, ...]:
 
 # Evidence variants: ``w`` of the pre-whitened window, ``r`` of the raw one.
 _VARIANTS: Final = ("w", "r")
+
+
+def _families(spec: BearingFeatureSpec) -> tuple[str, ...]:
+    """Line families of the evidence: every characteristic frequency, and ``bsf_even`` (2, 4, 6 ... x BSF: a
+    ball defect strikes both races once per spin, so the even harmonics of BSF often carry it)."""
+    names = tuple(c for c, _ in spec.frequencies)
+    return (*names, "bsf_even") if "bsf" in names else names
 
 
 def _sidebands(spec: BearingFeatureSpec) -> tuple[tuple[str, str], ...]:
@@ -505,23 +514,24 @@ def _envelope_evidence(
         ratios[b] = _local_peak_db(np.abs(np.fft.rfft(squared * _hann(n), axis=1)), targets, rate_hz, rpm, n)
     # Per family: the mean over its lines in each band, then the best band.
     families = np.stack([ratios[:, :, sl].mean(axis=2) for sl in slices], axis=2).max(axis=0)  # (m, families)
-    names = [c for c, _ in spec.frequencies] + [c for c, _ in _sidebands(spec)]
-    evidence = families[:, : len(spec.frequencies)]
-    defects = [names.index(c) for c in _defects(spec)]
-    rel = [families[:, j] - np.max([families[:, k] for k in defects if k != j], axis=0) for j in defects]
+    column = {c: families[:, j] for j, c in enumerate(_families(spec))}
+    # A ball's evidence is the stronger of its two families.
+    defect = {c: np.maximum(column[c], column["bsf_even"]) if c == "bsf" else column[c] for c in _defects(spec)}
+    rel = [defect[c] - np.max([defect[o] for o in defect if o != c], axis=0) for c in defect]
     best = np.log10(np.maximum(kurt.max(axis=0), _EPS))
-    return np.column_stack([evidence, families[:, len(spec.frequencies) :], *rel, best])
+    return np.column_stack([families, *rel, best])
 
 
 @functools.lru_cache(maxsize=16)
 def _evidence_targets(spec: BearingFeatureSpec) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Lines of the evidence, as multiples of the shaft frequency, and the slice of each family in them:
-    harmonics ``h = 1..harmonics`` of every characteristic frequency, then ``h * carrier ± modulation`` of
+    harmonics ``h = 1..harmonics`` of every family of ``_families``, then ``h * carrier ± modulation`` of
     every sideband family."""
     mult = dict(spec.frequencies)
     lines: list[float] = []
     slices = []
-    for _, f in spec.frequencies:
+    for c in _families(spec):
+        f = 2 * mult["bsf"] if c == "bsf_even" else mult[c]
         slices.append(slice(len(lines), len(lines) + spec.harmonics))
         lines += [h * f for h in range(1, spec.harmonics + 1)]
     for carrier, modulation in _sidebands(spec):

@@ -92,6 +92,14 @@ PUBLISHED_RANDOM_SPLIT = {
 }
 
 
+# Feature sets by name (``--features``): the shipped model's, and the scale-free envelope evidence of
+# issue 21 (band shares kept: without them the bearings with no envelope signature fall to "normal").
+FEATURE_SETS: dict[str, BearingFeatureSpec] = {
+    "shipped": BearingFeatureSpec(),
+    "envelope": BearingFeatureSpec(groups=("band_shares", "envelope_evidence")),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
@@ -102,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"training seed (default {DEFAULT_SEED})")
     parser.add_argument("--no-quantize", action="store_true", help="skip the INT8 models (faster)")
+    parser.add_argument(
+        "--features",
+        choices=sorted(FEATURE_SETS),
+        default="shipped",
+        help="feature set: the shipped model's (default) or the envelope evidence of issue 21",
+    )
     parser.add_argument(
         "--ablation", action="store_true", help="also cross-size with each feature group alone / left out (slower)"
     )
@@ -127,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
         with threadpool_limits(limits=1, user_api="blas"):
             result = evaluate(
                 Path(data_dir),
+                FEATURE_SETS[args.features],
                 seed=args.seed,
                 quantized=not args.no_quantize,
                 ablation=args.ablation,
@@ -394,12 +409,21 @@ def bearing_id(rec: Recording) -> str:
 
 
 def envelope_evidence(spec: BearingFeatureSpec, rows: np.ndarray, kind: str) -> np.ndarray | None:
-    """Per window, the envelope-spectrum evidence of ``kind``'s defect frequency: the mean over harmonics of
-    ``env{b}_{f}_{h}x`` (log10 peak / envelope median), best envelope band. ``None`` if the spec lacks it.
+    """Per window, the envelope-spectrum evidence of ``kind``'s defect frequency: ``evw_{f}`` (dB above the
+    local background, pre-whitened, best band; for a ball the larger with ``evw_bsf_even``) when the spec has
+    the evidence group, else the mean over
+    harmonics of ``env{b}_{f}_{h}x`` (log10 peak / envelope median), best envelope band. ``None`` if the
+    spec has neither for that frequency.
     """
     names = spec.feature_names()
     freq = DEFECT_FREQUENCY.get(kind)
     if freq is None or freq not in dict(spec.multipliers):
+        return None
+    if f"evw_{freq}" in names:
+        # A ball's evidence is the stronger of BSF and its even harmonics (as in ``relw_bsf``).
+        own = [names.index(n) for n in (f"evw_{freq}", f"evw_{freq}_even") if n in names]
+        return np.asarray(rows[:, own].max(axis=1))
+    if "envelope_peaks" not in spec.groups:
         return None
     per_band = [
         rows[:, [names.index(f"env{b}_{freq}_{h}x") for h in range(1, spec.harmonics + 1)]].mean(axis=1)
@@ -472,12 +496,29 @@ def _cross_bearing(
     }
 
 
-# Column groups of the ablation, by feature-name prefix (``BearingFeatureSpec.feature_names``).
+# Column groups of the ablation: feature names (``BearingFeatureSpec.feature_names``), or prefixes ending in "*".
 ABLATION_GROUPS: dict[str, tuple[str, ...]] = {
     "time": TIME_STATS,
-    "band_shares": ("band_rel_",),
-    "envelope_peaks": ("env",),
+    "band_shares": ("band_rel_*",),
+    "envelope_peaks": ("env*",),
+    # The envelope evidence (``--features envelope``), by family and by variant.
+    "evidence_whitened": ("evw_*", "relw_*", "kurtw_*"),
+    "evidence_raw": ("evr_*", "relr_*", "kurtr_*"),
+    "evidence_defect_lines": tuple(f"ev{v}_{c}" for v in "wr" for c in ("bpfi", "bpfo", "bsf", "bsf_even")),
+    "evidence_shaft_ftf": tuple(f"ev{v}_{c}" for v in "wr" for c in ("shaft", "ftf")),
+    "evidence_sidebands": tuple(f"ev{v}_{c}_sidebands" for v in "wr" for c in ("bpfi", "bsf")),
+    "evidence_relative": ("relw_*", "relr_*"),
+    "evidence_kurtosis": ("kurtw_best", "kurtr_best"),
 }
+
+
+def _in_group(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` or starts with one ending in "*".
+
+    >>> [_in_group(n, ("evw_bpfi", "env*")) for n in ("evw_bpfi", "evw_bpfi_sidebands", "env0_kurtosis")]
+    [True, False, True]
+    """
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
 
 
 def _ablation(
@@ -485,9 +526,11 @@ def _ablation(
 ) -> dict[str, Any]:
     """Cross-size mean and worst macro-F1 with each feature group alone and with each group left out."""
     names = d.spec.feature_names()
-    groups = {g: np.array([i for i, n in enumerate(names) if n.startswith(p)]) for g, p in ABLATION_GROUPS.items()}
+    groups = {g: np.array([i for i, n in enumerate(names) if _in_group(n, p)]) for g, p in ABLATION_GROUPS.items()}
     out: dict[str, Any] = {}
     for group, cols in groups.items():
+        if len(cols) == 0:  # a group of the other feature set
+            continue
         rest = np.setdiff1d(np.arange(len(names)), cols)
         for label, use in ((f"only_{group}", cols), (f"without_{group}", rest)):
             if len(use) == 0:

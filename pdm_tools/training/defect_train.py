@@ -240,13 +240,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-version", default=DEFAULT_VERSION, help=f"model version (default {DEFAULT_VERSION})")
     parser.add_argument("--ship", choices=["auto", "int8", "fp32"], default="auto", help="file named in the manifest")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the cross-load evaluation (faster)")
+    parser.add_argument(
+        "--features",
+        choices=sorted(cwru.FEATURE_SETS),
+        default="shipped",
+        help="feature set (as evaluate cwru --features; default: the shipped model's)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     data_dir = args.data if args.data is not None else default_data_dir()
     try:
         manifest = train_defect_classifier(
-            data_dir, args.out, args.seed, args.model_version, ship=args.ship, evaluate=not args.no_evaluate
+            data_dir,
+            args.out,
+            args.seed,
+            args.model_version,
+            spec=cwru.FEATURE_SETS[args.features],
+            ship=args.ship,
+            evaluate=not args.no_evaluate,
         )
     except DatasetError as exc:
         print(f"defect classifier: {exc}", file=sys.stderr)

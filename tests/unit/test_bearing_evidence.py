@@ -37,14 +37,15 @@ def faulty(
     x = 0.05 * rng.standard_normal(n) + 0.05 * np.sin(2 * np.pi * shaft * np.arange(n) / rate_hz)
     ring_t = np.arange(int(0.003 * rate_hz)) / rate_hz
     ring = np.exp(-2 * np.pi * resonance_hz * 0.05 * ring_t) * np.sin(2 * np.pi * resonance_hz * ring_t)
-    period = 1 / (MULT[defect] * shaft)
+    ball = defect.startswith("bsf")  # "bsf_even": impacts at 2 x BSF, on both races once per spin
+    period = 1 / ((2 * MULT["bsf"] if defect == "bsf_even" else MULT[defect]) * shaft)
     for t0 in np.arange(rng.uniform(0, period), n / rate_hz, period):
         depth = {
             "bpfi": modulation * np.cos(2 * np.pi * shaft * t0),
             "bsf": modulation * np.cos(2 * np.pi * MULT["ftf"] * shaft * t0),
         }
         i = round(t0 * rate_hz)
-        x[i : i + len(ring)] += (1 + depth.get(defect, 0.0)) * ring[: n - i]
+        x[i : i + len(ring)] += (1 + depth.get("bsf" if ball else defect, 0.0)) * ring[: n - i]
     return x
 
 
@@ -60,15 +61,18 @@ def named(spec: BearingFeatureSpec, x: np.ndarray, rate_hz: float, rpm: float) -
         ("bpfo", 1797.0, 12000.0, 1200.0),
         ("bpfi", 1200.0, 10240.0, 4200.0),
         ("bpfo", 2400.0, 10240.0, 2000.0),
+        ("bsf", 1750.0, 12000.0, 3500.0),
+        ("bsf_even", 1797.0, 12000.0, 2500.0),
     ],
 )
 def test_the_defect_whose_impacts_ring_wins_its_relative_evidence(
     defect: str, rpm: float, rate_hz: float, resonance_hz: float
 ) -> None:
+    v = named(EVIDENCE, faulty(defect, rpm, rate_hz, resonance_hz=resonance_hz), rate_hz, rpm)
+    own = "bsf" if defect == "bsf_even" else defect  # a ball's evidence is the stronger of its two families
     for variant in ("w", "r"):
-        v = named(EVIDENCE, faulty(defect, rpm, rate_hz, resonance_hz=resonance_hz), rate_hz, rpm)
-        assert v[f"rel{variant}_{defect}"] > 4.0, v  # its lines stand 4 dB clearer than the next defect's
-        others = [c for c in ("bpfi", "bpfo", "bsf") if c != defect]
+        assert v[f"rel{variant}_{own}"] > 4.0, v  # its lines stand 4 dB clearer than the next defect's
+        others = [c for c in ("bpfi", "bpfo", "bsf") if c != own]
         assert all(v[f"rel{variant}_{c}"] < 0 for c in others)
 
 
@@ -140,7 +144,7 @@ def test_evidence_spec_round_trips_with_its_own_hash() -> None:
     assert d["groups"] == ["band_shares", "envelope_evidence"]
     assert BearingFeatureSpec.from_dict(d) == SPEC
     assert SPEC.spec_hash() != BearingFeatureSpec().spec_hash()
-    assert SPEC.n_features == 10 + 2 * (5 + 2 + 3 + 1)
+    assert SPEC.n_features == 10 + 2 * (6 + 2 + 3 + 1)
 
 
 @pytest.mark.parametrize(
