@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent import cli
 from agent.inference.classifier import OnnxDefectClassifier
-from agent.records import Source, Window
 from pdm_tools.evaluation import cwru
 from pdm_tools.training.defect_train import train_defect_classifier
-from tests.unit.test_cwru_evaluation import signal, write_dataset
+from tests.unit.test_cwru_evaluation import vibration_windows, write_dataset
 
 ENVELOPE = cwru.FEATURE_SETS["envelope"]
 
@@ -56,18 +54,6 @@ def test_classifier_on_the_envelope_set_is_served_from_windows(dataset: Path, tm
     assert manifest.feature_names == ENVELOPE.feature_names()
     model = OnnxDefectClassifier.load(out)
     assert model.spec == ENVELOPE
-    rate, rpm = 10240.0, 1790.0  # another rate and speed than the training data's
-    windows = [
-        Window(
-            source=Source.of(machine="m01", sensor="vibration"),
-            kind="vibration",
-            start_ns=0,
-            end_ns=1,
-            channels=("value",),
-            data=signal(kind, rpm, 4096, seed=200 + i, rate=rate)[None],
-            times_s=np.arange(4096) / rate,
-            rate_hz=rate,
-        )
-        for i, kind in enumerate(("outer_race", "inner_race"))
-    ]
+    rpm = 1790.0  # another speed and rate than the training data's
+    windows = vibration_windows(("outer_race", "inner_race"), rpm, 10240.0, seed=200)
     assert [p.class_name for p in model.classify(windows, rpm)] == ["outer_race", "inner_race"]

@@ -47,6 +47,23 @@ def signal(kind: str, rpm: float, n: int, seed: int, rate: float = RATE) -> np.n
     return x
 
 
+def vibration_windows(kinds: tuple[str, ...], rpm: float, rate: float, seed: int) -> list[Window]:
+    """One 4096-sample window of ``signal`` per kind, as the agent's runtime hands them to a classifier."""
+    return [
+        Window(
+            source=Source.of(machine="m01", sensor="vibration"),
+            kind="vibration",
+            start_ns=0,
+            end_ns=1,
+            channels=("value",),
+            data=signal(kind, rpm, 4096, seed=seed + i, rate=rate)[None],
+            times_s=np.arange(4096) / rate,
+            rate_hz=rate,
+        )
+        for i, kind in enumerate(kinds)
+    ]
+
+
 def write_dataset(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     index = []
@@ -193,21 +210,8 @@ def test_built_classifier_loads_verifies_and_classifies_windows_at_another_rate(
     assert manifest.class_names == ("normal", "inner_race", "outer_race", "ball")
     assert (out / "MODEL_CARD.md").is_file() and manifest.file == "model.int8.onnx"
     model = OnnxDefectClassifier.load(out)
-    rate, rpm = 10240.0, 1790.0
-    windows = [
-        Window(
-            source=Source.of(machine="m01", sensor="vibration"),
-            kind="vibration",
-            start_ns=0,
-            end_ns=1,
-            channels=("value",),
-            data=signal(kind, rpm, 4096, seed=100 + i, rate=rate)[None],
-            times_s=np.arange(4096) / rate,
-            rate_hz=rate,
-        )
-        for i, kind in enumerate(("outer_race", "inner_race"))
-    ]
-    predictions = model.classify(windows, rpm)
+    rpm = 1790.0
+    predictions = model.classify(vibration_windows(("outer_race", "inner_race"), rpm, 10240.0, seed=100), rpm)
     assert [p.class_name for p in predictions] == ["outer_race", "inner_race"]
     assert predictions[0].as_dict()["defect"] == "outer_race"
     assert sum(predictions[0].as_dict()["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
