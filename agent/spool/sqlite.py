@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 from agent.metrics import Metrics
 from agent.spool import arrivals
@@ -196,6 +196,8 @@ class Spool:
         self._full_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = connect(self.path, synchronous)
+        # Rows per multi-row INSERT: 5 parameters each, within this SQLite's limit (999 before 3.32).
+        self._rows_per_insert = max(1, min(500, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 5))
         conn = self._conn
         # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
         # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
@@ -279,21 +281,24 @@ class Spool:
             dropped_points = sum(e.points for i, e in enumerate(entries) if i not in keep)
             dropped_bytes = sum(len(e.body) + ROW_OVERHEAD_BYTES for i, e in enumerate(entries) if i not in keep)
             with self._transaction() as conn:
+                run: list[int] = []  # indexes of plain rows waiting for one multi-row INSERT
                 for i in sorted(keep):
                     e = entries[i]
                     if e.kind == Kind.ARRIVAL:  # not a row: the arrival time of a message of this transaction
                         arrivals.record(conn, e.body)
                         continue
-                    cur = conn.execute(
-                        "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES (?, ?, ?, ?, ?)",
-                        (int(e.kind), e.body, e.points, HELD if e.held else 0, now),
-                    )
-                    ids[i] = cur.lastrowid
-                    if e.kind == Kind.RAW_REF and cur.lastrowid is not None:
-                        self._pin(conn, decode_raw_ref(e.body), cur.lastrowid)
+                    run.append(i)
                     rows += 1
                     points += e.points
                     size += len(e.body) + ROW_OVERHEAD_BYTES
+                    if e.kind == Kind.RAW_REF:  # pins rows by id: its own id must be known now
+                        self._insert_rows(conn, entries, run, ids, now)
+                        run = []
+                        self._pin(conn, decode_raw_ref(e.body), cast(int, ids[i]))
+                    elif len(run) >= self._rows_per_insert:
+                        self._insert_rows(conn, entries, run, ids, now)
+                        run = []
+                self._insert_rows(conn, entries, run, ids, now)
                 if points > self.max_points or size > self.max_bytes:  # only with "oldest"
                     gone = self._drop_oldest(conn, points - self.max_points, size - self.max_bytes)
                     rows -= gone[0]
@@ -315,6 +320,33 @@ class Spool:
         if self._maintenance is None and time.monotonic() - self._last_compact >= COMPACT_INTERVAL_S:
             self.compact()  # no maintenance thread (tests, tools): the appending thread compacts
         return ids
+
+    def _insert_rows(
+        self,
+        conn: sqlite3.Connection,
+        entries: Sequence[Entry],
+        indexes: Sequence[int],
+        ids: list[int | None],
+        now: int,
+    ) -> None:
+        """Insert ``entries[i]`` for ``i`` in ``indexes`` with one statement and note their ids in ``ids``.
+
+        One statement rather than one per row: SQLite releases the interpreter lock for each statement, and
+        with the scoring and MQTT threads busy each release costs the ingest thread a wait for it. The ids
+        are consecutive, ending at ``lastrowid``: this connection is the only writer inside the transaction
+        and ``AUTOINCREMENT`` gives each new row the largest id so far plus one.
+        """
+        if not indexes:
+            return
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(indexes))
+        params: list[object] = []
+        for i in indexes:
+            e = entries[i]
+            params += (int(e.kind), e.body, e.points, HELD if e.held else 0, now)
+        cur = conn.execute(f"INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES {values}", params)
+        last = cast(int, cur.lastrowid)
+        for offset, i in enumerate(indexes):
+            ids[i] = last - len(indexes) + 1 + offset
 
     def append_lines(self, lines: Sequence[str]) -> object:
         """Points the agent produced itself (already line protocol), as one entry."""

@@ -345,6 +345,23 @@ def test_drops_are_logged_at_most_once_per_interval_but_all_counted(
 # -- held blocks ---------------------------------------------------------------------------------
 
 
+def test_a_batch_of_many_rows_returns_each_entrys_own_id(tmp_path: Path, metrics: Metrics) -> None:
+    """Rows go in with multi-row INSERTs (one statement per run of rows, cut at a release, which pins by id):
+    every id returned must name that entry's row, and the release must pin the blocks before it."""
+    with Spool(tmp_path / "s.db", BIG, BIG, metrics=metrics) as spool:
+        spool._rows_per_insert = 7  # several full statements and a partial one
+        first = _append(spool, [_held(), *_entries(3)])
+        batch = [*_entries(20, start=3), _held(5), encode_raw_ref([first[0]]), *_entries(9, start=23), _held(6)]
+        ids = _append(spool, batch)
+        assert len(set(ids)) == len(batch) and ids == sorted(ids) and ids[0] > first[-1]
+        cursor = spool.cursor("local")
+        assert cursor.bodies(ids) == [e.body for e in batch]
+        release = ids[21]
+        held = spool._conn.execute("SELECT held FROM entry WHERE id = ?", (first[0],)).fetchone()  # type: ignore[union-attr]
+        assert held == (release,)  # pinned to its release
+        cursor.close()
+
+
 def test_a_held_block_outlives_compaction_for_hold_s_and_can_be_read_by_id(tmp_path: Path, metrics: Metrics) -> None:
     path = tmp_path / "s.db"
     with Spool(path, BIG, 100, metrics=metrics, hold_s=60.0) as spool:
