@@ -49,7 +49,8 @@ Definitions (``x``: the samples of one window, ``n`` of them, float64, mean remo
       rel{v}_{c}           for BPFI, BPFO, BSF: ev{v}_{c} minus the largest ev{v} of the other two (which
                            defect the envelope favours, whatever its overall level); a ball's ev is the
                            larger of ev{v}_bsf and ev{v}_bsf_even
-      kurt{v}_best         log10 of the largest kurtosis of the band-passed signal over the bands
+      kurt{v}_best         log10 of the largest envelope kurtosis E|z|^4 / (E|z|^2)^2 over the bands
+                           (z: the band's analytic signal; Antoni's spectral kurtosis plus 2)
 
   The best band is chosen per window from the window alone (a kurtogram-lite), so nothing is tuned on a
   dataset. Every evidence column is invariant to the signal's amplitude.
@@ -435,11 +436,16 @@ def _band_envelope(
 ) -> tuple[np.ndarray, np.ndarray]:
     band = np.where((freqs >= lo) & (freqs < hi), spectrum, 0.0)
     passed = np.fft.irfft(band, n=n, axis=1)
+    return passed, np.abs(_analytic(band, n))
+
+
+def _analytic(band: np.ndarray, n: int) -> np.ndarray:
+    """The analytic signal ``(m, n)`` complex of the one-sided spectra ``band`` ``(m, n // 2 + 1)``."""
     full = np.zeros((band.shape[0], n), dtype=np.complex128)
-    full[:, : band.shape[1]] = 2.0 * band  # analytic signal: negative frequencies dropped, positive doubled
+    full[:, : band.shape[1]] = 2.0 * band  # negative frequencies dropped, positive doubled
     if n % 2 == 0:
         full[:, n // 2] /= 2.0  # the Nyquist bin is its own mirror (always outside a band below Nyquist)
-    return passed, np.abs(np.fft.ifft(full, axis=1))
+    return np.fft.ifft(full, axis=1)
 
 
 def _time_stats(d: np.ndarray) -> np.ndarray:
@@ -504,21 +510,24 @@ def _envelope_evidence(
     docstring) from the rows' spectra ``(m, n // 2 + 1)``."""
     m = spectrum.shape[0]
     targets, slices = _evidence_targets(spec)
-    ratios = np.empty((len(spec.evidence_bands_hz), m, len(targets)))
+    ses = np.empty((len(spec.evidence_bands_hz), m, n // 2 + 1))
     kurt = np.empty((len(spec.evidence_bands_hz), m))
     for b, (lo, hi) in enumerate(spec.evidence_bands_hz):
-        passed, envelope = _band_envelope(spectrum, freqs, n, lo, hi)
-        kurt[b] = _kurtosis(passed)
-        squared = envelope * envelope
-        squared -= squared.mean(axis=1, keepdims=True)
-        ratios[b] = _local_peak_db(np.abs(np.fft.rfft(squared * _hann(n), axis=1)), targets, rate_hz, rpm, n)
+        z = _analytic(np.where((freqs >= lo) & (freqs < hi), spectrum, 0.0), n)
+        squared = z.real * z.real + z.imag * z.imag
+        power = squared.mean(axis=1)
+        # E|z|^4 / (E|z|^2)^2: 2 for Gaussian noise, 1 for a steady tone, large for impacts (spectral kurtosis + 2).
+        kurt[b] = np.divide((squared * squared).mean(axis=1), power * power, out=np.ones(m), where=power > 0)
+        squared -= power[:, None]
+        ses[b] = np.abs(np.fft.rfft(squared * _hann(n), axis=1))
+    ratios = _local_peak_db(ses, targets, rate_hz, rpm, n)  # (bands, m, lines)
     # Per family: the mean over its lines in each band, then the best band.
     families = np.stack([ratios[:, :, sl].mean(axis=2) for sl in slices], axis=2).max(axis=0)  # (m, families)
     column = {c: families[:, j] for j, c in enumerate(_families(spec))}
     # A ball's evidence is the stronger of its two families.
     defect = {c: np.maximum(column[c], column["bsf_even"]) if c == "bsf" else column[c] for c in _defects(spec)}
     rel = [defect[c] - np.max([defect[o] for o in defect if o != c], axis=0) for c in defect]
-    best = np.log10(np.maximum(kurt.max(axis=0), _EPS))
+    best = np.log10(kurt.max(axis=0))
     return np.column_stack([families, *rel, best])
 
 
@@ -541,36 +550,54 @@ def _evidence_targets(spec: BearingFeatureSpec) -> tuple[np.ndarray, tuple[slice
 
 
 def _local_peak_db(ses: np.ndarray, targets: np.ndarray, rate_hz: np.ndarray, rpm: np.ndarray, n: int) -> np.ndarray:
-    """``20 log10(peak / local background)`` of each line ``targets * shaft`` in each row's spectrum ``ses``.
+    """``20 log10(peak / local background)`` of each line ``targets * shaft`` in the spectra ``ses``
+    ``(bands, rows, bins)``: ``(bands, rows, lines)``.
 
     Peak: the largest bin within ``max(1.5 bins, 2 %)`` of the line; background: the median of the other
-    bins within ``max(BACKGROUND_BINS bins, half the shaft frequency)``. 0 dB where the background is 0.
-    Rows with the same rate and speed share their bins, so they are done together.
+    bins within ``max(BACKGROUND_BINS bins, half the shaft frequency)``. 0 dB where the background is 0 or
+    the line lies beyond the spectrum. Rows with the same rate and speed share their bins, so they (and
+    all bands) are done together.
 
-    >>> ses = np.ones((1, 200)); ses[0, 100] = 10.0
+    >>> ses = np.ones((1, 1, 200)); ses[0, 0, 100] = 10.0
     >>> _local_peak_db(ses, np.array([1.0, 0.5]), np.array([398.0]), np.array([6000.0]), 398).round(3).tolist()
-    [[20.0, 0.0]]
+    [[[20.0, 0.0]]]
     """
-    out = np.zeros((ses.shape[0], len(targets)))
-    n_bins = ses.shape[1]
+    out = np.zeros((*ses.shape[:2], len(targets)))
     keys = np.stack([rate_hz, rpm], axis=1)
     for key in np.unique(keys, axis=0):
         rows = np.flatnonzero((keys == key).all(axis=1))
-        df, shaft = key[0] / n, key[1] / 60.0
-        for t, multiple in enumerate(targets):
-            f = multiple * shaft
-            tol = max(1.5 * df, 0.02 * f)
-            width = max(BACKGROUND_BINS * df, 0.5 * shaft, 2 * tol)
-            bins = np.arange(max(1, math.ceil((f - width) / df)), min(n_bins, math.floor((f + width) / df) + 1))
-            zone = np.abs(bins * df - f) <= tol
-            if not zone.any() or zone.all():
-                continue  # the line is beyond the spectrum: no evidence either way
-            part = ses[rows]
-            peak = part[:, bins[zone]].max(axis=1)
-            background = np.median(part[:, bins[~zone]], axis=1)
-            ratio = np.divide(peak, background, out=np.ones_like(peak), where=background > 0)
-            out[rows, t] = 20.0 * np.log10(np.maximum(ratio, _EPS))
+        index, zone, background = _line_bins(float(key[0]) / n, float(key[1]) / 60.0, targets, ses.shape[2])
+        near = ses[:, rows][:, :, index]  # (bands, rows, lines, width)
+        peak = np.where(zone, near, -np.inf).max(axis=3)
+        level = np.nanmedian(np.where(background, near, np.nan), axis=3)
+        ratio = np.divide(peak, level, out=np.ones_like(peak), where=level > 0)
+        out[:, rows] = 20.0 * np.log10(np.maximum(ratio, _EPS))
     return out
+
+
+def _line_bins(df: float, shaft: float, targets: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bins around each line ``targets * shaft`` (``df`` Hz apart): ``index`` ``(lines, width)`` and the masks
+    of its peak zone and its background. A line beyond the spectrum gets one peak bin equal to its
+    background (0 dB)."""
+    lines = []
+    for multiple in targets:
+        f = multiple * shaft
+        tol = max(1.5 * df, 0.02 * f)
+        width = max(BACKGROUND_BINS * df, 0.5 * shaft, 2 * tol)
+        bins = np.arange(max(1, math.ceil((f - width) / df)), min(n_bins, math.floor((f + width) / df) + 1))
+        zone = np.abs(bins * df - f) <= tol
+        if not zone.any() or zone.all():
+            bins, zone = np.array([1, 1]), np.array([True, False])
+        lines.append((bins, zone))
+    widest = max(len(b) for b, _ in lines)
+    index = np.ones((len(lines), widest), dtype=np.int64)
+    in_zone = np.zeros((len(lines), widest), dtype=bool)
+    in_background = np.zeros((len(lines), widest), dtype=bool)
+    for i, (bins, zone) in enumerate(lines):
+        index[i, : len(bins)] = bins
+        in_zone[i, : len(bins)] = zone
+        in_background[i, : len(bins)] = ~zone
+    return index, in_zone, in_background
 
 
 @functools.lru_cache(maxsize=16)
