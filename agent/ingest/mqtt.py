@@ -55,7 +55,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
@@ -64,7 +64,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.ingest.paho_buffered import client_class
+from agent.ingest.paho_buffered import BufferedClient, client_class
 from agent.ingest.remembered import RememberedFilters
 from agent.ingest.settings import MqttSettings, MqttTls
 from agent.metrics import Metrics
@@ -260,6 +260,17 @@ class MqttConnection:
             self._metrics.inc("mqtt.acks")
         else:
             self._metrics.inc("mqtt.ack_errors", reason=paho.error_string(rc))
+
+    def ack_batch(self, acks: Sequence[tuple[int, int]]) -> None:
+        """``ack`` each ``(mid, qos)``, waking paho's network thread once for all of them (``BufferedClient``)."""
+        client = self._client
+        if not isinstance(client, BufferedClient):
+            for mid, qos in acks:
+                self.ack(mid, qos)
+            return
+        with client.batch():
+            for mid, qos in acks:
+                self.ack(mid, qos)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> MessageInfo:
         """Queue a message; QoS 1 messages published while disconnected are sent after the reconnect.

@@ -40,7 +40,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import count
@@ -89,6 +89,8 @@ class Connection(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Delivery: ...
 
     def ack(self, mid: int, qos: int) -> None: ...
+
+    def ack_batch(self, acks: Sequence[tuple[int, int]]) -> None: ...
 
 
 class TokenBucket:
@@ -171,6 +173,10 @@ class Outbound:
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge an inbound message: straight to the connection, never behind outbound messages."""
         self._connection.ack(mid, qos)
+
+    def ack_batch(self, acks: Sequence[tuple[int, int]]) -> None:
+        """Acknowledge a batch of ``(mid, qos)``: like ``ack`` for each, with one wake-up of the network thread."""
+        self._connection.ack_batch(acks)
 
     def dead_letter(self, topic: str, code: str, detail: str, payload: bytes) -> bool:
         """Report one rejected message: one by one within the rate (True), else counted for the next summary."""

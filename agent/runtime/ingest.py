@@ -223,9 +223,7 @@ class IngestWorker(Worker):
                     self._raw.hold(block, spool_id)
         # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
         # and reported on the dead-letter topic).
-        for msg in batch:
-            if msg.qos > 0:
-                self._broker.ack(msg.mid, msg.qos)
+        self._broker.ack_batch([(msg.mid, msg.qos) for msg in batch if msg.qos > 0])
 
     def talk_back(self, final: bool = False) -> None:
         """What a stateful decoder (``agent.decode.base.Outbox``) wants said: its requests published, its

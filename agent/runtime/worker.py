@@ -25,6 +25,8 @@ class Broker(Protocol):
 
     def ack(self, mid: int, qos: int) -> None: ...
 
+    def ack_batch(self, acks: Sequence[tuple[int, int]]) -> None: ...
+
 
 class DeadLetters(Protocol):
     """Where the ingest worker reports a rejected message (``agent.ingest.outbound.Outbound``, thread-safe,

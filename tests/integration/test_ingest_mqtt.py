@@ -550,3 +550,30 @@ def test_bytes_of_a_closed_connection_are_not_parsed_after_a_reconnect() -> None
     assert client.buffered_bytes() == 4
     client._sock_close()
     assert client.buffered_bytes() == 0
+
+
+def test_a_batch_of_acknowledgements_acknowledges_exactly_its_messages(
+    mosquitto: Service, connections, observers, prefix: str
+) -> None:
+    """``ack_batch`` (one wake-up of paho's loop for the whole batch): the acknowledged messages are not
+    redelivered on the next connection, the one left out is."""
+    settings = {"client_id": f"{prefix}-agent", "subscriptions": (f"{prefix}/#",)}
+    gateway = observers(mosquitto)
+    first, metrics = Inbox(), Metrics()
+    conn = connections(mosquitto, first, metrics, **settings)
+    start_and_wait(conn)
+    for i in range(15):  # within the broker's window of unacknowledged messages (20)
+        gateway.publish(f"{prefix}/m/s", str(i).encode())
+    got = [first.get() for _ in range(15)]
+    conn.ack_batch([(m.mid, m.qos) for m in got if m.payload != b"7"])
+    wait_until(lambda: metrics.get("mqtt.acks") == 14, "14 acknowledgements")
+    conn.stop()
+
+    second = Inbox()
+    conn = connections(mosquitto, second, **settings)
+    start_and_wait(conn)
+    again = second.get("the one redelivery")
+    assert (again.payload, again.dup) == (b"7", True)
+    conn.ack_batch([(again.mid, again.qos)])
+    gateway.publish(f"{prefix}/m/s", b"marker")
+    assert second.get().payload == b"marker"  # redeliveries come first: nothing else came back

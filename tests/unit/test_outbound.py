@@ -64,6 +64,9 @@ class FakeConnection:
     def ack(self, mid: int, qos: int) -> None:
         self.acks.append(mid)
 
+    def ack_batch(self, acks: list[tuple[int, int]]) -> None:
+        self.acks.extend(mid for mid, _ in acks)
+
     def wait_sent(self, n: int) -> list[tuple[str, bytes, bool]]:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.sent) >= n, WAIT_S), f"{len(self.sent)} of {n} sent"

@@ -86,6 +86,10 @@ class FakeBroker:
     def ack(self, mid, qos):
         self.journal.events.append(("ack", mid))
 
+    def ack_batch(self, acks):
+        for mid, qos in acks:
+            self.ack(mid, qos)
+
 
 class FakeModel:
     """Scores a window by its mean temperature; records each batch it is given."""

@@ -166,6 +166,9 @@ class _Broker:
     def ack(self, mid: int, qos: int) -> None:
         self.acked.append(mid)
 
+    def ack_batch(self, acks: list[tuple[int, int]]) -> None:
+        self.acked.extend(mid for mid, _ in acks)
+
 
 def _worker(spool: Spool, metrics: Metrics) -> IngestWorker:
     config = parse_config({"agent": {"id": "edge-01"}, "queues": {"put_timeout_s": 0.01}})
