@@ -22,13 +22,15 @@ from threadpoolctl import threadpool_limits
 
 from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir, load_cwru
 from pdm_tools.fleet_learning.data import ClientDataError
-from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, synthetic_fleet
+from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, simulator_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
 from pdm_tools.fleet_learning.process import AeTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
-DATASETS = ("cwru", "skab", "synthetic")
+DATASETS = ("cwru", "skab", "simulator", "synthetic")
 MODELS = ("federated", "central", "local")
+# Seconds of signal per class a simulated machine records (0.4x to 1.6x of it across the fleet).
+SIMULATED_SECONDS = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DATASETS,
         required=True,
         help="cwru: one client per motor load (or several per load); skab: the process autoencoder, one client "
-        "per testbed group (or several per group); synthetic: machines at different speeds",
+        "per testbed group (or several per group); simulator: simulated pumps of one type at different speeds "
+        "(their bearing features); synthetic: Gaussian classes shifted by speed",
     )
     evaluate.add_argument(
         "--data",
@@ -228,10 +231,10 @@ def main_evaluate(args: argparse.Namespace) -> int:
     if args.rounds < 1 or (args.clients is not None and args.clients < 2) or args.local_epochs < 1:
         print("fleet evaluate: --rounds and --local-epochs must be >= 1, --clients >= 2", file=sys.stderr)
         return 2
-    if args.least_data_clients and (args.dataset == "synthetic" or args.poisoned):
+    if args.least_data_clients and (args.dataset in ("synthetic", "simulator") or args.poisoned):
         print(
-            "fleet evaluate: --least-data-clients is for cwru and skab (the synthetic fleet's clients already hold "
-            "0.4x to 1.6x the nominal rows; --poisoned measures something else)",
+            "fleet evaluate: --least-data-clients is for cwru and skab (the synthetic and simulator fleets' clients "
+            "already hold 0.4x to 1.6x the nominal rows; --poisoned measures something else)",
             file=sys.stderr,
         )
         return 2
@@ -581,6 +584,8 @@ def _cwru_dir(args: argparse.Namespace) -> Path:
 def _fleet(args: argparse.Namespace) -> Fleet:
     if args.dataset == "synthetic":
         return synthetic_fleet(args.clients or 10, 300, args.seed)
+    if args.dataset == "simulator":
+        return simulator_fleet(args.clients or 10, SIMULATED_SECONDS, args.seed)
     from agent.features.bearing import BearingFeatureSpec
 
     recordings = load_cwru(_cwru_dir(args))

@@ -1,19 +1,21 @@
 """The fleets ``fleet evaluate`` builds from a dataset: which client holds which rows.
 
 CWRU: one client per motor load (non-IID: speed and signal differ by load), every recording split by time
-into training and held-out rows. Synthetic: machines at different speeds with Gaussian classes, for tests
-and the robust-aggregation measurement (no dataset needed).
+into training and held-out rows. Simulator: machines of one type at different shaft speeds from the
+machine simulator (``pdm_tools.simulator``), their bearing features computed as the agent does. Synthetic:
+machines at different speeds with Gaussian classes, for tests (no dataset, no signal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from agent.features.bearing import BearingFeatureSpec
-from pdm_tools.datasets.cwru import CLASS_NAMES, NORMAL_TRAIN_HOP, Recording, featurize, normal_parts, stack
+from agent.features.bearing import BearingFeatureSpec, bearing_features
+from pdm_tools.datasets.cwru import CLASS_NAMES, NORMAL_TRAIN_HOP, Recording, cut, featurize, normal_parts, stack
 from pdm_tools.fleet_learning.data import ClientData, ClientDataError
 from pdm_tools.training.defect_train import HOLDOUT_FRACTION, split_by_time
 
@@ -147,3 +149,47 @@ def synthetic_fleet(
         cut_at = round(n * (1 - HOLDOUT_FRACTION))
         out.append(ClientData(f"machine{c}", x[:cut_at], y[:cut_at], x[cut_at:], y[cut_at:], tuple(class_names)))
     return Fleet(tuple(out), np.empty((0, n_features), np.float32), np.empty(0, np.int64))
+
+
+# The simulator's bearing fault kind of each classifier class (``None``: healthy).
+SIMULATED_KINDS = {"normal": None, "inner_race": "bearing_inner", "outer_race": "bearing_outer", "ball": "bearing_ball"}
+
+
+def simulator_fleet(
+    clients: int, seconds: float, seed: int, severity: float = 0.05, spec: BearingFeatureSpec | None = None
+) -> Fleet:
+    """A fleet of simulated pumps of one type (``fleet_profile``: small unit-to-unit differences) running at
+    different shaft speeds (0.6x to 1.4x of 1,500 rpm, client by client) and holding different amounts of
+    data (0.4x to 1.6x of ``seconds`` per class: the first clients least). Each client records every class:
+    healthy, and each bearing defect at ``severity`` (default 0.05 of the simulator's full impact: early
+    defects, which one machine's few windows do not always tell apart; at 0.1 every model scores 1.000, at
+    0.02 none is useful); every recording is split by time (the last 15 %, at
+    least three windows, held out) and turned into the classifier's bearing features
+    (``agent.features.bearing``), at the machine's own speed."""
+    from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
+
+    spec = spec or BearingFeatureSpec()
+    out = []
+    for c in range(clients):
+        share = c / max(1, clients - 1)
+        base = fleet_profile(c, seed)
+        profile = dataclasses.replace(base, rpm=1500.0 * (0.6 + 0.8 * share))
+        # At least four windows' worth, so the training and held-out parts get some windows each.
+        n = max(int(seconds * (0.4 + 1.2 * share) * profile.rate_hz), 4 * spec.window_samples)
+        train: list[tuple[np.ndarray, int]] = []
+        held: list[tuple[np.ndarray, int]] = []
+        for label, name in enumerate(CLASS_NAMES):
+            kind = SIMULATED_KINDS[name]
+            faults = [] if kind is None else [Fault(profile.name, kind, 0.0, severity=severity, ramp_s=0.0)]
+            samples = SimulatedMachine(profile, faults, seed).vibration(0.0, n).astype(np.float64)
+            head, tail = split_by_time(
+                samples, max(HOLDOUT_FRACTION, (spec.window_samples + 2 * spec.hop_samples) / len(samples))
+            )
+            for part, rows in ((head, train), (tail, held)):
+                windows = cut(part, spec.window_samples, spec.hop_samples)
+                rate, rpm = np.full(len(windows), profile.rate_hz), np.full(len(windows), profile.rpm)
+                rows.append((bearing_features(spec, windows, rate, rpm).astype(np.float32), label))
+        x, y = stack(train, spec.n_features)
+        xh, yh = stack(held, spec.n_features)
+        out.append(ClientData(f"{profile.name}-{round(profile.rpm)}rpm", x, y, xh, yh, CLASS_NAMES))
+    return Fleet(tuple(out), np.empty((0, spec.n_features), np.float32), np.empty(0, np.int64))

@@ -25,7 +25,7 @@ from pdm_tools.fleet_learning.data import (
     load_client_data,
 )
 from pdm_tools.fleet_learning.distribute import install, rollback
-from pdm_tools.fleet_learning.fleets import synthetic_fleet
+from pdm_tools.fleet_learning.fleets import simulator_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, local_train, to_arrays
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
 from pdm_tools.fleet_learning.ship import write_version
@@ -129,6 +129,20 @@ def test_synthetic_fleet_is_non_iid_and_uneven() -> None:
     assert rows == sorted(rows) and rows[0] < rows[-1]
     centres = [c.x.mean(axis=0) for c in fleet.clients]
     assert np.linalg.norm(centres[0] - centres[-1]) > 1.0
+
+
+def test_simulator_fleet_runs_machines_at_different_speeds_with_every_class_held_out_later() -> None:
+    fleet = simulator_fleet(3, 2.0, seed=2)
+    assert [c.name for c in fleet.clients] == ["m01-900rpm", "m02-1500rpm", "m03-2100rpm"]
+    rows = [len(c.y) for c in fleet.clients]
+    assert rows == sorted(rows) and rows[0] < rows[-1]
+    spec = BearingFeatureSpec()
+    for c in fleet.clients:
+        assert c.x.shape[1] == spec.n_features and np.isfinite(c.x).all()
+        assert set(c.y.tolist()) == set(c.y_held.tolist()) == set(range(len(CLASS_NAMES)))
+    # Speed moves the shaft-order features: the same class looks different on the slowest and fastest machine.
+    healthy = [c.x[c.y == 0].mean(axis=0) for c in fleet.clients]
+    assert not np.allclose(healthy[0], healthy[-1], rtol=0.05)
 
 
 def test_empty_array_record_is_rejected() -> None:
