@@ -119,6 +119,24 @@ def test_an_inconsistent_state_is_refused_with_what_is_wrong(change, match: str)
         CommissioningBaseline.from_state(state, CONFIG)
 
 
+def test_commissioning_steps_are_saved_packed_and_the_list_form_of_older_files_still_reads() -> None:
+    """Steps go to the file as one base64 string of float64s (building and encoding a list of numbers for
+    hundreds of machines stalled the agent for seconds); a file written with lists continues the same."""
+    baseline = CommissioningBaseline(CONFIG)
+    x = _steps(30)
+    for i, row in enumerate(x):
+        baseline.update(row, T0 + i * NS)
+    state = json.loads(json.dumps(baseline.to_state()))
+    assert state["train"]["rows"] == 30 and isinstance(state["train"]["f8"], str)
+    old_form = {**state, "train": x.tolist()}
+    for saved in (state, old_form):
+        restored = CommissioningBaseline.from_state(saved, CONFIG)
+        assert restored.to_state() == baseline.to_state()  # the same steps, bit for bit
+    for broken, match in [({"rows": 7, "f8": state["train"]["f8"]}, "do not make 7 rows"), ("x", "list of rows")]:
+        with pytest.raises(ValueError, match=match):
+            CommissioningBaseline.from_state({**state, "train": broken}, CONFIG)
+
+
 # --- the file -------------------------------------------------------------------------------------------------
 
 
