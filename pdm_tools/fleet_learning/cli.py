@@ -27,7 +27,7 @@ from pdm_tools.fleet_learning.params import LocalTraining
 from pdm_tools.fleet_learning.process import AeTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
-DATASETS = ("cwru", "skab", "simulator", "synthetic")
+DATASETS = ("cwru", "skab", "simulator", "simulator-vibration", "synthetic")
 MODELS = ("federated", "central", "local")
 # Seconds of signal per class a simulated machine records (0.4x to 1.6x of it across the fleet).
 SIMULATED_SECONDS = 10.0
@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="cwru: one client per motor load (or several per load); skab: the process autoencoder, one client "
         "per testbed group (or several per group); simulator: simulated pumps of one type at different speeds "
-        "(their bearing features); synthetic: Gaussian classes shifted by speed",
+        "(their bearing features); simulator-vibration: the vibration autoencoder on such pumps' vibration "
+        "features (one machine per client, a fault late in each run); synthetic: Gaussian classes shifted by speed",
     )
     evaluate.add_argument(
         "--data",
@@ -231,14 +232,14 @@ def main_evaluate(args: argparse.Namespace) -> int:
     if args.rounds < 1 or (args.clients is not None and args.clients < 2) or args.local_epochs < 1:
         print("fleet evaluate: --rounds and --local-epochs must be >= 1, --clients >= 2", file=sys.stderr)
         return 2
-    if args.least_data_clients and (args.dataset in ("synthetic", "simulator") or args.poisoned):
+    if args.least_data_clients and (args.dataset not in ("cwru", "skab") or args.poisoned):
         print(
             "fleet evaluate: --least-data-clients is for cwru and skab (the synthetic and simulator fleets' clients "
             "already hold 0.4x to 1.6x the nominal rows; --poisoned measures something else)",
             file=sys.stderr,
         )
         return 2
-    if args.dataset == "skab":
+    if args.dataset in ("skab", "simulator-vibration"):
         return _evaluate_skab(args)
     if args.adapters:
         return _evaluate_adapters(args)
@@ -276,10 +277,15 @@ def main_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_skab(args: argparse.Namespace) -> int:
-    """``fleet evaluate --dataset skab``: the process autoencoder (``pdm_tools.fleet_learning.process_eval``)."""
+    """``fleet evaluate --dataset skab`` (the process autoencoder) and ``--dataset simulator-vibration`` (the
+    same federation on simulated pumps' vibration features; ``pdm_tools.fleet_learning.process_eval``)."""
     from pdm_tools.evaluation import skab
     from pdm_tools.fleet_learning.process_app import ProcessFederation
-    from pdm_tools.fleet_learning.process_eval import evaluate_process_fleet, uneven_skab_fleet
+    from pdm_tools.fleet_learning.process_eval import (
+        evaluate_process_fleet,
+        simulator_vibration_fleet,
+        uneven_skab_fleet,
+    )
 
     if args.poisoned or args.leave_out_load is not None or args.secagg:
         print(
@@ -288,8 +294,13 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
-        clients, least = uneven_skab_fleet(files, args.clients, args.least_data_clients, args.least_data_fraction)
+        if args.dataset == "simulator-vibration":
+            if args.clients is not None and args.clients > 64:
+                raise ValueError("--clients: at most 64 simulated machines")
+            clients, least = simulator_vibration_fleet(args.clients or 6, args.seed), list[str]()
+        else:
+            files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
+            clients, least = uneven_skab_fleet(files, args.clients, args.least_data_clients, args.least_data_fraction)
         federation = FederationConfig(
             class_names=(),
             rounds=args.rounds,
@@ -307,7 +318,7 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
         )
         make_strategy(federation)
         with threadpool_limits(limits=1, user_api="blas"):
-            result = {"dataset": "skab", **evaluate_process_fleet(clients, config, least)}
+            result = {"dataset": args.dataset, **evaluate_process_fleet(clients, config, least)}
         if "least_data_clients" in result:
             result["least_data_clients"]["fraction"] = args.least_data_fraction
     except (skab.DatasetError, ClientDataError, FederationError, ValueError) as exc:
@@ -367,7 +378,8 @@ def render_adapter_text(result: dict[str, Any]) -> str:
 
 def render_process_text(result: dict[str, Any]) -> str:
     """The figures of ``fleet evaluate --dataset skab`` as a few plain lines."""
-    lines = [f"skab: {result['clients']} clients, {result['rounds']} rounds, pooled over files: F1, FAR %, MAR %"]
+    dataset, runs = result.get("dataset", "skab"), f"{result['clients']} clients, {result['rounds']} rounds"
+    lines = [f"{dataset}: {runs}, pooled over machine runs: F1, FAR %, MAR %"]
     for name in MODELS:
         v = result[name]
         lines.append(f"  {name:9} {v['f1']:.3f} {v['far']:7.2f} {v['mar']:7.2f}")

@@ -28,7 +28,7 @@ from agent.commissioning.detector import DetectorConfig
 from pdm_tools.evaluation.skab import Confusion, SkabFile
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.evaluate import run_in_simulation
-from pdm_tools.fleet_learning.process import AeTraining, Series, confusion, train_autoencoder
+from pdm_tools.fleet_learning.process import TRAIN_ROWS, AeTraining, Series, confusion, train_autoencoder
 from pdm_tools.fleet_learning.process_app import (
     ProcessClient,
     ProcessFederation,
@@ -78,6 +78,42 @@ def uneven_skab_fleet(
                 mine = mine[: max(1, round(len(mine) * fraction))]
             out.append(ProcessClient(name, tuple(f.values for f in mine), tuple(f.labels for f in mine)))
     return out, small
+
+
+# The simulated vibration fleet: each machine's run is its commissioning (``TRAIN_ROWS`` windows, healthy),
+# then healthy test windows, then a fault that grows over ``_FAULT_RAMP_S`` to ``_FAULT_SEVERITY``.
+_VIBRATION_FAULTS = ("bearing_inner", "bearing_outer", "bearing_ball", "imbalance")
+_HEALTHY_TEST_S = 40.0
+_FAULT_S = 60.0
+_FAULT_SEVERITY = 0.25
+_FAULT_RAMP_S = 10.0
+
+
+def simulator_vibration_fleet(clients: int, seed: int) -> list[ProcessClient]:
+    """The vibration autoencoder's fleet: ``clients`` simulated pumps of one type at 0.6x to 1.4x of
+    1,500 rpm, one per client, each a run of the agent's vibration feature rows
+    (``pdm_tools.training.simdata.vibration_rows``: the serving path's windows and features) of
+    ``TRAIN_ROWS`` commissioning windows, ``_HEALTHY_TEST_S`` more healthy seconds, then a fault (bearing
+    inner, outer, ball or imbalance, machine by machine) growing to severity 0.25; a window is anomalous
+    when it ends after the fault started. The autoencoder federation of ``--dataset skab`` runs on it."""
+    import dataclasses
+
+    from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
+    from pdm_tools.training.simdata import VIBRATION_SPEC, vibration_rows
+
+    spec = VIBRATION_SPEC
+    out = []
+    for c in range(clients):
+        base = fleet_profile(c, seed)
+        profile = dataclasses.replace(base, rpm=1500.0 * (0.6 + 0.8 * c / max(1, clients - 1)))
+        hop_s, window_s = spec.hop_samples / profile.rate_hz, spec.window_samples / profile.rate_hz
+        start_s = (TRAIN_ROWS - 1) * hop_s + window_s + _HEALTHY_TEST_S
+        kind = _VIBRATION_FAULTS[c % len(_VIBRATION_FAULTS)]
+        fault = Fault(profile.name, kind, start_s, severity=_FAULT_SEVERITY, ramp_s=_FAULT_RAMP_S)
+        rows = vibration_rows(SimulatedMachine(profile, [fault], seed), start_s + _FAULT_S, spec)
+        ends = np.arange(len(rows)) * hop_s + window_s
+        out.append(ProcessClient(f"{profile.name}-{kind}", (rows.astype(np.float64),), (ends > start_s,)))
+    return out
 
 
 def least_data_names(per_group: dict[str, int], count: int) -> list[str]:

@@ -136,5 +136,6 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_least_data_option_is_refused_where_it_means_nothing(capsys: pytest.CaptureFixture[str]) -> None:
-    assert fleet_cli.main(_args("evaluate", "--dataset", "synthetic", "--least-data-clients", "1")) == 2
-    assert "--least-data-clients is for cwru and skab" in capsys.readouterr().err
+    for dataset in ("synthetic", "simulator", "simulator-vibration"):
+        assert fleet_cli.main(_args("evaluate", "--dataset", dataset, "--least-data-clients", "1")) == 2
+        assert "--least-data-clients is for cwru and skab" in capsys.readouterr().err

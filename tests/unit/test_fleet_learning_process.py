@@ -36,7 +36,12 @@ from pdm_tools.fleet_learning.process_app import (
     ProcessOutcome,
     load_process_client,
 )
-from pdm_tools.fleet_learning.process_eval import compare_process, simulate_process, skab_fleet
+from pdm_tools.fleet_learning.process_eval import (
+    compare_process,
+    simulate_process,
+    simulator_vibration_fleet,
+    skab_fleet,
+)
 from pdm_tools.fleet_learning.process_gate import RATIO_EDGES, gate_counts, gate_report
 from pdm_tools.fleet_learning.server_app import FederationConfig
 from pdm_tools.models.autoencoder import Autoencoder
@@ -109,6 +114,20 @@ def test_clients_are_testbed_groups_and_extra_clients_split_the_largest_group() 
     for bad in (1, 10):
         with pytest.raises(ClientDataError, match=f"--clients {bad}: SKAB gives each testbed group"):
             skab_fleet(files, bad)
+
+
+def test_simulated_vibration_fleet_commissions_healthy_and_faults_late() -> None:
+    clients = simulator_vibration_fleet(2, seed=3)
+    assert [c.name for c in clients] == ["m01-bearing_inner", "m02-bearing_outer"]
+    for client in clients:
+        (values,), (labels,) = client.values, client.labels
+        assert labels is not None and values.shape[0] == len(labels) > TRAIN_ROWS and np.isfinite(values).all()
+        # The commissioning windows and some test windows after them are healthy; the run ends in the fault.
+        assert not labels[: TRAIN_ROWS + 100].any() and labels[-1]
+        assert labels[np.argmax(labels) :].all()
+    # The machines run at different speeds: their healthy feature levels differ.
+    levels = [c.values[0][:TRAIN_ROWS].mean(axis=0) for c in clients]
+    assert not np.allclose(levels[0], levels[1], rtol=0.05)
 
 
 def test_client_folder_round_trip_with_and_without_labels(tmp_path: Path) -> None:
