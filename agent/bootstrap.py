@@ -138,9 +138,16 @@ FIELD_KEYS_FILE = "field_keys.json"
 """The field names each machine has used (``agent.decode.fieldkeys``), kept beside the spool."""
 
 
-def build_decoder(config: Config, field_keys_file: Path | None = None) -> Decoder:
-    """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``); the field names known per
-    machine are kept in ``field_keys_file`` (the agent's: beside the spool) or, without one, in memory only."""
+def build_field_keys(config: Config, path: Path | None = None, deferred: bool = False) -> FieldKeys:
+    """The field names known per machine, bounded; kept in ``path`` (the agent's: beside the spool, saved by
+    the ingest worker before each commit: ``deferred``) or, without one, in memory only."""
+    m = config.mqtt
+    return FieldKeys(m.max_field_keys_per_machine, m.max_field_keys, path, deferred=deferred)
+
+
+def build_decoder(config: Config, field_keys: FieldKeys | None = None) -> Decoder:
+    """The payload decoder of ``mqtt.decoder.type`` (``agent.decode.registry``) with ``field_keys`` (default:
+    in memory only)."""
     m = config.mqtt
     context = DecoderContext(
         topic_template=TopicTemplate(m.topic_template),
@@ -148,7 +155,7 @@ def build_decoder(config: Config, field_keys_file: Path | None = None) -> Decode
             max_payload_bytes=m.max_payload_bytes, max_future_s=m.max_future_s, max_fields=m.max_fields_per_message
         ),
         subscriptions=tuple(m.subscriptions),
-        field_keys=FieldKeys(m.max_field_keys_per_machine, m.max_field_keys, field_keys_file),
+        field_keys=field_keys or build_field_keys(config),
         outbound_base=Topics(config.agent.id, m.base_topic).base,
         options=m.decoder,
     )
@@ -344,9 +351,11 @@ def build_ingest(
     arrivals: ArrivalLog | None = None,
     dead_letters: DeadLetters | None = None,
     images: ImageStore | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> IngestWorker:
     """The ingest worker as the agent runs it; ``arrivals``: where redelivered messages without a device
-    timestamp find their first arrival time (the spool); ``images``: where camera images are kept."""
+    timestamp find their first arrival time (the spool); ``images``: where camera images are kept;
+    ``before_commit``: called before each spool commit (saving the field names the batch brought)."""
     topics = Topics(config.agent.id, config.mqtt.base_topic)
     decoder = decoder or build_inputs(config, build_decoder(config))
     if config.mqtt.shard.count > 1:
@@ -368,6 +377,7 @@ def build_ingest(
         dead_letters=dead_letters,
         images=images,
         pending_images=stages.inspection.pending if stages.inspection is not None else None,
+        before_commit=before_commit,
     )
 
 
@@ -505,7 +515,8 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     metrics = metrics or Metrics()
     stages = build_stages(config, metrics)
     topics = Topics(config.agent.id, config.mqtt.base_topic)
-    main_decoder = build_decoder(config, config.spool.path.parent / FIELD_KEYS_FILE)
+    field_keys = build_field_keys(config, config.spool.path.parent / FIELD_KEYS_FILE, deferred=True)
+    main_decoder = build_decoder(config, field_keys)
     decoder = build_inputs(config, main_decoder)  # with camera images: routed by topic
     images = build_image_store(config, metrics)
 
@@ -547,6 +558,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         decoder=decoder,
         arrivals=spool,
         dead_letters=outbound,
+        before_commit=field_keys.flush,
         images=images,
     )
     scoring = build_scoring(

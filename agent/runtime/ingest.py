@@ -8,7 +8,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from agent.commissioning.scorer import CommissioningScorer
@@ -80,8 +80,10 @@ class IngestWorker(Worker):
         dead_letters: DeadLetters | None = None,
         images: ImageStore | None = None,
         pending_images: PendingImages | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         super().__init__("ingest", metrics)
+        self._before_commit = before_commit
         self._images = images
         self._pending_images = pending_images
         self._messages = messages
@@ -214,6 +216,8 @@ class IngestWorker(Worker):
         while self._produced:
             entries.append(self._produced.popleft())
         if entries:
+            if self._before_commit is not None:
+                self._before_commit()
             ids = self._append_durably(entries)
             if ids is None:
                 return  # stopping without room in the spool: nothing of this batch is acknowledged

@@ -4,16 +4,18 @@
 import dataclasses
 import json
 import queue
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from agent.alerts.engine import AlertEngine
 from agent.alerts.rules import AlertRule, RuleBook
-from agent.bootstrap import Models, Stages, build_ingest, build_scoring, build_stages
+from agent.bootstrap import Models, Stages, build_decoder, build_ingest, build_scoring, build_stages
 from agent.commissioning.scorer import CommissioningScorer
 from agent.config import Config, parse_config
 from agent.decode.encode import encode_fields
+from agent.decode.fieldkeys import FieldKeys
 from agent.features.spec import FeatureSpec
 from agent.features.windows import Windower
 from agent.inference.router import ModelRouter
@@ -129,7 +131,12 @@ def _stages(config: Config, router: ModelRouter, metrics: Metrics) -> Stages:
 
 
 def _ingest(
-    journal: Journal, spool: FakeSpool, router: ModelRouter, windows: queue.Queue, metrics: Metrics
+    journal: Journal,
+    spool: FakeSpool,
+    router: ModelRouter,
+    windows: queue.Queue,
+    metrics: Metrics,
+    before_commit: Callable[[], None] | None = None,
 ) -> IngestWorker:
     config = _config()
     return build_ingest(
@@ -140,6 +147,7 @@ def _ingest(
         windows=windows,
         spool=spool,
         broker=FakeBroker(journal),
+        before_commit=before_commit,
     )
 
 
@@ -182,6 +190,41 @@ def test_messages_are_acknowledged_only_after_their_readings_are_in_the_spool(ro
     worker.process([_message(i, encode_fields({"temperature": 20.0 + i}, ts_ns=T0 + i * 10**9)) for i in range(1, 4)])
     assert journal.events == [("append", 3), ("ack", 1), ("ack", 2), ("ack", 3)]
     assert metrics.get("ingest.readings") == 3
+
+
+def test_new_field_names_are_saved_once_per_batch_before_its_commit(router, tmp_path):
+    """The agent's field-name file is saved before the commit of the batch that brought new names (so before
+    any acknowledgement), once per batch rather than once per new machine (two fsyncs each)."""
+    journal, metrics = Journal(), Metrics()
+    path = tmp_path / "field_keys.json"
+    keys = FieldKeys(max_per_machine=10, max_total=100, path=path, deferred=True)
+    saved_before_append = []
+
+    def flush() -> None:
+        keys.flush()
+        saved_before_append.append(path.exists() and json.loads(path.read_text())["machines"])
+        journal.events.append(("flush",))
+
+    config = _config()
+    worker = build_ingest(
+        config,
+        _stages(config, router, metrics),
+        metrics,
+        messages=queue.Queue(),
+        windows=queue.Queue(),
+        spool=FakeSpool(journal),
+        broker=FakeBroker(journal),
+        decoder=build_decoder(config, keys),
+        before_commit=flush,
+    )
+    batch = [
+        Message(f"factory/s1/l1/m{i}/process", encode_fields({"t": 1.0}, ts_ns=T0), qos=1, mid=i, received_ns=T0)
+        for i in range(1, 6)
+    ]
+    assert not path.exists()  # nothing saved while decoding
+    worker.process(batch)
+    assert journal.events == [("flush",), ("append", 5), *[("ack", i) for i in range(1, 6)]]
+    assert saved_before_append == [{f"m{i}": ["t"] for i in range(1, 6)}]
 
 
 def test_a_failing_spool_delays_the_acknowledgement_until_the_readings_are_durable(router):
