@@ -1,7 +1,10 @@
 """CWRU bearing defect classification: four classes (normal, inner_race, outer_race, ball) from 12 kHz
 drive-end vibration, with the agent's own bearing features (``agent.features.bearing``: time-domain
 statistics, band power shares, envelope-spectrum peaks at the bearing frequencies × shaft speed) and its
-MLP classifier, exported to ONNX and quantized to INT8 exactly as the shipped model is.
+MLP classifier, exported to ONNX and quantized to INT8 exactly as the shipped model is. ``--features
+envelope`` evaluates instead the scale-free envelope evidence of issue 21 (band power shares plus the
+``envelope_evidence`` group: pre-whitened and raw squared-envelope lines at BPFI, BPFO, BSF, FTF and their
+sidebands against their local background, best band per window), the same code the runtime would serve.
 
 Protocols (the leakage-free ones first):
 
@@ -25,8 +28,9 @@ Protocols (the leakage-free ones first):
   quantized     each four-class model also as static INT8 (QDQ, calibrated on its training rows),
                 with accuracy, macro-F1 and label agreement against its FP32 parent.
 
-Ablation (--ablation): cross-size again with groups of feature columns left out, to show which
-features carry the figure.
+Ablation (--ablation): cross-size again with each group of feature columns alone and left out
+(``ABLATION_GROUPS``: time statistics, band shares, envelope peaks; for the envelope set, each evidence
+family and variant), to show which features carry the figure.
 
 Figures (--plots DIR): the pooled confusion matrices of cross-bearing, cross-size and cross-load, and the
 INT8 against the FP32 class probabilities of every quantized model, as PNG.
