@@ -139,3 +139,29 @@ def test_killed_client_does_not_stall_the_federation_and_rejoins(
     registry = ModelRegistry(models, Metrics(), default_builders(1))
     registry.track("bearing-defect-classifier", "classifier")
     assert registry.active()["bearing-defect-classifier"][0] == "1.1.0"
+
+
+def test_secure_aggregation_runs_on_real_processes(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
+    """``fleet serve --secagg`` with three unchanged ``fleet client`` agents: every round completes with all
+    three (SecAgg+ needs each one's masked vector and enough key shares), with federated evaluation."""
+    fleet = synthetic_fleet(3, 200, seed=3, n_features=BearingFeatureSpec().n_features)
+    port = closed_port()
+    out, serve_log = tmp_path / "out", tmp_path / "serve.log"
+    serve = _pdm_agent(
+        "fleet", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"),
+        "--out", str(out), "--rounds", "2", "--min-clients", "3", "--round-timeout-s", "120", "--secagg",
+        "--json", log=serve_log,
+    )  # fmt: skip
+    processes.append(serve)
+    for i, client in enumerate(fleet.clients):
+        folder = client.save(tmp_path / f"agent-{i}")
+        processes.append(
+            _pdm_agent("fleet", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(folder),
+                       "--runtime-port", str(closed_port()), log=tmp_path / f"agent-{i}.log")
+        )  # fmt: skip
+
+    assert serve.wait(timeout=WAIT_S) == 0, serve_log.read_text(errors="replace")[-4000:]
+    summary = json.loads((out / "federation.json").read_text(encoding="utf-8"))
+    assert summary["complete"] is True and "secagg" in summary["federation"]
+    assert sorted(summary["evaluation"]) == ["1", "2"]
+    assert all(len(nodes) == 3 for nodes in summary["participants"].values()), summary["participants"]
