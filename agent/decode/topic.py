@@ -53,6 +53,10 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _FORBIDDEN_IN_LEVEL = ("+", "#", "\x00")
 
 
+MATCHED_TOPICS_MAX = 100_000
+"""Topics whose tags a template remembers (a plant's machines and sensors; cleared when full)."""
+
+
 class TopicTemplate:
     """A validated topic template; ``match`` turns a topic into a ``Source``.
 
@@ -71,6 +75,7 @@ class TopicTemplate:
         if not isinstance(template, str) or not template:
             raise ValueError(f"topic template must be a non-empty string, got {template!r}")
         self._template = template
+        self._matched: dict[str, Source] = {}  # topics seen (bounded): every message of a machine repeats one
         # One entry per level: (tag name, None) for a placeholder, (None, text) for a literal level.
         levels: list[tuple[str | None, str | None]] = []
         names: list[str] = []
@@ -113,6 +118,15 @@ class TopicTemplate:
 
     def match(self, topic: str) -> Source:
         """The tags of ``topic``; raises ``DecodeError`` (code ``topic``) if it does not fit the template."""
+        source = self._matched.get(topic)
+        if source is None:
+            source = self._match(topic)  # raises for a topic that does not fit: never remembered
+            if len(self._matched) >= MATCHED_TOPICS_MAX:
+                self._matched.clear()  # a flood of distinct topics costs the cache, not memory
+            self._matched[topic] = source
+        return source
+
+    def _match(self, topic: str) -> Source:
         parts = topic.split("/")
         if len(parts) != len(self._levels):
             raise DecodeError(
