@@ -113,10 +113,33 @@ class _Reader:
         return Source(tuple((self.str(), self.str()) for _ in range(count)))
 
 
+_HEADERS: dict[tuple[Source, tuple[str, ...], bool], bytes] = {}
+_HEADERS_MAX = 100_000  # a plant's sources x field sets; cleared when full (a flood costs the cache only)
+
+
+def _reading_header(readings: Sequence[Reading]) -> bytes:
+    """The JSON header of ``readings``; a single reading's (the usual message) is remembered per source, field
+    names and seq presence, which repeat in every message of a machine."""
+    if len(readings) == 1:
+        r = readings[0]
+        key = (r.source, tuple(r.fields), r.seq is not None)
+        header = _HEADERS.get(key)
+        if header is None:
+            if len(_HEADERS) >= _HEADERS_MAX:
+                _HEADERS.clear()
+            header = _HEADERS[key] = _header(readings)
+        return header
+    return _header(readings)
+
+
+def _header(readings: Sequence[Reading]) -> bytes:
+    shapes = [[[part for tag in r.source.tags for part in tag], list(r.fields), r.seq is not None] for r in readings]
+    return json.dumps(shapes, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def encode_readings(readings: Sequence[Reading]) -> Entry:
     """The readings of one message as one entry."""
-    shapes = [[[part for tag in r.source.tags for part in tag], list(r.fields), r.seq is not None] for r in readings]
-    header = json.dumps(shapes, ensure_ascii=False, separators=(",", ":")).encode()
+    header = _reading_header(readings)
     try:
         times = np.fromiter((r.time_ns for r in readings), dtype="<i8", count=len(readings))
         seqs = np.fromiter((r.seq or 0 for r in readings), dtype="<i8", count=len(readings))
