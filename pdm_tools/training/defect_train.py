@@ -109,7 +109,7 @@ def train_defect_classifier(
     ``evaluate``: first run the cross-load and random-split protocols (``pdm_tools.evaluation.cwru``) and put
     their figures into the manifest's metrics.
     """
-    spec = spec or BearingFeatureSpec()
+    spec = spec or cwru.FEATURE_SETS[cwru.DEFAULT_FEATURES]
     config = config or MlpConfig()
     quantization = quantization or q.QuantizeConfig()
     out_dir = Path(out_dir)
@@ -243,8 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--features",
         choices=sorted(cwru.FEATURE_SETS),
-        default="shipped",
-        help="feature set (as evaluate cwru --features; default: the shipped model's)",
+        default=cwru.DEFAULT_FEATURES,
+        help=f"feature set (as evaluate cwru --features; default {cwru.DEFAULT_FEATURES})",
     )
 
 
