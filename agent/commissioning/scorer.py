@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 MODEL_ID = "commissioning-baseline"
 
 
+URGENT_MIN_INTERVAL_S = 1.0
+"""Phase changes are saved at most this often (each save writes every machine's baseline)."""
+
+
 class CommissioningScorer:
     """Scores process readings of the sources it handles with a baseline learned per source."""
 
@@ -61,8 +65,8 @@ class CommissioningScorer:
         self._save_interval_s = save_interval_s
         self._clock = clock
         self._changed = False  # steps since the last snapshot
-        self._urgent = False  # a phase change (or a rebaseline) since the last snapshot: save it now
-        self._last_snapshot = clock()
+        self._urgent = False  # a phase change (or a rebaseline) since the last snapshot: save it soon
+        self._last_snapshot = clock() - URGENT_MIN_INTERVAL_S  # the first phase change is saved at once
         for phase in ("commissioning", "monitoring"):
             metrics.set("commissioning.baselines", 0, phase=phase)
 
@@ -109,11 +113,16 @@ class CommissioningScorer:
 
     def snapshot(self, force: bool = False) -> dict[str, Any] | None:
         """The document to save now, or ``None`` when nothing is due: a phase change (or a rebaseline) is due
-        at once, other progress every ``save_interval_s``; ``force`` (at stop) whenever anything changed."""
+        within ``URGENT_MIN_INTERVAL_S``, other progress every ``save_interval_s``; ``force`` (at stop, and
+        before an operator's command is acknowledged) whenever anything changed.
+
+        Phase changes come in crowds (a fleet of new machines at start, machines commissioned together end
+        together): saved one by one, every batch of readings rebuilt the whole document."""
         if self.store is None or not (self._changed or self._urgent):
             return None
         now = self._clock()
-        if not (force or self._urgent or now - self._last_snapshot >= self._save_interval_s):
+        since = now - self._last_snapshot
+        if not (force or (self._urgent and since >= URGENT_MIN_INTERVAL_S) or since >= self._save_interval_s):
             return None
         self._changed = self._urgent = False
         self._last_snapshot = now

@@ -124,7 +124,7 @@ class ScoringWorker(Worker):
             self._spool.append_entries(entries)
         self.alerts.publish_machine_states()
         self.alerts.save_state(wait=bool(commands))
-        self._save_baselines(wait=bool(commands))
+        self._save_baselines(wait=bool(commands), force=bool(commands))  # a rebaseline: on disk before its ack
         for msg in commands:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)

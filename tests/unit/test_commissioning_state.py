@@ -22,7 +22,7 @@ from agent.alerts.engine import AlertEngine
 from agent.alerts.rules import AlertRule, RuleBook
 from agent.bootstrap import build_scoring
 from agent.commissioning import CommissioningBaseline, CommissioningConfig, DetectorConfig
-from agent.commissioning.scorer import CommissioningScorer
+from agent.commissioning.scorer import URGENT_MIN_INTERVAL_S, CommissioningScorer
 from agent.commissioning.store import FORMAT_VERSION, BaselineStore
 from agent.config import parse_config
 from agent.inference.router import ModelRouter
@@ -158,7 +158,7 @@ def test_a_restart_continues_collecting_where_commissioning_was(tmp_path: Path) 
     assert second.phase(SOURCE) == "monitoring"
 
 
-def test_a_new_machine_and_the_end_of_its_commissioning_are_saved_at_once_progress_every_interval(
+def test_a_new_machine_and_the_end_of_its_commissioning_are_saved_within_a_second_progress_every_interval(
     tmp_path: Path,
 ) -> None:
     now = [0.0]
@@ -171,11 +171,13 @@ def test_a_new_machine_and_the_end_of_its_commissioning_are_saved_at_once_progre
         scorer.score(r)
     assert scorer.snapshot() is None  # progress only: at the next interval
     assert scorer.score(readings[59]) is None  # the step that completes commissioning is not scored
+    assert scorer.snapshot() is None  # a phase change within a second of the last save: the next second
+    now[0] = URGENT_MIN_INTERVAL_S
     document = scorer.snapshot()
     assert document is not None and [b["phase"] for b in document["baselines"]] == ["monitoring"]
     scorer.score(readings[60])
     assert scorer.snapshot() is None
-    now[0] = 60.0
+    now[0] = 61.0
     scorer.score(readings[61])
     assert scorer.snapshot() is not None
 
