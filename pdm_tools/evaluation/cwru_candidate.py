@@ -1,10 +1,11 @@
 """A candidate feature set for the defect classifier, measured on the leakage-free CWRU protocols only.
 
-Not served and not in any manifest: it lives here until it beats the shipped features clearly enough to
-justify a new feature code version, a retrained model and its quantization gate. It answers one question
-of issue 21: which features carry what transfers between damaged bearings?
+Not served and not in any manifest: the prototype of the ``envelope_evidence`` group of
+``agent.features.bearing`` (which the shipped model now uses), kept so that its figures in
+docs/results_cwru.md can be reproduced. "v1" below is the version-1 feature set (``BearingFeatureSpec()``).
+It answers one question of issue 21: which features carry what transfers between damaged bearings?
 
-Candidate, per window (26 columns): the shipped spec's band power shares (10) and kurtosis, plus envelope
+Candidate, per window (26 columns): the v1 spec's band power shares (10) and kurtosis, plus envelope
 evidence of the bearing's characteristic frequencies computed so that neither the damage size nor the load
 sets its scale:
 
@@ -20,7 +21,7 @@ sets its scale:
   envelope favours, whatever the overall level).
 
 Run: ``python -m pdm_tools.evaluation.cwru_candidate [--data DIR] [--seeds 0 1 2 42] [--json]``: cross-size
-(mean and worst fold) for each seed, cross-bearing and cross-load FP32 / INT8 (last seed), for the shipped
+(mean and worst fold) for each seed, cross-bearing and cross-load FP32 / INT8 (last seed), for the v1
 features and the candidate.
 """
 
@@ -113,21 +114,21 @@ def envelope_evidence_rows(x: np.ndarray, rate_hz: float, rpm: float, spec: Bear
 
 def candidate_rows(spec: BearingFeatureSpec, rec: Recording, samples: np.ndarray, hop: int) -> np.ndarray:
     """Candidate features of the windows of ``samples`` (a piece of ``rec``): float32 ``(k, 26)``."""
-    shipped = featurize(spec, rec, samples, hop)
+    v1 = featurize(spec, rec, samples, hop)
     names = spec.feature_names()
     keep = [i for i, name in enumerate(names) if name.startswith("band_rel_")] + [names.index("kurtosis")]
     windows = cut(samples, spec.window_samples, hop)
     evidence = envelope_evidence_rows(windows, rec.rate_hz, rec.rpm, spec)
-    return np.concatenate([shipped[:, keep], evidence.astype(np.float32)], axis=1)
+    return np.concatenate([v1[:, keep], evidence.astype(np.float32)], axis=1)
 
 
 def compare(data_dir: Path, seeds: Sequence[int]) -> dict[str, Any]:
-    """Cross-size per seed; cross-bearing and cross-load FP32 / INT8 (last seed); shipped vs candidate."""
+    """Cross-size per seed; cross-bearing and cross-load FP32 / INT8 (last seed); v1 vs candidate."""
     spec = BearingFeatureSpec()
     config = MlpConfig()
     loads, faults, normal_by_load = cwru._arrange(load_cwru(data_dir))
     out: dict[str, Any] = {"candidate_features": list(candidate_names(spec))}
-    for label, rows in (("shipped", featurize), ("candidate", candidate_rows)):
+    for label, rows in (("v1", featurize), ("candidate", candidate_rows)):
         folds = cwru.Featurized(
             spec,
             faults,
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    for label in ("shipped", "candidate"):
+    for label in ("v1", "candidate"):
         r = result[label]
         per_seed = ", ".join(
             f"seed {s}: {v['mean_macro_f1']:.3f} (worst {v['min_macro_f1']:.3f})"
