@@ -55,6 +55,7 @@ from agent.config import Config, load_config
 from agent.metrics import Metrics
 from agent.records import NS_PER_S, Alert, Reading, SampleBlock, Score, Source, Window
 from agent.runtime.scoring import ScoringWorker
+from agent.spool.codec import Entry
 from pdm_tools.simulator.gateway import sample_time_ns
 from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 
@@ -177,6 +178,9 @@ class NullSpool:
 
     def append_lines(self, lines: Sequence[str]) -> int:
         return len(lines)
+
+    def append_entries(self, entries: Sequence[Entry]) -> int:
+        return len(entries)
 
 
 class SimClock:
