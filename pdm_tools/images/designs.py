@@ -46,7 +46,8 @@ DESIGNS = (
     Design("2x2 space-to-depth, 4 blocks", 2, (16, 32, 64, 128)),
     Design("4x4 space-to-depth, 3 narrow blocks", 4, (32, 64, 128)),
     Design("4x4 space-to-depth, 3 blocks 48-96-192", 4, (48, 96, 192)),
-    Design("4x4 space-to-depth, 3 blocks 64-128-128 (shipped)", 4, (64, 128, 128)),
+    Design("4x4 space-to-depth, 3 blocks 64-128-128", 4, (64, 128, 128)),
+    Design("4x4 space-to-depth, 4 blocks 64-128-128-128", 4, (64, 128, 128, 128)),
 )
 
 

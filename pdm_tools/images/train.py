@@ -22,7 +22,7 @@ from agent.images.preprocess import ImageSpec, prepare
 from pdm_tools.datasets.neu import NeuImages, stratified_split
 from pdm_tools.images.cnn import Adam, Cnn
 
-# Side of the uint8 copies the augmentation crops from: enough pixels for a 64 px input after a crop.
+# Least side of the uint8 copies the augmentation crops from (the input size if larger).
 _CACHE_SIDE = 128
 _MIN_CROP = 0.78
 
@@ -32,10 +32,8 @@ class TrainConfig:
     """Hyper-parameters; recorded in the manifest's ``training`` record."""
 
     size: int = 128
-    # A 4x4 space-to-depth stem, then three blocks: every convolution has >= 16 input channels, which is
-    # what makes the INT8 graph faster than FP32 on an AVX2 CPU (pdm_tools/images/cnn.py, docs/results_neu.md).
-    space_to_depth: int = 4
-    channels: tuple[int, ...] = (64, 128, 128)
+    space_to_depth: int = 1  # no stem: see STEM_CONFIG
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     epochs: int = 35
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -46,6 +44,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The design whose INT8 graph pays on an AVX2 CPU without VNNI: a 4x4 space-to-depth stem, then three wide
+# blocks, so that every convolution has >= 16 input channels (pdm_tools/images/cnn.py). Built with seed 42 it
+# met the INT8 bar (0.54x the FP32 latency, no accuracy lost) but scored 98.7 % on the test split against the
+# shipped default's 99.6 %, so the default stays (docs/results_neu.md, "Which design lets INT8 pay").
+STEM_CONFIG = TrainConfig(size=160, space_to_depth=4, channels=(64, 128, 128))
 
 
 @dataclass
@@ -96,7 +101,7 @@ def train_surface_cnn(
     train, validation, test = images.subset(tr), images.subset(va), images.subset(te)
     spec = ImageSpec(config.size)
     rng = np.random.default_rng(config.seed)
-    cache = [_small(g) for g in train.grays]
+    cache = [_small(g, max(_CACHE_SIDE, config.size)) for g in train.grays]
     x_val = prepared(validation.grays, config.size)
     net = Cnn.init(config.channels, n_classes, config.seed, config.space_to_depth)
     adam = Adam(lr=config.learning_rate)
@@ -141,10 +146,10 @@ def _copy(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in arrays.items()}
 
 
-def _small(gray: np.ndarray) -> np.ndarray:
-    if gray.shape[0] <= _CACHE_SIDE and gray.shape[1] <= _CACHE_SIDE:
+def _small(gray: np.ndarray, side: int) -> np.ndarray:
+    if gray.shape[0] <= side and gray.shape[1] <= side:
         return gray
-    return np.asarray(Image.fromarray(gray).resize((_CACHE_SIDE, _CACHE_SIDE), Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BOX))
 
 
 def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -20,7 +20,7 @@ from pdm_tools.images import synth
 from pdm_tools.images.cnn import Cnn
 from pdm_tools.images.export import FP32_FILE, INT8_FILE
 from pdm_tools.images.measure import bare_throughput
-from pdm_tools.images.train import TrainConfig, train_surface_cnn
+from pdm_tools.images.train import STEM_CONFIG, TrainConfig, train_surface_cnn
 from pdm_tools.training.surface_defect import build_surface_defect
 
 TINY = TrainConfig(size=32, channels=(4, 8), epochs=2, batch_size=16, seed=7)
@@ -82,10 +82,10 @@ def test_the_stem_keeps_the_pixels_of_a_block_together_in_onnx_order() -> None:
         Cnn.init((4,), 3, seed=0, space_to_depth=0)
 
 
-def test_the_shipped_architecture_gives_every_convolution_16_or_more_input_channels() -> None:
+def test_the_stem_design_gives_every_convolution_16_or_more_input_channels() -> None:
     """Why: on an AVX2 CPU without VNNI, a one-channel convolution at full resolution made the INT8 graph
     1.5x slower than FP32 (docs/results_neu.md); the stem is what lets INT8 pay. No timing here: the shape."""
-    config = TrainConfig()
+    config = STEM_CONFIG
     graph = Cnn.init(config.channels, 6, 0, config.space_to_depth).to_onnx(config.size, CLASS_NAMES)
     weights = {t.name: tuple(t.dims) for t in graph.graph.initializer}
     convs = [n for n in graph.graph.node if n.op_type == "Conv"]
@@ -137,7 +137,7 @@ def test_the_kept_epoch_is_exported_with_its_own_batch_norm_statistics(tmp_path:
     """The network handed to the export must be the one validated at the kept epoch: its weights and the
     batch norms' running statistics of that epoch (later epochs' statistics once cost 9 points)."""
     images = load_images(_neu_folder(tmp_path, 6))
-    config = TrainConfig(size=32, channels=(4, 8), epochs=4, batch_size=8, learning_rate=0.05, seed=5)
+    config = TrainConfig(size=32, space_to_depth=4, channels=(4, 8), epochs=4, batch_size=8, learning_rate=0.05, seed=5)
     trained = train_surface_cnn(images, len(CLASS_NAMES), config)
     assert trained.best_epoch < config.epochs  # otherwise later statistics could not differ: not a test
     kept = trained.history[trained.best_epoch - 1]
