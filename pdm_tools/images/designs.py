@@ -41,12 +41,12 @@ class Design:
 
 
 DESIGNS = (
-    Design("previous: 5 blocks at full resolution", 1, (8, 16, 32, 64, 128)),
+    Design("shipped: 5 blocks at full resolution", 1, (8, 16, 32, 64, 128)),
     Design("wider first block", 1, (16, 16, 32, 64, 128)),
     Design("2x2 space-to-depth, 4 blocks", 2, (16, 32, 64, 128)),
     Design("4x4 space-to-depth, 3 narrow blocks", 4, (32, 64, 128)),
     Design("4x4 space-to-depth, 3 blocks 48-96-192", 4, (48, 96, 192)),
-    Design("4x4 space-to-depth, 3 blocks 64-128-128", 4, (64, 128, 128)),
+    Design("4x4 space-to-depth, 3 blocks 64-128-128 (STEM_CONFIG at 128)", 4, (64, 128, 128)),
     Design("4x4 space-to-depth, 4 blocks 64-128-128-128", 4, (64, 128, 128, 128)),
 )
 
