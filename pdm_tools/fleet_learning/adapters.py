@@ -9,14 +9,19 @@ factors; the strategy averages ``A`` and ``B`` separately (FedAvg, weighted by r
 products ``A_i B_i`` is not the product of the averages, so the fleet adapter is not exactly what any client
 computed; the federated evaluation measures what the averaged adapter does.
 
-Messages: ``train`` gets the factors (``<layer>.A``, ``<layer>.B``) and the round's settings, replies the
+Messages: ``query`` (once, in deployment) replies the provenance: training rows, the sha256 of the rows file,
+held-out rows; ``train`` gets the factors (``<layer>.A``, ``<layer>.B``) and the round's settings, replies the
 trained factors, ``num-examples`` and the loss; ``evaluate`` replies the confusion counts of base plus the
 fleet adapter on the client's held-out rows. A client's rows are a ``rows.npz`` folder (``data.ClientData``);
-the base graph is read from the path in the node config ``base-model`` (the simulation's temporary copy).
+the base graph is read from the path in the node config ``base-model``: the agent's installed model version
+directory (its manifest's sha256 verified) or, in the simulation, a temporary ONNX copy. When the coordinator
+names its base's sha256 (``base-sha256``), a client on another base refuses the round: its factors would
+adapt a different model.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,11 +34,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from agent.adaptation.adapter import AdapterError, BaseIdentity, sha256_path
 from agent.adaptation.lora import BaseMlp, LoraWeights, _class_weights, loss_and_gradients
-from pdm_tools.fleet_learning.client_app import _data, _number
-from pdm_tools.fleet_learning.server_app import CountingGrid, FederationError, Outcome, sum_confusions
+from pdm_tools.fleet_learning.client_app import _data, _folder, _number
+from pdm_tools.fleet_learning.data import data_sha256
+from pdm_tools.fleet_learning.server_app import CountingGrid, FederationError, Outcome, query_clients, sum_confusions
 
-_bases: dict[Path, BaseMlp] = {}
+_bases: dict[Path, tuple[BaseMlp, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class AdapterFederation:
     min_clients: int = 2
     seed: int = 42
     round_timeout_s: float = 600.0
+    wait_for_clients_s: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,10 +168,20 @@ def build_adapter_client_app(data_root: Path | None = None, base_model: Path | N
     ``base_model``: the base graph (else the node config's ``base-model``)."""
     app = ClientApp()
 
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        data = _data(context, data_root)
+        _base(context, base_model, message)  # a node without the coordinator's base refuses here, before round 1
+        stats = MetricRecord({"num-examples": len(data.x)})
+        provenance = ConfigRecord(
+            {"data-sha256": data_sha256(_folder(context, data_root)), "held-out": len(data.y_held)}
+        )
+        return Message(RecordDict({"stats": stats, "provenance": provenance}), reply_to=message)
+
     @app.train()
     def train(message: Message, context: Context) -> Message:
         data = _data(context, data_root)
-        base = _base(context, base_model)
+        base = _base(context, base_model, message)
         config = message.content.config_records["config"]
         start = _adapter(message, base)
         rnd, seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
@@ -184,7 +202,7 @@ def build_adapter_client_app(data_root: Path | None = None, base_model: Path | N
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         data = _data(context, data_root)
-        base = _base(context, base_model)
+        base = _base(context, base_model, message)
         lora = _adapter(message, base)
         k = len(data.class_names)
         confusion = np.zeros((k, k), dtype=np.int64)
@@ -202,56 +220,100 @@ def _adapter(message: Message, base: BaseMlp) -> LoraWeights:
     return adapter_from_arrays(message.content.array_records["arrays"], base, rank, alpha)
 
 
-def _base(context: Context, base_model: Path | None) -> BaseMlp:
-    """The frozen base graph, read once per process."""
+def _base(context: Context, base_model: Path | None, message: Message | None = None) -> BaseMlp:
+    """The frozen base graph, read once per process: an ONNX file, or a model version directory (the file its
+    manifest names, whose sha256 must be the manifest's). With ``message``, refuses a round whose
+    ``base-sha256`` is not this base's."""
     path = base_model or Path(str(context.node_config.get("base-model", "")))
-    if not path.is_file():
-        raise FederationError(f"no base model at {path!s}: start the supernode with --node-config \"base-model='…'\"")
     if path not in _bases:
-        _bases[path] = BaseMlp.from_onnx(path)
-    return _bases[path]
+        if path.is_dir():
+            try:
+                identity = BaseIdentity.from_model_dir(path)
+            except AdapterError as exc:
+                raise FederationError(str(exc)) from exc
+            file = path / json.loads((path / "manifest.json").read_text(encoding="utf-8"))["file"]
+            _bases[path] = (BaseMlp.from_onnx(file), identity.sha256)
+        elif path.is_file():
+            _bases[path] = (BaseMlp.from_onnx(path), sha256_path(path))
+        else:
+            raise FederationError(f"no base model at {path!s}: start the client with --base-model MODEL_DIR")
+    base, sha256 = _bases[path]
+    config = None if message is None else message.content.config_records.get("config")
+    wanted = "" if config is None else str(config.get("base-sha256", ""))
+    if wanted and wanted != sha256:
+        raise FederationError(
+            f"the coordinator's base has sha256 {wanted[:12]}…, this agent's ({path}) {sha256[:12]}…: an adapter "
+            "only fits the exact base it is trained on; install the fleet's base version first"
+        )
+    return base
 
 
 def build_adapter_server_app(config: AdapterFederation, base: BaseMlp, outcome: AdapterOutcome) -> ServerApp:
-    """The ServerApp: FedAvg over the factors from ``LoraWeights.initial`` (``B = 0``: the fleet starts at the
-    base), with federated evaluation each round; fills ``outcome``."""
+    """The simulation's ServerApp (:func:`federate_adapters`); fills ``outcome``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        counted = CountingGrid(grid, outcome.counters)
-        initial = LoraWeights.initial(base, config.layers, config.rank, config.alpha, config.seed)
-        outcome.initial = initial
-        shape: dict[str, ConfigRecordValues] = {"rank": config.rank, "alpha": config.alpha, "seed": config.seed}
-        strategy = FedAvg(
-            min_train_nodes=config.min_clients,
-            min_evaluate_nodes=config.min_clients,
-            min_available_nodes=config.min_clients,
-            evaluate_metrics_aggr_fn=sum_confusions,
-        )
-        result = strategy.start(
-            grid=counted,
-            initial_arrays=adapter_to_arrays(initial),
-            num_rounds=config.rounds,
-            timeout=config.round_timeout_s,
-            train_config=ConfigRecord(
-                {
-                    **shape,
-                    "local-epochs": config.local_epochs,
-                    "learning-rate": config.learning_rate,
-                    "batch-size": config.batch_size,
-                    "weight-decay": config.weight_decay,
-                }
-            ),
-            evaluate_config=ConfigRecord(shape),
-        )
-        outcome.adapter = adapter_from_arrays(result.arrays, base, config.rank, config.alpha)
-        for rnd, metrics in result.evaluate_metrics_clientapp.items():
-            outcome.counters.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
+        federate_adapters(grid, config, base, outcome)
 
     return app
+
+
+def federate_adapters(
+    grid: Grid, config: AdapterFederation, base: BaseMlp, outcome: AdapterOutcome, base_sha256: str = ""
+) -> None:
+    """FedAvg over the factors from ``LoraWeights.initial`` (``B = 0``: the fleet starts at the base), with
+    federated evaluation each round; fills ``outcome``. ``base_sha256`` (deployment): first a ``query`` to
+    the connected clients for the provenance (rows, data hash), and every round names the base, so a client
+    on another base refuses it."""
+    counted = CountingGrid(grid, outcome.counters)
+    if base_sha256:
+        # A client on another base refuses here and is left out of the provenance (and of every round).
+        query_clients(
+            counted,
+            config.min_clients,
+            config.wait_for_clients_s,
+            config.round_timeout_s,
+            outcome.counters,
+            ConfigRecord({"base-sha256": base_sha256}),
+        )
+    initial = LoraWeights.initial(base, config.layers, config.rank, config.alpha, config.seed)
+    outcome.initial = initial
+    shape: dict[str, ConfigRecordValues] = {"rank": config.rank, "alpha": config.alpha, "seed": config.seed}
+    if base_sha256:
+        shape["base-sha256"] = base_sha256
+    strategy = FedAvg(
+        min_train_nodes=config.min_clients,
+        min_evaluate_nodes=config.min_clients,
+        min_available_nodes=config.min_clients,
+        evaluate_metrics_aggr_fn=sum_confusions,
+    )
+    result = strategy.start(
+        grid=counted,
+        initial_arrays=adapter_to_arrays(initial),
+        num_rounds=config.rounds,
+        timeout=config.round_timeout_s,
+        train_config=ConfigRecord(
+            {
+                **shape,
+                "local-epochs": config.local_epochs,
+                "learning-rate": config.learning_rate,
+                "batch-size": config.batch_size,
+                "weight-decay": config.weight_decay,
+            }
+        ),
+        evaluate_config=ConfigRecord(shape),
+    )
+    outcome.adapter = adapter_from_arrays(result.arrays, base, config.rank, config.alpha)
+    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+        outcome.counters.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
 
 
 def layer_parameters(base: BaseMlp, layers: Sequence[str] | None = None) -> int:
     """Weights and biases of ``base`` (of ``layers`` only, if given): what a full-model round would carry."""
     return sum(layer.weight.size + layer.bias.size for layer in base.layers if layers is None or layer.name in layers)
+
+
+# What ``flwr run`` loads in deployment (``fleet serve --model adapters``): the node's ``data-dir`` names the
+# rows, its ``base-model`` the agent's installed classifier version.
+app = build_adapter_client_app()

@@ -140,11 +140,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--model",
-        choices=("classifier", "process"),
+        choices=("classifier", "process", "adapters"),
         default="classifier",
-        help="what the fleet trains: the defect classifier (default) or the process autoencoder (each agent's "
-        "machine standardized by its own commissioning baseline; see docs/fleet.md)",
+        help="what the fleet trains: the defect classifier (default), the process autoencoder (each agent's "
+        "machine standardized by its own commissioning baseline) or one LoRA adapter on the frozen classifier "
+        "--base-model for the machines of one type (see docs/fleet.md)",
     )
+    serve.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="adapters: the classifier version directory the agents run (the frozen base; sha256 checked)",
+    )
+    serve.add_argument("--machine-type", default="", help="adapters: the machines' type; names the adapter's folder")
+    serve.add_argument(
+        "--adapter-layers",
+        default="",
+        help="adapters: dense layers to adapt, comma-separated (default: the base's first and last)",
+    )
+    serve.add_argument("--rank", type=int, default=2, help="adapters: LoRA rank (default 2)")
+    serve.add_argument("--alpha", type=float, default=4.0, help="adapters: LoRA alpha (default 4)")
     serve.add_argument("--channels", type=int, default=0, help="process: the readings' channel count")
     serve.add_argument(
         "--quantize",
@@ -175,6 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fields", default="", help="with --agent-config: the channels, comma-separated, in the fleet's order"
     )
     client.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="adapter federations: the classifier version directory this agent runs (the frozen base)",
+    )
+    client.add_argument(
         "--runtime-port", type=int, default=9094, help="local port between the SuperNode and its ClientApp"
     )
     client.set_defaults(fleet_main=main_client)
@@ -188,6 +209,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     install.add_argument("version_dir", type=Path, help="a version directory written by fleet serve --version")
     install.add_argument("--models-dir", type=Path, required=True, help="the agent's inference.models_dir")
     install.set_defaults(fleet_main=main_install)
+
+    install_adapter = sub.add_parser(
+        "install-adapter",
+        help="give machines of one type the fleet adapter (verified against the agent's base first)",
+        description="Verify ADAPTER_DIR (written by fleet serve --model adapters) against the base version "
+        "BASE_DIR (model id, version, sha256; the adapter file's sha256; layer shapes), then put one copy per "
+        "--machines into ADAPTERS_DIR/<model id>/<machine>/, staged and renamed; the agent's adapter store loads it.",
+    )
+    install_adapter.add_argument("adapter_dir", type=Path, help="the adapter folder fleet serve wrote")
+    install_adapter.add_argument("--base-model", type=Path, required=True, help="the base version directory")
+    install_adapter.add_argument("--adapters-dir", type=Path, required=True, help="the agent's adaptation.dir")
+    install_adapter.add_argument("--machines", required=True, help="the machines of the type, comma-separated")
+    install_adapter.set_defaults(fleet_main=main_install_adapter)
 
     rollback = sub.add_parser(
         "rollback",
@@ -457,6 +491,7 @@ def main_serve(args: argparse.Namespace) -> int:
             raise ValueError("--model process needs --channels (the readings' channel count)")
         if args.model == "process" and args.version:
             raise ValueError("--version ships the defect classifier; the process model has no registry version yet")
+        adapter_run = _adapter_run_config(args) if args.model == "adapters" else {}
     except ValueError as exc:
         print(f"fleet serve: {exc}", file=sys.stderr)
         return 2
@@ -484,6 +519,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "dp-clip": args.dp_clip,
             **({"secagg": True} if args.secagg else {}),
             **({"channels": args.channels, "quantize": args.quantize} if args.model == "process" else {}),
+            **adapter_run,
         }
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log, args.model)
         print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)
@@ -523,6 +559,17 @@ def main_client(args: argparse.Namespace) -> int:
             node_config = {"agent-config": str(args.agent_config.resolve()), "machine": args.machine}
             node_config |= {"since": args.since, **({"fields": args.fields} if fields else {})}
             what = f"machine {args.machine}, {len(process.values[0])} readings of the last {args.since} (local store)"
+        elif args.base_model is not None:
+            from agent.adaptation.adapter import AdapterError
+            from pdm_tools.fleet_learning.adapter_ship import read_base
+
+            data = load_client_data(args.data)
+            try:
+                identity, _ = read_base(args.base_model)
+            except AdapterError as exc:
+                raise ClientDataError(f"--base-model: {exc}") from exc
+            node_config = {"base-model": str(args.base_model.resolve())}
+            what = f"{data.name}, {len(data.y)} training rows, {len(data.y_held)} held out; base {identity.describe()}"
         elif (args.data / PROCESS_FILE).is_file():
             process = load_process_client(args.data)
             what = f"{process.name}, {len(process.values)} machine runs (process model)"
@@ -553,6 +600,43 @@ def main_install(args: argparse.Namespace) -> int:
         return 1
     print(f"installed {target}")
     return 0
+
+
+def main_install_adapter(args: argparse.Namespace) -> int:
+    from agent.adaptation.adapter import AdapterError
+    from agent.inference.errors import ModelError
+    from pdm_tools.fleet_learning.distribute import install_adapter
+
+    machines = [m for m in args.machines.split(",") if m]
+    try:
+        targets = install_adapter(args.adapter_dir, args.base_model, args.adapters_dir, machines)
+    except (AdapterError, ModelError, ValueError, OSError) as exc:
+        print(f"fleet install-adapter: refused: {exc}", file=sys.stderr)
+        return 1
+    for target in targets:
+        print(f"installed {target}")
+    return 0
+
+
+def _adapter_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``fleet serve --model adapters``: the run settings, after checking the base and the options
+    (``ValueError`` names what is wrong)."""
+    from agent.adaptation.adapter import AdapterError
+    from pdm_tools.fleet_learning.adapter_ship import config_from_run, read_base
+
+    if args.strategy != "fedavg" or args.secagg or args.dp_noise or args.dp_clip or args.version:
+        raise ValueError("--model adapters averages the factors with fedavg, without SecAgg+, DP or --version")
+    if args.base_model is None or not args.machine_type or "/" in args.machine_type:
+        raise ValueError("--model adapters needs --base-model (the classifier version) and --machine-type NAME")
+    if args.rank < 1:
+        raise ValueError("--rank must be >= 1")
+    try:
+        _, base = read_base(args.base_model)
+        run = {"adapter-layers": args.adapter_layers, "rank": args.rank, "alpha": args.alpha}
+        config_from_run(run, base)
+    except (AdapterError, KeyError, OSError) as exc:
+        raise ValueError(f"--base-model {args.base_model}: {exc}") from exc
+    return {**run, "base-model": str(args.base_model.resolve()), "machine-type": args.machine_type}
 
 
 def main_rollback(args: argparse.Namespace) -> int:

@@ -150,6 +150,11 @@ APPS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "pdm_tools.fleet_learning.process_app:app",
         {"channels": 0, "quantize": False},
     ),
+    "adapters": (
+        "pdm_tools.fleet_learning.adapter_ship:SERVER_APP",
+        "pdm_tools.fleet_learning.adapters:app",
+        {"base-model": "", "machine-type": "", "adapter-layers": "", "rank": 2, "alpha": 4.0},
+    ),
 }
 
 
@@ -267,9 +272,10 @@ def submit_run(state: Path, address: str, run_config: dict[str, Any], log: Path,
 def supernode_command(
     superlink: str, data_dir: Path | None, runtime_port: int, node_config: dict[str, str] | None = None
 ) -> list[str]:
-    """``flower-supernode`` for one agent: its ClientApp reads only ``data_dir``, or what ``node_config``
-    names (the process model's local store: ``agent-config``, ``machine``, ``since``, ``fields``)."""
-    node = {"data-dir": str(data_dir.resolve())} if data_dir is not None else dict(node_config or {})
+    """``flower-supernode`` for one agent: its ClientApp reads only ``data_dir`` and what ``node_config``
+    names (the process model's local store: ``agent-config``, ``machine``, ``since``, ``fields``; the
+    adapters' base: ``base-model``)."""
+    node = {**({"data-dir": str(data_dir.resolve())} if data_dir is not None else {}), **(node_config or {})}
     settings = " ".join(f"{key}='{value}'" for key, value in node.items())
     return [
         flower_command("flower-supernode"), "--insecure", "--superlink", superlink,

@@ -7,14 +7,23 @@ is the highest version (``agent/inference/registry.py``). ``rollback``: the high
 that verifies moves to ``models_dir/.rolled-back/``; the registry falls back to the highest that remains.
 A version that arrives by other means and does not verify is refused by the registry, and the running
 one keeps scoring.
+
+``install_adapter``: a fleet adapter (``fleet serve --model adapters``) verified against the agent's base
+(the base's id, version and sha256, the adapter file's sha256, the layers' shapes), then one copy per machine
+of the type, each staged in a dot folder of the adapter store and renamed into place
+(``{adaptation.dir}/{model id}/{machine}/``), which ``AdapterStore`` picks up at its next scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from agent.adaptation.adapter import AdapterError, BaseIdentity, load_adapter, read_manifest, write_adapter
+from agent.adaptation.lora import BaseMlp
 from agent.inference.errors import ModelError
 from agent.inference.manifest import MANIFEST_FILE, Manifest
 from agent.inference.registry import version_key
@@ -60,3 +69,32 @@ def rollback(models_dir: Path, model_id: str) -> tuple[str, Path]:
     away.parent.mkdir(parents=True, exist_ok=True)
     path.rename(away)
     return version, away
+
+
+def install_adapter(adapter_dir: Path, base_dir: Path, adapters_root: Path, machines: Sequence[str]) -> list[Path]:
+    """Give each of ``machines`` the fleet adapter in ``adapter_dir``, verified against the base version in
+    ``base_dir`` first; returns the machines' adapter folders. ``AdapterError`` when it does not fit the base
+    or its file is not the manifest's, ``FileExistsError`` when a machine has an adapter already."""
+    adapter_dir, adapters_root = Path(adapter_dir), Path(adapters_root)
+    if not machines:
+        raise ValueError("no machines to give the adapter to")
+    bad = [m for m in machines if not m or m.startswith(".") or "/" in m]
+    if bad:
+        raise ValueError(f"machines {bad} are not folder names the adapter store reads")
+    identity = BaseIdentity.from_model_dir(base_dir)
+    file = Manifest.load(base_dir).file
+    manifest, weights = load_adapter(adapter_dir, identity, BaseMlp.from_onnx(Path(base_dir) / file))
+    folder = adapters_root / identity.model_id
+    targets = [folder / machine for machine in machines]
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:
+        raise FileExistsError(f"{', '.join(taken)}: these machines have an adapter; remove it first")
+    for machine, target in zip(machines, targets, strict=True):
+        staging = folder / f".incoming-{machine}"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_adapter(staging, weights, dataclasses.replace(manifest, machine=machine))
+        copied = read_manifest(staging)
+        if copied.sha256 != manifest.sha256:
+            raise AdapterError(f"{staging}: the copy's adapter file differs from {adapter_dir}'s")
+        staging.rename(target)
+    return targets

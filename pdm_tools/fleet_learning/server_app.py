@@ -250,31 +250,56 @@ def fleet_standardization(
     """Mean and standard deviation of the pooled training rows, from each client's count, sum and sum of
     squares (a ``query`` to every connected client once ``min_clients`` are there); their provenance
     (data hash, row counts) goes into ``outcome``."""
-    deadline = time.monotonic() + config.wait_for_clients_s
-    while len(nodes := list(grid.get_node_ids())) < config.min_clients:
-        if time.monotonic() > deadline:
-            raise FederationError(f"{len(nodes)} clients connected after {config.wait_for_clients_s} s")
-        time.sleep(1.0)
-    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    replies = [r for r in grid.send_and_receive(messages, timeout=config.round_timeout_s) if not r.has_error()]
-    if len(replies) < config.min_clients:
-        raise FederationError(f"{len(replies)} of {len(nodes)} clients sent feature sums; need {config.min_clients}")
+    replies = query_clients(grid, config.min_clients, config.wait_for_clients_s, config.round_timeout_s, outcome)
     n = 0.0
     s = ss = np.zeros(0)
     for reply in replies:
         stats = reply.content.metric_records["stats"]
-        if outcome is not None:
-            provenance = reply.content.config_records.get("provenance")
-            outcome.provenance[reply.metadata.src_node_id] = {
-                "rows": int(stats["num-examples"]),  # type: ignore[arg-type]
-                **({k: v for k, v in provenance.items()} if provenance is not None else {}),
-            }
         n += float(stats["num-examples"])  # type: ignore[arg-type]
         s = s + np.asarray(stats["sum"], np.float64) if len(s) else np.asarray(stats["sum"], np.float64)
         ss = ss + np.asarray(stats["sumsq"], np.float64) if len(ss) else np.asarray(stats["sumsq"], np.float64)
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
     return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def query_clients(
+    grid: Grid,
+    min_clients: int,
+    wait_s: float,
+    timeout_s: float,
+    outcome: Outcome | None = None,
+    config: ConfigRecord | None = None,
+) -> list[Message]:
+    """A ``query`` (with ``config``, if given, as its ``config`` record) to every connected client once
+    ``min_clients`` are there (waiting up to ``wait_s``); the replies (``stats`` with ``num-examples``,
+    ``provenance``: data hash, held-out rows) that came within ``timeout_s``, their provenance recorded in
+    ``outcome``. ``FederationError`` below ``min_clients``."""
+    deadline = time.monotonic() + wait_s
+    while len(nodes := list(grid.get_node_ids())) < min_clients:
+        if time.monotonic() > deadline:
+            raise FederationError(f"{len(nodes)} clients connected after {wait_s} s")
+        time.sleep(1.0)
+    messages = [
+        Message(
+            RecordDict({"config": config} if config is not None else {}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
+        for node in nodes
+    ]
+    replies = [r for r in grid.send_and_receive(messages, timeout=timeout_s) if not r.has_error()]
+    if len(replies) < min_clients:
+        raise FederationError(f"{len(replies)} of {len(nodes)} clients answered the query; need {min_clients}")
+    for reply in replies:
+        stats = reply.content.metric_records["stats"]
+        provenance = reply.content.config_records.get("provenance")
+        if outcome is not None:
+            outcome.provenance[reply.metadata.src_node_id] = {
+                "rows": int(stats["num-examples"]),  # type: ignore[arg-type]
+                **({k: v for k, v in provenance.items()} if provenance is not None else {}),
+            }
+    return replies
 
 
 class CountingGrid(Grid):
