@@ -164,7 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--quantize",
         action="store_true",
-        help="process: after the last round, the quantization gate's metrics (INT8 vs FP32) on every client",
+        help="after the last round, the quantization gate (INT8 vs FP32) on every client's held-out data; the "
+        "classifier's --version ships INT8 only if every client passes",
     )
     serve.add_argument("--json", action="store_true", help="print federation.json when done")
     serve.set_defaults(fleet_main=main_serve)
@@ -485,6 +486,8 @@ def main_serve(args: argparse.Namespace) -> int:
                 {"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "secagg": args.secagg}
             )
         )
+        if args.quantize and (args.secagg or args.model == "adapters"):
+            raise ValueError("--quantize runs after plain rounds of the classifier or the process model")
         if args.model == "process" and args.secagg:
             raise ValueError("--secagg is wired for the defect classifier; the process model has no SecAgg+ yet")
         if args.model == "process" and args.channels < 1:
@@ -518,7 +521,8 @@ def main_serve(args: argparse.Namespace) -> int:
             "dp-noise": args.dp_noise,
             "dp-clip": args.dp_clip,
             **({"secagg": True} if args.secagg else {}),
-            **({"channels": args.channels, "quantize": args.quantize} if args.model == "process" else {}),
+            **({"channels": args.channels} if args.model == "process" else {}),
+            **({"quantize": True} if args.quantize else {}),
             **adapter_run,
         }
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log, args.model)

@@ -10,7 +10,9 @@ The same app runs in the simulation (``pdm-agent fleet evaluate``: one virtual c
              file with the held-out row count (the new model's provenance)
 ``train``    a few local epochs from the fleet's weights; replies the new weights, ``num-examples`` (FedAvg's
              weight) and ``unit-weight`` (the weight with differential privacy, where all count the same)
-``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts
+``evaluate`` the fleet's weights on the client's held-out rows; replies the confusion counts (with
+             ``quantize``: the fleet model's FP32 and INT8 graphs' confusion counts, their agreement and the
+             INT8 graph's sha256, ``classifier_gate``)
 
 What a reply never holds: a feature row, a window, a reading, a label list.
 ``tests/unit/test_fleet_learning_simulation`` inspects every reply.
@@ -80,6 +82,12 @@ def build_client_app(data_root: Path | None = None, mods: Sequence[Mod] = ()) ->
     def evaluate(message: Message, context: Context) -> Message:
         data = _data(context, data_root)
         model = _model(message, data)
+        config = message.content.config_records["config"]
+        if config.get("quantize") is True:  # the quantization gate after the last round (``classifier_gate``)
+            from pdm_tools.fleet_learning.classifier_gate import gate_counts
+
+            counts = gate_counts(model, data.x_held, data.y_held, int(_number(config, "seed", 0)))
+            return Message(RecordDict({"gate": ConfigRecord(counts)}), reply_to=message)
         k = len(data.class_names)
         confusion = np.zeros((k, k), dtype=np.int64)
         if len(data.x_held):

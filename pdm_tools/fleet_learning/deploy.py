@@ -54,6 +54,7 @@ RUN_CONFIG: dict[str, Any] = {
     "dp-noise": 0.0,
     "dp-clip": 0.0,
     "secagg": False,
+    "quantize": False,
     "out-dir": "",
     "version": "",
 }
@@ -74,6 +75,7 @@ def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
         dp_noise=float(merged["dp-noise"]),
         dp_clip=float(merged["dp-clip"]),
         secagg=bool(merged["secagg"]),
+        quantize=bool(merged["quantize"]),
         seed=int(merged["seed"]),
         round_timeout_s=float(merged["round-timeout-s"]),
     )
@@ -102,7 +104,8 @@ def write_result(out_dir: Path, config: FederationConfig, outcome: Outcome) -> P
     model = outcome.model
     if model is not None:
         save_model(model, out_dir / MODEL_FILE)
-    return write_summary(out_dir, {"federation": config.to_dict(), "complete": model is not None}, outcome)
+    head = {"federation": config.to_dict(), "complete": model is not None}
+    return write_summary(out_dir, {**head, **({"quantization_gate": outcome.gate} if outcome.gate else {})}, outcome)
 
 
 def write_summary(out_dir: Path, head: dict[str, Any], outcome: Outcome) -> Path:

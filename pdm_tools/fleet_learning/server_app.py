@@ -66,6 +66,8 @@ class FederationConfig:
     # Secure aggregation (SecAgg+, ``secagg.py``): the coordinator sees only the sum of the updates.
     secagg: bool = False
     secagg_settings: SecAggSettings = field(default_factory=SecAggSettings)
+    # After the last round, the quantization gate on every client's held-out rows (``classifier_gate``).
+    quantize: bool = False
 
     @property
     def dp(self) -> bool:
@@ -91,6 +93,7 @@ class FederationConfig:
                 else {}
             ),
             **({"secagg": self.secagg_settings.to_dict()} if self.secagg else {}),
+            **({"quantization_gate": True} if self.quantize else {}),
             "seed": self.seed,
         }
 
@@ -111,6 +114,7 @@ class Outcome:
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
     keep_replies: bool = False
     secagg: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 def make_strategy(
@@ -231,6 +235,10 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Co
     outcome.model = from_arrays(result.arrays, config.class_names, model.mean, model.scale)
     for rnd, metrics in result.evaluate_metrics_clientapp.items():
         outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
+    if config.quantize:
+        from pdm_tools.fleet_learning.classifier_gate import federated_gate
+
+        outcome.gate = federated_gate(counted, outcome.model, config.seed, config.round_timeout_s)
     if config.dp:
         released = len(outcome.evaluation) or config.rounds
         outcome.privacy = {

@@ -8,12 +8,15 @@ renamed), it is verified (sha256, feature spec, shapes, warm-up) and hot-swapped
 version; a version that does not verify is refused and the running one keeps scoring; removing the
 directory rolls back to the highest remaining version.
 
-Not yet: the quantization gate on each client's held-out rows (the version ships its FP32 graph, and says
-so in ``quantization``).
+With the quantization gate (``fleet serve --quantize``, ``classifier_gate``) the version ships the INT8
+graph when every client's held-out rows passed the gate's accuracy rules (the FP32 graph stays beside it),
+else its FP32 graph; ``quantization`` holds the gate's report either way.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,9 @@ from agent.inference.classifier import TASK, ClassifierManifest, OnnxDefectClass
 from agent.inference.manifest import SCHEMA_VERSION, TensorInfo, sha256_file
 from pdm_tools.common.graph_names import INPUT_NAME, LABEL, PROBABILITIES
 from pdm_tools.common.modelcard import write_model_card
+from pdm_tools.fleet_learning.classifier_gate import INT8_FILE, build_variants
 from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
-from pdm_tools.models.defect_mlp import export_onnx
+from pdm_tools.models.defect_mlp import DefectMlp, export_onnx
 from pdm_tools.training.defect_train import MODEL_ID
 from pdm_tools.training.train import FP32_FILE
 
@@ -45,13 +49,19 @@ def write_version(
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / FP32_FILE
     export_onnx(model, onnx_path, {"model_id": MODEL_ID, "version": version, "feature_spec_hash": spec.spec_hash()})
+    quantization: dict[str, Any] = {"shipped": "fp32", "note": "fleet version: the quantization gate has not run on it"}
+    if outcome.gate:
+        quantization = {"shipped": "fp32", "gate": outcome.gate}
+    if outcome.gate.get("ship") == "int8":
+        onnx_path = _int8(model, folder, config.seed, str(outcome.gate["int8_sha256"]))
+        quantization["shipped"] = "int8"
     last = max(outcome.evaluation, default=0)
     manifest = ClassifierManifest(
         schema_version=SCHEMA_VERSION,
         model_id=MODEL_ID,
         version=version,
         task=TASK,
-        file=FP32_FILE,
+        file=onnx_path.name,
         sha256=sha256_file(onnx_path),
         inputs=(TensorInfo(INPUT_NAME, ("batch", spec.n_features), "float32"),),
         outputs=(
@@ -69,7 +79,7 @@ def write_version(
             },
             **({"final": outcome.evaluation[last]} if last else {}),
         },
-        quantization={"shipped": "fp32", "note": "fleet version: the quantization gate has not run on it"},
+        quantization=quantization,
         created_by="pdm_tools.fleet_learning (Flower federation)",
         training={"federation": provenance(config, outcome)},
     )
@@ -79,9 +89,20 @@ def write_version(
         out.write(card_section(manifest.training["federation"]))
     loaded = OnnxDefectClassifier.load(folder)
     x = np.zeros((1, spec.n_features), np.float32) + model.mean
-    if not np.allclose(loaded.predict_proba(x), model.predict_proba(x), atol=1e-5):
+    # INT8 within the gate's tolerance (it agreed with FP32 on the clients' rows), FP32 to float precision.
+    atol = 0.1 if quantization["shipped"] == "int8" else 1e-5
+    if not np.allclose(loaded.predict_proba(x), model.predict_proba(x), atol=atol):
         raise RuntimeError(f"{onnx_path}: the exported graph does not reproduce the fleet model")
     return folder
+
+
+def _int8(model: DefectMlp, folder: Path, seed: int, gated_sha256: str) -> Path:
+    """The INT8 graph the clients measured, rebuilt into ``folder``; ``RuntimeError`` if it is not that graph."""
+    with tempfile.TemporaryDirectory(prefix="pdm-fleet-int8-") as tmp:
+        built = build_variants(model, Path(tmp), seed)["int8"]
+        if sha256_file(built) != gated_sha256:
+            raise RuntimeError("the INT8 graph rebuilt for shipping is not the one the clients' gate measured")
+        return Path(shutil.copy2(built, folder / INT8_FILE))
 
 
 def card_section(federation: dict[str, Any]) -> str:
