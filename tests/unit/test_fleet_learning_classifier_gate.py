@@ -82,3 +82,24 @@ def test_clients_measure_one_graph_built_from_the_fleet_standardization(tmp_path
         write_version(
             tmp_path / "x", config, Outcome(model=model, gate={"ship": "int8", "int8_sha256": "0" * 64}), "1.3.0"
         )
+
+
+@pytest.mark.integration
+def test_gate_runs_as_federated_evaluation_in_flower_and_replies_only_counts() -> None:
+    """Three clients in Flower's simulation: after the round each replies its gate counts (no row), all on the
+    coordinator's INT8 graph; the verdict covers every client."""
+    from pdm_tools.fleet_learning.evaluate import simulate
+
+    fleet = synthetic_fleet(3, 150, seed=5, n_features=BearingFeatureSpec().n_features)
+    config = FederationConfig(class_names=CLASS_NAMES, rounds=1, hidden=(16, 8), min_clients=3, quantize=True)
+    outcome = simulate(fleet, config, keep_replies=True)
+    gate = outcome.gate
+    assert len(gate["clients"]) == 3 and gate["fleet"]["rows"] == sum(len(c.y_held) for c in fleet.clients)
+    assert sorted(v["rows"] for v in gate["clients"].values()) == sorted(len(c.y_held) for c in fleet.clients)
+    assert gate["ship"] == ("int8" if not gate["failed_clients"] and gate["fleet"]["passed"] else "fp32")
+    replies = [content for _, content in outcome.replies if "gate" in content.config_records]
+    assert len(replies) == 3
+    for content in replies:
+        record = content.config_records["gate"]
+        assert set(record) == {"fp32-confusion", "int8-confusion", "agree", "rows", "int8-sha256"}
+        assert record["int8-sha256"] == gate["int8_sha256"] and not content.array_records
