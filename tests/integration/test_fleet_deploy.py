@@ -5,7 +5,8 @@ One client is killed (its whole process group: SuperNode and ClientApp) as soon 
 training message, and started again on the same folder. The federation must not stall on it: the round
 aggregates what came within ``--round-timeout-s`` (``--min-clients 2``), every round completes, and the
 restarted agent (a new SuperNode id) trains in a later round. The federation's model comes out as a
-registry version (``--version``) that ``pdm-agent fleet install`` puts on an agent, whose registry runs it.
+registry version (``--version``), INT8 if the quantization gate (``--quantize``) passed on every agent's
+held-out rows, that ``pdm-agent fleet install`` puts on an agent, whose registry runs it.
 No timing is asserted.
 """
 
@@ -89,7 +90,7 @@ def test_killed_client_does_not_stall_the_federation_and_rejoins(
     serve = _pdm_agent(
         "fleet", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"),
         "--out", str(out), "--rounds", "3", "--min-clients", "2", "--round-timeout-s", "60",
-        "--version", "1.1.0", "--json", log=serve_log,
+        "--version", "1.1.0", "--quantize", "--json", log=serve_log,
     )  # fmt: skip
     processes.append(serve)
     logs = [tmp_path / f"agent-{i}.log" for i in range(3)]
@@ -126,6 +127,11 @@ def test_killed_client_does_not_stall_the_federation_and_rejoins(
     manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["training"]["federation"]["rounds_completed"] == 3
     assert len(manifest["training"]["federation"]["clients"]) >= 2  # those connected when round 0 asked
+    # The quantization gate ran on the agents' held-out rows; the version ships what it decided.
+    gate = manifest["quantization"]["gate"]
+    assert len(gate["clients"]) >= 2 and gate == summary["quantization_gate"]
+    assert manifest["quantization"]["shipped"] == gate["ship"]
+    assert manifest["file"] == ("model.int8.onnx" if gate["ship"] == "int8" else "model.fp32.onnx")
     models = tmp_path / "models"
     models.mkdir()
     done = subprocess.run(
