@@ -180,14 +180,19 @@ def sum_legacy_confusions(results: list[tuple[int, dict[str, Any]]]) -> dict[str
     return {"accuracy": s["accuracy"], "macro-f1": s["macro_f1"], **{f"c{i}": c for i, c in enumerate(total)}}
 
 
-def federate_secagg(grid: Grid, context: Context, config: FederationConfig, outcome: Outcome) -> None:
-    """``server_app.federate`` with SecAgg+: the fleet's standardization (as always: sums, not rows), then
-    ``config.rounds`` rounds of the legacy FedAvg whose fit step is the SecAgg+ workflow; fills ``outcome``."""
-    from pdm_tools.fleet_learning.server_app import CountingGrid, fleet_standardization
-
+def federate_secagg(
+    counted: Grid,
+    context: Context,
+    config: FederationConfig,
+    outcome: Outcome,
+    standardize: Callable[[], tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """``server_app.federate`` with SecAgg+: the fleet's standardization (``standardize``: as always, sums, not
+    rows), then ``config.rounds`` rounds of the legacy FedAvg whose fit step is the SecAgg+ workflow, on
+    ``counted`` (the run's grid, counting what travels); fills ``outcome``. The server's pieces come in as
+    arguments: server_app imports this module, never the other way."""
     check_secagg(config.strategy, config.dp)
-    counted = CountingGrid(grid, outcome)
-    mean, scale = fleet_standardization(counted, config, outcome)
+    mean, scale = standardize()
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
     outcome.initial = model
     training = config.training

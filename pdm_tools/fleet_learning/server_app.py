@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import (
 
 from pdm_tools.evaluation.classification import scores_from_confusion
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, standardization, to_arrays
-from pdm_tools.fleet_learning.secagg import SecAggSettings, check_secagg
+from pdm_tools.fleet_learning.secagg import SecAggSettings, check_secagg, federate_secagg
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig
 
 logger = logging.getLogger(__name__)
@@ -201,14 +201,12 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Co
     """The coordinator's work in one run: the fleet's standardization, then ``config.rounds`` rounds of the
     strategy; fills ``outcome``. With ``config.secagg`` the rounds are Flower's SecAgg+ workflow
     (``secagg.federate_secagg``, which needs the run's ``context``)."""
+    counted = CountingGrid(grid, outcome)
     if config.secagg:
-        from pdm_tools.fleet_learning.secagg import federate_secagg
-
         if context is None:
             raise FederationError("secure aggregation needs the ServerApp's context (Flower's legacy workflow)")
-        federate_secagg(grid, context, config, outcome)
+        federate_secagg(counted, context, config, outcome, lambda: fleet_standardization(counted, config, outcome))
         return
-    counted = CountingGrid(grid, outcome)
     mean, scale = fleet_standardization(counted, config, outcome)
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
     outcome.initial = model
