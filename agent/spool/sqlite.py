@@ -71,6 +71,8 @@ COMPACT_CHUNK_IDS = 20_000
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 """A write-ahead log that grew beyond this (a burst, a long read) is truncated to it when it restarts."""
 SLOW_APPEND_S = 1.0
+INSERT_SIZES = (64, 16, 4, 1)
+"""Rows per multi-row INSERT statement (a few fixed sizes: see ``Spool._insert_rows``)."""
 BACKLOG_CACHE_S = 0.5
 BACKLOG_SCAN_SHARE = 20.0
 """A backlog scan that took ``t`` seconds is not repeated within ``BACKLOG_SCAN_SHARE * t`` (at most 5 % of a
@@ -196,8 +198,14 @@ class Spool:
         self._full_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = connect(self.path, synchronous)
-        # Rows per multi-row INSERT: 5 parameters each, within this SQLite's limit (999 before 3.32).
-        self._rows_per_insert = max(1, min(500, self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 5))
+        # A run of rows goes in as multi-row INSERTs of these sizes, largest first (see _insert_rows); 64 rows
+        # of 5 parameters stay within any SQLite's limit (999 before 3.32).
+        self._rows_per_insert = INSERT_SIZES[0]
+        self._insert_sizes = INSERT_SIZES
+        self._insert_sql = {
+            k: "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * k)
+            for k in self._insert_sizes
+        }
         conn = self._conn
         # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
         # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
@@ -336,17 +344,22 @@ class Spool:
         are consecutive, ending at ``lastrowid``: this connection is the only writer inside the transaction
         and ``AUTOINCREMENT`` gives each new row the largest id so far plus one.
         """
-        if not indexes:
-            return
-        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(indexes))
-        params: list[object] = []
-        for i in indexes:
-            e = entries[i]
-            params += (int(e.kind), e.body, e.points, HELD if e.held else 0, now)
-        cur = conn.execute(f"INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES {values}", params)
-        last = cast(int, cur.lastrowid)
-        for offset, i in enumerate(indexes):
-            ids[i] = last - len(indexes) + 1 + offset
+        start = 0
+        while start < len(indexes):
+            # Statements of a few sizes only (INSERT_ROWS and 1): the sqlite3 module caches each distinct SQL
+            # text with its last bound values (here: the bodies) until it runs again, so a statement per
+            # batch size kept up to 128 batches' bodies alive (80 MB for 600 batches of 2 kB rows).
+            size = next(k for k in self._insert_sizes if k <= len(indexes) - start)
+            chunk = indexes[start : start + size]
+            params: list[object] = []
+            for i in chunk:
+                e = entries[i]
+                params += (int(e.kind), e.body, e.points, HELD if e.held else 0, now)
+            cur = conn.execute(self._insert_sql[size], params)
+            last = cast(int, cur.lastrowid)
+            for offset, i in enumerate(chunk):
+                ids[i] = last - size + 1 + offset
+            start += size
 
     def append_lines(self, lines: Sequence[str]) -> object:
         """Points the agent produced itself (already line protocol), as one entry."""

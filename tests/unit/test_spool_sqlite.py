@@ -362,6 +362,24 @@ def test_a_batch_of_many_rows_returns_each_entrys_own_id(tmp_path: Path, metrics
         cursor.close()
 
 
+def test_batches_of_any_size_use_a_few_insert_statements(tmp_path: Path, metrics: Metrics) -> None:
+    """The sqlite3 module caches every distinct statement with its last bound values (the rows' bodies) until
+    it runs again: one statement per batch size kept up to 128 batches' bodies in memory."""
+    with Spool(tmp_path / "s.db", BIG, BIG, metrics=metrics) as spool:
+        sizes: set[int] = set()  # rows per INSERT statement run (the trace shows each with its values)
+
+        def trace(sql: str) -> None:
+            if sql.startswith("INSERT INTO entry"):
+                sizes.add(sql.count("), (") + 1)
+
+        assert spool._conn is not None
+        spool._conn.set_trace_callback(trace)
+        for n in range(1, 151):
+            ids = _append(spool, _entries(n))
+            assert len(set(ids)) == n
+        assert sizes == set(spool_module.INSERT_SIZES)
+
+
 def test_a_held_block_outlives_compaction_for_hold_s_and_can_be_read_by_id(tmp_path: Path, metrics: Metrics) -> None:
     path = tmp_path / "s.db"
     with Spool(path, BIG, 100, metrics=metrics, hold_s=60.0) as spool:
