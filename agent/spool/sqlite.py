@@ -73,6 +73,10 @@ WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 SLOW_APPEND_S = 1.0
 INSERT_SIZES = (64, 16, 4, 1)
 """Rows per multi-row INSERT statement (a few fixed sizes: see ``Spool._insert_rows``)."""
+_INSERT_SQL = {
+    k: "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * k)
+    for k in INSERT_SIZES
+}
 BACKLOG_CACHE_S = 0.5
 BACKLOG_SCAN_SHARE = 20.0
 """A backlog scan that took ``t`` seconds is not repeated within ``BACKLOG_SCAN_SHARE * t`` (at most 5 % of a
@@ -198,14 +202,9 @@ class Spool:
         self._full_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = connect(self.path, synchronous)
-        # A run of rows goes in as multi-row INSERTs of these sizes, largest first (see _insert_rows); 64 rows
+        # A run of rows goes in as multi-row INSERTs of INSERT_SIZES, largest first (see _insert_rows); 64 rows
         # of 5 parameters stay within any SQLite's limit (999 before 3.32).
         self._rows_per_insert = INSERT_SIZES[0]
-        self._insert_sizes = INSERT_SIZES
-        self._insert_sql = {
-            k: "INSERT INTO entry (kind, body, points, held, enqueued_ns) VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * k)
-            for k in self._insert_sizes
-        }
         conn = self._conn
         # The appending threads never checkpoint (a checkpoint copies the WAL into the file and fsyncs it:
         # seconds on a slow disk); the maintenance thread does, from its own connection (``start``).
@@ -346,16 +345,16 @@ class Spool:
         """
         start = 0
         while start < len(indexes):
-            # Statements of a few sizes only (INSERT_ROWS and 1): the sqlite3 module caches each distinct SQL
+            # Statements of a few sizes only (INSERT_SIZES): the sqlite3 module caches each distinct SQL
             # text with its last bound values (here: the bodies) until it runs again, so a statement per
             # batch size kept up to 128 batches' bodies alive (80 MB for 600 batches of 2 kB rows).
-            size = next(k for k in self._insert_sizes if k <= len(indexes) - start)
+            size = next(k for k in INSERT_SIZES if k <= len(indexes) - start)
             chunk = indexes[start : start + size]
             params: list[object] = []
             for i in chunk:
                 e = entries[i]
                 params += (int(e.kind), e.body, e.points, HELD if e.held else 0, now)
-            cur = conn.execute(self._insert_sql[size], params)
+            cur = conn.execute(_INSERT_SQL[size], params)
             last = cast(int, cur.lastrowid)
             for offset, i in enumerate(chunk):
                 ids[i] = last - size + 1 + offset
