@@ -39,6 +39,7 @@ class TrainConfig:
     learning_rate: float = 3e-3
     final_learning_rate: float = 1e-4
     weight_decay: float = 1e-4
+    gamma_jitter: float = 0.0  # > 0: a random gamma exp(U(-j, j)) on each training view (0: none)
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 42
 
@@ -67,11 +68,13 @@ class Trained:
     seconds: float
 
 
-def augment(gray: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One random view of a frame (crop, flips), prepared to float32 ``(1, size, size)``.
+def augment(gray: np.ndarray, rng: np.random.Generator, size: int, gamma_jitter: float = 0.0) -> np.ndarray:
+    """One random view of a frame (crop, flips, optionally a gamma), prepared to float32 ``(1, size, size)``.
 
     No quarter turns: the rolling direction is the same in every NEU image, and some classes are told
-    apart by it (inclusions are streaks along it, scratches run any way).
+    apart by it (inclusions are streaks along it, scratches run any way). A gamma (``gamma_jitter`` > 0)
+    changes the lighting in a way the per-image standardisation does not undo; without it the random
+    draws are those of the crop and flips only.
     """
     h, w = gray.shape
     side = int(min(h, w) * rng.uniform(_MIN_CROP, 1.0))
@@ -81,6 +84,9 @@ def augment(gray: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray
         view = view[:, ::-1]
     if rng.random() < 0.5:
         view = view[::-1, :]
+    if gamma_jitter > 0:
+        gamma = float(np.exp(rng.uniform(-gamma_jitter, gamma_jitter)))
+        view = _gamma_lut(gamma)[view]
     return prepare(np.ascontiguousarray(view), size)
 
 
@@ -116,7 +122,7 @@ def train_surface_cnn(
             losses = []
             for lo in range(0, len(order), config.batch_size):
                 idx = order[lo : lo + config.batch_size]
-                xb = np.stack([augment(cache[i], rng, config.size) for i in idx])
+                xb = np.stack([augment(cache[i], rng, config.size, config.gamma_jitter) for i in idx])
                 loss, grads = net.loss_and_grads(xb, train.labels[idx], config.weight_decay)
                 t = adam.t / max(steps - 1, 1)
                 lr = config.final_learning_rate + 0.5 * (config.learning_rate - config.final_learning_rate) * (
@@ -140,6 +146,11 @@ def train_surface_cnn(
     assert best is not None
     net.params, net.stats = best[3], best[4]
     return Trained(net, spec, train, validation, test, best[2], history, time.perf_counter() - started)
+
+
+def _gamma_lut(gamma: float) -> np.ndarray:
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    return np.asarray(np.round(255.0 * levels**gamma), dtype=np.uint8)
 
 
 def _copy(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

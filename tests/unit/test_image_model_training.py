@@ -226,3 +226,20 @@ def test_design_latency_quantizes_and_times_each_design_with_random_weights() ->
         for b in ("batch1", "batch16"):
             assert r[b]["fp32_p50_ms"] > 0 and r[b]["int8_p50_ms"] > 0
             assert r[b]["ratio"] == pytest.approx(r[b]["int8_p50_ms"] / r[b]["fp32_p50_ms"], abs=1e-3)
+
+
+def test_the_gamma_augmentation_remaps_levels_monotonically_and_is_off_by_default() -> None:
+    from pdm_tools.images.train import _gamma_lut, augment
+
+    assert np.array_equal(_gamma_lut(1.0), np.arange(256, dtype=np.uint8))
+    for gamma in (0.8, 1.25):
+        lut = _gamma_lut(gamma)
+        assert lut[0] == 0 and lut[255] == 255 and bool(np.all(np.diff(lut.astype(int)) >= 0))
+    assert _gamma_lut(1.25)[128] < 128 < _gamma_lut(0.8)[128]  # gamma > 1 darkens the mid-tones
+    assert TrainConfig().gamma_jitter == 0.0
+    gray = synth.generate("patches", 0)
+    plain = augment(gray, np.random.default_rng(3), 32)
+    assert np.array_equal(plain, augment(gray, np.random.default_rng(3), 32, 0.0))
+    lit = augment(gray, np.random.default_rng(3), 32, 0.5)
+    assert lit.shape == plain.shape and not np.allclose(lit, plain)
+    assert abs(float(lit.mean())) < 1e-4 and float(lit.std()) == pytest.approx(1.0, abs=1e-3)
