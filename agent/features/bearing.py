@@ -53,7 +53,11 @@ Definitions (``x``: the samples of one window, ``n`` of them, float64, mean remo
                            (z: the band's analytic signal; Antoni's spectral kurtosis plus 2)
 
   The best band is chosen per window from the window alone (a kurtogram-lite), so nothing is tuned on a
-  dataset. Every evidence column is invariant to the signal's amplitude.
+  dataset. Every evidence column is invariant to the signal's amplitude. Each band's envelope is computed at
+  the band's own rate (its lines shifted to 0 Hz, an FFT of ``L >= 2K + 1`` points for ``K`` lines instead
+  of ``n``: the same values up to rounding, 1e-13 on CWRU); where a line's bins lie beyond the envelope's
+  bandwidth (the band's width: e.g. 6 x BSF above 1000 Hz at more than ~2100 rpm) the spectrum there is 0,
+  where the full-rate computation held rounding noise.
 - ``groups`` selects and orders the column groups (``time``, ``band_shares``, ``envelope_peaks``,
   ``envelope_evidence``); the default, the first three, is the version-1 feature vector.
 
@@ -68,7 +72,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -406,10 +410,7 @@ def bearing_features(spec: BearingFeatureSpec, x: np.ndarray, rate_hz: np.ndarra
             env_spectrum = np.abs(np.fft.rfft(envelope * _hann(n), axis=1))
             parts.append(_peak_ratios(spec, env_spectrum, rate_hz, rpm, n, hi - lo))
     if "envelope_evidence" in spec.groups:
-        magnitude = np.abs(spectrum)
-        whitened = np.divide(spectrum, magnitude, out=np.zeros_like(spectrum), where=magnitude > _EPS * magnitude.max())
-        for variant in (whitened, spectrum):  # the order of _VARIANTS
-            parts.append(_envelope_evidence(spec, variant, freqs, n, rate_hz, rpm))
+        parts.append(_envelope_evidence(spec, spectrum, n, rate_hz, rpm))
     return np.concatenate(parts, axis=1)
 
 
@@ -504,31 +505,102 @@ def _peak_ratios(
 
 
 def _envelope_evidence(
-    spec: BearingFeatureSpec, spectrum: np.ndarray, freqs: np.ndarray, n: int, rate_hz: np.ndarray, rpm: np.ndarray
+    spec: BearingFeatureSpec, spectrum: np.ndarray, n: int, rate_hz: np.ndarray, rpm: np.ndarray
 ) -> np.ndarray:
-    """The ``ev*``, ``ev*_sidebands``, ``rel*`` and ``kurt*_best`` columns of one variant (see the module
-    docstring) from the rows' spectra ``(m, n // 2 + 1)``."""
+    """The ``ev*``, ``ev*_sidebands``, ``rel*`` and ``kurt*_best`` columns of both variants (``_VARIANTS``
+    order, see the module docstring) from the rows' spectra ``(m, n // 2 + 1)``."""
     m = spectrum.shape[0]
+    magnitude = np.abs(spectrum)
+    floor = _EPS * magnitude.max(axis=1, keepdims=True)
+    whitened = np.divide(spectrum, magnitude, out=np.zeros_like(spectrum), where=magnitude > floor)
+    variants = np.stack((whitened, spectrum))  # the order of _VARIANTS
     targets, slices = _evidence_targets(spec)
-    ses = np.empty((len(spec.evidence_bands_hz), m, n // 2 + 1))
-    kurt = np.empty((len(spec.evidence_bands_hz), m))
-    for b, (lo, hi) in enumerate(spec.evidence_bands_hz):
-        z = _analytic(np.where((freqs >= lo) & (freqs < hi), spectrum, 0.0), n)
-        squared = z.real * z.real + z.imag * z.imag
-        power = squared.mean(axis=1)
-        # E|z|^4 / (E|z|^2)^2: 2 for Gaussian noise, 1 for a steady tone, large for impacts (spectral kurtosis + 2).
-        kurt[b] = np.divide((squared * squared).mean(axis=1), power * power, out=np.ones(m), where=power > 0)
-        squared -= power[:, None]
-        ses[b] = np.abs(np.fft.rfft(squared * _hann(n), axis=1))
-    ratios = _local_peak_db(ses, targets, rate_hz, rpm, n)  # (bands, m, lines)
-    # Per family: the mean over its lines in each band, then the best band.
-    families = np.stack([ratios[:, :, sl].mean(axis=2) for sl in slices], axis=2).max(axis=0)  # (m, families)
-    column = {c: families[:, j] for j, c in enumerate(_families(spec))}
-    # A ball's evidence is the stronger of its two families.
-    defect = {c: np.maximum(column[c], column["bsf_even"]) if c == "bsf" else column[c] for c in _defects(spec)}
-    rel = [defect[c] - np.max([defect[o] for o in defect if o != c], axis=0) for c in defect]
-    best = np.log10(kurt.max(axis=0))
-    return np.column_stack([families, *rel, best])
+    index, zone, background = _line_bins(rate_hz / n, rpm / 60.0, targets, n // 2 + 1)
+    n_bins = int(index.max()) + 1
+    bands = len(spec.evidence_bands_hz)
+    ratios = np.empty((len(variants), bands, m, len(targets)))
+    kurt = np.empty((len(variants), bands, m))
+    for which, rows, spectra, kurtosis in _squared_envelope_spectra(spec, variants, n, rate_hz):
+        if spectra.shape[-1] < n_bins:  # lines beyond the envelope's bandwidth: nothing there
+            spectra = np.concatenate([spectra, np.zeros((*spectra.shape[:-1], n_bins - spectra.shape[-1]))], -1)
+        v, b, r, _ = spectra.shape
+        at = (slice(None), which[:, None], rows[None, :])
+        ratios[at] = _local_peak_db(
+            spectra[..., :n_bins].reshape(v * b, r, n_bins), index[rows], zone[rows], background[rows]
+        ).reshape(v, b, r, len(targets))
+        kurt[at] = kurtosis
+    columns = []
+    for v in range(len(variants)):
+        # Per family: the mean over its lines in each band, then the best band.
+        families = np.stack([ratios[v, :, :, sl].mean(axis=2) for sl in slices], axis=2).max(axis=0)
+        column = {c: families[:, j] for j, c in enumerate(_families(spec))}
+        # A ball's evidence is the stronger of its two families.
+        defect = {c: np.maximum(column[c], column["bsf_even"]) if c == "bsf" else column[c] for c in _defects(spec)}
+        rel = [defect[c] - np.max([defect[o] for o in defect if o != c], axis=0) for c in defect]
+        columns += [families, *(r[:, None] for r in rel), np.log10(kurt[v].max(axis=0))[:, None]]
+    return np.concatenate(columns, axis=1)
+
+
+def _squared_envelope_spectra(
+    spec: BearingFeatureSpec, variants: np.ndarray, n: int, rate_hz: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per variant and evidence band, the amplitude spectrum of the Hann-windowed squared envelope on the
+    window's ``rate / n`` grid, and the envelope kurtosis ``E|z|^4 / (E|z|^2)^2``. ``variants``: one-sided
+    spectra ``(variants, m, n // 2 + 1)``. Yields groups of bands and rows (those of one sampling rate):
+    ``(bands, rows, spectra (variants, bands, rows, bins), kurtosis (variants, bands, rows))``.
+
+    The band's analytic signal ``z`` is computed at the band's own rate: its ``K`` lines, shifted down to 0 Hz
+    (``|z|`` does not change), go through an inverse FFT of ``L >= 2K + 1`` points instead of ``n``. ``|z|^2``
+    has lines up to ``K - 1`` only, so its ``L`` samples, times the Hann window's, hold every line of the
+    ``n``-point computation exactly (no aliasing): the same spectrum (bins ``0 .. L // 2``, scaled back) and
+    kurtosis up to rounding, at a fraction of the cost. Beyond bin ``K`` the ``n``-point spectrum holds
+    rounding noise only.
+    """
+    n_variants = variants.shape[0]
+    for rate in np.unique(rate_hz):
+        rows = np.flatnonzero(rate_hz == rate)
+        freqs = np.fft.rfftfreq(n) * rate
+        by_length: dict[int, list[tuple[int, int, int]]] = {}
+        for b, (lo, hi) in enumerate(spec.evidence_bands_hz):
+            lines = np.flatnonzero((freqs >= lo) & (freqs < hi))
+            first, k = (int(lines[0]), len(lines)) if len(lines) else (0, 0)
+            by_length.setdefault(_fft_length(2 * k + 1), []).append((b, first, k))
+        for length, members in by_length.items():
+            shifted = np.zeros((n_variants, len(members), len(rows), length), dtype=np.complex128)
+            for j, (_, first, k) in enumerate(members):
+                shifted[:, j, :, :k] = variants[:, rows, first : first + k]
+            z = np.fft.ifft(shifted, axis=-1)
+            squared = z.real * z.real + z.imag * z.imag
+            power = squared.mean(axis=-1)
+            # E|z|^4 / (E|z|^2)^2: 2 for Gaussian noise, 1 for a steady tone, large for impacts (spectral kurtosis + 2).
+            fourth = (squared * squared).mean(axis=-1)
+            kurtosis = np.divide(fourth, power * power, out=np.ones_like(power), where=power > 0)
+            squared -= power[..., None]
+            squared *= _hann(length)
+            # Scaled to the n-point computation's amplitudes (the analytic signal doubles the band's lines).
+            spectra = np.abs(np.fft.rfft(squared, axis=-1)) * (4.0 * length / n)
+            yield np.array([b for b, _, _ in members]), rows, spectra, kurtosis
+
+
+@functools.lru_cache(maxsize=64)
+def _fft_length(size: int) -> int:
+    """The smallest ``2^a 3^b 5^c`` at least ``size`` (sizes numpy's FFT does fastest).
+
+    >>> [_fft_length(s) for s in (1, 683, 1367, 2049)]
+    [1, 720, 1440, 2160]
+    """
+    best = 1 << max(0, (size - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < size:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 @functools.lru_cache(maxsize=16)
@@ -549,59 +621,58 @@ def _evidence_targets(spec: BearingFeatureSpec) -> tuple[np.ndarray, tuple[slice
     return np.array(lines), tuple(slices)
 
 
-def _local_peak_db(ses: np.ndarray, targets: np.ndarray, rate_hz: np.ndarray, rpm: np.ndarray, n: int) -> np.ndarray:
-    """``20 log10(peak / local background)`` of each line ``targets * shaft`` in the spectra ``ses``
-    ``(bands, rows, bins)``: ``(bands, rows, lines)``.
+def _local_peak_db(ses: np.ndarray, index: np.ndarray, zone: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``20 log10(peak / local background)`` of each line in the spectra ``ses`` ``(bands, rows, bins)``:
+    ``(bands, rows, lines)``; ``index``, ``zone``, ``background``: ``_line_bins`` of the rows.
 
-    Peak: the largest bin within ``max(1.5 bins, 2 %)`` of the line; background: the median of the other
-    bins within ``max(BACKGROUND_BINS bins, half the shaft frequency)``. 0 dB where the background is 0 or
-    the line lies beyond the spectrum. Rows with the same rate and speed share their bins, so they (and
-    all bands) are done together.
+    Peak: the largest bin of the line's zone; background: the median of its background bins. 0 dB where the
+    background is 0.
 
     >>> ses = np.ones((1, 1, 200)); ses[0, 0, 100] = 10.0
-    >>> _local_peak_db(ses, np.array([1.0, 0.5]), np.array([398.0]), np.array([6000.0]), 398).round(3).tolist()
+    >>> bins = _line_bins(np.array([1.0]), np.array([100.0]), np.array([1.0, 0.5]), 200)
+    >>> _local_peak_db(ses, *bins).round(3).tolist()
     [[[20.0, 0.0]]]
     """
-    out = np.zeros((*ses.shape[:2], len(targets)))
-    keys = np.stack([rate_hz, rpm], axis=1)
-    for key in np.unique(keys, axis=0):
-        rows = np.flatnonzero((keys == key).all(axis=1))
-        index, zone, background = _line_bins(float(key[0]) / n, float(key[1]) / 60.0, targets, ses.shape[2])
-        near = ses[:, rows][:, :, index]  # (bands, rows, lines, width)
-        peak = np.where(zone, near, -np.inf).max(axis=3)
-        # Per line over its own background bins: the same median as a NaN-masked nanmedian over the padded
-        # width, without the masked arrays nanmedian builds (a third of the features' time).
-        level = np.empty(peak.shape)
-        for i in range(len(targets)):
-            level[:, :, i] = np.median(near[:, :, i, background[i]], axis=-1)
-        ratio = np.divide(peak, level, out=np.ones_like(peak), where=level > 0)
-        out[:, rows] = 20.0 * np.log10(np.maximum(ratio, _EPS))
-    return out
+    rows = np.arange(ses.shape[1])[:, None, None]
+    near = ses[:, rows, index]  # (bands, rows, lines, width)
+    peak = np.where(zone, near, -np.inf).max(axis=3)
+    # The median of each line's own background bins: sorted with the other bins last, the middle one (odd
+    # count) or the mean of the middle two (even), as np.median.
+    ordered = np.sort(np.where(background, near, np.inf), axis=3)
+    count = background.sum(axis=2)
+    low = np.take_along_axis(ordered, np.broadcast_to(((count - 1) // 2)[None, ..., None], (*peak.shape, 1)), 3)
+    high = np.take_along_axis(ordered, np.broadcast_to((count // 2)[None, ..., None], (*peak.shape, 1)), 3)
+    level = (low[..., 0] + high[..., 0]) / 2.0
+    ratio = np.divide(peak, level, out=np.ones_like(peak), where=level > 0)
+    return 20.0 * np.log10(np.maximum(ratio, _EPS))
 
 
-def _line_bins(df: float, shaft: float, targets: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bins around each line ``targets * shaft`` (``df`` Hz apart): ``index`` ``(lines, width)`` and the masks
-    of its peak zone and its background. A line beyond the spectrum gets one peak bin equal to its
-    background (0 dB)."""
-    lines = []
-    for multiple in targets:
-        f = multiple * shaft
-        tol = max(1.5 * df, 0.02 * f)
-        width = max(BACKGROUND_BINS * df, 0.5 * shaft, 2 * tol)
-        bins = np.arange(max(1, math.ceil((f - width) / df)), min(n_bins, math.floor((f + width) / df) + 1))
-        zone = np.abs(bins * df - f) <= tol
-        if not zone.any() or zone.all():
-            bins, zone = np.array([1, 1]), np.array([True, False])
-        lines.append((bins, zone))
-    widest = max(len(b) for b, _ in lines)
-    index = np.ones((len(lines), widest), dtype=np.int64)
-    in_zone = np.zeros((len(lines), widest), dtype=bool)
-    in_background = np.zeros((len(lines), widest), dtype=bool)
-    for i, (bins, zone) in enumerate(lines):
-        index[i, : len(bins)] = bins
-        in_zone[i, : len(bins)] = zone
-        in_background[i, : len(bins)] = ~zone
-    return index, in_zone, in_background
+def _line_bins(
+    df: np.ndarray, shaft: np.ndarray, targets: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bins around each line ``targets * shaft`` of each row (bins ``df`` Hz apart, ``n_bins`` of them):
+    ``index`` ``(rows, lines, width)`` and the masks of the line's peak zone and its background in it.
+
+    Zone: within ``max(1.5 bins, 2 %)`` of the line; background: the other bins within
+    ``max(BACKGROUND_BINS bins, half the shaft frequency, twice the zone)``. A line beyond the spectrum gets
+    one peak bin equal to its one background bin (0 dB).
+    """
+    df, shaft = df[:, None, None], shaft[:, None, None]
+    f = targets[None, :, None] * shaft
+    tol = np.maximum(1.5 * df, 0.02 * f)
+    width = np.maximum(np.maximum(BACKGROUND_BINS * df, 0.5 * shaft), 2 * tol)
+    first = np.maximum(1, np.ceil((f - width) / df)).astype(np.int64)
+    last = np.minimum(n_bins, np.floor((f + width) / df).astype(np.int64) + 1)
+    count = last - first
+    bins = first + np.arange(max(2, int(count.max())))
+    valid = bins < last
+    zone = valid & (np.abs(bins * df - f) <= tol)
+    bad = (~zone.any(axis=2) | (zone == valid).all(axis=2))[..., None]
+    slot = np.arange(bins.shape[2])
+    index = np.where(bad, 1, np.where(valid, bins, 1))
+    zone = np.where(bad, slot == 0, zone)
+    background = np.where(bad, slot == 1, valid & ~zone)
+    return index, zone, background
 
 
 @functools.lru_cache(maxsize=16)

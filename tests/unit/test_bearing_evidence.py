@@ -12,6 +12,9 @@ import pytest
 from agent.features.bearing import (
     DEFAULT_GROUPS,
     BearingFeatureSpec,
+    _line_bins,
+    _local_peak_db,
+    _squared_envelope_spectra,
     bearing_features,
 )
 
@@ -164,3 +167,52 @@ def test_evidence_spec_round_trips_with_its_own_hash() -> None:
 def test_bad_groups_or_evidence_bands_are_named(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BearingFeatureSpec(**{field: value})  # type: ignore[arg-type]
+
+
+def _squared_envelope_spectrum_n_points(x: np.ndarray, rate_hz: float, lo: float, hi: float) -> tuple:
+    """The definition, at the window's full rate: ideal band-pass, analytic signal of ``n`` points, its
+    squared modulus' kurtosis and the amplitude spectrum of that, mean removed and Hann-windowed."""
+    n = len(x)
+    spectrum = np.fft.rfft(x)
+    freqs = np.fft.rfftfreq(n) * rate_hz
+    full = np.zeros(n, dtype=complex)
+    full[: n // 2 + 1] = 2 * np.where((freqs >= lo) & (freqs < hi), spectrum, 0)
+    squared = np.abs(np.fft.ifft(full)) ** 2
+    kurtosis = np.mean(squared**2) / np.mean(squared) ** 2
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
+    return np.abs(np.fft.rfft((squared - squared.mean()) * hann)), kurtosis
+
+
+@pytest.mark.parametrize(("rate_hz", "seed"), [(12000.0, 0), (10240.0, 1), (25600.0, 2)])
+def test_envelopes_at_the_bands_own_rate_equal_the_full_rate_computation(rate_hz: float, seed: int) -> None:
+    """The analytic signal of each band is computed from its own lines only (an FFT of ~2K points, not n):
+    every line of the squared envelope's spectrum and its kurtosis are those of the n-point definition."""
+    x = faulty("bpfi", 1797.0, rate_hz, seed=seed) + 0.3 * np.random.default_rng(seed).standard_normal(4096)
+    variants = np.fft.rfft(x)[None, None, :]  # one variant, one row
+    n = len(x)
+    for which, _rows, spectra, kurtosis in _squared_envelope_spectra(SPEC, variants, n, np.array([rate_hz])):
+        for j, b in enumerate(which):
+            reference, kurt = _squared_envelope_spectrum_n_points(x, rate_hz, *SPEC.evidence_bands_hz[b])
+            ours = spectra[0, j, 0]
+            assert len(ours) < len(reference)  # the point: a shorter transform ...
+            top = np.abs(reference).max()
+            np.testing.assert_allclose(ours, reference[: len(ours)], atol=1e-9 * top)  # ... the same lines
+            np.testing.assert_allclose(reference[len(ours) :], 0.0, atol=1e-9 * top)  # nothing beyond them
+            assert kurtosis[0, j, 0] == pytest.approx(kurt, rel=1e-9)
+
+
+def test_local_background_is_the_median_of_each_lines_own_bins() -> None:
+    rng = np.random.default_rng(3)
+    ses = rng.exponential(size=(3, 2, 600))
+    targets = np.array([1.0, 3.585, 5.415, 9.43, 10.83])
+    df, shaft = np.array([2.93, 2.5]), np.array([29.95, 20.0])
+    index, zone, background = _line_bins(df, shaft, targets, 600)
+    db = _local_peak_db(ses, index, zone, background)
+    for b, r, i in np.ndindex(db.shape):
+        near = ses[b, r, index[r, i]]
+        peak, level = near[zone[r, i]].max(), np.median(near[background[r, i]])
+        assert db[b, r, i] == pytest.approx(20 * np.log10(peak / level), abs=1e-12)
+        # The zone holds the line, the background the bins around it up to max(10 bins, shaft / 2, 2 zones).
+        f = targets[i] * shaft[r]
+        assert np.all(np.abs(index[r, i][zone[r, i]] * df[r] - f) <= max(1.5 * df[r], 0.02 * f))
+    assert len(np.unique(background.sum(axis=2))) > 1  # lines of different widths, odd and even counts
