@@ -33,11 +33,13 @@ CALIBRATION_IMAGES = 16
 
 @dataclass(frozen=True)
 class Design:
-    """A CNN shape: the stem's block side (1: none) and the channels of the [conv 3x3, pool] blocks."""
+    """A CNN shape: the stem's block side (1: none), the channels of the [conv 3x3, pool] blocks and the
+    input side (None: the ``size`` ``measure_designs`` is given)."""
 
     name: str
     space_to_depth: int
     channels: tuple[int, ...]
+    size: int | None = None
 
 
 DESIGNS = (
@@ -48,6 +50,11 @@ DESIGNS = (
     Design("4x4 space-to-depth, 3 blocks 48-96-192", 4, (48, 96, 192)),
     Design("4x4 space-to-depth, 3 blocks 64-128-128 (STEM_CONFIG at 128)", 4, (64, 128, 128)),
     Design("4x4 space-to-depth, 4 blocks 64-128-128-128", 4, (64, 128, 128, 128)),
+    Design("2x2 space-to-depth, 4 wide blocks 32-64-128-128", 2, (32, 64, 128, 128)),
+    Design("2x2 space-to-depth, 4 wide blocks 48-96-128-128", 2, (48, 96, 128, 128)),
+    Design("2x2 space-to-depth, 4 wide blocks 32-64-128-128 at 192", 2, (32, 64, 128, 128), 192),
+    Design("4x4 space-to-depth, 3 blocks 64-128-128 at 160 (STEM_CONFIG)", 4, (64, 128, 128), 160),
+    Design("4x4 space-to-depth, 3 blocks 64-128-128 at 192", 4, (64, 128, 128), 192),
 )
 
 
@@ -55,20 +62,22 @@ def measure_designs(
     designs: Sequence[Design], size: int = 128, runs: int = 100, rounds: int = 5, seed: int = 0
 ) -> list[dict[str, Any]]:
     """One record per design: parameters, INT8 file size, p50 ms per image FP32/INT8 at batch 1 and 16, ratios."""
-    rng = np.random.default_rng(seed)
-    calibration = rng.standard_normal((CALIBRATION_IMAGES, 1, size, size)).astype(np.float32)
-    x = rng.standard_normal((16, 1, size, size)).astype(np.float32)
     out = []
     with tempfile.TemporaryDirectory(prefix="pdm-designs-") as tmp:
         for i, d in enumerate(designs):
+            side = d.size or size
+            rng = np.random.default_rng(seed)
+            calibration = rng.standard_normal((CALIBRATION_IMAGES, 1, side, side)).astype(np.float32)
+            x = rng.standard_normal((16, 1, side, side)).astype(np.float32)
             net = Cnn.init(d.channels, len(CLASSES), seed, d.space_to_depth)
             fp32, int8 = Path(tmp) / f"d{i}.fp32.onnx", Path(tmp) / f"d{i}.int8.onnx"
-            onnx.save(net.to_onnx(size, CLASSES), str(fp32))
+            onnx.save(net.to_onnx(side, CLASSES), str(fp32))
             config = QuantizeConfig(calibration="minmax", per_channel=True, reduce_range=True)
             quantize_static_qdq(fp32, int8, calibration, config, ["softmax"], input_name="image")
             t = latency({"fp32": fp32, "int8": int8}, x, runs=runs, rounds=rounds)
             record: dict[str, Any] = {
                 "design": d.name,
+                "size": side,
                 "space_to_depth": d.space_to_depth,
                 "channels": list(d.channels),
                 "parameters": net.parameter_count,

@@ -217,9 +217,10 @@ def test_train_surface_defect_without_images_is_a_usage_error_and_all_keeps_the_
 def test_design_latency_quantizes_and_times_each_design_with_random_weights() -> None:
     from pdm_tools.images.designs import Design, measure_designs
 
-    designs = [Design("plain", 1, (4, 8)), Design("stem", 4, (8,))]
+    designs = [Design("plain", 1, (4, 8)), Design("stem", 4, (8,)), Design("stem at 64", 4, (8,), 64)]
     records = measure_designs(designs, size=32, runs=2, rounds=1)
-    assert [r["design"] for r in records] == ["plain", "stem"]
+    assert [r["design"] for r in records] == ["plain", "stem", "stem at 64"]
+    assert [r["size"] for r in records] == [32, 32, 64]
     assert records[1]["parameters"] == Cnn.init((8,), 6, 0, 4).parameter_count
     for r in records:
         assert r["int8_bytes"] > 0
