@@ -302,7 +302,7 @@ def _anomaly_quantization_section(qz: dict[str, Any], diff: dict[str, Any]) -> l
 def _classifier_card(m: Manifest) -> str:
     """Markdown for the defect classifier."""
     mt, qz, t, spec = m.metrics, m.quantization, m.training, m.feature_spec
-    top_hz = max(spec["band_edges_hz"][-1], max(hi for _, hi in spec["envelope_bands_hz"]))
+    top_hz = max(spec["band_edges_hz"][-1], *(hi for _, hi in spec.get("evidence_bands_hz", spec["envelope_bands_hz"])))
     lines = [
         f"# Model card: {m.model_id} {m.version}",
         "",
@@ -319,10 +319,7 @@ def _classifier_card(m: Manifest) -> str:
         "",
         f"{len(m.feature_names)} features (`agent.features.bearing`) of a window of {spec.get('window_samples')} "
         f"samples at any rate whose Nyquist frequency is above {top_hz:g} Hz, "
-        "and the shaft speed in rpm: time-domain statistics, band power shares, and envelope-spectrum peaks at 1..3x "
-        "the shaft, BPFI, BPFO, BSF and FTF frequencies ("
-        + ", ".join(f"{n} {v:g}" for n, v in spec["multipliers"])
-        + " x shaft speed), relative to the envelope spectrum's median level.",
+        "and the shaft speed in rpm: " + _bearing_groups(spec) + ".",
         "",
         "Outputs: `probabilities` float32 [batch, "
         + str(len(m.class_names))
@@ -502,3 +499,21 @@ def _inline(d: Any) -> str:
     if isinstance(d, list | tuple):
         return ", ".join(str(v) for v in d)
     return str(d)
+
+
+def _bearing_groups(spec: dict[str, Any]) -> str:
+    """What a bearing feature spec's column groups are, in words (version 1: the first three groups)."""
+    lines = (
+        "1..3x the shaft, BPFI, BPFO, BSF and FTF frequencies ("
+        + ", ".join(f"{n} {v:g}" for n, v in spec["multipliers"])
+        + " x shaft speed)"
+    )
+    words = {
+        "time": "time-domain statistics",
+        "band_shares": "band power shares",
+        "envelope_peaks": f"envelope-spectrum peaks at {lines}, relative to the envelope spectrum's median level",
+        "envelope_evidence": f"envelope evidence: the squared envelope's lines at {lines} and their sidebands, "
+        "each against its local background, of the raw and the pre-whitened window, best band of a fixed grid",
+    }
+    parts = [words[g] for g in spec.get("groups", ("time", "band_shares", "envelope_peaks"))]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
