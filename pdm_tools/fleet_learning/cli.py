@@ -136,7 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--version",
         default="",
         help="also write the fleet model as version VERSION of the defect classifier (ONNX, manifest with the "
-        "federation's provenance, model card) into --out, ready to copy into the agents' models_dir",
+        "federation's provenance, model card) into --out, ready to copy into the agents' models_dir; with --model "
+        "process, of process-anomaly (a template fleet install specializes with the agent's machine's baseline; "
+        "needs --fields)",
     )
     serve.add_argument(
         "--model",
@@ -161,6 +163,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--rank", type=int, default=2, help="adapters: LoRA rank (default 2)")
     serve.add_argument("--alpha", type=float, default=4.0, help="adapters: LoRA alpha (default 4)")
     serve.add_argument("--channels", type=int, default=0, help="process: the readings' channel count")
+    serve.add_argument(
+        "--fields",
+        default="",
+        help="process: the channels' names, comma-separated, in the fleet's order (the agents' --fields; "
+        "the version's feature spec)",
+    )
+    serve.add_argument(
+        "--hop", type=int, default=5, help="process --version: the feature spec's hop, in readings (default 5)"
+    )
     serve.add_argument(
         "--quantize",
         action="store_true",
@@ -209,6 +220,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     install.add_argument("version_dir", type=Path, help="a version directory written by fleet serve --version")
     install.add_argument("--models-dir", type=Path, required=True, help="the agent's inference.models_dir")
+    install.add_argument(
+        "--agent-config",
+        type=Path,
+        default=None,
+        help="process-anomaly versions: fold in this agent's machine's commissioning baseline (its first readings "
+        "in the local store) and threshold",
+    )
+    install.add_argument("--machine", default="", help="with --agent-config: the machine the version scores")
+    install.add_argument("--since", default="30d", help="with --agent-config: readings of the last 30d (default)")
     install.set_defaults(fleet_main=main_install)
 
     install_adapter = sub.add_parser(
@@ -492,8 +512,9 @@ def main_serve(args: argparse.Namespace) -> int:
             raise ValueError("--secagg is wired for the defect classifier; the process model has no SecAgg+ yet")
         if args.model == "process" and args.channels < 1:
             raise ValueError("--model process needs --channels (the readings' channel count)")
-        if args.model == "process" and args.version:
-            raise ValueError("--version ships the defect classifier; the process model has no registry version yet")
+        fields = [f for f in args.fields.split(",") if f]
+        if args.model == "process" and args.version and len(fields) != args.channels:
+            raise ValueError(f"--model process --version needs --fields naming the {args.channels} channels")
         adapter_run = _adapter_run_config(args) if args.model == "adapters" else {}
     except ValueError as exc:
         print(f"fleet serve: {exc}", file=sys.stderr)
@@ -521,7 +542,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "dp-noise": args.dp_noise,
             "dp-clip": args.dp_clip,
             **({"secagg": True} if args.secagg else {}),
-            **({"channels": args.channels} if args.model == "process" else {}),
+            **({"channels": args.channels, "fields": args.fields, "hop": args.hop} if args.model == "process" else {}),
             **({"quantize": True} if args.quantize else {}),
             **adapter_run,
         }
@@ -595,11 +616,21 @@ def main_client(args: argparse.Namespace) -> int:
 
 def main_install(args: argparse.Namespace) -> int:
     from agent.inference.errors import ModelError
-    from pdm_tools.fleet_learning.distribute import install
+    from pdm_tools.fleet_learning.distribute import install, install_process, is_process_template
 
     try:
-        target = install(args.version_dir, args.models_dir)
-    except (ModelError, OSError) as exc:
+        if is_process_template(args.version_dir):
+            if args.agent_config is None or not args.machine:
+                print(
+                    "fleet install: a fleet process version needs --agent-config and --machine (the machine "
+                    "whose commissioning baseline it is folded with)",
+                    file=sys.stderr,
+                )
+                return 2
+            target = install_process(args.version_dir, args.models_dir, args.agent_config, args.machine, args.since)
+        else:
+            target = install(args.version_dir, args.models_dir)
+    except (ModelError, OSError, ClientDataError, ValueError, RuntimeError) as exc:
         print(f"fleet install: refused: {exc}", file=sys.stderr)
         return 1
     print(f"installed {target}")

@@ -151,7 +151,7 @@ APPS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "process": (
         "pdm_tools.fleet_learning.process_app:SERVER_APP",
         "pdm_tools.fleet_learning.process_app:app",
-        {"channels": 0, "quantize": False},
+        {"channels": 0, "quantize": False, "fields": "", "hop": 5},
     ),
     "adapters": (
         "pdm_tools.fleet_learning.adapter_ship:SERVER_APP",

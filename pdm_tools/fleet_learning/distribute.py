@@ -8,6 +8,11 @@ that verifies moves to ``models_dir/.rolled-back/``; the registry falls back to 
 A version that arrives by other means and does not verify is refused by the registry, and the running
 one keeps scoring.
 
+``install_process``: a fleet process version (``fleet serve --model process --version``, a template) is first
+specialized for the agent's machine (``process_ship.specialize``: its commissioning baseline, read from the
+agent's local store as the fleet client reads it, folded into the graph, and its own threshold) in a dot
+folder of ``models_dir``, then installed as above.
+
 ``install_adapter``: a fleet adapter (``fleet serve --model adapters``) verified against the agent's base
 (the base's id, version and sha256, the adapter file's sha256, the layers' shapes), then one copy per machine
 of the type, each staged in a dot folder of the adapter store and renamed into place
@@ -17,7 +22,9 @@ of the type, each staged in a dot folder of the adapter store and renamed into p
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +53,31 @@ def install(version_dir: Path, models_dir: Path) -> Path:
     Manifest.load(staging)  # the copy, too
     staging.rename(target)
     return target
+
+
+def is_process_template(version_dir: Path) -> bool:
+    """Whether ``version_dir`` is a fleet process template (its manifest has ``training.fleet_template``)."""
+    from pdm_tools.fleet_learning.process_ship import TEMPLATE
+
+    try:
+        data = json.loads((Path(version_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False  # ``install`` says what is wrong with it
+    return isinstance(data, dict) and TEMPLATE in (data.get("training") or {})
+
+
+def install_process(template_dir: Path, models_dir: Path, agent_config: Path, machine: str, since: str) -> Path:
+    """Specialize the fleet process template for ``machine`` (its readings of the last ``since`` in the local
+    store of ``agent_config``, in the template's channel order), then ``install`` it; returns its path."""
+    from pdm_tools.fleet_learning.process_app import store_client
+    from pdm_tools.fleet_learning.process_ship import specialize
+
+    channels = Manifest.load(template_dir).feature_spec["channels"]
+    client = store_client(agent_config, machine, since, list(channels))
+    models_dir = Path(models_dir)
+    (models_dir / INCOMING).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=models_dir / INCOMING) as tmp:
+        return install(specialize(Path(template_dir), client.values[0], machine, Path(tmp)), models_dir)
 
 
 def rollback(models_dir: Path, model_id: str) -> tuple[str, Path]:

@@ -48,11 +48,14 @@ class AeTraining:
 @dataclass(frozen=True)
 class Series:
     """One machine's (one SKAB file's) smoothed z vectors: ``train`` ``(m, C)`` the commissioning windows,
-    ``test`` ``(t, C)`` one per later step; ``labels`` ``(t,)`` bool (all False when unlabelled)."""
+    ``test`` ``(t, C)`` one per later step; ``labels`` ``(t,)`` bool (all False when unlabelled); ``mean``,
+    ``scale`` ``(C,)`` the machine's commissioning baseline (the standardization behind the z vectors)."""
 
     train: np.ndarray
     test: np.ndarray
     labels: np.ndarray
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
 
 
 def smoothed_z(values: np.ndarray, labels: np.ndarray | None, config: DetectorConfig | None = None) -> Series:
@@ -70,7 +73,7 @@ def smoothed_z(values: np.ndarray, labels: np.ndarray | None, config: DetectorCo
     test = windows[cut:]
     # Unlabelled (an agent's own readings): every step counts as normal, so an alarm is a false positive.
     test_labels = np.asarray(labels, dtype=bool)[TRAIN_ROWS:] if labels is not None else np.zeros(len(test), bool)
-    return Series(train=windows[:cut], test=test, labels=test_labels)
+    return Series(train=windows[:cut], test=test, labels=test_labels, mean=det.mean, scale=det.scale)
 
 
 def init_autoencoder(n_features: int, hidden: Sequence[int], seed: int) -> Autoencoder:
@@ -126,12 +129,17 @@ def rms_score(model: Autoencoder, rows: np.ndarray) -> np.ndarray:
     return np.sqrt(model.score(rows)) if len(rows) else np.zeros(0)
 
 
+def machine_threshold(model: Autoencoder, series: Series, factor: float) -> float:
+    """A machine's threshold on the RMS score: ``factor`` times its largest commissioning score (label-free)."""
+    return factor * float(rms_score(model, series.train).max())
+
+
 def confusion(model: Autoencoder, series: Sequence[Series], factor: float) -> dict[str, int]:
     """Point-wise confusion counts over the machines' test steps, each machine thresholded at ``factor``
     times its own largest commissioning score (label-free)."""
     tp = fp = fn = tn = 0
     for s in series:
-        threshold = factor * float(rms_score(model, s.train).max())
+        threshold = machine_threshold(model, s, factor)
         flags = rms_score(model, s.test) > threshold
         tp += int((flags & s.labels).sum())
         fp += int((flags & ~s.labels).sum())

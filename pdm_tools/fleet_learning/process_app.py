@@ -9,14 +9,19 @@ client; two message types reach it:
              weights and ``num-examples``
 ``evaluate`` its machines' test steps scored by the fleet autoencoder, each against its own label-free
              threshold; replies the confusion counts ``tp``/``fp``/``fn``/``tn`` (without labels: all zero
-             but ``fp + tn``, so ``fp`` is the alarm count)
+             but ``fp + tn``, so ``fp`` is the alarm count) and the largest of its machines' thresholds
+             (``threshold-rms-max``, one number on the z scale)
+``query``    only when the federation ships a version (``fleet serve --version``): the provenance, the sha256
+             of its readings and how many commissioning windows and later steps it has (no feature sums:
+             each machine standardizes itself)
 
-What a reply never holds: a reading, a z vector, a label. The server needs no feature sums (each machine
-standardizes itself), so there is no ``query`` round.
+What a reply never holds: a reading, a z vector, a label, a machine's baseline.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,16 +44,25 @@ from pdm_tools.fleet_learning.process import (
     confusion,
     from_arrays,
     init_autoencoder,
+    machine_threshold,
     smoothed_z,
     to_arrays,
     train_autoencoder,
 )
 from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report
-from pdm_tools.fleet_learning.server_app import CountingGrid, FederationConfig, FederationError, Outcome, make_strategy
+from pdm_tools.fleet_learning.server_app import (
+    CountingGrid,
+    FederationConfig,
+    FederationError,
+    Outcome,
+    make_strategy,
+    query_clients,
+)
 from pdm_tools.models.autoencoder import Autoencoder
 
 PROCESS_FILE = "process.npz"
 COUNTS = ("tp", "fp", "fn", "tn")
+THRESHOLD_KEY = "threshold-rms-max"
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,14 @@ class ProcessClient:
     @property
     def n_channels(self) -> int:
         return int(self.values[0].shape[1])
+
+    def data_sha256(self) -> str:
+        """sha256 of the machines' readings (float64, C order, with each machine's row count): names the data
+        in the provenance without revealing it."""
+        digest = hashlib.sha256(np.array([len(v) for v in self.values], np.int64).tobytes())
+        for v in self.values:
+            digest.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
+        return digest.hexdigest()
 
     def series(self, config: DetectorConfig | None = None) -> list[Series]:
         return [smoothed_z(v, y, config) for v, y in zip(self.values, self.labels, strict=True)]
@@ -105,13 +127,18 @@ def load_process_client(folder: Path) -> ProcessClient:
 @dataclass(frozen=True)
 class ProcessFederation:
     """What the coordinator runs for the process model: the common options (``FederationConfig``; its
-    ``class_names`` are unused) and the autoencoder's shape."""
+    ``class_names`` are unused) and the autoencoder's shape. ``version``: also ship the fleet model as that
+    version of ``process-anomaly`` (``process_ship``), with the clients' provenance asked before round 1;
+    ``fields``: the channels' names in the fleet's order (the version's feature spec), ``hop``: its hop."""
 
     federation: FederationConfig
     n_channels: int
     hidden: tuple[int, ...] = PROCESS_HIDDEN
     training: AeTraining = field(default_factory=AeTraining)
     quantize: bool = False
+    version: str = ""
+    fields: tuple[str, ...] = ()
+    hop: int = 5
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.federation.to_dict().items() if k not in ("alpha", "hidden", "learning_rate")}
@@ -123,6 +150,7 @@ class ProcessFederation:
             "learning_rate": self.training.learning_rate,
             "batch_size": self.training.batch_size,
             "quantization_gate": self.quantize,
+            **({"fields": list(self.fields), "hop": self.hop} if self.fields else {}),
         }
 
 
@@ -134,16 +162,21 @@ class ProcessOutcome:
     initial: Autoencoder | None = None
     counters: Outcome = field(default_factory=Outcome)
     gate: dict[str, Any] = field(default_factory=dict)
+    threshold_rms_max: float = math.nan  # the largest machine threshold the clients reported in the last round
 
 
 def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum)."""
+    """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum), and
+    the largest machine threshold any client reported."""
     total = dict.fromkeys(COUNTS, 0)
+    thresholds = []
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         for key in COUNTS:
             total[key] += int(metrics[key])  # type: ignore[arg-type]
-    return MetricRecord(total)  # type: ignore[arg-type]
+        if THRESHOLD_KEY in metrics:
+            thresholds.append(float(metrics[THRESHOLD_KEY]))  # type: ignore[arg-type]
+    return MetricRecord({**total, **({THRESHOLD_KEY: max(thresholds)} if thresholds else {})})
 
 
 def build_process_server_app(config: ProcessFederation, outcome: ProcessOutcome) -> ServerApp:
@@ -172,6 +205,8 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
         }
     )
     counted = CountingGrid(grid, outcome.counters)
+    if config.version:  # who trains the version, by the hash of their readings
+        query_clients(counted, fed.min_clients, fed.wait_for_clients_s, fed.round_timeout_s, outcome.counters)
     result = make_strategy(fed, sum_counts).start(
         grid=counted,
         initial_arrays=to_arrays(model),
@@ -183,6 +218,8 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
     outcome.model = from_arrays(result.arrays, config.n_channels)
     for rnd, metrics in result.evaluate_metrics_clientapp.items():
         outcome.counters.evaluation[rnd] = {k: int(metrics[k]) for k in COUNTS if k in metrics}  # type: ignore[arg-type]
+        if THRESHOLD_KEY in metrics:
+            outcome.threshold_rms_max = float(metrics[THRESHOLD_KEY])  # type: ignore[arg-type]
     if config.quantize:
         outcome.gate = quantization_gate(counted, config, result.arrays)
 
@@ -216,6 +253,16 @@ def build_process_client_app(data_root: Path | None = None, detector: DetectorCo
     app = ClientApp()
     det = detector or DetectorConfig()
 
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        client, series = _data(context, data_root, det)
+        windows = sum(len(s.train) for s in series)
+        provenance = ConfigRecord(
+            {"data-sha256": client.data_sha256(), "held-out": sum(len(s.test) for s in series), "machines": len(series)}
+        )
+        stats = MetricRecord({"num-examples": windows})
+        return Message(RecordDict({"stats": stats, "provenance": provenance}), reply_to=message)
+
     @app.train()
     def train(message: Message, context: Context) -> Message:
         client, series = _data(context, data_root, det)
@@ -240,7 +287,8 @@ def build_process_client_app(data_root: Path | None = None, detector: DetectorCo
         model = _model(message, client)
         counts = confusion(model, series, det.threshold_factor)
         steps = sum(len(s.test) for s in series)
-        metrics = MetricRecord({"num-examples": steps, "unit-weight": 1, **counts})
+        threshold = max(machine_threshold(model, s, det.threshold_factor) for s in series)
+        metrics = MetricRecord({"num-examples": steps, "unit-weight": 1, **counts, THRESHOLD_KEY: threshold})
         if message.content.config_records["config"].get("quantize") is True:
             metrics.update(gate_counts(model, series, det.threshold_factor))
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
@@ -315,13 +363,27 @@ def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
     if channels < 1:
         raise ValueError(f"the process model needs its channel count (run config 'channels'), got {channels}")
     training = AeTraining(epochs=federation.training.epochs, learning_rate=federation.training.learning_rate)
-    return ProcessFederation(federation, channels, training=training, quantize=bool(run_config.get("quantize")))
+    version = str(run_config.get("version") or "")
+    fields = tuple(f for f in str(run_config.get("fields") or "").split(",") if f)
+    if version and len(fields) != channels:
+        raise ValueError(f"a process version needs the {channels} channels' names (run config 'fields'), got {fields}")
+    return ProcessFederation(
+        federation,
+        channels,
+        training=training,
+        quantize=bool(run_config.get("quantize")),
+        version=version,
+        fields=fields,
+        hop=int(run_config.get("hop", 5)),
+    )
 
 
 def _deployed_main(grid: Grid, context: Context) -> None:
     """The ServerApp of a submitted process run: the federation, then ``out-dir/process_model.npz`` (the
-    autoencoder's arrays) and ``federation.json`` (with the quantization gate's report when asked)."""
-    from pdm_tools.fleet_learning import deploy
+    autoencoder's arrays), with ``version`` the template version ``process-anomaly-<version>/``
+    (``process_ship.write_template``), and ``federation.json`` (with the quantization gate's report when
+    asked)."""
+    from pdm_tools.fleet_learning import deploy, process_ship
 
     run_config = dict(context.run_config)
     out_dir = Path(str(run_config.get("out-dir") or "."))
@@ -329,10 +391,30 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     outcome = ProcessOutcome()
     federate_process(grid, config, outcome)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shipped: dict[str, str] = {}
     if outcome.model is not None:
         arrays: dict[str, Any] = {name: a.numpy() for name, a in to_arrays(outcome.model).items()}
         np.savez(out_dir / PROCESS_MODEL_FILE, **arrays)
-    head = {"federation": config.to_dict(), "complete": outcome.model is not None}
+        if config.version:
+            try:
+                version_dir = process_ship.write_template(
+                    out_dir,
+                    config.to_dict(),
+                    outcome.counters,
+                    outcome.model,
+                    outcome.gate,
+                    outcome.threshold_rms_max,
+                    config.version,
+                    process_ship.fleet_spec(config.fields, config.hop),
+                )
+                shipped = {"version_dir": str(version_dir)}
+            except (ValueError, RuntimeError, OSError) as exc:  # the federation ran; the version did not come out
+                shipped = {"version_error": str(exc)}
+    head = {
+        "federation": config.to_dict(),
+        "complete": outcome.model is not None and "version_error" not in shipped,
+        **shipped,
+    }
     deploy.write_summary(
         out_dir, {**head, **({"quantization_gate": outcome.gate} if outcome.gate else {})}, outcome.counters
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def write_version(
         },
         quantization=quantization,
         created_by="pdm_tools.fleet_learning (Flower federation)",
-        training={"federation": provenance(config, outcome)},
+        training={"federation": provenance(config.to_dict(), outcome)},
     )
     manifest.write(folder)
     card = write_model_card(manifest, folder)
@@ -127,10 +128,11 @@ def card_section(federation: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def provenance(config: FederationConfig, outcome: Outcome) -> dict[str, Any]:
-    """What produced the model: the settings, the rounds and who took part with how much data (by hash)."""
+def provenance(settings: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
+    """What produced the model: the ``settings`` (``FederationConfig.to_dict()`` or the process federation's),
+    the rounds and who took part with how much data (by hash)."""
     return {
-        **config.to_dict(),
+        **settings,
         "rounds_completed": len(outcome.evaluation),
         "clients": [
             {"node": str(node), **facts, "rounds_trained": sum(node in p for p in outcome.participants.values())}

@@ -7,7 +7,9 @@ metrics come back from both. No timing is asserted."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +35,17 @@ ROWS = 600
 FIELDS = ("flow", "pressure", "temperature")
 
 
-def _store(tmp_path: Path, url: str, database: str) -> Path:
-    """An agent config whose local store holds ``ROWS`` readings of machines m1 and m2, 1 s apart."""
+def _store(
+    tmp_path: Path,
+    url: str,
+    database: str,
+    machines: dict[str, np.ndarray] | None = None,
+    fields: tuple[str, ...] = FIELDS,
+) -> Path:
+    """An agent config whose local store holds each machine's readings (``(ROWS, 3)``, ``fields``) 1 s apart
+    (default: m1 and m2, each at its own operating point)."""
+    if machines is None:
+        machines = {m: _machine_readings(seed, (30.0, 2.0, 60.0)) for m, seed in (("m1", 1), ("m2", 2))}
     path = tmp_path / "agent.yaml"
     path.write_text(
         json.dumps(
@@ -42,23 +53,27 @@ def _store(tmp_path: Path, url: str, database: str) -> Path:
         )
     )
     start = (time.time_ns() // NS - 60 - ROWS) * NS
-    lines = []
-    for m, seed in (("m1", 1), ("m2", 2)):
-        rng = np.random.default_rng(seed)
-        load = np.cumsum(rng.normal(0.0, 0.05, ROWS))
-        values = np.array([30.0, 2.0, 60.0]) * seed + np.outer(load, [1.0, -0.2, 0.5]) + rng.normal(0, 0.1, (ROWS, 3))
-        lines += [
-            f"reading,machine={m},sensor=process "
-            + ",".join(f"{n}={v:.4f}" for n, v in zip(FIELDS, row, strict=True))
-            + f" {start + i * NS}"
-            for i, row in enumerate(values)
-        ]
+    lines = [
+        f"reading,machine={m},sensor=process "
+        + ",".join(f"{n}={v:.4f}" for n, v in zip(fields, row, strict=True))
+        + f" {start + i * NS}"
+        for m, values in machines.items()
+        for i, row in enumerate(values)
+    ]
     sink = build_sink(load_config(path))
     try:
         sink.write(lines)
     finally:
         sink.close()
     return path
+
+
+def _machine_readings(seed: int, levels: tuple[float, float, float] = (40.0, 3.0, 5.0)) -> np.ndarray:
+    """``ROWS`` readings of three channels: the machine's operating point (``levels`` x ``seed``), a common
+    slow load wander, noise."""
+    rng = np.random.default_rng(seed)
+    load = np.cumsum(rng.normal(0.0, 0.05, ROWS))
+    return np.array(levels) * seed + np.outer(load, [1.0, -0.2, 0.5]) + rng.normal(0, 0.1, (ROWS, 3))
 
 
 def test_process_federation_on_agents_reading_their_local_store(
@@ -97,3 +112,121 @@ def test_process_federation_on_agents_reading_their_local_store(
     assert gate["clients"] == 2 and gate["fp32"]["fp"] + gate["fp32"]["tn"] == 2 * (ROWS - TRAIN_ROWS)
     with np.load(out / "process_model.npz") as model:
         assert model["w0"].shape == (3, 16) and model["w3"].shape == (16, 3)
+
+
+SHIPPED_PROCESS_MODEL = Path(__file__).resolve().parents[2] / "models" / "process_anomaly"
+AGENT_FIELDS = ("temperature", "current", "pressure")  # the shipped process-anomaly's channels
+
+
+def test_process_federation_ships_a_version_the_agents_registry_scores_with(
+    influxdb_v1: devservices.Service, influx_db_name: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """``fleet serve --model process --version`` with three agents: the template version comes out with the
+    federation's provenance and the gate's verdict; ``fleet install --agent-config --machine`` folds the
+    machine's baseline in and the agent's registry swaps it in over the shipped process-anomaly 1.0.0 and
+    scores the machine's windows (cut and featurized by the agent's code) with the machine's own threshold;
+    a corrupted later version is refused while 2.0.0 keeps scoring; ``fleet rollback`` goes back to 1.0.0."""
+    from agent.features.extract import extract_matrix
+    from agent.features.windows import Windower
+    from agent.inference.registry import ModelRegistry, default_builders
+    from agent.metrics import Metrics
+    from agent.records import Reading, Source
+
+    machines = {"m1": 1, "m2": 2, "m3": 3}
+    config = _store(
+        tmp_path, influxdb_v1.url, influx_db_name, {m: _machine_readings(s) for m, s in machines.items()}, AGENT_FIELDS
+    )
+    port = closed_port()
+    out = tmp_path / "out"
+    serve_log = tmp_path / "serve.log"
+    serve = _pdm_agent(
+        "fleet", "serve", "--model", "process", "--channels", "3", "--fields", ",".join(AGENT_FIELDS),
+        "--version", "2.0.0", "--quantize", "--host", "127.0.0.1", "--port", str(port), "--state",
+        str(tmp_path / "link"), "--out", str(out), "--rounds", "2", "--min-clients", "3", "--local-epochs", "20",
+        "--round-timeout-s", "120", "--json", log=serve_log,
+    )  # fmt: skip
+    processes.append(serve)
+    for machine in machines:
+        processes.append(
+            _pdm_agent("fleet", "client", "--superlink", f"127.0.0.1:{port}", "--agent-config", str(config),
+                       "--machine", machine, "--since", "1h", "--fields", ",".join(AGENT_FIELDS),
+                       "--runtime-port", str(closed_port()), log=tmp_path / f"agent-{machine}.log")
+        )  # fmt: skip
+    assert serve.wait(timeout=WAIT_S) == 0, serve_log.read_text(errors="replace")[-4000:]
+
+    template = out / "process-anomaly-2.0.0"
+    manifest = json.loads((template / "manifest.json").read_text(encoding="utf-8"))
+    federation = manifest["training"]["federation"]
+    assert federation["rounds_completed"] == 2 and len(federation["clients"]) == 3
+    for client in federation["clients"]:  # row counts and data hashes, never data
+        assert client["rows"] == TRAIN_ROWS - 29 and client["held-out"] == ROWS - TRAIN_ROWS
+        assert len(client["data-sha256"]) == 64 and client["rounds_trained"] == 2
+    gate = manifest["quantization"]["gate"]
+    assert gate["clients"] == 3
+    ships = "int8" if gate["int8_vs_fp32"]["accuracy_rules_passed"] else "fp32"
+    assert manifest["training"]["fleet_template"]["install_ships"] == ships
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(SHIPPED_PROCESS_MODEL, models / "process-anomaly-1.0.0")
+    registry = ModelRegistry(models, Metrics(), default_builders(1))
+    slot = registry.track("process-anomaly", "anomaly")
+    assert registry.active()["process-anomaly"][0] == "1.0.0"
+
+    def fleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "fleet", *args], capture_output=True, text=True, timeout=300, check=False
+        )
+
+    # Without the machine there is no baseline to fold in: refused, nothing installed.
+    assert fleet("install", str(template), "--models-dir", str(models)).returncode == 2
+    done = fleet("install", str(template), "--models-dir", str(models), "--agent-config", str(config),
+                 "--machine", "m1", "--since", "1h")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    registry.refresh()
+    assert registry.active()["process-anomaly"][0] == "2.0.0"
+    model = slot.model
+    assert model.version == "2.0.0" and Path(model.directory).name == "process-anomaly-2.0.0"
+    installed = json.loads((models / "process-anomaly-2.0.0" / "manifest.json").read_text(encoding="utf-8"))
+    assert installed["quantization"]["shipped"] == ships and installed["training"]["machine"]["machine"] == "m1"
+    assert installed["threshold"] != manifest["threshold"]
+
+    # The agent's path on m1's readings: its windower cuts windows, its features, the registry's model scores.
+    def scores(values: np.ndarray) -> np.ndarray:
+        windower = Windower(lambda source: model.spec, Metrics())
+        source = Source.of(machine="m1", sensor="process")
+        windows = [
+            w
+            for i, row in enumerate(values[TRAIN_ROWS:])
+            for w in windower.add(Reading(source, i * NS, dict(zip(AGENT_FIELDS, map(float, row), strict=True))))
+        ]
+        return model.score(extract_matrix(model.spec, windows))
+
+    normal = scores(_machine_readings(1))
+    # A pressure drop of 3 of m1's long-run deviations (its commissioning baseline's scale) after 60 s.
+    faulty_readings = _machine_readings(1)
+    faulty_readings[TRAIN_ROWS + 60 :, 2] -= 3 * float(installed["training"]["machine"]["baseline"]["scale"][2])
+    faulty = scores(faulty_readings)
+    print(f"m1 with fleet 2.0.0 ({ships}): threshold {model.threshold:.4g}, normal windows above "
+          f"{(normal > model.threshold).sum()}/{len(normal)}, pressure drop above "
+          f"{(faulty[-20:] > model.threshold).sum()}/20")  # fmt: skip
+    assert (normal > model.threshold).mean() < 0.05
+    assert (faulty[-20:] > model.threshold).all()
+
+    # A later version whose file is not its manifest's: refused, 2.0.0 keeps scoring.
+    bad = models / ".incoming" / "process-anomaly-2.1.0"
+    shutil.copytree(models / "process-anomaly-2.0.0", bad)
+    data = json.loads((bad / "manifest.json").read_text(encoding="utf-8"))
+    (bad / "manifest.json").write_text(json.dumps({**data, "version": "2.1.0"}), encoding="utf-8")
+    graph = bad / data["file"]
+    graph.write_bytes(graph.read_bytes()[:-4] + b"\0\0\0\0")
+    bad.rename(models / bad.name)
+    registry.refresh()
+    assert registry.active()["process-anomaly"][0] == "2.0.0"
+    assert [e.reason for p, e in registry.refused().items() if p.name == bad.name] == ["sha256"]
+    assert slot.model.score(extract_matrix(model.spec, [])).shape == (0,)
+
+    rolled = fleet("rollback", "--models-dir", str(models), "--model-id", "process-anomaly")
+    assert rolled.returncode == 0, rolled.stderr
+    registry.refresh()
+    assert registry.active()["process-anomaly"][0] == "1.0.0"

@@ -279,7 +279,7 @@ def test_fleet_serve_and_client_refuse_a_process_run_they_cannot_start(
     assert fleet_cli.main(_args(*serve[1:])) == 2
     assert "--model process needs --channels" in capsys.readouterr().err
     assert fleet_cli.main(_args(*serve[1:], "--channels", "8", "--version", "1.0.0")) == 2
-    assert "the process model has no registry version yet" in capsys.readouterr().err
+    assert "--model process --version needs --fields naming the 8 channels" in capsys.readouterr().err
     client = ("client", "--superlink", "127.0.0.1:1", "--agent-config", str(tmp_path / "agent.yaml"))
     assert fleet_cli.main(_args(*client)) == 2
     assert "--agent-config needs --machine" in capsys.readouterr().err
@@ -297,7 +297,8 @@ ALLOWED = {
         "arrays": {"w0", "b0", "w1", "b1", "w2", "b2", "w3", "b3"},
         "metrics": {"num-examples", "unit-weight", "train-mse"},
     },
-    "evaluate": {"metrics": {"num-examples", "unit-weight", "tp", "fp", "fn", "tn"}},
+    # one number per client besides the counts: its largest machine threshold (the template version's threshold)
+    "evaluate": {"metrics": {"num-examples", "unit-weight", "tp", "fp", "fn", "tn", "threshold-rms-max"}},
 }
 GATE_KEYS = {f"{v}-{k}" for v in ("fp32", "int8") for k in ("tp", "fp", "fn", "tn", "hist-pos", "hist-neg")} | {
     "int8-agree",
