@@ -64,7 +64,7 @@ from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage, PendingImages
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog
+from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog, MessageQueue
 from agent.spool.arrivals import ArrivalLog
 from agent.spool.sqlite import Spool
 from agent.storage.base import Sink
@@ -520,7 +520,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     decoder = build_inputs(config, main_decoder)  # with camera images: routed by topic
     images = build_image_store(config, metrics)
 
-    messages: queue.Queue[Message] = queue.Queue(maxsize=config.queues.messages_max)
+    messages = MessageQueue(config.queues.messages_max, config.queues.messages_max_bytes)
     # Windows for the models and process readings for the commissioning baselines, in arrival order.
     windows: queue.Queue[ScoringItem] = queue.Queue(maxsize=config.queues.windows_max)
     commands: queue.Queue[Message] = queue.Queue(maxsize=COMMANDS_MAX)

@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; with ``plugins`` false only the runtime's own commands (what ``run`` parses)."""
     parser = argparse.ArgumentParser(
         prog="pdm-agent",
         description="Edge predictive-maintenance agent: MQTT sensor data -> InfluxDB, quantized ONNX "
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_cli.add_parser(sub)
     init_cli.add_parser(sub)
     adapt_cli.add_parser(sub)
-    _add_plugin_commands(sub)
+    if plugins:
+        _add_plugin_commands(sub)
     _finish_subcommands(parser)
     return parser
 
@@ -126,9 +128,39 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
         register(sub, _setup_logging)
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (after the global options), or None.
+
+    >>> command_of(["--log-level", "DEBUG", "run", "--config", "x.yaml"])
+    'run'
+    >>> command_of(["--version"]) is None
+    True
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    for option in ("--log-level", "--log-format"):  # their values are checked by the real parser
+        pre.add_argument(option)
+    _, rest = pre.parse_known_args(list(argv))
+    return rest[0] if rest and not rest[0].startswith("-") else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. The runtime's own commands (``run``, ``config``, ``init``, ``adapt``) are parsed without
+    loading the plugins' subcommands: a plugin's registration may import its modules (the tools' CLI pulls in
+    training, evaluation, quantization and Flower: ~110 MB resident), which a service running ``pdm-agent run``
+    must not carry."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(plugins=False)
+    if command_of(argv) not in subcommands(parser):
+        parser = build_parser()  # a plugin's command, --help or a usage error: the whole command line
+    args = parser.parse_args(argv)
     return int(args.func(args))
+
+
+def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    """The names (aliases included) of ``parser``'s subcommands."""
+    return {
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
+    }
 
 
 if __name__ == "__main__":

@@ -61,6 +61,12 @@ class QueuesSection(Section):
         gt=0,
         description="Received messages waiting to be decoded; when full the MQTT thread waits (backpressure).",
     )
+    messages_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="... and their payloads' bytes together (16 MiB: a few ingest batches of vibration blocks); "
+        "when either bound is reached the MQTT thread waits.",
+    )
     windows_max: int = Field(
         2_000,
         gt=0,

@@ -86,3 +86,31 @@ def test_every_help_text_is_plain_text_for_users() -> None:
         text = parser.format_help()
         assert "``" not in text, name
         assert not re.search(r"\bthe issue\b|\bTODO\b|\bnot in the issue", text), name
+
+
+_TOOLS_IMPORTED = (
+    "import sys\n"
+    "from agent.cli import build_parser, main\n"
+    "{call}\n"
+    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pdm_tools'))\n"
+)
+
+
+def _tools_modules_after(call: str) -> list[str]:
+    import ast
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _TOOLS_IMPORTED.format(call=call)], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    return list(ast.literal_eval(out.strip().splitlines()[-1]))
+
+
+def test_run_does_not_load_the_tools_commands(tmp_path) -> None:
+    """``pdm-agent run`` parses without the plugins: the tools' CLI imports training, evaluation and Flower."""
+    missing = tmp_path / "missing.yaml"
+    assert _tools_modules_after(f"main(['--log-level', 'ERROR', 'run', '--config', {str(missing)!r}])") == []
+    assert _tools_modules_after(f"main(['config', 'validate', {str(missing)!r}])") == []
+    # The whole command line (what --help and the tools' commands get) does load them: the check can fail.
+    assert "pdm_tools.cli" in _tools_modules_after("build_parser()")
