@@ -44,6 +44,7 @@ different operating points need one route (and model id) per machine; not done.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import shutil
 import tempfile
@@ -62,6 +63,7 @@ from agent.inference.model import EXPLAIN_VALUE, TASK, OnnxAnomalyModel
 from pdm_tools.common.graph_names import INPUT_NAME, OUTPUT_NAME
 from pdm_tools.fleet_learning.process import TRAIN_ROWS, Series, smoothed_z
 from pdm_tools.fleet_learning.process_gate import CALIBRATION_STRETCH
+from pdm_tools.fleet_learning.server_app import Outcome
 from pdm_tools.fleet_learning.ship import card_section, provenance
 from pdm_tools.models.autoencoder import Autoencoder
 from pdm_tools.models.export import build_onnx
@@ -160,7 +162,7 @@ def gate_ships_int8(gate: Mapping[str, Any]) -> bool:
 def write_template(
     out_dir: Path,
     settings: Mapping[str, Any],
-    counters: Any,
+    counters: Outcome,
     model: Autoencoder,
     gate: Mapping[str, Any],
     threshold_rms: float,
@@ -313,8 +315,6 @@ def _feature_rows(spec: FeatureSpec, smoothed: np.ndarray) -> np.ndarray:
 
 
 def _sha256(values: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float64).tobytes()).hexdigest()
 
 
@@ -322,7 +322,7 @@ def _metadata(version: str, spec: FeatureSpec) -> dict[str, str]:
     return {"model_id": MODEL_ID, "version": version, "feature_spec_hash": spec.spec_hash()}
 
 
-def _evaluation(counters: Any) -> dict[str, Any]:
+def _evaluation(counters: Outcome) -> dict[str, Any]:
     return {
         "rule": "the fleet model on every client's later steps, each machine at its own threshold; counts summed",
         **{str(k): v for k, v in sorted(counters.evaluation.items())},
