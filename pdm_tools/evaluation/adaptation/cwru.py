@@ -17,7 +17,6 @@ from threadpoolctl import threadpool_limits
 from agent.adaptation.adapter import BaseIdentity, sha256_path
 from agent.adaptation.lora import BaseMlp, LoraConfig, train_lora
 from agent.adaptation.runtime import MachineAdapters
-from agent.features.bearing import BearingFeatureSpec
 from pdm_tools.datasets.cwru import (
     CLASS_NAMES,
     NORMAL_TRAIN_HOP,
@@ -30,6 +29,7 @@ from pdm_tools.datasets.cwru import (
 from pdm_tools.evaluation import classification
 from pdm_tools.evaluation.adaptation.common import SEED, DataMissing, save_adapter, train_measured
 from pdm_tools.evaluation.adaptation.serving import measure_serving
+from pdm_tools.evaluation.cwru import DEFAULT_FEATURES, FEATURE_SETS
 from pdm_tools.models.defect_mlp import MlpConfig, export_onnx, fit_mlp
 from pdm_tools.quantization import static as q
 from pdm_tools.quantization.static import quantize_classifier
@@ -59,7 +59,7 @@ def evaluate_cwru(
         recordings = load_cwru(data_dir)
     except DatasetError as exc:
         raise DataMissing(str(exc)) from exc
-    spec = BearingFeatureSpec()
+    spec = FEATURE_SETS[DEFAULT_FEATURES]  # the shipped classifier's features
     faults = [r for r in recordings if r.kind != "normal"]
     normal = max((r for r in recordings if r.kind == "normal"), key=lambda r: len(r.samples))
     loads = sorted({r.load_hp for r in faults})
