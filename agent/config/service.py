@@ -64,8 +64,8 @@ class QueuesSection(Section):
     messages_max_bytes: int = Field(
         16 * 1024 * 1024,
         gt=0,
-        description="... and their payloads' bytes together (16 MiB: a few ingest batches of vibration blocks); "
-        "when either bound is reached the MQTT thread waits.",
+        description="Payload bytes of the received messages waiting to be decoded, together (16 MiB: a few ingest "
+        "batches of vibration blocks); when this or messages_max is reached the MQTT thread waits.",
     )
     windows_max: int = Field(
         2_000,
