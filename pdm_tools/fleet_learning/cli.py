@@ -138,15 +138,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the fleet model as version VERSION of the defect classifier (ONNX, manifest with the "
         "federation's provenance, model card) into --out, ready to copy into the agents' models_dir; with --model "
         "process, of process-anomaly (a template fleet install specializes with the agent's machine's baseline; "
-        "needs --fields)",
+        "needs --fields); with --model vibration, of vibration-anomaly (likewise, its threshold factor derived "
+        "from the clients' held-out windows)",
     )
     serve.add_argument(
         "--model",
-        choices=("classifier", "process", "adapters"),
+        choices=("classifier", "process", "vibration", "adapters"),
         default="classifier",
         help="what the fleet trains: the defect classifier (default), the process autoencoder (each agent's "
-        "machine standardized by its own commissioning baseline) or one LoRA adapter on the frozen classifier "
-        "--base-model for the machines of one type (see docs/fleet.md)",
+        "machine standardized by its own commissioning baseline), the vibration autoencoder (the same, on the "
+        "agents' stored vibration features) or one LoRA adapter on the frozen classifier --base-model for the "
+        "machines of one type (see docs/fleet.md)",
     )
     serve.add_argument(
         "--base-model",
@@ -194,7 +196,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--agent-config",
         type=Path,
-        help="process model: read the machine's readings from this agent's local store (its InfluxDB)",
+        help="process or vibration model: read the machine's readings (vibration: its stored feature vectors) "
+        "from this agent's local store (its InfluxDB)",
+    )
+    client.add_argument(
+        "--model",
+        choices=("process", "vibration"),
+        default="process",
+        help="with --agent-config: the process readings (default) or the vibration features the fleet trains on",
     )
     client.add_argument("--machine", default="", help="with --agent-config: the machine whose readings train")
     client.add_argument("--since", default="30d", help="with --agent-config: readings of the last 30d (default)")
@@ -224,8 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--agent-config",
         type=Path,
         default=None,
-        help="process-anomaly versions: fold in this agent's machine's commissioning baseline (its first readings "
-        "in the local store) and threshold",
+        help="process-anomaly and fleet vibration-anomaly versions: fold in this agent's machine's commissioning "
+        "baseline (its first readings or stored vibration features in the local store) and threshold",
     )
     install.add_argument("--machine", default="", help="with --agent-config: the machine the version scores")
     install.add_argument("--since", default="30d", help="with --agent-config: readings of the last 30d (default)")
@@ -508,8 +517,8 @@ def main_serve(args: argparse.Namespace) -> int:
         )
         if args.quantize and (args.secagg or args.model == "adapters"):
             raise ValueError("--quantize runs after plain rounds of the classifier or the process model")
-        if args.model == "process" and args.secagg:
-            raise ValueError("--secagg is wired for the defect classifier; the process model has no SecAgg+ yet")
+        if args.model in ("process", "vibration") and args.secagg:
+            raise ValueError(f"--secagg is wired for the defect classifier; the {args.model} model has no SecAgg+ yet")
         if args.model == "process" and args.channels < 1:
             raise ValueError("--model process needs --channels (the readings' channel count)")
         fields = [f for f in args.fields.split(",") if f]
@@ -543,6 +552,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "dp-clip": args.dp_clip,
             **({"secagg": True} if args.secagg else {}),
             **({"channels": args.channels, "fields": args.fields, "hop": args.hop} if args.model == "process" else {}),
+            **({"signal": "vibration"} if args.model == "vibration" else {}),
             **({"quantize": True} if args.quantize else {}),
             **adapter_run,
         }
@@ -580,10 +590,11 @@ def main_client(args: argparse.Namespace) -> int:
             if not args.machine:
                 raise ClientDataError("--agent-config needs --machine (whose readings train)")
             fields = [f for f in args.fields.split(",") if f] or None
-            process = store_client(args.agent_config, args.machine, args.since, fields)
+            process = store_client(args.agent_config, args.machine, args.since, fields, signal=args.model)
             node_config = {"agent-config": str(args.agent_config.resolve()), "machine": args.machine}
-            node_config |= {"since": args.since, **({"fields": args.fields} if fields else {})}
-            what = f"machine {args.machine}, {len(process.values[0])} readings of the last {args.since} (local store)"
+            node_config |= {"since": args.since, "signal": args.model, **({"fields": args.fields} if fields else {})}
+            rows = "vibration feature vectors" if args.model == "vibration" else "readings"
+            what = f"machine {args.machine}, {len(process.values[0])} {rows} of the last {args.since} (local store)"
         elif args.base_model is not None:
             from agent.adaptation.adapter import AdapterError
             from pdm_tools.fleet_learning.adapter_ship import read_base
@@ -622,8 +633,8 @@ def main_install(args: argparse.Namespace) -> int:
         if is_process_template(args.version_dir):
             if args.agent_config is None or not args.machine:
                 print(
-                    "fleet install: a fleet process version needs --agent-config and --machine (the machine "
-                    "whose commissioning baseline it is folded with)",
+                    "fleet install: a fleet process or vibration version needs --agent-config and --machine "
+                    "(the machine whose commissioning baseline it is folded with)",
                     file=sys.stderr,
                 )
                 return 2

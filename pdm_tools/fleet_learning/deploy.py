@@ -151,7 +151,12 @@ APPS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "process": (
         "pdm_tools.fleet_learning.process_app:SERVER_APP",
         "pdm_tools.fleet_learning.process_app:app",
-        {"channels": 0, "quantize": False, "fields": "", "hop": 5},
+        {"channels": 0, "quantize": False, "fields": "", "hop": 5, "signal": "process"},
+    ),
+    "vibration": (  # the same apps on the agents' stored vibration features (``process_app``)
+        "pdm_tools.fleet_learning.process_app:SERVER_APP",
+        "pdm_tools.fleet_learning.process_app:app",
+        {"channels": 0, "quantize": False, "fields": "", "hop": 5, "signal": "vibration"},
     ),
     "adapters": (
         "pdm_tools.fleet_learning.adapter_ship:SERVER_APP",

@@ -8,10 +8,10 @@ that verifies moves to ``models_dir/.rolled-back/``; the registry falls back to 
 A version that arrives by other means and does not verify is refused by the registry, and the running
 one keeps scoring.
 
-``install_process``: a fleet process version (``fleet serve --model process --version``, a template) is first
-specialized for the agent's machine (``process_ship.specialize``: its commissioning baseline, read from the
-agent's local store as the fleet client reads it, folded into the graph, and its own threshold) in a dot
-folder of ``models_dir``, then installed as above.
+``install_process``: a fleet process or vibration version (``fleet serve --model process|vibration
+--version``, a template) is first specialized for the agent's machine (``process_ship.specialize``: its
+commissioning baseline, read from the agent's local store as the fleet client reads it, folded into the
+graph, and its own threshold) in a dot folder of ``models_dir``, then installed as above.
 
 ``install_adapter``: a fleet adapter (``fleet serve --model adapters``) verified against the agent's base
 (the base's id, version and sha256, the adapter file's sha256, the layers' shapes), then one copy per machine
@@ -67,13 +67,14 @@ def is_process_template(version_dir: Path) -> bool:
 
 
 def install_process(template_dir: Path, models_dir: Path, agent_config: Path, machine: str, since: str) -> Path:
-    """Specialize the fleet process template for ``machine`` (its readings of the last ``since`` in the local
-    store of ``agent_config``, in the template's channel order), then ``install`` it; returns its path."""
+    """Specialize the fleet process (or vibration) template for ``machine`` (its readings of the last ``since``
+    in the local store of ``agent_config``, in the template's channel order; vibration: the feature vectors the
+    agent stored for it), then ``install`` it; returns its path."""
     from pdm_tools.fleet_learning.process_app import store_client
     from pdm_tools.fleet_learning.process_ship import specialize
 
-    channels = Manifest.load(template_dir).feature_spec["channels"]
-    client = store_client(agent_config, machine, since, list(channels))
+    spec = Manifest.load(template_dir).feature_spec
+    client = store_client(agent_config, machine, since, list(spec["channels"]), signal=str(spec["kind"]))
     models_dir = Path(models_dir)
     (models_dir / INCOMING).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=models_dir / INCOMING) as tmp:

@@ -15,11 +15,20 @@ client; two message types reach it:
              of its readings and how many commissioning windows and later steps it has (no feature sums:
              each machine standardizes itself)
 
-What a reply never holds: a reading, a z vector, a label, a machine's baseline.
+The same apps federate the vibration autoencoder (``signal`` ``vibration``, ``fleet serve --model vibration``):
+a client then holds one machine's stored vibration feature vectors (one row per window, the
+``vibration-anomaly`` model's features in the agent's local store), each row standardized by the machine's
+commissioning baseline without smoothing (``smoothing_steps`` 1: the agent's vibration model scores one window
+at a time), and its ``evaluate`` reply adds ``ratio-hist``: how many of its held-out windows fall in each bin of
+score / its machine's largest commissioning score, from which the coordinator derives the fleet's threshold
+factor (``process_gate.heldout_factor``).
+
+What a reply never holds: a reading, a feature vector, a z vector, a label, a machine's baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import zlib
@@ -34,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from agent.commissioning.detector import DetectorConfig
+from agent.features.spec import FeatureSpec
 from pdm_tools.fleet_learning.client_app import _folder, _number
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.process import (
@@ -49,7 +59,7 @@ from pdm_tools.fleet_learning.process import (
     to_arrays,
     train_autoencoder,
 )
-from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report
+from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report, ratio_histogram
 from pdm_tools.fleet_learning.server_app import (
     CountingGrid,
     FederationConfig,
@@ -63,6 +73,26 @@ from pdm_tools.models.autoencoder import Autoencoder
 PROCESS_FILE = "process.npz"
 COUNTS = ("tp", "fp", "fn", "tn")
 THRESHOLD_KEY = "threshold-rms-max"
+HIST_KEY = "ratio-hist"
+SIGNALS = ("process", "vibration")
+VIBRATION_MODEL_ID = "vibration-anomaly"
+# A vibration machine stores a feature row every window (0.2 s): a client reads at most this many, oldest first.
+VIBRATION_MAX_WINDOWS = 4000
+
+
+def vibration_spec() -> FeatureSpec:
+    """The feature spec of the agent's vibration model (``models/vibration_anomaly``): what the fleet's
+    vibration clients read from the store and what its version declares."""
+    from pdm_tools.training.simdata import VIBRATION_SPEC
+
+    return VIBRATION_SPEC
+
+
+def detector_for(signal: str, detector: DetectorConfig | None = None) -> DetectorConfig:
+    """The commissioning settings of a ``signal``'s machines: vibration rows are not smoothed (one window's
+    features are one row of the agent's model)."""
+    det = detector or DetectorConfig()
+    return dataclasses.replace(det, smoothing_steps=1) if signal == "vibration" else det
 
 
 @dataclass(frozen=True)
@@ -139,12 +169,13 @@ class ProcessFederation:
     version: str = ""
     fields: tuple[str, ...] = ()
     hop: int = 5
+    signal: str = "process"
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.federation.to_dict().items() if k not in ("alpha", "hidden", "learning_rate")}
         return {
             **out,
-            "model": "process autoencoder",
+            "model": f"{self.signal} autoencoder",
             "hidden": list(self.hidden),
             "local_epochs": self.training.epochs,
             "learning_rate": self.training.learning_rate,
@@ -163,20 +194,31 @@ class ProcessOutcome:
     counters: Outcome = field(default_factory=Outcome)
     gate: dict[str, Any] = field(default_factory=dict)
     threshold_rms_max: float = math.nan  # the largest machine threshold the clients reported in the last round
+    heldout_hist: list[int] = field(default_factory=list)  # vibration: the clients' ratio histograms, last round
 
 
 def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum), and
-    the largest machine threshold any client reported."""
+    """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum), the
+    largest machine threshold any client reported, and their ratio histograms summed (vibration)."""
     total = dict.fromkeys(COUNTS, 0)
     thresholds = []
+    hist = np.zeros(0, np.int64)
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         for key in COUNTS:
             total[key] += int(metrics[key])  # type: ignore[arg-type]
         if THRESHOLD_KEY in metrics:
             thresholds.append(float(metrics[THRESHOLD_KEY]))  # type: ignore[arg-type]
-    return MetricRecord({**total, **({THRESHOLD_KEY: max(thresholds)} if thresholds else {})})
+        if HIST_KEY in metrics:
+            counts = np.asarray(metrics[HIST_KEY], np.int64)
+            hist = counts + hist if len(hist) else counts
+    return MetricRecord(
+        {
+            **total,
+            **({THRESHOLD_KEY: max(thresholds)} if thresholds else {}),
+            **({HIST_KEY: hist.tolist()} if len(hist) else {}),
+        }
+    )
 
 
 def build_process_server_app(config: ProcessFederation, outcome: ProcessOutcome) -> ServerApp:
@@ -213,13 +255,17 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
         num_rounds=fed.rounds,
         timeout=fed.round_timeout_s,
         train_config=train_config,
-        evaluate_config=ConfigRecord({"channels": config.n_channels}),
+        evaluate_config=ConfigRecord(
+            {"channels": config.n_channels, **({HIST_KEY: True} if config.signal == "vibration" else {})}
+        ),
     )
     outcome.model = from_arrays(result.arrays, config.n_channels)
     for rnd, metrics in result.evaluate_metrics_clientapp.items():
         outcome.counters.evaluation[rnd] = {k: int(metrics[k]) for k in COUNTS if k in metrics}  # type: ignore[arg-type]
         if THRESHOLD_KEY in metrics:
             outcome.threshold_rms_max = float(metrics[THRESHOLD_KEY])  # type: ignore[arg-type]
+        if HIST_KEY in metrics:
+            outcome.heldout_hist = [int(v) for v in metrics[HIST_KEY]]  # type: ignore[union-attr]
     if config.quantize:
         outcome.gate = quantization_gate(counted, config, result.arrays)
 
@@ -289,6 +335,8 @@ def build_process_client_app(data_root: Path | None = None, detector: DetectorCo
         steps = sum(len(s.test) for s in series)
         threshold = max(machine_threshold(model, s, det.threshold_factor) for s in series)
         metrics = MetricRecord({"num-examples": steps, "unit-weight": 1, **counts, THRESHOLD_KEY: threshold})
+        if message.content.config_records["config"].get(HIST_KEY) is True:
+            metrics[HIST_KEY] = ratio_histogram(model, series)
         if message.content.config_records["config"].get("quantize") is True:
             metrics.update(gate_counts(model, series, det.threshold_factor))
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
@@ -306,28 +354,43 @@ def _model(message: Message, client: ProcessClient) -> Autoencoder:
 
 
 def store_client(
-    agent_config: Path, machine: str, since: str, fields: Sequence[str] | None = None, now_ns: int | None = None
+    agent_config: Path,
+    machine: str,
+    since: str,
+    fields: Sequence[str] | None = None,
+    now_ns: int | None = None,
+    signal: str = "process",
 ) -> ProcessClient:
     """A client holding one machine's process readings of the last ``since`` (``30d``, ``12h``), read from the
     agent's local store (``agent.storage.query.LocalStore``: the local InfluxDB of ``agent_config``, even with
     every upstream unreachable) instead of a data folder. ``fields``: the channels, in the fleet's order
     (default: every numeric field the machine has, sorted). Only rows with every channel count; the first
-    ``TRAIN_ROWS`` of them are the machine's commissioning. No labels: evaluation counts alarms."""
+    ``TRAIN_ROWS`` of them are the machine's commissioning. No labels: evaluation counts alarms.
+    ``signal`` ``vibration``: instead the first ``VIBRATION_MAX_WINDOWS`` feature vectors the agent stored for
+    its ``vibration-anomaly`` model on the machine in that time (``fields`` unused: the model's features)."""
     from agent.bootstrap import build_sink
     from agent.config import load_config
     from agent.storage.query import LocalStore, since_ns
 
+    if signal not in SIGNALS:
+        raise ValueError(f"signal {signal!r}: one of {SIGNALS}")
     config = load_config(agent_config)
     sink = build_sink(config)
     try:
-        found = LocalStore(sink).readings(machine, since_ns(since, now_ns), fields=fields).complete()
+        store, start = LocalStore(sink), since_ns(since, now_ns)
+        if signal == "vibration":
+            names = vibration_spec().feature_names()
+            found = store.features(machine, VIBRATION_MODEL_ID, names, start, limit=VIBRATION_MAX_WINDOWS).complete()
+        else:
+            found = store.readings(machine, start, fields=fields).complete()
     finally:
         sink.close()
     if len(found) < TRAIN_ROWS:
+        what = "vibration feature vectors" if signal == "vibration" else "complete readings"
         channels = ", ".join(found.columns) or "any field"
         raise ClientDataError(
-            f"machine {machine}: {len(found)} complete readings ({channels}) in the last {since} in the local "
-            f"store; the process model needs at least {TRAIN_ROWS}"
+            f"machine {machine}: {len(found)} {what} ({channels}) in the last {since} in the local "
+            f"store; the {signal} model needs at least {TRAIN_ROWS}"
         )
     return ProcessClient(machine, (found.values,), (None,))
 
@@ -337,11 +400,14 @@ def _data(context: Context, data_root: Path | None, det: DetectorConfig) -> tupl
     when the node names ``agent-config`` and ``machine`` (and ``since``, ``fields``), else from its folder."""
     node = context.node_config
     if "agent-config" in node:
-        key = tuple(str(node.get(k, "")) for k in ("agent-config", "machine", "since", "fields"))
+        key = tuple(str(node.get(k, "")) for k in ("agent-config", "machine", "since", "fields", "signal"))
         if key not in _loaded:
-            config, machine, since, fields = key
-            client = store_client(Path(config), machine, since or "30d", [f for f in fields.split(",") if f] or None)
-            _loaded[key] = (client, client.series(det))
+            config, machine, since, fields, signal = key
+            signal = signal or "process"
+            client = store_client(
+                Path(config), machine, since or "30d", [f for f in fields.split(",") if f] or None, signal=signal
+            )
+            _loaded[key] = (client, client.series(detector_for(signal, det)))
         return _loaded[key]
     folder = _folder(context, data_root)
     if folder not in _loaded:
@@ -359,12 +425,18 @@ def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
     from pdm_tools.fleet_learning import deploy
 
     federation = deploy.config_from_run({k: v for k, v in run_config.items() if k in deploy.RUN_CONFIG})
+    signal = str(run_config.get("signal") or "process")
+    if signal not in SIGNALS:
+        raise ValueError(f"run config 'signal' {signal!r}: one of {SIGNALS}")
     channels = int(run_config.get("channels", 0))
+    fields = tuple(f for f in str(run_config.get("fields") or "").split(",") if f)
+    if signal == "vibration":  # the agent's vibration features, in its model's order
+        fields = vibration_spec().feature_names()
+        channels = channels or len(fields)
     if channels < 1:
         raise ValueError(f"the process model needs its channel count (run config 'channels'), got {channels}")
     training = AeTraining(epochs=federation.training.epochs, learning_rate=federation.training.learning_rate)
     version = str(run_config.get("version") or "")
-    fields = tuple(f for f in str(run_config.get("fields") or "").split(",") if f)
     if version and len(fields) != channels:
         raise ValueError(f"a process version needs the {channels} channels' names (run config 'fields'), got {fields}")
     return ProcessFederation(
@@ -375,15 +447,18 @@ def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
         version=version,
         fields=fields,
         hop=int(run_config.get("hop", 5)),
+        signal=signal,
     )
 
 
 def _deployed_main(grid: Grid, context: Context) -> None:
-    """The ServerApp of a submitted process run: the federation, then ``out-dir/process_model.npz`` (the
-    autoencoder's arrays), with ``version`` the template version ``process-anomaly-<version>/``
-    (``process_ship.write_template``), and ``federation.json`` (with the quantization gate's report when
-    asked)."""
+    """The ServerApp of a submitted process or vibration run: the federation, then ``out-dir/process_model.npz``
+    (the autoencoder's arrays), with ``version`` the template version ``process-anomaly-<version>/`` or
+    ``vibration-anomaly-<version>/`` (``process_ship.write_template``; vibration: its threshold factor derived
+    from the clients' held-out windows, ``process_gate.heldout_factor``), and ``federation.json`` (with the
+    quantization gate's report when asked)."""
     from pdm_tools.fleet_learning import deploy, process_ship
+    from pdm_tools.fleet_learning.process_gate import heldout_factor
 
     run_config = dict(context.run_config)
     out_dir = Path(str(run_config.get("out-dir") or "."))
@@ -392,11 +467,19 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     federate_process(grid, config, outcome)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped: dict[str, str] = {}
+    threshold: dict[str, Any] = {}
     if outcome.model is not None:
         arrays: dict[str, Any] = {name: a.numpy() for name, a in to_arrays(outcome.model).items()}
         np.savez(out_dir / PROCESS_MODEL_FILE, **arrays)
         if config.version:
             try:
+                detector = detector_for(config.signal)
+                if config.signal == "vibration":
+                    spec = vibration_spec()
+                    threshold = heldout_factor(outcome.heldout_hist, detector.threshold_factor)
+                    detector = dataclasses.replace(detector, threshold_factor=threshold["factor"])
+                else:
+                    spec = process_ship.fleet_spec(config.fields, config.hop)
                 version_dir = process_ship.write_template(
                     out_dir,
                     config.to_dict(),
@@ -405,7 +488,9 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                     outcome.gate,
                     outcome.threshold_rms_max,
                     config.version,
-                    process_ship.fleet_spec(config.fields, config.hop),
+                    spec,
+                    detector,
+                    threshold,
                 )
                 shipped = {"version_dir": str(version_dir)}
             except (ValueError, RuntimeError, OSError) as exc:  # the federation ran; the version did not come out
@@ -414,6 +499,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
         "federation": config.to_dict(),
         "complete": outcome.model is not None and "version_error" not in shipped,
         **shipped,
+        **({"threshold_factor": threshold} if threshold else {}),
     }
     deploy.write_summary(
         out_dir, {**head, **({"quantization_gate": outcome.gate} if outcome.gate else {})}, outcome.counters

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pdm_tools.evaluation.skab import Confusion
-from pdm_tools.fleet_learning.process import Series
+from pdm_tools.fleet_learning.process import Series, rms_score
 from pdm_tools.models.autoencoder import Autoencoder
 from pdm_tools.models.export import export_onnx
 from pdm_tools.quantization import gate
@@ -69,6 +69,48 @@ def gate_counts(model: Autoencoder, series: Sequence[Series], factor: float) -> 
     out["int8-agree"] = int(sum((a == b).sum() for a, b in zip(flags["fp32"], flags["int8"], strict=True)))
     out["steps"] = int(sum(len(s.test) for s in series))
     return out
+
+
+def ratio_histogram(model: Autoencoder, series: Sequence[Series]) -> list[int]:
+    """The held-out steps of a client's machines on ``RATIO_EDGES``: each step's RMS score over its machine's
+    largest commissioning RMS score (what the fleet's threshold factor multiplies; ``heldout_factor``)."""
+    counts = np.zeros(len(RATIO_EDGES) - 1, np.int64)
+    for s in series:
+        top = float(rms_score(model, s.train).max())
+        counts += np.histogram(rms_score(model, s.test) / top, RATIO_EDGES)[0]
+    return counts.tolist()
+
+
+def heldout_factor(hist: Sequence[int], floor: float, quantile: float = 0.999, margin: float = 1.5) -> dict[str, Any]:
+    """The fleet's threshold factor from the clients' pooled ``ratio_histogram`` of held-out steps: ``margin``
+    x the upper edge of the bin holding the ``quantile`` of the pooled ratios, never below ``floor``; with
+    how many held-out steps lie in bins reaching above it (at most that many would have alarmed).
+    ``ValueError`` when there is no held-out step, or the quantile lies beyond the last finite edge.
+
+    >>> [round(heldout_factor([0] * k + [10] + [0] * (121 - k), 2.4)["factor"], 3) for k in (60, 80)]
+    [2.4, 6.962]
+    """
+    counts = np.asarray(hist, np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no client reported a held-out step: nothing to derive the threshold from")
+    k = int(np.searchsorted(np.cumsum(counts), quantile * total))
+    upper = float(RATIO_EDGES[k + 1])
+    if not np.isfinite(upper):
+        raise ValueError(
+            f"the held-out steps' {quantile:g} quantile is beyond {RATIO_EDGES[-2]:g}x their "
+            "commissioning maximum: no sensible threshold"
+        )
+    factor = max(floor, margin * upper)
+    above = int(counts[RATIO_EDGES[1:] > factor].sum())
+    return {
+        "factor": factor,
+        "rule": f"max({floor:g}, {margin:g} x the pooled {quantile:g} quantile of held-out score / the machine's "
+        "largest commissioning score (upper bin edge))",
+        "quantile_upper_edge": upper,
+        "heldout_steps": total,
+        "heldout_steps_above_at_most": above,
+    }
 
 
 def binned_auc(pos: Sequence[int], neg: Sequence[int]) -> float:

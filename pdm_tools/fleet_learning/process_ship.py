@@ -39,6 +39,13 @@ two steps:
 One agent, one machine per process route: the agent's routes map sensors to one model, so every machine an
 agent scores with this model shares the installed machine's baseline. Agents with several machines of
 different operating points need one route (and model id) per machine; not done.
+
+The fleet's vibration autoencoder ships the same way as a version of ``vibration-anomaly`` (the spec's kind
+names the model): its rows are the window's features themselves (the agent's vibration feature row, not
+smoothed: ``smoothing_steps`` 1), so the graph standardizes the whole row with the machine's baseline and
+needs no ``Gather``; the template's ``detector`` carries the fleet's threshold factor, derived by the
+coordinator from the clients' held-out windows (``process_gate.heldout_factor``), which ``specialize`` applies
+to the machine's own commissioning maximum.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from pdm_tools.quantization import static as q
 from pdm_tools.training.train import FP32_FILE, INT8_FILE
 
 MODEL_ID = "process-anomaly"
+MODEL_IDS = {"process": MODEL_ID, "vibration": "vibration-anomaly"}  # by the feature spec's kind
 TEMPLATE = "fleet_template"
 CARD_FILE = "MODEL_CARD.md"
 _CHANNEL_INPUT = "channel_means"
@@ -134,7 +142,9 @@ def build_graph(
     model: Autoencoder, spec: FeatureSpec, path: Path, calibration: np.ndarray | None, metadata: Mapping[str, str]
 ) -> Path:
     """Write the version's graph to ``path``: FP32, or INT8 (static QDQ, the gate's recipe) calibrated on the
-    smoothed readings ``calibration`` ``(n, C)`` when given; the standardization and score stay float."""
+    smoothed readings ``calibration`` ``(n, C)`` when given; the standardization and score stay float. A
+    process graph is wrapped behind the agent's feature row (``wrap_features``); a vibration graph's rows are
+    the feature rows."""
     with tempfile.TemporaryDirectory(prefix="pdm-fleet-process-") as tmp:
         fp32 = Path(tmp) / FP32_FILE
         fp32.write_bytes(build_onnx(model, metadata).SerializeToString())
@@ -142,7 +152,9 @@ def build_graph(
         if calibration is not None:
             chosen = Path(tmp) / INT8_FILE
             q.quantize(fp32, chosen, np.asarray(calibration, np.float32), q.QuantizeConfig())
-        proto = wrap_features(onnx.load(str(chosen)), spec)
+        proto = onnx.load(str(chosen))
+        if spec.kind == "process":
+            proto = wrap_features(proto, spec)
     path.write_bytes(proto.SerializeToString())
     return path
 
@@ -169,15 +181,18 @@ def write_template(
     version: str,
     spec: FeatureSpec,
     detector: DetectorConfig | None = None,
+    heldout: Mapping[str, Any] | None = None,
 ) -> Path:
-    """The coordinator's ``out_dir/process-anomaly-<version>`` (module docstring); returns it after loading it
-    the way an agent's registry will. ``counters``: the federation's ``server_app.Outcome``."""
+    """The coordinator's ``out_dir/process-anomaly-<version>`` (or ``vibration-anomaly-<version>`` for a
+    vibration spec; module docstring); returns it after loading it the way an agent's registry will.
+    ``counters``: the federation's ``server_app.Outcome``; ``heldout``: how the detector's threshold factor
+    came from the clients' held-out windows (``process_gate.heldout_factor``), kept in the manifest."""
     detector = detector or DetectorConfig()
-    if model.n_features != len(spec.channels):
-        raise ValueError(f"the fleet autoencoder has {model.n_features} channels, the fields {list(spec.channels)}")
+    if model.n_features != len(row_names(spec)):
+        raise ValueError(f"the fleet autoencoder has {model.n_features} inputs, the spec's rows {row_names(spec)}")
     if not math.isfinite(threshold_rms) or threshold_rms <= 0:
         raise ValueError(f"no machine threshold came back from the clients ({threshold_rms})")
-    folder = Path(out_dir) / f"{MODEL_ID}-{version}"
+    folder = Path(out_dir) / f"{MODEL_IDS[spec.kind]}-{version}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     identity = channel_graph(model, np.zeros(model.n_features), np.ones(model.n_features))
@@ -188,6 +203,7 @@ def write_template(
         "detector": detector.to_dict(),
         "commissioning_readings": TRAIN_ROWS,
         "install_ships": "int8" if gate_ships_int8(gate) else "fp32",
+        **({"threshold_factor_from_heldout": dict(heldout)} if heldout else {}),
     }
     manifest = _manifest(
         version,
@@ -232,7 +248,8 @@ def specialize(template_dir: Path, values: np.ndarray, machine: str, out_dir: Pa
     path = build_graph(
         folded, spec, folder / (INT8_FILE if int8 else FP32_FILE), calibration, _metadata(template.version, spec)
     )
-    # The machine's smoothed readings at every commissioning / later step, as the agent's feature rows.
+    # The machine's smoothed readings (vibration: feature rows) at every commissioning / later step, as the
+    # agent's feature rows.
     parts = {"train": series.train, "test": series.test}
     rows = {part: _feature_rows(spec, series.mean + series.scale * z) for part, z in parts.items()}
     sess = q.session(path)
@@ -260,6 +277,7 @@ def specialize(template_dir: Path, values: np.ndarray, machine: str, out_dir: Pa
             f"{detector.threshold_factor:g}^2 x the largest score of machine {machine}'s {len(series.train)} "
             f"commissioning windows under this graph ({detector.threshold_factor:g} x the largest RMS score, "
             "squared): the fleet's per-machine rule, label-free"
+            + ("; the factor from the clients' held-out windows" if "threshold_factor_from_heldout" in facts else "")
         ),
         metrics={
             **template.metrics,
@@ -307,8 +325,17 @@ def read_autoencoder(path: Path) -> Autoencoder:
     return Autoencoder(mean=np.zeros(n, np.float32), scale=np.ones(n, np.float32), weights=weights, biases=biases)
 
 
+def row_names(spec: FeatureSpec) -> list[str]:
+    """What one row of the fleet autoencoder is: a process spec's channels (their smoothed readings), a
+    vibration spec's features."""
+    return list(spec.channels) if spec.kind == "process" else list(spec.feature_names())
+
+
 def _feature_rows(spec: FeatureSpec, smoothed: np.ndarray) -> np.ndarray:
-    """Feature rows whose ``_mean`` columns are ``smoothed`` (the graph reads nothing else)."""
+    """Feature rows whose ``_mean`` columns are ``smoothed`` (the graph reads nothing else); a vibration
+    spec's rows are ``smoothed`` itself."""
+    if spec.kind != "process":
+        return np.asarray(smoothed, np.float32)
     x = np.zeros((len(smoothed), spec.n_features), np.float32)
     x[:, mean_columns(spec)] = smoothed
     return x
@@ -319,7 +346,7 @@ def _sha256(values: np.ndarray) -> str:
 
 
 def _metadata(version: str, spec: FeatureSpec) -> dict[str, str]:
-    return {"model_id": MODEL_ID, "version": version, "feature_spec_hash": spec.spec_hash()}
+    return {"model_id": MODEL_IDS[spec.kind], "version": version, "feature_spec_hash": spec.spec_hash()}
 
 
 def _evaluation(counters: Outcome) -> dict[str, Any]:
@@ -341,7 +368,7 @@ def _manifest(
 ) -> Manifest:
     return Manifest(
         schema_version=SCHEMA_VERSION,
-        model_id=MODEL_ID,
+        model_id=MODEL_IDS[spec.kind],
         version=version,
         task=TASK,
         file=path.name,
@@ -355,7 +382,7 @@ def _manifest(
         threshold_rule=rule,
         metrics=metrics,
         quantization=quantization,
-        created_by="pdm_tools.fleet_learning (Flower federation of the process autoencoder)",
+        created_by=f"pdm_tools.fleet_learning (Flower federation of the {spec.kind} autoencoder)",
         training=training,
     )
 
@@ -363,16 +390,32 @@ def _manifest(
 def _card(folder: Path, manifest: Manifest) -> Path:
     """A short model card from the manifest, and the federation's section (``ship.card_section``)."""
     machine = manifest.training.get("machine")
+    spec = manifest.spec()
+    assert isinstance(spec, FeatureSpec)
+    reads = (
+        f"reads the `_mean` columns of {', '.join(spec.channels)} (window {spec.window_samples} readings)"
+        if spec.kind == "process"
+        else f"reads the window's {spec.n_features} vibration features (window {spec.window_samples} samples)"
+    )
+    heldout = manifest.training.get(TEMPLATE, {}).get("threshold_factor_from_heldout")
     lines = [
-        f"# Model card: {manifest.model_id} {manifest.version} (fleet process autoencoder)",
+        f"# Model card: {manifest.model_id} {manifest.version} (fleet {spec.kind} autoencoder)",
         "",
-        "Unsupervised anomaly model for process windows, trained by a Flower federation on every agent's own "
+        f"Unsupervised anomaly model for {spec.kind} windows, trained by a Flower federation on every agent's own "
         "commissioning data; each machine standardized by its own commissioning baseline. Generated; do not edit.",
         "",
         f"- Shipped file: `{manifest.file}` (sha256 `{manifest.sha256}`), {manifest.quantization.get('shipped')}",
-        f"- Feature spec hash: `{manifest.feature_spec_hash}`; reads the `_mean` columns of "
-        f"{', '.join(manifest.spec().channels)} (window {manifest.feature_spec['window_samples']} readings)",  # type: ignore[union-attr]
+        f"- Feature spec hash: `{manifest.feature_spec_hash}`; {reads}",
         f"- Threshold: **{manifest.threshold:.6g}** ({manifest.threshold_rule})",
+        *(
+            [
+                f"- Threshold factor {heldout['factor']:.4g} from {heldout['heldout_steps']} held-out windows of "
+                f"the clients (federated evaluation): {heldout['rule']}; at most "
+                f"{heldout['heldout_steps_above_at_most']} of them above it"
+            ]
+            if heldout
+            else []
+        ),
         (
             f"- Machine: {machine['machine']}, baseline from its first {machine['commissioning_readings']} readings "
             f"(sha256 of its readings `{machine['data_sha256'][:16]}`)"

@@ -117,3 +117,64 @@ def test_specialize_refuses_a_version_that_is_not_a_fleet_template(tmp_path: Pat
     shipped = Path(__file__).resolve().parents[2] / "models" / "process_anomaly"
     with pytest.raises(ValueError, match="not a fleet process template"):
         specialize(shipped, _readings(500, (1.0, 1.0, 1.0), 0), "m1", tmp_path)
+
+
+def _pump_rows(index: int, seconds: float, fault: str = "") -> np.ndarray:
+    """Vibration feature rows of simulated pump ``index`` (the serving path's windows and features)."""
+    import dataclasses
+
+    from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
+    from pdm_tools.training.simdata import VIBRATION_SPEC, vibration_rows
+
+    profile = dataclasses.replace(fleet_profile(index, 3), rpm=1500.0 * (0.6 + 0.4 * index))
+    faults = [Fault(profile.name, fault, seconds - 10.0, severity=0.25, ramp_s=0.0)] if fault else []
+    return vibration_rows(SimulatedMachine(profile, faults, 3), seconds, VIBRATION_SPEC).astype(np.float64)
+
+
+def test_vibration_template_specialized_for_a_machine_scores_its_windows(tmp_path: Path) -> None:
+    """The fleet vibration autoencoder (rows: one window's features, each machine standardized by its
+    commissioning baseline, no smoothing) as a ``vibration-anomaly`` version: the shipped model's feature
+    spec, the threshold factor from the held-out windows applied to the machine's own commissioning maximum."""
+    from pdm_tools.fleet_learning.process_app import detector_for, sum_counts, vibration_spec
+    from pdm_tools.fleet_learning.process_gate import RATIO_EDGES, heldout_factor, ratio_histogram
+    from pdm_tools.fleet_learning.process_ship import read_autoencoder
+
+    det = detector_for("vibration")
+    series = [smoothed_z(_pump_rows(i, 110.0), None, det) for i in (1, 2)]
+    model, _ = train_autoencoder(
+        init_autoencoder(16, (16, 4, 16), 0), np.concatenate([s.train for s in series]), AeTraining(epochs=40), 0
+    )
+    # What the clients' evaluate replies sum to, and the factor the coordinator derives from it.
+    from flwr.app import MetricRecord, RecordDict
+
+    counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
+    replies = [RecordDict({"m": MetricRecord({**counts, "ratio-hist": ratio_histogram(model, [s])})}) for s in series]
+    pooled = list(sum_counts(replies, "num-examples")["ratio-hist"])  # type: ignore[arg-type]
+    assert len(pooled) == len(RATIO_EDGES) - 1 and sum(pooled) == sum(len(s.test) for s in series)
+    heldout = heldout_factor(pooled, det.threshold_factor)
+    assert heldout["factor"] >= det.threshold_factor
+    det = DetectorConfig(smoothing_steps=1, threshold_factor=heldout["factor"])
+    counters = Outcome()
+    counters.provenance = {7: {"rows": TRAIN_ROWS, "data-sha256": "cd" * 32, "held-out": 150}}
+    counters.participants = {1: [7]}
+    settings = {"strategy": "fedavg", "rounds": 1, "local_epochs": 5, "model": "vibration autoencoder"}
+    template = write_template(
+        tmp_path / "out", settings, counters, model, {}, 1.5, "2.0.0", vibration_spec(), det, heldout
+    )
+    assert template.name == "vibration-anomaly-2.0.0"
+    shipped = Manifest.load(Path(__file__).resolve().parents[2] / "models" / "vibration_anomaly")
+    assert Manifest.load(template).feature_spec_hash == shipped.feature_spec_hash
+
+    values = _pump_rows(0, 110.0)  # a machine no client had (another speed)
+    version = specialize(template, values, "m1", tmp_path / "agent")
+    loaded = OnnxAnomalyModel.load(version)
+    assert loaded.model_id == "vibration-anomaly" and loaded.n_features == 16
+    own = smoothed_z(values, None, det)
+    fleet = read_autoencoder(template / Manifest.load(template).file)
+    scores = loaded.score(values.astype(np.float32))
+    np.testing.assert_allclose(scores[: len(own.train)], fleet.score(own.train), rtol=1e-3, atol=1e-6)
+    largest = float(fleet.score(own.train).max())
+    assert loaded.threshold == pytest.approx(heldout["factor"] ** 2 * largest, rel=1e-4)
+    assert (scores[TRAIN_ROWS:] > loaded.threshold).mean() < 0.05
+    faulty = loaded.score(_pump_rows(0, 110.0, "bearing_outer")[-40:].astype(np.float32))
+    assert (faulty > loaded.threshold).mean() > 0.9
