@@ -24,7 +24,8 @@ Methods (4096-sample windows unless said):
   cpw-full    CPW then SES of the whole band (Smith & Randall 2015, their second method): one band, so no
               best-of-13 choice inflates the healthy maximum
   sk          the band of largest spectral kurtosis (a fast-kurtogram-like grid: 3000, 2000, 1500, 1000
-              and 750 Hz wide bands tiling 0-6000 Hz, chosen per window without looking at any line), SES
+              and 750 Hz wide bands tiling 0 Hz to Nyquist, or to ``--sk-top-hz``; chosen per window without
+              looking at any line), SES
   tsa-sk      the shaft's time-synchronous average (period from the rpm, resampled to 512 samples per
               revolution) subtracted first (removes the shaft harmonics: discrete/random separation), then
               as ``sk`` (Smith & Randall's benchmark method)
@@ -72,6 +73,7 @@ HOP = 2048
 # Kurtogram-like band grid: widths fs/4, fs/6, fs/8, fs/12, fs/16 at 12 kHz (Antoni's levels 1 to 3 with
 # the 1/3 levels); narrower bands cannot carry 3 x BPFI (~490 Hz) in their envelope.
 SK_WIDTHS_HZ = (3000.0, 2000.0, 1500.0, 1000.0, 750.0)
+SK_TOP_HZ = 6000.0
 TSA_SAMPLES_PER_REV = 512
 METHODS = ("v1", "ses-grid", "cpw-grid", "cpw-full", "sk", "tsa-sk", "cpw-sk", "cpw-full-8", "cpw-full-4x")
 FAMILIES = ("bpfi", "bpfo", "bsf")
@@ -110,13 +112,14 @@ def family_evidence(spectra: np.ndarray, rate: float, n: int, rpm: float) -> np.
     return np.stack([per["bpfi"], per["bpfo"], np.maximum(per["bsf"], per["bsf_even"])], axis=1)
 
 
-def _sk_grid(rate: float) -> list[tuple[float, float]]:
-    return [(k * w, (k + 1) * w) for w in SK_WIDTHS_HZ for k in range(int(rate / 2 // w))]
+def _sk_grid(rate: float, top_hz: float) -> list[tuple[float, float]]:
+    top = min(rate / 2, top_hz)
+    return [(k * w, (k + 1) * w) for w in SK_WIDTHS_HZ for k in range(int(top // w))]
 
 
-def _best_sk_band(spectrum: np.ndarray, freqs: np.ndarray, n: int, rate: float) -> np.ndarray:
+def _best_sk_band(spectrum: np.ndarray, freqs: np.ndarray, n: int, rate: float, top_hz: float) -> np.ndarray:
     """Per row, the SES of the band of largest envelope kurtosis in ``_sk_grid``."""
-    results = [ses(spectrum, freqs, lo, hi, n) for lo, hi in _sk_grid(rate)]
+    results = [ses(spectrum, freqs, lo, hi, n) for lo, hi in _sk_grid(rate, top_hz)]
     kurt = np.stack([k for _, k in results])  # (bands, m)
     pick = kurt.argmax(axis=0)
     return np.stack([results[b][0][i] for i, b in enumerate(pick)])
@@ -143,8 +146,9 @@ def tsa_residual(x: np.ndarray, rate: float, rpm: float) -> np.ndarray:
     return out
 
 
-def evidence(method: str, samples: np.ndarray, rate: float, rpm: float) -> np.ndarray:
-    """``(windows, 3)`` evidence of BPFI, BPFO, BSF of ``method`` over the windows of ``samples``."""
+def evidence(method: str, samples: np.ndarray, rate: float, rpm: float, sk_top_hz: float = SK_TOP_HZ) -> np.ndarray:
+    """``(windows, 3)`` evidence of BPFI, BPFO, BSF of ``method`` over the windows of ``samples`` (the kurtogram's
+    bands end at ``sk_top_hz``)."""
     n = 4 * WINDOW if method == "cpw-full-4x" else WINDOW
     x = cut(samples, n, HOP)
     if len(x) == 0:
@@ -161,7 +165,7 @@ def evidence(method: str, samples: np.ndarray, rate: float, rpm: float) -> np.nd
     if method.startswith("cpw-full"):
         spectra, _ = ses(spectrum, freqs, freqs[1], rate / 2, n)
     else:
-        spectra = _best_sk_band(spectrum, freqs, n, rate)
+        spectra = _best_sk_band(spectrum, freqs, n, rate, sk_top_hz)
     if method == "cpw-full-8":
         # Averaged over 8 consecutive windows (hop 2048: 18432 samples); one row per such segment.
         k = 8
@@ -195,7 +199,10 @@ def _from_features(method: str, x: np.ndarray, rate: float, rpm: float) -> np.nd
 
 
 def visibility(
-    recordings: Sequence[Recording], methods: Sequence[str] = METHODS, progress: Callable[[str], None] | None = None
+    recordings: Sequence[Recording],
+    methods: Sequence[str] = METHODS,
+    progress: Callable[[str], None] | None = None,
+    sk_top_hz: float = SK_TOP_HZ,
 ) -> dict[str, Any]:
     """Per method and bearing: the verdict and its figures (see the module docstring); JSON-ready."""
     faults = [r for r in recordings if r.kind != "normal"]
@@ -207,14 +214,14 @@ def visibility(
     for method in methods:
         t0 = time.perf_counter()
         if method in ("cpw-full-4x", "cpw-full-8"):  # the parts are too short for these segments
-            healthy = evidence(method, normal.samples, normal.rate_hz, normal.rpm)
+            healthy = evidence(method, normal.samples, normal.rate_hz, normal.rpm, sk_top_hz)
         else:
             healthy = np.concatenate(
-                [evidence(method, part, normal.rate_hz, normal.rpm) for part in normal_parts(normal)]
+                [evidence(method, part, normal.rate_hz, normal.rpm, sk_top_hz) for part in normal_parts(normal)]
             )
         rows: dict[str, Any] = {}
         for name, recs in sorted(bearings.items()):
-            ev = np.concatenate([evidence(method, r.samples, r.rate_hz, r.rpm) for r in recs])
+            ev = np.concatenate([evidence(method, r.samples, r.rate_hz, r.rpm, sk_top_hz) for r in recs])
             own = FAMILIES.index(DEFECT_FREQUENCY[recs[0].kind])
             others = [j for j in range(3) if j != own]
             median = float(np.median(ev[:, own]))
@@ -328,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="CWRU folder with index.json")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument(
+        "--sk-top-hz", type=float, default=SK_TOP_HZ, help=f"top of the kurtogram's bands (default {SK_TOP_HZ:g})"
+    )
     parser.add_argument("--scan", action="store_true", help="also the strongest envelope lines of each recording")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -339,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"cwru_visibility: {exc}", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"methods": visibility(recordings, methods, lambda s: print(s, file=sys.stderr))}
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    result: dict[str, Any] = {"methods": visibility(recordings, methods, progress, args.sk_top_hz)}
     if args.scan:
         result["scan"] = scan(recordings)
     if args.json:
