@@ -379,6 +379,7 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
             clients[0].n_channels,
             training=AeTraining(epochs=args.local_epochs),
             quantize=not args.no_quantize,
+            signal="vibration" if args.dataset == "simulator-vibration" else "process",
         )
         make_strategy(federation)
         with threadpool_limits(limits=1, user_api="blas"):

@@ -59,7 +59,7 @@ from pdm_tools.fleet_learning.process import (
     to_arrays,
     train_autoencoder,
 )
-from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report, ratio_histogram
+from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report, quantile_edge, ratio_histogram
 from pdm_tools.fleet_learning.server_app import (
     CountingGrid,
     FederationConfig,
@@ -74,6 +74,7 @@ PROCESS_FILE = "process.npz"
 COUNTS = ("tp", "fp", "fn", "tn")
 THRESHOLD_KEY = "threshold-rms-max"
 HIST_KEY = "ratio-hist"
+EDGES_KEY = "ratio-edges"  # the aggregate's: each client's ``process_gate.quantile_edge`` of its histogram
 SIGNALS = ("process", "vibration")
 VIBRATION_MODEL_ID = "vibration-anomaly"
 # A vibration machine stores a feature row every window (0.2 s): a client reads at most this many, oldest first.
@@ -195,14 +196,17 @@ class ProcessOutcome:
     gate: dict[str, Any] = field(default_factory=dict)
     threshold_rms_max: float = math.nan  # the largest machine threshold the clients reported in the last round
     heldout_hist: list[int] = field(default_factory=list)  # vibration: the clients' ratio histograms, last round
+    heldout_edges: list[float] = field(default_factory=list)  # and each client's quantile edge of its own
 
 
 def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Federated evaluation: the clients' confusion counts summed (F1/FAR/MAR are computed from the sum), the
-    largest machine threshold any client reported, and their ratio histograms summed (vibration)."""
+    largest machine threshold any client reported, and their ratio histograms summed with each one's quantile
+    edge (vibration)."""
     total = dict.fromkeys(COUNTS, 0)
     thresholds = []
     hist = np.zeros(0, np.int64)
+    edges: list[float] = []
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         for key in COUNTS:
@@ -212,11 +216,12 @@ def sum_counts(records: list[RecordDict], weight_key: str) -> MetricRecord:
         if HIST_KEY in metrics:
             counts = np.asarray(metrics[HIST_KEY], np.int64)
             hist = counts + hist if len(hist) else counts
+            edges.append(quantile_edge(counts.tolist()))
     return MetricRecord(
         {
             **total,
             **({THRESHOLD_KEY: max(thresholds)} if thresholds else {}),
-            **({HIST_KEY: hist.tolist()} if len(hist) else {}),
+            **({HIST_KEY: hist.tolist(), EDGES_KEY: edges} if len(hist) else {}),
         }
     )
 
@@ -266,6 +271,7 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
             outcome.threshold_rms_max = float(metrics[THRESHOLD_KEY])  # type: ignore[arg-type]
         if HIST_KEY in metrics:
             outcome.heldout_hist = [int(v) for v in metrics[HIST_KEY]]  # type: ignore[union-attr]
+            outcome.heldout_edges = [float(v) for v in metrics[EDGES_KEY]]  # type: ignore[union-attr]
     if config.quantize:
         outcome.gate = quantization_gate(counted, config, result.arrays)
 
@@ -476,7 +482,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                 detector = detector_for(config.signal)
                 if config.signal == "vibration":
                     spec = vibration_spec()
-                    threshold = heldout_factor(outcome.heldout_hist, detector.threshold_factor)
+                    threshold = heldout_factor(outcome.heldout_hist, outcome.heldout_edges, detector.threshold_factor)
                     detector = dataclasses.replace(detector, threshold_factor=threshold["factor"])
                 else:
                     spec = process_ship.fleet_spec(config.fields, config.hop)

@@ -35,7 +35,9 @@ from pdm_tools.fleet_learning.process_app import (
     ProcessOutcome,
     build_process_client_app,
     build_process_server_app,
+    detector_for,
 )
+from pdm_tools.fleet_learning.process_gate import heldout_factor
 from pdm_tools.fleet_learning.server_app import FederationError, Outcome
 from pdm_tools.models.autoencoder import Autoencoder
 
@@ -148,7 +150,8 @@ def simulate_process(
         root = Path(tmp)
         for i, client in enumerate(clients):
             client.save(root / f"client-{i}")
-        run_in_simulation(build_process_server_app(config, outcome), build_process_client_app(root), len(clients))
+        client_app = build_process_client_app(root, detector_for(config.signal))
+        run_in_simulation(build_process_server_app(config, outcome), client_app, len(clients))
     if outcome.model is None:
         raise FederationError("the simulation ended without a model (see the log above)")
     return outcome
@@ -158,7 +161,8 @@ def evaluate_process_fleet(
     clients: Sequence[ProcessClient], config: ProcessFederation, least_data: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The JSON object of ``fleet evaluate --dataset skab``; ``least_data``: clients reported one by one."""
-    return compare_process(clients, config, simulate_process(clients, config), least_data=least_data)
+    outcome = simulate_process(clients, config)
+    return compare_process(clients, config, outcome, detector_for(config.signal), least_data=least_data)
 
 
 def compare_process(
@@ -223,6 +227,15 @@ def compare_process(
         },
         **({"least_data_clients": {"clients": least, "pooled": _pooled(least)}} if least else {}),
         **({"quantization_gate": outcome.gate} if outcome.gate else {}),
+        **(
+            {
+                "threshold_factor_from_heldout": heldout_factor(
+                    outcome.heldout_hist, outcome.heldout_edges, det.threshold_factor
+                )
+            }
+            if outcome.heldout_hist
+            else {}
+        ),
         "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
         "rounds": config.federation.rounds,
         "clients": len(clients),

@@ -81,35 +81,51 @@ def ratio_histogram(model: Autoencoder, series: Sequence[Series]) -> list[int]:
     return counts.tolist()
 
 
-def heldout_factor(hist: Sequence[int], floor: float, quantile: float = 0.999, margin: float = 1.5) -> dict[str, Any]:
-    """The fleet's threshold factor from the clients' pooled ``ratio_histogram`` of held-out steps: ``margin``
-    x the upper edge of the bin holding the ``quantile`` of the pooled ratios, never below ``floor``; with
-    how many held-out steps lie in bins reaching above it (at most that many would have alarmed).
-    ``ValueError`` when there is no held-out step, or the quantile lies beyond the last finite edge.
+QUANTILE = 0.999  # of a client's held-out ratios: where its normal operation ends (``heldout_factor``)
 
-    >>> [round(heldout_factor([0] * k + [10] + [0] * (121 - k), 2.4)["factor"], 3) for k in (60, 80)]
-    [2.4, 6.962]
+
+def quantile_edge(hist: Sequence[int], quantile: float = QUANTILE) -> float:
+    """The upper edge of the ``RATIO_EDGES`` bin holding the ``quantile`` of ``hist`` (inf past the last edge,
+    NaN for an empty histogram).
+
+    >>> quantile_edge([0] * 60 + [10] + [0] * 61), quantile_edge([0] * 122)
+    (1.0, nan)
     """
     counts = np.asarray(hist, np.int64)
-    total = int(counts.sum())
-    if total == 0:
+    if counts.sum() == 0:
+        return float("nan")
+    return float(RATIO_EDGES[int(np.searchsorted(np.cumsum(counts), quantile * counts.sum())) + 1])
+
+
+def heldout_factor(hist: Sequence[int], edges: Sequence[float], floor: float, margin: float = 1.5) -> dict[str, Any]:
+    """The fleet's threshold factor from the clients' held-out steps (``ratio_histogram``): ``margin`` x the
+    median over the clients of their ``QUANTILE`` (``edges``, each client's ``quantile_edge``), never below
+    ``floor``. The median, so that a minority of clients whose held-out steps are faulty does not raise
+    everyone's threshold. ``hist``, the clients' histograms summed, says how many held-out steps lie in bins
+    reaching above the factor (at most that many would have alarmed). ``ValueError`` when no client reported
+    a held-out step, or the median lies beyond the last finite edge.
+
+    >>> [round(heldout_factor([10] * 122, edges, 2.4)["factor"], 3) for edges in ([1.0, 1.0, 80.0], [3.0] * 3)]
+    [2.4, 4.5]
+    """
+    counts = np.asarray(hist, np.int64)
+    known = [e for e in edges if not np.isnan(e)]
+    if int(counts.sum()) == 0 or not known:
         raise ValueError("no client reported a held-out step: nothing to derive the threshold from")
-    k = int(np.searchsorted(np.cumsum(counts), quantile * total))
-    upper = float(RATIO_EDGES[k + 1])
-    if not np.isfinite(upper):
+    median = float(np.median(known))
+    if not np.isfinite(median):
         raise ValueError(
-            f"the held-out steps' {quantile:g} quantile is beyond {RATIO_EDGES[-2]:g}x their "
-            "commissioning maximum: no sensible threshold"
+            f"most clients' held-out steps reach beyond {RATIO_EDGES[-2]:g}x their commissioning maximum at the "
+            f"{QUANTILE:g} quantile: no sensible threshold"
         )
-    factor = max(floor, margin * upper)
-    above = int(counts[RATIO_EDGES[1:] > factor].sum())
+    factor = max(floor, margin * median)
     return {
         "factor": factor,
-        "rule": f"max({floor:g}, {margin:g} x the pooled {quantile:g} quantile of held-out score / the machine's "
-        "largest commissioning score (upper bin edge))",
-        "quantile_upper_edge": upper,
-        "heldout_steps": total,
-        "heldout_steps_above_at_most": above,
+        "rule": f"max({floor:g}, {margin:g} x the median over the clients of their {QUANTILE:g} quantile of "
+        "held-out score / their machine's largest commissioning score (upper bin edge))",
+        "client_quantile_edges": [round(e, 4) if np.isfinite(e) else None for e in sorted(known)],
+        "heldout_steps": int(counts.sum()),
+        "heldout_steps_above_at_most": int(counts[RATIO_EDGES[1:] > factor].sum()),
     }
 
 

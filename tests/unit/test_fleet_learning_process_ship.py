@@ -136,7 +136,7 @@ def test_vibration_template_specialized_for_a_machine_scores_its_windows(tmp_pat
     commissioning baseline, no smoothing) as a ``vibration-anomaly`` version: the shipped model's feature
     spec, the threshold factor from the held-out windows applied to the machine's own commissioning maximum."""
     from pdm_tools.fleet_learning.process_app import detector_for, sum_counts, vibration_spec
-    from pdm_tools.fleet_learning.process_gate import RATIO_EDGES, heldout_factor, ratio_histogram
+    from pdm_tools.fleet_learning.process_gate import RATIO_EDGES, heldout_factor, quantile_edge, ratio_histogram
     from pdm_tools.fleet_learning.process_ship import read_autoencoder
 
     det = detector_for("vibration")
@@ -149,9 +149,11 @@ def test_vibration_template_specialized_for_a_machine_scores_its_windows(tmp_pat
 
     counts = dict.fromkeys(("tp", "fp", "fn", "tn"), 0)
     replies = [RecordDict({"m": MetricRecord({**counts, "ratio-hist": ratio_histogram(model, [s])})}) for s in series]
-    pooled = list(sum_counts(replies, "num-examples")["ratio-hist"])  # type: ignore[arg-type]
+    summed = sum_counts(replies, "num-examples")
+    pooled, edges = list(summed["ratio-hist"]), list(summed["ratio-edges"])  # type: ignore[arg-type]
     assert len(pooled) == len(RATIO_EDGES) - 1 and sum(pooled) == sum(len(s.test) for s in series)
-    heldout = heldout_factor(pooled, det.threshold_factor)
+    assert edges == [quantile_edge(ratio_histogram(model, [s])) for s in series]
+    heldout = heldout_factor(pooled, edges, det.threshold_factor)
     assert heldout["factor"] >= det.threshold_factor
     det = DetectorConfig(smoothing_steps=1, threshold_factor=heldout["factor"])
     counters = Outcome()
