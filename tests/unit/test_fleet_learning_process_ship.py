@@ -119,15 +119,17 @@ def test_specialize_refuses_a_version_that_is_not_a_fleet_template(tmp_path: Pat
         specialize(shipped, _readings(500, (1.0, 1.0, 1.0), 0), "m1", tmp_path)
 
 
-def _pump_rows(index: int, seconds: float, fault: str = "") -> np.ndarray:
-    """Vibration feature rows of simulated pump ``index`` (the serving path's windows and features)."""
+def _pump_rows(index: int, seconds: float, fault: str = "", fault_s: float | None = None) -> np.ndarray:
+    """Vibration feature rows of simulated pump ``index`` (the serving path's windows and features); with
+    ``fault`` from ``fault_s`` (default: the last 10 s) on."""
     import dataclasses
 
     from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
     from pdm_tools.training.simdata import VIBRATION_SPEC, vibration_rows
 
     profile = dataclasses.replace(fleet_profile(index, 3), rpm=1500.0 * (0.6 + 0.4 * index))
-    faults = [Fault(profile.name, fault, seconds - 10.0, severity=0.25, ramp_s=0.0)] if fault else []
+    start = seconds - 10.0 if fault_s is None else fault_s
+    faults = [Fault(profile.name, fault, start, severity=0.25, ramp_s=0.0)] if fault else []
     return vibration_rows(SimulatedMachine(profile, faults, 3), seconds, VIBRATION_SPEC).astype(np.float64)
 
 
@@ -180,3 +182,29 @@ def test_vibration_template_specialized_for_a_machine_scores_its_windows(tmp_pat
     assert (scores[TRAIN_ROWS:] > loaded.threshold).mean() < 0.05
     faulty = loaded.score(_pump_rows(0, 110.0, "bearing_outer")[-40:].astype(np.float32))
     assert (faulty > loaded.threshold).mean() > 0.9
+
+
+def test_held_out_factor_is_not_raised_by_a_minority_of_faulty_machines() -> None:
+    """Four pumps, one of them with an outer-race defect through its held-out windows: the median over the
+    clients keeps the factor where the healthy machines' held-out windows put it, and the faulty machine's
+    windows alarm at it; the pooled 99.9th percentile would have followed the fault."""
+    from pdm_tools.fleet_learning.process_app import detector_for
+    from pdm_tools.fleet_learning.process_gate import heldout_factor, quantile_edge, ratio_histogram
+
+    det = detector_for("vibration")
+    series = [smoothed_z(_pump_rows(i, 110.0), None, det) for i in range(3)]
+    series.append(smoothed_z(_pump_rows(3, 110.0, "bearing_outer", fault_s=85.0), None, det))  # after window 420
+    model, _ = train_autoencoder(
+        init_autoencoder(16, (16, 4, 16), 0), np.concatenate([s.train for s in series]), AeTraining(epochs=40), 0
+    )
+    hists = [ratio_histogram(model, [s]) for s in series]
+    pooled = np.sum(hists, axis=0).tolist()
+    heldout = heldout_factor(pooled, [quantile_edge(h) for h in hists], det.threshold_factor)
+    assert heldout["factor"] < 5.0, heldout
+    assert quantile_edge(pooled) > 2 * heldout["factor"]  # the pooled rule would sit on the fault
+    top = float(np.sqrt(model.score(series[3].train)).max())
+    late = np.sqrt(model.score(series[3].test[30:])) / top  # windows wholly after the fault's start
+    print(f"factor {heldout['factor']:.3g} (client edges {heldout['client_quantile_edges']}), pooled edge "
+          f"{quantile_edge(pooled):.3g}; faulty machine's windows above {(late > heldout['factor']).mean():.3f}, "
+          f"above the pooled rule's {(late > 1.5 * quantile_edge(pooled)).mean():.3f}")  # fmt: skip
+    assert (late > heldout["factor"]).mean() > 0.9
