@@ -242,6 +242,7 @@ class SinkWriter:
     def _prepare_loop(self) -> None:
         pending: Batch | None = None
         first_row_at = 0.0
+        read_since_stop = False
         while True:
             if self._stop.is_set() and (time.monotonic() >= self._stop_deadline or self._failures):
                 return
@@ -283,6 +284,11 @@ class SinkWriter:
                 pending = None
             elif not rows:
                 if self._stop.is_set():
+                    if not read_since_stop:
+                        # This empty read may have begun before stop() was called, and so before rows appended
+                        # just before it: read once more now that the stop is seen, then end.
+                        read_since_stop = True
+                        continue
                     if pending is None or not self._queue(pending):
                         return
                     pending = None

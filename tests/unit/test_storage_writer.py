@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -594,6 +595,39 @@ def test_stop_writes_what_is_left_before_returning(spool: Spool, make_writer: Ca
     writer.stop(FLUSH_TIMEOUT_S)
     assert sink.accepted == _lines(7)
     assert spool.caught_up("local")
+
+
+def test_stop_writes_rows_appended_while_an_empty_read_was_in_flight(spool: Spool, metrics: Metrics) -> None:
+    """A read that began before rows were appended, and came back empty after ``stop`` was called, does not end
+    the writer: it reads once more and writes them (the race a loaded machine once hit in the test above)."""
+    cursor = spool.cursor("local")
+    real_read = cursor.read_after
+    inside, armed = threading.Event(), threading.Event()
+    writer: SinkWriter | None = None
+
+    def read_after(*args: Any, **kwargs: Any) -> list[Any]:
+        rows = real_read(*args, **kwargs)
+        if armed.is_set() and not rows:
+            armed.clear()
+            inside.set()
+            assert writer is not None
+            wait_for(writer._stop.is_set, "stop() to be called", FLUSH_TIMEOUT_S)  # the rows are in by then
+        return rows
+
+    cursor.read_after = read_after  # type: ignore[method-assign]
+    sink = ScriptedSink()
+    writer = SinkWriter(cursor, sink, metrics, batch_size=1000, flush_interval_s=3600.0)
+    writer.start()
+    try:
+        armed.set()
+        assert inside.wait(FLUSH_TIMEOUT_S)  # the writer's read came back empty and waits for the stop
+        spool.append(_one_per_row(_lines(7)))
+        writer.stop(FLUSH_TIMEOUT_S)
+        assert sink.accepted == _lines(7)
+        assert spool.caught_up("local")
+    finally:
+        writer.stop(1.0)
+        cursor.close()
 
 
 def test_stop_with_the_database_away_leaves_the_rows_spooled(
