@@ -282,6 +282,7 @@ class EpisodeOutcome:
     event_id: str | None = None
     onset_s: float | None = None  # first faulty block sent -> new arrived
     decision_s: float | None = None  # block completing the raising window sent -> new arrived
+    agent_s: float | None = None  # block completing the raising window sent -> the agent's decision (its clock)
 
 
 @dataclass
@@ -300,6 +301,12 @@ class Accounting:
     @property
     def decision_s(self) -> list[float]:
         return [o.decision_s for o in self.outcomes if o.decision_s is not None]
+
+    @property
+    def agent_s(self) -> list[float]:
+        """The part of ``decision_s`` up to the agent's decision; the rest is the alert's way out (the
+        agent's outbound queue, its MQTT client, the broker, the listener)."""
+        return [o.agent_s for o in self.outcomes if o.agent_s is not None]
 
 
 @dataclass
@@ -367,6 +374,7 @@ def account(
             new.event_id,
             onset_s=None if first is None else new.arrived_s - first,
             decision_s=None if deciding is None else new.arrived_s - deciding,
+            agent_s=None if deciding is None else (new.time_ns - perf_to_epoch_ns) / NS - deciding,
         )
 
     for ep in episodes:

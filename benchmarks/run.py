@@ -740,6 +740,7 @@ def bench_alerts(
         perf_to_epoch_ns=PERF_TO_EPOCH_NS,
     )
     onset, decision = latency_summary(acc.onset_s), latency_summary(acc.decision_s)
+    in_agent = latency_summary(acc.agent_s)
 
     def suppressed(reason: str) -> float:
         return float(counters.get(series_field(f"alerts.suppressed{{reason={reason},alert_type={ALERT_TYPE}}}"), 0.0))
@@ -765,6 +766,7 @@ def bench_alerts(
         "agent_suppressed_flapping": suppressed("flapping"),
         "onset": onset,
         "decision": decision,
+        "decision_in_agent": in_agent,
         # Per episode (schedule order): which machine and episode a latency belongs to, to locate a tail.
         "episode_latencies": [
             {
@@ -774,6 +776,7 @@ def bench_alerts(
                 "reason": o.reason,
                 "onset_ms": None if o.onset_s is None else round(o.onset_s * 1e3, 1),
                 "decision_ms": None if o.decision_s is None else round(o.decision_s * 1e3, 1),
+                "in_agent_ms": None if o.agent_s is None else round(o.agent_s * 1e3, 1),
             }
             for o in acc.outcomes
         ],
@@ -801,7 +804,8 @@ def bench_alerts(
         f"alerts ({raw}): "
         + ", ".join(f"{k} {v}" for k, v in acc.counts.items())
         + f"; false alerts {result['false_alerts']}; clears {acc.clears}; flapping holds {acc.flapping_holds}; "
-        f"onset {format_latency(onset)}; deciding block {format_latency(decision)}"
+        f"onset {format_latency(onset)}; deciding block {format_latency(decision)} "
+        f"(of which until the agent decided {format_latency(in_agent)})"
     )
     return result
 
@@ -1180,11 +1184,14 @@ def _markdown_alerts(runs: list[dict[str, Any]]) -> list[str]:
     lines += [
         "",
         "| raw_vibration | From the first faulty block: p50 / p99 / max | "
-        "From the block completing the raising window: p50 / p99 / max |",
-        "|---|---|---|",
+        "From the block completing the raising window: p50 / p99 / max | ... of which until the agent decided |",
+        "|---|---|---|---|",
     ]
     for r in runs:
-        lines.append(f"| {r['raw_vibration']} | {format_latency(r['onset'])} | {format_latency(r['decision'])} |")
+        in_agent = format_latency(r["decision_in_agent"]) if "decision_in_agent" in r else "–"
+        lines.append(
+            f"| {r['raw_vibration']} | {format_latency(r['onset'])} | {format_latency(r['decision'])} | {in_agent} |"
+        )
     lines += ["", f"Percentiles are refused below {MIN_SAMPLES} alerts. Reasons:"]
     lines += [f"- `{k}`: {v}" for k, v in REASON_TEXT.items()]
     return lines

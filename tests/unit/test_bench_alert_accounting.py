@@ -184,6 +184,7 @@ def test_raised_episodes_and_their_latencies() -> None:
     assert (first.reason, first.event_id) == (RAISED, "a")
     assert first.onset_s == pytest.approx(11.25 - 10)  # first faulty block sent at 10 s
     assert first.decision_s == pytest.approx(11.25 - 11)  # the raising window's last block sent at 11 s
+    assert first.agent_s == pytest.approx(11.2 - 11)  # ... decided by the agent at 11.2 s (its clock), 0.05 s earlier
     assert acc.clears == {"recovered": 1} and acc.open_at_end == 1
     assert acc.onset_s == [pytest.approx(1.25), pytest.approx(52.35 - (50 - 100.0))]
 
