@@ -466,7 +466,11 @@ def build_writer(config: Config, spool: Spool, metrics: Metrics, *, sink: Sink |
     object given (tests) or the option off, as threads of the agent."""
     storage = config.storage
     settings = WriterSettings(
-        storage.batch_size, storage.flush_interval_s, storage.backoff_min_s, storage.backoff_max_s
+        storage.batch_size,
+        storage.flush_interval_s,
+        storage.backoff_min_s,
+        storage.backoff_max_s,
+        nice=storage.writer_nice,
     )
     if storage.writer_process and sink is None:
         return WriterProcess(spool, LOCAL_SINK, partial(build_sink, config), settings, metrics)
@@ -501,6 +505,7 @@ def build_upstream_writers(config: Config, spool: Spool, metrics: Metrics) -> di
             budget=BacklogBudget(up.max_backlog_bytes, up.max_backlog_age_s),
             rate_points_s=up.rate_limit_points_s,
             local_metrics=False,
+            nice=up.writer_nice,
         )
         make_sink = partial(registered_sink, up.type, up)
         if up.writer_process:

@@ -102,6 +102,13 @@ class SinkConnection(Section):
         description="Run the writer (line protocol and HTTP) in a process of its own, on the second core; "
         "false = a thread of the agent (single-core boxes, tests).",
     )
+    writer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the writer process's CPU priority is than the agent's (Unix niceness "
+        "added, 0-19): its work waits durably in the spool, an alert does not; 0 = the same priority.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SinkConnection:

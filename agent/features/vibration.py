@@ -258,9 +258,12 @@ def band_powers(x: np.ndarray, rate_hz: np.ndarray, band_edges_hz: Sequence[floa
     spectrum = np.fft.rfft((x - x.mean(axis=1, keepdims=True)) * w, axis=1)
     power = spectrum.real**2 + spectrum.imag**2
     edges = tuple(float(e) for e in band_edges_hz)
-    out = np.empty((m, len(edges) - 1), dtype=np.float64)
     rates = np.asarray(rate_hz, dtype=np.float64)
-    for rate in np.unique(rates):  # usually one rate per batch; masks are cached per rate
+    unique = np.unique(rates)
+    if len(unique) == 1:  # the usual batch: one rate, no copy of the rows' spectra
+        return power @ _band_weights(n, float(unique[0]), edges)
+    out = np.empty((m, len(edges) - 1), dtype=np.float64)
+    for rate in unique:  # weight matrices are cached per rate
         rows = rates == rate
         out[rows] = power[rows] @ _band_weights(n, float(rate), edges)
     return out

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sqlite3
@@ -13,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import FrameType
+
+from threadpoolctl import threadpool_limits
 
 from agent import schema
 from agent.adaptation.auto import AutoAdapter
@@ -67,6 +70,13 @@ class Agent:
         self.scoring.restore()
         if self.auto_adapter is not None:
             self.auto_adapter.start()
+        # What is built by now (modules, config, models, restored state) lives as long as the agent: out of the
+        # cyclic collector's sight, so that its full collections, which stop every thread, scan only what the
+        # running agent makes (docs/dataplane.md, "Who gets the CPU"); ``stop`` hands them back.
+        gc.freeze()
+        # numpy's matrix products here are small (a batch of windows); OpenBLAS would run them on a second
+        # thread that then spins, taking the core that ingest and scoring need (docs/dataplane.md).
+        threadpool_limits(1, user_api="blas")
         self.spool.start()
         self.writer.start()
         self.scoring.start()
@@ -108,6 +118,7 @@ class Agent:
         self.spool.close()
         if self.health is not None:
             self.health.stop()
+        gc.unfreeze()  # what this agent built can be collected again (a process may build another one: tests)
         logger.info("agent %s stopped: %s", self.config.agent.id, counters_line(self.summary()))
 
     def run_until_signal(self) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
@@ -53,6 +54,8 @@ class WriterSettings:
     budget: BacklogBudget | None = None
     rate_points_s: float | None = None
     local_metrics: bool = True
+    nice: int = 0
+    """Added to the writer process's niceness when it starts (``storage.writer_nice``); threads: unused."""
 
     def writer(self, cursor: SinkCursor, sink: Sink, metrics: MetricsSink) -> SinkWriter:
         return SinkWriter(
@@ -100,6 +103,21 @@ def apply(registry: Metrics, ops: list[tuple[str, str, float, dict[str, str]]]) 
     registry.replay(ops)
 
 
+def _lower_priority(nice: int) -> None:
+    """Make the writer yield the CPU to the agent's ingest and scoring (``storage.writer_nice``).
+
+    Its work waits durably in the spool and can catch up later; an alert cannot. On a 2-core box a burst of
+    raw blocks released by an alert storm kept both cores busy with formatting and the database's ingestion,
+    and the agent's threads waited for a core (docs/dataplane.md, "Who gets the CPU"). Called before the
+    writer's threads start: they inherit it."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(os.getpriority(os.PRIO_PROCESS, 0) + nice, 19))
+    except OSError as exc:  # not permitted (a seccomp profile) or not supported: the writer runs as it is
+        logger.warning("writer: could not lower its CPU priority by %d: %s", nice, exc)
+
+
 def _child_main(
     conn: multiprocessing.connection.Connection,
     spool_path: str,
@@ -114,6 +132,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its writer stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(log_level, log_format, process=f"writer {sink_name}")  # like the agent's own lines
+    _lower_priority(settings.nice)
     relay = RelayMetrics()
     cursor = SinkCursor(spool_path, sink_name, dead_letter_max_rows)
     sink = make_sink()

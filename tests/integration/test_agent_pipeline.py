@@ -1,10 +1,12 @@
 """The agent built by the composition root, in-process, against a real Mosquitto and InfluxDB 1.6.7."""
 
+import gc
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from agent.bootstrap import build_agent
 from agent.config import parse_config
@@ -121,12 +123,21 @@ def test_vibration_blocks_are_windowed_scored_and_stored(running_agent, mosquitt
     assert rms == pytest.approx([float(np.sqrt(np.mean(signal[:4096].astype(np.float64) ** 2)))] * len(rms), rel=0.05)
 
 
-def test_stop_publishes_offline_status(mosquitto, influxdb_v1, influx_db_name, tmp_path):
+def test_stop_publishes_offline_status_and_unfreezes_what_the_agent_froze(
+    mosquitto, influxdb_v1, influx_db_name, tmp_path
+):
     agent_id = f"it-{time.monotonic_ns()}"
     agent = build_agent(_config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id))
+    gc.unfreeze()
+    threadpool_limits(2, user_api="blas")
     agent.start()
     assert agent.mqtt.wait_subscribed(20)
+    # While it runs, what it built before its threads started is out of the collector's sight ...
+    assert gc.get_freeze_count() > 0
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and set(blas) == {1}  # ... and numpy's BLAS runs on the calling thread only
     agent.stop()
+    assert gc.get_freeze_count() == 0  # ... and handed back at stop
     sub = Subscriber(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/status"])
     try:
         seen = sub.wait_for(lambda msgs: len(msgs) >= 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -177,3 +178,21 @@ def test_relayed_metric_calls_are_replayed_in_order(metrics: Metrics) -> None:
     assert metrics.get("storage.write_failures", kind="retryable") == 1
     assert metrics.get("storage.backoff_s") == 0.0  # the last set wins
     assert metrics.get("storage.write_seconds") == 1
+
+
+def test_the_child_runs_at_the_configured_lower_priority(tmp_path: Path, spool: Spool, metrics: Metrics) -> None:
+    """``storage.writer_nice``: the writer process yields the CPU to the agent (its niceness is raised by it)."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    out = tmp_path / "sink.txt"
+    for nice, expected in ((7, min(own + 7, 19)), (0, own)):
+        process = WriterProcess(spool, "local", partial(FileSink, str(out)), replace(SETTINGS, nice=nice), metrics)
+        process.start()
+        try:
+            child = process._process
+            assert child is not None and child.pid is not None
+            assert os.getpriority(os.PRIO_PROCESS, child.pid) == expected
+            spool.append([encode_lines(_lines(3, start=nice))])
+            assert process.flush(TIMEOUT_S)  # and it still delivers
+        finally:
+            process.stop(10.0)
+    assert _written(out) == _lines(3, start=7) + _lines(3)
