@@ -76,7 +76,6 @@ THRESHOLD_KEY = "threshold-rms-max"
 HIST_KEY = "ratio-hist"
 EDGES_KEY = "ratio-edges"  # the aggregate's: each client's ``process_gate.quantile_edge`` of its histogram
 SIGNALS = ("process", "vibration")
-VIBRATION_MODEL_ID = "vibration-anomaly"
 # A vibration machine stores a feature row every window (0.2 s): a client reads at most this many, oldest first.
 VIBRATION_MAX_WINDOWS = 4000
 
@@ -377,6 +376,7 @@ def store_client(
     from agent.bootstrap import build_sink
     from agent.config import load_config
     from agent.storage.query import LocalStore, since_ns
+    from pdm_tools.fleet_learning.process_ship import MODEL_IDS
 
     if signal not in SIGNALS:
         raise ValueError(f"signal {signal!r}: one of {SIGNALS}")
@@ -386,7 +386,7 @@ def store_client(
         store, start = LocalStore(sink), since_ns(since, now_ns)
         if signal == "vibration":
             names = vibration_spec().feature_names()
-            found = store.features(machine, VIBRATION_MODEL_ID, names, start, limit=VIBRATION_MAX_WINDOWS).complete()
+            found = store.features(machine, MODEL_IDS[signal], names, start, limit=VIBRATION_MAX_WINDOWS).complete()
         else:
             found = store.readings(machine, start, fields=fields).complete()
     finally:

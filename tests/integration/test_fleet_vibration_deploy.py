@@ -24,7 +24,8 @@ from agent.spool.codec import FeatureRows
 from agent.storage.points import feature_rows_lines
 from pdm_tools.dev import services as devservices
 from pdm_tools.fleet_learning.process import TRAIN_ROWS
-from pdm_tools.fleet_learning.process_app import VIBRATION_MODEL_ID, vibration_spec
+from pdm_tools.fleet_learning.process_app import vibration_spec
+from pdm_tools.fleet_learning.process_ship import MODEL_IDS
 from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
 from pdm_tools.training.simdata import vibration_rows
 from tests.integration import test_fleet_deploy as deploy_test
@@ -70,7 +71,8 @@ def _store(tmp_path: Path, url: str, database: str) -> Path:
         start = (time.time_ns() // NS - 600) * NS
         ends = start + np.round((np.arange(ROWS) * hop_s + window_s) * NS).astype(np.int64)
         source = Source.of(machine=name, sensor="vibration")
-        entry = FeatureRows(VIBRATION_MODEL_ID, "1.0.0", list(spec.feature_names()), [source], [0] * ROWS, ends, rows)
+        names = list(spec.feature_names())
+        entry = FeatureRows(MODEL_IDS["vibration"], "1.0.0", names, [source], [0] * ROWS, ends, rows)
         lines += feature_rows_lines(entry)
     return agent_store(tmp_path, url, database, lines)
 
