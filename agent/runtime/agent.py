@@ -75,7 +75,7 @@ class Agent:
         # running agent makes (docs/dataplane.md, "Who gets the CPU"); ``stop`` hands them back.
         gc.freeze()
         # numpy's matrix products here are small (a batch of windows); OpenBLAS would run them on a second
-        # thread that then spins, taking the core that ingest and scoring need (docs/dataplane.md).
+        # thread, which takes CPU that ingest and scoring wait for when the box is busy (docs/dataplane.md).
         threadpool_limits(1, user_api="blas")
         self.spool.start()
         self.writer.start()
