@@ -470,6 +470,7 @@ def build_writer(config: Config, spool: Spool, metrics: Metrics, *, sink: Sink |
         storage.flush_interval_s,
         storage.backoff_min_s,
         storage.backoff_max_s,
+        raw_release_points_s=storage.raw_vibration.release_points_s,
         nice=storage.writer_nice,
     )
     if storage.writer_process and sink is None:

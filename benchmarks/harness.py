@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import yaml
@@ -113,6 +114,26 @@ class ReceivedAlert:
     body: dict
 
 
+CONFIG_OVERRIDES: dict[str, Any] = {}
+"""Dotted config keys set on top of the shipped ``config/agent.yaml`` for every agent of a run (``run.py --set``,
+for A/B experiments; the report lists them: a run with any is not a run of the shipped config)."""
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set each dotted ``key`` (e.g. ``storage.raw_vibration.release_points_s``) of ``data`` in place; a key
+    whose parent sections do not exist is refused (a typo must not pass as a measured setting)."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        section = data
+        for name in parents:
+            if not isinstance(section.get(name), dict):
+                raise KeyError(f"--set {key}: no section {name!r} in config/agent.yaml")
+            section = section[name]
+        if leaf not in section:
+            raise KeyError(f"--set {key}: no key {leaf!r} in config/agent.yaml")
+        section[leaf] = value
+
+
 @dataclass
 class AgentProcess:
     """One agent subprocess with its own database, spool and id; ``start``/``stop``; heartbeat counters."""
@@ -159,6 +180,7 @@ class AgentProcess:
         data["spool"]["path"] = str(self.workdir / f"run-{self.name}" / "spool.db")
         for model in [*data["inference"]["models"], data["inference"]["defect"]]:
             model["path"] = str((REPO / "config" / model["path"]).resolve())
+        apply_overrides(data, CONFIG_OVERRIDES)
         self._config = data
         path = self.workdir / f"agent-{self.name}.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))

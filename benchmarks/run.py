@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 
 from agent.config.loader import load_config  # noqa: E402
 from agent.health.selfmetrics import series_field  # noqa: E402
@@ -58,6 +59,7 @@ from agent.records import Reading, SampleBlock  # noqa: E402
 from agent.spool.codec import Entry, encode_block, encode_readings  # noqa: E402
 from agent.storage.influx_v1 import InfluxV1Sink  # noqa: E402
 from agent.storage.points import RawVibrationPolicy, block_lines, reading_lines  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks.alert_accounting import (  # noqa: E402
     MIN_SAMPLES,
     RAISED,
@@ -974,6 +976,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['load_avg_at_start'])}. Duration {result['duration_s']:.0f} s. "
         f"Command: `{result['command']}`.",
     ]
+    if result.get("config_overrides"):
+        settings = ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in result["config_overrides"].items())
+        lines += ["", f"**Not the shipped config**: every agent of this run had {settings} (`--set`)."]
     if "throughput" in result and "limits" in result:
         lines += _markdown_throughput(result)
     runs = list((result.get("alert_runs") or {}).values())
@@ -1225,7 +1230,20 @@ def main(argv: list[str] | None = None) -> int:
         help="speed of the alert runs (default: the ramp's vibration blocks per wall second at half its highest "
         f"sustained speed, spread over the alert fleet; x{REFERENCE_RAMP_SPEED:g} assumed when the ramp does not run)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key of every agent, dotted, VALUE in YAML (e.g. storage.raw_vibration.release_points_s=null), "
+        "for A/B runs; repeatable; the report lists them",
+    )
     args = parser.parse_args(argv)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        harness.CONFIG_OVERRIDES[key] = yaml.safe_load(value)
     cfg = dict(QUICK if args.quick else FULL)
     if args.alert_modes:
         cfg["alert_modes"] = [m for m in args.alert_modes.split(",") if m]
@@ -1246,6 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "phases": phases,
         "config": {k: v for k, v in cfg.items()},
+        "config_overrides": dict(harness.CONFIG_OVERRIDES),
     }
     with tempfile.TemporaryDirectory(prefix="pdm-bench-") as tmp:
         workdir = Path(tmp)

@@ -69,6 +69,13 @@ class RawVibrationSection(Section):
     )
     every_n: int = Field(10, gt=0, description="every_n: store one block in this many.")
     keep_blocks: int = Field(10, gt=0, description="around_alerts: blocks kept before an alert and stored after it.")
+    release_points_s: float | None = Field(
+        50_000.0,
+        gt=0,
+        description="around_alerts: released blocks are written to InfluxDB at most this many samples a second, "
+        "waiting in the spool meanwhile, so that a storm of alerts does not take a core of the box (InfluxDB "
+        "ingesting millions of samples) from the alerts that follow; null = as fast as the database takes them.",
+    )
 
 
 class SinkConnection(Section):

@@ -54,6 +54,8 @@ class WriterSettings:
     budget: BacklogBudget | None = None
     rate_points_s: float | None = None
     local_metrics: bool = True
+    raw_release_points_s: float | None = None
+    """The pace of released raw blocks (``storage.raw_release_points_s``); None: as fast as the sink takes them."""
     nice: int = 0
     """Added to the writer process's niceness when it starts (``storage.writer_nice``); threads: unused."""
 
@@ -70,6 +72,7 @@ class WriterSettings:
             budget=self.budget,
             rate_points_s=self.rate_points_s,
             local_metrics=self.local_metrics,
+            raw_release_points_s=self.raw_release_points_s,
         )
 
 

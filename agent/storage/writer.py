@@ -20,6 +20,10 @@ Failures, as before the spool became a log:
 - ``PermanentWriteError`` that does not reject the data (401, 403, 404: credentials, permissions, no
   such database): the batch is kept and retried at ``backoff_max_s``, logging an error.
 
+Raw blocks an alert released (``around_alerts``) can be paced (``raw_release_points_s``, the local sink's
+``storage.raw_release_points_s``): a batch holding them is written in pieces of ``batch_size`` points at that
+rate, so that a storm of alerts does not hand a co-located InfluxDB millions of samples at once.
+
 Failures are counted in ``sink.write_failures{sink,kind=retryable|rejected|config}`` (and, for the local
 sink, as before in the unlabelled ``storage.write_failures{kind}``).
 
@@ -41,7 +45,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,15 +131,19 @@ class SinkWriter:
         budget: BacklogBudget | None = None,
         rate_points_s: float | None = None,
         local_metrics: bool = True,
+        raw_release_points_s: float | None = None,
     ) -> None:
         """``selector``, ``budget`` and ``rate_points_s``: an upstream's (see the module docstring);
-        ``local_metrics``: also count in the unlabelled ``storage.*`` metrics (the local sink)."""
+        ``local_metrics``: also count in the unlabelled ``storage.*`` metrics (the local sink);
+        ``raw_release_points_s``: the pace of batches holding released raw blocks (module docstring)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         if not 0 < backoff_min_s <= backoff_max_s:
             raise ValueError(f"need 0 < backoff_min_s <= backoff_max_s, not {backoff_min_s}, {backoff_max_s}")
         if flush_interval_s < 0:
             raise ValueError(f"flush_interval_s must be >= 0, not {flush_interval_s}")
+        if raw_release_points_s is not None and raw_release_points_s <= 0:
+            raise ValueError(f"raw_release_points_s must be > 0 or None, not {raw_release_points_s}")
         self.cursor = cursor
         self.sink = sink
         self.metrics = metrics
@@ -168,6 +176,8 @@ class SinkWriter:
         self._dropped_since_log = 0
         self._last_drop_log = -float("inf")
         self._send_allowed_at = 0.0  # the rate limit's next free moment (monotonic)
+        self.raw_release_points_s = raw_release_points_s
+        self._raw_allowed_at = 0.0  # the raw-release pace's next free moment (monotonic)
         self._rate_window = (time.monotonic(), 0)
 
     # -- metrics: every sink's labelled, the local sink's also as before ---------------------------
@@ -448,20 +458,45 @@ class SinkWriter:
         if self.rate_points_s and points:
             self._send_allowed_at = max(self._send_allowed_at, time.monotonic()) + points / self.rate_points_s
 
+    def _pieces(self, batch: Batch) -> Iterator[tuple[list[str], list[int], bytes | None]]:
+        """What ``_deliver`` writes: the whole batch, or, when it holds raw blocks an alert released and
+        ``raw_release_points_s`` is set, pieces of ``batch_size`` points at that pace.
+
+        One alert releases tens of thousands of samples as one spool row, and a storm of alerts millions
+        within seconds: written at once, a co-located InfluxDB takes a core to ingest them just when the
+        agent has alerts to decide (docs/dataplane.md, "Who gets the CPU"). Paced, the evidence reaches the
+        database seconds later, durably waiting in the spool meanwhile. A flush or stop writes without waiting.
+        A failure part-way retries the whole batch; rewriting its first pieces is harmless (same points).
+        """
+        if not batch.lines:
+            return
+        pace = self.raw_release_points_s
+        if not pace or not batch.raw_released:
+            yield batch.lines, batch.rows, batch.body
+            return
+        for start in range(0, len(batch.lines), self.batch_size):
+            wait = self._raw_allowed_at - time.monotonic()
+            while wait > 0 and not self._hurry():
+                self._stop.wait(min(wait, _IDLE_POLL_S))
+                wait = self._raw_allowed_at - time.monotonic()
+            lines = batch.lines[start : start + self.batch_size]
+            yield lines, batch.rows[start : start + self.batch_size], None
+            self._raw_allowed_at = max(self._raw_allowed_at, time.monotonic()) + len(lines) / pace
+
     def _deliver(self, batch: Batch) -> float:
         """Write one batch and move the cursor; the seconds to back off before retrying it (0: done)."""
         self._rate_limit()
         try:
-            if batch.lines:
+            for lines, rows, body in self._pieces(batch):
                 try:
-                    self._write(batch.lines, batch.body)
+                    self._write(lines, body)
                 except PermanentWriteError as exc:
                     if not exc.rejects_data:
                         raise
                     if self.local_metrics:
                         self.metrics.inc("storage.write_failures", kind="rejected")
                     self.metrics.inc("sink.write_failures", kind="rejected", sink=self.cursor.sink)
-                    self._isolate(batch.lines, batch.rows, exc)
+                    self._isolate(lines, rows, exc)
         except RetryableWriteError as exc:
             if self.local_metrics:
                 self.metrics.inc("storage.write_failures", kind="retryable")

@@ -7,6 +7,7 @@ import doctest
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -513,6 +514,48 @@ def test_a_release_of_held_blocks_the_caps_dropped_counts_them_missing(tmp_path:
         assert metrics.get("storage.raw_released") == 4
 
 
+class TimedSink(ScriptedSink):
+    """Also records when each write arrived (monotonic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def write(self, lines: list[str]) -> None:
+        self.times.append(time.monotonic())
+        super().write(lines)
+
+
+def test_released_raw_blocks_are_written_in_pieces_at_their_pace(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    held = [_block(40, k) for k in range(3)]
+    ids = spool.append([encode_block(b, store_raw=False, held=True) for b in held])
+    sink = TimedSink()
+    make_writer(sink, flush_interval_s=0.0, raw_release_points_s=1000.0)  # batch_size 10
+    spool.append([encode_raw_ref(ids)])  # type: ignore[list-item]
+    _wait_for(lambda: len(sink.accepted) == 120, "the released blocks written")  # not flush: it hurries
+    assert sink.accepted == [line for b in held for line in block_lines(b)]
+    assert [len(call) for call in sink.calls] == [10] * 12
+    # Each piece waited for the share of the one before: 11 pieces after the first, 10 points each, 1000/s.
+    assert sink.times[-1] - sink.times[0] >= 11 * 10 / 1000.0
+    assert metrics.get("storage.raw_released") == 120
+
+
+def test_the_pace_leaves_other_rows_whole_and_a_flush_does_not_wait_for_it(
+    spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
+) -> None:
+    spool.append([encode_lines(_lines(25))])  # one row larger than a batch, no raw release: written whole
+    held = [_block(40, k) for k in range(2)]
+    ids = spool.append([encode_block(b, store_raw=False, held=True) for b in held])
+    spool.append([encode_raw_ref(ids)])  # type: ignore[list-item]
+    sink = ScriptedSink()
+    writer = make_writer(sink, raw_release_points_s=0.001)  # 80 samples would take a day at this pace
+    assert writer.flush(FLUSH_TIMEOUT_S)
+    assert [len(call) for call in sink.calls] == [25] + [10] * 8
+    assert sink.accepted == _lines(25) + [line for b in held for line in block_lines(b)]
+
+
 # -- sinks, cursors, restarts ------------------------------------------------------------------------
 
 
@@ -671,6 +714,7 @@ def test_flush_of_an_empty_spool_returns_at_once(spool: Spool, make_writer: Call
         ({"backoff_min_s": 0.0}, "backoff"),
         ({"backoff_min_s": 2.0, "backoff_max_s": 1.0}, "backoff"),
         ({"flush_interval_s": -1.0}, "flush_interval_s"),
+        ({"raw_release_points_s": 0.0}, "raw_release_points_s"),
     ],
 )
 def test_bad_settings_are_refused(spool: Spool, metrics: Metrics, kwargs: dict[str, float], message: str) -> None:
