@@ -11,19 +11,22 @@ held-out data. Test: diameter ``d`` at the last load (no client's load, the adap
 *shifted* machine) and, for forgetting, the other diameters there (*reference*).
 
 Models, all from the same initial factors (``B = 0``: the base) with the same number of epochs
-(``rounds × local_epochs``): *federated* (FedAvg of the factors in Flower's simulation), *local* (each
+(``rounds × local_epochs``): *federated* (the factors aggregated by the configured strategy, with DP or
+SecAgg+ if asked, in Flower's simulation), *local* (each
 client's own adapter), *central* (one adapter on the pooled windows). Only the factors travel: the bytes
 per round are Flower's payload bytes, beside what the same round would carry for the whole classifier.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.clientapp.typing import Mod
 
 from agent.adaptation.lora import BaseMlp, LoraWeights
 from agent.features.bearing import BearingFeatureSpec
@@ -39,7 +42,8 @@ from pdm_tools.fleet_learning.adapters import (
     train_adapter,
 )
 from pdm_tools.fleet_learning.data import ClientData, ClientDataError
-from pdm_tools.fleet_learning.evaluate import run_in_simulation
+from pdm_tools.fleet_learning.evaluate import poisoning_mod, run_in_simulation
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
 from pdm_tools.fleet_learning.server_app import FederationError
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
 from pdm_tools.training.defect_train import HOLDOUT_FRACTION, split_by_time
@@ -107,18 +111,8 @@ def evaluate_adapter_fleet(
 ) -> dict[str, Any]:
     """The JSON object of ``fleet evaluate --adapters`` (module docstring)."""
     k = len(CLASS_NAMES)
-    outcome = AdapterOutcome()
-    with tempfile.TemporaryDirectory(prefix="pdm-fleet-adapter-") as tmp:
-        root = Path(tmp)
-        base_path = export_onnx(base_model, root / "base.onnx", {"model_id": "fleet-base", "version": "1"})
-        base = BaseMlp.from_onnx(base_path)
-        for i, client in enumerate(clients):
-            client.save(root / f"client-{i}")
-        run_in_simulation(
-            build_adapter_server_app(config, base, outcome), build_adapter_client_app(root, base_path), len(clients)
-        )
-    if outcome.adapter is None or outcome.initial is None:
-        raise FederationError("the simulation ended without an adapter (see the log above)")
+    base, outcome = simulate_adapters(base_model, clients, config)
+    assert outcome.adapter is not None
     epochs = config.rounds * config.local_epochs
 
     def fit(xs: np.ndarray, ys: np.ndarray) -> LoraWeights:
@@ -168,7 +162,76 @@ def evaluate_adapter_fleet(
         "rounds": config.rounds,
         "clients": len(clients),
         "federation": config.to_dict(),
+        **({"privacy": outcome.counters.privacy} if outcome.counters.privacy else {}),
+        **({"secagg": outcome.counters.secagg} if outcome.counters.secagg else {}),
     }
+
+
+def simulate_adapters(
+    base_model: DefectMlp, clients: Sequence[ClientData], config: AdapterFederation, mods: Sequence[Mod] = ()
+) -> tuple[BaseMlp, AdapterOutcome]:
+    """The adapter federation over ``clients`` in Flower's simulation, on ``base_model`` frozen (as ONNX, the
+    agents' base); ``mods`` around the clients' handlers (SecAgg+'s are added when ``config.secagg``).
+    Returns the base as the clients ran it and the outcome."""
+    outcome = AdapterOutcome()
+    mods = (*SECAGG_MODS, *mods) if config.secagg else tuple(mods)
+    with tempfile.TemporaryDirectory(prefix="pdm-fleet-adapter-") as tmp:
+        root = Path(tmp)
+        base_path = export_onnx(base_model, root / "base.onnx", {"model_id": "fleet-base", "version": "1"})
+        base = BaseMlp.from_onnx(base_path)
+        for i, client in enumerate(clients):
+            client.save(root / f"client-{i}")
+        client_app = build_adapter_client_app(root, base_path, mods)
+        run_in_simulation(build_adapter_server_app(config, base, outcome), client_app, len(clients))
+    if outcome.adapter is None or outcome.initial is None:
+        raise FederationError("the simulation ended without an adapter (see the log above)")
+    return base, outcome
+
+
+def products(lora: LoraWeights) -> np.ndarray:
+    """The adapter's effect: ``A @ B`` of every layer (what it adds to the base's weights, up to ``alpha /
+    rank``), flattened: the quantity robust aggregation of the factors should protect."""
+    return np.concatenate([(a.astype(np.float64) @ b.astype(np.float64)).ravel() for a, b in lora.factors.values()])
+
+
+def adapter_robustness(
+    base_model: DefectMlp,
+    clients: Sequence[ClientData],
+    test: tuple[np.ndarray, np.ndarray],
+    reference: tuple[np.ndarray, np.ndarray],
+    config: AdapterFederation,
+    strategies: Sequence[str] = ("fedavg", "trimmed", "krum"),
+) -> dict[str, Any]:
+    """For each strategy: the fleet adapter with one client poisoned (the one with the most rows sends its
+    factors' update reversed and scaled 10x, ``evaluate.poisoning_mod``) against without.
+    ``shift_vs_training``: how far the poisoned adapter's products ``A @ B`` lie from the clean one's, over how
+    far training moved the clean one's from the start (``B = 0``: products 0); macro-F1 on the new size at the
+    unseen load, clean and poisoned."""
+    k = len(CLASS_NAMES)
+    biggest = max(range(len(clients)), key=lambda i: len(clients[i].y))
+    out: dict[str, Any] = {
+        "clients": len(clients),
+        "poisoned_clients": 1,
+        "rounds": config.rounds,
+        "federation": config.to_dict(),
+        "poisoning": {},
+    }
+    for name in strategies:
+        run = dataclasses.replace(config, strategy=name)
+        base, clean = simulate_adapters(base_model, clients, run)
+        _, poisoned = simulate_adapters(base_model, clients, run, [poisoning_mod(frozenset({biggest}))])
+        assert clean.adapter is not None and poisoned.adapter is not None and clean.initial is not None
+        moved = float(np.linalg.norm(products(clean.adapter) - products(clean.initial)))
+        shift = float(np.linalg.norm(products(poisoned.adapter) - products(clean.adapter)))
+        out["poisoning"][name] = {
+            "shift_vs_training": round(shift / moved, 4),
+            "macro_f1_clean": float(scores(test[1], base.predict(test[0], clean.adapter), k)["macro_f1"]),
+            "macro_f1_poisoned": float(scores(test[1], base.predict(test[0], poisoned.adapter), k)["macro_f1"]),
+            "reference_macro_f1_poisoned": float(
+                scores(reference[1], base.predict(reference[0], poisoned.adapter), k)["macro_f1"]
+            ),
+        }
+    return out
 
 
 def default_federation(rounds: int, local_epochs: int, clients: int, seed: int) -> AdapterFederation:

@@ -62,6 +62,10 @@ def config_from_run(run_config: dict[str, Any], base: BaseMlp) -> AdapterFederat
         min_clients=int(run_config.get("min-clients", 2)),
         seed=int(run_config.get("seed", 42)),
         round_timeout_s=float(run_config.get("round-timeout-s", 120.0)),
+        strategy=str(run_config.get("strategy", "fedavg")),
+        dp_noise=float(run_config.get("dp-noise", 0.0)),
+        dp_clip=float(run_config.get("dp-clip", 0.0)),
+        secagg=bool(run_config.get("secagg", False)),
     )
 
 
@@ -77,6 +81,8 @@ def provenance(config: AdapterFederation, outcome: AdapterOutcome) -> dict[str, 
             for node, facts in sorted(counters.provenance.items())
         ],
         "bytes_per_round": {str(k): v for k, v in sorted(counters.bytes_per_round.items())},
+        **({"privacy": counters.privacy} if counters.privacy else {}),
+        **({"secagg_settings": counters.secagg} if counters.secagg else {}),
     }
 
 
@@ -141,7 +147,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     identity, base = read_base(model_dir)
     config = config_from_run(run_config, base)
     outcome = AdapterOutcome()
-    federate_adapters(grid, config, base, outcome, identity.sha256)
+    federate_adapters(grid, config, base, outcome, identity.sha256, context)
     head: dict[str, Any] = {"federation": provenance(config, outcome), "complete": outcome.adapter is not None}
     if outcome.adapter is not None:
         folder = write_fleet_adapter(out_dir, model_dir, str(run_config["machine-type"]), config, outcome)

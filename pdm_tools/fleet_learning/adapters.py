@@ -5,9 +5,15 @@ The base is the shipped classifier's graph (``agent.adaptation.lora.BaseMlp``: f
 is ``A_i``, ``B_i`` per adapted layer (``agent.adaptation.lora.LoraWeights``). A round: every client starts
 from the fleet's factors, runs a few epochs of Adam on its own labelled windows with the adapter's own
 objective (``loss_and_gradients``: class-balanced cross-entropy through base plus branches), and returns its
-factors; the strategy averages ``A`` and ``B`` separately (FedAvg, weighted by rows). The average of the
-products ``A_i B_i`` is not the product of the averages, so the fleet adapter is not exactly what any client
-computed; the federated evaluation measures what the averaged adapter does.
+factors; the strategy aggregates ``A`` and ``B`` as arrays of their own (any of ``server_app.STRATEGIES``,
+with DP or SecAgg+ if asked: ``AdapterFederation.aggregation``). The average of the products ``A_i B_i`` is
+not the product of the averages, so the fleet adapter is not exactly what any client computed; but every
+client starts the round from the same factors and moves them a little, so ``(A + dA_i)(B + dB_i)`` is
+``AB + dA_i B + A dB_i`` up to the small ``dA_i dB_i``, linear in each client's update: averaging (or
+trimming coordinate-wise) the factors' updates is, to that order, averaging (trimming) the products' updates.
+Krum keeps one client's whole update, ``A`` and ``B`` together: exactly that client's product. The federated
+evaluation measures what the aggregated adapter does (``docs/fleet.md``, "Robust aggregation, DP and SecAgg+
+for the adapters").
 
 Messages: ``query`` (once, in deployment) replies the provenance: training rows, the sha256 of the rows file,
 held-out rows; ``train`` gets the factors (``<layer>.A``, ``<layer>.B``) and the round's settings, replies the
@@ -31,14 +37,23 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from agent.adaptation.adapter import AdapterError, BaseIdentity, sha256_path
 from agent.adaptation.lora import BaseMlp, LoraWeights, _class_weights, loss_and_gradients
 from pdm_tools.fleet_learning.client_app import _data, _folder, _number
 from pdm_tools.fleet_learning.data import data_sha256
-from pdm_tools.fleet_learning.server_app import CountingGrid, FederationError, Outcome, query_clients, sum_confusions
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
+from pdm_tools.fleet_learning.server_app import (
+    CountingGrid,
+    FederationConfig,
+    FederationError,
+    Outcome,
+    query_clients,
+    run_rounds,
+    sum_confusions,
+)
 
 _bases: dict[Path, tuple[BaseMlp, str]] = {}
 
@@ -59,11 +74,36 @@ class AdapterFederation:
     seed: int = 42
     round_timeout_s: float = 600.0
     wait_for_clients_s: float = 600.0
+    # How the factors are aggregated: any of ``server_app.STRATEGIES``, DP, SecAgg+ (``aggregation``).
+    strategy: str = "fedavg"
+    dp_noise: float = 0.0
+    dp_clip: float = 0.0
+    secagg: bool = False
+
+    def aggregation(self) -> FederationConfig:
+        """The federation settings ``server_app.run_rounds`` aggregates the factors with (the strategy, DP,
+        SecAgg+; its classifier fields unused)."""
+        return FederationConfig(
+            class_names=(),
+            rounds=self.rounds,
+            strategy=self.strategy,
+            min_clients=self.min_clients,
+            dp_noise=self.dp_noise,
+            dp_clip=self.dp_clip,
+            secagg=self.secagg,
+            seed=self.seed,
+            round_timeout_s=self.round_timeout_s,
+            wait_for_clients_s=self.wait_for_clients_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
+        switches = ("strategy", "trim_beta", "krum_malicious", "dp_noise_multiplier", "dp_clipping_norm", "dp_delta")
+        aggregation = {k: v for k, v in self.aggregation().to_dict().items() if k in (*switches, "secagg")}
         return {
             "model": "LoRA adapter on the frozen classifier",
-            "strategy": "fedavg (A and B averaged separately, weighted by rows)",
+            **aggregation,
+            "factors": "A and B of each layer aggregated as arrays of their own, coordinate by coordinate "
+            "(FedAvg, trimmed mean) or one client's whole update (Krum)",
             "layers": list(self.layers),
             "rank": self.rank,
             "alpha": self.alpha,
@@ -163,10 +203,13 @@ def train_adapter(
     return out, loss
 
 
-def build_adapter_client_app(data_root: Path | None = None, base_model: Path | None = None) -> ClientApp:
+def build_adapter_client_app(
+    data_root: Path | None = None, base_model: Path | None = None, mods: Sequence[Mod] = ()
+) -> ClientApp:
     """The adapter's ClientApp. ``data_root``: simulation (client ``i`` reads ``data_root/client-{i}``);
-    ``base_model``: the base graph (else the node config's ``base-model``)."""
-    app = ClientApp()
+    ``base_model``: the base graph (else the node config's ``base-model``); ``mods``: Flower mods around every
+    handler (``secagg.SECAGG_MODS``)."""
+    app = ClientApp(mods=list(mods))
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
@@ -196,7 +239,7 @@ def build_adapter_client_app(data_root: Path | None = None, base_model: Path | N
             int(_number(config, "batch-size", 32)),
             _number(config, "weight-decay", 1e-4),
         )
-        metrics = MetricRecord({"num-examples": len(data.x), "train-loss": loss})
+        metrics = MetricRecord({"num-examples": len(data.x), "unit-weight": 1, "train-loss": loss})
         return Message(RecordDict({"arrays": adapter_to_arrays(trained), "metrics": metrics}), reply_to=message)
 
     @app.evaluate()
@@ -208,7 +251,9 @@ def build_adapter_client_app(data_root: Path | None = None, base_model: Path | N
         confusion = np.zeros((k, k), dtype=np.int64)
         if len(data.x_held):
             np.add.at(confusion, (data.y_held, base.predict(data.x_held, lora)), 1)
-        metrics = MetricRecord({"num-examples": len(data.y_held), "confusion": confusion.ravel().tolist()})
+        metrics = MetricRecord(
+            {"num-examples": len(data.y_held), "unit-weight": 1, "confusion": confusion.ravel().tolist()}
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
@@ -254,58 +299,63 @@ def build_adapter_server_app(config: AdapterFederation, base: BaseMlp, outcome: 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federate_adapters(grid, config, base, outcome)
+        federate_adapters(grid, config, base, outcome, context=context)
 
     return app
 
 
 def federate_adapters(
-    grid: Grid, config: AdapterFederation, base: BaseMlp, outcome: AdapterOutcome, base_sha256: str = ""
+    grid: Grid,
+    config: AdapterFederation,
+    base: BaseMlp,
+    outcome: AdapterOutcome,
+    base_sha256: str = "",
+    context: Context | None = None,
 ) -> None:
-    """FedAvg over the factors from ``LoraWeights.initial`` (``B = 0``: the fleet starts at the base), with
-    federated evaluation each round; fills ``outcome``. ``base_sha256`` (deployment): first a ``query`` to
-    the connected clients for the provenance (rows, data hash), and every round names the base, so a client
-    on another base refuses it."""
+    """The configured strategy over the factors (``server_app.run_rounds``: FedAvg, FedProx, trimmed mean, Krum,
+    DP, SecAgg+, whichever ``config.aggregation()`` names) from ``LoraWeights.initial`` (``B = 0``: the fleet
+    starts at the base), with federated evaluation each round; fills ``outcome``. ``base_sha256``
+    (deployment): first a ``query`` to the connected clients for the provenance (rows, data hash), and every
+    round names the base, so a client on another base refuses it. SecAgg+ needs the run's ``context``."""
     counted = CountingGrid(grid, outcome.counters)
-    if base_sha256:
-        # A client on another base refuses here and is left out of the provenance (and of every round).
+    fed = config.aggregation()
+    if base_sha256 or fed.secagg:
+        # A client on another base refuses here and is left out of the provenance (and of every round); SecAgg+
+        # needs every client's row count.
         query_clients(
             counted,
             config.min_clients,
             config.wait_for_clients_s,
             config.round_timeout_s,
             outcome.counters,
-            ConfigRecord({"base-sha256": base_sha256}),
+            ConfigRecord({"base-sha256": base_sha256}) if base_sha256 else None,
         )
     initial = LoraWeights.initial(base, config.layers, config.rank, config.alpha, config.seed)
     outcome.initial = initial
     shape: dict[str, ConfigRecordValues] = {"rank": config.rank, "alpha": config.alpha, "seed": config.seed}
     if base_sha256:
         shape["base-sha256"] = base_sha256
-    strategy = FedAvg(
-        min_train_nodes=config.min_clients,
-        min_evaluate_nodes=config.min_clients,
-        min_available_nodes=config.min_clients,
-        evaluate_metrics_aggr_fn=sum_confusions,
+    train_config = ConfigRecord(
+        {
+            **shape,
+            "local-epochs": config.local_epochs,
+            "learning-rate": config.learning_rate,
+            "batch-size": config.batch_size,
+            "weight-decay": config.weight_decay,
+        }
     )
-    result = strategy.start(
-        grid=counted,
-        initial_arrays=adapter_to_arrays(initial),
-        num_rounds=config.rounds,
-        timeout=config.round_timeout_s,
-        train_config=ConfigRecord(
-            {
-                **shape,
-                "local-epochs": config.local_epochs,
-                "learning-rate": config.learning_rate,
-                "batch-size": config.batch_size,
-                "weight-decay": config.weight_decay,
-            }
-        ),
-        evaluate_config=ConfigRecord(shape),
+    arrays, evaluation = run_rounds(
+        counted,
+        fed,
+        outcome.counters,
+        adapter_to_arrays(initial),
+        train_config,
+        ConfigRecord(shape),
+        sum_confusions,
+        context,
     )
-    outcome.adapter = adapter_from_arrays(result.arrays, base, config.rank, config.alpha)
-    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+    outcome.adapter = adapter_from_arrays(arrays, base, config.rank, config.alpha)
+    for rnd, metrics in evaluation.items():
         outcome.counters.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
 
 
@@ -315,5 +365,6 @@ def layer_parameters(base: BaseMlp, layers: Sequence[str] | None = None) -> int:
 
 
 # What ``flwr run`` loads in deployment (``fleet serve --model adapters``): the node's ``data-dir`` names the
-# rows, its ``base-model`` the agent's installed classifier version.
-app = build_adapter_client_app()
+# rows, its ``base-model`` the agent's installed classifier version. The SecAgg+ mods act only on a run with
+# secure aggregation.
+app = build_adapter_client_app(mods=SECAGG_MODS)

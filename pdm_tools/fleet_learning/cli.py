@@ -9,6 +9,7 @@ SuperNode, whose ClientApp trains on the agent's data folder (``pdm_tools.fleet_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir, load_cwru
+from pdm_tools.fleet_learning.ae_kinds import AE_KINDS
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, simulator_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
@@ -143,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--model",
-        choices=("classifier", "process", "vibration", "adapters"),
+        choices=("classifier", *AE_KINDS, "adapters"),
         default="classifier",
         help="what the fleet trains: the defect classifier (default), the process autoencoder (each agent's "
         "machine standardized by its own commissioning baseline), the vibration autoencoder (the same, on the "
@@ -201,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     client.add_argument(
         "--model",
-        choices=("process", "vibration"),
+        choices=tuple(AE_KINDS),
         default="process",
         help="with --agent-config: the process readings (default) or the vibration features the fleet trains on",
     )
@@ -351,11 +353,8 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
         uneven_skab_fleet,
     )
 
-    if args.poisoned or args.leave_out_load is not None or args.secagg:
-        print(
-            "fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic; --secagg for the classifier",
-            file=sys.stderr,
-        )
+    if args.poisoned or args.leave_out_load is not None:
+        print("fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic", file=sys.stderr)
         return 2
     try:
         if args.dataset == "simulator-vibration":
@@ -372,6 +371,7 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
             min_clients=len(clients),
             dp_noise=args.dp_noise,
             dp_clip=args.dp_clip,
+            secagg=args.secagg,
             seed=args.seed,
         )
         config = ProcessFederation(
@@ -396,32 +396,46 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
 def _evaluate_adapters(args: argparse.Namespace) -> int:
     """``fleet evaluate --dataset cwru --adapters`` (``pdm_tools.fleet_learning.adapter_eval``)."""
     from agent.features.bearing import BearingFeatureSpec
-    from pdm_tools.fleet_learning.adapter_eval import default_federation, evaluate_adapter_fleet, shift_fleet
+    from pdm_tools.fleet_learning.adapter_eval import (
+        adapter_robustness,
+        default_federation,
+        evaluate_adapter_fleet,
+        shift_fleet,
+    )
 
-    if args.dataset != "cwru" or args.poisoned or args.secagg or args.dp_noise or args.least_data_clients:
+    if args.dataset != "cwru" or args.least_data_clients or args.adapter_windows < 1:
         print(
-            "fleet evaluate: --adapters is for cwru, with fedavg and without DP, SecAgg+ or poisoning", file=sys.stderr
+            "fleet evaluate: --adapters is for cwru, without --least-data-clients, with --adapter-windows >= 1",
+            file=sys.stderr,
         )
         return 2
-    if args.strategy != "fedavg" or args.adapter_windows < 1:
-        print("fleet evaluate: --adapters averages with fedavg and needs --adapter-windows >= 1", file=sys.stderr)
-        return 2
     try:
+        # A combination that cannot run fails here, before the data is read.
+        switches = {"dp_noise": args.dp_noise, "dp_clip": args.dp_clip, "secagg": args.secagg}
+        make_strategy(FederationConfig(class_names=(), strategy=args.strategy, **switches))
         recordings = load_cwru(_cwru_dir(args))
         train_loads = len({r.load_hp for r in recordings if r.kind != "normal"}) - 1
         per_load = max(1, -(-(args.clients or 2 * train_loads) // train_loads))
         base, clients, test, reference = shift_fleet(
             recordings, BearingFeatureSpec(), args.adapter_diameter, per_load, args.adapter_windows
         )
-        config = default_federation(args.rounds, args.local_epochs, len(clients), args.seed)
+        config = dataclasses.replace(
+            default_federation(args.rounds, args.local_epochs, len(clients), args.seed),
+            strategy=args.strategy,
+            **switches,
+        )
         with threadpool_limits(limits=1, user_api="blas"):
-            adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
+            if args.poisoned:
+                adapters = adapter_robustness(base, clients, test, reference, config)
+            else:
+                adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
     except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
     adapters |= {"diameter_in": args.adapter_diameter, "windows_per_recording": args.adapter_windows}
     result = {"dataset": "cwru", "adapters": adapters}
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_adapter_text(adapters))
+    text = render_adapter_poisoning_text(adapters) if args.poisoned else render_adapter_text(adapters)
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else text)
     return 0
 
 
@@ -438,7 +452,30 @@ def render_adapter_text(result: dict[str, Any]) -> str:
         f"  bytes per round {result['bytes_per_round']:,} ({result['adapter_parameters']} adapter parameters; "
         f"the whole classifier has {result['base_parameters']:,})"
     )
+    return "\n".join(lines + _switch_lines(result))
+
+
+def render_adapter_poisoning_text(result: dict[str, Any]) -> str:
+    """The figures of ``fleet evaluate --adapters --poisoned`` as a few plain lines."""
+    lines = [
+        f"cwru adapters, {result['clients']} clients, one poisoned, {result['rounds']} rounds: shift of the adapter's "
+        "products vs training, macro-F1 on the new size clean/poisoned"
+    ]
+    lines += [
+        f"  {name:8} {v['shift_vs_training']:7.3f}  {v['macro_f1_clean']:.3f} / {v['macro_f1_poisoned']:.3f}"
+        for name, v in result["poisoning"].items()
+    ]
     return "\n".join(lines)
+
+
+def _switch_lines(result: dict[str, Any]) -> list[str]:
+    """What secure aggregation and differential privacy did, for the text of any ``fleet evaluate``."""
+    lines = []
+    if result.get("secagg") or "secagg" in result.get("federation", {}):
+        lines.append("  secure aggregation (SecAgg+): the coordinator saw only the sum of the updates")
+    if "privacy" in result:
+        lines.append(f"  privacy: epsilon {result['privacy']['epsilon']} at delta {result['privacy']['delta']}")
+    return lines
 
 
 def render_process_text(result: dict[str, Any]) -> str:
@@ -468,7 +505,7 @@ def render_process_text(result: dict[str, Any]) -> str:
             figures = ", ".join(f"{m} {v[m]['f1']:.3f} / {v[m]['far']:.2f} / {v[m]['mar']:.2f}" for m in MODELS)
             lines.append(f"  least data: {name} ({v['files']} files, {v['rows']} windows): {figures}")
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
-    return "\n".join(lines)
+    return "\n".join(lines + _switch_lines(result))
 
 
 def render_text(result: dict[str, Any]) -> str:
@@ -497,11 +534,7 @@ def render_text(result: dict[str, Any]) -> str:
                 f"local-only {v['local_macro_f1']:.3f}, central {v['central_macro_f1']:.3f}"
             )
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
-    if "secagg" in result.get("federation", {}):
-        lines.append("  secure aggregation (SecAgg+): the coordinator saw only the sum of the updates")
-    if "privacy" in result:
-        lines.append(f"  privacy: epsilon {result['privacy']['epsilon']} at delta {result['privacy']['delta']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _switch_lines(result))
 
 
 def main_serve(args: argparse.Namespace) -> int:
@@ -516,15 +549,14 @@ def main_serve(args: argparse.Namespace) -> int:
                 {"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "secagg": args.secagg}
             )
         )
-        if args.quantize and (args.secagg or args.model == "adapters"):
-            raise ValueError("--quantize runs after plain rounds of the classifier or the process model")
-        if args.model in ("process", "vibration") and args.secagg:
-            raise ValueError(f"--secagg is wired for the defect classifier; the {args.model} model has no SecAgg+ yet")
-        if args.model == "process" and args.channels < 1:
-            raise ValueError("--model process needs --channels (the readings' channel count)")
+        if args.quantize and args.model == "adapters":
+            raise ValueError("--quantize: the adapters run on the base as shipped (no gate for the factors)")
+        kind = AE_KINDS.get(args.model)
+        if kind is not None and kind.feature_spec is None and args.channels < 1:
+            raise ValueError(f"--model {args.model} needs --channels (the readings' channel count)")
         fields = [f for f in args.fields.split(",") if f]
-        if args.model == "process" and args.version and len(fields) != args.channels:
-            raise ValueError(f"--model process --version needs --fields naming the {args.channels} channels")
+        if kind is not None and kind.feature_spec is None and args.version and len(fields) != args.channels:
+            raise ValueError(f"--model {args.model} --version needs --fields naming the {args.channels} channels")
         adapter_run = _adapter_run_config(args) if args.model == "adapters" else {}
     except ValueError as exc:
         print(f"fleet serve: {exc}", file=sys.stderr)
@@ -552,8 +584,7 @@ def main_serve(args: argparse.Namespace) -> int:
             "dp-noise": args.dp_noise,
             "dp-clip": args.dp_clip,
             **({"secagg": True} if args.secagg else {}),
-            **({"channels": args.channels, "fields": args.fields, "hop": args.hop} if args.model == "process" else {}),
-            **({"signal": "vibration"} if args.model == "vibration" else {}),
+            **(_ae_run_config(args) if args.model in AE_KINDS else {}),
             **({"quantize": True} if args.quantize else {}),
             **adapter_run,
         }
@@ -580,6 +611,14 @@ def main_serve(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else 1
 
 
+def _ae_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """``fleet serve --model process|vibration``: the autoencoder's run settings (``signal`` names the kind;
+    a kind without a fixed feature spec takes the fleet's channels)."""
+    if AE_KINDS[args.model].feature_spec is not None:
+        return {"signal": args.model}
+    return {"signal": args.model, "channels": args.channels, "fields": args.fields, "hop": args.hop}
+
+
 def main_client(args: argparse.Namespace) -> int:
     from pdm_tools.fleet_learning import deploy
     from pdm_tools.fleet_learning.data import load_client_data
@@ -594,7 +633,7 @@ def main_client(args: argparse.Namespace) -> int:
             process = store_client(args.agent_config, args.machine, args.since, fields, signal=args.model)
             node_config = {"agent-config": str(args.agent_config.resolve()), "machine": args.machine}
             node_config |= {"since": args.since, "signal": args.model, **({"fields": args.fields} if fields else {})}
-            rows = "vibration feature vectors" if args.model == "vibration" else "readings"
+            rows = AE_KINDS[args.model].rows
             what = f"machine {args.machine}, {len(process.values[0])} {rows} of the last {args.since} (local store)"
         elif args.base_model is not None:
             from agent.adaptation.adapter import AdapterError
@@ -671,8 +710,8 @@ def _adapter_run_config(args: argparse.Namespace) -> dict[str, Any]:
     from agent.adaptation.adapter import AdapterError
     from pdm_tools.fleet_learning.adapter_ship import config_from_run, read_base
 
-    if args.strategy != "fedavg" or args.secagg or args.dp_noise or args.dp_clip or args.version:
-        raise ValueError("--model adapters averages the factors with fedavg, without SecAgg+, DP or --version")
+    if args.version:
+        raise ValueError("--model adapters writes the agents' adapter folder, not a model --version")
     if args.base_model is None or not args.machine_type or "/" in args.machine_type:
         raise ValueError("--model adapters needs --base-model (the classifier version) and --machine-type NAME")
     if args.rank < 1:

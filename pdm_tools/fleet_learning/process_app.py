@@ -40,10 +40,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
 
 from agent.commissioning.detector import DetectorConfig
 from agent.features.spec import FeatureSpec
+from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, AeKind, ae_kind
 from pdm_tools.fleet_learning.client_app import _folder, _number
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.process import (
@@ -60,13 +62,14 @@ from pdm_tools.fleet_learning.process import (
     train_autoencoder,
 )
 from pdm_tools.fleet_learning.process_gate import gate_counts, gate_report, quantile_edge, ratio_histogram
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
 from pdm_tools.fleet_learning.server_app import (
     CountingGrid,
     FederationConfig,
     FederationError,
     Outcome,
-    make_strategy,
     query_clients,
+    run_rounds,
 )
 from pdm_tools.models.autoencoder import Autoencoder
 
@@ -75,7 +78,7 @@ COUNTS = ("tp", "fp", "fn", "tn")
 THRESHOLD_KEY = "threshold-rms-max"
 HIST_KEY = "ratio-hist"
 EDGES_KEY = "ratio-edges"  # the aggregate's: each client's ``process_gate.quantile_edge`` of its histogram
-SIGNALS = ("process", "vibration")
+SIGNALS = tuple(AE_KINDS)
 # A vibration machine stores a feature row every window (0.2 s): a client reads at most this many, oldest first.
 VIBRATION_MAX_WINDOWS = 4000
 
@@ -83,16 +86,15 @@ VIBRATION_MAX_WINDOWS = 4000
 def vibration_spec() -> FeatureSpec:
     """The feature spec of the agent's vibration model (``models/vibration_anomaly``): what the fleet's
     vibration clients read from the store and what its version declares."""
-    from pdm_tools.training.simdata import VIBRATION_SPEC
-
-    return VIBRATION_SPEC
+    spec = AE_KINDS["vibration"].feature_spec
+    assert spec is not None
+    return spec()
 
 
 def detector_for(signal: str, detector: DetectorConfig | None = None) -> DetectorConfig:
     """The commissioning settings of a ``signal``'s machines: vibration rows are not smoothed (one window's
     features are one row of the agent's model)."""
-    det = detector or DetectorConfig()
-    return dataclasses.replace(det, smoothing_steps=1) if signal == "vibration" else det
+    return ae_kind(signal).detector(detector)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,10 @@ class ProcessFederation:
     hop: int = 5
     signal: str = "process"
 
+    @property
+    def kind(self) -> AeKind:
+        return ae_kind(self.signal)
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.federation.to_dict().items() if k not in ("alpha", "hidden", "learning_rate")}
         return {
@@ -231,13 +237,16 @@ def build_process_server_app(config: ProcessFederation, outcome: ProcessOutcome)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federate_process(grid, config, outcome)
+        federate_process(grid, config, outcome, context)
 
     return app
 
 
-def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutcome) -> None:
-    """``rounds`` rounds of the strategy on the autoencoder, federated evaluation every round."""
+def federate_process(
+    grid: Grid, config: ProcessFederation, outcome: ProcessOutcome, context: Context | None = None
+) -> None:
+    """``rounds`` rounds of the strategy on the autoencoder, federated evaluation every round
+    (``server_app.run_rounds``: with ``secagg`` SecAgg+, which needs the run's ``context``)."""
     fed = config.federation
     model = init_autoencoder(config.n_channels, config.hidden, fed.seed)
     outcome.initial = model
@@ -251,20 +260,15 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
         }
     )
     counted = CountingGrid(grid, outcome.counters)
-    if config.version:  # who trains the version, by the hash of their readings
+    if config.version or fed.secagg:  # who trains, by the hash of their readings; SecAgg+ needs the row counts
         query_clients(counted, fed.min_clients, fed.wait_for_clients_s, fed.round_timeout_s, outcome.counters)
-    result = make_strategy(fed, sum_counts).start(
-        grid=counted,
-        initial_arrays=to_arrays(model),
-        num_rounds=fed.rounds,
-        timeout=fed.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=ConfigRecord(
-            {"channels": config.n_channels, **({HIST_KEY: True} if config.signal == "vibration" else {})}
-        ),
+    hist = {HIST_KEY: True} if config.kind.heldout_threshold else {}
+    evaluate_config = ConfigRecord({"channels": config.n_channels, **hist})
+    arrays, evaluation = run_rounds(
+        counted, fed, outcome.counters, to_arrays(model), train_config, evaluate_config, sum_counts, context
     )
-    outcome.model = from_arrays(result.arrays, config.n_channels)
-    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+    outcome.model = from_arrays(arrays, config.n_channels)
+    for rnd, metrics in evaluation.items():
         outcome.counters.evaluation[rnd] = {k: int(metrics[k]) for k in COUNTS if k in metrics}  # type: ignore[arg-type]
         if THRESHOLD_KEY in metrics:
             outcome.threshold_rms_max = float(metrics[THRESHOLD_KEY])  # type: ignore[arg-type]
@@ -272,7 +276,7 @@ def federate_process(grid: Grid, config: ProcessFederation, outcome: ProcessOutc
             outcome.heldout_hist = [int(v) for v in metrics[HIST_KEY]]  # type: ignore[union-attr]
             outcome.heldout_edges = [float(v) for v in metrics[EDGES_KEY]]  # type: ignore[union-attr]
     if config.quantize:
-        outcome.gate = quantization_gate(counted, config, result.arrays)
+        outcome.gate = quantization_gate(counted, config, arrays)
 
 
 def quantization_gate(grid: Grid, config: ProcessFederation, arrays: ArrayRecord) -> dict[str, Any]:
@@ -298,10 +302,13 @@ def quantization_gate(grid: Grid, config: ProcessFederation, arrays: ArrayRecord
 _loaded: dict[Path | tuple[str, ...], tuple[ProcessClient, list[Series]]] = {}
 
 
-def build_process_client_app(data_root: Path | None = None, detector: DetectorConfig | None = None) -> ClientApp:
+def build_process_client_app(
+    data_root: Path | None = None, detector: DetectorConfig | None = None, mods: Sequence[Mod] = ()
+) -> ClientApp:
     """The ClientApp. ``data_root``: simulation, client ``i`` reads ``data_root/client-{i}``; without it the
-    node's ``data-dir`` setting names the folder. ``detector``: the machines' commissioning settings."""
-    app = ClientApp()
+    node's ``data-dir`` setting names the folder. ``detector``: the machines' commissioning settings.
+    ``mods``: Flower mods around every handler (``secagg.SECAGG_MODS`` for secure aggregation)."""
+    app = ClientApp(mods=list(mods))
     det = detector or DetectorConfig()
 
     @app.query()
@@ -376,26 +383,23 @@ def store_client(
     from agent.bootstrap import build_sink
     from agent.config import load_config
     from agent.storage.query import LocalStore, since_ns
-    from pdm_tools.fleet_learning.process_ship import MODEL_IDS
 
-    if signal not in SIGNALS:
-        raise ValueError(f"signal {signal!r}: one of {SIGNALS}")
+    kind = ae_kind(signal)
     config = load_config(agent_config)
     sink = build_sink(config)
     try:
         store, start = LocalStore(sink), since_ns(since, now_ns)
-        if signal == "vibration":
-            names = vibration_spec().feature_names()
-            found = store.features(machine, MODEL_IDS[signal], names, start, limit=VIBRATION_MAX_WINDOWS).complete()
+        if kind.feature_spec is not None and kind.stored_features:
+            names = kind.feature_spec().feature_names()
+            found = store.features(machine, kind.model_id, names, start, limit=VIBRATION_MAX_WINDOWS).complete()
         else:
             found = store.readings(machine, start, fields=fields).complete()
     finally:
         sink.close()
     if len(found) < TRAIN_ROWS:
-        what = "vibration feature vectors" if signal == "vibration" else "complete readings"
         channels = ", ".join(found.columns) or "any field"
         raise ClientDataError(
-            f"machine {machine}: {len(found)} {what} ({channels}) in the last {since} in the local "
+            f"machine {machine}: {len(found)} {kind.rows} ({channels}) in the last {since} in the local "
             f"store; the {signal} model needs at least {TRAIN_ROWS}"
         )
     return ProcessClient(machine, (found.values,), (None,))
@@ -432,12 +436,11 @@ def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
 
     federation = deploy.config_from_run({k: v for k, v in run_config.items() if k in deploy.RUN_CONFIG})
     signal = str(run_config.get("signal") or "process")
-    if signal not in SIGNALS:
-        raise ValueError(f"run config 'signal' {signal!r}: one of {SIGNALS}")
+    kind = ae_kind(signal)
     channels = int(run_config.get("channels", 0))
     fields = tuple(f for f in str(run_config.get("fields") or "").split(",") if f)
-    if signal == "vibration":  # the agent's vibration features, in its model's order
-        fields = vibration_spec().feature_names()
+    if kind.feature_spec is not None:  # the features of the agent's model, in its order
+        fields = kind.feature_spec().feature_names()
         channels = channels or len(fields)
     if channels < 1:
         raise ValueError(f"the process model needs its channel count (run config 'channels'), got {channels}")
@@ -470,7 +473,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(run_config.get("out-dir") or "."))
     config = config_from_run(run_config)
     outcome = ProcessOutcome()
-    federate_process(grid, config, outcome)
+    federate_process(grid, config, outcome, context)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped: dict[str, str] = {}
     threshold: dict[str, Any] = {}
@@ -479,13 +482,12 @@ def _deployed_main(grid: Grid, context: Context) -> None:
         np.savez(out_dir / PROCESS_MODEL_FILE, **arrays)
         if config.version:
             try:
-                detector = detector_for(config.signal)
-                if config.signal == "vibration":
-                    spec = vibration_spec()
+                kind = config.kind
+                detector = kind.detector()
+                if kind.heldout_threshold:
                     threshold = heldout_factor(outcome.heldout_hist, outcome.heldout_edges, detector.threshold_factor)
                     detector = dataclasses.replace(detector, threshold_factor=threshold["factor"])
-                else:
-                    spec = process_ship.fleet_spec(config.fields, config.hop)
+                spec = kind.feature_spec() if kind.feature_spec else process_ship.fleet_spec(config.fields, config.hop)
                 version_dir = process_ship.write_template(
                     out_dir,
                     config.to_dict(),
@@ -512,7 +514,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     )
 
 
-# What ``flwr run`` loads for ``fleet serve --model process``: the node's settings name the data.
-app = build_process_client_app()
+# What ``flwr run`` loads for ``fleet serve --model process``: the node's settings name the data. The SecAgg+
+# mods act only on a run with secure aggregation (``fleet serve --model process --secagg``).
+app = build_process_client_app(mods=SECAGG_MODS)
 SERVER_APP = ServerApp()
 SERVER_APP.main()(_deployed_main)

@@ -38,6 +38,7 @@ from pdm_tools.fleet_learning.process_app import (
     detector_for,
 )
 from pdm_tools.fleet_learning.process_gate import heldout_factor
+from pdm_tools.fleet_learning.secagg import SECAGG_MODS
 from pdm_tools.fleet_learning.server_app import FederationError, Outcome
 from pdm_tools.models.autoencoder import Autoencoder
 
@@ -150,7 +151,8 @@ def simulate_process(
         root = Path(tmp)
         for i, client in enumerate(clients):
             client.save(root / f"client-{i}")
-        client_app = build_process_client_app(root, detector_for(config.signal))
+        mods = SECAGG_MODS if config.federation.secagg else ()
+        client_app = build_process_client_app(root, detector_for(config.signal), mods)
         run_in_simulation(build_process_server_app(config, outcome), client_app, len(clients))
     if outcome.model is None:
         raise FederationError("the simulation ended without a model (see the log above)")
@@ -227,6 +229,8 @@ def compare_process(
         },
         **({"least_data_clients": {"clients": least, "pooled": _pooled(least)}} if least else {}),
         **({"quantization_gate": outcome.gate} if outcome.gate else {}),
+        **({"privacy": outcome.counters.privacy} if outcome.counters.privacy else {}),
+        **({"secagg": outcome.counters.secagg} if outcome.counters.secagg else {}),
         **(
             {
                 "threshold_factor_from_heldout": heldout_factor(

@@ -18,6 +18,7 @@ shipping gate, not averaged over a fleet; the verdict here is the gate's accurac
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,8 +76,13 @@ def ratio_histogram(model: Autoencoder, series: Sequence[Series]) -> list[int]:
     """The held-out steps of a client's machines on ``RATIO_EDGES``: each step's RMS score over its machine's
     largest commissioning RMS score (what the fleet's threshold factor multiplies; ``heldout_factor``)."""
     counts = np.zeros(len(RATIO_EDGES) - 1, np.int64)
-    for s in series:
-        top = float(rms_score(model, s.train).max())
+    for i, s in enumerate(series):
+        top = float(rms_score(model, s.train).max()) if len(s.train) else math.nan
+        if not math.isfinite(top) or top <= 0:
+            raise ValueError(
+                f"machine {i}: its largest commissioning score is {top} (no commissioning windows, or the model "
+                "reconstructs them exactly, or a non-finite score): no held-out ratio can be formed against it"
+            )
         counts += np.histogram(rms_score(model, s.test) / top, RATIO_EDGES)[0]
     return counts.tolist()
 

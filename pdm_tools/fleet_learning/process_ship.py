@@ -68,6 +68,7 @@ from agent.features.spec import PROCESS_STATS, FeatureSpec
 from agent.inference.manifest import SCHEMA_VERSION, Manifest, TensorInfo, sha256_file
 from agent.inference.model import EXPLAIN_VALUE, TASK, OnnxAnomalyModel
 from pdm_tools.common.graph_names import INPUT_NAME, OUTPUT_NAME
+from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, ae_kind
 from pdm_tools.fleet_learning.process import TRAIN_ROWS, Series, smoothed_z
 from pdm_tools.fleet_learning.process_gate import CALIBRATION_STRETCH
 from pdm_tools.fleet_learning.server_app import Outcome
@@ -77,8 +78,8 @@ from pdm_tools.models.export import build_onnx
 from pdm_tools.quantization import static as q
 from pdm_tools.training.train import FP32_FILE, INT8_FILE
 
-MODEL_ID = "process-anomaly"
-MODEL_IDS = {"process": MODEL_ID, "vibration": "vibration-anomaly"}  # by the feature spec's kind
+MODEL_ID = AE_KINDS["process"].model_id
+MODEL_IDS = {name: kind.model_id for name, kind in AE_KINDS.items()}  # by the feature spec's kind
 TEMPLATE = "fleet_template"
 CARD_FILE = "MODEL_CARD.md"
 _CHANNEL_INPUT = "channel_means"
@@ -153,7 +154,7 @@ def build_graph(
             chosen = Path(tmp) / INT8_FILE
             q.quantize(fp32, chosen, np.asarray(calibration, np.float32), q.QuantizeConfig())
         proto = onnx.load(str(chosen))
-        if spec.kind == "process":
+        if ae_kind(spec.kind).gathers_means:
             proto = wrap_features(proto, spec)
     path.write_bytes(proto.SerializeToString())
     return path
@@ -328,13 +329,13 @@ def read_autoencoder(path: Path) -> Autoencoder:
 def row_names(spec: FeatureSpec) -> list[str]:
     """What one row of the fleet autoencoder is: a process spec's channels (their smoothed readings), a
     vibration spec's features."""
-    return list(spec.channels) if spec.kind == "process" else list(spec.feature_names())
+    return ae_kind(spec.kind).row_names(spec)
 
 
 def _feature_rows(spec: FeatureSpec, smoothed: np.ndarray) -> np.ndarray:
     """Feature rows whose ``_mean`` columns are ``smoothed`` (the graph reads nothing else); a vibration
     spec's rows are ``smoothed`` itself."""
-    if spec.kind != "process":
+    if not ae_kind(spec.kind).gathers_means:
         return np.asarray(smoothed, np.float32)
     x = np.zeros((len(smoothed), spec.n_features), np.float32)
     x[:, mean_columns(spec)] = smoothed
@@ -392,11 +393,7 @@ def _card(folder: Path, manifest: Manifest) -> Path:
     machine = manifest.training.get("machine")
     spec = manifest.spec()
     assert isinstance(spec, FeatureSpec)
-    reads = (
-        f"reads the `_mean` columns of {', '.join(spec.channels)} (window {spec.window_samples} readings)"
-        if spec.kind == "process"
-        else f"reads the window's {spec.n_features} vibration features (window {spec.window_samples} samples)"
-    )
+    reads = ae_kind(spec.kind).reads(spec)
     heldout = manifest.training.get(TEMPLATE, {}).get("threshold_factor_from_heldout")
     lines = [
         f"# Model card: {manifest.model_id} {manifest.version} (fleet {spec.kind} autoencoder)",

@@ -1,15 +1,19 @@
-"""Secure aggregation (Flower's SecAgg+) for the defect classifier's federation: the coordinator learns the
-weighted average of the clients' models and nothing about any single one.
+"""Secure aggregation (Flower's SecAgg+) for every fleet model (the defect classifier, the process and vibration
+autoencoders, the LoRA adapters' factors): the coordinator learns the weighted average of the clients' models
+and nothing about any single one.
 
 How Flower 1.42 runs it. SecAgg+ is a workflow of Flower's legacy server API
 (``flwr.server.workflow.SecAggPlusWorkflow`` inside ``DefaultWorkflow``, driving a legacy ``FedAvg``), and a
 client mod (``flwr.client.mod.secaggplus_mod``) that runs the protocol's four stages (keys, key shares,
 masked vector, unmasking) around the client's train handler. The message-API strategies the rest of the
 fleet uses (``flwr.serverapp.strategy``) have no secure-aggregation variant. So with ``--secagg`` the
-coordinator runs the same standardization query as always, then the legacy workflow; on the client,
-``legacy_adapter_mod`` translates the legacy messages (``fitins.*``, ``evaluateins.*``) to the ClientApp's
-own (``arrays``, ``config``) and its replies back (``fitres.*``, ``evaluateres.*``). The ClientApp's train
-and evaluate handlers are unchanged.
+coordinator runs its query before round 1 as always (it gives every client's row count: SecAgg+'s
+``max_weight``), then the legacy workflow (``federate_secagg``, called by ``server_app.run_rounds`` for every
+model); on the client, ``legacy_adapter_mod`` translates the legacy messages (``fitins.*``,
+``evaluateins.*``) to the ClientApp's own (``arrays`` named by the round's ``array-names``, ``config``) and
+its replies back (``fitres.*``, ``evaluateres.*``, list metrics flattened to scalars). The ClientApps' train
+and evaluate handlers are unchanged. Messages outside the workflow (the quantization gate after the last
+round) are the message API's and pass the mods untouched.
 
 What changes on the wire. A client's train reply holds no model: ``secaggplus_mod`` multiplies the
 client's weights by its share of the weight (``rows / max_weight``), clips them to ``±clipping_range``,
@@ -26,13 +30,13 @@ coordinator no longer sees. Both combinations are refused with that reason (``ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -42,9 +46,6 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
-
-from pdm_tools.evaluation.classification import scores_from_confusion
-from pdm_tools.fleet_learning.params import from_arrays, init_mlp, standardization, to_arrays
 
 if TYPE_CHECKING:  # server_app imports this module; the types only, one way at run time
     from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome
@@ -106,7 +107,8 @@ def secagg_error_bound(settings: SecAggSettings, weights: list[float]) -> float:
 
 
 def _mlp_names(count: int) -> list[str]:
-    """The classifier's array names in Flower's legacy order (``to_arrays``: w0, b0, w1, b1, ...).
+    """The classifier's array names in Flower's legacy order (``to_arrays``: w0, b0, w1, b1, ...), for a round
+    whose config names none (``ARRAY_NAMES``).
 
     >>> _mlp_names(4)
     ['w0', 'b0', 'w1', 'b1']
@@ -114,41 +116,90 @@ def _mlp_names(count: int) -> list[str]:
     return [f"{'wb'[i % 2]}{i // 2}" for i in range(count)]
 
 
-def named_arrays(record: ArrayRecord) -> ArrayRecord:
-    """A legacy parameters record (arrays keyed ``0``, ``1``, … in ``to_arrays`` order) as the classifier's
-    named arrays (``params.from_arrays`` reads them)."""
+# The round's config names the model's arrays in the legacy parameters' order: any fleet model (classifier,
+# autoencoder, LoRA factors) travels as Flower's unnamed legacy tensors and is named back on both sides.
+ARRAY_NAMES = "array-names"
+
+
+def _names(config: Any, count: int) -> list[str]:
+    names = config.get(ARRAY_NAMES) if config is not None else None
+    return [str(n) for n in names] if isinstance(names, list) else _mlp_names(count)
+
+
+def named_arrays(record: ArrayRecord, names: list[str] | None = None) -> ArrayRecord:
+    """A legacy parameters record (arrays keyed ``0``, ``1``, … in the model's order) as the model's named
+    arrays (``names``; default the classifier's, ``params.from_arrays`` reads them)."""
     tensors = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
-    names = _mlp_names(len(tensors))
+    names = names or _mlp_names(len(tensors))
     return ArrayRecord({name: Array(np.asarray(t, np.float32)) for name, t in zip(names, tensors, strict=True)})
 
 
+LegacyMetrics = dict[str, bool | bytes | float | int | str]
+
+
+def flatten_metrics(metrics: Mapping[str, Any]) -> LegacyMetrics:
+    """A ``MetricRecord``'s items as the legacy API's scalars: a list ``key`` becomes ``key[0]``, ``key[1]``, …
+    (``unflatten_metrics`` reverses it).
+
+    >>> flatten_metrics({"tp": 3, "hist": [1, 0]})
+    {'tp': 3, 'hist[0]': 1, 'hist[1]': 0}
+    """
+    out: LegacyMetrics = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            out.update({f"{key}[{i}]": v for i, v in enumerate(value)})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_metrics(flat: Mapping[str, Any]) -> MetricRecord:
+    """The inverse of ``flatten_metrics`` (numbers only: what a ``MetricRecord`` holds).
+
+    >>> dict(unflatten_metrics({"tp": 3, "hist[1]": 0, "hist[0]": 1}))
+    {'tp': 3, 'hist': [1, 0]}
+    """
+    scalars: dict[str, Any] = {}
+    lists: dict[str, dict[int, Any]] = {}
+    for key, value in flat.items():
+        name, _, index = key.partition("[")
+        if index.endswith("]") and index[:-1].isdigit():
+            lists.setdefault(name, {})[int(index[:-1])] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            scalars[key] = value
+    return MetricRecord({**scalars, **{k: [v[i] for i in sorted(v)] for k, v in lists.items()}})
+
+
 def legacy_adapter_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """A client mod: the legacy workflow's train and evaluate messages as the ClientApp's own, and its replies
-    as the legacy ones; every other message passes unchanged (so a client with this mod joins any run)."""
+    """A client mod: the legacy workflow's train and evaluate messages as the ClientApp's own (arrays named by
+    the round's ``ARRAY_NAMES``), and its replies as the legacy ones (the arrays in that order, the metrics
+    flattened, ``flatten_metrics``); every other message passes unchanged (so a client with this mod joins any
+    run, and the quantization gate's evaluate message after the last SecAgg+ round reaches the app as sent)."""
     content = message.content
     for kind in ("fitins", "evaluateins"):
         if f"{kind}.parameters" in content.array_records:
             break
     else:
         return call_next(message, context)
-    arrays = named_arrays(content.array_records[f"{kind}.parameters"])
-    message.content = RecordDict({"arrays": arrays, "config": content.config_records[f"{kind}.config"]})
+    config = content.config_records[f"{kind}.config"]
+    parameters = content.array_records[f"{kind}.parameters"]
+    arrays = named_arrays(parameters, _names(config, len(parameters)))
+    message.content = RecordDict({"arrays": arrays, "config": config})
     reply = call_next(message, context)
     if reply.has_error():
         return reply
     metrics = reply.content.metric_records["metrics"]
     rows = int(cast(int, metrics["num-examples"]))
     ok = Status(code=Code.OK, message="")
+    flat = flatten_metrics(metrics)
     if kind == "fitins":
         trained = reply.content.array_records["arrays"]
-        parameters = ndarrays_to_parameters([trained[name].numpy() for name in _mlp_names(len(trained))])
-        loss = float(cast(float, metrics["train-loss"]))
-        reply.content = compat.fitres_to_recorddict(FitRes(ok, parameters, rows, {"train-loss": loss}), False)
+        names = _names(config, len(trained))
+        tensors = ndarrays_to_parameters([trained[name].numpy() for name in names])
+        reply.content = compat.fitres_to_recorddict(FitRes(ok, tensors, rows, flat), False)
     else:
-        confusion = [int(c) for c in cast(list[int], metrics["confusion"])]
-        wrong = 1.0 - float(np.trace(_square(confusion))) / max(1, sum(confusion))
-        counts: dict[str, bool | bytes | float | int | str] = {f"c{i}": c for i, c in enumerate(confusion)}
-        reply.content = compat.evaluateres_to_recorddict(EvaluateRes(ok, wrong, rows, counts))
+        loss = float(cast(float, metrics.get("loss", 0.0)))
+        reply.content = compat.evaluateres_to_recorddict(EvaluateRes(ok, loss, rows, flat))
     return reply
 
 
@@ -164,54 +215,43 @@ def optional_secagg_mod(message: Message, context: Context, call_next: ClientApp
 SECAGG_MODS = (optional_secagg_mod, legacy_adapter_mod)
 
 
-def _square(counts: list[int]) -> np.ndarray:
-    k = round(np.sqrt(len(counts)))
-    return np.asarray(counts, np.int64).reshape(k, k)
-
-
-def sum_legacy_confusions(results: list[tuple[int, dict[str, Any]]]) -> dict[str, bool | bytes | float | int | str]:
-    """Federated evaluation under the legacy workflow: the clients' confusion counts (``c0``, ``c1``, …)
-    summed, and the scores of the sum."""
-    if not results:
-        return {}
-    size = len(results[0][1])
-    total = [sum(int(m[f"c{i}"]) for _, m in results) for i in range(size)]
-    s = scores_from_confusion(_square(total))
-    return {"accuracy": s["accuracy"], "macro-f1": s["macro_f1"], **{f"c{i}": c for i, c in enumerate(total)}}
-
-
 def federate_secagg(
     counted: Grid,
     context: Context,
     config: FederationConfig,
     outcome: Outcome,
-    standardize: Callable[[], tuple[np.ndarray, np.ndarray]],
-) -> None:
-    """``server_app.federate`` with SecAgg+: the fleet's standardization (``standardize``: as always, sums, not
-    rows), then ``config.rounds`` rounds of the legacy FedAvg whose fit step is the SecAgg+ workflow, on
-    ``counted`` (the run's grid, counting what travels); fills ``outcome``. The server's pieces come in as
-    arguments: server_app imports this module, never the other way."""
+    initial: ArrayRecord,
+    fit_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    evaluate_aggr: Callable[[list[RecordDict], str], MetricRecord],
+) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
+    """``config.rounds`` rounds of the legacy FedAvg whose fit step is the SecAgg+ workflow, on ``counted`` (the
+    run's grid, counting what travels), from the model ``initial`` (any fleet model's named arrays), with the
+    round's ``fit_config`` and ``evaluate_config``; ``evaluate_aggr``: how the clients' evaluation metrics add
+    up (the message API's ``sum_confusions``, ``process_app.sum_counts``: the legacy metrics are unflattened
+    for it). Returns the final arrays and each round's aggregated evaluation metrics. Needs every client's
+    row count in ``outcome.provenance`` (the query before round 1): the largest is SecAgg+'s ``max_weight``.
+    The server's pieces come in as arguments: server_app imports this module, never the other way."""
     check_secagg(config.strategy, config.dp)
-    mean, scale = standardize()
-    model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
-    outcome.initial = model
-    training = config.training
-    common = {"class-names": list(config.class_names), **standardization(model)}
-    fit_config = {
-        "local-epochs": training.epochs,
-        "learning-rate": training.learning_rate,
-        "alpha": training.alpha,
-        "batch-size": training.batch_size,
-        "seed": config.seed,
+    if not outcome.provenance:
+        raise ValueError("secure aggregation needs the clients' row counts (a query before round 1)")
+    names = list(initial.keys())
+    common = {**dict(evaluate_config), ARRAY_NAMES: names}
+    fit = {
+        **dict(fit_config),
+        ARRAY_NAMES: names,
         **({"proximal-mu": config.proximal_mu} if config.strategy == "fedprox" else {}),
-        **common,
     }
 
     def on_fit(rnd: int) -> dict[str, Any]:
-        return {**fit_config, "server-round": rnd}
+        return {**fit, "server-round": rnd}
 
     def on_evaluate(rnd: int) -> dict[str, Any]:
         return {**common, "server-round": rnd}
+
+    def aggregate(results: list[tuple[int, dict[str, Any]]]) -> LegacyMetrics:
+        records = [RecordDict({"metrics": unflatten_metrics(m)}) for _, m in results]
+        return flatten_metrics(evaluate_aggr(records, "num-examples")) if records else {}
 
     strategy = LegacyFedAvg(
         min_fit_clients=config.min_clients,
@@ -220,8 +260,8 @@ def federate_secagg(
         # Lists travel in the config records (``ConfigRecord`` takes them) though the legacy type says scalars.
         on_fit_config_fn=cast(Callable[[int], dict[str, Any]], on_fit),
         on_evaluate_config_fn=cast(Callable[[int], dict[str, Any]], on_evaluate),
-        initial_parameters=ndarrays_to_parameters([a.numpy() for a in to_arrays(model).values()]),
-        evaluate_metrics_aggregation_fn=sum_legacy_confusions,
+        initial_parameters=ndarrays_to_parameters([initial[name].numpy() for name in names]),
+        evaluate_metrics_aggregation_fn=aggregate,
     )
     settings = config.secagg_settings
     # Weight shares are rows / max_weight, at most 1 (beyond it SecAgg+ may overflow): the largest client.
@@ -239,10 +279,10 @@ def federate_secagg(
         context, config=ServerConfig(num_rounds=config.rounds, round_timeout=config.round_timeout_s), strategy=strategy
     )
     DefaultWorkflow(fit_workflow=workflow)(counted, legacy)
-    arrays = named_arrays(legacy.state.array_records[MAIN_PARAMS_RECORD])
-    outcome.model = from_arrays(arrays, config.class_names, model.mean, model.scale)
+    arrays = named_arrays(legacy.state.array_records[MAIN_PARAMS_RECORD], names)
+    per_round: dict[int, dict[str, Any]] = {}
     for key, values in legacy.history.metrics_distributed.items():
-        if key in ("accuracy", "macro-f1"):
-            for rnd, value in values:
-                outcome.evaluation.setdefault(rnd, {})[key] = value
+        for rnd, value in values:
+            per_round.setdefault(rnd, {})[key] = value
     outcome.secagg = {**settings.to_dict(), "max_weight": max_weight}
+    return arrays, {rnd: unflatten_metrics(flat) for rnd, flat in per_round.items()}

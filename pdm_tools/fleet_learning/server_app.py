@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -199,14 +199,9 @@ def build_server_app(config: FederationConfig, outcome: Outcome) -> ServerApp:
 
 def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Context | None = None) -> None:
     """The coordinator's work in one run: the fleet's standardization, then ``config.rounds`` rounds of the
-    strategy; fills ``outcome``. With ``config.secagg`` the rounds are Flower's SecAgg+ workflow
-    (``secagg.federate_secagg``, which needs the run's ``context``)."""
+    strategy (``run_rounds``), then the quantization gate if asked; fills ``outcome``. With ``config.secagg``
+    the rounds are Flower's SecAgg+ workflow, which needs the run's ``context``."""
     counted = CountingGrid(grid, outcome)
-    if config.secagg:
-        if context is None:
-            raise FederationError("secure aggregation needs the ServerApp's context (Flower's legacy workflow)")
-        federate_secagg(counted, context, config, outcome, lambda: fleet_standardization(counted, config, outcome))
-        return
     mean, scale = fleet_standardization(counted, config, outcome)
     model = init_mlp(mean, scale, config.hidden, config.class_names, config.seed)
     outcome.initial = model
@@ -222,32 +217,67 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Co
             **standardization(model),
         }
     )
-    result = make_strategy(config).start(
-        grid=counted,
-        initial_arrays=to_arrays(model),
-        num_rounds=config.rounds,
-        timeout=config.round_timeout_s,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({"class-names": list(config.class_names), **standardization(model)}),
+    evaluate_config = ConfigRecord({"class-names": list(config.class_names), **standardization(model)})
+    arrays, evaluation = run_rounds(
+        counted, config, outcome, to_arrays(model), train_config, evaluate_config, sum_confusions, context
     )
-    outcome.model = from_arrays(result.arrays, config.class_names, model.mean, model.scale)
-    for rnd, metrics in result.evaluate_metrics_clientapp.items():
+    outcome.model = from_arrays(arrays, config.class_names, model.mean, model.scale)
+    for rnd, metrics in evaluation.items():
         outcome.evaluation[rnd] = {k: v for k, v in metrics.items() if k != "confusion"}
     if config.quantize:
         from pdm_tools.fleet_learning.classifier_gate import federated_gate
 
         outcome.gate = federated_gate(counted, outcome.model, config.seed, config.round_timeout_s)
+
+
+def run_rounds(
+    counted: Grid,
+    config: FederationConfig,
+    outcome: Outcome,
+    initial: ArrayRecord,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    evaluate_aggr: Callable[[list[RecordDict], str], MetricRecord],
+    context: Context | None = None,
+) -> tuple[ArrayRecord, dict[int, MetricRecord]]:
+    """``config.rounds`` rounds of train + federated evaluation of any fleet model (the classifier, the
+    autoencoders, the LoRA factors: ``initial``'s named arrays) with the strategy of ``config``: Flower's
+    message-API strategy (``make_strategy``; with DP wrapped in server-side clipping and noise, the budget then
+    in ``outcome.privacy``) or, with ``config.secagg``, the SecAgg+ workflow (``secagg.federate_secagg``: needs
+    the run's ``context`` and the clients' row counts in ``outcome.provenance``). Returns the final arrays and
+    each round's aggregated evaluation metrics (``evaluate_aggr`` of the clients' replies)."""
+    if config.secagg:
+        if context is None:
+            raise FederationError("secure aggregation needs the ServerApp's context (Flower's legacy workflow)")
+        arrays, evaluation = federate_secagg(
+            counted, context, config, outcome, initial, train_config, evaluate_config, evaluate_aggr
+        )
+    else:
+        result = make_strategy(config, evaluate_aggr).start(
+            grid=counted,
+            initial_arrays=initial,
+            num_rounds=config.rounds,
+            timeout=config.round_timeout_s,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+        )
+        arrays, evaluation = result.arrays, dict(result.evaluate_metrics_clientapp)
     if config.dp:
-        released = len(outcome.evaluation) or config.rounds
-        outcome.privacy = {
-            "epsilon": round(privacy_budget(config.dp_noise, released, config.dp_delta), 4),
-            "delta": config.dp_delta,
-            "rounds": released,
-            "noise_multiplier": config.dp_noise,
-            "clipping_norm": config.dp_clip,
-            "unit": "one client's data (client-level DP, add/remove one client)",
-            "accounting": "Renyi DP of the Gaussian mechanism, no sampling amplification",
-        }
+        outcome.privacy = privacy_report(config, len(evaluation) or config.rounds)
+    return arrays, evaluation
+
+
+def privacy_report(config: FederationConfig, released: int) -> dict[str, Any]:
+    """The client-level privacy budget of a DP federation that released ``released`` models."""
+    return {
+        "epsilon": round(privacy_budget(config.dp_noise, released, config.dp_delta), 4),
+        "delta": config.dp_delta,
+        "rounds": released,
+        "noise_multiplier": config.dp_noise,
+        "clipping_norm": config.dp_clip,
+        "unit": "one client's data (client-level DP, add/remove one client)",
+        "accounting": "Renyi DP of the Gaussian mechanism, no sampling amplification",
+    }
 
 
 def fleet_standardization(

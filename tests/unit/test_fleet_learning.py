@@ -254,8 +254,9 @@ def test_fleet_evaluate_refuses_what_cannot_run_before_simulating(
     serve = ("serve", "--state", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--secagg")
     assert fleet_cli.main(_fleet_args(*serve, "--strategy", "krum")) == 2
     assert "--strategy krum: SecAgg+" in capsys.readouterr().err
-    assert fleet_cli.main(_fleet_args(*serve, "--model", "process", "--channels", "3")) == 2
-    assert "--secagg is wired for the defect classifier" in capsys.readouterr().err
+    process = ("--model", "process", "--channels", "3")
+    assert fleet_cli.main(_fleet_args(*serve, *process, "--dp-noise", "1", "--dp-clip", "1")) == 2
+    assert "clips each client's update, which SecAgg+ hides" in capsys.readouterr().err
 
 
 def test_fleet_evaluate_text_names_each_model_and_the_budget() -> None:

@@ -87,11 +87,14 @@ def test_clients_measure_one_graph_built_from_the_fleet_standardization(tmp_path
 @pytest.mark.integration
 def test_gate_runs_as_federated_evaluation_in_flower_and_replies_only_counts() -> None:
     """Three clients in Flower's simulation: after the round each replies its gate counts (no row), all on the
-    coordinator's INT8 graph; the verdict covers every client."""
+    coordinator's INT8 graph; the verdict covers every client. The round runs under SecAgg+ (``--secagg
+    --quantize``): the gate's message after it is the message API's and passes the SecAgg+ mods untouched."""
     from pdm_tools.fleet_learning.evaluate import simulate
 
     fleet = synthetic_fleet(3, 150, seed=5, n_features=BearingFeatureSpec().n_features)
-    config = FederationConfig(class_names=CLASS_NAMES, rounds=1, hidden=(16, 8), min_clients=3, quantize=True)
+    config = FederationConfig(
+        class_names=CLASS_NAMES, rounds=1, hidden=(16, 8), min_clients=3, quantize=True, secagg=True
+    )
     outcome = simulate(fleet, config, keep_replies=True)
     gate = outcome.gate
     assert len(gate["clients"]) == 3 and gate["fleet"]["rows"] == sum(len(c.y_held) for c in fleet.clients)
@@ -103,3 +106,4 @@ def test_gate_runs_as_federated_evaluation_in_flower_and_replies_only_counts() -
         record = content.config_records["gate"]
         assert set(record) == {"fp32-confusion", "int8-confusion", "agree", "rows", "int8-sha256"}
         assert record["int8-sha256"] == gate["int8_sha256"] and not content.array_records
+    assert outcome.secagg and outcome.evaluation[1]["macro-f1"] > 0  # the round itself was SecAgg+'s
