@@ -163,6 +163,11 @@ class AgentProcess:
         return f"bench_{self.name}_{os.getpid()}".replace("-", "_")
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The config this agent runs with (``write_config``'s document)."""
+        return self._config
+
+    @property
     def every_n(self) -> int:
         return int(self._config["storage"]["raw_vibration"]["every_n"])
 

@@ -516,13 +516,21 @@ class Run:
         expected_samples = self.fleet.stored_samples_expected(self.blocks, self.agent.every_n)
         released = counters.get(series_field("storage.raw_released"), 0.0)
         missing = counters.get(series_field("storage.raw_missing"), 0.0)
+        after_alerts = 0
         if self.agent.raw_vibration == "every_n":
             raw_complete = stored["samples"] == expected_samples
         else:
-            # around_alerts: what is stored depends on the alerts. Every stored sample was released by one
-            # (a block two alerts released is written twice, stored once), none released went missing, and
-            # nothing is stored without a release.
-            raw_complete = missing == 0 and stored["samples"] <= released and (released > 0 or stored["samples"] == 0)
+            # around_alerts: what is stored depends on the alerts. None released went missing; what is stored
+            # is the held blocks the alerts released (counted by the agent when written; a block two alerts
+            # released is written twice, stored once) plus up to keep_blocks blocks after each vibration
+            # alert (stored as they arrive; fewer when the run ended first): nothing stored without an alert.
+            raised = [a for a in self.agent.alerts if a.body.get("state") == "new"]
+            after_alerts = (
+                sum(1 for a in raised if a.body.get("sensor") == "vibration")
+                * int(self.agent.config["storage"]["raw_vibration"]["keep_blocks"])
+                * self.fleet.block_samples
+            )
+            raw_complete = missing == 0 and stored["samples"] <= released + after_alerts
         return {
             "drained": drained is not None,
             "exit_code": code,
@@ -534,6 +542,7 @@ class Run:
             "raw_vibration": self.agent.raw_vibration,
             "raw_released": released,
             "raw_missing": missing,
+            **({"raw_after_alerts_max": after_alerts} if self.agent.raw_vibration != "every_n" else {}),
             "zero_loss": stored["readings"] == self.readings and raw_complete,
             "peak_rss_mb": memory.get("VmHWM", 0) / 1024,
             "decode_errors": counters.get(series_field("decode.errors"), 0.0),
@@ -591,7 +600,8 @@ def _raw_stored(fin: dict[str, Any]) -> str:
         return f"{fin['samples_stored']:,} of {fin['samples_expected']:,} raw vibration samples (every 10th block)"
     return (
         f"{fin['samples_stored']:,} raw vibration samples ({fin['raw_vibration']}: "
-        f"{fin.get('raw_released', 0):,.0f} released by alerts, {fin.get('raw_missing', 0):,.0f} missing)"
+        f"{fin.get('raw_released', 0):,.0f} held before alerts and released, at most "
+        f"{fin.get('raw_after_alerts_max', 0):,.0f} stored after them, {fin.get('raw_missing', 0):,.0f} missing)"
     )
 
 
@@ -1197,6 +1207,14 @@ def _markdown_alerts(runs: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['raw_vibration']} | {format_latency(r['onset'])} | {format_latency(r['decision'])} | {in_agent} |"
         )
+    lines.append("")
+    for r in runs:
+        fin = r.get("final") or {}
+        if fin:
+            lines.append(
+                f"- {r['raw_vibration']}: stored {fin['readings_stored']:,} of {fin['readings_published']:,} readings "
+                f"and {_raw_stored(fin)}; zero loss {_f(fin['zero_loss'])}."
+            )
     lines += ["", f"Percentiles are refused below {MIN_SAMPLES} alerts. Reasons:"]
     lines += [f"- `{k}`: {v}" for k, v in REASON_TEXT.items()]
     return lines
