@@ -55,7 +55,7 @@ class WriterSettings:
     rate_points_s: float | None = None
     local_metrics: bool = True
     raw_release_points_s: float | None = None
-    """The pace of released raw blocks (``storage.raw_release_points_s``); None: as fast as the sink takes them."""
+    """The pace of released raw blocks (``storage.raw_vibration.release_points_s``); None: unpaced."""
     nice: int = 0
     """Added to the writer process's niceness when it starts (``storage.writer_nice``); threads: unused."""
 

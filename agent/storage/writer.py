@@ -21,7 +21,7 @@ Failures, as before the spool became a log:
   such database): the batch is kept and retried at ``backoff_max_s``, logging an error.
 
 Raw blocks an alert released (``around_alerts``) can be paced (``raw_release_points_s``, the local sink's
-``storage.raw_release_points_s``): a batch holding them is written in pieces of ``batch_size`` points at that
+``storage.raw_vibration.release_points_s``): a batch holding them is written in pieces of ``batch_size`` points at that
 rate, so that a storm of alerts does not hand a co-located InfluxDB millions of samples at once.
 
 Failures are counted in ``sink.write_failures{sink,kind=retryable|rejected|config}`` (and, for the local
@@ -308,7 +308,7 @@ class SinkWriter:
 
     def _queue(self, batch: Batch) -> bool:
         """Hand ``batch`` to the sender, waiting while it is busy; False when stopping ran out of time."""
-        if self._write_body is not None and batch.lines:
+        if self._write_body is not None and batch.lines and not self._paced(batch):
             batch.body = "\n".join(batch.lines).encode()
         if self.selector is not None:
             batch.state = self.selector.state()
@@ -458,6 +458,9 @@ class SinkWriter:
         if self.rate_points_s and points:
             self._send_allowed_at = max(self._send_allowed_at, time.monotonic()) + points / self.rate_points_s
 
+    def _paced(self, batch: Batch) -> bool:
+        return self.raw_release_points_s is not None and batch.raw_released > 0
+
     def _pieces(self, batch: Batch) -> Iterator[tuple[list[str], list[int], bytes | None]]:
         """What ``_deliver`` writes: the whole batch, or, when it holds raw blocks an alert released and
         ``raw_release_points_s`` is set, pieces of ``batch_size`` points at that pace.
@@ -471,7 +474,7 @@ class SinkWriter:
         if not batch.lines:
             return
         pace = self.raw_release_points_s
-        if not pace or not batch.raw_released:
+        if pace is None or not self._paced(batch):
             yield batch.lines, batch.rows, batch.body
             return
         for start in range(0, len(batch.lines), self.batch_size):
