@@ -1,9 +1,11 @@
 """Federated LoRA adapters on real processes: ``pdm-agent fleet serve --model adapters`` (Flower's SuperLink and
 the adapter ServerApp) and three ``pdm-agent fleet client --base-model`` agents (SuperNodes, each with its own
 data folder). Two agents run the fleet's base classifier; the third runs another version of it and must be
-refused (an adapter only fits its exact base) without stalling the federation. The adapter that comes out is
-installed with ``pdm-agent fleet install-adapter`` for two machines of the type, and the agent's
-``AdapterStore`` loads it and scores with it. No timing is asserted."""
+refused (an adapter only fits its exact base) without stalling the federation. The rounds run under SecAgg+
+(``--secagg``): the coordinator gets only the sum of the agents' factors, and the refusing agent drops out of
+the protocol without stalling it. The adapter that comes out is installed with ``pdm-agent fleet
+install-adapter`` for two machines of the type, and the agent's ``AdapterStore`` loads it and scores with it.
+No timing is asserted (one pair of runs on the loaded machine: 214 s with SecAgg+, 254 s without)."""
 
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def test_adapter_federation_on_agents_ships_an_adapter_the_store_serves(
     serve = _pdm_agent(
         "fleet", "serve", "--model", "adapters", "--base-model", str(base_dir), "--machine-type", "pump-x",
         "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"), "--out", str(out),
-        "--rounds", "2", "--min-clients", "2", "--round-timeout-s", "120", "--json", log=serve_log,
+        "--rounds", "2", "--min-clients", "2", "--round-timeout-s", "120", "--secagg", "--json", log=serve_log,
     )  # fmt: skip
     processes.append(serve)
     logs = [tmp_path / f"agent-{i}.log" for i in range(3)]
@@ -94,11 +96,14 @@ def test_adapter_federation_on_agents_ships_an_adapter_the_store_serves(
     assert sorted(c["rows"] for c in federation["clients"]) == sorted(len(c.y) for c in clients[:2])
     assert all(len(c["data-sha256"]) == 64 and c["rounds_trained"] == 2 for c in federation["clients"])
     assert manifest.data["count"] == sum(len(c.y) for c in clients[:2])
-    # Only the factors travelled: a round carries less than the base's weights alone would in its messages.
+    # SecAgg+ ran the rounds: its settings are in the provenance, the weight shares scaled by the largest
+    # agent's rows; each round carries at least the factors to and from each agent and to it for evaluation
+    # (the masked vector, keys and shares come on top: no client's factors in the clear).
+    assert federation["strategy"] == "fedavg" and federation["secagg"]["clipping_range"] == 8.0
+    assert federation["secagg_settings"]["max_weight"] == max(len(c.y) for c in clients[:2])
     adapter_bytes = 4 * weights.n_parameters
-    full_bytes = 4 * sum(layer.weight.size + layer.bias.size for layer in base.layers)
     for rnd in ("1", "2"):
-        assert 6 * adapter_bytes <= summary["bytes_per_round"][rnd] < 6 * full_bytes, summary["bytes_per_round"]
+        assert 6 * adapter_bytes <= summary["bytes_per_round"][rnd], summary["bytes_per_round"]
 
     # Installed for two machines of the type on an agent; a copy on a foreign base is refused.
     adapters = tmp_path / "adaptation"
