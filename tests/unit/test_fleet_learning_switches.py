@@ -296,3 +296,24 @@ def test_robust_aggregation_of_adapter_factors_rejects_a_poisoned_client(
     print({k: round(float(v), 3) for k, v in shift.items()})
     assert shift["fedavg"] > 1.0  # the poisoned client moves the FedAvg adapter further than training did
     assert shift["trimmed"] < 0.5 * shift["fedavg"] and shift["krum"] < 0.5 * shift["fedavg"]
+
+
+@pytest.mark.integration
+def test_process_autoencoder_under_dp_reports_its_budget() -> None:
+    clients = [ProcessClient(f"m{i}", (_machine(i, 5.0 * (i + 1)),), (None,)) for i in range(3)]
+    noise, clip = 1.0, 0.5
+    fed = ProcessFederation(
+        FederationConfig(class_names=(), rounds=2, min_clients=3, dp_noise=noise, dp_clip=clip),
+        CHANNELS,
+        hidden=(8, 2, 8),
+        training=AeTraining(epochs=5, learning_rate=1e-2),
+    )
+    outcome = simulate_process(clients, fed)
+    privacy = outcome.counters.privacy
+    assert privacy["epsilon"] == round(privacy_budget(noise, 2, 1e-5), 4) and privacy["rounds"] == 2
+    assert privacy["clipping_norm"] == clip and sorted(outcome.counters.evaluation) == [1, 2]
+    assert outcome.model is not None and outcome.initial is not None
+    # Two rounds of unit-weight updates, each clipped to 0.5, plus noise of std 1.0 * 0.5 / 3 per weight: the
+    # model moved, and by less than the clipped updates and four noise standard deviations per weight allow.
+    moved = np.linalg.norm(_ae_params(outcome.model) - _ae_params(outcome.initial))
+    assert 0 < moved < 2 * clip + 2 * 4 * noise * clip / 3 * np.sqrt(len(_ae_params(outcome.model)))
