@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--poisoned",
         action="store_true",
         help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
-        "fedavg, trimmed mean and krum",
+        "fedavg, trimmed mean and krum (cwru, simulator, synthetic; with --adapters, the adapter's products A @ B)",
     )
     evaluate.add_argument(
         "--no-quantize",
