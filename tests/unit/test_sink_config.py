@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.bootstrap import LOCAL_SINK, build_spool, build_upstream_writers
+from agent.bootstrap import LOCAL_SINK, build_spool, build_upstream_writers, build_writer
 from agent.config import ConfigError, parse_config
 from agent.health.server import run_checks
 from agent.metrics import Metrics
+from agent.storage.process import WriterProcess
 from agent.storage.sinks import SinkWriters, sinks_check
 from agent.storage.writer import SinkWriter
 
@@ -67,6 +68,31 @@ def test_each_upstream_gets_a_cursor_and_a_writer_with_its_selection(tmp_path: P
         assert not writer.local_metrics
         assert SinkWriters(writers).alive is False  # not started
         writer.cursor.close()
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "pace"), [({}, 50_000.0), ({"release_points_s": 1234}, 1234.0), ({"release_points_s": None}, None)]
+)
+def test_the_local_writer_paces_released_raw_blocks_as_configured_and_no_upstream_does(
+    tmp_path: Path, raw: dict[str, float | None], pace: float | None
+) -> None:
+    config = parse_config(
+        {
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "storage": {"raw_vibration": raw, "upstreams": [UPSTREAM]},
+        },
+        environ={},
+    )
+    metrics = Metrics()
+    spool = build_spool(config, metrics)
+    try:
+        local = build_writer(config, spool, metrics)  # in its own process, as shipped (not started)
+        assert isinstance(local, WriterProcess) and local.settings.raw_release_points_s == pace
+        cloud = build_upstream_writers(config, spool, metrics)["cloud"]
+        assert isinstance(cloud, SinkWriter) and cloud.raw_release_points_s is None  # it has its own rate limit
+        cloud.cursor.close()
     finally:
         spool.close()
 
