@@ -1,7 +1,7 @@
 """Where the agent spends its time under load: py-spy on the agent subprocess, hot spots per thread.
 
-``python benchmarks/profile_agent.py [--speed 16] [--seconds 10] [--out DIR]`` starts Mosquitto and
-InfluxDB, the agent (every stage on) and the benchmark fleet published at ``speed`` x real time, samples
+``python benchmarks/profile_agent.py [--speed 16] [--seconds 10] [--raw-vibration MODE] [--out DIR]`` starts
+Mosquitto and InfluxDB, the agent (every stage on) and the benchmark fleet published at ``speed`` x real time, samples
 the agent with ``py-spy record --threads`` (``pip install py-spy``; on-CPU samples only), and prints the
 functions with the most samples: self time (the leaf frame) and inclusive time, per thread.
 """
@@ -77,6 +77,12 @@ def main() -> int:
     parser.add_argument("--idle", action="store_true", help="also sample waiting threads (where they wait)")
     parser.add_argument("--record-seconds", type=float, default=None, help="py-spy duration (default --seconds)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--raw-vibration",
+        default="around_alerts",
+        choices=("around_alerts", "every_n", "all", "none"),
+        help="storage.raw_vibration.mode of the agent (default around_alerts, the shipped one; the ramp's)",
+    )
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
@@ -90,7 +96,7 @@ def main() -> int:
         influx = devservices.start_influxdb_v1(workdir / "influxdb")
         try:
             fleet = Fleet(args.machines, args.vibration_machines)
-            with Run((broker.host, broker.port, influx.url), workdir, "profile", fleet) as run:
+            with Run((broker.host, broker.port, influx.url), workdir, "profile", fleet, raw=args.raw_vibration) as run:
                 assert run.agent.process is not None
                 spy = subprocess.Popen(
                     [
