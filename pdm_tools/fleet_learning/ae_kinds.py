@@ -65,7 +65,7 @@ AE_KINDS: dict[str, AeKind] = {
         AeKind(
             name="process",
             model_id="process-anomaly",
-            rows="complete readings",
+            rows="readings",
             stored_features=False,
             smoothed=True,
             heldout_threshold=False,

@@ -399,7 +399,7 @@ def store_client(
     if len(found) < TRAIN_ROWS:
         channels = ", ".join(found.columns) or "any field"
         raise ClientDataError(
-            f"machine {machine}: {len(found)} {kind.rows} ({channels}) in the last {since} in the local "
+            f"machine {machine}: {len(found)} complete {kind.rows} ({channels}) in the last {since} in the local "
             f"store; the {signal} model needs at least {TRAIN_ROWS}"
         )
     return ProcessClient(machine, (found.values,), (None,))
