@@ -99,6 +99,9 @@ def test_a_full_spool_disk_stops_acks_says_so_and_recovers_without_loss_or_dupli
             raise AssertionError(f"the disk never filled up:\n{rig.agent_log()[-3000:]}")
         full_at = time.monotonic()
         observed["readyz_full"] = _readyz(url)
+        # The spool's maintenance thread may see the full disk before the ingest thread's next append fails:
+        # wait (bounded) for a heartbeat that counts the refused append, then keep that heartbeat's counters.
+        rig.recorder.wait(lambda r: chaos.counter(r.heartbeat.get("fields", {}), "spool.append_failures") >= 1, 30)
         observed["counters_full"] = _counters(rig)
         time.sleep(3)  # messages keep arriving and are not acknowledged
         # SIGTERM while the disk is full: the agent ends by itself within its shutdown timeout.
