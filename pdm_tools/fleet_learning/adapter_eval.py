@@ -42,9 +42,9 @@ from pdm_tools.fleet_learning.adapters import (
     train_adapter,
 )
 from pdm_tools.fleet_learning.data import ClientData, ClientDataError
-from pdm_tools.fleet_learning.evaluate import poisoning_mod, run_in_simulation
+from pdm_tools.fleet_learning.evaluate import ROBUST_COMPARISON, most_rows, poisoning_mod, run_in_simulation
 from pdm_tools.fleet_learning.secagg import SECAGG_MODS
-from pdm_tools.fleet_learning.server_app import FederationError
+from pdm_tools.fleet_learning.server_app import FederationError, against_poisoned
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, export_onnx, fit_mlp
 from pdm_tools.training.defect_train import HOLDOUT_FRACTION, split_by_time
 
@@ -200,35 +200,41 @@ def adapter_robustness(
     test: tuple[np.ndarray, np.ndarray],
     reference: tuple[np.ndarray, np.ndarray],
     config: AdapterFederation,
-    strategies: Sequence[str] = ("fedavg", "trimmed", "krum"),
+    poisoned: int = 1,
+    strategies: Sequence[str] = ROBUST_COMPARISON,
 ) -> dict[str, Any]:
-    """For each strategy: the fleet adapter with one client poisoned (the one with the most rows sends its
-    factors' update reversed and scaled 10x, ``evaluate.poisoning_mod``) against without.
+    """For each strategy: the fleet adapter with ``poisoned`` clients poisoned (those with the most rows send
+    their factors' update reversed and scaled 10x, ``evaluate.poisoning_mod``) against without, each strategy
+    sized for that many attackers (``server_app.against_poisoned``).
     ``shift_vs_training``: how far the poisoned adapter's products ``A @ B`` lie from the clean one's, over how
     far training moved the clean one's from the start (``B = 0``: products 0); macro-F1 on the new size at the
     unseen load, clean and poisoned."""
     k = len(CLASS_NAMES)
-    biggest = max(range(len(clients)), key=lambda i: len(clients[i].y))
+    sized = against_poisoned(config.aggregation(), poisoned, len(clients))
+    config = dataclasses.replace(config, trim_beta=sized.trim_beta, krum_malicious=sized.krum_malicious)
+    attackers = most_rows([len(c.y) for c in clients], poisoned)
     out: dict[str, Any] = {
         "clients": len(clients),
-        "poisoned_clients": 1,
+        "poisoned_clients": poisoned,
         "rounds": config.rounds,
         "federation": config.to_dict(),
+        "trim_beta": config.trim_beta,
+        "krum_malicious": config.krum_malicious,
         "poisoning": {},
     }
     for name in strategies:
         run = dataclasses.replace(config, strategy=name)
         base, clean = simulate_adapters(base_model, clients, run)
-        _, poisoned = simulate_adapters(base_model, clients, run, [poisoning_mod(frozenset({biggest}))])
-        assert clean.adapter is not None and poisoned.adapter is not None and clean.initial is not None
+        _, attacked = simulate_adapters(base_model, clients, run, [poisoning_mod(attackers)])
+        assert clean.adapter is not None and attacked.adapter is not None and clean.initial is not None
         moved = float(np.linalg.norm(products(clean.adapter) - products(clean.initial)))
-        shift = float(np.linalg.norm(products(poisoned.adapter) - products(clean.adapter)))
+        shift = float(np.linalg.norm(products(attacked.adapter) - products(clean.adapter)))
         out["poisoning"][name] = {
             "shift_vs_training": round(shift / moved, 4),
             "macro_f1_clean": float(scores(test[1], base.predict(test[0], clean.adapter), k)["macro_f1"]),
-            "macro_f1_poisoned": float(scores(test[1], base.predict(test[0], poisoned.adapter), k)["macro_f1"]),
+            "macro_f1_poisoned": float(scores(test[1], base.predict(test[0], attacked.adapter), k)["macro_f1"]),
             "reference_macro_f1_poisoned": float(
-                scores(reference[1], base.predict(reference[0], poisoned.adapter), k)["macro_f1"]
+                scores(reference[1], base.predict(reference[0], attacked.adapter), k)["macro_f1"]
             ),
         }
     return out

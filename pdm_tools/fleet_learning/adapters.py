@@ -5,10 +5,14 @@ The base is the shipped classifier's graph (``agent.adaptation.lora.BaseMlp``: f
 is ``A_i``, ``B_i`` per adapted layer (``agent.adaptation.lora.LoraWeights``). A round: every client starts
 from the fleet's factors, runs a few epochs of Adam on its own labelled windows with the adapter's own
 objective (``loss_and_gradients``: class-balanced cross-entropy through base plus branches), and returns its
-factors; the strategy aggregates ``A`` and ``B`` as arrays of their own (any of ``server_app.STRATEGIES``,
-with DP or SecAgg+ if asked: ``AdapterFederation.aggregation``). The average of the products ``A_i B_i`` is
-not the product of the averages, so the fleet adapter is not exactly what any client computed; but every
-client starts the round from the same factors and moves them a little, so ``(A + dA_i)(B + dB_i)`` is
+factors. Its Adam continues from its own moments of the previous round (``AdamMoments``, kept in the node's
+``Context.state`` for the run; never sent): restarting Adam every round made each round's first steps
+full-size sign steps, and that, not the clients' different loads nor averaging the factors, put the fleet
+adapter below central on CWRU (``docs/fleet.md``). The strategy aggregates ``A`` and ``B`` as arrays of their
+own (any of ``server_app.STRATEGIES``, with DP or SecAgg+ if asked: ``AdapterFederation.aggregation``). The
+average of the products ``A_i B_i`` is not the product of the averages, so the fleet adapter is not exactly
+what any client computed; but every client starts the round from the same factors and moves them a little, so
+``(A + dA_i)(B + dB_i)`` is
 ``AB + dA_i B + A dB_i`` up to the small ``dA_i dB_i``, linear in each client's update: averaging (or
 trimming coordinate-wise) the factors' updates is, to that order, averaging (trimming) the products' updates.
 Krum keeps one client's whole update, ``A`` and ``B`` together: exactly that client's product. The federated
@@ -56,6 +60,8 @@ from pdm_tools.fleet_learning.server_app import (
 )
 
 _bases: dict[Path, tuple[BaseMlp, str]] = {}
+# Where a client keeps its Adam moments between rounds (``Context.state``: the node's, for this run only).
+_MOMENTS = "adapter-adam-moments"
 
 
 @dataclass(frozen=True)
@@ -70,12 +76,17 @@ class AdapterFederation:
     learning_rate: float = 5e-3
     batch_size: int = 32
     weight_decay: float = 1e-4
+    # Each client's Adam continues from its own moments of the previous round instead of restarting
+    # (docs/fleet.md, "Why the federated adapter was below central").
+    keep_optimizer_state: bool = True
     min_clients: int = 2
     seed: int = 42
     round_timeout_s: float = 600.0
     wait_for_clients_s: float = 600.0
     # How the factors are aggregated: any of ``server_app.STRATEGIES``, DP, SecAgg+ (``aggregation``).
     strategy: str = "fedavg"
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
     dp_noise: float = 0.0
     dp_clip: float = 0.0
     secagg: bool = False
@@ -88,6 +99,8 @@ class AdapterFederation:
             rounds=self.rounds,
             strategy=self.strategy,
             min_clients=self.min_clients,
+            trim_beta=self.trim_beta,
+            krum_malicious=self.krum_malicious,
             dp_noise=self.dp_noise,
             dp_clip=self.dp_clip,
             secagg=self.secagg,
@@ -112,6 +125,7 @@ class AdapterFederation:
             "learning_rate": self.learning_rate,
             "batch_size": self.batch_size,
             "weight_decay": self.weight_decay,
+            "keep_optimizer_state": self.keep_optimizer_state,
             "seed": self.seed,
         }
 
@@ -155,6 +169,40 @@ def adapter_from_arrays(record: ArrayRecord, base: BaseMlp, rank: int, alpha: fl
     return LoraWeights(rank=rank, alpha=alpha, factors=factors)
 
 
+@dataclass
+class AdamMoments:
+    """Adam's running moments of every factor (in ``LoraWeights.layers`` order, ``A`` then ``B``) and its step
+    count: what a client keeps between rounds so that its optimizer continues instead of restarting."""
+
+    m: list[np.ndarray]
+    v: list[np.ndarray]
+    step: int = 0
+
+    @classmethod
+    def zeros(cls, lora: LoraWeights) -> AdamMoments:
+        shapes = [p.shape for name in lora.layers for p in lora.factors[name]]
+        return cls([np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes], 0)
+
+    def fits(self, lora: LoraWeights) -> bool:
+        """Whether these moments are of ``lora``'s factors (same layers, same shapes)."""
+        shapes = [p.shape for name in lora.layers for p in lora.factors[name]]
+        return [m.shape for m in self.m] == shapes and [v.shape for v in self.v] == shapes
+
+    def to_record(self) -> ArrayRecord:
+        arrays = {f"m{i}": m for i, m in enumerate(self.m)} | {f"v{i}": v for i, v in enumerate(self.v)}
+        arrays["step"] = np.array([self.step], np.int64)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+    @classmethod
+    def from_record(cls, record: ArrayRecord) -> AdamMoments:
+        n = sum(1 for k in record if k.startswith("m"))
+        return cls(
+            [np.asarray(record[f"m{i}"].numpy(), np.float64) for i in range(n)],
+            [np.asarray(record[f"v{i}"].numpy(), np.float64) for i in range(n)],
+            int(record["step"].numpy()[0]),
+        )
+
+
 def train_adapter(
     base: BaseMlp,
     start: LoraWeights,
@@ -165,21 +213,23 @@ def train_adapter(
     learning_rate: float = 5e-3,
     batch_size: int = 32,
     weight_decay: float = 1e-4,
+    moments: AdamMoments | None = None,
 ) -> tuple[LoraWeights, float]:
     """``epochs`` epochs of Adam on the factors from ``start`` (the base stays frozen), on raw feature rows ``x``
     with class indices ``y``; returns the new factors and the last epoch's mean loss. The same step as
     ``agent.adaptation.lora.train_lora``, but from given factors and without early stopping (a round's
-    budget is fixed by the coordinator)."""
+    budget is fixed by the coordinator). ``moments``: Adam's state to continue from, updated in place (else a
+    fresh optimizer: zero moments, step 0)."""
     rng = np.random.default_rng(seed)
     z = base.standardize(x, start)
     y = np.asarray(y, np.int64)
     class_weight = _class_weights(y, base.layers[-1].fan_out)
     layers = start.layers
     params = [p.astype(np.float64) for name in layers for p in start.factors[name]]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
+    state = moments if moments is not None and moments.fits(start) else AdamMoments.zeros(start)
+    m, v = state.m, state.v
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step, loss = 0, 0.0
+    loss = 0.0
 
     def as_weights(ps: list[np.ndarray]) -> LoraWeights:
         factors = {n: (ps[2 * i], ps[2 * i + 1]) for i, n in enumerate(layers)}
@@ -192,13 +242,16 @@ def train_adapter(
             rows = order[lo : lo + batch_size]
             value, grads = loss_and_gradients(base, as_weights(params), z[rows], y[rows], class_weight)
             losses.append(value)
-            step += 1
+            state.step += 1
+            step = state.step
             for i, (p, g) in enumerate(zip(params, grads, strict=True)):
                 g = g + weight_decay * p
                 m[i] = beta1 * m[i] + (1 - beta1) * g
                 v[i] = beta2 * v[i] + (1 - beta2) * g * g
                 p -= learning_rate * (m[i] / (1 - beta1**step)) / (np.sqrt(v[i] / (1 - beta2**step)) + eps)
         loss = float(np.mean(losses)) if losses else 0.0
+    if moments is not None and state is not moments:
+        moments.m, moments.v, moments.step = state.m, state.v, state.step
     out = as_weights([p.astype(np.float32) for p in params])
     return out, loss
 
@@ -228,6 +281,11 @@ def build_adapter_client_app(
         config = message.content.config_records["config"]
         start = _adapter(message, base)
         rnd, seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
+        # The client's Adam continues from its moments of the previous round (kept in the node's context for
+        # this run) when the coordinator asks; restarting it every round cost the fleet adapter ~7 points.
+        keep = bool(config.get("keep-optimizer-state", False))
+        kept = context.state.array_records.get(_MOMENTS) if keep else None
+        moments = AdamMoments.from_record(kept) if kept is not None else AdamMoments.zeros(start)
         trained, loss = train_adapter(
             base,
             start,
@@ -238,7 +296,10 @@ def build_adapter_client_app(
             _number(config, "learning-rate", 5e-3),
             int(_number(config, "batch-size", 32)),
             _number(config, "weight-decay", 1e-4),
+            moments,
         )
+        if keep:
+            context.state[_MOMENTS] = moments.to_record()
         metrics = MetricRecord({"num-examples": len(data.x), "unit-weight": 1, "train-loss": loss})
         return Message(RecordDict({"arrays": adapter_to_arrays(trained), "metrics": metrics}), reply_to=message)
 
@@ -342,6 +403,7 @@ def federate_adapters(
             "learning-rate": config.learning_rate,
             "batch-size": config.batch_size,
             "weight-decay": config.weight_decay,
+            "keep-optimizer-state": config.keep_optimizer_state,
         }
     )
     arrays, evaluation = run_rounds(

@@ -96,9 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument(
         "--poisoned",
-        action="store_true",
-        help="instead: one client sends a reversed, scaled update; how far it moves the fleet model under "
-        "fedavg, trimmed mean and krum (cwru, simulator, synthetic; with --adapters, the adapter's products A @ B)",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="instead: the N clients with most rows (default 1) send reversed, scaled updates; how far they move "
+        "the fleet model under fedavg, trimmed mean, krum and multi-krum, each sized for N attackers (cwru, "
+        "simulator, synthetic; with --adapters, the adapter's products A @ B)",
     )
     evaluate.add_argument(
         "--no-quantize",
@@ -328,7 +333,8 @@ def main_evaluate(args: argparse.Namespace) -> int:
             if args.poisoned:
                 from pdm_tools.fleet_learning.evaluate import robustness
 
-                result: dict[str, Any] = {"dataset": args.dataset, "poisoning": robustness(fleet, config)}
+                poisoning = robustness(fleet, config, args.poisoned)
+                result: dict[str, Any] = {"dataset": args.dataset, "poisoning": poisoning}
             else:
                 from pdm_tools.fleet_learning.evaluate import evaluate_fleet
 
@@ -426,7 +432,7 @@ def _evaluate_adapters(args: argparse.Namespace) -> int:
         )
         with threadpool_limits(limits=1, user_api="blas"):
             if args.poisoned:
-                adapters = adapter_robustness(base, clients, test, reference, config)
+                adapters = adapter_robustness(base, clients, test, reference, config, args.poisoned)
             else:
                 adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
     except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
@@ -458,8 +464,8 @@ def render_adapter_text(result: dict[str, Any]) -> str:
 def render_adapter_poisoning_text(result: dict[str, Any]) -> str:
     """The figures of ``fleet evaluate --adapters --poisoned`` as a few plain lines."""
     lines = [
-        f"cwru adapters, {result['clients']} clients, one poisoned, {result['rounds']} rounds: shift of the adapter's "
-        "products vs training, macro-F1 on the new size clean/poisoned"
+        f"cwru adapters, {result['clients']} clients, {result['poisoned_clients']} poisoned, {result['rounds']} "
+        "rounds: shift of the adapter's products vs training, macro-F1 on the new size clean/poisoned"
     ]
     lines += [
         f"  {name:8} {v['shift_vs_training']:7.3f}  {v['macro_f1_clean']:.3f} / {v['macro_f1_poisoned']:.3f}"
@@ -513,7 +519,8 @@ def render_text(result: dict[str, Any]) -> str:
     if "poisoning" in result:
         p = result["poisoning"]
         lines = [
-            f"{p['clients']} clients, one poisoned, {p['rounds']} rounds: shift vs training, macro-F1 clean/poisoned"
+            f"{p['clients']} clients, {p['poisoned_clients']} poisoned, {p['rounds']} rounds: shift vs training, "
+            "macro-F1 clean/poisoned"
         ]
         lines += [
             f"  {name:8} {v['shift_vs_training']:7.3f}  {v['macro_f1_clean']:.3f} / {v['macro_f1_poisoned']:.3f}"

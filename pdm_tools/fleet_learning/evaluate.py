@@ -6,8 +6,8 @@ client per data folder written under a temporary directory). Central and local m
 shipped recipe (``fit_mlp``). Every model is scored on every client's held-out rows (the last part of each
 recording in time), and, with a load left out, on that load's rows.
 
-``robustness`` measures how far one poisoned client (it sends its update reversed and scaled) moves the fleet
-model under each strategy, on a synthetic fleet of machines at different speeds.
+``robustness`` measures how far poisoned clients (each sends its update reversed and scaled) move the fleet
+model under each strategy, on a fleet of machines at different speeds.
 """
 
 from __future__ import annotations
@@ -30,10 +30,19 @@ from pdm_tools.evaluation.classification import scores
 from pdm_tools.fleet_learning.client_app import build_client_app
 from pdm_tools.fleet_learning.fleets import Fleet
 from pdm_tools.fleet_learning.secagg import SECAGG_MODS
-from pdm_tools.fleet_learning.server_app import FederationConfig, FederationError, Outcome, build_server_app
+from pdm_tools.fleet_learning.server_app import (
+    FederationConfig,
+    FederationError,
+    Outcome,
+    against_poisoned,
+    build_server_app,
+)
 from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig, fit_mlp
 
 logger = logging.getLogger(__name__)
+
+# The strategies ``--poisoned`` compares (each against its own clean run).
+ROBUST_COMPARISON = ("fedavg", "trimmed", "krum", "multikrum")
 
 
 def simulate(fleet: Fleet, config: FederationConfig, mods: Sequence[Mod] = (), keep_replies: bool = False) -> Outcome:
@@ -193,32 +202,48 @@ def relative_shift(model: DefectMlp, reference: DefectMlp) -> float:
 
 
 def robustness(
-    fleet: Fleet, config: FederationConfig, strategies: Sequence[str] = ("fedavg", "trimmed", "krum")
+    fleet: Fleet,
+    config: FederationConfig,
+    poisoned: int = 1,
+    strategies: Sequence[str] = ROBUST_COMPARISON,
 ) -> dict[str, Any]:
-    """For each strategy: the fleet model with one client poisoned vs without. The poisoned client is the one
-    with the most rows (FedAvg weighs updates by row count, so that is the attack that moves it most).
+    """For each strategy: the fleet model with ``poisoned`` clients poisoned vs without (each strategy sized for
+    that many attackers, ``server_app.against_poisoned``, in both runs). The poisoned clients are those with the
+    most rows (FedAvg weighs updates by row count, so that is the attack that moves it most).
     ``shift_vs_training``: the distance between the two over the distance the clean run's training moved the
     model from its start
-    (1.0: the poisoned client displaced the model as far as all of training did); ``relative_shift``: the
+    (1.0: the poisoned clients displaced the model as far as all of training did); ``relative_shift``: the
     same distance over the clean model's norm; macro-F1 on every client's held-out rows."""
     k = len(config.class_names)
     x_held, y_held = fleet.held_out()
-    out: dict[str, Any] = {"clients": len(fleet.clients), "poisoned_clients": 1, "rounds": config.rounds}
+    n = len(fleet.clients)
+    sized = against_poisoned(config, poisoned, n)
+    out: dict[str, Any] = {"clients": n, "poisoned_clients": poisoned, "rounds": config.rounds}
+    out |= {"trim_beta": sized.trim_beta, "krum_malicious": sized.krum_malicious}
+    attackers = most_rows([len(c.y) for c in fleet.clients], poisoned)
     for name in strategies:
-        run = dataclasses.replace(config, strategy=name)
+        run = dataclasses.replace(sized, strategy=name)
         clean_run = simulate(fleet, run)
         clean, start = clean_run.model, clean_run.initial
-        biggest = max(range(len(fleet.clients)), key=lambda i: len(fleet.clients[i].y))
-        poisoned = simulate(fleet, run, mods=[poisoning_mod(frozenset({biggest}))]).model
-        assert clean is not None and poisoned is not None and start is not None
+        poisoned_model = simulate(fleet, run, mods=[poisoning_mod(attackers)]).model
+        assert clean is not None and poisoned_model is not None and start is not None
         moved = relative_shift(clean, start) * _norm(start)
         out[name] = {
-            "shift_vs_training": round(relative_shift(poisoned, clean) * _norm(clean) / moved, 4),
-            "relative_shift": round(relative_shift(poisoned, clean), 4),
+            "shift_vs_training": round(relative_shift(poisoned_model, clean) * _norm(clean) / moved, 4),
+            "relative_shift": round(relative_shift(poisoned_model, clean), 4),
             "macro_f1_clean": scores(y_held, clean.predict(x_held), k)["macro_f1"],
-            "macro_f1_poisoned": scores(y_held, poisoned.predict(x_held), k)["macro_f1"],
+            "macro_f1_poisoned": scores(y_held, poisoned_model.predict(x_held), k)["macro_f1"],
         }
     return out
+
+
+def most_rows(rows: Sequence[int], count: int) -> frozenset[int]:
+    """The partition ids of the ``count`` clients with the most rows (ties: the lower id).
+
+    >>> sorted(most_rows([5, 9, 9, 1], 2))
+    [1, 2]
+    """
+    return frozenset(sorted(range(len(rows)), key=lambda i: (-rows[i], i))[:count])
 
 
 def _norm(model: DefectMlp) -> float:

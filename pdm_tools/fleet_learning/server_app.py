@@ -4,7 +4,8 @@ Before round 1 every client answers a ``query`` with its feature count, sum and 
 give the fleet-wide ``mean``/``scale`` (exactly those of the pooled rows, which no one ever pools). Then
 Flower's strategy runs ``rounds`` of train + federated evaluation. Strategies (``STRATEGIES``): ``fedavg``,
 ``fedprox`` (proximal term in each client's loss), ``trimmed`` (coordinate-wise trimmed mean, drops the
-``trim_beta`` share of the highest and lowest values), ``krum`` (keeps the update closest to its neighbours).
+``trim_beta`` share of the highest and lowest values), ``krum`` (keeps the update closest to its neighbours),
+``multikrum`` (averages the ``n - krum_malicious`` updates Krum ranks best).
 
 Every message's payload is counted (``Outcome.bytes_per_round``: Flower ``Record.count_bytes`` of both
 directions, without gRPC framing) through a ``Grid`` that wraps the runtime's.
@@ -12,6 +13,7 @@ directions, without gRPC framing) through a ``Grid`` that wraps the runtime's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +29,7 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -37,7 +40,7 @@ from pdm_tools.models.defect_mlp import DefectMlp, MlpConfig
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "trimmed", "krum")
+STRATEGIES = ("fedavg", "fedprox", "trimmed", "krum", "multikrum")
 
 
 class FederationError(Exception):
@@ -86,7 +89,7 @@ class FederationConfig:
             "hidden": list(self.hidden),
             **({"proximal_mu": self.proximal_mu} if self.strategy == "fedprox" else {}),
             **({"trim_beta": self.trim_beta} if self.strategy == "trimmed" else {}),
-            **({"krum_malicious": self.krum_malicious} if self.strategy == "krum" else {}),
+            **({"krum_malicious": self.krum_malicious} if self.strategy in ("krum", "multikrum") else {}),
             **(
                 {"dp_noise_multiplier": self.dp_noise, "dp_clipping_norm": self.dp_clip, "dp_delta": self.dp_delta}
                 if self.dp
@@ -143,6 +146,9 @@ def make_strategy(
         strategy = FedTrimmedAvg(beta=config.trim_beta, **common)
     elif config.strategy == "krum":
         strategy = Krum(num_malicious_nodes=config.krum_malicious, **common)
+    elif config.strategy == "multikrum":
+        keep = max(1, config.min_clients - config.krum_malicious)
+        strategy = MultiKrum(num_malicious_nodes=config.krum_malicious, num_nodes_to_select=keep, **common)
     else:
         raise ValueError(f"strategy {config.strategy!r} is not one of {list(STRATEGIES)}")
     if not config.dp:
@@ -154,6 +160,24 @@ def make_strategy(
     # Flower's server-side fixed clipping: every update clipped to dp_clip, then N(0, (noise * clip / m)^2)
     # on the aggregate, m = the clients a round needs (with more clients the noise is more than needed).
     return DifferentialPrivacyServerSideFixedClipping(strategy, config.dp_noise, config.dp_clip, config.min_clients)
+
+
+def against_poisoned(config: FederationConfig, poisoned: int, clients: int) -> FederationConfig:
+    """``config`` with its robust rule sized for ``poisoned`` of ``clients`` attackers (what an operator who
+    assumes that bound sets): Krum and Multi-Krum's ``krum_malicious = poisoned``, the trimmed mean cutting at
+    least ``poisoned`` updates at each end (``trim_beta``, never below the configured share; Flower's trimmed
+    mean cuts ``int(beta * clients)``). ``ValueError`` when no trimmed mean can (``poisoned >= clients / 2``).
+
+    >>> c = against_poisoned(FederationConfig(class_names=()), 3, 10)
+    >>> c.krum_malicious, int(c.trim_beta * 10)
+    (3, 3)
+    >>> int(against_poisoned(FederationConfig(class_names=()), 1, 10).trim_beta * 10)
+    2
+    """
+    beta = max(config.trim_beta, (poisoned + 0.5) / clients)
+    if poisoned < 1 or beta >= 0.5:
+        raise ValueError(f"--poisoned {poisoned} of {clients} clients: need 1 <= poisoned < clients / 2 - 0.5")
+    return dataclasses.replace(config, krum_malicious=poisoned, trim_beta=round(beta, 4))
 
 
 def privacy_budget(noise_multiplier: float, rounds: int, delta: float) -> float:

@@ -14,6 +14,7 @@ from agent.adaptation.lora import BaseMlp, LoraWeights, loss_and_gradients
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.adapter_eval import evaluate_adapter_fleet
 from pdm_tools.fleet_learning.adapters import (
+    AdamMoments,
     AdapterFederation,
     adapter_from_arrays,
     adapter_to_arrays,
@@ -68,6 +69,27 @@ def test_training_from_given_factors_lowers_the_loss_and_keeps_the_base(tmp_path
     # Continuing from the trained factors (a second round) starts where the first ended.
     more, _ = train_adapter(base, trained, shifted.x, shifted.y, epochs=1, seed=3)
     assert _loss(base, more, shifted.x, shifted.y) < _loss(base, start, shifted.x, shifted.y)
+
+
+def test_adam_moments_carry_training_on_as_if_it_had_not_stopped(tmp_path: Path) -> None:
+    """Two rounds of 5 epochs with the client's moments kept are one run of 10 (full-batch steps, so the
+    rows' order does not matter); restarting Adam instead lands elsewhere."""
+    _, base = _base(tmp_path)
+    shifted = synthetic_fleet(6, 200, seed=4).clients[5]
+    start = LoraWeights.initial(base, LAYERS, rank=2, alpha=4.0, seed=1)
+    rows = len(shifted.y)
+    once, _ = train_adapter(base, start, shifted.x, shifted.y, epochs=10, seed=3, batch_size=rows)
+    moments = AdamMoments.zeros(start)
+    half, _ = train_adapter(base, start, shifted.x, shifted.y, epochs=5, seed=3, batch_size=rows, moments=moments)
+    assert moments.step == 5
+    kept = AdamMoments.from_record(moments.to_record())  # as the ClientApp keeps them in its context
+    twice, _ = train_adapter(base, half, shifted.x, shifted.y, epochs=5, seed=3, batch_size=rows, moments=kept)
+    restarted, _ = train_adapter(base, half, shifted.x, shifted.y, epochs=5, seed=3, batch_size=rows)
+    assert kept.step == 10
+    for n in LAYERS:
+        for i in (0, 1):
+            np.testing.assert_allclose(twice.factors[n][i], once.factors[n][i], rtol=1e-4, atol=1e-6)
+    assert max(np.abs(restarted.factors[n][1] - once.factors[n][1]).max() for n in LAYERS) > 1e-3
 
 
 @pytest.mark.integration

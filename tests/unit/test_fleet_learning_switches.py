@@ -26,7 +26,7 @@ from agent.adaptation.lora import BaseMlp, LoraWeights
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning import cli as fleet_cli
 from pdm_tools.fleet_learning.adapter_eval import products, simulate_adapters
-from pdm_tools.fleet_learning.adapters import AdapterFederation, train_adapter
+from pdm_tools.fleet_learning.adapters import AdamMoments, AdapterFederation, train_adapter
 from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, ae_kind
 from pdm_tools.fleet_learning.data import ClientData
 from pdm_tools.fleet_learning.evaluate import poisoning_mod
@@ -89,7 +89,7 @@ def test_commands_accept_the_new_combinations_and_refuse_what_cannot_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     adapters = AdapterFederation(layers=LAYERS, min_clients=5)
-    for strategy in ("fedavg", "fedprox", "trimmed", "krum"):
+    for strategy in ("fedavg", "fedprox", "trimmed", "krum", "multikrum"):
         make_strategy(dataclasses.replace(adapters, strategy=strategy).aggregation())
     make_strategy(dataclasses.replace(adapters, dp_noise=1.0, dp_clip=0.5).aggregation())
     make_strategy(dataclasses.replace(adapters, secagg=True).aggregation())
@@ -190,9 +190,15 @@ def _adapter_fleet() -> tuple[DefectMlp, list[ClientData]]:
 
 
 def _local_round(
-    base: BaseMlp, start: LoraWeights, clients: Sequence[ClientData], config: AdapterFederation
+    base: BaseMlp,
+    start: LoraWeights,
+    clients: Sequence[ClientData],
+    config: AdapterFederation,
+    rnd: int = 1,
+    moments: Sequence[AdamMoments] | None = None,
 ) -> list[LoraWeights]:
-    """Each client's round-1 factors, trained here with the seed its ClientApp uses."""
+    """Each client's factors of round ``rnd``, trained here with the seed its ClientApp uses (continuing
+    ``moments[i]``, updated in place, if given)."""
     return [
         train_adapter(
             base,
@@ -200,12 +206,13 @@ def _local_round(
             c.x,
             c.y,
             config.local_epochs,
-            zlib.crc32(f"{c.name}/{config.seed}/1".encode()),
+            zlib.crc32(f"{c.name}/{config.seed}/{rnd}".encode()),
             config.learning_rate,
             config.batch_size,
             config.weight_decay,
+            None if moments is None else moments[i],
         )[0]
-        for c in clients
+        for i, c in enumerate(clients)
     ]
 
 
@@ -270,6 +277,34 @@ def test_adapter_factors_under_secagg_and_dp(
     update = _factors(private.adapter) - _factors(start)
     unclipped = np.linalg.norm(fedavg - _factors(start))
     assert unclipped > clip and np.linalg.norm(update) != pytest.approx(unclipped, rel=0.05)
+
+
+@pytest.mark.integration
+def test_adapter_clients_keep_their_optimizer_between_rounds(
+    adapter_round: tuple[DefectMlp, list[ClientData], AdapterFederation],
+) -> None:
+    """Two FedAvg rounds in Flower's simulation are two rounds computed here with each client's Adam moments
+    carried from round 1 to round 2 (the ClientApp keeps them in its node's context), not with Adam restarted
+    (what ``keep_optimizer_state=False`` does)."""
+    model, clients, config = adapter_round
+    config = dataclasses.replace(config, rounds=2)
+    base, outcome = simulate_adapters(model, clients, config)
+    start = LoraWeights.initial(base, config.layers, config.rank, config.alpha, config.seed)
+    rows = np.array([len(c.y) for c in clients], np.float64)
+
+    def two_rounds(moments: Sequence[AdamMoments] | None) -> np.ndarray:
+        first = [_factors(lora) for lora in _local_round(base, start, clients, config, 1, moments)]
+        middle = _mean_factors(start, first, rows)
+        second = [_factors(lora) for lora in _local_round(base, middle, clients, config, 2, moments)]
+        return np.average(np.stack(second), axis=0, weights=rows)
+
+    kept = two_rounds([AdamMoments.zeros(start) for _ in clients])
+    restarted = two_rounds(None)
+    assert outcome.adapter is not None
+    federated = _factors(outcome.adapter)
+    assert np.abs(federated - kept).max() < 1e-5 < np.abs(federated - restarted).max()
+    _, plain = simulate_adapters(model, clients, dataclasses.replace(config, keep_optimizer_state=False))
+    assert plain.adapter is not None and np.abs(_factors(plain.adapter) - restarted).max() < 1e-5
 
 
 @pytest.mark.integration
