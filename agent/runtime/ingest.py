@@ -157,7 +157,7 @@ class IngestWorker(Worker):
     def process(self, batch: Sequence[Message]) -> None:
         entries: list[Entry] = []
         held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
-        readings_n = blocks_n = samples_n = images_n = 0  # counted once per batch: a metric call per message costs
+        readings_n = blocks_n = samples_n = images_n = queued_n = 0  # counted once per batch: a metric call costs
         # Windows go to scoring as soon as their message is decoded, before the spool commit: alerts wait
         # neither for the disk nor for the rest of the batch, and scoring a reading that is not yet durable
         # is harmless (the acknowledgement below still waits for it). Once the scoring queue has stayed
@@ -202,7 +202,10 @@ class IngestWorker(Worker):
                         if image is None:
                             continue
                         queued = image
-                    wait_s = self._put(queued, wait_s)
+                    if self._put(queued, wait_s):
+                        queued_n += 1
+                    else:
+                        wait_s = 0.0  # the queue stayed full: the rest of this batch does not wait again
         self._metrics.inc("ingest.messages", len(batch))
         if readings_n:
             self._metrics.inc("ingest.readings", readings_n)
@@ -211,6 +214,8 @@ class IngestWorker(Worker):
             self._metrics.inc("ingest.samples", samples_n)
         if images_n:
             self._metrics.inc("images.received", images_n)
+        if queued_n:
+            self._metrics.inc("windows.queued", queued_n)
         while self._raw_released:
             entries.append(encode_raw_ref(self._raw_released.popleft()))
         while self._produced:
@@ -339,16 +344,15 @@ class IngestWorker(Worker):
             return None
         return replace(frame, payload=b"")
 
-    def _put(self, item: ScoringItem, wait_s: float) -> float:
-        """Queue an item for scoring; returns how long the next put of this batch may wait."""
+    def _put(self, item: ScoringItem, wait_s: float) -> bool:
+        """Queue an item for scoring, waiting up to ``wait_s``; False: dropped (counted), the queue is full."""
         try:
             self._windows.put(item, timeout=wait_s) if wait_s > 0 else self._windows.put_nowait(item)
-            self._metrics.inc("windows.queued")
-            return wait_s
+            return True
         except queue.Full:
             # Explicit, counted drop: scoring is behind; the readings themselves are stored.
             self._metrics.inc("windows.dropped", reason="queue_full")
             if isinstance(item, ImageFrame) and self._pending_images is not None:
                 self._pending_images.give_back(item.gray.nbytes)
             logger.warning("scoring queue full; %s of %s dropped", type(item).__name__, item.source)
-            return 0.0
+            return False

@@ -87,6 +87,24 @@ def _put_tags(out: list[bytes], source: Source) -> None:
         _put_str(out, value)
 
 
+_BLOCK_NAMES: dict[tuple[Source, str], bytes] = {}
+_BLOCK_NAMES_MAX = 100_000  # a plant's sources x channels; cleared when full (a flood costs the cache only)
+
+
+def _block_names(source: Source, channel: str) -> bytes:
+    """A block's encoded tags and channel, remembered per source and channel: they repeat in every block."""
+    names = _BLOCK_NAMES.get((source, channel))
+    if names is None:
+        out: list[bytes] = []
+        _put_tags(out, source)
+        _put_str(out, channel)
+        names = b"".join(out)
+        if len(_BLOCK_NAMES) >= _BLOCK_NAMES_MAX:
+            _BLOCK_NAMES.clear()
+        _BLOCK_NAMES[(source, channel)] = names
+    return names
+
+
 class _Reader:
     __slots__ = ("data", "pos")
 
@@ -137,9 +155,21 @@ def _header(readings: Sequence[Reading]) -> bytes:
     return json.dumps(shapes, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_TIME_SEQ = struct.Struct("<qq")
+
+
 def encode_readings(readings: Sequence[Reading]) -> Entry:
     """The readings of one message as one entry."""
     header = _reading_header(readings)
+    if len(readings) == 1:  # the usual message: struct, without numpy's per-call overhead
+        r = readings[0]
+        fields = tuple(r.fields.values())
+        try:
+            times_seqs = _TIME_SEQ.pack(r.time_ns, r.seq or 0)
+            packed = struct.pack(f"<{len(fields)}d", *fields)
+        except struct.error as exc:  # the same refusal as numpy's below
+            raise ValueError(f"a reading's time or seq does not fit in int64: {exc}") from None
+        return Entry(Kind.READINGS, b"".join((_U32.pack(len(header)), header, times_seqs, packed)), 1)
     try:
         times = np.fromiter((r.time_ns for r in readings), dtype="<i8", count=len(readings))
         seqs = np.fromiter((r.seq or 0 for r in readings), dtype="<i8", count=len(readings))
@@ -180,8 +210,7 @@ def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Ent
         out: list[bytes] = [_BLOCK_HEAD.pack(block.start_ns, block.rate_hz, block.seq or 0, flags)]
     except struct.error as exc:  # a time or seq beyond int64 (a decoder plug-in's)
         raise ValueError(f"block start {block.start_ns} or seq {block.seq}: {exc}") from None
-    _put_tags(out, block.source)
-    _put_str(out, block.channel)
+    out.append(_block_names(block.source, block.channel))
     samples = np.ascontiguousarray(block.samples, dtype="<f4")
     out.append(samples.tobytes())
     return Entry(Kind.BLOCK, b"".join(out), len(samples) if store_raw else 0, held=held and not store_raw)

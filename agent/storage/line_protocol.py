@@ -26,8 +26,8 @@ from agent import schema
 
 FieldValue = float | int | bool | str
 
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 _MEASUREMENT_ESCAPES = str.maketrans({",": r"\,", " ": r"\ "})
 _KEY_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
@@ -90,7 +90,7 @@ def format_field_value(value: FieldValue) -> str:
         return "true" if value else "false"
     if isinstance(value, int | np.integer):
         number = int(value)
-        if not _INT64_MIN <= number <= _INT64_MAX:
+        if not INT64_MIN <= number <= INT64_MAX:
             raise ValueError(f"integer {number} does not fit in int64")
         return f"{number}i"
     if isinstance(value, float | np.floating):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import struct
+
 import numpy as np
 import pytest
 
 from agent.records import Reading, SampleBlock, Source
+from agent.spool import codec
 from agent.spool.codec import (
     Entry,
     Kind,
@@ -99,6 +103,25 @@ def test_readings_take_long_names_many_tags_and_many_fields() -> None:
 def test_what_the_format_cannot_hold_is_a_value_error(reading: Reading) -> None:
     with pytest.raises(ValueError):
         encode_readings([Reading(PROC, T0, {"value": 0.0}), reading])
+    with pytest.raises(ValueError):  # a message of one reading (the usual one) takes a path of its own
+        encode_readings([reading])
+
+
+def test_a_single_reading_is_laid_out_as_in_a_list_of_readings() -> None:
+    """One reading (struct) and several (numpy) give the same layout: the body of two equal readings is the
+    single one's header doubled, with each array doubled."""
+    r = Reading(PROC, T0, {"temperature": 61.2, "count": 3.0, "neg": -0.0}, 9)
+    single = encode_readings([r])
+    pair = encode_readings([r, r])
+    assert decode_readings(single.body) == [r]
+    assert decode_readings(pair.body) == [r, r]
+    (size,) = struct.unpack_from("<I", single.body)
+    header, arrays = single.body[4 : 4 + size], single.body[4 + size :]
+    times, seqs, values = arrays[:8], arrays[8:16], arrays[16:]
+    assert np.frombuffer(values, "<f8").tolist() == [61.2, 3.0, -0.0]
+    (pair_size,) = struct.unpack_from("<I", pair.body)
+    assert pair.body[4 + pair_size :] == times * 2 + seqs * 2 + values * 2
+    assert pair.body[4 : 4 + pair_size] == b"[" + header[1:-1] + b"," + header[1:-1] + b"]"
 
 
 # -- blocks ------------------------------------------------------------------------------------
@@ -153,6 +176,19 @@ def test_block_unicode_channel_and_tags_round_trip() -> None:
     assert decoded.channel == "ä,x"
 
 
+def test_blocks_of_one_source_keep_their_own_channel_and_sources_their_own_tags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A block's encoded names are remembered per source and channel, in a bounded cache (cleared when full)."""
+    monkeypatch.setattr(codec, "_BLOCK_NAMES_MAX", 3)
+    other = Source.of(site="s2", machine="m2", sensor="vibration")
+    for _ in range(2):  # the second pass reads what the first remembered
+        for source, channel in itertools.product((SRC, other, PROC), ("x", "y")):
+            decoded, _ = decode_block(encode_block(_block(source=source, channel=channel), True).body)
+            assert (decoded.source, decoded.channel) == (source, channel)
+    assert 0 < len(codec._BLOCK_NAMES) <= 3
+
+
 def test_a_block_name_of_exactly_65535_bytes_fits() -> None:
     block = SampleBlock(SRC, T0, 10.0, np.zeros(2, np.float32), "c" * 65_535)
     assert decode_block(encode_block(block, True).body)[0].channel == block.channel
@@ -170,8 +206,9 @@ def test_a_block_name_of_exactly_65535_bytes_fits() -> None:
     ids=["long-channel", "long-channel-utf8", "256-tags", "long-tag", "time"],
 )
 def test_a_block_the_format_cannot_hold_is_a_value_error(block: SampleBlock) -> None:
-    with pytest.raises(ValueError):
-        encode_block(block, True)
+    for _ in range(2):  # refused again: a refusal is not remembered as names
+        with pytest.raises(ValueError):
+            encode_block(block, True)
 
 
 def test_an_empty_block_round_trips() -> None:

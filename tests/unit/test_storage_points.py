@@ -12,6 +12,7 @@ from agent import schema
 from agent.records import Alert, FeatureVector, Reading, SampleBlock, Score, Source, Window
 from agent.spool.codec import Kind, encode_features
 from agent.storage.entries import entry_lines
+from agent.storage.line_protocol import format_point
 from agent.storage.points import (
     RawVibrationPolicy,
     alert_lines,
@@ -124,6 +125,43 @@ def test_score_line() -> None:
         "anomaly_score,line=l1,machine=m1,model_id=proc,model_version=3,sensor=process,site=s1 "
         f"score=0.75,threshold=0.5,anomalous=true,window_start_ns={T0}i {T0 + 5}"
     ]
+
+
+def _formatted_score(s: Score) -> str:
+    """What ``format_point`` makes of a score (``score_lines`` formats a source's head once, then appends)."""
+    tags = {**s.source.as_dict(), "model_id": s.model_id, "model_version": s.model_version}
+    if s.adapter is not None:
+        tags["adapter"] = s.adapter
+    fields = {"score": s.score, "threshold": s.threshold, "anomalous": s.is_anomalous, "window_start_ns": s.start_ns}
+    return format_point("anomaly_score", tags, fields, s.end_ns)
+
+
+def test_score_lines_are_format_points_for_every_source_version_and_adapter() -> None:
+    """The head remembered per source, model version and adapter never leaks into another's line."""
+    sources = [PROC, SRC, Source.of(site="a b", machine="m,2", sensor="x=y")]
+    values = [0.0, 0.1, 1e-07, 2.5e20, -3.0, 7.0]
+    for (source, version, adapter), (score, threshold) in itertools.product(
+        itertools.product(sources, ("1", "2"), (None, "m1@ab12")), itertools.product(values, values[:3])
+    ):
+        s = Score(source, T0, T0 + 9, "proc", version, score, threshold, adapter)
+        assert score_lines(s) == [_formatted_score(s)]
+    f32 = Score(PROC, T0, T0 + 9, "proc", "1", np.float32(0.1), np.float64(0.05))  # numpy scalars as ONNX gives
+    assert score_lines(f32) == [_formatted_score(f32)]
+
+
+@pytest.mark.parametrize(
+    ("score", "threshold", "start_ns", "message"),
+    [
+        (float("nan"), 1.0, T0, "'score': non-finite float nan"),
+        (1.0, float("inf"), T0, "'threshold': non-finite float inf"),
+        (1.0, 1.0, 2**63, "'window_start_ns': integer 9223372036854775808 does not fit in int64"),
+    ],
+)
+def test_a_score_line_refuses_what_line_protocol_cannot_hold(
+    score: float, threshold: float, start_ns: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        score_lines(Score(PROC, start_ns, T0, "proc", "1", score, threshold))
 
 
 def test_alert_line() -> None:
