@@ -58,13 +58,14 @@ from agent.ingest.shard import Shard, ShardFilter
 from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, ScoringItem, Source
 from agent.runtime.agent import Agent
-from agent.runtime.alerting import AlertOutput
+from agent.runtime.alerting import AlertOutput, RawReleases
 from agent.runtime.batch import BatchScorer
 from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage, PendingImages
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog, MessageQueue
+from agent.runtime.scoring_process import ScoringProcess
+from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog, MessageQueue, ScoringStage
 from agent.spool.arrivals import ArrivalLog
 from agent.spool.sqlite import Spool
 from agent.storage.base import Sink
@@ -291,9 +292,11 @@ def build_scoring(
     adaptation: tuple[AdapterStore | None, AutoAdapter | None] = (None, None),
     clock_ns: Callable[[], int] = time.time_ns,
     offline: Callable[[Source], bool] | None = None,
+    raw_releases: RawReleases | None = None,
 ) -> ScoringWorker:
     """The scoring worker as the agent runs it; ``engine``, ``clock_ns`` and the I/O may be replaced.
-    ``offline``: the decoder's word that a source went offline (``agent.decode.base.Liveness``)."""
+    ``offline``: the decoder's word that a source went offline (``agent.decode.base.Liveness``);
+    ``raw_releases``: what an alert's raw-data release asks (default: the stages' raw-vibration policy)."""
     adapters, auto_adapter = adaptation
     scorer = BatchScorer(
         metrics,
@@ -316,7 +319,7 @@ def build_scoring(
         broker=broker,
         topics=topics,
         metrics=metrics,
-        raw_policy=stages.raw_policy,
+        raw_policy=stages.raw_policy if raw_releases is None else raw_releases,
         store_raw=store_raw,
         state_store=state_store,
         clock_ns=clock_ns,
@@ -336,6 +339,50 @@ def build_scoring(
         commands=commands,
         inspection=stages.inspection,
     )
+
+
+def alert_state_store(config: Config) -> AlertStateStore:
+    """Where the alert engine keeps its open events (``alerts.state_path``; default: beside the spool)."""
+    return AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json")
+
+
+@dataclass(frozen=True)
+class ScoringSide:
+    """What a scoring process runs (``agent.runtime.scoring_process``): the worker and what it needs kept."""
+
+    worker: ScoringWorker
+    speeds: ShaftSpeeds
+    registry: ModelRegistry | None
+    auto_adapter: AutoAdapter | None
+
+
+def build_scoring_side(
+    config: Config,
+    metrics: Metrics,
+    *,
+    spool: LineLog,
+    broker: Broker,
+    raw_releases: RawReleases,
+    windows: queue.Queue[ScoringItem],
+    commands: queue.Queue[Message],
+) -> ScoringSide:
+    """The scoring worker of a scoring process, as ``build_agent`` wires the thread: the same models, stages,
+    adapters, alert state and baselines, with the agent's side (spool, broker, raw releases) over a pipe."""
+    stages = build_stages(config, metrics)
+    adaptation = build_adaptation(config, metrics)
+    worker = build_scoring(
+        config,
+        stages,
+        metrics,
+        spool=spool,
+        broker=broker,
+        windows=windows,
+        commands=commands,
+        state_store=alert_state_store(config),
+        adaptation=adaptation,
+        raw_releases=raw_releases,
+    )
+    return ScoringSide(worker, stages.speeds, stages.models.registry, adaptation[1])
 
 
 def build_ingest(
@@ -552,7 +599,18 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     upstreams = build_upstream_writers(config, spool, metrics)
     if upstreams:
         writer = SinkWriters({LOCAL_SINK: writer, **upstreams})
-    adaptation = build_adaptation(config, metrics)
+    scoring_process = config.agent.scoring_process
+    if scoring_process:
+        # What the scoring process cannot take yet is refused, not run half-way (docs/dataplane.md).
+        if config.camera.enabled:
+            raise ValueError("agent.scoring_process does not work with camera.enabled yet; switch one of them off")
+        if isinstance(main_decoder, Liveness):
+            raise ValueError(
+                f"agent.scoring_process does not work with the {config.mqtt.decoder.type} decoder yet: the sources "
+                "it reports offline would not reach the alert engine; switch agent.scoring_process off"
+            )
+    # The scoring process builds its own adapters (with their trainer); the agent's process then has none.
+    adaptation = (None, None) if scoring_process else build_adaptation(config, metrics)
     ingest = build_ingest(
         config,
         stages,
@@ -567,19 +625,32 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
         before_commit=field_keys.flush,
         images=images,
     )
-    scoring = build_scoring(
-        config,
-        stages,
-        metrics,
-        spool=ingest,  # the scoring thread's points go into the ingest thread's next transaction
-        broker=outbound,
-        windows=windows,
-        commands=commands,
-        store_raw=ingest.store_raw,
-        state_store=AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json"),
-        adaptation=adaptation,
-        offline=main_decoder.offline if isinstance(main_decoder, Liveness) else None,
-    )
+    scoring: ScoringStage
+    if scoring_process:
+        scoring = ScoringProcess(
+            config,
+            windows=windows,
+            commands=commands,
+            speeds=stages.speeds,
+            sink=ingest,  # the scoring process's points go into the ingest thread's next transaction
+            raw=stages.raw_policy,
+            broker=outbound,
+            metrics=metrics,
+        )
+    else:
+        scoring = build_scoring(
+            config,
+            stages,
+            metrics,
+            spool=ingest,  # the scoring thread's points go into the ingest thread's next transaction
+            broker=outbound,
+            windows=windows,
+            commands=commands,
+            store_raw=ingest.store_raw,
+            state_store=alert_state_store(config),
+            adaptation=adaptation,
+            offline=main_decoder.offline if isinstance(main_decoder, Liveness) else None,
+        )
     router = stages.models.router
     health = build_health_server(
         config,

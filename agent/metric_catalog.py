@@ -253,6 +253,8 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("windows.gaps", "Discontinuities in a vibration stream that restarted its window, by kind.", "reason"),
     _counter("windows.queued", "Windows queued for scoring."),
     _counter("windows.dropped", "Windows dropped before scoring, by reason.", "reason"),
+    _gauge("scoring.process", "1 while scoring runs in its own process and it is alive (agent.scoring_process)."),
+    _counter("scoring.process_restarts", "Times the scoring process died and was started again."),
     _counter("windows.scored", "Windows scored, by model.", "model"),
     _counter("windows.rejected", "Windows not scored, by reason.", "reason"),
     # inference and models
@@ -315,6 +317,12 @@ CATALOG: tuple[MetricSpec, ...] = (
     _counter("alerts.state_errors", "Failures to save or restore the alert state, by operation.", "reason"),
     _counter("commands.accepted", "Operator commands applied, by command.", "command"),
     _counter("commands.rejected", "Operator commands refused, by reason.", "reason"),
+    _counter(
+        "commands.lost",
+        "Operator commands not applied because the scoring process was down (not acknowledged: the broker "
+        "sends them again), by reason.",
+        "reason",
+    ),
     _counter("pipeline.errors", "Unexpected errors in a pipeline worker, by worker.", "worker"),
 )
 """Every metric of the agent. A new metric is a new line here, next to the others of its stage."""

@@ -47,6 +47,12 @@ class AgentSection(Section):
         "drain 26-36 % slower than 0.5 ms, and 0.1 ms sustained more than 0.5 ms in three alternating pairs "
         "(docs/dataplane.md).",
     )
+    scoring_process: bool = Field(
+        False,
+        description="Score in a process of its own (features, models, alert engine), so that it does not share "
+        "the interpreter lock with MQTT and ingest: the agent then uses a second core for scoring "
+        "(docs/dataplane.md). Not yet with camera images or a decoder that reports sources offline (Sparkplug B).",
+    )
 
     @field_validator("id")
     @classmethod

@@ -29,7 +29,7 @@ from agent.ingest.outbound import Outbound
 from agent.logs import counters_line
 from agent.metrics import Metrics
 from agent.runtime.ingest import IngestWorker
-from agent.runtime.scoring import ScoringWorker
+from agent.runtime.worker import ScoringStage
 from agent.spool.sqlite import Spool, SpoolNotWritable
 from agent.storage.line_protocol import format_point
 from agent.storage.writer import Writer
@@ -51,7 +51,8 @@ class Agent:
     spool: Spool
     writer: Writer
     ingest: IngestWorker
-    scoring: ScoringWorker
+    scoring: ScoringStage
+    """The scoring thread, or the scoring process (``agent.scoring_process``)."""
     router: ModelRouter
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_requested: threading.Event = field(default_factory=threading.Event)

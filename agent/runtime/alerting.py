@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from agent.alerts.commands import CommandAuth
 from agent.alerts.engine import AlertEngine, CommandError
@@ -19,17 +19,24 @@ from agent.alerts.homeassistant import Discovery
 from agent.alerts.payload import IMAGE_KEY, alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
 from agent.metrics import Metrics
-from agent.records import Alert, Message
+from agent.records import Alert, Message, Source
 from agent.runtime.batch import Verdict
 from agent.runtime.worker import Broker, to_lines
 from agent.statefile import StateStore
-from agent.storage.points import RawVibrationPolicy, alert_lines, command_lines, score_lines
+from agent.storage.points import alert_lines, command_lines, score_lines
 from agent.topics import Topics
 
 logger = logging.getLogger(__name__)
 
 SAVE_WAIT_S = 10.0
 TICK_INTERVAL_S = 0.5
+
+
+class RawReleases(Protocol):
+    """The raw-vibration policy's side an alert needs (``agent.storage.points.RawVibrationPolicy``, or a
+    scoring process's relay to it: ``agent.runtime.scoring_process``): the held blocks to store for it."""
+
+    def on_alert(self, source: Source) -> list[int]: ...
 
 
 class AlertOutput:
@@ -41,7 +48,7 @@ class AlertOutput:
         broker: Broker,
         topics: Topics,
         metrics: Metrics,
-        raw_policy: RawVibrationPolicy,
+        raw_policy: RawReleases,
         store_raw: Callable[[Sequence[int]], None],
         state_store: AlertStateStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,

@@ -41,6 +41,14 @@ class ShaftSpeeds:
     def rpm(self, machine: str) -> float | None:
         return self._rpm.get(machine, self._default)
 
+    def snapshot(self) -> dict[str, float]:
+        """The latest speed per machine (for a scoring process: ``agent.runtime.scoring_process``)."""
+        return dict(self._rpm)
+
+    def replace(self, speeds: dict[str, float]) -> None:
+        """Take the speeds another process observed (a single assignment: readers see one or the other)."""
+        self._rpm = dict(speeds)
+
 
 @dataclass(frozen=True)
 class DefectStage:

@@ -60,6 +60,19 @@ class EntryLog(LineLog, Protocol):
     def append(self, entries: Sequence[Entry]) -> list[int | None]: ...
 
 
+class ScoringStage(Protocol):
+    """What the agent runs its scoring with: the scoring thread (``agent.runtime.scoring.ScoringWorker``) or
+    a scoring process (``agent.runtime.scoring_process.ScoringProcess``)."""
+
+    def restore(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
 def to_lines(encode: Callable[[T], list[str]], record: T, metrics: Metrics) -> list[str]:
     """Line-protocol lines of one record; a record InfluxDB cannot hold is counted and logged, not raised."""
     try:

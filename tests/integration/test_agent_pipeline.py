@@ -21,10 +21,18 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str, raw_mode: str = "all"):
+def _config(
+    mosquitto,
+    influxdb_v1,
+    database: str,
+    tmp_path: Path,
+    agent_id: str,
+    raw_mode: str = "all",
+    scoring_process: bool = False,
+):
     return parse_config(
         {
-            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "agent": {"id": agent_id, "heartbeat_s": 60, "scoring_process": scoring_process},
             "health": {"port": 0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "subscriptions": ["factory/#"]},
             "storage": {
@@ -44,10 +52,11 @@ def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str
     )
 
 
-@pytest.fixture
-def running_agent(mosquitto, influxdb_v1, influx_db_name, tmp_path):
+@pytest.fixture(params=[False, True], ids=["scoring-thread", "scoring-process"])
+def running_agent(mosquitto, influxdb_v1, influx_db_name, tmp_path, request):
     agent_id = f"it-{time.monotonic_ns()}"
-    agent = build_agent(_config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id))
+    config = _config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id, scoring_process=request.param)
+    agent = build_agent(config)
     sub = Subscriber(mosquitto.host, mosquitto.port, [f"pdm/{agent_id}/#"])
     agent.start()
     assert agent.mqtt.wait_subscribed(20)

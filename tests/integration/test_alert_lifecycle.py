@@ -30,10 +30,10 @@ BLOCK = 2048
 OPERATOR_KEY = b"test-key-of-maria-0123456789"
 
 
-def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str):
+def _config(mosquitto, influxdb_v1, database: str, tmp_path: Path, agent_id: str, scoring_process: bool = False):
     return parse_config(
         {
-            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "agent": {"id": agent_id, "heartbeat_s": 60, "scoring_process": scoring_process},
             "health": {"port": 0},
             "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "subscriptions": ["factory/#"]},
             "storage": {"url": influxdb_v1.url, "v1": {"database": database}, "flush_interval_s": 0.2},
@@ -61,11 +61,12 @@ def _alerts(sub: Subscriber, agent_id: str) -> list[dict]:
     return [body for topic, body in sub.messages if topic.startswith(f"pdm/{agent_id}/alerts/")]
 
 
+@pytest.mark.parametrize("scoring_process", [False, True], ids=["scoring-thread", "scoring-process"])
 def test_event_is_acknowledged_survives_a_restart_and_clears_once(
-    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path
+    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path, scoring_process: bool
 ):
     agent_id = f"it-{time.monotonic_ns()}"
-    config = _config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id)
+    config = _config(mosquitto, influxdb_v1, influx_db_name, tmp_path, agent_id, scoring_process)
     profile = fleet_profile(0, seed=42)
     rate = profile.rate_hz
     fault_start_s, fault_end_s = 12 * BLOCK / rate, 24 * BLOCK / rate
