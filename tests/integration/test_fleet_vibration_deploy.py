@@ -1,7 +1,9 @@
 """The fleet's vibration autoencoder on real processes: ``pdm-agent fleet serve --model vibration --version``
 (Flower's SuperLink and the autoencoder's ServerApp) and three ``pdm-agent fleet client --model vibration``
 agents whose ClientApp reads its machine's vibration feature vectors from the agent's local InfluxDB (a real
-InfluxDB 1.x, the points written by the agent's own writer code). The version comes out with the
+InfluxDB 1.x, the points written by the agent's own writer code), the round under secure aggregation
+(``--secagg``: Flower's SecAgg+ between real processes, the held-out histograms and the gate's replies through
+its legacy workflow). The version comes out with the
 federation's provenance, the quantization gate and the threshold factor derived from the clients' held-out
 windows; ``fleet install --agent-config --machine`` folds the machine's baseline in, the agent's registry
 swaps it in over the shipped vibration-anomaly 1.0.0 and scores healthy and faulty windows (cut and
@@ -82,15 +84,19 @@ def test_vibration_federation_ships_a_version_the_agents_registry_scores_with(
 ) -> None:
     config = _store(tmp_path, influxdb_v1.url, influx_db_name)
     serve_args = ["--model", "vibration", "--version", "2.0.0", "--quantize", "--rounds", "1", "--min-clients", "3",
-                  "--local-epochs", "40"]  # fmt: skip
+                  "--local-epochs", "40", "--secagg"]  # fmt: skip
     client = ["--agent-config", str(config), "--model", "vibration", "--since", "1h"]
     out = federate(tmp_path, processes, serve_args, {m: [*client, "--machine", m] for m in MACHINES})
     for machine in MACHINES:
-        log = tmp_path / f"agent-{machine}.log"
-        assert f"{ROWS} vibration feature vectors of the last 1h (local store)" in log.read_text(errors="replace")
+        log = (tmp_path / f"agent-{machine}.log").read_text(errors="replace")
+        assert f"{ROWS} vibration feature vectors of the last 1h (local store)" in log
+        # SecAgg+'s four stages of the one round (keys, shares, masked vector, unmasking) reached every agent.
+        assert log.count("Receiving: train message") == 4, log[-3000:]
 
     summary = json.loads((out / "federation.json").read_text(encoding="utf-8"))
     assert summary["complete"] is True and summary["federation"]["model"] == "vibration autoencoder"
+    # SecAgg+ ran: its settings recorded, and each agent's masked reply (the legacy workflow's) counted.
+    assert summary["federation"]["secagg"]["clipping_range"] > 0 and len(summary["participants"]["1"]) == 3
     assert sorted(summary["evaluation"]) == ["1"]
     last = summary["evaluation"]["1"]  # no labels on an agent: every held-out window counted, alarms as false
     assert last["tp"] == last["fn"] == 0 and last["fp"] + last["tn"] == 3 * (ROWS - TRAIN_ROWS)
