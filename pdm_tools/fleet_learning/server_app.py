@@ -173,6 +173,9 @@ def against_poisoned(config: FederationConfig, poisoned: int, clients: int) -> F
     (3, 3)
     >>> int(against_poisoned(FederationConfig(class_names=()), 1, 10).trim_beta * 10)
     2
+    >>> against_poisoned(FederationConfig(class_names=()), 3, 6)
+    Traceback (most recent call last):
+    ValueError: --poisoned 3 of 6 clients: need 1 <= poisoned < clients / 2 - 0.5
     """
     beta = max(config.trim_beta, (poisoned + 0.5) / clients)
     if poisoned < 1 or beta >= 0.5:
