@@ -636,6 +636,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
             raw=stages.raw_policy,
             broker=outbound,
             metrics=metrics,
+            build_side=build_scoring_side,
         )
     else:
         scoring = build_scoring(

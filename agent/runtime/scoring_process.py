@@ -37,13 +37,16 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from agent.adaptation.auto import AutoAdapter
 from agent.config import Config
+from agent.inference.registry import ModelRegistry
 from agent.logs import current_format, setup_logging
 from agent.metrics import Metrics
 from agent.records import Message, ScoringItem, Source
 from agent.runtime.alerting import RawReleases
 from agent.runtime.defect import ShaftSpeeds
-from agent.runtime.worker import POLL_S, Broker, drain
+from agent.runtime.scoring import ScoringWorker
+from agent.runtime.worker import POLL_S, Broker, LineLog, drain
 from agent.spool.codec import Entry, encode_lines
 from agent.storage.process import RelayMetrics
 
@@ -66,6 +69,39 @@ class ScoringSink(Protocol):
     def append_entries(self, entries: Sequence[Entry]) -> object: ...
 
     def store_raw(self, spool_ids: Sequence[int]) -> None: ...
+
+
+class ScoringSide(Protocol):
+    """What the child runs (``agent.bootstrap.ScoringSide``)."""
+
+    @property
+    def worker(self) -> ScoringWorker: ...
+
+    @property
+    def speeds(self) -> ShaftSpeeds: ...
+
+    @property
+    def registry(self) -> ModelRegistry | None: ...
+
+    @property
+    def auto_adapter(self) -> AutoAdapter | None: ...
+
+
+class SideBuilder(Protocol):
+    """``agent.bootstrap.build_scoring_side``, handed in by the composition root (a module-level function:
+    the child gets it by reference), so that this module does not import the composition root."""
+
+    def __call__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        *,
+        spool: LineLog,
+        broker: Broker,
+        raw_releases: RawReleases,
+        windows: queue.Queue[ScoringItem],
+        commands: queue.Queue[Message],
+    ) -> ScoringSide: ...
 
 
 class RelayedMetrics(Metrics):
@@ -144,6 +180,7 @@ def _child_main(
     inbox: multiprocessing.connection.Connection,
     outbox_conn: multiprocessing.connection.Connection,
     config: Config,
+    build_side: SideBuilder,
     log_level: int,
     log_format: str,
 ) -> None:
@@ -154,15 +191,13 @@ def _child_main(
     sys.setswitchinterval(config.agent.switch_interval_ms / 1000)
     from threadpoolctl import threadpool_limits
 
-    from agent.bootstrap import build_scoring_side  # the composition root, imported in the child only
-
     threadpool_limits(1, user_api="blas")  # as the agent's process (agent.runtime.agent)
     outbox = _Outbox(outbox_conn)
     metrics = RelayedMetrics()
     windows: queue.Queue[ScoringItem] = queue.Queue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
     commands: queue.Queue[Message] = queue.Queue()
     try:
-        side = build_scoring_side(
+        side = build_side(
             config,
             metrics,
             spool=RemoteLog(outbox),
@@ -229,8 +264,10 @@ class ScoringProcess:
         raw: RawReleases,
         broker: Broker,
         metrics: Metrics,
+        build_side: SideBuilder,
     ) -> None:
         self.config = config
+        self._build_side = build_side
         self._windows = windows
         self._commands = commands
         self._speeds = speeds
@@ -264,6 +301,7 @@ class ScoringProcess:
                 to_child_read,
                 from_child_write,
                 self.config,
+                self._build_side,
                 logging.getLogger().getEffectiveLevel(),
                 current_format(),
             ),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bootstrap import build_agent, build_stages
+from agent.bootstrap import build_agent, build_scoring_side, build_stages
 from agent.config import Config, parse_config
 from agent.metrics import Metrics
 from agent.records import Message, SampleBlock, ScoringItem, Source
@@ -96,6 +96,7 @@ class Harness:
             raw=self.raw,
             broker=self.broker,
             metrics=self.metrics,
+            build_side=build_scoring_side,
         )
 
     def feed(self, blocks: Sequence[SampleBlock]) -> int:
