@@ -64,7 +64,7 @@ from agent.runtime.defect import DefectStage, ShaftSpeeds
 from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage, PendingImages
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.scoring_process import ScoringProcess
+from agent.runtime.scoring_process import ScoringProcess, ScoringSide
 from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog, MessageQueue, ScoringStage
 from agent.spool.arrivals import ArrivalLog
 from agent.spool.sqlite import Spool
@@ -344,16 +344,6 @@ def build_scoring(
 def alert_state_store(config: Config) -> AlertStateStore:
     """Where the alert engine keeps its open events (``alerts.state_path``; default: beside the spool)."""
     return AlertStateStore(config.alerts.state_path or config.spool.path.parent / "alert_state.json")
-
-
-@dataclass(frozen=True)
-class ScoringSide:
-    """What a scoring process runs (``agent.runtime.scoring_process``): the worker and what it needs kept."""
-
-    worker: ScoringWorker
-    speeds: ShaftSpeeds
-    registry: ModelRegistry | None
-    auto_adapter: AutoAdapter | None
 
 
 def build_scoring_side(

@@ -34,7 +34,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.adaptation.auto import AutoAdapter
@@ -46,7 +47,7 @@ from agent.records import Message, ScoringItem, Source
 from agent.runtime.alerting import RawReleases
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import POLL_S, Broker, LineLog, drain
+from agent.runtime.worker import POLL_S, Broker, drain
 from agent.spool.codec import Entry, encode_lines
 from agent.storage.process import RelayMetrics
 
@@ -71,37 +72,19 @@ class ScoringSink(Protocol):
     def store_raw(self, spool_ids: Sequence[int]) -> None: ...
 
 
-class ScoringSide(Protocol):
-    """What the child runs (``agent.bootstrap.ScoringSide``)."""
+@dataclass(frozen=True)
+class ScoringSide:
+    """What the child runs (``agent.bootstrap.build_scoring_side`` builds it): the worker and what it keeps."""
 
-    @property
-    def worker(self) -> ScoringWorker: ...
-
-    @property
-    def speeds(self) -> ShaftSpeeds: ...
-
-    @property
-    def registry(self) -> ModelRegistry | None: ...
-
-    @property
-    def auto_adapter(self) -> AutoAdapter | None: ...
+    worker: ScoringWorker
+    speeds: ShaftSpeeds
+    registry: ModelRegistry | None
+    auto_adapter: AutoAdapter | None
 
 
-class SideBuilder(Protocol):
-    """``agent.bootstrap.build_scoring_side``, handed in by the composition root (a module-level function:
-    the child gets it by reference), so that this module does not import the composition root."""
-
-    def __call__(
-        self,
-        config: Config,
-        metrics: Metrics,
-        *,
-        spool: LineLog,
-        broker: Broker,
-        raw_releases: RawReleases,
-        windows: queue.Queue[ScoringItem],
-        commands: queue.Queue[Message],
-    ) -> ScoringSide: ...
+SideBuilder = Callable[..., ScoringSide]
+"""``agent.bootstrap.build_scoring_side``, handed in by the composition root (a module-level function: the child
+gets it by reference), so that this module does not import the composition root."""
 
 
 class RelayedMetrics(Metrics):
