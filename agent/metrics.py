@@ -178,7 +178,7 @@ class Metrics:
 
     def replay(self, calls: Iterable[tuple[str, str, float, Mapping[str, str]]]) -> None:
         """Apply ``(method, name, value, labels)`` calls recorded elsewhere (another process's metrics,
-        ``agent.storage.process.RelayMetrics``), in order; the names are checked as any call's are."""
+        ``agent.child.RelayMetrics``), in order; the names are checked as any call's are."""
         for method, name, value, labels in calls:
             if method == "inc":
                 self.inc(name, value, **labels)

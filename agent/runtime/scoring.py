@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.alerts.engine import CommandError, CommandOutcome
@@ -65,6 +65,9 @@ class ScoringWorker(Worker):
         self._baseline = baseline
         self._commands = commands
         self._baseline_saver: StateSaver | None = None
+        self.on_processed: Callable[[int], None] | None = None
+        """Called with the size of each batch once it is scored and its products handed on (the scoring
+        process reports it to the agent: ``agent.runtime.scoring_process``)."""
         if baseline is not None:
             alerts.engine.extra_commands["rebaseline"] = self._rebaseline
 
@@ -128,6 +131,8 @@ class ScoringWorker(Worker):
         for msg in commands:
             if msg.qos > 0:
                 self._broker.ack(msg.mid, msg.qos)
+        if batch and self.on_processed is not None:
+            self.on_processed(len(batch))
 
     def _inspect(self, frames: Sequence[ImageFrame]) -> list[str]:
         """Camera images through the inspection stage, in chunks like the windows, then the alert engine."""

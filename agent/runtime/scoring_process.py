@@ -19,7 +19,9 @@ thread. Backpressure is the pipe's: a child behind stops the feeder, the windows
 drops windows from scoring (counted), never readings from storage.
 
 A child that dies is started again with a backoff (``scoring.process_restarts``); it restores the alert
-state and baselines from their files. Windows handed over while it was down are counted as dropped.
+state and baselines from their files. The windows it had been handed and not scored (it reports each batch
+it scored) and those handed over while it was down are counted as dropped (``windows.dropped``,
+``reason=scoring_down``): every window is either scored or counted.
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import multiprocessing
 import multiprocessing.connection
 import queue
-import signal
 import sys
 import threading
 import time
@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.adaptation.auto import AutoAdapter
+from agent.child import ChildProcess, Outbox, RelayMetrics, child_setup, log_setup, say_stopped, serve
 from agent.config import Config
 from agent.inference.registry import ModelRegistry
-from agent.logs import current_format, setup_logging
 from agent.metrics import Metrics
 from agent.records import Message, ScoringItem, Source
 from agent.runtime.alerting import RawReleases
@@ -49,19 +49,41 @@ from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.worker import POLL_S, Broker, drain
 from agent.spool.codec import Entry, encode_lines
-from agent.storage.process import RelayMetrics
 
 logger = logging.getLogger(__name__)
 
-RELAY_INTERVAL_S = 0.2
 SPEEDS_INTERVAL_S = 1.0
 """How often the shaft speeds the ingest side observed are sent to the child, when they changed (a window
 scored with a speed a second old is harmless: ``agent.runtime.defect.ShaftSpeeds``)."""
 START_TIMEOUT_S = 120.0
 """Loading and warming up the models and restoring the state can take a while on a small box."""
-RESTART_BACKOFF_S = (1.0, 30.0)
 CHILD_QUEUE_BATCHES = 2
 """Batches the child holds beyond the one it scores: the backlog stays in the agent's bounded queue."""
+FEED_GATHER_S = 0.005
+"""How long the feeder lets windows gather after the first, when fewer than a batch are queued. Ingest
+queues them one by one; a feeder that sent each at once would make the child score batches of one (the
+scoring thread in the agent's process gets larger batches by waiting for the interpreter lock). Small
+against the alert latency target (250 ms)."""
+
+
+class BatchQueue(queue.Queue[ScoringItem]):
+    """The child's queue of windows: a batch from the agent goes in at once, so that the scoring worker,
+    woken by it, finds the whole batch, not its first item.
+
+    >>> q = BatchQueue(maxsize=4)
+    >>> q.put_many([1, 2, 3]); q.qsize()
+    3
+    """
+
+    def put_many(self, items: Sequence[ScoringItem]) -> None:
+        """Queue every item, waiting while they do not fit (an empty queue takes any batch)."""
+        with self.not_full:
+            while 0 < self.maxsize < self._qsize() + len(items) and self._qsize() > 0:
+                self.not_full.wait()
+            for item in items:
+                self._put(item)
+            self.unfinished_tasks += len(items)
+            self.not_empty.notify()
 
 
 class ScoringSink(Protocol):
@@ -104,22 +126,10 @@ class RelayedMetrics(Metrics):
         self.relay.observe(name, value, **labels)
 
 
-class _Outbox:
-    """The child's end towards the agent, shared by its threads."""
-
-    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
-        self._conn = conn
-        self._lock = threading.Lock()
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._conn.send(message)
-
-
 class RemoteBroker:
     """The child's broker: what the alert side publishes and acknowledges goes to the agent's connection."""
 
-    def __init__(self, outbox: _Outbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
@@ -136,7 +146,7 @@ class RemoteBroker:
 class RemoteLog:
     """The child's line log: the points it produces go to the ingest worker's next transaction."""
 
-    def __init__(self, outbox: _Outbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     def append_lines(self, lines: Sequence[str]) -> None:
@@ -151,7 +161,7 @@ class RemoteLog:
 class RemoteRawReleases:
     """An alert's raw-data release, resolved on the agent's side, where the held blocks' spool ids are."""
 
-    def __init__(self, outbox: _Outbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     def on_alert(self, source: Source) -> list[int]:
@@ -168,16 +178,14 @@ def _child_main(
     log_format: str,
 ) -> None:
     """The scoring process: the scoring worker as a thread, fed from ``inbox``; everything else to ``outbox``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when scoring stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(log_level, log_format, process="scoring")
+    child_setup("scoring", log_level, log_format)
     sys.setswitchinterval(config.agent.switch_interval_ms / 1000)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")  # as the agent's process (agent.runtime.agent)
-    outbox = _Outbox(outbox_conn)
+    outbox = Outbox(outbox_conn)
     metrics = RelayedMetrics()
-    windows: queue.Queue[ScoringItem] = queue.Queue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
+    windows = BatchQueue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
     commands: queue.Queue[Message] = queue.Queue()
     try:
         side = build_side(
@@ -194,6 +202,9 @@ def _child_main(
         logger.exception("scoring process could not start")
         outbox.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    # After each batch, its products sent, with the counts so far: a child that dies leaves the agent's counts
+    # current to its last batch, and the agent counts the windows it took with it (ScoringProcess._on_down).
+    side.worker.on_processed = lambda n: outbox.send(("scored", n, metrics.relay.take()))
     if side.registry is not None:
         side.registry.start(config.inference.reload_interval_s)
     if side.auto_adapter is not None:
@@ -202,38 +213,26 @@ def _child_main(
     side.worker.start()
     outbox.send(("metrics", metrics.relay.take()))
     outbox.send(("started", restored))
-    stop_timeout = config.agent.shutdown_timeout_s
-    try:
-        while True:
-            if inbox.poll(RELAY_INTERVAL_S):
-                message = inbox.recv()
-                kind = message[0]
-                if kind == "items":
-                    for item in message[1]:
-                        windows.put(item)  # blocks while the worker is behind: the pipe fills, the feeder waits
-                elif kind == "command":
-                    commands.put(message[1])
-                elif kind == "speeds":
-                    side.speeds.replace(message[1])
-                elif kind == "stop":
-                    stop_timeout = float(message[1])
-                    break
-            ops = metrics.relay.take()
-            if ops:
-                outbox.send(("metrics", ops))
-    except (EOFError, OSError):
-        logger.warning("the agent went away; stopping scoring")
+
+    def handle(message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "items":
+            windows.put_many(message[1])  # waits while the worker is behind: the pipe fills, the feeder waits
+        elif kind == "command":
+            commands.put(message[1])
+        elif kind == "speeds":
+            side.speeds.replace(message[1])
+
+    stop_timeout = serve(inbox, outbox, metrics.relay, handle, config.agent.shutdown_timeout_s)
     side.worker.stop(stop_timeout)
     if side.registry is not None:
         side.registry.stop(stop_timeout)
     if side.auto_adapter is not None:
         side.auto_adapter.stop(stop_timeout)
-    with contextlib.suppress(EOFError, OSError):
-        outbox.send(("metrics", metrics.relay.take()))
-        outbox.send(("stopped",))
+    say_stopped(outbox, metrics.relay)
 
 
-class ScoringProcess:
+class ScoringProcess(ChildProcess):
     """The scoring worker's interface (``restore``, ``start``, ``stop``, ``is_alive``) with the worker in a
     child process; see the module docstring."""
 
@@ -249,6 +248,7 @@ class ScoringProcess:
         metrics: Metrics,
         build_side: SideBuilder,
     ) -> None:
+        super().__init__("scoring process", "pdm-scoring", metrics, START_TIMEOUT_S)
         self.config = config
         self._build_side = build_side
         self._windows = windows
@@ -257,95 +257,58 @@ class ScoringProcess:
         self._sink = sink
         self._raw = raw
         self._broker = broker
-        self._metrics = metrics
         self._max_batch = config.inference.max_batch
-        self._ctx = multiprocessing.get_context("spawn")
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._to_child: multiprocessing.connection.Connection | None = None
-        self._from_child: multiprocessing.connection.Connection | None = None
-        self._stopping = threading.Event()
         self._feeder: threading.Thread | None = None
-        self._relay: threading.Thread | None = None
         self._sent_speeds: dict[str, float] = {}
         self._speeds_at = 0.0
-        self.restarts = 0
+        self._count_lock = threading.Lock()
+        self._in_child = 0
+        """Items handed to the running child and not yet reported scored (guarded by ``_count_lock``)."""
         self.restored = 0
 
     def restore(self) -> int:
         """The child restores the open alert events and baselines itself, as it starts (``start``)."""
         return 0
 
-    def _spawn(self) -> None:
-        to_child_read, to_child = self._ctx.Pipe(duplex=False)
-        from_child, from_child_write = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(
-            target=_child_main,
-            args=(
-                to_child_read,
-                from_child_write,
-                self.config,
-                self._build_side,
-                logging.getLogger().getEffectiveLevel(),
-                current_format(),
-            ),
-            name="pdm-scoring",
-            daemon=True,
-        )
-        process.start()
-        to_child_read.close()
-        from_child_write.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if not from_child.poll(max(0.0, deadline - time.monotonic())):
-                process.kill()
-                raise RuntimeError(f"scoring process did not start within {START_TIMEOUT_S:.0f} s")
-            try:
-                message = from_child.recv()
-            except EOFError as exc:
-                process.join(1.0)
-                raise RuntimeError(f"scoring process failed to start (exit {process.exitcode})") from exc
-            if message[0] == "metrics":
-                self._metrics.replay(message[1])
-            elif message[0] == "started":
-                self.restored = int(message[1])
-                break
-            elif message[0] == "failed":
-                process.join(5.0)
-                raise RuntimeError(f"scoring process failed to start: {message[1]}")
-            else:
-                self._handle(message)  # the restored events' machine states, published at restore
-        for old in (self._to_child, self._from_child):  # a dead child's ends
-            if old is not None:
-                old.close()
-        self._process, self._to_child, self._from_child = process, to_child, from_child
+    # -- the child's life ----------------------------------------------------------------------------
+
+    def _target(self) -> tuple[Callable[..., None], tuple[Any, ...]]:
+        return _child_main, (self.config, self._build_side, *log_setup())
+
+    def _on_started(self, payload: tuple[Any, ...]) -> None:
+        self.restored = int(payload[0])
         self._sent_speeds = {}
-        self._metrics.set("scoring.process", 1)
-        logger.info("scoring runs in process %d (%d open alert event(s) restored)", process.pid, self.restored)
+        logger.info("scoring process: %d open alert event(s) restored", self.restored)
+
+    def _on_up(self) -> None:
+        self.metrics.set("scoring.process", 1)
+
+    def _on_down(self) -> None:
+        self.metrics.set("scoring.process", 0)
+        self.metrics.inc("scoring.process_restarts")
+        with self._send_lock, self._count_lock:  # no send is under way: the child's end is closed
+            lost, self._in_child = self._in_child, 0
+        if lost:
+            self.metrics.inc("windows.dropped", lost, reason="scoring_down")
+            logger.error("scoring process died with %d window(s) it had not scored", lost)
 
     def start(self) -> None:
-        if self._relay is not None:
-            raise RuntimeError("ScoringProcess already started")
-        self._spawn()
-        self._relay = threading.Thread(target=self._supervise, name="scoring-relay", daemon=True)
+        super().start()
         self._feeder = threading.Thread(target=self._feed, name="scoring-feeder", daemon=True)
-        self._relay.start()
         self._feeder.start()
 
     def is_alive(self) -> bool:
-        feeding = self._feeder is not None and self._feeder.is_alive()
-        return feeding and self._process is not None and self._process.is_alive()
+        return self._feeder is not None and self._feeder.is_alive() and self.alive
 
     # -- agent -> child ------------------------------------------------------------------------------
 
-    def _send(self, message: tuple[Any, ...]) -> bool:
-        conn = self._to_child
-        if conn is None:
-            return False
-        try:
-            conn.send(message)
-            return True
-        except (OSError, EOFError, ValueError):  # the child is gone: the relay thread starts a new one
-            return False
+    def _send_items(self, items: list[ScoringItem]) -> bool:
+        with self._send_lock:
+            if not self._send_locked(("items", items)):
+                return False
+            with self._count_lock:
+                self._in_child += len(items)
+        return True
 
     def _feed_once(self, first_timeout_s: float) -> bool:
         """Hand the child what is queued (speeds first, then windows, then commands); False: nothing was."""
@@ -353,16 +316,19 @@ class ScoringProcess:
         if now - self._speeds_at >= SPEEDS_INTERVAL_S:
             self._speeds_at = now
             speeds = self._speeds.snapshot()
-            if speeds != self._sent_speeds and self._send(("speeds", speeds)):
+            if speeds != self._sent_speeds and self.send(("speeds", speeds)):
                 self._sent_speeds = speeds
         items = drain(self._windows, first_timeout_s, self._max_batch)
-        if items and not self._send(("items", items)):
-            self._metrics.inc("windows.dropped", len(items), reason="scoring_down")
+        if 0 < len(items) < self._max_batch:
+            time.sleep(FEED_GATHER_S)
+            items += drain(self._windows, 0, self._max_batch - len(items))
+        if items and not self._send_items(items):
+            self.metrics.inc("windows.dropped", len(items), reason="scoring_down")
         commands = drain(self._commands, 0, 100)
         for command in commands:
-            if not self._send(("command", command)):
+            if not self.send(("command", command)):
                 # Not acknowledged: the broker sends it again after the agent reconnects; counted meanwhile.
-                self._metrics.inc("commands.lost", reason="scoring_down")
+                self.metrics.inc("commands.lost", reason="scoring_down")
         return bool(items or commands)
 
     def _feed(self) -> None:
@@ -370,7 +336,7 @@ class ScoringProcess:
             try:
                 self._feed_once(POLL_S)
             except Exception:
-                self._metrics.inc("pipeline.errors", worker="scoring-feeder")
+                self.metrics.inc("pipeline.errors", worker="scoring-feeder")
                 logger.exception("scoring feeder: unexpected error; continuing")
                 time.sleep(POLL_S)
         with contextlib.suppress(Exception):
@@ -379,10 +345,12 @@ class ScoringProcess:
 
     # -- child -> agent ------------------------------------------------------------------------------
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
+    def _on_message(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "metrics":
-            self._metrics.replay(message[1])
+        if kind == "scored":
+            self.metrics.replay(message[2])
+            with self._count_lock:
+                self._in_child -= int(message[1])
         elif kind == "publish":
             _, topic, payload, qos, retain = message
             self._broker.publish(topic, payload, qos=qos, retain=retain)
@@ -393,44 +361,7 @@ class ScoringProcess:
         elif kind == "raw":
             self._sink.store_raw(self._raw.on_alert(message[1]))
         else:
-            logger.warning("scoring process said %r; ignored", kind)
-
-    def _supervise(self) -> None:
-        failures = 0
-        while True:
-            conn, process = self._from_child, self._process
-            assert conn is not None and process is not None
-            try:
-                if conn.poll(RELAY_INTERVAL_S):
-                    message = conn.recv()
-                    if message[0] == "stopped":
-                        return
-                    self._handle(message)
-                    continue
-            except (EOFError, OSError):
-                # The child's end is gone: it died or is dying. Give it a moment, not a busy loop.
-                process.join(RELAY_INTERVAL_S)
-            except Exception:
-                self._metrics.inc("pipeline.errors", worker="scoring-relay")
-                logger.exception("scoring relay: unexpected error; continuing")
-                continue
-            if process.is_alive():
-                failures = 0
-                continue
-            if self._stopping.is_set():
-                return
-            self._metrics.set("scoring.process", 0)
-            self._metrics.inc("scoring.process_restarts")
-            failures += 1
-            delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (failures - 1))
-            logger.error("scoring process died (exit %s); starting it again in %.0f s", process.exitcode, delay)
-            if self._stopping.wait(delay):
-                return
-            try:
-                self._spawn()
-                self.restarts += 1
-            except Exception:
-                logger.exception("could not start the scoring process")
+            super()._on_message(message)
 
     def stop(self, timeout_s: float) -> None:
         """Hand over what is queued, let the child score it, save its state and end within ``timeout_s``."""
@@ -440,15 +371,5 @@ class ScoringProcess:
         self._stopping.set()
         if self._feeder is not None:
             self._feeder.join(timeout_s)
-        self._send(("stop", max(0.0, deadline - time.monotonic())))
-        if self._relay is not None:
-            self._relay.join(max(0.0, deadline - time.monotonic()) + 5.0)
-        self._process.join(5.0)
-        if self._process.is_alive():
-            logger.warning("scoring process did not stop; killing it")
-            self._process.kill()
-            self._process.join(5.0)
-        for conn in (self._to_child, self._from_child):
-            if conn is not None:
-                conn.close()
-        self._metrics.set("scoring.process", 0)
+        self._stop_child(max(0.0, deadline - time.monotonic()))
+        self.metrics.set("scoring.process", 0)

@@ -7,26 +7,22 @@ guarantees moves: the ingest side still acknowledges after its own spool commit,
 reads the same SQLite file (WAL: readers do not block the appender) at its sink's durable cursor and
 moves the cursor only after the database confirmed a batch.
 
-The parent (``WriterProcess``) starts the child with ``spawn`` (no fork of a threaded process), and a
-supervisor thread applies the metrics the child relays, watches it and starts it again when it dies
-(``storage.writer_restarts``; the cursor makes that safe). The child stops when told to, or when the
-parent's end of the pipe closes (the agent was killed): it never outlives the agent.
+``WriterProcess`` is a supervised child (``agent.child``): started with ``spawn``, its metrics relayed, started
+again when it dies (``storage.writer_restarts``; the cursor makes that safe), never outliving the agent.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.logs import current_format, setup_logging
+from agent.child import ChildProcess, MetricOps, Outbox, RelayMetrics, child_setup, log_setup, say_stopped, serve
 from agent.metrics import Metrics
 from agent.spool.sqlite import SinkCursor, Spool
 from agent.storage.base import Sink
@@ -35,8 +31,6 @@ from agent.storage.writer import BacklogBudget, MetricsSink, SinkFactory, SinkWr
 
 logger = logging.getLogger(__name__)
 
-RELAY_INTERVAL_S = 0.2
-RESTART_BACKOFF_S = (1.0, 30.0)
 START_TIMEOUT_S = 60.0
 SYNC_TIMEOUT_S = 5.0
 
@@ -76,32 +70,7 @@ class WriterSettings:
         )
 
 
-class RelayMetrics:
-    """The child's metrics: every call is recorded and sent to the parent in bulk (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ops: list[tuple[str, str, float, dict[str, str]]] = []
-
-    def inc(self, name: str, n: float = 1, **labels: str) -> None:
-        with self._lock:
-            self._ops.append(("inc", name, n, labels))
-
-    def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._ops.append(("set", name, value, labels))
-
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._ops.append(("observe", name, value, labels))
-
-    def take(self) -> list[tuple[str, str, float, dict[str, str]]]:
-        with self._lock:
-            ops, self._ops = self._ops, []
-        return ops
-
-
-def apply(registry: Metrics, ops: list[tuple[str, str, float, dict[str, str]]]) -> None:
+def apply(registry: Metrics, ops: MetricOps) -> None:
     """Replay relayed metric calls on the parent's registry."""
     registry.replay(ops)
 
@@ -122,7 +91,8 @@ def _lower_priority(nice: int) -> None:
 
 
 def _child_main(
-    conn: multiprocessing.connection.Connection,
+    inbox: multiprocessing.connection.Connection,
+    outbox_conn: multiprocessing.connection.Connection,
     spool_path: str,
     sink_name: str,
     make_sink: SinkFactory,
@@ -131,47 +101,31 @@ def _child_main(
     log_level: int,
     log_format: str = "text",
 ) -> None:
-    """The writer process: one ``SinkWriter`` on its own cursor, commands and metrics over ``conn``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its writer stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    setup_logging(log_level, log_format, process=f"writer {sink_name}")  # like the agent's own lines
+    """The writer process: one ``SinkWriter`` on its own cursor, commands and metrics over the pipes."""
+    child_setup(f"writer {sink_name}", log_level, log_format)
     _lower_priority(settings.nice)
+    outbox = Outbox(outbox_conn)
     relay = RelayMetrics()
     cursor = SinkCursor(spool_path, sink_name, dead_letter_max_rows)
     sink = make_sink()
     writer = settings.writer(cursor, sink, relay)
     writer.start()
-    conn.send(("started",))
-    stop_timeout = 10.0
-    try:
-        while True:
-            if conn.poll(RELAY_INTERVAL_S):
-                command = conn.recv()
-                if command[0] == "flush":
-                    writer.request_flush(bool(command[1]))
-                elif command[0] == "sync":  # the parent wants every count so far before it goes on
-                    conn.send(("metrics", relay.take()))
-                    conn.send(("synced", command[1]))
-                    continue
-                elif command[0] == "stop":
-                    stop_timeout = float(command[1])
-                    break
-            ops = relay.take()
-            if ops:
-                conn.send(("metrics", ops))
-    except (EOFError, OSError):
-        logger.warning("the agent went away; stopping its writer")
-    writer.stop(stop_timeout)
-    try:
-        conn.send(("metrics", relay.take()))
-        conn.send(("stopped", cursor.position))
-    except (EOFError, OSError):
-        pass
+    outbox.send(("started",))
+
+    def handle(command: tuple[Any, ...]) -> None:
+        if command[0] == "flush":
+            writer.request_flush(bool(command[1]))
+        elif command[0] == "sync":  # the parent wants every count so far before it goes on
+            outbox.send(("metrics", relay.take()))
+            outbox.send(("synced", command[1]))
+
+    writer.stop(serve(inbox, outbox, relay, handle, stop_timeout_s=10.0))
+    say_stopped(outbox, relay, cursor.position)
     sink.close()
     cursor.close()
 
 
-class WriterProcess:
+class WriterProcess(ChildProcess):
     """``SinkWriter``'s interface (``start``, ``stop``, ``flush``, ``alive``) with the writer in a child process."""
 
     def __init__(
@@ -182,124 +136,52 @@ class WriterProcess:
         settings: WriterSettings,
         metrics: Metrics,
     ) -> None:
+        super().__init__(f"writer process of {sink_name}", f"pdm-writer-{sink_name}", metrics, START_TIMEOUT_S)
         self.spool = spool
         self.sink_name = sink_name
         self.make_sink = make_sink
         self.settings = settings
-        self.metrics = metrics
-        self._ctx = multiprocessing.get_context("spawn")
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn: multiprocessing.connection.Connection | None = None
-        self._send_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
         self._flushers = 0
         self._synced = threading.Condition()
         self._synced_token = 0
         self._sync_token = 0
-        self.restarts = 0
 
-    def _spawn(self) -> None:
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=_child_main,
-            args=(
-                child,
-                str(self.spool.path),
-                self.sink_name,
-                self.make_sink,
-                self.settings,
-                self.spool.dead_letter_max_rows,
-                logging.getLogger().getEffectiveLevel(),
-                current_format(),
-            ),
-            name=f"pdm-writer-{self.sink_name}",
-            daemon=True,
+    def _target(self) -> tuple[Callable[..., None], tuple[Any, ...]]:
+        level, log_format = log_setup()
+        args = (
+            str(self.spool.path),
+            self.sink_name,
+            self.make_sink,
+            self.settings,
+            self.spool.dead_letter_max_rows,
+            level,
+            log_format,
         )
-        process.start()
-        child.close()
-        if not parent.poll(START_TIMEOUT_S):
-            process.kill()
-            raise RuntimeError(f"writer process of {self.sink_name} did not start within {START_TIMEOUT_S:.0f} s")
-        try:
-            message = parent.recv()
-        except EOFError as exc:
-            process.join(1.0)
-            raise RuntimeError(f"writer process of {self.sink_name} failed to start (exit {process.exitcode})") from exc
-        if message[0] != "started":
-            raise RuntimeError(f"writer process of {self.sink_name} said {message[0]!r} instead of started")
-        self._process, self._conn = process, parent
-        if self._flushers:
-            self._send(("flush", True))
-        self._up(1)
-        logger.info("writer of %s runs in process %d", self.sink_name, process.pid)
+        return _child_main, args
 
-    def _up(self, value: int) -> None:
+    def _on_up(self) -> None:
+        if self._flushers:
+            self.send(("flush", True))
+        self._gauge(1)
+
+    def _on_down(self) -> None:
+        self._gauge(0)
+        if self.settings.local_metrics:
+            self.metrics.inc("storage.writer_restarts")
+        self.metrics.inc("sink.writer_restarts", sink=self.sink_name)
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "synced":
+            with self._synced:
+                self._synced_token = max(self._synced_token, int(message[1]))
+                self._synced.notify_all()
+        else:
+            super()._on_message(message)
+
+    def _gauge(self, value: int) -> None:
         if self.settings.local_metrics:
             self.metrics.set("storage.writer_process", value)
         self.metrics.set("sink.writer_process", value, sink=self.sink_name)
-
-    def start(self) -> None:
-        if self._supervisor is not None:
-            raise RuntimeError("WriterProcess already started")
-        self._spawn()
-        name = f"{self.sink_name}-writer-supervisor"
-        self._supervisor = threading.Thread(target=self._supervise, name=name, daemon=True)
-        self._supervisor.start()
-
-    def _send(self, command: tuple[Any, ...]) -> None:
-        with self._send_lock:
-            if self._conn is not None:
-                with contextlib.suppress(OSError, EOFError, ValueError):  # gone: the supervisor starts a new one
-                    self._conn.send(command)
-
-    def _supervise(self) -> None:
-        failures = 0
-        while True:
-            conn, process = self._conn, self._process
-            assert conn is not None and process is not None
-            try:
-                if conn.poll(RELAY_INTERVAL_S):
-                    message = conn.recv()
-                    if message[0] == "metrics":
-                        self.metrics.replay(message[1])
-                    elif message[0] == "synced":
-                        with self._synced:
-                            self._synced_token = max(self._synced_token, int(message[1]))
-                            self._synced.notify_all()
-                    elif message[0] == "stopped":
-                        return
-                    continue
-            except (EOFError, OSError):
-                pass
-            if process.is_alive():
-                failures = 0
-                continue
-            if self._stopping.is_set():
-                return
-            self._up(0)
-            if self.settings.local_metrics:
-                self.metrics.inc("storage.writer_restarts")
-            self.metrics.inc("sink.writer_restarts", sink=self.sink_name)
-            failures += 1
-            delay = min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (failures - 1))
-            logger.error(
-                "writer process of %s died (exit %s); starting it again in %.0f s",
-                self.sink_name,
-                process.exitcode,
-                delay,
-            )
-            if self._stopping.wait(delay):
-                return
-            try:
-                self._spawn()
-                self.restarts += 1
-            except Exception:
-                logger.exception("could not start the writer process of %s", self.sink_name)
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the sink confirmed every row appended so far; False if not within ``timeout_s``."""
@@ -308,7 +190,7 @@ class WriterProcess:
         deadline = time.monotonic() + timeout_s
         with self._synced:
             self._flushers += 1
-        self._send(("flush", True))
+        self.send(("flush", True))
         try:
             while not self.spool.caught_up(self.sink_name):
                 if time.monotonic() >= deadline:
@@ -323,14 +205,14 @@ class WriterProcess:
                 self._flushers -= 1
                 last = not self._flushers
             if last:
-                self._send(("flush", False))
+                self.send(("flush", False))
 
     def _sync(self, deadline: float) -> bool:
         """Wait until the child has relayed what it counted so far (a flush returns with the metrics current)."""
         with self._synced:
             self._sync_token += 1
             token = self._sync_token
-        self._send(("sync", token))
+        self.send(("sync", token))
         with self._synced:
             return self._synced.wait_for(
                 lambda: self._synced_token >= token, timeout=max(0.0, deadline - time.monotonic())
@@ -340,15 +222,5 @@ class WriterProcess:
         """Let the child write what it can within ``timeout_s`` and end; the rest stays in the spool."""
         if self._process is None:
             return
-        self._stopping.set()
-        self._send(("stop", timeout_s))
-        if self._supervisor is not None:
-            self._supervisor.join(timeout_s + 5.0)
-        self._process.join(5.0)
-        if self._process.is_alive():
-            logger.warning("writer process of %s did not stop; killing it", self.sink_name)
-            self._process.kill()
-            self._process.join(5.0)
-        if self._conn is not None:
-            self._conn.close()
-        self._up(0)
+        self._stop_child(timeout_s)
+        self._gauge(0)

@@ -184,6 +184,28 @@ def test_a_killed_child_is_started_again_and_scoring_goes_on(harness: Harness) -
     _wait(lambda: harness.metrics.get("windows.scored") == first + more, "scoring after the restart")
 
 
+def test_the_windows_a_dying_child_held_are_counted_as_dropped(harness: Harness) -> None:
+    """Every window handed to the scoring side is either scored or counted: none vanish with a child."""
+    child = harness.process._process
+    assert child is not None and child.pid is not None
+    os.kill(child.pid, signal.SIGSTOP)  # it takes what the pipe holds and scores nothing
+    fed = harness.feed(_blocks(0, 40, fault=False))
+    _wait(lambda: harness.windows.qsize() < fed, "windows handed to the stopped child")
+    os.kill(child.pid, signal.SIGKILL)
+    _wait(lambda: harness.metrics.get("scoring.process_restarts") == 1, "a restart counted")
+
+    def accounted() -> float:
+        return harness.metrics.get("windows.scored") + harness.metrics.get("windows.dropped", reason="scoring_down")
+
+    _wait(lambda: accounted() == fed, f"{fed} windows scored or counted dropped")
+    assert harness.metrics.get("windows.dropped", reason="scoring_down") > 0
+    _wait(lambda: harness.process.is_alive(), "the new child up")
+    dropped, scored = harness.metrics.get("windows.dropped"), harness.metrics.get("windows.scored")
+    more = harness.feed(_blocks(40, 4, fault=False))
+    _wait(lambda: harness.metrics.get("windows.scored") == scored + more, "the new child's windows scored")
+    assert harness.metrics.get("windows.dropped") == dropped
+
+
 def test_the_child_stops_by_itself_when_the_agent_goes_away(tmp_path: Path) -> None:
     """A killed agent closes its end of the pipes: the child must not outlive it."""
     h = Harness(_config(tmp_path))
@@ -194,7 +216,7 @@ def test_the_child_stops_by_itself_when_the_agent_goes_away(tmp_path: Path) -> N
     for conn in (h.process._to_child, h.process._from_child):
         assert conn is not None
         conn.close()
-    relay = h.process._relay
+    relay = h.process._supervisor
     assert relay is not None
     relay.join(WAIT_S)  # it waits for the child's end (and, told the agent is stopping, starts no other)
     assert not relay.is_alive()

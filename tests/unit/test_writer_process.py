@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.child import RelayMetrics
 from agent.metrics import Metrics
 from agent.spool.codec import encode_lines
 from agent.spool.sqlite import Spool
 from agent.storage.base import RetryableWriteError
-from agent.storage.process import RelayMetrics, WriterProcess, WriterSettings, apply
+from agent.storage.process import WriterProcess, WriterSettings, apply
 from tests.spool_support import wait_for
 
 TIMEOUT_S = 60.0  # a generous bound for waiting (a spawned child imports the agent), never a performance check
