@@ -21,7 +21,8 @@ for the adapters").
 
 Messages: ``query`` (once, in deployment) replies the provenance: training rows, the sha256 of the rows file,
 held-out rows; ``train`` gets the factors (``<layer>.A``, ``<layer>.B``) and the round's settings, replies the
-trained factors, ``num-examples`` and the loss; ``evaluate`` replies the confusion counts of base plus the
+trained factors, ``num-examples``, the loss and the Adam step count it continued from (``ADAM_STEP_START``);
+``evaluate`` replies the confusion counts of base plus the
 fleet adapter on the client's held-out rows. A client's rows are a ``rows.npz`` folder (``data.ClientData``);
 the base graph is read from the path in the node config ``base-model``: the agent's installed model version
 directory (its manifest's sha256 verified) or, in the simulation, a temporary ONNX copy. When the coordinator
@@ -62,6 +63,9 @@ from pdm_tools.fleet_learning.server_app import (
 _bases: dict[Path, tuple[BaseMlp, str]] = {}
 # Where a client keeps its Adam moments between rounds (``Context.state``: the node's, for this run only).
 _MOMENTS = "adapter-adam-moments"
+# The train reply's metric: the Adam step count the client's training continued from (0 in round 1, and in
+# every round when the optimizer restarts).
+ADAM_STEP_START = "adam-step-start"
 
 
 @dataclass(frozen=True)
@@ -286,6 +290,9 @@ def build_adapter_client_app(
         keep = bool(config.get("keep-optimizer-state", False))
         kept = context.state.array_records.get(_MOMENTS) if keep else None
         moments = AdamMoments.from_record(kept) if kept is not None else AdamMoments.zeros(start)
+        # The step count Adam continues from (0: a fresh optimizer): a count, reported so that the coordinator
+        # can tell a client that continued from one that restarted (the deployment test asserts it).
+        continued = moments.step if moments.fits(start) else 0
         trained, loss = train_adapter(
             base,
             start,
@@ -300,7 +307,9 @@ def build_adapter_client_app(
         )
         if keep:
             context.state[_MOMENTS] = moments.to_record()
-        metrics = MetricRecord({"num-examples": len(data.x), "unit-weight": 1, "train-loss": loss})
+        metrics = MetricRecord(
+            {"num-examples": len(data.x), "unit-weight": 1, "train-loss": loss, ADAM_STEP_START: continued}
+        )
         return Message(RecordDict({"arrays": adapter_to_arrays(trained), "metrics": metrics}), reply_to=message)
 
     @app.evaluate()

@@ -109,13 +109,18 @@ def write_result(out_dir: Path, config: FederationConfig, outcome: Outcome) -> P
 
 
 def write_summary(out_dir: Path, head: dict[str, Any], outcome: Outcome) -> Path:
-    """``out_dir/federation.json``: ``head`` (settings, whether a model came out), then the run's counters."""
+    """``out_dir/federation.json``: ``head`` (settings, whether a model came out), then the run's counters
+    (bytes, evaluation, rows, participants and train metrics per round)."""
     summary = {
         **head,
         "bytes_per_round": {str(k): v for k, v in sorted(outcome.bytes_per_round.items())},
         "evaluation": {str(k): v for k, v in sorted(outcome.evaluation.items())},
         "client_rows": {str(k): v for k, v in sorted(outcome.client_rows.items())},
         "participants": {str(k): sorted(str(n) for n in v) for k, v in sorted(outcome.participants.items())},
+        # What each node's train reply reported each round (numbers: rows, loss, the adapters' Adam step count).
+        "train_metrics": {
+            str(k): {str(n): m for n, m in sorted(v.items())} for k, v in sorted(outcome.train_metrics.items())
+        },
         **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +104,9 @@ class FederationConfig:
 @dataclass
 class Outcome:
     """What a finished federation leaves: the model, per-round payload bytes and federated evaluation, per
-    client (by node id) the training row count it reported, and the nodes whose update each round used."""
+    client (by node id) the training row count it reported, the nodes whose update each round used, and the
+    scalar metrics each node's train reply reported each round (``train_metrics[round][node]``: row count,
+    loss, the adapters' Adam step count; numbers only, no rows)."""
 
     model: DefectMlp | None = None
     initial: DefectMlp | None = None
@@ -112,6 +114,7 @@ class Outcome:
     evaluation: dict[int, dict[str, Any]] = field(default_factory=dict)
     client_rows: dict[int, int] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
+    train_metrics: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
     provenance: dict[int, dict[str, Any]] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
@@ -419,7 +422,19 @@ class CountingGrid(Grid):
                 rows = metrics["num-examples"] if metrics is not None else legacy["num_examples"]  # type: ignore[index]
                 self._outcome.client_rows[node] = int(rows)  # type: ignore[arg-type]
                 self._outcome.participants.setdefault(rnd, []).append(node)
+                # SecAgg+'s masked-vector reply keeps the client's metrics (flattened) in ``fitres.metrics``.
+                reported = metrics if metrics is not None else reply.content.config_records.get("fitres.metrics")
+                self._outcome.train_metrics.setdefault(rnd, {})[node] = _scalars(reported or {})
         return replies
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a train reply's metrics (lists, strings and flags left out).
+
+    >>> _scalars({"num-examples": 3, "train-loss": 0.5, "confusion": [1, 2], "ok": True, "note": "x"})
+    {'num-examples': 3, 'train-loss': 0.5}
+    """
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _payload_bytes(message: Message) -> int:

@@ -5,12 +5,15 @@ refused (an adapter only fits its exact base) without stalling the federation. T
 (``--secagg``): the coordinator gets only the sum of the agents' factors, and the refusing agent drops out of
 the protocol without stalling it. The adapter that comes out is installed with ``pdm-agent fleet
 install-adapter`` for two machines of the type, and the agent's ``AdapterStore`` loads it and scores with it.
+Each agent's optimizer continues between rounds: the Adam step count its round-2 train reply reports is its
+round 1's, not 0 (the moments live in the SuperNode's ``Context.state``).
 No timing is asserted (one pair of runs on the loaded machine: 214 s with SecAgg+, 254 s without)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,7 @@ from agent.inference.classifier import OnnxDefectClassifier
 from agent.metrics import Metrics
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning.adapter_ship import read_base
+from pdm_tools.fleet_learning.adapters import ADAM_STEP_START
 from pdm_tools.fleet_learning.data import ClientData
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining, init_mlp, local_train
@@ -104,6 +108,16 @@ def test_adapter_federation_on_agents_ships_an_adapter_the_store_serves(
     adapter_bytes = 4 * weights.n_parameters
     for rnd in ("1", "2"):
         assert 6 * adapter_bytes <= summary["bytes_per_round"][rnd], summary["bytes_per_round"]
+    # Each agent's Adam continued in round 2 from its own round 1 (the moments kept in its SuperNode's
+    # Context.state between the run's messages, never sent): the step count each train reply says it started
+    # from is 0 in round 1 and, in round 2, all of round 1's steps (epochs x batches of its rows).
+    assert federation["keep_optimizer_state"] is True
+    reported = summary["train_metrics"]
+    assert sorted(reported) == ["1", "2"] and all(sorted(reported[r]) == summary["participants"][r] for r in reported)
+    assert [m[ADAM_STEP_START] for m in reported["1"].values()] == [0, 0], reported
+    for m in reported["2"].values():
+        steps = federation["local_epochs"] * math.ceil(m["num-examples"] / federation["batch_size"])
+        assert m[ADAM_STEP_START] == steps > 0, reported
 
     # Installed for two machines of the type on an agent; a copy on a foreign base is refused.
     adapters = tmp_path / "adaptation"

@@ -26,7 +26,7 @@ from agent.adaptation.lora import BaseMlp, LoraWeights
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning import cli as fleet_cli
 from pdm_tools.fleet_learning.adapter_eval import products, simulate_adapters
-from pdm_tools.fleet_learning.adapters import AdamMoments, AdapterFederation, train_adapter
+from pdm_tools.fleet_learning.adapters import ADAM_STEP_START, AdamMoments, AdapterFederation, train_adapter
 from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, ae_kind
 from pdm_tools.fleet_learning.data import ClientData
 from pdm_tools.fleet_learning.evaluate import poisoning_mod
@@ -305,6 +305,15 @@ def test_adapter_clients_keep_their_optimizer_between_rounds(
     assert np.abs(federated - kept).max() < 1e-5 < np.abs(federated - restarted).max()
     _, plain = simulate_adapters(model, clients, dataclasses.replace(config, keep_optimizer_state=False))
     assert plain.adapter is not None and np.abs(_factors(plain.adapter) - restarted).max() < 1e-5
+    # What each client's train reply says it continued from: 0 in round 1; in round 2 all of round 1's steps
+    # when it keeps its optimizer, 0 again when it restarts.
+    steps = sorted(config.local_epochs * -(-len(c.y) // config.batch_size) for c in clients)
+    started = {
+        rnd: sorted(m[ADAM_STEP_START] for m in by_node.values())
+        for rnd, by_node in outcome.counters.train_metrics.items()
+    }
+    assert started == {1: [0] * len(clients), 2: steps}
+    assert all(m[ADAM_STEP_START] == 0 for r in plain.counters.train_metrics.values() for m in r.values())
 
 
 @pytest.mark.integration
