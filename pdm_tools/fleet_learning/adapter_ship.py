@@ -35,6 +35,7 @@ from agent.adaptation.adapter import (
 )
 from agent.adaptation.lora import BaseMlp
 from pdm_tools.fleet_learning.adapters import AdapterFederation, AdapterOutcome, federate_adapters
+from pdm_tools.fleet_learning.server_app import check_byzantine, make_strategy
 
 ADAPTERS_DIR = "adapters"
 
@@ -48,12 +49,14 @@ def read_base(model_dir: Path) -> tuple[BaseIdentity, BaseMlp]:
 
 def config_from_run(run_config: dict[str, Any], base: BaseMlp) -> AdapterFederation:
     """The adapter federation from a submitted run's settings; layers default to the first and last of the
-    base (the adaptation measurement's choice, ``CWRU_LORA``)."""
+    base (the adaptation measurement's choice, ``CWRU_LORA``). ``ValueError`` for a ``byzantine`` count the
+    strategy cannot tolerate with ``min-clients`` (``server_app.check_byzantine``) and for what no strategy
+    runs (``server_app.make_strategy``)."""
     layers = tuple(n for n in str(run_config.get("adapter-layers", "")).split(",") if n)
     layers = layers or (base.layer_names[0], base.layer_names[-1])
     for name in layers:
         base.layer(name)  # KeyError names the layers the base has
-    return AdapterFederation(
+    config = AdapterFederation(
         layers=layers,
         rank=int(run_config.get("rank", 2)),
         alpha=float(run_config.get("alpha", 4.0)),
@@ -63,10 +66,14 @@ def config_from_run(run_config: dict[str, Any], base: BaseMlp) -> AdapterFederat
         seed=int(run_config.get("seed", 42)),
         round_timeout_s=float(run_config.get("round-timeout-s", 120.0)),
         strategy=str(run_config.get("strategy", "fedavg")),
+        krum_malicious=int(run_config.get("byzantine", 1)),
         dp_noise=float(run_config.get("dp-noise", 0.0)),
         dp_clip=float(run_config.get("dp-clip", 0.0)),
         secagg=bool(run_config.get("secagg", False)),
     )
+    make_strategy(config.aggregation())  # ValueError: a combination no strategy runs
+    check_byzantine(config.strategy, config.krum_malicious, config.min_clients)  # or Krum cannot tolerate that many
+    return config
 
 
 def provenance(config: AdapterFederation, outcome: AdapterOutcome) -> dict[str, Any]:

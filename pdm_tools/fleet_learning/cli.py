@@ -131,6 +131,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-clients", type=int, default=2, help="clients a round needs; the rest may be offline (default 2)"
     )
     serve.add_argument(
+        "--byzantine",
+        type=int,
+        default=None,
+        metavar="N",
+        help="krum, multikrum: the malicious clients to tolerate (default 1); needs --min-clients >= 2N + 3 "
+        "(Krum's guarantee); multikrum averages the min-clients - N updates Krum ranks best",
+    )
+    serve.add_argument(
         "--round-timeout-s",
         type=float,
         default=120.0,
@@ -551,10 +559,15 @@ def main_serve(args: argparse.Namespace) -> int:
         print("fleet serve: --rounds, --min-clients and --local-epochs must be >= 1", file=sys.stderr)
         return 2
     try:
-        make_strategy(
-            deploy.config_from_run(
-                {"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "secagg": args.secagg}
+        if args.byzantine is not None and args.strategy not in ("krum", "multikrum"):
+            raise ValueError(
+                f"--byzantine sizes krum and multikrum, not --strategy {args.strategy} (the trimmed mean cuts its "
+                "fixed share of updates at each end)"
             )
+        # What no strategy runs (a robust rule with SecAgg+ or DP), then what Krum cannot tolerate, is refused here.
+        switches = {"strategy": args.strategy, "dp-noise": args.dp_noise, "dp-clip": args.dp_clip}
+        deploy.config_from_run(
+            {**switches, "secagg": args.secagg, "min-clients": args.min_clients, "byzantine": _byzantine(args)}
         )
         if args.quantize and args.model == "adapters":
             raise ValueError("--quantize: the adapters run on the base as shipped (no gate for the factors)")
@@ -580,21 +593,7 @@ def main_serve(args: argparse.Namespace) -> int:
     local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     try:
         deploy.wait_for_port(local, args.port, 60.0, link)
-        run_config = {
-            "strategy": args.strategy,
-            "rounds": args.rounds,
-            "min-clients": args.min_clients,
-            "local-epochs": args.local_epochs,
-            "round-timeout-s": args.round_timeout_s,
-            "out-dir": str(out),
-            "version": args.version,
-            "dp-noise": args.dp_noise,
-            "dp-clip": args.dp_clip,
-            **({"secagg": True} if args.secagg else {}),
-            **(_ae_run_config(args) if args.model in AE_KINDS else {}),
-            **({"quantize": True} if args.quantize else {}),
-            **adapter_run,
-        }
+        run_config = serve_run_config(args, out, adapter_run)
         deploy.submit_run(state, f"{local}:{args.port}", run_config, log, args.model)
         print(f"fleet serve: federation submitted; SuperLink log {log}", file=sys.stderr)
         deadline = time.monotonic() + args.timeout_s
@@ -616,6 +615,32 @@ def main_serve(args: argparse.Namespace) -> int:
         last = summary["evaluation"].get(str(args.rounds), {})
         print(f"fleet model in {out}: {args.rounds} rounds, federated evaluation {last}")
     return 0 if summary["complete"] else 1
+
+
+def _byzantine(args: argparse.Namespace) -> int:
+    return 1 if args.byzantine is None else int(args.byzantine)
+
+
+def serve_run_config(args: argparse.Namespace, out: Path, adapter_run: dict[str, Any]) -> dict[str, Any]:
+    """The run config ``fleet serve`` submits (``flwr run --run-config``), which the ServerApp of ``--model``
+    reads back (``deploy.config_from_run``, ``process_app.config_from_run``, ``adapter_ship.config_from_run``);
+    ``adapter_run``: the adapters' settings (``_adapter_run_config``)."""
+    return {
+        "strategy": args.strategy,
+        "byzantine": _byzantine(args),
+        "rounds": args.rounds,
+        "min-clients": args.min_clients,
+        "local-epochs": args.local_epochs,
+        "round-timeout-s": args.round_timeout_s,
+        "out-dir": str(out),
+        "version": args.version,
+        "dp-noise": args.dp_noise,
+        "dp-clip": args.dp_clip,
+        **({"secagg": True} if args.secagg else {}),
+        **(_ae_run_config(args) if args.model in AE_KINDS else {}),
+        **({"quantize": True} if args.quantize else {}),
+        **adapter_run,
+    }
 
 
 def _ae_run_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pdm_tools.fleet_learning.params import LocalTraining
-from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome, federate
+from pdm_tools.fleet_learning.server_app import FederationConfig, Outcome, check_byzantine, federate, make_strategy
 from pdm_tools.models.defect_mlp import DefectMlp
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ CONNECTION = "pdm-fleet"
 # The run settings ``flwr run --run-config`` may override, with their defaults (the app's pyproject).
 RUN_CONFIG: dict[str, Any] = {
     "strategy": "fedavg",
+    # Krum and Multi-Krum: the malicious clients they tolerate (``fleet serve --byzantine``).
+    "byzantine": 1,
     "rounds": 10,
     "min-clients": 2,
     "local-epochs": LocalTraining.epochs,
@@ -61,16 +63,19 @@ RUN_CONFIG: dict[str, Any] = {
 
 
 def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
-    """The federation's settings from the run config of a submitted app (``ValueError`` names a bad key)."""
+    """The federation's settings from the run config of a submitted app. ``ValueError`` names a bad key, a
+    combination no strategy runs (``server_app.make_strategy``: a robust rule with SecAgg+ or DP, ...), or then a
+    ``byzantine`` count the strategy cannot tolerate with ``min-clients`` (``server_app.check_byzantine``)."""
     merged = {**RUN_CONFIG, **run_config}
     unknown = sorted(set(run_config) - set(RUN_CONFIG))
     if unknown:
         raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(RUN_CONFIG)}")
-    return FederationConfig(
+    config = FederationConfig(
         class_names=tuple(str(merged["class-names"]).split(",")),
         rounds=int(merged["rounds"]),
         strategy=str(merged["strategy"]),
         min_clients=int(merged["min-clients"]),
+        krum_malicious=int(merged["byzantine"]),
         training=LocalTraining(epochs=int(merged["local-epochs"]), learning_rate=float(merged["learning-rate"])),
         dp_noise=float(merged["dp-noise"]),
         dp_clip=float(merged["dp-clip"]),
@@ -79,6 +84,9 @@ def config_from_run(run_config: dict[str, Any]) -> FederationConfig:
         seed=int(merged["seed"]),
         round_timeout_s=float(merged["round-timeout-s"]),
     )
+    make_strategy(config)
+    check_byzantine(config.strategy, config.krum_malicious, config.min_clients)
+    return config
 
 
 def _deployed_main(grid: Grid, context: Context) -> None:

@@ -5,7 +5,8 @@ give the fleet-wide ``mean``/``scale`` (exactly those of the pooled rows, which 
 Flower's strategy runs ``rounds`` of train + federated evaluation. Strategies (``STRATEGIES``): ``fedavg``,
 ``fedprox`` (proximal term in each client's loss), ``trimmed`` (coordinate-wise trimmed mean, drops the
 ``trim_beta`` share of the highest and lowest values), ``krum`` (keeps the update closest to its neighbours),
-``multikrum`` (averages the ``n - krum_malicious`` updates Krum ranks best).
+``multikrum`` (averages the ``n - krum_malicious`` updates Krum ranks best); ``krum_malicious`` is the number
+of malicious clients they tolerate (``fleet serve --byzantine``, checked by ``check_byzantine``).
 
 Every message's payload is counted (``Outcome.bytes_per_round``: Flower ``Record.count_bytes`` of both
 directions, without gRPC framing) through a ``Grid`` that wraps the runtime's.
@@ -163,6 +164,28 @@ def make_strategy(
     # Flower's server-side fixed clipping: every update clipped to dp_clip, then N(0, (noise * clip / m)^2)
     # on the aggregate, m = the clients a round needs (with more clients the noise is more than needed).
     return DifferentialPrivacyServerSideFixedClipping(strategy, config.dp_noise, config.dp_clip, config.min_clients)
+
+
+def check_byzantine(strategy: str, byzantine: int, clients: int) -> None:
+    """``ValueError`` when ``strategy`` cannot tolerate ``byzantine`` malicious clients among ``clients`` updates a
+    round. Krum scores each update by its distances to its ``n - f - 2`` nearest others and is Byzantine-resilient
+    for ``n > 2f + 2`` (Blanchard et al., 2017): with fewer updates an honest one's nearest others can all be
+    attackers (Flower then still runs, on at least one neighbour, without that guarantee). Multi-Krum ranks the
+    same way and averages the ``n - f`` best. The other strategies do not take the number (``byzantine >= 0``
+    only). ``clients``: the updates a round is sure to have (``--min-clients``).
+
+    >>> check_byzantine("krum", 1, 5)
+    >>> check_byzantine("krum", 2, 6)
+    Traceback (most recent call last):
+    ValueError: --byzantine 2 with --strategy krum needs --min-clients >= 7 (Krum's guarantee: n > 2f + 2), got 6
+    """
+    if byzantine < 0:
+        raise ValueError(f"--byzantine {byzantine}: the number of malicious clients to tolerate is >= 0")
+    if strategy in ("krum", "multikrum") and clients <= 2 * byzantine + 2:
+        raise ValueError(
+            f"--byzantine {byzantine} with --strategy {strategy} needs --min-clients >= {2 * byzantine + 3} "
+            f"(Krum's guarantee: n > 2f + 2), got {clients}"
+        )
 
 
 def against_poisoned(config: FederationConfig, poisoned: int, clients: int) -> FederationConfig:

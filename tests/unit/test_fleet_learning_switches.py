@@ -21,18 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.serverapp.strategy import Krum, MultiKrum
 
 from agent.adaptation.lora import BaseMlp, LoraWeights
 from pdm_tools.datasets.cwru import CLASS_NAMES
 from pdm_tools.fleet_learning import cli as fleet_cli
+from pdm_tools.fleet_learning import deploy
 from pdm_tools.fleet_learning.adapter_eval import products, simulate_adapters
+from pdm_tools.fleet_learning.adapter_ship import config_from_run as adapter_config_from_run
 from pdm_tools.fleet_learning.adapters import ADAM_STEP_START, AdamMoments, AdapterFederation, train_adapter
 from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, ae_kind
 from pdm_tools.fleet_learning.data import ClientData
 from pdm_tools.fleet_learning.evaluate import poisoning_mod
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
+from pdm_tools.fleet_learning.params import init_mlp
 from pdm_tools.fleet_learning.process import AeTraining, init_autoencoder, train_autoencoder
-from pdm_tools.fleet_learning.process_app import ProcessClient, ProcessFederation, detector_for, vibration_spec
+from pdm_tools.fleet_learning.process_app import (
+    ProcessClient,
+    ProcessFederation,
+    config_from_run,
+    detector_for,
+    vibration_spec,
+)
 from pdm_tools.fleet_learning.process_eval import simulate_process
 from pdm_tools.fleet_learning.process_gate import ratio_histogram
 from pdm_tools.fleet_learning.process_ship import fleet_spec, row_names
@@ -107,7 +117,7 @@ def test_commands_accept_the_new_combinations_and_refuse_what_cannot_run(
         (("--model", "adapters", "--version", "1.0.0"), "not a model --version"),
         # allowed now, so the check goes on to what is missing
         (("--model", "adapters", "--secagg"), "--model adapters needs --base-model"),
-        (("--model", "adapters", "--strategy", "krum"), "--model adapters needs --base-model"),
+        (("--model", "adapters", "--strategy", "krum", "--min-clients", "5"), "--model adapters needs --base-model"),
         (("--model", "adapters", "--dp-noise", "1", "--dp-clip", "1"), "--model adapters needs --base-model"),
         (("--model", "process", "--secagg", "--quantize"), "--model process needs --channels"),
     ]
@@ -121,6 +131,63 @@ def test_commands_accept_the_new_combinations_and_refuse_what_cannot_run(
     assert "index.json not found" in capsys.readouterr().err  # the options passed; the data is missing
     assert fleet_cli.main(_args("evaluate", "--dataset", "skab", "--data", str(tmp_path / "no"), "--secagg")) == 2
     assert "is not a folder" in capsys.readouterr().err  # --secagg passed for the autoencoder
+
+
+def test_serve_byzantine_reaches_krum_and_multikrum_and_an_impossible_count_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fleet serve --byzantine N``: the run config it submits gives every model's ServerApp Flower's Krum or
+    MultiKrum with ``num_malicious_nodes = N`` (Multi-Krum averaging ``min-clients - N``); a count Krum cannot
+    tolerate with ``--min-clients`` (``n > 2f + 2``) is refused before anything starts, and by the ServerApp's
+    own config too (a run submitted with ``flwr run``)."""
+    out = tmp_path / "o"
+    serve = ("serve", "--state", str(tmp_path / "s"), "--out", str(out))
+
+    def submitted(*argv: str) -> dict[str, object]:
+        return fleet_cli.serve_run_config(_args(*serve, *argv), out, {})
+
+    def classifier(run: dict[str, object]) -> object:
+        return make_strategy(deploy.config_from_run({k: v for k, v in run.items() if k in deploy.RUN_CONFIG}))
+
+    multi = classifier(submitted("--strategy", "multikrum", "--byzantine", "2", "--min-clients", "7"))
+    assert type(multi) is MultiKrum and (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 5)
+    krum = classifier(submitted("--strategy", "krum", "--min-clients", "5"))  # the default: one attacker
+    assert type(krum) is Krum and (krum.num_malicious_nodes, krum.num_nodes_to_select) == (1, 1)
+    vibration = config_from_run(submitted("--model", "vibration", "--strategy", "krum", "--byzantine", "3",
+                                          "--min-clients", "9"))  # fmt: skip
+    assert make_strategy(vibration.federation).num_malicious_nodes == 3  # type: ignore[attr-defined]
+    assert vibration.federation.to_dict()["krum_malicious"] == 3  # in the provenance
+    model = init_mlp(np.zeros(4), np.ones(4), (8,), CLASS_NAMES, 0)
+    base = BaseMlp.from_onnx(export_onnx(model, tmp_path / "base.onnx", {"model_id": "b", "version": "1"}))
+    run = submitted("--model", "adapters", "--strategy", "multikrum", "--byzantine", "2", "--min-clients", "8")
+    adapters = adapter_config_from_run(run, base)
+    multi = make_strategy(adapters.aggregation())
+    assert type(multi) is MultiKrum and (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 6)
+    assert adapters.to_dict()["krum_malicious"] == 2
+
+    refused = [
+        (("--strategy", "krum", "--byzantine", "2", "--min-clients", "6"),
+         "--byzantine 2 with --strategy krum needs --min-clients >= 7 (Krum's guarantee: n > 2f + 2), got 6"),
+        (("--strategy", "multikrum", "--min-clients", "4"),
+         "--byzantine 1 with --strategy multikrum needs --min-clients >= 5"),
+        (("--model", "adapters", "--strategy", "krum", "--min-clients", "3", "--byzantine", "1"),
+         "--byzantine 1 with --strategy krum needs --min-clients >= 5"),
+        (("--strategy", "krum", "--byzantine", "-1", "--min-clients", "5"),
+         "--byzantine -1: the number of malicious clients to tolerate is >= 0"),
+        (("--strategy", "trimmed", "--byzantine", "1"), "--byzantine sizes krum and multikrum, not --strategy trimmed"),
+        # A robust rule with SecAgg+ is refused for that reason first.
+        (("--strategy", "krum", "--byzantine", "2", "--min-clients", "3", "--secagg"), "--strategy krum: SecAgg+"),
+    ]  # fmt: skip
+    for argv, message in refused:
+        assert fleet_cli.main(_args(*serve, *argv)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before the SuperLink started
+    with pytest.raises(ValueError, match="--byzantine 3 with --strategy multikrum needs --min-clients >= 9"):
+        adapter_config_from_run({**run, "byzantine": 3}, base)
+    with pytest.raises(ValueError, match="--byzantine 2 with --strategy krum needs --min-clients >= 7"):
+        deploy.config_from_run({"strategy": "krum", "byzantine": 2, "min-clients": 6})
+    with pytest.raises(ValueError, match="--byzantine 2 with --strategy krum needs --min-clients >= 7"):
+        config_from_run({**submitted("--model", "vibration", "--strategy", "krum"), "byzantine": 2})
 
 
 def _ae_params(model: Autoencoder) -> np.ndarray:
