@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.adaptation.auto import AutoAdapter
 from agent.child import ChildProcess, Outbox, RelayMetrics, child_setup, log_setup, say_stopped, serve
@@ -66,7 +66,10 @@ scoring thread in the agent's process gets larger batches by waiting for the int
 against the alert latency target (250 ms)."""
 
 
-class BatchQueue(queue.Queue[ScoringItem]):
+T = TypeVar("T")
+
+
+class BatchQueue(queue.Queue[T]):
     """The child's queue of windows: a batch from the agent goes in at once, so that the scoring worker,
     woken by it, finds the whole batch, not its first item.
 
@@ -75,7 +78,7 @@ class BatchQueue(queue.Queue[ScoringItem]):
     3
     """
 
-    def put_many(self, items: Sequence[ScoringItem]) -> None:
+    def put_many(self, items: Sequence[T]) -> None:
         """Queue every item, waiting while they do not fit (an empty queue takes any batch)."""
         with self.not_full:
             while 0 < self.maxsize < self._qsize() + len(items) and self._qsize() > 0:
@@ -185,7 +188,7 @@ def _child_main(
     threadpool_limits(1, user_api="blas")  # as the agent's process (agent.runtime.agent)
     outbox = Outbox(outbox_conn)
     metrics = RelayedMetrics()
-    windows = BatchQueue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
+    windows: BatchQueue[ScoringItem] = BatchQueue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
     commands: queue.Queue[Message] = queue.Queue()
     try:
         side = build_side(

@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from agent.config import Config, parse_config
 from agent.metrics import Metrics
 from agent.records import Message, SampleBlock, ScoringItem, Source
 from agent.runtime.defect import ShaftSpeeds
-from agent.runtime.scoring_process import ScoringProcess
+from agent.runtime.scoring_process import BatchQueue, ScoringProcess
 from agent.spool.codec import Entry, Kind
 from agent.storage.points import RawVibrationPolicy
 from pdm_tools.simulator.machine import Fault, SimulatedMachine, fleet_profile
@@ -242,3 +243,18 @@ def test_what_the_scoring_process_cannot_take_yet_is_refused_at_build(tmp_path: 
         build_agent(_config(tmp_path, camera={"enabled": True}))
     with pytest.raises(ValueError, match="sparkplug_b decoder"):
         build_agent(_config(tmp_path, mqtt={"decoder": {"type": "sparkplug_b"}}))
+
+
+def test_a_batch_goes_into_the_childs_queue_whole_and_waits_for_room() -> None:
+    q: BatchQueue[int] = BatchQueue(maxsize=4)
+    q.put_many([1, 2, 3])
+    second = threading.Thread(target=q.put_many, args=([4, 5],), daemon=True)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and q.qsize() == 3  # 3 + 2 > 4: it waits, and puts none of its items
+    assert q.get() == 1
+    second.join(WAIT_S)
+    assert not second.is_alive()
+    assert [q.get_nowait() for _ in range(q.qsize())] == [2, 3, 4, 5]
+    q.put_many(list(range(10)))  # an empty queue takes a batch larger than its bound
+    assert q.qsize() == 10
