@@ -355,9 +355,11 @@ def build_scoring_side(
     raw_releases: RawReleases,
     windows: queue.Queue[ScoringItem],
     commands: queue.Queue[Message],
+    offline: Callable[[Source], bool] | None = None,
 ) -> ScoringSide:
     """The scoring worker of a scoring process, as ``build_agent`` wires the thread: the same models, stages,
-    adapters, alert state and baselines, with the agent's side (spool, broker, raw releases) over a pipe."""
+    adapters, alert state and baselines, with the agent's side (spool, broker, raw releases, the decoder's
+    word on offline sources) over a pipe."""
     stages = build_stages(config, metrics)
     adaptation = build_adaptation(config, metrics)
     worker = build_scoring(
@@ -371,6 +373,7 @@ def build_scoring_side(
         state_store=alert_state_store(config),
         adaptation=adaptation,
         raw_releases=raw_releases,
+        offline=offline,
     )
     return ScoringSide(worker, stages.speeds, stages.models.registry, adaptation[1])
 
@@ -590,15 +593,9 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
     if upstreams:
         writer = SinkWriters({LOCAL_SINK: writer, **upstreams})
     scoring_process = config.agent.scoring_process
-    if scoring_process:
+    if scoring_process and config.camera.enabled:
         # What the scoring process cannot take yet is refused, not run half-way (docs/dataplane.md).
-        if config.camera.enabled:
-            raise ValueError("agent.scoring_process does not work with camera.enabled yet; switch one of them off")
-        if isinstance(main_decoder, Liveness):
-            raise ValueError(
-                f"agent.scoring_process does not work with the {config.mqtt.decoder.type} decoder yet: the sources "
-                "it reports offline would not reach the alert engine; switch agent.scoring_process off"
-            )
+        raise ValueError("agent.scoring_process does not work with camera.enabled yet; switch one of them off")
     # The scoring process builds its own adapters (with their trainer); the agent's process then has none.
     adaptation = (None, None) if scoring_process else build_adaptation(config, metrics)
     ingest = build_ingest(
@@ -627,6 +624,7 @@ def build_agent(config: Config, metrics: Metrics | None = None, *, sink: Sink | 
             broker=outbound,
             metrics=metrics,
             build_side=build_scoring_side,
+            liveness=main_decoder if isinstance(main_decoder, Liveness) else None,
         )
     else:
         scoring = build_scoring(

@@ -127,9 +127,23 @@ class Counted(Protocol):
     def counts(self) -> Mapping[str, int]: ...
 
 
+class OfflineView(Protocol):
+    """Which sources their publisher declared offline, as one picklable copy (``Liveness.offline_view``)."""
+
+    def offline(self, source: Source) -> bool: ...
+
+
 @runtime_checkable
 class Liveness(Protocol):
     """A decoder whose protocol says when a source goes offline (Sparkplug deaths). ``offline`` is called
-    from the scoring thread (the alert engine), so it only reads state the ingest thread replaces whole."""
+    from the scoring thread (the alert engine), so it only reads state the ingest thread replaces whole.
+
+    A scoring process (``agent.runtime.scoring_process``) cannot call into the decoder: it gets an
+    ``offline_view`` (a copy, taken in another thread of the agent) whenever ``liveness_version`` moved."""
+
+    liveness_version: int
+    """Increases whenever a source's liveness changes (a birth or a death)."""
 
     def offline(self, source: Source) -> bool: ...
+
+    def offline_view(self) -> OfflineView: ...

@@ -32,7 +32,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -124,6 +124,35 @@ class _Node:
     state_changed: bool = False
 
 
+def _liveness_key(source: Source) -> tuple[str, str, str] | None:
+    """(group, edge node, machine) of a source this decoder named; None for a source without those tags."""
+    try:
+        return source.tag("group"), source.tag("node"), source.machine
+    except KeyError:
+        return None
+
+
+def _dead(key: tuple[str, str, str], born: bool, devices: Mapping[str, bool]) -> bool:
+    """A node is dead until its birth; a device (a machine other than the node) from its DDEATH to its DBIRTH."""
+    _, node_id, machine = key
+    return not born or (machine != node_id and devices.get(machine) is False)
+
+
+@dataclass(frozen=True)
+class SparkplugOfflineView:
+    """Every edge node's and device's liveness, copied (``SparkplugBDecoder.offline_view``)."""
+
+    nodes: dict[tuple[str, str], tuple[bool, dict[str, bool]]]
+    """(group, edge node) -> (born, device id -> online)."""
+
+    def offline(self, source: Source) -> bool:
+        key = _liveness_key(source)
+        if key is None:
+            return False
+        node = self.nodes.get((key[0], key[1]))
+        return node is not None and _dead(key, *node)
+
+
 @dataclass(frozen=True)
 class _Topic:
     group: str
@@ -155,6 +184,7 @@ class SparkplugBDecoder:
         self._publish: list[Publish] = []
         self._rejected: list[Rejection] = []
         self._counts: dict[str, int] = dict.fromkeys(EVENTS, 0)
+        self.liveness_version = 0
 
     @property
     def counts(self) -> dict[str, int]:
@@ -203,10 +233,12 @@ class SparkplugBDecoder:
             assert topic.device is not None
             node.devices[topic.device] = True
             node.state_changed = True
+            self.liveness_version += 1
         if topic.kind == "DDEATH":
             assert topic.device is not None
             node.devices[topic.device] = False
             node.state_changed = True
+            self.liveness_version += 1
             self._counts["device_deaths"] += 1
             return []
         birth = topic.kind in ("NBIRTH", "DBIRTH")
@@ -214,16 +246,17 @@ class SparkplugBDecoder:
 
     def offline(self, source: Source) -> bool:
         """Whether ``source``'s edge node or device is dead since its last birth (``Liveness``)."""
-        try:
-            group, node_id, machine = source.tag("group"), source.tag("node"), source.machine
-        except KeyError:
+        key = _liveness_key(source)
+        if key is None:
             return False
-        node = self._nodes.get((group, node_id))
-        if node is None:
-            return False
-        if not node.born:
-            return True
-        return machine != node_id and node.devices.get(machine) is False
+        node = self._nodes.get((key[0], key[1]))
+        return node is not None and _dead(key, node.born, node.devices)
+
+    def offline_view(self) -> SparkplugOfflineView:
+        """A copy of every node's and device's liveness, for the scoring process (``Liveness``). Called from
+        another thread than the ingest thread's: ``list`` and ``dict`` copy in one step under the GIL."""
+        nodes = list(self._nodes.items())
+        return SparkplugOfflineView({key: (node.born, dict(node.devices)) for key, node in nodes})
 
     # --- the Outbox protocol ---------------------------------------------------------------------------
 
@@ -261,6 +294,7 @@ class SparkplugBDecoder:
         node.rebirth_due_ns = None
         node.expected_seq = (payload.seq + 1) % 256 if payload.HasField("seq") else None
         node.state_changed = True
+        self.liveness_version += 1
         self._counts["births"] += 1
 
     def _node_death(self, topic: _Topic, node: _Node, payload: Any) -> None:
@@ -276,6 +310,7 @@ class SparkplugBDecoder:
         for device in node.devices:
             node.devices[device] = False
         node.state_changed = True
+        self.liveness_version += 1
         self._counts["node_deaths"] += 1
 
     def _own_state(self, raw: bytes) -> None:

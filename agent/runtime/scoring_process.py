@@ -10,7 +10,8 @@ runs (``agent.bootstrap.build_scoring_side``): the models and their registry, th
 baselines, the defect stage, the adapters, the alert engine with its state file. It restores the open
 events and baselines itself before it says it started. The agent keeps the decoder, the windower, the
 spool and the broker connection: ingest cuts the windows as before and a feeder thread hands them to the
-child in batches; the child's publications, acknowledgements of operator commands, produced points and
+child in batches, with the shaft speeds and, from a decoder that knows them (Sparkplug B), which sources
+their publisher declared offline; the child's publications, acknowledgements of operator commands, produced points and
 raw-data releases come back to a relay thread, which hands them to the outbound queues, the ingest
 worker's next transaction and the raw-vibration policy (whose held blocks live on the ingest side). So the
 guarantees do not move: readings are acknowledged after the ingest side's commit; a command is
@@ -41,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 from agent.adaptation.auto import AutoAdapter
 from agent.child import ChildProcess, Outbox, RelayMetrics, child_setup, log_setup, say_stopped, serve
 from agent.config import Config
+from agent.decode.base import Liveness, OfflineView
 from agent.inference.registry import ModelRegistry
 from agent.metrics import Metrics
 from agent.records import Message, ScoringItem, Source
@@ -172,6 +174,18 @@ class RemoteRawReleases:
         return []  # nothing to store from here: the agent's relay releases them
 
 
+class RemoteOffline:
+    """The child's word on which sources their publisher declared offline: the agent's decoder's latest view
+    (``agent.decode.base.Liveness``), sent whenever it changed; nothing is offline before the first."""
+
+    def __init__(self) -> None:
+        self.view: OfflineView | None = None
+
+    def offline(self, source: Source) -> bool:
+        view = self.view
+        return view is not None and view.offline(source)
+
+
 def _child_main(
     inbox: multiprocessing.connection.Connection,
     outbox_conn: multiprocessing.connection.Connection,
@@ -190,6 +204,7 @@ def _child_main(
     metrics = RelayedMetrics()
     windows: BatchQueue[ScoringItem] = BatchQueue(maxsize=CHILD_QUEUE_BATCHES * config.inference.max_batch)
     commands: queue.Queue[Message] = queue.Queue()
+    liveness = RemoteOffline()
     try:
         side = build_side(
             config,
@@ -199,6 +214,7 @@ def _child_main(
             raw_releases=RemoteRawReleases(outbox),
             windows=windows,
             commands=commands,
+            offline=liveness.offline,
         )
         restored = side.worker.restore()
     except Exception as exc:
@@ -225,6 +241,8 @@ def _child_main(
             commands.put(message[1])
         elif kind == "speeds":
             side.speeds.replace(message[1])
+        elif kind == "offline":
+            liveness.view = message[1]
 
     stop_timeout = serve(inbox, outbox, metrics.relay, handle, config.agent.shutdown_timeout_s)
     side.worker.stop(stop_timeout)
@@ -250,8 +268,12 @@ class ScoringProcess(ChildProcess):
         broker: Broker,
         metrics: Metrics,
         build_side: SideBuilder,
+        liveness: Liveness | None = None,
     ) -> None:
         super().__init__("scoring process", "pdm-scoring", metrics, START_TIMEOUT_S)
+        self._liveness = liveness
+        self._sent_liveness = -1
+        """The ``liveness_version`` of the view the running child has; -1: none yet."""
         self.config = config
         self._build_side = build_side
         self._windows = windows
@@ -281,6 +303,7 @@ class ScoringProcess(ChildProcess):
     def _on_started(self, payload: tuple[Any, ...]) -> None:
         self.restored = int(payload[0])
         self._sent_speeds = {}
+        self._sent_liveness = -1
         logger.info("scoring process: %d open alert event(s) restored", self.restored)
 
     def _on_up(self) -> None:
@@ -314,7 +337,12 @@ class ScoringProcess(ChildProcess):
         return True
 
     def _feed_once(self, first_timeout_s: float) -> bool:
-        """Hand the child what is queued (speeds first, then windows, then commands); False: nothing was."""
+        """Hand the child what is queued (liveness and speeds first, then windows, then commands); False:
+        nothing was."""
+        if self._liveness is not None and self._liveness.liveness_version != self._sent_liveness:
+            version = self._liveness.liveness_version  # before the copy: a change during it is sent next time
+            if self.send(("offline", self._liveness.offline_view())):
+                self._sent_liveness = version
         now = time.monotonic()
         if now - self._speeds_at >= SPEEDS_INTERVAL_S:
             self._speeds_at = now

@@ -309,15 +309,17 @@ def test_a_sparkplug_device_gets_the_same_commissioning_baseline_and_alerts(
     assert agent.metrics.get("decode.events", event="seq_gaps") == 0
 
 
+@pytest.mark.parametrize("scoring_process", [False, True], ids=["scoring-thread", "scoring-process"])
 def test_a_dead_sparkplug_device_opens_no_no_data_alert_and_a_silent_live_one_does(
-    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path
+    mosquitto, influxdb_v1, influx_db_name, tmp_path: Path, scoring_process: bool
 ) -> None:
     """Both devices are commissioned and scored, then fall silent: the one its DDEATH declared dead opens no
-    ``no_data`` alert (counted as suppressed), the live one does."""
+    ``no_data`` alert (counted as suppressed), the live one does. With the scoring process, the decoder's word
+    reaches the alert engine in the child."""
     agent_id = f"spbdead-{time.monotonic_ns()}"
     config = parse_config(
         {
-            "agent": {"id": agent_id, "heartbeat_s": 60},
+            "agent": {"id": agent_id, "heartbeat_s": 60, "scoring_process": scoring_process},
             "health": {"port": 0},
             "mqtt": {
                 "host": mosquitto.host,

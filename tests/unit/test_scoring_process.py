@@ -241,8 +241,6 @@ def test_a_child_that_cannot_build_its_models_fails_the_start(tmp_path: Path) ->
 def test_what_the_scoring_process_cannot_take_yet_is_refused_at_build(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"camera\.enabled"):
         build_agent(_config(tmp_path, camera={"enabled": True}))
-    with pytest.raises(ValueError, match="sparkplug_b decoder"):
-        build_agent(_config(tmp_path, mqtt={"decoder": {"type": "sparkplug_b"}}))
 
 
 def test_a_batch_goes_into_the_childs_queue_whole_and_waits_for_room() -> None:

@@ -6,6 +6,7 @@ them, else from hand-made protobuf (alias-only data, gaps, stale deaths)."""
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -400,3 +401,39 @@ def test_node_state_and_state_payloads_match_their_schemas() -> None:
     assert _valid("sparkplug_state", presence.payload("offline")) and _valid(
         "sparkplug_state", presence.payload("online")
     )
+
+
+def test_the_offline_view_for_the_scoring_process_says_what_the_decoder_says() -> None:
+    """The copy a scoring process gets answers like the decoder, survives pickling, and each birth or death
+    moves ``liveness_version`` (the agent sends a new copy then)."""
+    d = born()
+    node = Source.of(group="plant1", node="gw1", machine="gw1", sensor="process")
+    device = Source.of(group="plant1", node="gw1", machine="press-7", sensor="process")
+    unknown = Source.of(group="plant1", node="gw9", machine="drill", sensor="process")
+    untagged = Source.of(site="s", line="l", machine="press-7", sensor="process")
+    sources = (node, device, unknown, untagged)
+    states = []
+    versions = [d.liveness_version]
+    for topic, payload in [
+        ("spBv1.0/plant1/DBIRTH/gw1/press-7", dbirth(seq=1)),
+        ("spBv1.0/plant1/DDEATH/gw1/press-7", psp.DDeath(timestamp=T0_MS, seq=2).encode()),
+        ("spBv1.0/plant1/DBIRTH/gw1/press-7", dbirth(seq=3)),
+        ("spBv1.0/plant1/NDEATH/gw1", _ndeath()),
+    ]:
+        d.decode(msg(topic, payload))
+        versions.append(d.liveness_version)
+        view = pickle.loads(pickle.dumps(d.offline_view()))
+        states.append([view.offline(s) for s in sources])
+        assert states[-1] == [d.offline(s) for s in sources]
+    assert states == [
+        [False, False, False, False],
+        [False, True, False, False],
+        [False, False, False, False],
+        [True, True, False, False],
+    ]
+    assert versions == sorted(set(versions))  # every one of them moved it
+
+
+def _ndeath() -> bytes:
+    bd_seq = psp.Metric(timestamp=T0_MS, name="bdSeq", datatype=psp.DataType.UINT64, value=7)
+    return psp.NDeath(timestamp=T0_MS, bd_seq_metric=bd_seq).encode()
