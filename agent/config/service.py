@@ -51,7 +51,7 @@ class AgentSection(Section):
         False,
         description="Score in a process of its own (features, models, alert engine), so that it does not share "
         "the interpreter lock with MQTT and ingest: the agent then uses a second core for scoring "
-        "(docs/dataplane.md). Not yet with camera images or a decoder that reports sources offline (Sparkplug B).",
+        "(docs/dataplane.md). Not yet with camera images (refused at start).",
     )
 
     @field_validator("id")
