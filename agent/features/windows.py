@@ -63,7 +63,7 @@ class Windower:
             return []
         kind = modality(spec.kind)
         current = self._buffers.get(source)
-        if current is not None and current[0] != spec:
+        if current is not None and current[0] is not spec and current[0] != spec:  # `is`: the usual case, cheaply
             logger.info("feature spec of %s changed: its buffer restarts", source.as_dict())
             del self._buffers[source]
             current = None
