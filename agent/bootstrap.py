@@ -65,7 +65,7 @@ from agent.runtime.ingest import IngestWorker, for_scoring
 from agent.runtime.inspection import ImageClassifier, ImageLinks, InspectionStage, PendingImages
 from agent.runtime.scoring import ScoringWorker
 from agent.runtime.scoring_process import ScoringProcess, ScoringSide
-from agent.runtime.worker import Broker, DeadLetters, EntryLog, LineLog, MessageQueue, ScoringStage
+from agent.runtime.worker import GATHER_S, Broker, DeadLetters, EntryLog, LineLog, MessageQueue, ScoringStage
 from agent.spool.arrivals import ArrivalLog
 from agent.spool.sqlite import Spool
 from agent.storage.base import Sink
@@ -293,6 +293,7 @@ def build_scoring(
     clock_ns: Callable[[], int] = time.time_ns,
     offline: Callable[[Source], bool] | None = None,
     raw_releases: RawReleases | None = None,
+    gather_s: float = GATHER_S,
 ) -> ScoringWorker:
     """The scoring worker as the agent runs it; ``engine``, ``clock_ns`` and the I/O may be replaced.
     ``offline``: the decoder's word that a source went offline (``agent.decode.base.Liveness``);
@@ -338,6 +339,7 @@ def build_scoring(
         baseline=stages.baseline,
         commands=commands,
         inspection=stages.inspection,
+        gather_s=gather_s,
     )
 
 
@@ -374,6 +376,7 @@ def build_scoring_side(
         adaptation=adaptation,
         raw_releases=raw_releases,
         offline=offline,
+        gather_s=0.0,  # the agent's feeder gathered the batch already
     )
     return ScoringSide(worker, stages.speeds, stages.models.registry, adaptation[1])
 

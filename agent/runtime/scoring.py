@@ -23,7 +23,7 @@ from agent.records import ImageFrame, Message, Reading, ScoringItem, Window
 from agent.runtime.alerting import SAVE_WAIT_S, AlertOutput, StateSaver
 from agent.runtime.batch import BatchScorer, Verdict
 from agent.runtime.inspection import InspectionStage
-from agent.runtime.worker import POLL_S, Broker, LineLog, Worker, drain
+from agent.runtime.worker import GATHER_S, POLL_S, Broker, LineLog, Worker, drain, drain_gathered
 from agent.spool.codec import Entry, encode_lines
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,10 @@ class ScoringWorker(Worker):
         baseline: CommissioningScorer | None = None,
         commands: queue.Queue[Message] | None = None,
         inspection: InspectionStage | None = None,
+        gather_s: float = GATHER_S,
     ) -> None:
         super().__init__("scoring", metrics)
+        self._gather_s = gather_s
         self._inspection = inspection
         self._windows = windows
         self._router = router
@@ -78,7 +80,8 @@ class ScoringWorker(Worker):
         return self.alerts.restore()
 
     def step(self) -> None:
-        self.process(drain(self._windows, POLL_S, self._max_batch))
+        # Windows gather for ``gather_s`` when fewer than a batch are queued (``agent.runtime.worker.GATHER_S``).
+        self.process(drain_gathered(self._windows, POLL_S, self._max_batch, self._gather_s))
 
     def finish(self) -> None:
         while batch := drain(self._windows, 0, self._max_batch):

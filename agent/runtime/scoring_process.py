@@ -49,7 +49,7 @@ from agent.records import Message, ScoringItem, Source
 from agent.runtime.alerting import RawReleases
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.scoring import ScoringWorker
-from agent.runtime.worker import POLL_S, Broker, drain
+from agent.runtime.worker import GATHER_S, POLL_S, Broker, drain, drain_gathered
 from agent.spool.codec import Entry, encode_lines
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,6 @@ START_TIMEOUT_S = 120.0
 """Loading and warming up the models and restoring the state can take a while on a small box."""
 CHILD_QUEUE_BATCHES = 2
 """Batches the child holds beyond the one it scores: the backlog stays in the agent's bounded queue."""
-FEED_GATHER_S = 0.005
-"""How long the feeder lets windows gather after the first, when fewer than a batch are queued. Ingest
-queues them one by one; a feeder that sent each at once would make the child score batches of one (the
-scoring thread in the agent's process gets larger batches by waiting for the interpreter lock). Small
-against the alert latency target (250 ms)."""
 
 
 T = TypeVar("T")
@@ -349,10 +344,8 @@ class ScoringProcess(ChildProcess):
             speeds = self._speeds.snapshot()
             if speeds != self._sent_speeds and self.send(("speeds", speeds)):
                 self._sent_speeds = speeds
-        items = drain(self._windows, first_timeout_s, self._max_batch)
-        if 0 < len(items) < self._max_batch:
-            time.sleep(FEED_GATHER_S)
-            items += drain(self._windows, 0, self._max_batch - len(items))
+        # The feeder gathers (``GATHER_S``), as the scoring thread does; the child's worker then does not.
+        items = drain_gathered(self._windows, first_timeout_s, self._max_batch, GATHER_S)
         if items and not self._send_items(items):
             self.metrics.inc("windows.dropped", len(items), reason="scoring_down")
         commands = drain(self._commands, 0, 100)

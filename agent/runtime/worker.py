@@ -16,6 +16,13 @@ from agent.spool.codec import Entry
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
+GATHER_S = 0.005
+"""How long a consumer of windows lets them gather after the first when fewer than a batch are queued
+(``drain_gathered``). Ingest queues windows one by one as their messages are decoded; a consumer that took
+each at once would score batches of one, and the fixed cost of a batch (a model run per model, the
+features' numpy calls, the alert decisions' bookkeeping, the lines' entry) would be paid per window:
+the scoring thread's CPU per message was 2-5 times that of batches of 50 at moderate rates (2026-12-04,
+docs/benchmarks.md). Small against the alert latency target (250 ms)."""
 T = TypeVar("T")
 
 
@@ -157,6 +164,18 @@ def drain(q: queue.Queue[T], first_timeout_s: float, limit: int) -> list[T]:
             items.append(q.get_nowait())
         except queue.Empty:
             break
+    return items
+
+
+def drain_gathered(q: queue.Queue[T], first_timeout_s: float, limit: int, gather_s: float) -> list[T]:
+    """``drain``, and when it took fewer than ``limit``, sleep ``gather_s`` once and take what came meanwhile.
+
+    A sleep, not a wait on the queue: the producer's puts wake nobody while the batch gathers.
+    """
+    items = drain(q, first_timeout_s, limit)
+    if gather_s > 0 and 0 < len(items) < limit:
+        time.sleep(gather_s)
+        items += drain(q, 0, limit - len(items))
     return items
 
 
