@@ -50,9 +50,9 @@ BAND_POWER_EPS: Final = 1e-12
 # Relative variation below which a window counts as constant (float64 rounding is ~1e-16 relative).
 _CONSTANT_REL: Final = 1e-10
 # Vibration rows per chunk: ~256 KiB of float64 samples per temporary array, so that a chunk's few
-# temporaries and its spectrum stay in a core's L2 cache. At 1 MiB (before 2026-12-04) they did not, on
-# this box's 2 MiB L2: 78 us per 4,096-sample window against 38 us at 256 KiB (and 33 us with the shared
-# mean-removed copy; 64-window batches, benchmarks of 2026-12-04 in docs/benchmarks.md).
+# temporaries and its spectrum stay in a core's L2 cache. At 1 MiB (before 2026-12-04) they did not, on a
+# 2 MiB L2: 85 us per 4,096-sample window in batches of 32 then, 35 us now with the shared mean-removed
+# copy below (docs/benchmarks.md, "Sixth round").
 _CHUNK_BYTES: Final = 1 << 18
 
 # A block continues the buffer if its first sample comes 1 +/- 0.5 sample periods after the last one.
@@ -231,8 +231,8 @@ def _moment_stats(x: np.ndarray, mean: np.ndarray, d: np.ndarray) -> np.ndarray:
     row means ``mean`` and ``d = x - mean[:, None]`` (not changed).
 
     ``rms`` comes from the same sums as ``std`` (``mean(x**2) = m2 + mean**2``) and ``peak`` from the rows'
-    extremes, so that ``x`` is read twice instead of five times (with ``d``: 2.4 times as fast as before on
-    4,096-sample windows in L2-sized chunks, features equal within 2e-15 relative; 2026-12-04).
+    extremes, so that ``x`` is read twice instead of five times (features equal to the former formulas within
+    2e-15 relative).
 
     >>> x = np.array([[1.0, -1.0, 1.0, -1.0], [2.0, 2.0, 2.0, 2.0]])
     >>> _moment_stats(x, x.mean(axis=1), x - x.mean(axis=1)[:, None]).tolist()
