@@ -152,16 +152,12 @@ class LeanProperties(Properties):
         return result
 
 
-def _use_lean_properties() -> bool:
-    """Decode received packets' properties with ``LeanProperties``; False if this paho does not decode them
-    in ``paho.mqtt._packet`` with the stock class (then nothing is changed)."""
+def _use_lean_properties() -> None:
+    """Decode received packets' properties with ``LeanProperties``, unless this paho does not decode them in
+    ``paho.mqtt._packet`` with the stock class and its tables (then nothing is changed)."""
     current = getattr(paho_packet, "Properties", None)
-    if current is LeanProperties:
-        return True
-    if current is not Properties or not all(hasattr(Properties(paho.PacketTypes.PUBLISH), n) for n in _TABLES):
-        return False
-    setattr(paho_packet, "Properties", LeanProperties)  # noqa: B010 (a module attribute mypy sees as a class)
-    return True
+    if current is Properties and all(hasattr(Properties(paho.PacketTypes.PUBLISH), n) for n in _TABLES):
+        setattr(paho_packet, "Properties", LeanProperties)  # noqa: B010 (a module attribute mypy sees as a class)
 
 
 def client_class() -> type[paho.Client]:
