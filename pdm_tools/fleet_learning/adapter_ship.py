@@ -36,6 +36,7 @@ from agent.adaptation.adapter import (
 from agent.adaptation.lora import BaseMlp
 from pdm_tools.fleet_learning.adapters import AdapterFederation, AdapterOutcome, federate_adapters
 from pdm_tools.fleet_learning.server_app import check_byzantine, make_strategy
+from pdm_tools.fleet_learning.ship import client_entries
 
 ADAPTERS_DIR = "adapters"
 
@@ -83,10 +84,7 @@ def provenance(config: AdapterFederation, outcome: AdapterOutcome) -> dict[str, 
         **config.to_dict(),
         "min_clients": config.min_clients,
         "rounds_completed": len(counters.evaluation),
-        "clients": [
-            {"node": str(node), **facts, "rounds_trained": sum(node in p for p in counters.participants.values())}
-            for node, facts in sorted(counters.provenance.items())
-        ],
+        "clients": client_entries(counters),
         "bytes_per_round": {str(k): v for k, v in sorted(counters.bytes_per_round.items())},
         **({"privacy": counters.privacy} if counters.privacy else {}),
         **({"secagg_settings": counters.secagg} if counters.secagg else {}),

@@ -125,6 +125,8 @@ def write_summary(out_dir: Path, head: dict[str, Any], outcome: Outcome) -> Path
         "evaluation": {str(k): v for k, v in sorted(outcome.evaluation.items())},
         "client_rows": {str(k): v for k, v in sorted(outcome.client_rows.items())},
         "participants": {str(k): sorted(str(n) for n in v) for k, v in sorted(outcome.participants.items())},
+        # Krum / Multi-Krum: the nodes whose update each round's aggregate kept (the others were rejected).
+        **({"kept": {str(k): [str(n) for n in v] for k, v in sorted(outcome.kept.items())}} if outcome.kept else {}),
         # What each node's train reply reported each round (numbers: rows, loss, the adapters' Adam step count).
         "train_metrics": {
             str(k): {str(n): m for n, m in sorted(v.items())} for k, v in sorted(outcome.train_metrics.items())

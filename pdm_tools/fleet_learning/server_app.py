@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from pdm_tools.evaluation.classification import scores_from_confusion
 from pdm_tools.fleet_learning.params import LocalTraining, from_arrays, init_mlp, standardization, to_arrays
@@ -107,7 +108,9 @@ class Outcome:
     """What a finished federation leaves: the model, per-round payload bytes and federated evaluation, per
     client (by node id) the training row count it reported, the nodes whose update each round used, and the
     scalar metrics each node's train reply reported each round (``train_metrics[round][node]``: row count,
-    loss, the adapters' Adam step count; numbers only, no rows)."""
+    loss, the adapters' Adam step count; numbers only, no rows). ``kept``: with a strategy that keeps whole
+    updates and drops the rest (Krum, Multi-Krum), the nodes whose update each round's aggregate used; a
+    node among ``participants`` but not ``kept`` was rejected that round."""
 
     model: DefectMlp | None = None
     initial: DefectMlp | None = None
@@ -116,6 +119,7 @@ class Outcome:
     client_rows: dict[int, int] = field(default_factory=dict)
     participants: dict[int, list[int]] = field(default_factory=dict)
     train_metrics: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
+    kept: dict[int, list[int]] = field(default_factory=dict)
     provenance: dict[int, dict[str, Any]] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     replies: list[tuple[str, RecordDict]] = field(default_factory=list)
@@ -127,10 +131,12 @@ class Outcome:
 def make_strategy(
     config: FederationConfig,
     evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    counted: CountingGrid | None = None,
 ) -> Strategy:
     """The Flower strategy named by ``config.strategy``; every client trains and evaluates each round.
     ``evaluate_metrics_aggr_fn``: how the clients' evaluation metrics add up (default: the classifier's
-    confusion matrices, ``sum_confusions``)."""
+    confusion matrices, ``sum_confusions``). With ``counted`` (the run's grid), Krum and Multi-Krum record in
+    its outcome which nodes' updates each round kept (``Outcome.kept``)."""
     common: dict[str, Any] = {
         # With DP every update weighs the same (the noise is calibrated to one client's clipped share).
         "weighted_by_key": "unit-weight" if config.dp else "num-examples",
@@ -148,11 +154,15 @@ def make_strategy(
         strategy = FedProx(proximal_mu=config.proximal_mu, **common)
     elif config.strategy == "trimmed":
         strategy = FedTrimmedAvg(beta=config.trim_beta, **common)
-    elif config.strategy == "krum":
-        strategy = Krum(num_malicious_nodes=config.krum_malicious, **common)
-    elif config.strategy == "multikrum":
-        keep = max(1, config.min_clients - config.krum_malicious)
-        strategy = MultiKrum(num_malicious_nodes=config.krum_malicious, num_nodes_to_select=keep, **common)
+    elif config.strategy in ("krum", "multikrum"):
+        if counted is not None:
+            # Flower aggregates the metrics of exactly the replies Krum selected: that is where we see them.
+            common["train_metrics_aggr_fn"] = counted.recording_kept(aggregate_metricrecords)
+        if config.strategy == "krum":
+            strategy = Krum(num_malicious_nodes=config.krum_malicious, **common)
+        else:
+            keep = max(1, config.min_clients - config.krum_malicious)
+            strategy = MultiKrum(num_malicious_nodes=config.krum_malicious, num_nodes_to_select=keep, **common)
     else:
         raise ValueError(f"strategy {config.strategy!r} is not one of {list(STRATEGIES)}")
     if not config.dp:
@@ -284,7 +294,7 @@ def federate(grid: Grid, config: FederationConfig, outcome: Outcome, context: Co
 
 
 def run_rounds(
-    counted: Grid,
+    counted: CountingGrid,
     config: FederationConfig,
     outcome: Outcome,
     initial: ArrayRecord,
@@ -306,7 +316,7 @@ def run_rounds(
             counted, context, config, outcome, initial, train_config, evaluate_config, evaluate_aggr
         )
     else:
-        result = make_strategy(config, evaluate_aggr).start(
+        result = make_strategy(config, evaluate_aggr, counted).start(
             grid=counted,
             initial_arrays=initial,
             num_rounds=config.rounds,
@@ -398,6 +408,22 @@ class CountingGrid(Grid):
     def __init__(self, inner: Grid, outcome: Outcome) -> None:
         self._inner = inner
         self._outcome = outcome
+        # The last training round's replies: their content (by identity) -> the node that sent it.
+        self._train_round = 0
+        self._train_senders: dict[int, int] = {}
+
+    def recording_kept(
+        self, aggregate: Callable[[list[RecordDict], str], MetricRecord]
+    ) -> Callable[[list[RecordDict], str], MetricRecord]:
+        """``aggregate`` (a strategy's train metrics aggregation), first recording in ``Outcome.kept`` the nodes
+        whose replies it is given: for Krum and Multi-Krum, the updates they selected."""
+
+        def record(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+            nodes = [self._train_senders[id(c)] for c in contents if id(c) in self._train_senders]
+            self._outcome.kept[self._train_round] = sorted(nodes)
+            return aggregate(contents, weight_key)
+
+        return record
 
     def set_run(self, run: Any) -> None:
         self._inner.set_run(run)
@@ -431,6 +457,8 @@ class CountingGrid(Grid):
             elif m.metadata.group_id.isdigit():  # Flower's legacy workflows (SecAgg+) name the round here
                 rnd = int(m.metadata.group_id)
         total = sum(_payload_bytes(m) for m in sent) + sum(_payload_bytes(r) for r in replies)
+        if any(m.metadata.message_type == MessageType.TRAIN for m in sent):
+            self._train_round, self._train_senders = rnd, {}
         self._outcome.bytes_per_round[rnd] = self._outcome.bytes_per_round.get(rnd, 0) + total
         for reply in replies:
             if reply.has_error():
@@ -445,6 +473,7 @@ class CountingGrid(Grid):
                 rows = metrics["num-examples"] if metrics is not None else legacy["num_examples"]  # type: ignore[index]
                 self._outcome.client_rows[node] = int(rows)  # type: ignore[arg-type]
                 self._outcome.participants.setdefault(rnd, []).append(node)
+                self._train_senders[id(reply.content)] = node
                 # SecAgg+'s masked-vector reply keeps the client's metrics (flattened) in ``fitres.metrics``.
                 reported = metrics if metrics is not None else reply.content.config_records.get("fitres.metrics")
                 self._outcome.train_metrics.setdefault(rnd, {})[node] = _scalars(reported or {})

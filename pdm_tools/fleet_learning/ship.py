@@ -117,15 +117,29 @@ def card_section(federation: dict[str, Any]) -> str:
         f"epochs per round, {len(federation['clients'])} clients. No client sent data: only parameters, "
         "feature sums and counts. Per client (rows file by sha256):",
         "",
-        "| node | training rows | held-out rows | rounds trained | data sha256 |",
-        "|---|---|---|---|---|",
+        "| node | training rows | held-out rows | rounds trained | rounds Krum kept | data sha256 |",
+        "|---|---|---|---|---|---|",
     ]
     for c in federation["clients"]:
+        # ``rounds Krum kept``: with Krum / Multi-Krum, the rounds whose aggregate used this client's update.
         lines.append(
             f"| {c['node']} | {c['rows']} | {c.get('held-out', '')} | {c['rounds_trained']} | "
-            f"{c.get('data-sha256', '')[:16]} |"
+            f"{c.get('rounds_kept', '–')} | {c.get('data-sha256', '')[:16]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def client_entries(outcome: Outcome) -> list[dict[str, Any]]:
+    """Per client of the federation: what it reported before round 1 (rows, data sha256; never data), the rounds
+    its update arrived in and, with Krum or Multi-Krum, the rounds the aggregate kept it (``rounds_kept``: a
+    client that is never kept is one the fleet's updates disagree with, a broken pipeline or an attacker)."""
+    entries = []
+    for node, facts in sorted(outcome.provenance.items()):
+        entry = {"node": str(node), **facts, "rounds_trained": sum(node in p for p in outcome.participants.values())}
+        if outcome.kept:
+            entry["rounds_kept"] = sum(node in kept for kept in outcome.kept.values())
+        entries.append(entry)
+    return entries
 
 
 def provenance(settings: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
@@ -134,10 +148,7 @@ def provenance(settings: Mapping[str, Any], outcome: Outcome) -> dict[str, Any]:
     return {
         **settings,
         "rounds_completed": len(outcome.evaluation),
-        "clients": [
-            {"node": str(node), **facts, "rounds_trained": sum(node in p for p in outcome.participants.values())}
-            for node, facts in sorted(outcome.provenance.items())
-        ],
+        "clients": client_entries(outcome),
         "bytes_per_round": {str(k): v for k, v in sorted(outcome.bytes_per_round.items())},
         **({"privacy": outcome.privacy} if outcome.privacy else {}),
     }

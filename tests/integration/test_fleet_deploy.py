@@ -12,13 +12,14 @@ No timing is asserted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ import pytest
 from agent.features.bearing import BearingFeatureSpec
 from agent.inference.registry import ModelRegistry, default_builders
 from agent.metrics import Metrics
+from pdm_tools.fleet_learning.data import ClientData
 from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from tests.integration.agent_process import closed_port
 
@@ -61,6 +63,18 @@ def _kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> 
     if process.poll() is None:
         os.killpg(process.pid, sig)
         process.wait(timeout=60)
+
+
+def _start_clients(clients: Sequence[ClientData], port: int, tmp_path: Path) -> list[subprocess.Popen[bytes]]:
+    """One ``fleet client`` agent per client, each on its own data folder ``tmp_path/agent-<i>``."""
+    started = []
+    for i, client in enumerate(clients):
+        folder = client.save(tmp_path / f"agent-{i}")
+        started.append(
+            _pdm_agent("fleet", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(folder),
+                       "--runtime-port", str(closed_port()), log=tmp_path / f"agent-{i}.log")
+        )  # fmt: skip
+    return started
 
 
 @pytest.fixture
@@ -159,15 +173,48 @@ def test_secure_aggregation_runs_on_real_processes(tmp_path: Path, processes: li
         "--json", log=serve_log,
     )  # fmt: skip
     processes.append(serve)
-    for i, client in enumerate(fleet.clients):
-        folder = client.save(tmp_path / f"agent-{i}")
-        processes.append(
-            _pdm_agent("fleet", "client", "--superlink", f"127.0.0.1:{port}", "--data", str(folder),
-                       "--runtime-port", str(closed_port()), log=tmp_path / f"agent-{i}.log")
-        )  # fmt: skip
+    processes.extend(_start_clients(fleet.clients, port, tmp_path))
 
     assert serve.wait(timeout=WAIT_S) == 0, serve_log.read_text(errors="replace")[-4000:]
     summary = json.loads((out / "federation.json").read_text(encoding="utf-8"))
     assert summary["complete"] is True and "secagg" in summary["federation"]
     assert sorted(summary["evaluation"]) == ["1", "2"]
     assert all(len(nodes) == 3 for nodes in summary["participants"].values()), summary["participants"]
+
+
+def test_multikrum_rejects_an_agent_with_broken_labels_on_real_processes(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """``fleet serve --strategy multikrum --byzantine 1`` with five agents, one of which labels every row one
+    class off (a misconfigured class list: its updates pull the model elsewhere). Multi-Krum must leave that
+    agent's update out of every round's aggregate and say so (``kept`` in ``federation.json``, ``rounds_kept``
+    per client in the shipped version's provenance), and average the four others."""
+    fleet = synthetic_fleet(5, 200, seed=2, n_features=BearingFeatureSpec().n_features)
+    k = len(fleet.clients[0].class_names)
+    broken = fleet.clients[-1]  # the most rows: the one FedAvg would follow most
+    broken = dataclasses.replace(broken, y=(broken.y + 1) % k, y_held=(broken.y_held + 1) % k)
+    clients = (*fleet.clients[:-1], broken)
+    assert len({len(c.y) for c in clients}) == 5, "row counts identify the agents in federation.json"
+    port = closed_port()
+    out, serve_log = tmp_path / "out", tmp_path / "serve.log"
+    serve = _pdm_agent(
+        "fleet", "serve", "--host", "127.0.0.1", "--port", str(port), "--state", str(tmp_path / "link"),
+        "--out", str(out), "--rounds", "2", "--min-clients", "5", "--round-timeout-s", "120",
+        "--strategy", "multikrum", "--byzantine", "1", "--version", "1.2.0", "--json", log=serve_log,
+    )  # fmt: skip
+    processes.append(serve)
+    processes.extend(_start_clients(clients, port, tmp_path))
+
+    assert serve.wait(timeout=WAIT_S) == 0, serve_log.read_text(errors="replace")[-4000:]
+    summary = json.loads((out / "federation.json").read_text(encoding="utf-8"))
+    assert summary["complete"] is True
+    assert summary["federation"]["strategy"] == "multikrum" and summary["federation"]["krum_malicious"] == 1
+    broken_node = next(node for node, rows in summary["client_rows"].items() if rows == len(broken.y))
+    assert sorted(summary["kept"]) == ["1", "2"]
+    for rnd, kept in summary["kept"].items():
+        assert len(summary["participants"][rnd]) == 5, summary["participants"]
+        assert len(kept) == 4 and broken_node not in kept, f"round {rnd} kept {kept}; broken agent {broken_node}"
+
+    manifest = json.loads((out / "bearing-defect-classifier-1.2.0" / "manifest.json").read_text(encoding="utf-8"))
+    kept_rounds = {c["node"]: c["rounds_kept"] for c in manifest["training"]["federation"]["clients"]}
+    assert kept_rounds == {node: (0 if node == broken_node else 2) for node in summary["client_rows"]}
