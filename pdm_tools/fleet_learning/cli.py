@@ -113,6 +113,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _federation_arguments(evaluate, rounds=20)
     evaluate.add_argument("--seed", type=int, default=42, help="seed of the initial weights and client batches")
+    evaluate.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run with the N seeds --seed, --seed + 1, ...: the figures' means and spreads, and federated minus "
+        "central / local-only paired seed by seed with 95 %% intervals (one seed ranks nothing when training "
+        "noise is as large as the differences)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(fleet_main=main_evaluate)
 
@@ -318,45 +327,68 @@ def main_evaluate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.seeds < 1:
+        print("fleet evaluate: --seeds must be >= 1", file=sys.stderr)
+        return 2
     if args.dataset in ("skab", "simulator-vibration"):
-        return _evaluate_skab(args)
-    if args.adapters:
-        return _evaluate_adapters(args)
+        once = _evaluate_skab
+    elif args.adapters:
+        once = _evaluate_adapters
+    else:
+        once = _evaluate_classifier
+    seeds = [args.seed + i for i in range(args.seeds)]
     try:
-        fleet = _fleet(args)
-        config = FederationConfig(
-            class_names=CLASS_NAMES,
-            rounds=args.rounds,
-            strategy=args.strategy,
-            min_clients=len(fleet.clients),
-            training=LocalTraining(epochs=args.local_epochs),
-            dp_noise=args.dp_noise,
-            dp_clip=args.dp_clip,
-            secagg=args.secagg,
-            seed=args.seed,
-        )
-        make_strategy(config)  # a combination that cannot run fails here (exit 2), not after the simulation
-        # One BLAS thread per process: tiny matrices, and the simulation runs one process per CPU.
-        with threadpool_limits(limits=1, user_api="blas"):
-            if args.poisoned:
-                from pdm_tools.fleet_learning.evaluate import robustness
-
-                poisoning = robustness(fleet, config, args.poisoned)
-                result: dict[str, Any] = {"dataset": args.dataset, "poisoning": poisoning}
-            else:
-                from pdm_tools.fleet_learning.evaluate import evaluate_fleet
-
-                result = {"dataset": args.dataset, **evaluate_fleet(fleet, config)}
-                if "least_data_clients" in result:
-                    result["least_data_clients"]["fraction"] = args.least_data_fraction
-    except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
+        runs = [once(argparse.Namespace(**{**vars(args), "seed": seed})) for seed in seeds]
+    except (_EvaluateError, DatasetError, ClientDataError, FederationError, ValueError) as exc:
         print(f"fleet evaluate: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_text(result))
+    if len(runs) == 1:
+        result, text = runs[0]
+    else:
+        from pdm_tools.fleet_learning.seeds import over_seeds, render_seeds_text
+
+        result = over_seeds([r for r, _ in runs], seeds)
+        text = render_seeds_text(result)
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else text)
     return 0
 
 
-def _evaluate_skab(args: argparse.Namespace) -> int:
+class _EvaluateError(Exception):
+    """An evaluation that cannot run: options that do not go together, a dataset that does not load (exit 2)."""
+
+
+def _evaluate_classifier(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """``fleet evaluate`` of the defect classifier (cwru, simulator, synthetic) for ``args.seed``."""
+    fleet = _fleet(args)
+    config = FederationConfig(
+        class_names=CLASS_NAMES,
+        rounds=args.rounds,
+        strategy=args.strategy,
+        min_clients=len(fleet.clients),
+        training=LocalTraining(epochs=args.local_epochs),
+        dp_noise=args.dp_noise,
+        dp_clip=args.dp_clip,
+        secagg=args.secagg,
+        seed=args.seed,
+    )
+    make_strategy(config)  # a combination that cannot run fails here (exit 2), not after the simulation
+    # One BLAS thread per process: tiny matrices, and the simulation runs one process per CPU.
+    with threadpool_limits(limits=1, user_api="blas"):
+        if args.poisoned:
+            from pdm_tools.fleet_learning.evaluate import robustness
+
+            poisoning = robustness(fleet, config, args.poisoned)
+            result: dict[str, Any] = {"dataset": args.dataset, "poisoning": poisoning}
+        else:
+            from pdm_tools.fleet_learning.evaluate import evaluate_fleet
+
+            result = {"dataset": args.dataset, **evaluate_fleet(fleet, config)}
+            if "least_data_clients" in result:
+                result["least_data_clients"]["fraction"] = args.least_data_fraction
+    return result, render_text(result)
+
+
+def _evaluate_skab(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """``fleet evaluate --dataset skab`` (the process autoencoder) and ``--dataset simulator-vibration`` (the
     same federation on simulated pumps' vibration features; ``pdm_tools.fleet_learning.process_eval``)."""
     from pdm_tools.evaluation import skab
@@ -368,46 +400,43 @@ def _evaluate_skab(args: argparse.Namespace) -> int:
     )
 
     if args.poisoned or args.leave_out_load is not None:
-        print("fleet evaluate: --poisoned and --leave-out-load are for cwru/synthetic", file=sys.stderr)
-        return 2
-    try:
-        if args.dataset == "simulator-vibration":
-            if args.clients is not None and args.clients > 64:
-                raise ValueError("--clients: at most 64 simulated machines")
-            clients, least = simulator_vibration_fleet(args.clients or 6, args.seed), list[str]()
-        else:
+        raise _EvaluateError("--poisoned and --leave-out-load are for cwru/synthetic")
+    if args.dataset == "simulator-vibration":
+        if args.clients is not None and args.clients > 64:
+            raise ValueError("--clients: at most 64 simulated machines")
+        clients, least = simulator_vibration_fleet(args.clients or 6, args.seed), list[str]()
+    else:
+        try:
             files, _ = skab.load_skab(args.data if args.data is not None else skab.default_data_dir())
-            clients, least = uneven_skab_fleet(files, args.clients, args.least_data_clients, args.least_data_fraction)
-        federation = FederationConfig(
-            class_names=(),
-            rounds=args.rounds,
-            strategy=args.strategy,
-            min_clients=len(clients),
-            dp_noise=args.dp_noise,
-            dp_clip=args.dp_clip,
-            secagg=args.secagg,
-            seed=args.seed,
-        )
-        config = ProcessFederation(
-            federation,
-            clients[0].n_channels,
-            training=AeTraining(epochs=args.local_epochs),
-            quantize=not args.no_quantize,
-            signal="vibration" if args.dataset == "simulator-vibration" else "process",
-        )
-        make_strategy(federation)
-        with threadpool_limits(limits=1, user_api="blas"):
-            result = {"dataset": args.dataset, **evaluate_process_fleet(clients, config, least)}
-        if "least_data_clients" in result:
-            result["least_data_clients"]["fraction"] = args.least_data_fraction
-    except (skab.DatasetError, ClientDataError, FederationError, ValueError) as exc:
-        print(f"fleet evaluate: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_process_text(result))
-    return 0
+        except skab.DatasetError as exc:
+            raise _EvaluateError(str(exc)) from exc
+        clients, least = uneven_skab_fleet(files, args.clients, args.least_data_clients, args.least_data_fraction)
+    federation = FederationConfig(
+        class_names=(),
+        rounds=args.rounds,
+        strategy=args.strategy,
+        min_clients=len(clients),
+        dp_noise=args.dp_noise,
+        dp_clip=args.dp_clip,
+        secagg=args.secagg,
+        seed=args.seed,
+    )
+    config = ProcessFederation(
+        federation,
+        clients[0].n_channels,
+        training=AeTraining(epochs=args.local_epochs),
+        quantize=not args.no_quantize,
+        signal="vibration" if args.dataset == "simulator-vibration" else "process",
+    )
+    make_strategy(federation)
+    with threadpool_limits(limits=1, user_api="blas"):
+        result = {"dataset": args.dataset, **evaluate_process_fleet(clients, config, least)}
+    if "least_data_clients" in result:
+        result["least_data_clients"]["fraction"] = args.least_data_fraction
+    return result, render_process_text(result)
 
 
-def _evaluate_adapters(args: argparse.Namespace) -> int:
+def _evaluate_adapters(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """``fleet evaluate --dataset cwru --adapters`` (``pdm_tools.fleet_learning.adapter_eval``)."""
     from agent.features.bearing import BearingFeatureSpec
     from pdm_tools.fleet_learning.adapter_eval import (
@@ -418,39 +447,29 @@ def _evaluate_adapters(args: argparse.Namespace) -> int:
     )
 
     if args.dataset != "cwru" or args.least_data_clients or args.adapter_windows < 1:
-        print(
-            "fleet evaluate: --adapters is for cwru, without --least-data-clients, with --adapter-windows >= 1",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        # A combination that cannot run fails here, before the data is read.
-        switches = {"dp_noise": args.dp_noise, "dp_clip": args.dp_clip, "secagg": args.secagg}
-        make_strategy(FederationConfig(class_names=(), strategy=args.strategy, **switches))
-        recordings = load_cwru(_cwru_dir(args))
-        train_loads = len({r.load_hp for r in recordings if r.kind != "normal"}) - 1
-        per_load = max(1, -(-(args.clients or 2 * train_loads) // train_loads))
-        base, clients, test, reference = shift_fleet(
-            recordings, BearingFeatureSpec(), args.adapter_diameter, per_load, args.adapter_windows
-        )
-        config = dataclasses.replace(
-            default_federation(args.rounds, args.local_epochs, len(clients), args.seed),
-            strategy=args.strategy,
-            **switches,
-        )
-        with threadpool_limits(limits=1, user_api="blas"):
-            if args.poisoned:
-                adapters = adapter_robustness(base, clients, test, reference, config, args.poisoned)
-            else:
-                adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
-    except (DatasetError, ClientDataError, FederationError, ValueError) as exc:
-        print(f"fleet evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise _EvaluateError("--adapters is for cwru, without --least-data-clients, with --adapter-windows >= 1")
+    # A combination that cannot run fails here, before the data is read.
+    switches = {"dp_noise": args.dp_noise, "dp_clip": args.dp_clip, "secagg": args.secagg}
+    make_strategy(FederationConfig(class_names=(), strategy=args.strategy, **switches))
+    recordings = load_cwru(_cwru_dir(args))
+    train_loads = len({r.load_hp for r in recordings if r.kind != "normal"}) - 1
+    per_load = max(1, -(-(args.clients or 2 * train_loads) // train_loads))
+    base, clients, test, reference = shift_fleet(
+        recordings, BearingFeatureSpec(), args.adapter_diameter, per_load, args.adapter_windows
+    )
+    config = dataclasses.replace(
+        default_federation(args.rounds, args.local_epochs, len(clients), args.seed),
+        strategy=args.strategy,
+        **switches,
+    )
+    with threadpool_limits(limits=1, user_api="blas"):
+        if args.poisoned:
+            adapters = adapter_robustness(base, clients, test, reference, config, args.poisoned)
+        else:
+            adapters = evaluate_adapter_fleet(base, clients, test, reference, config)
     adapters |= {"diameter_in": args.adapter_diameter, "windows_per_recording": args.adapter_windows}
-    result = {"dataset": "cwru", "adapters": adapters}
     text = render_adapter_poisoning_text(adapters) if args.poisoned else render_adapter_text(adapters)
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else text)
-    return 0
+    return {"dataset": "cwru", "adapters": adapters}, text
 
 
 def render_adapter_text(result: dict[str, Any]) -> str:
