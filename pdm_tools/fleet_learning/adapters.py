@@ -89,6 +89,7 @@ class AdapterFederation:
     wait_for_clients_s: float = 600.0
     # How the factors are aggregated: any of ``server_app.STRATEGIES``, DP, SecAgg+ (``aggregation``).
     strategy: str = "fedavg"
+    proximal_mu: float = 0.1
     trim_beta: float = 0.2
     krum_malicious: int = 1
     dp_noise: float = 0.0
@@ -103,6 +104,7 @@ class AdapterFederation:
             rounds=self.rounds,
             strategy=self.strategy,
             min_clients=self.min_clients,
+            proximal_mu=self.proximal_mu,
             trim_beta=self.trim_beta,
             krum_malicious=self.krum_malicious,
             dp_noise=self.dp_noise,
@@ -114,7 +116,15 @@ class AdapterFederation:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        switches = ("strategy", "trim_beta", "krum_malicious", "dp_noise_multiplier", "dp_clipping_norm", "dp_delta")
+        switches = (
+            "strategy",
+            "proximal_mu",
+            "trim_beta",
+            "krum_malicious",
+            "dp_noise_multiplier",
+            "dp_clipping_norm",
+            "dp_delta",
+        )
         aggregation = {k: v for k, v in self.aggregation().to_dict().items() if k in (*switches, "secagg")}
         return {
             "model": "LoRA adapter on the frozen classifier",
@@ -218,18 +228,21 @@ def train_adapter(
     batch_size: int = 32,
     weight_decay: float = 1e-4,
     moments: AdamMoments | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[LoraWeights, float]:
     """``epochs`` epochs of Adam on the factors from ``start`` (the base stays frozen), on raw feature rows ``x``
     with class indices ``y``; returns the new factors and the last epoch's mean loss. The same step as
     ``agent.adaptation.lora.train_lora``, but from given factors and without early stopping (a round's
     budget is fixed by the coordinator). ``moments``: Adam's state to continue from, updated in place (else a
-    fresh optimizer: zero moments, step 0)."""
+    fresh optimizer: zero moments, step 0). ``proximal_mu > 0`` (FedProx): the loss gains
+    ``mu / 2 * ||factors - start||^2``."""
     rng = np.random.default_rng(seed)
     z = base.standardize(x, start)
     y = np.asarray(y, np.int64)
     class_weight = _class_weights(y, base.layers[-1].fan_out)
     layers = start.layers
     params = [p.astype(np.float64) for name in layers for p in start.factors[name]]
+    origin = [p.copy() for p in params]
     state = moments if moments is not None and moments.fits(start) else AdamMoments.zeros(start)
     m, v = state.m, state.v
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -248,8 +261,8 @@ def train_adapter(
             losses.append(value)
             state.step += 1
             step = state.step
-            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-                g = g + weight_decay * p
+            for i, (p, g, p0) in enumerate(zip(params, grads, origin, strict=True)):
+                g = g + weight_decay * p + proximal_mu * (p - p0)
                 m[i] = beta1 * m[i] + (1 - beta1) * g
                 v[i] = beta2 * v[i] + (1 - beta2) * g * g
                 p -= learning_rate * (m[i] / (1 - beta1**step)) / (np.sqrt(v[i] / (1 - beta2**step)) + eps)
@@ -304,6 +317,7 @@ def build_adapter_client_app(
             int(_number(config, "batch-size", 32)),
             _number(config, "weight-decay", 1e-4),
             moments,
+            _number(config, "proximal-mu", 0.0),  # sent by FedProx only
         )
         if keep:
             context.state[_MOMENTS] = moments.to_record()

@@ -43,6 +43,8 @@ class AeTraining:
     epochs: int = 5
     learning_rate: float = 1e-3
     batch_size: int = 64
+    # FedProx (``--strategy fedprox``): ``mu / 2 * ||theta - theta_start||^2`` added to the loss.
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,14 @@ def train_autoencoder(
     model: Autoencoder, rows: np.ndarray, training: AeTraining, seed: int
 ) -> tuple[Autoencoder, float]:
     """``training.epochs`` epochs of minibatch Adam from ``model`` on ``rows`` ``(n, F)``; the new model and
-    the last epoch's mean squared reconstruction error."""
+    the last epoch's mean squared reconstruction error. With ``training.proximal_mu > 0`` (FedProx) the loss
+    gains ``mu / 2 * ||theta - theta_start||^2``, which keeps a client whose rows differ from the fleet's
+    nearer the round's start."""
     rng = np.random.default_rng(seed)
     z = model.standardize(rows)
     layers = len(model.weights)
     params = [np.asarray(p, np.float64) for p in (*model.weights, *model.biases)]
+    start = [p.copy() for p in params]
     m1 = [np.zeros_like(p) for p in params]
     m2 = [np.zeros_like(p) for p in params]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
@@ -109,6 +114,8 @@ def train_autoencoder(
         order = rng.permutation(len(z))
         for lo in range(0, len(z), training.batch_size):
             grads = _gradients(z[order[lo : lo + training.batch_size]], params[:layers], params[layers:])
+            if training.proximal_mu > 0:
+                grads = [g + training.proximal_mu * (p - p0) for g, p, p0 in zip(grads, params, start, strict=True)]
             step += 1
             lr = training.learning_rate * np.sqrt(1 - beta2**step) / (1 - beta1**step)
             for i, g in enumerate(grads):

@@ -330,6 +330,7 @@ def build_process_client_app(
             epochs=int(_number(config, "local-epochs", AeTraining.epochs)),
             learning_rate=_number(config, "learning-rate", AeTraining.learning_rate),
             batch_size=int(_number(config, "batch-size", AeTraining.batch_size)),
+            proximal_mu=_number(config, "proximal-mu", 0.0),  # sent by FedProx only
         )
         rnd, base_seed = int(_number(config, "server-round", 0)), int(_number(config, "seed", 0))
         rows = np.concatenate([s.train for s in series])

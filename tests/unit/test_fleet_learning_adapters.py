@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 
 from agent.adaptation.lora import BaseMlp, LoraWeights, loss_and_gradients
 from pdm_tools.datasets.cwru import CLASS_NAMES
-from pdm_tools.fleet_learning.adapter_eval import evaluate_adapter_fleet
+from pdm_tools.fleet_learning.adapter_eval import evaluate_adapter_fleet, simulate_adapters
 from pdm_tools.fleet_learning.adapters import (
     AdamMoments,
     AdapterFederation,
@@ -110,3 +110,26 @@ def test_federated_adapter_moves_only_factors_and_learns_the_shifted_machines(tm
     assert result["federated"]["macro_f1"] > result["base"]["macro_f1"]
     assert set(result["local"]["own_client_macro_f1"]) == {c.name for c in clients}
     assert result["federated"]["federated_evaluation"]["macro-f1"] > 0
+
+
+def test_fedprox_keeps_the_adapter_clients_near_the_rounds_start(tmp_path: Path) -> None:
+    """``--strategy fedprox`` reaches the adapter's clients: with a strong proximal term one round moves the
+    fleet's factors less than FedAvg's round from the same start (before 2026-12-04 the adapter clients
+    ignored ``proximal-mu``)."""
+    model, _ = _base(tmp_path)
+    clients = list(synthetic_fleet(6, 200, seed=4).clients[4:])
+    moved = {}
+    for strategy in ("fedavg", "fedprox"):
+        config = AdapterFederation(layers=LAYERS, rounds=1, min_clients=2, strategy=strategy, proximal_mu=20.0)
+        _, outcome = simulate_adapters(model, clients, config)
+        assert outcome.adapter is not None and outcome.initial is not None
+        moved[strategy] = float(
+            np.sqrt(
+                sum(
+                    np.sum((a - b) ** 2)
+                    for name in LAYERS
+                    for a, b in zip(outcome.adapter.factors[name], outcome.initial.factors[name], strict=True)
+                )
+            )
+        )
+    assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"], moved

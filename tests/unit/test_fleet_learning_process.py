@@ -369,3 +369,24 @@ def test_federation_sends_only_weights_and_counts_and_its_evaluation_matches(ska
         assert sum(gate[variant][k] for k in ("tp", "fp", "fn", "tn")) == steps
     assert 0 <= gate["int8_vs_fp32"]["decision_agreement"] <= 1
     assert outcome.initial is not None and not _same(outcome.model, outcome.initial)
+
+
+def _moved(model: Autoencoder, start: Autoencoder) -> float:
+    pairs = zip(model.weights + model.biases, start.weights + start.biases, strict=True)
+    return float(np.sqrt(sum(np.sum((p - q) ** 2) for p, q in pairs)))
+
+
+@pytest.mark.integration
+def test_fedprox_keeps_the_process_clients_near_the_rounds_start(skab_dir: Path) -> None:
+    """``--strategy fedprox`` reaches the autoencoder's clients: with a strong proximal term one round moves
+    the fleet model less than FedAvg's round from the same start (before 2026-12-04 the process and vibration
+    clients ignored ``proximal-mu``, and fedprox ran FedAvg under its name)."""
+    clients = skab_fleet(load_skab(skab_dir)[0], 2)
+    moved = {}
+    for strategy in ("fedavg", "fedprox"):
+        federation = FederationConfig(class_names=(), rounds=1, min_clients=2, strategy=strategy, proximal_mu=20.0)
+        fed = ProcessFederation(federation, CHANNELS, hidden=(8, 2, 8), training=AeTraining(5, 1e-2), quantize=False)
+        outcome = simulate_process(clients, fed)
+        assert outcome.model is not None and outcome.initial is not None
+        moved[strategy] = _moved(outcome.model, outcome.initial)
+    assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"], moved
