@@ -83,8 +83,10 @@ def _means(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def paired_differences(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Seed by seed, federated minus central and federated minus local-only for every float figure at the top
-    of both entries (macro-F1; F1, FAR, MAR), with the mean's confidence interval."""
+    of both entries (macro-F1; F1, FAR, MAR), with the mean's confidence interval. The entries are at the top
+    of a run or, for ``--adapters``, under ``adapters``."""
     out: dict[str, Any] = {}
+    runs = [r["adapters"] if isinstance(r.get("adapters"), Mapping) else r for r in runs]
     for a, b in PAIRED:
         if not all(isinstance(r.get(a), Mapping) and isinstance(r.get(b), Mapping) for r in runs):
             continue
@@ -119,6 +121,7 @@ def render_seeds_text(result: Mapping[str, Any]) -> str:
     seeds = result["seeds"]
     lines = [f"{result.get('dataset', '')}: {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), mean ± std [min, max]"]
     summary = result["over_seeds"]
+    summary = summary.get("adapters", summary)
     entries = [name for name in ("federated", "central", "local") if name in summary] or list(summary)
     for name in entries:
         for figure, s in _flat(summary[name]):

@@ -73,3 +73,14 @@ def test_fleet_evaluate_with_seeds_runs_each_seed_and_pairs_them(capsys: pytest.
     differences = [run["federated"]["macro_f1"] - run["central"]["macro_f1"] for run in result["runs"]]
     assert result["paired"]["federated_minus_central"]["macro_f1"]["values"] == pytest.approx(differences, abs=1e-6)
     assert {"federated", "central", "local", "bytes_per_round", "rounds"} <= set(result)
+
+
+def test_over_seeds_pairs_the_adapters_entries_too() -> None:
+    runs = [
+        {"dataset": "cwru", "adapters": {"federated": {"macro_f1": f}, "central": {"macro_f1": c}, "rounds": 20}}
+        for f, c in ((0.9, 0.95), (0.8, 0.9))
+    ]
+    result = over_seeds(runs, [42, 43])
+    assert result["adapters"]["federated"]["macro_f1"] == pytest.approx(0.85)
+    assert result["paired"]["federated_minus_central"]["macro_f1"]["values"] == pytest.approx([-0.05, -0.1])
+    assert "  federated macro_f1: 0.85 ± " in render_seeds_text(result)
