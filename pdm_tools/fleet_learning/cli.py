@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 
 from pdm_tools.datasets.cwru import CLASS_NAMES, DatasetError, default_data_dir, load_cwru
 from pdm_tools.fleet_learning.ae_kinds import AE_KINDS
+from pdm_tools.fleet_learning.ae_kinds import DEFAULT_STRATEGY as AE_DEFAULT_STRATEGY
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.fleets import Fleet, cwru_fleet, simulator_fleet, synthetic_fleet
 from pdm_tools.fleet_learning.params import LocalTraining
@@ -30,6 +31,8 @@ from pdm_tools.fleet_learning.process import AeTraining
 from pdm_tools.fleet_learning.server_app import STRATEGIES, FederationConfig, FederationError, make_strategy
 
 DATASETS = ("cwru", "skab", "simulator", "simulator-vibration", "synthetic")
+# The datasets whose fleets train an autoencoder (the process one on SKAB, the vibration one on simulated pumps).
+AE_DATASETS = ("skab", "simulator-vibration")
 MODELS = ("federated", "central", "local")
 # Seconds of signal per class a simulated machine records (0.4x to 1.6x of it across the fleet).
 SIMULATED_SECONDS = 10.0
@@ -292,7 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _federation_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     """The options ``evaluate`` and ``serve`` share: strategy, rounds, local epochs, differential privacy."""
-    parser.add_argument("--strategy", choices=STRATEGIES, default="fedavg", help="aggregation (default fedavg)")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default=None,
+        help="aggregation (default: fedprox for the autoencoders, --model process|vibration and --dataset "
+        "skab|simulator-vibration; fedavg for the classifier and the adapters)",
+    )
     parser.add_argument("--rounds", type=int, default=rounds, help=f"federated rounds (default {rounds})")
     parser.add_argument("--local-epochs", type=int, default=LocalTraining.epochs, help="client epochs per round")
     parser.add_argument(
@@ -316,7 +325,18 @@ def main(args: argparse.Namespace) -> int:
     return int(args.fleet_main(args))
 
 
+def with_default_strategy(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` of ``fleet evaluate`` or ``fleet serve`` with ``--strategy`` filled in when not given: the
+    autoencoders' ``ae_kinds.DEFAULT_STRATEGY`` (FedProx) for ``--model process|vibration`` and ``--dataset
+    skab|simulator-vibration``, else FedAvg (the classifier and the adapters, within 1 point of central)."""
+    if args.strategy is not None:
+        return args
+    autoencoder = getattr(args, "model", None) in AE_KINDS or getattr(args, "dataset", None) in AE_DATASETS
+    return argparse.Namespace(**{**vars(args), "strategy": AE_DEFAULT_STRATEGY if autoencoder else "fedavg"})
+
+
 def main_evaluate(args: argparse.Namespace) -> int:
+    args = with_default_strategy(args)
     if args.rounds < 1 or (args.clients is not None and args.clients < 2) or args.local_epochs < 1:
         print("fleet evaluate: --rounds and --local-epochs must be >= 1, --clients >= 2", file=sys.stderr)
         return 2
@@ -330,7 +350,7 @@ def main_evaluate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         print("fleet evaluate: --seeds must be >= 1", file=sys.stderr)
         return 2
-    if args.dataset in ("skab", "simulator-vibration"):
+    if args.dataset in AE_DATASETS:
         once = _evaluate_skab
     elif args.adapters:
         once = _evaluate_adapters
@@ -573,6 +593,8 @@ def render_text(result: dict[str, Any]) -> str:
 
 def main_serve(args: argparse.Namespace) -> int:
     from pdm_tools.fleet_learning import deploy
+
+    args = with_default_strategy(args)
 
     if args.rounds < 1 or args.min_clients < 1 or args.local_epochs < 1:
         print("fleet serve: --rounds, --min-clients and --local-epochs must be >= 1", file=sys.stderr)

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from agent.commissioning.detector import DetectorConfig
 from agent.features.spec import FeatureSpec
-from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, AeKind, ae_kind
+from pdm_tools.fleet_learning.ae_kinds import AE_KINDS, DEFAULT_STRATEGY, AeKind, ae_kind
 from pdm_tools.fleet_learning.client_app import _folder, _number
 from pdm_tools.fleet_learning.data import ClientDataError
 from pdm_tools.fleet_learning.process import (
@@ -435,7 +435,9 @@ def config_from_run(run_config: dict[str, Any]) -> ProcessFederation:
     ``channels`` and ``quantize``); ``ValueError`` names what is wrong."""
     from pdm_tools.fleet_learning import deploy
 
-    federation = deploy.config_from_run({k: v for k, v in run_config.items() if k in deploy.RUN_CONFIG})
+    # A run that names no strategy gets the autoencoders' default, as ``fleet serve --model process`` does.
+    shared = {"strategy": DEFAULT_STRATEGY, **{k: v for k, v in run_config.items() if k in deploy.RUN_CONFIG}}
+    federation = deploy.config_from_run(shared)
     signal = str(run_config.get("signal") or "process")
     kind = ae_kind(signal)
     channels = int(run_config.get("channels", 0))

@@ -36,6 +36,9 @@ from pdm_tools.fleet_learning.process_app import (
     ProcessOutcome,
     load_process_client,
 )
+from pdm_tools.fleet_learning.process_app import (
+    config_from_run as process_config_from_run,
+)
 from pdm_tools.fleet_learning.process_eval import (
     compare_process,
     simulate_process,
@@ -390,3 +393,21 @@ def test_fedprox_keeps_the_process_clients_near_the_rounds_start(skab_dir: Path)
         assert outcome.model is not None and outcome.initial is not None
         moved[strategy] = _moved(outcome.model, outcome.initial)
     assert 0 < moved["fedprox"] < 0.5 * moved["fedavg"], moved
+
+
+def test_the_autoencoders_default_to_fedprox_and_the_others_to_fedavg(tmp_path: Path) -> None:
+    def strategy(*argv: str) -> str:
+        return str(fleet_cli.with_default_strategy(_args(*argv)).strategy)
+
+    serve = ("serve", "--state", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+    assert strategy(*serve, "--model", "process", "--channels", "3") == "fedprox"
+    assert strategy(*serve, "--model", "vibration") == "fedprox"
+    assert strategy(*serve) == strategy(*serve, "--model", "adapters") == "fedavg"
+    assert strategy("evaluate", "--dataset", "skab") == strategy("evaluate", "--dataset", "simulator-vibration")
+    assert strategy("evaluate", "--dataset", "skab") == "fedprox"
+    assert strategy("evaluate", "--dataset", "cwru") == strategy("evaluate", "--dataset", "cwru", "--adapters")
+    assert strategy("evaluate", "--dataset", "cwru") == "fedavg"
+    assert strategy(*serve, "--model", "process", "--strategy", "trimmed") == "trimmed"  # named: kept
+    # A run submitted to the process ServerApp without a strategy gets the same default as fleet serve.
+    assert process_config_from_run({"channels": 3}).federation.strategy == "fedprox"
+    assert process_config_from_run({"channels": 3, "strategy": "fedavg"}).federation.strategy == "fedavg"
