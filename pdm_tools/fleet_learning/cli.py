@@ -111,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--no-quantize",
         action="store_true",
-        help="skab: skip the quantization gate's metrics (INT8 vs FP32 on every client's machines) after the "
-        "last round",
+        help="skip the quantization gate after the last round (INT8 against FP32 on every client's held-out "
+        "rows or machines, as federated evaluation; run by default except with --poisoned and --adapters)",
     )
     _federation_arguments(evaluate, rounds=20)
     evaluate.add_argument("--seed", type=int, default=42, help="seed of the initial weights and client batches")
@@ -390,6 +390,7 @@ def _evaluate_classifier(args: argparse.Namespace) -> tuple[dict[str, Any], str]
         dp_clip=args.dp_clip,
         secagg=args.secagg,
         seed=args.seed,
+        quantize=not (args.no_quantize or args.poisoned),
     )
     make_strategy(config)  # a combination that cannot run fails here (exit 2), not after the simulation
     # One BLAS thread per process: tiny matrices, and the simulation runs one process per CPU.
@@ -587,6 +588,15 @@ def render_text(result: dict[str, Any]) -> str:
                 f"  least data: {name} ({v['rows']} rows): federated {v['federated_macro_f1']:.3f}, "
                 f"local-only {v['local_macro_f1']:.3f}, central {v['central_macro_f1']:.3f}"
             )
+    gate = result.get("quantization_gate")
+    if gate:
+        fleet = gate["fleet"]
+        d = fleet.get("int8_vs_fp32", {})
+        lines.append(
+            f"  INT8 vs FP32 on {len(gate['clients'])} clients' held-out rows: macro-F1 "
+            f"{d.get('macro_f1_delta_points', 0.0):+.2f} points, agreement {100 * d.get('agreement', 0.0):.2f} %; "
+            f"ships {gate['ship']}"
+        )
     lines.append(f"  bytes per round {result['bytes_per_round']:,}")
     return "\n".join(lines + _switch_lines(result))
 

@@ -126,6 +126,8 @@ def compare(fleet: Fleet, config: FederationConfig, outcome: Outcome, mlp: MlpCo
             if fleet.least_data
             else {}
         ),
+        # The quantization gate on every client's held-out rows (``config.quantize``), as ``fleet serve`` runs it.
+        **({"quantization_gate": outcome.gate} if outcome.gate else {}),
         "bytes_per_round": int(np.mean(training_rounds)) if training_rounds else 0,
         "rounds": config.rounds,
         "clients": len(fleet.clients),

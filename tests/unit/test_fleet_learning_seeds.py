@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pdm_tools.fleet_learning import cli as fleet_cli
+from pdm_tools.fleet_learning.fleets import synthetic_fleet
 from pdm_tools.fleet_learning.seeds import over_seeds, render_seeds_text
 
 
@@ -73,6 +74,12 @@ def test_fleet_evaluate_with_seeds_runs_each_seed_and_pairs_them(capsys: pytest.
     differences = [run["federated"]["macro_f1"] - run["central"]["macro_f1"] for run in result["runs"]]
     assert result["paired"]["federated_minus_central"]["macro_f1"]["values"] == pytest.approx(differences, abs=1e-6)
     assert {"federated", "central", "local", "bytes_per_round", "rounds"} <= set(result)
+    # The quantization gate ran on every client's held-out rows after the last round (on unless --no-quantize).
+    for seed, run in zip((7, 8), result["runs"], strict=True):
+        gate = run["quantization_gate"]
+        assert len(gate["clients"]) == 3 and gate["ship"] in ("int8", "fp32"), gate
+        held_out = sum(len(c.y_held) for c in synthetic_fleet(3, 300, seed).clients)
+        assert gate["fleet"]["rows"] == sum(c["rows"] for c in gate["clients"].values()) == held_out
 
 
 def test_over_seeds_pairs_the_adapters_entries_too() -> None:
