@@ -262,7 +262,9 @@ def train_adapter(
             state.step += 1
             step = state.step
             for i, (p, g, p0) in enumerate(zip(params, grads, origin, strict=True)):
-                g = g + weight_decay * p + proximal_mu * (p - p0)
+                g = g + weight_decay * p
+                if proximal_mu > 0:
+                    g = g + proximal_mu * (p - p0)
                 m[i] = beta1 * m[i] + (1 - beta1) * g
                 v[i] = beta2 * v[i] + (1 - beta2) * g * g
                 p -= learning_rate * (m[i] / (1 - beta1**step)) / (np.sqrt(v[i] / (1 - beta2**step)) + eps)

@@ -76,9 +76,14 @@ def summarize(runs: Sequence[Any]) -> Any:
     return out or None
 
 
+def _is_spread(value: Mapping[str, Any]) -> bool:
+    """A figure's ``spread`` (else a dict of figures: a figure may be named ``mean``, as in ``least_data``)."""
+    return "values" in value and "std" in value
+
+
 def _means(summary: Mapping[str, Any]) -> dict[str, Any]:
     """``summary`` with each spread replaced by its mean: the single run's shape."""
-    return {k: v["mean"] if "mean" in v and "values" in v else _means(v) for k, v in summary.items()}
+    return {k: v["mean"] if _is_spread(v) else _means(v) for k, v in summary.items()}
 
 
 def paired_differences(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -136,7 +141,7 @@ def render_seeds_text(result: Mapping[str, Any]) -> str:
 def _flat(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
     out = []
     for key, value in summary.items():
-        if "values" in value:
+        if _is_spread(value):
             out.append((prefix + key, value))
         else:
             out += _flat(value, f"{prefix}{key}.")
