@@ -261,7 +261,7 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
         speeds=speeds,
         baseline=baseline,
         defect=defect,
-        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks),
+        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks, config.spool.hold_s),
         inspection=inspection,
     )
 
@@ -286,7 +286,7 @@ def build_scoring(
     broker: Broker,
     windows: queue.Queue[ScoringItem] | None = None,
     commands: queue.Queue[Message] | None = None,
-    store_raw: Callable[[Sequence[int]], None] = lambda spool_ids: None,
+    store_raw: Callable[[Sequence[SampleBlock]], None] = lambda blocks: None,
     engine: AlertEngine | None = None,
     state_store: AlertStateStore | None = None,
     adaptation: tuple[AdapterStore | None, AutoAdapter | None] = (None, None),

@@ -197,8 +197,14 @@ CATALOG: tuple[MetricSpec, ...] = (
     ),
     _counter("storage.raw_released", "Raw vibration points of held blocks written because an alert released them."),
     _counter(
-        "storage.raw_missing", "Held blocks an alert released that were no longer in the spool (dropped by its caps)."
+        "storage.raw_missing",
+        "Held rows (spools of earlier builds) an alert released that its caps had dropped meanwhile.",
     ),
+    _gauge(
+        "storage.raw_held_blocks",
+        "Raw vibration blocks held in memory for a possible alert (raw_vibration around_alerts), sampled each second.",
+    ),
+    _gauge("storage.raw_held_bytes", "The samples' bytes (float32) of the blocks held in memory for a possible alert."),
     _gauge("storage.writer_process", "1 while the writer runs in its own process and is alive, 0 otherwise."),
     _counter("storage.writer_restarts", "Times the writer process died and was started again."),
     # MQTT

@@ -523,9 +523,9 @@ class Run:
             raw_complete = stored["samples"] == expected_samples
         else:
             # around_alerts: what is stored depends on the alerts. None released went missing; what is stored
-            # is the held blocks the alerts released (counted by the agent when written; a block two alerts
-            # released is written twice, stored once) plus up to keep_blocks blocks after each vibration
-            # alert (stored as they arrive; fewer when the run ended first): nothing stored without an alert.
+            # is the held blocks the alerts released (counted by the agent when written; a release empties the
+            # ring, so no block is released twice) plus up to keep_blocks blocks after each vibration alert
+            # (stored as they arrive; fewer when the run ended first): nothing stored without an alert.
             raised = [a for a in self.agent.alerts if a.body.get("state") == "new"]
             after_alerts = (
                 sum(1 for a in raised if a.body.get("sensor") == "vibration")

@@ -4,9 +4,8 @@ The agent runs with the example config against a real broker while InfluxDB is u
 refused); the simulator publishes the demo's machines (4, vibration at 10240 Hz and process values at
 1 Hz) for 60 simulated seconds, healthy, so this is the steady rate. Points and bytes per simulated second
 are extrapolated to 24 hours and compared with ``spool.max_points`` and ``spool.max_bytes``. Held blocks
-(``around_alerts``) leave the spool after ``spool.hold_s`` even while the database is away, so they are
-not part of the outage's growth; each alert adds the raw vibration around it (``2 × keep_blocks`` blocks,
-released by reference: no bytes, ``keep_blocks`` blocks' worth of points), printed apart.
+(``around_alerts``) are kept in memory, not spooled, so they are not part of the outage's growth; each
+alert adds the raw vibration around it (``2 × keep_blocks`` blocks), printed apart.
 
     .venv/bin/python benchmarks/spool_outage.py
 """
@@ -76,19 +75,13 @@ def main() -> None:
         finally:
             broker.stop()
         with sqlite3.connect(work / "spool.db") as db:
-            rows, points, payload = db.execute(
-                "SELECT count(*), sum(points), sum(length(body)) FROM entry WHERE held = 0"
-            ).fetchone()
-            held_rows, held_bytes = db.execute(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM entry WHERE held = 1"
-            ).fetchone()
+            rows, points, payload = db.execute("SELECT count(*), sum(points), sum(length(body)) FROM entry").fetchone()
         config = load_config(REPO / "config/agent.yaml", environ={})
         max_points, max_bytes = config.spool.max_points, config.spool.max_bytes
         per_alert = 2 * config.storage.raw_vibration.keep_blocks * 2048
         day = 86_400 / SIMULATED_S
         print(
-            f"spooled in {SIMULATED_S:.0f} simulated s of outage: {rows} rows, {points} points, "
-            f"{payload / 1e6:.2f} MB (and {held_rows} held blocks, {held_bytes / 1e6:.2f} MB, leaving after hold_s)"
+            f"spooled in {SIMULATED_S:.0f} simulated s of outage: {rows} rows, {points} points, {payload / 1e6:.2f} MB"
         )
         fits = points * day <= max_points and payload * day <= max_bytes
         print(

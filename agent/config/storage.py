@@ -260,8 +260,8 @@ class SpoolSection(Section):
     hold_s: float = Field(
         120.0,
         gt=0,
-        description="raw_vibration around_alerts: how long a block not yet stored stays in the spool, so that "
-        "an alert can still release it.",
+        description="raw_vibration around_alerts: how long a block held in memory for a possible alert can "
+        "still be released by one; older held blocks are given up.",
     )
     reserve_bytes: int = Field(
         32 * 1024**2,

@@ -19,7 +19,7 @@ from agent.alerts.homeassistant import Discovery
 from agent.alerts.payload import IMAGE_KEY, alert_payload, machine_state_payload
 from agent.alerts.store import AlertStateStore
 from agent.metrics import Metrics
-from agent.records import Alert, Message, Source
+from agent.records import Alert, Message, SampleBlock, Source
 from agent.runtime.batch import Verdict
 from agent.runtime.worker import Broker, to_lines
 from agent.statefile import StateStore
@@ -36,7 +36,7 @@ class RawReleases(Protocol):
     """The raw-vibration policy's side an alert needs (``agent.storage.points.RawVibrationPolicy``, or a
     scoring process's relay to it: ``agent.runtime.scoring_process``): the held blocks to store for it."""
 
-    def on_alert(self, source: Source) -> list[int]: ...
+    def on_alert(self, source: Source) -> list[SampleBlock]: ...
 
 
 class AlertOutput:
@@ -49,7 +49,7 @@ class AlertOutput:
         topics: Topics,
         metrics: Metrics,
         raw_policy: RawReleases,
-        store_raw: Callable[[Sequence[int]], None],
+        store_raw: Callable[[Sequence[SampleBlock]], None],
         state_store: AlertStateStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         auth: CommandAuth | None = None,

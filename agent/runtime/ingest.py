@@ -24,7 +24,7 @@ from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.inspection import PendingImages
 from agent.runtime.worker import POLL_S, Broker, DeadLetters, EntryLog, Worker, drain
 from agent.spool.arrivals import ArrivalLog, arrival_key, encode_arrival, used_arrival_time
-from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.codec import Entry, check_block, encode_block, encode_lines, encode_raw_blocks, encode_readings
 from agent.spool.sqlite import SpoolNotWritable
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import Topics
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 APPEND_RETRY_MAX_S = 2.0
 """Longest wait between spool append attempts (a refused append of a full spool costs a page count)."""
 REJECTED_LOG_LINES = 10
+HELD_CHECK_S = 1.0  # how often held raw blocks are expired and counted (storage.raw_held_*)
 REJECTED_LOG_INTERVAL_S = 60.0
 """Rejected messages logged one by one (WARNING) per interval; the rest of the interval's rejections are
 summarised in one line at its end (each is still counted in ``decode.errors`` and on the dead-letter topic)."""
@@ -100,25 +101,24 @@ class IngestWorker(Worker):
         self._batch_max = batch_max
         self._arrivals = arrivals
         self._dead_letters = dead_letters
-        self._raw_released: deque[list[int]] = deque()
+        self._raw_released: deque[list[SampleBlock]] = deque()
+        self._expire_at = 0.0  # when the raw policy's held blocks are next looked over (monotonic)
         self._produced: deque[Entry] = deque()
         self._handoff_lock = threading.Lock()
         self._closed = False  # after finish: what other threads hand over goes to the spool directly
         self._append_failing_since: float | None = None  # logged once per failing period (a full disk)
         self._rejected_log = RateLimitedLog(logger, "rejected message(s)", REJECTED_LOG_LINES, REJECTED_LOG_INTERVAL_S)
 
-    def store_raw(self, spool_ids: Sequence[int]) -> None:
-        """Held blocks an alert released (called from the scoring thread; spooled with the next batch).
-
-        Only their spool ids travel: the writer makes their lines from the rows already on disk.
-        """
-        if not spool_ids:
+    def store_raw(self, blocks: Sequence[SampleBlock]) -> None:
+        """Held blocks an alert released (called from the scoring thread): spooled with the next batch, as
+        one entry, encoded here in the ingest thread; the alert's path only hands over the references."""
+        if not blocks:
             return
         with self._handoff_lock:
             if not self._closed:
-                self._raw_released.append(list(spool_ids))
+                self._raw_released.append(list(blocks))
                 return
-        self._append_durably([encode_raw_ref(spool_ids)])
+        self._append_durably([encode_raw_blocks(blocks)])
 
     def append_lines(self, lines: Sequence[str]) -> None:
         """Points the scoring thread produced (features, scores, alerts): spooled with the next batch, in the
@@ -143,6 +143,13 @@ class IngestWorker(Worker):
             self.process(batch)
         self.talk_back()
         self._rejected_log.flush()
+        now = time.monotonic()
+        if now >= self._expire_at:
+            self._expire_at = now + HELD_CHECK_S
+            self._raw.expire()
+            blocks, held_bytes = self._raw.held()
+            self._metrics.set("storage.raw_held_blocks", blocks)
+            self._metrics.set("storage.raw_held_bytes", held_bytes)
 
     def finish(self) -> None:
         while batch := drain(self._messages, 0, self._batch_max):
@@ -156,7 +163,7 @@ class IngestWorker(Worker):
 
     def process(self, batch: Sequence[Message]) -> None:
         entries: list[Entry] = []
-        held: list[tuple[int, SampleBlock]] = []  # (index in entries, block) of blocks kept for an alert
+        held: list[SampleBlock] = []  # blocks kept for an alert (in memory, once this batch is durable)
         readings_n = blocks_n = samples_n = images_n = queued_n = 0  # counted once per batch: a metric call costs
         # Windows go to scoring as soon as their message is decoded, before the spool commit: alerts wait
         # neither for the disk nor for the rest of the batch, and scoring a reading that is not yet durable
@@ -183,7 +190,7 @@ class IngestWorker(Worker):
             if self._arrivals is not None and msg.qos and not restored and used_arrival_time(items, msg.received_ns):
                 # Durable with the readings (same transaction), so that a redelivery finds the same time.
                 message_entries.append(encode_arrival(arrival_key(msg), msg.received_ns))
-            held.extend((len(entries) + index, block) for index, block in message_held)
+            held.extend(message_held)
             entries.extend(message_entries)
             for item in items:
                 if isinstance(item, Reading):
@@ -217,19 +224,16 @@ class IngestWorker(Worker):
         if queued_n:
             self._metrics.inc("windows.queued", queued_n)
         while self._raw_released:
-            entries.append(encode_raw_ref(self._raw_released.popleft()))
+            entries.append(encode_raw_blocks(self._raw_released.popleft()))
         while self._produced:
             entries.append(self._produced.popleft())
         if entries:
             if self._before_commit is not None:
                 self._before_commit()
-            ids = self._append_durably(entries)
-            if ids is None:
+            if self._append_durably(entries) is None:
                 return  # stopping without room in the spool: nothing of this batch is acknowledged
-            for index, block in held:
-                spool_id = ids[index]
-                if spool_id is not None:
-                    self._raw.hold(block, spool_id)
+        for block in held:
+            self._raw.hold(block)
         # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
         # and reported on the dead-letter topic).
         self._broker.ack_batch([(msg.mid, msg.qos) for msg in batch if msg.qos > 0])
@@ -262,11 +266,11 @@ class IngestWorker(Worker):
         self._metrics.inc("ingest.arrival_restored")
         return replace(msg, received_ns=first_ns), True
 
-    def _entries(self, items: Sequence[Decoded]) -> tuple[list[Entry], list[tuple[int, SampleBlock]]]:
-        """One message's spool entries (its readings together, each stored or held block), and which of them
-        are held blocks; ``ValueError`` when the spool's format cannot hold one of them."""
+    def _entries(self, items: Sequence[Decoded]) -> tuple[list[Entry], list[SampleBlock]]:
+        """One message's spool entries (its readings together, each stored block), and its blocks to hold
+        for a possible alert (not spooled); ``ValueError`` when the spool's format cannot hold one of them."""
         entries: list[Entry] = []
-        held: list[tuple[int, SampleBlock]] = []
+        held: list[SampleBlock] = []
         readings = [item for item in items if isinstance(item, Reading)]
         if readings:
             entries.append(encode_readings(readings))
@@ -280,8 +284,10 @@ class IngestWorker(Worker):
                 if decision == "skip":
                     continue
                 if decision == "hold":
-                    held.append((len(entries), item))
-                entries.append(encode_block(item, store_raw=decision == "store", held=True))
+                    check_block(item)  # refused now, as a stored block would be, not when an alert wants it
+                    held.append(item)
+                else:
+                    entries.append(encode_block(item, store_raw=True))
         return entries, held
 
     def _append_durably(self, entries: list[Entry]) -> list[int | None] | None:

@@ -45,7 +45,7 @@ from agent.config import Config
 from agent.decode.base import Liveness, OfflineView
 from agent.inference.registry import ModelRegistry
 from agent.metrics import Metrics
-from agent.records import Message, ScoringItem, Source
+from agent.records import Message, SampleBlock, ScoringItem, Source
 from agent.runtime.alerting import RawReleases
 from agent.runtime.defect import ShaftSpeeds
 from agent.runtime.scoring import ScoringWorker
@@ -91,7 +91,7 @@ class ScoringSink(Protocol):
 
     def append_entries(self, entries: Sequence[Entry]) -> object: ...
 
-    def store_raw(self, spool_ids: Sequence[int]) -> None: ...
+    def store_raw(self, blocks: Sequence[SampleBlock]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -159,12 +159,12 @@ class RemoteLog:
 
 
 class RemoteRawReleases:
-    """An alert's raw-data release, resolved on the agent's side, where the held blocks' spool ids are."""
+    """An alert's raw-data release, resolved on the agent's side, where the held blocks are."""
 
     def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
-    def on_alert(self, source: Source) -> list[int]:
+    def on_alert(self, source: Source) -> list[SampleBlock]:
         self._outbox.send(("raw", source))
         return []  # nothing to store from here: the agent's relay releases them
 

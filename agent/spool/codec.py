@@ -1,8 +1,8 @@
 """The spool's entries: what arrived, in a compact binary form, and the line protocol made from them.
 
 One entry per accepted message's readings, per vibration block, per batch of points the agent itself
-produced (features, scores, alerts: already line protocol), or per raw-data release (the spool ids of
-held blocks to store after all). Entries are encoded on the ingest side (cheap: ``struct`` and the
+produced (features, scores, alerts: already line protocol), or per raw-data release (the blocks an alert
+wants stored after all). Entries are encoded on the ingest side (cheap: ``struct`` and the
 block's float32 bytes as they are) and turned into line protocol on the writer side
 (``agent.storage.entries.entry_lines``), so the ingest thread never formats a sample.
 
@@ -14,7 +14,10 @@ Layout (little-endian; ``str`` = ``u16`` byte length + UTF-8; ``tags`` = ``u8`` 
 - ``BLOCK``: ``i64`` start_ns, ``f64`` rate_hz, ``i64`` seq, ``u8`` flags (1 = store raw, 2 = has seq),
   tags, channel (str), then the samples as float32 up to the end;
 - ``LINES``: line protocol lines joined by newlines (UTF-8);
-- ``RAW_REF``: ``u32`` count and the ``i64`` spool ids of held blocks whose raw samples are now wanted;
+- ``RAW_REF``: ``u32`` count and the ``i64`` spool ids of held blocks whose raw samples are now wanted
+  (written by earlier builds, which spooled every block of ``around_alerts`` as a held row; still read);
+- ``RAW_BLOCKS``: a raw-data release: ``u32`` count, then per block a ``u32`` size and a ``BLOCK`` body
+  (store raw set); the blocks an alert wants, which were held in memory until then;
 - ``FEATURES``: one model's feature vectors of a scored batch: ``u32`` header size, the header (UTF-8 JSON:
   model id and version, feature names, the value dtype, the distinct sources' tags as flat lists and each
   row's index into them), then the windows' end times (``i64`` each) and the values (row-major, ``f4`` or
@@ -46,6 +49,7 @@ class Kind(IntEnum):
     RAW_REF = 4
     ARRIVAL = 5
     FEATURES = 6
+    RAW_BLOCKS = 7
 
 
 STORE_RAW = 1
@@ -55,8 +59,9 @@ HAS_SEQ = 2
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One spool row to be: ``points`` is how many line-protocol points it will give a sink (0 for a held
-    block or a reference: their points are counted when written); ``held``: a block kept for a possible
-    raw-data release (``around_alerts``)."""
+    block or a reference: their points are counted when written); ``held``: a block kept in the spool for
+    a possible raw-data release (earlier builds' ``around_alerts``; the agent now holds blocks in memory,
+    ``agent.storage.points.RawVibrationPolicy``, and the spool still expires or releases such rows)."""
 
     kind: Kind
     body: bytes
@@ -203,14 +208,23 @@ def decode_readings(body: bytes) -> list[Reading]:
     return readings
 
 
-def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Entry:
-    """One vibration block; ``store_raw``: its samples go to the sinks (else only if released later)."""
-    flags = (STORE_RAW if store_raw else 0) | (HAS_SEQ if block.seq is not None else 0)
+def _block_head(block: SampleBlock, flags: int) -> list[bytes]:
     try:
-        out: list[bytes] = [_BLOCK_HEAD.pack(block.start_ns, block.rate_hz, block.seq or 0, flags)]
+        head = _BLOCK_HEAD.pack(block.start_ns, block.rate_hz, block.seq or 0, flags)
     except struct.error as exc:  # a time or seq beyond int64 (a decoder plug-in's)
         raise ValueError(f"block start {block.start_ns} or seq {block.seq}: {exc}") from None
-    out.append(_block_names(block.source, block.channel))
+    return [head, _block_names(block.source, block.channel)]
+
+
+def check_block(block: SampleBlock) -> None:
+    """``ValueError`` if the spool's format cannot hold ``block`` (what ``encode_block`` would raise), without
+    copying its samples: for a block held in memory, to be encoded only if an alert wants it."""
+    _block_head(block, 0)
+
+
+def encode_block(block: SampleBlock, store_raw: bool, held: bool = False) -> Entry:
+    """One vibration block; ``store_raw``: its samples go to the sinks (else only if released later)."""
+    out = _block_head(block, (STORE_RAW if store_raw else 0) | (HAS_SEQ if block.seq is not None else 0))
     samples = np.ascontiguousarray(block.samples, dtype="<f4")
     out.append(samples.tobytes())
     return Entry(Kind.BLOCK, b"".join(out), len(samples) if store_raw else 0, held=held and not store_raw)
@@ -233,8 +247,31 @@ def encode_lines(lines: Sequence[str]) -> Entry:
     return Entry(Kind.LINES, "\n".join(lines).encode(), len(lines))
 
 
+def encode_raw_blocks(blocks: Sequence[SampleBlock]) -> Entry:
+    """A release: the raw samples of ``blocks`` (held in memory until an alert wanted them) to be stored."""
+    out: list[bytes] = [_U32.pack(len(blocks))]
+    points = 0
+    for block in blocks:
+        body = encode_block(block, store_raw=True).body
+        out += (_U32.pack(len(body)), body)
+        points += len(block.samples)
+    return Entry(Kind.RAW_BLOCKS, b"".join(out), points)
+
+
+def decode_raw_blocks(body: bytes) -> list[SampleBlock]:
+    (count,) = _U32.unpack_from(body)
+    at = _U32.size
+    blocks: list[SampleBlock] = []
+    for _ in range(count):
+        (size,) = _U32.unpack_from(body, at)
+        at += _U32.size
+        blocks.append(decode_block(body[at : at + size])[0])
+        at += size
+    return blocks
+
+
 def encode_raw_ref(ids: Sequence[int]) -> Entry:
-    """A release of held blocks: their raw samples are to be stored after all."""
+    """A release of held rows (by spool id; earlier builds): their raw samples are to be stored after all."""
     return Entry(Kind.RAW_REF, _U32.pack(len(ids)) + np.asarray(ids, dtype="<i8").tobytes(), 0)
 
 

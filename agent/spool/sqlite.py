@@ -4,8 +4,10 @@ One row per entry (``agent.spool.codec``): the readings of one message, one vibr
 bytes), a batch of points the agent produced, or a raw-data release. Rows only grow in id
 (``AUTOINCREMENT``) and are never changed; a sink reads them in id order through a ``SinkCursor`` and
 moves its durable cursor after the database confirmed them. A row is removed once every configured sink's
-cursor is past it (``compact``). *Held* blocks (``around_alerts``) give no sink a point: they stay
-``hold_s`` so that an alert can still release them, and once released until every sink is past the release.
+cursor is past it (``compact``). *Held* rows give no sink a point: they stay ``hold_s`` so that an alert
+can still release them, and once released until every sink is past the release. Earlier builds spooled
+every block of ``around_alerts`` as a held row; the agent now holds those blocks in memory
+(``agent.storage.points.RawVibrationPolicy``), and the spool keeps handling the held rows of such a file.
 
 Durability: WAL mode with ``synchronous=NORMAL``. A committed ``append`` is in the write-ahead log before
 it returns, so it survives a crash or kill of the agent process; only an OS crash or power loss can take

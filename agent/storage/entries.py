@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from agent import schema
 from agent.records import Reading, Source
-from agent.spool.codec import Kind, decode_block, decode_features, decode_raw_ref, readings_parts
+from agent.spool.codec import Kind, decode_block, decode_features, decode_raw_blocks, decode_raw_ref, readings_parts
 from agent.storage.line_protocol import escape_key, escape_measurement, format_tags
 from agent.storage.points import block_lines, feature_rows_lines, reading_lines
 
@@ -72,8 +72,9 @@ ResolveBlocks = Callable[[Sequence[int]], list[bytes]]
 def entry_lines(kind: int, body: bytes, resolve: ResolveBlocks | None = None) -> list[str]:
     """The line protocol of one entry (raises ``ValueError`` for what InfluxDB cannot hold).
 
-    A held block gives no line; a ``RAW_REF`` gives the lines of the blocks ``resolve`` finds for its ids
-    (blocks already gone are the caller's to count).
+    A held block gives no line; a ``RAW_BLOCKS`` release the lines of its blocks; a ``RAW_REF`` (earlier
+    builds) the lines of the held rows ``resolve`` finds for its ids (rows already gone are the caller's
+    to count).
     """
     if kind == Kind.READINGS:
         return readings_lines(body)
@@ -84,6 +85,8 @@ def entry_lines(kind: int, body: bytes, resolve: ResolveBlocks | None = None) ->
         return body.decode().split("\n") if body else []
     if kind == Kind.FEATURES:
         return feature_rows_lines(decode_features(body))
+    if kind == Kind.RAW_BLOCKS:
+        return [line for block in decode_raw_blocks(body) for line in block_lines(block)]
     if kind == Kind.RAW_REF:
         if resolve is None:
             return []

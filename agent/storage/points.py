@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
 import numpy as np
@@ -202,34 +203,50 @@ class RawVibrationPolicy:
 
     - ``all``: every block; ``none``: no block;
     - ``every_n``: the first block of each source/channel and then every ``every_n``-th;
-    - ``around_alerts``: the last ``keep_blocks`` blocks of each source/channel are *held*: spooled as
-      they arrived but not written (``hold`` records their spool ids in a ring). ``on_alert(source)``
-      returns the ring's ids, which the agent spools as a release, and the next ``keep_blocks`` blocks of
-      that source are stored too, so an alert comes with raw data from before and after it. Nothing
-      is copied or formatted on the alert's path: the writer makes the lines from the held rows.
+    - ``around_alerts``: the last ``keep_blocks`` blocks of each source/channel are *held* in memory, as
+      decoded (``hold``: a reference, no copy). ``on_alert(source)`` hands over those of the last ``hold_s``
+      seconds, which the ingest worker spools as one release, and the next ``keep_blocks`` blocks of that
+      source are stored too, so an alert comes with raw data from before and after it. Nothing is copied
+      or formatted on the alert's path, and a block no alert wants never reaches the disk.
+
+    Held blocks are not yet accepted data: the spool has the block's features and scores, and its raw
+    samples only if an alert wants them; a restart forgets the held blocks (no alert of the new run can
+    want them: its windows start afresh). Memory is bounded by ``keep_blocks`` blocks per source and
+    channel, and a source that went quiet gives its blocks up after ``hold_s`` (``expire``).
 
     ``decide`` and ``hold`` are called by the ingest worker for each block, ``on_alert`` by the alert
-    stage when an alert is raised (possibly from another thread). Memory is bounded by ``keep_blocks``
-    ids per source and channel.
+    stage when an alert is raised (possibly from another thread).
     """
 
-    def __init__(self, mode: RawMode, every_n: int = 1, keep_blocks: int = 0) -> None:
+    def __init__(
+        self,
+        mode: RawMode,
+        every_n: int = 1,
+        keep_blocks: int = 0,
+        hold_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if mode not in RAW_MODES:
             raise ValueError(f"raw vibration mode {mode!r} is not one of {', '.join(RAW_MODES)}")
         if every_n < 1:
             raise ValueError(f"every_n must be >= 1, not {every_n}")
         if keep_blocks < 0 or (mode == "around_alerts" and keep_blocks < 1):
             raise ValueError(f"keep_blocks must be >= 1 for around_alerts, >= 0 otherwise, not {keep_blocks}")
+        if hold_s <= 0:
+            raise ValueError(f"hold_s must be > 0, not {hold_s}")
         self.mode = mode
         self.every_n = every_n
         self.keep_blocks = keep_blocks
+        self.hold_s = hold_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._count: dict[tuple[Source, str], int] = {}
-        self._ring: dict[tuple[Source, str], deque[int]] = {}
+        self._ring: dict[tuple[Source, str], deque[tuple[int, float, SampleBlock]]] = {}
+        self._held_n = 0  # holds so far: a release lists its channels' blocks in the order they were held
         self._after: dict[tuple[Source, str], int] = {}
 
     def decide(self, block: SampleBlock) -> RawDecision:
-        """``store`` its samples now, ``hold`` it (spool it for a possible alert), or ``skip`` it."""
+        """``store`` its samples now, ``hold`` it (keep it for a possible alert), or ``skip`` it."""
         if self.mode == "all":
             return "store"
         if self.mode == "none":
@@ -244,28 +261,50 @@ class RawVibrationPolicy:
             if self._after.get(key, 0) > 0:
                 self._after[key] -= 1
                 return "store"
-            if key not in self._ring:  # known to on_alert even if the spool never takes one of its blocks
+            if key not in self._ring:  # known to on_alert even if none of its blocks gets held
                 self._ring[key] = deque(maxlen=self.keep_blocks)
             return "hold"
 
-    def hold(self, block: SampleBlock, spool_id: int) -> None:
-        """A held block is in the spool under ``spool_id``: remember it in its source's ring."""
+    def hold(self, block: SampleBlock) -> None:
+        """Keep ``block`` (a ``hold`` decision) in its source's ring, the oldest one leaving a full ring."""
         key = (block.source, block.channel)
+        now = self._clock()
         with self._lock:
             ring = self._ring.get(key)
             if ring is None:
                 ring = self._ring[key] = deque(maxlen=self.keep_blocks)
-            ring.append(spool_id)
+            self._held_n += 1
+            ring.append((self._held_n, now, block))
 
-    def on_alert(self, source: Source) -> list[int]:
-        """An alert was raised for ``source``: the spool ids of its held blocks to store now, oldest first."""
+    def on_alert(self, source: Source) -> list[SampleBlock]:
+        """An alert was raised for ``source``: its held blocks of the last ``hold_s`` (every channel's, in
+        the order they were held), to store now; the next ``keep_blocks`` blocks of each channel are stored
+        too."""
         if self.mode != "around_alerts":
             return []
-        released: list[int] = []
+        cutoff = self._clock() - self.hold_s
+        released: list[tuple[int, float, SampleBlock]] = []
         with self._lock:
             for key, ring in self._ring.items():
                 if key[0] == source:
                     released.extend(ring)
                     ring.clear()
                     self._after[key] = self.keep_blocks
-        return sorted(released)
+        return [block for _, held_at, block in sorted(released, key=lambda held: held[0]) if held_at >= cutoff]
+
+    def expire(self) -> int:
+        """Give up the held blocks older than ``hold_s`` (a source that went quiet); returns how many."""
+        cutoff = self._clock() - self.hold_s
+        dropped = 0
+        with self._lock:
+            for ring in self._ring.values():
+                while ring and ring[0][1] < cutoff:
+                    ring.popleft()
+                    dropped += 1
+        return dropped
+
+    def held(self) -> tuple[int, int]:
+        """The blocks held now and their samples' bytes (as float32)."""
+        with self._lock:
+            blocks = [block for ring in self._ring.values() for _, _, block in ring]
+        return len(blocks), sum(4 * len(block.samples) for block in blocks)

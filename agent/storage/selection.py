@@ -235,7 +235,7 @@ class RowSelector:
                 return []
             block, store_raw = decode_block(body)
             return block_lines(block) if store_raw else []
-        if kind == Kind.RAW_REF:
+        if kind in (Kind.RAW_BLOCKS, Kind.RAW_REF):
             return entry_lines(kind, body, resolve) if sel.raw != "none" else []
         raise ValueError(f"unknown spool entry kind {kind}")
 

@@ -337,7 +337,7 @@ class SinkWriter:
             except (ValueError, UnicodeDecodeError) as exc:
                 self._unencodable(row, exc)
                 lines = []
-            if row.kind == Kind.RAW_REF:
+            if row.kind in (Kind.RAW_BLOCKS, Kind.RAW_REF):
                 batch.raw_released += len(lines)
             batch.lines.extend(lines)
             batch.rows.extend([row.id] * len(lines))

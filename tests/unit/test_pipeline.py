@@ -23,7 +23,7 @@ from agent.metrics import Metrics
 from agent.records import Message, Reading, SampleBlock, Source, Window
 from agent.runtime.ingest import IngestWorker
 from agent.runtime.scoring import ScoringWorker
-from agent.spool.codec import Entry, Kind, encode_block, encode_lines
+from agent.spool.codec import Entry, Kind, encode_lines
 from agent.storage.entries import entry_lines
 from agent.storage.points import RawVibrationPolicy
 from agent.topics import format_rfc3339
@@ -319,19 +319,49 @@ def test_process_readings_are_scored_by_the_machine_baseline_once_commissioned()
     assert alerts[0]["first_detected"] >= format_rfc3339(T0 + 200 * 10**9)
 
 
-def test_raw_blocks_released_by_an_alert_are_stored_by_reference(router):
+def _vibration_messages(worker: IngestWorker, blocks: list[SampleBlock], first_mid: int) -> list[Message]:
+    """Messages of one block each, decoded to that block (the decoder is not what these tests are about)."""
+    by_mid = {first_mid + i: block for i, block in enumerate(blocks)}
+
+    class OneBlock:
+        def decode(self, msg: Message) -> list:
+            return [by_mid[msg.mid]]
+
+    worker._decoder = OneBlock()  # type: ignore[assignment]
+    return [_message(mid, b"{}", topic="factory/s1/l1/m01/vibration") for mid in by_mid]
+
+
+def test_held_blocks_stay_in_memory_and_an_alert_spools_them_as_one_release(router):
     journal, metrics = Journal(), Metrics()
     spool = FakeSpool(journal)
     worker = _ingest(journal, spool, router, queue.Queue(), metrics)
+    policy = worker._raw = RawVibrationPolicy("around_alerts", keep_blocks=2)
     source = Source.of(site="s1", line="l1", machine="m01", sensor="vibration")
-    block = SampleBlock(source, T0, 10240.0, np.arange(64, dtype=np.float32))
-    (held_id,) = spool.append([encode_block(block, store_raw=False, held=True)])
-    assert spool.lines == []  # held: spooled, not written
-    worker.store_raw([held_id])
-    worker.step()  # no message is waiting: the release is spooled anyway, as one small reference entry
-    assert journal.events == [("append", 0), ("append", 0)]
-    assert [e.kind for e in spool.entries] == [Kind.BLOCK, Kind.RAW_REF]
-    assert len(spool.lines) == 64 and all(line.startswith("vibration,") for line in spool.lines)
+    blocks = [SampleBlock(source, T0 + i * 10**9, 10240.0, np.arange(64, dtype=np.float32)) for i in range(3)]
+    worker.process(_vibration_messages(worker, blocks, first_mid=5))
+    assert spool.entries == []  # nothing of a held block reaches the disk ...
+    assert [e for e in journal.events if e[0] == "ack"] == [("ack", 5), ("ack", 6), ("ack", 7)]  # ... yet acked
+    assert policy.held() == (2, 2 * 64 * 4)
+    worker.step()  # the worker's periodic look at what it holds
+    assert (metrics.get("storage.raw_held_blocks"), metrics.get("storage.raw_held_bytes")) == (2, 512)
+    worker.store_raw(policy.on_alert(source))  # what the alert stage does when it raises one
+    worker.step()  # no message is waiting: the release is spooled anyway
+    assert [e.kind for e in spool.entries] == [Kind.RAW_BLOCKS]
+    assert journal.events[-1] == ("append", 128)  # its points count in the spool like any other
+    assert len(spool.lines) == 128 and all(line.startswith("vibration,") for line in spool.lines)
+    assert {int(line.rsplit(" ", 1)[1]) // 10**9 for line in spool.lines} == {T0 // 10**9 + 1, T0 // 10**9 + 2}
+    assert policy.held() == (0, 0)
+
+
+def test_a_held_block_the_spool_could_not_hold_is_refused_at_once_not_when_released(router):
+    journal, metrics = Journal(), Metrics()
+    worker = _ingest(journal, FakeSpool(journal), router, queue.Queue(), metrics)
+    policy = worker._raw = RawVibrationPolicy("around_alerts", keep_blocks=2)
+    source = Source.of(site="s1", line="l1", machine="m01", sensor="vibration")
+    block = SampleBlock(source, T0, 10240.0, np.zeros(8, dtype=np.float32), channel="c" * 70_000)
+    worker.process(_vibration_messages(worker, [block], first_mid=5))
+    assert [body["code"] for _, body in worker._broker.published] == ["too_large"]
+    assert policy.held() == (0, 0)  # an alert can never hand the writer a block it cannot encode
 
 
 def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
@@ -345,12 +375,12 @@ def test_a_raised_alert_hands_the_raw_blocks_around_it_to_storage():
         store_raw=released.extend,
     )
     source = Source.of(site="s1", line="l1", machine="m01", sensor="process")
-    for i in range(3):
-        block = SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32))
+    blocks = [SampleBlock(source, T0 + i * 10**9, 10240.0, np.zeros(8, dtype=np.float32)) for i in range(3)]
+    for block in blocks:
         assert stages.raw_policy.decide(block) == "hold"
-        stages.raw_policy.hold(block, 100 + i)
+        stages.raw_policy.hold(block)
     worker.process(_windows([500, 500, 500]))
-    assert released == [101, 102]  # the spool ids of the last keep_blocks held blocks
+    assert len(released) == 2 and all(r is b for r, b in zip(released, blocks[1:], strict=True))  # the last two
 
 
 def test_an_unexpected_error_in_a_batch_is_counted_and_the_worker_keeps_running(router):

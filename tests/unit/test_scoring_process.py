@@ -69,13 +69,13 @@ class RecordingBroker:
 class RecordingSink:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
-        self.released: list[list[int]] = []
+        self.released: list[list[SampleBlock]] = []
 
     def append_entries(self, entries: Sequence[Entry]) -> None:
         self.entries.extend(entries)
 
-    def store_raw(self, spool_ids: Sequence[int]) -> None:
-        self.released.append(list(spool_ids))
+    def store_raw(self, blocks: Sequence[SampleBlock]) -> None:
+        self.released.append(list(blocks))
 
 
 class Harness:
@@ -140,17 +140,19 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
 
 
 def test_the_child_scores_the_windows_and_its_points_and_alerts_come_back(harness: Harness) -> None:
-    for spool_id, block in enumerate(_blocks(0, 3, fault=False), start=100):
-        harness.raw.hold(block, spool_id)  # as the ingest side does for the blocks it held
+    held = _blocks(0, 3, fault=False)
+    for block in held:
+        harness.raw.decide(block)
+        harness.raw.hold(block)  # as the ingest side does for the blocks it holds
     n = harness.feed(_blocks(3, 12, fault=True))
     _wait(lambda: any(a["state"] == "new" for a in harness.alerts()), "an alert raised in the child")
     _wait(lambda: harness.metrics.get("windows.scored") == n, f"{n} windows scored (relayed metric)")
     new = next(a for a in harness.alerts() if a["state"] == "new")
     assert (new["machine"], new["alert_type"]) == ("m01", "vibration-anomaly")
     assert harness.process.is_alive()
-    # The raw evidence is released on the agent's side, from the ids of the blocks held there.
+    # The raw evidence is released on the agent's side, where the blocks are held.
     _wait(lambda: harness.sink.released != [], "the alert's raw-data release")
-    assert harness.sink.released[0] == [100, 101, 102]
+    assert [b.start_ns for b in harness.sink.released[0]] == [b.start_ns for b in held]
     # Features and scores come back as spool entries for the ingest thread's transaction.
     _wait(lambda: any(e.kind == Kind.LINES and b"alert," in e.body for e in harness.sink.entries), "alert points")
     kinds = {e.kind for e in harness.sink.entries}

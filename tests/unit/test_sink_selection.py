@@ -10,7 +10,16 @@ import pytest
 
 from agent import schema
 from agent.records import Reading, SampleBlock, Source
-from agent.spool.codec import Entry, Kind, encode_block, encode_features, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.codec import (
+    Entry,
+    Kind,
+    encode_block,
+    encode_features,
+    encode_lines,
+    encode_raw_blocks,
+    encode_raw_ref,
+    encode_readings,
+)
 from agent.storage import selection as selection_module
 from agent.storage.selection import Downsampler, RowSelector, Selection
 
@@ -138,7 +147,8 @@ def test_raw_vibration_none_around_alerts_or_all() -> None:
     block = SampleBlock(Source.of(machine="m1", sensor="vib"), T0, 1000.0, np.arange(4, dtype=np.float32), "x")
     stored = encode_block(block, store_raw=True)
     held = encode_block(block, store_raw=False, held=True)
-    release = encode_raw_ref([7])
+    release = encode_raw_ref([7])  # a release by id (spools of earlier builds)
+    blocks = encode_raw_blocks([block])  # a release of blocks held in memory
 
     def resolve(ids: object) -> list[bytes]:
         return [held.body]
@@ -147,6 +157,7 @@ def test_raw_vibration_none_around_alerts_or_all() -> None:
         selector = RowSelector(Selection(raw=raw))  # type: ignore[arg-type]
         assert len(selector.lines(stored.kind, stored.body, resolve)) == stored_lines
         assert len(selector.lines(Kind.RAW_REF, release.body, resolve)) == released_lines
+        assert len(selector.lines(Kind.RAW_BLOCKS, blocks.body)) == released_lines
     assert all(
         line.startswith(schema.VIBRATION) for line in RowSelector(Selection(raw="all")).lines(stored.kind, stored.body)
     )

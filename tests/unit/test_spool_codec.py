@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import struct
 
@@ -13,11 +14,14 @@ from agent.spool import codec
 from agent.spool.codec import (
     Entry,
     Kind,
+    check_block,
     decode_block,
+    decode_raw_blocks,
     decode_raw_ref,
     decode_readings,
     encode_block,
     encode_lines,
+    encode_raw_blocks,
     encode_raw_ref,
     encode_readings,
 )
@@ -234,6 +238,27 @@ def test_no_lines_are_an_empty_entry() -> None:
     entry = encode_lines([])
     assert entry.points == 0
     assert entry_lines(entry.kind, entry.body) == []
+
+
+def test_a_release_of_blocks_round_trips_them_and_counts_their_samples() -> None:
+    blocks = [_block(n=3, channel="x"), _block(n=0, channel="y"), _block(n=5, store_seq=None, channel="z")]
+    entry = encode_raw_blocks(blocks)
+    assert (entry.kind, entry.points, entry.held) == (Kind.RAW_BLOCKS, 8, False)
+    back = decode_raw_blocks(entry.body)
+    assert [(b.source, b.channel, b.start_ns, b.seq) for b in back] == [
+        (b.source, b.channel, b.start_ns, b.seq) for b in blocks
+    ]
+    assert all(np.array_equal(a.samples, b.samples) for a, b in zip(back, blocks, strict=True))
+    assert entry_lines(entry.kind, entry.body) == [line for b in blocks for line in block_lines(b)]
+    assert decode_raw_blocks(encode_raw_blocks([]).body) == []
+
+
+def test_check_block_refuses_what_encode_block_refuses() -> None:
+    check_block(_block())
+    with pytest.raises(ValueError, match="too long"):
+        check_block(_block(channel="c" * 70_000))
+    with pytest.raises(ValueError, match="block start"):
+        check_block(dataclasses.replace(_block(), start_ns=2**63))
 
 
 def test_raw_ref_round_trips_its_ids() -> None:

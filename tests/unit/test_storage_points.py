@@ -230,33 +230,38 @@ def test_policy_every_n_stores_the_first_and_every_nth_block_per_source() -> Non
     assert policy.on_alert(SRC) == []
 
 
-def _hold_all(policy: RawVibrationPolicy, blocks: list[SampleBlock], first_id: int) -> list[int]:
-    """What the ingest worker does: each held block gets its spool id recorded."""
-    ids = []
-    for spool_id, b in enumerate(blocks, start=first_id):
+def _hold_all(policy: RawVibrationPolicy, blocks: list[SampleBlock]) -> list[SampleBlock]:
+    """What the ingest worker does: each block decided ``hold`` is held (once its batch is durable)."""
+    held = []
+    for b in blocks:
         if policy.decide(b) == "hold":
-            policy.hold(b, spool_id)
-            ids.append(spool_id)
-    return ids
+            policy.hold(b)
+            held.append(b)
+    return held
+
+
+def _same(got: list[SampleBlock], want: list[SampleBlock]) -> bool:
+    """The very blocks, in this order: a release hands over references, never copies."""
+    return len(got) == len(want) and all(g is w for g, w in zip(got, want, strict=True))
 
 
 def test_policy_around_alerts_releases_the_ring_and_stores_the_blocks_after_an_alert() -> None:
     policy = RawVibrationPolicy("around_alerts", keep_blocks=2)
     blocks = _blocks(8)
-    assert _hold_all(policy, blocks[:4], first_id=10) == [10, 11, 12, 13]
-    assert policy.on_alert(SRC) == [12, 13]  # the last keep_blocks spool ids before the alert, oldest first
+    assert _same(_hold_all(policy, blocks[:4]), blocks[:4])
+    assert _same(policy.on_alert(SRC), blocks[2:4])  # the last keep_blocks blocks before the alert, oldest first
     assert policy.decide(blocks[4]) == "store"
     assert policy.decide(blocks[5]) == "store"
     assert policy.decide(blocks[6]) == "hold"  # back to the ring
-    policy.hold(blocks[6], 20)
-    assert policy.on_alert(SRC) == [20]  # only what was held since
-    assert policy.on_alert(SRC) == []  # released ids are not released twice
+    policy.hold(blocks[6])
+    assert _same(policy.on_alert(SRC), [blocks[6]])  # only what was held since
+    assert policy.on_alert(SRC) == []  # released blocks are not released twice
 
 
-def test_policy_around_alerts_without_held_ids_releases_nothing_but_still_stores_after() -> None:
+def test_policy_around_alerts_without_held_blocks_releases_nothing_but_still_stores_after() -> None:
     policy = RawVibrationPolicy("around_alerts", keep_blocks=1)
     (b,) = _blocks(1)
-    assert policy.decide(b) == "hold"  # decided, but the spool refused it: no id recorded
+    assert policy.decide(b) == "hold"  # decided, but its message was rejected: never held
     assert policy.on_alert(SRC) == []
     assert policy.decide(b) == "store"
 
@@ -266,30 +271,48 @@ def test_policy_around_alerts_is_per_source() -> None:
     other = Source.of(machine="m2", sensor="vibration")
     (a,) = _blocks(1)
     (b,) = _blocks(1, source=other)
-    assert _hold_all(policy, [a], first_id=1) == [1]
-    assert _hold_all(policy, [b], first_id=2) == [2]
-    assert policy.on_alert(other) == [2]
+    assert _same(_hold_all(policy, [a]), [a])
+    assert _same(_hold_all(policy, [b]), [b])
+    assert _same(policy.on_alert(other), [b])
     assert policy.decide(_block(source=SRC)) == "hold"  # the alert of the other source changed nothing here
     assert policy.decide(_block(source=other)) == "store"
-    assert policy.on_alert(SRC) == [1]
+    assert _same(policy.on_alert(SRC), [a])
 
 
-def test_policy_around_alerts_releases_every_channel_of_the_source_in_id_order() -> None:
+def test_policy_around_alerts_releases_every_channel_of_the_source_in_the_order_held() -> None:
     policy = RawVibrationPolicy("around_alerts", keep_blocks=2)
     x, y = _blocks(2, channel="x"), _blocks(2, channel="y")
-    policy.hold(y[0], 3)
-    policy.hold(x[0], 4)
-    policy.hold(y[1], 5)
-    policy.hold(x[1], 6)
-    assert policy.on_alert(SRC) == [3, 4, 5, 6]
+    for b in (y[0], x[0], y[1], x[1]):
+        policy.hold(b)
+    assert _same(policy.on_alert(SRC), [y[0], x[0], y[1], x[1]])
     assert policy.decide(x[0]) == "store"
     assert policy.decide(y[0]) == "store"
 
 
-def test_policy_around_alerts_ring_keeps_only_the_last_keep_blocks_ids() -> None:
+def test_policy_around_alerts_ring_keeps_only_the_last_keep_blocks() -> None:
     policy = RawVibrationPolicy("around_alerts", keep_blocks=3)
-    assert _hold_all(policy, _blocks(10), first_id=100) == list(range(100, 110))
-    assert policy.on_alert(SRC) == [107, 108, 109]
+    blocks = _blocks(10)
+    assert _same(_hold_all(policy, blocks), blocks)
+    assert policy.held() == (3, 3 * 4 * len(blocks[0].samples))  # float32 bytes of the three kept
+    assert _same(policy.on_alert(SRC), blocks[7:])
+    assert policy.held() == (0, 0)
+
+
+def test_policy_around_alerts_gives_up_blocks_older_than_hold_s() -> None:
+    now = [1000.0]
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=5, hold_s=60.0, clock=lambda: now[0])
+    quiet = Source.of(machine="m2", sensor="vibration")
+    old, fresh = _blocks(2), _blocks(1, source=quiet)
+    policy.hold(old[0])
+    policy.hold(fresh[0])
+    now[0] += 50.0
+    policy.hold(old[1])
+    now[0] += 20.0  # old[0] and fresh[0] are 70 s old, old[1] 20 s
+    assert _same(policy.on_alert(SRC), [old[1]])  # an alert wants no block older than hold_s ...
+    assert policy.held() == (1, 4 * len(fresh[0].samples))
+    assert policy.expire() == 1  # ... and a source that went quiet gives its blocks up
+    assert policy.held() == (0, 0)
+    assert policy.on_alert(quiet) == []
 
 
 @pytest.mark.parametrize(
@@ -304,6 +327,8 @@ def test_policy_around_alerts_ring_keeps_only_the_last_keep_blocks_ids() -> None
 def test_policy_refuses_bad_settings(mode: str, every_n: int, keep_blocks: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RawVibrationPolicy(mode, every_n, keep_blocks)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hold_s"):
+        RawVibrationPolicy("around_alerts", 1, 1, hold_s=0.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

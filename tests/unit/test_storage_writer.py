@@ -17,7 +17,7 @@ import pytest
 
 from agent.metrics import Metrics
 from agent.records import Reading, SampleBlock, Source
-from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_ref, encode_readings
+from agent.spool.codec import Entry, encode_block, encode_lines, encode_raw_blocks, encode_raw_ref, encode_readings
 from agent.spool.sqlite import SinkCursor, Spool
 from agent.storage import writer as writer_module
 from agent.storage.base import PermanentWriteError, RetryableWriteError, WriteError
@@ -468,7 +468,7 @@ def test_an_unknown_entry_kind_is_dead_lettered(
     assert "unknown spool entry kind 9" in spool.dead_letters()[0][1]
 
 
-# -- held blocks and raw-data releases ---------------------------------------------------------
+# -- raw-data releases; held rows and releases by id of spools written by earlier builds --------
 
 
 def test_held_blocks_are_not_written_until_a_release_names_them(
@@ -530,10 +530,9 @@ def test_released_raw_blocks_are_written_in_pieces_at_their_pace(
     spool: Spool, metrics: Metrics, make_writer: Callable[..., SinkWriter]
 ) -> None:
     held = [_block(40, k) for k in range(3)]
-    ids = spool.append([encode_block(b, store_raw=False, held=True) for b in held])
     sink = TimedSink()
     make_writer(sink, flush_interval_s=0.0, raw_release_points_s=1000.0)  # batch_size 10
-    spool.append([encode_raw_ref(ids)])  # type: ignore[list-item]
+    spool.append([encode_raw_blocks(held)])
     _wait_for(lambda: len(sink.accepted) == 120, "the released blocks written")  # not flush: it hurries
     assert sink.accepted == [line for b in held for line in block_lines(b)]
     assert [len(call) for call in sink.calls] == [10] * 12
@@ -547,8 +546,7 @@ def test_the_pace_leaves_other_rows_whole_and_a_flush_does_not_wait_for_it(
 ) -> None:
     spool.append([encode_lines(_lines(25))])  # one row larger than a batch, no raw release: written whole
     held = [_block(40, k) for k in range(2)]
-    ids = spool.append([encode_block(b, store_raw=False, held=True) for b in held])
-    spool.append([encode_raw_ref(ids)])  # type: ignore[list-item]
+    spool.append([encode_raw_blocks(held)])
     sink = ScriptedSink()
     writer = make_writer(sink, raw_release_points_s=0.001)  # 80 samples would take a day at this pace
     assert writer.flush(FLUSH_TIMEOUT_S)
