@@ -261,7 +261,7 @@ def build_stages(config: Config, metrics: Metrics, models: Models | None = None)
         speeds=speeds,
         baseline=baseline,
         defect=defect,
-        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks, config.spool.hold_s),
+        raw_policy=RawVibrationPolicy(raw.mode, raw.every_n, raw.keep_blocks, config.spool.hold_s, raw.hold_max_bytes),
         inspection=inspection,
     )
 

@@ -204,7 +204,11 @@ CATALOG: tuple[MetricSpec, ...] = (
         "storage.raw_held_blocks",
         "Raw vibration blocks held in memory for a possible alert (raw_vibration around_alerts), sampled each second.",
     ),
-    _gauge("storage.raw_held_bytes", "The samples' bytes (float32) of the blocks held in memory for a possible alert."),
+    _gauge("storage.raw_held_bytes", "The samples' bytes of the blocks held in memory for a possible alert."),
+    _counter(
+        "storage.raw_hold_evicted",
+        "Held blocks given up to stay within storage.raw_vibration.hold_max_bytes (those held longest first).",
+    ),
     _gauge("storage.writer_process", "1 while the writer runs in its own process and is alive, 0 otherwise."),
     _counter("storage.writer_restarts", "Times the writer process died and was started again."),
     # MQTT

@@ -69,6 +69,13 @@ class RawVibrationSection(Section):
     )
     every_n: int = Field(10, gt=0, description="every_n: store one block in this many.")
     keep_blocks: int = Field(10, gt=0, description="around_alerts: blocks kept before an alert and stored after it.")
+    hold_max_bytes: int = Field(
+        64 * 1024**2,
+        gt=0,
+        description="around_alerts: the blocks kept in memory for a possible alert hold at most this many bytes of "
+        "samples in all (default 64 MiB); beyond it the blocks held longest are given up, counted in "
+        "storage.raw_hold_evicted.",
+    )
     release_points_s: float | None = Field(
         50_000.0,
         gt=0,

@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 APPEND_RETRY_MAX_S = 2.0
 """Longest wait between spool append attempts (a refused append of a full spool costs a page count)."""
 REJECTED_LOG_LINES = 10
-HELD_CHECK_S = 1.0  # how often held raw blocks are expired and counted (storage.raw_held_*)
 REJECTED_LOG_INTERVAL_S = 60.0
 """Rejected messages logged one by one (WARNING) per interval; the rest of the interval's rejections are
 summarised in one line at its end (each is still counted in ``decode.errors`` and on the dead-letter topic)."""
+HELD_CHECK_S = 1.0  # how often held raw blocks are expired and counted (storage.raw_held_*)
+EVICTED_LOG_INTERVAL_S = 60.0  # at most one warning a minute that held raw blocks were given up for the byte cap
 
 
 def for_scoring(item: Decoded, windower: Windower, baseline: CommissioningScorer | None) -> list[ScoringItem]:
@@ -108,6 +109,7 @@ class IngestWorker(Worker):
         self._closed = False  # after finish: what other threads hand over goes to the spool directly
         self._append_failing_since: float | None = None  # logged once per failing period (a full disk)
         self._rejected_log = RateLimitedLog(logger, "rejected message(s)", REJECTED_LOG_LINES, REJECTED_LOG_INTERVAL_S)
+        self._evicted_log = RateLimitedLog(logger, "evictions of held raw blocks", 1, EVICTED_LOG_INTERVAL_S)
 
     def store_raw(self, blocks: Sequence[SampleBlock]) -> None:
         """Held blocks an alert released (called from the scoring thread): spooled with the next batch, as
@@ -143,6 +145,7 @@ class IngestWorker(Worker):
             self.process(batch)
         self.talk_back()
         self._rejected_log.flush()
+        self._evicted_log.flush()
         now = time.monotonic()
         if now >= self._expire_at:
             self._expire_at = now + HELD_CHECK_S
@@ -156,6 +159,7 @@ class IngestWorker(Worker):
             self.process(batch)
         self.talk_back(final=True)
         self._rejected_log.flush(force=True)
+        self._evicted_log.flush(force=True)
         with self._handoff_lock:
             self._closed = True
         if self._raw_released or self._produced:
@@ -232,8 +236,16 @@ class IngestWorker(Worker):
                 self._before_commit()
             if self._append_durably(entries) is None:
                 return  # stopping without room in the spool: nothing of this batch is acknowledged
-        for block in held:
-            self._raw.hold(block)
+        evicted = sum(self._raw.hold(block) for block in held)
+        if evicted:
+            self._metrics.inc("storage.raw_hold_evicted", evicted)
+            self._evicted_log.warning(
+                "hold_max_bytes",
+                "gave up %d held raw block(s) to stay within storage.raw_vibration.hold_max_bytes (%d bytes): "
+                "alerts come with less raw data from before them; more channels than the cap allows for",
+                evicted,
+                self._raw.max_bytes,
+            )
         # Acknowledge only now: every reading of these messages is on disk (or the message was rejected
         # and reported on the dead-letter topic).
         self._broker.ack_batch([(msg.mid, msg.qos) for msg in batch if msg.qos > 0])

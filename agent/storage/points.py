@@ -211,8 +211,10 @@ class RawVibrationPolicy:
 
     Held blocks are not yet accepted data: the spool has the block's features and scores, and its raw
     samples only if an alert wants them; a restart forgets the held blocks (no alert of the new run can
-    want them: its windows start afresh). Memory is bounded by ``keep_blocks`` blocks per source and
-    channel, and a source that went quiet gives its blocks up after ``hold_s`` (``expire``).
+    want them: its windows start afresh). Memory is bounded three ways: ``keep_blocks`` blocks per source
+    and channel; ``max_bytes`` of samples in all (beyond it the blocks held longest go first, counted by
+    the caller from what ``hold`` returns), so that a flood of new channels cannot fill the box; and a
+    source that went quiet gives its blocks up after ``hold_s`` (``expire``).
 
     ``decide`` and ``hold`` are called by the ingest worker for each block, ``on_alert`` by the alert
     stage when an alert is raised (possibly from another thread).
@@ -224,6 +226,7 @@ class RawVibrationPolicy:
         every_n: int = 1,
         keep_blocks: int = 0,
         hold_s: float = 120.0,
+        max_bytes: int = 64 * 1024**2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if mode not in RAW_MODES:
@@ -234,16 +237,23 @@ class RawVibrationPolicy:
             raise ValueError(f"keep_blocks must be >= 1 for around_alerts, >= 0 otherwise, not {keep_blocks}")
         if hold_s <= 0:
             raise ValueError(f"hold_s must be > 0, not {hold_s}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, not {max_bytes}")
         self.mode = mode
         self.every_n = every_n
         self.keep_blocks = keep_blocks
         self.hold_s = hold_s
+        self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._count: dict[tuple[Source, str], int] = {}
+        self._after: dict[tuple[Source, str], int] = {}
+        # Per source/channel its held blocks as (hold number, monotonic time held, block), oldest first.
         self._ring: dict[tuple[Source, str], deque[tuple[int, float, SampleBlock]]] = {}
         self._held_n = 0  # holds so far: a release lists its channels' blocks in the order they were held
-        self._after: dict[tuple[Source, str], int] = {}
+        self._order: deque[tuple[int, tuple[Source, str]]] = deque()  # every hold, to find the oldest held
+        self._blocks = 0
+        self._bytes = 0
 
     def decide(self, block: SampleBlock) -> RawDecision:
         """``store`` its samples now, ``hold`` it (keep it for a possible alert), or ``skip`` it."""
@@ -265,16 +275,32 @@ class RawVibrationPolicy:
                 self._ring[key] = deque(maxlen=self.keep_blocks)
             return "hold"
 
-    def hold(self, block: SampleBlock) -> None:
-        """Keep ``block`` (a ``hold`` decision) in its source's ring, the oldest one leaving a full ring."""
+    def hold(self, block: SampleBlock) -> int:
+        """Keep ``block`` (a ``hold`` decision) in its source's ring, the oldest one leaving a full ring;
+        returns how many held blocks were given up to stay within ``max_bytes`` (the longest held first)."""
         key = (block.source, block.channel)
         now = self._clock()
         with self._lock:
             ring = self._ring.get(key)
             if ring is None:
                 ring = self._ring[key] = deque(maxlen=self.keep_blocks)
+            if len(ring) == ring.maxlen:
+                self._forget(ring[0][2])  # pushed out by the append below
             self._held_n += 1
             ring.append((self._held_n, now, block))
+            self._order.append((self._held_n, key))
+            self._blocks += 1
+            self._bytes += block.samples.nbytes
+            evicted = 0
+            while self._bytes > self.max_bytes and self._order:
+                number, oldest = self._order.popleft()
+                oldest_ring = self._ring.get(oldest)
+                if oldest_ring and oldest_ring[0][0] == number:  # else already gone (pushed out, released)
+                    self._forget(oldest_ring.popleft()[2])
+                    evicted += 1
+            if len(self._order) > 2 * self._blocks + 1024:  # mostly holds already gone: keep the live ones
+                self._order = deque(sorted((n, k) for k, r in self._ring.items() for n, _, _ in r))
+            return evicted
 
     def on_alert(self, source: Source) -> list[SampleBlock]:
         """An alert was raised for ``source``: its held blocks of the last ``hold_s`` (every channel's, in
@@ -288,23 +314,33 @@ class RawVibrationPolicy:
             for key, ring in self._ring.items():
                 if key[0] == source:
                     released.extend(ring)
+                    for _, _, block in ring:
+                        self._forget(block)
                     ring.clear()
                     self._after[key] = self.keep_blocks
         return [block for _, held_at, block in sorted(released, key=lambda held: held[0]) if held_at >= cutoff]
 
     def expire(self) -> int:
-        """Give up the held blocks older than ``hold_s`` (a source that went quiet); returns how many."""
+        """Give up the held blocks older than ``hold_s`` (a source that went quiet), and forget the sources
+        that have nothing held and nothing to store; returns how many blocks went."""
         cutoff = self._clock() - self.hold_s
         dropped = 0
         with self._lock:
-            for ring in self._ring.values():
+            for key, ring in list(self._ring.items()):
                 while ring and ring[0][1] < cutoff:
-                    ring.popleft()
+                    self._forget(ring.popleft()[2])
                     dropped += 1
+                if not ring and not self._after.get(key):
+                    del self._ring[key]  # decide() makes it again if the source comes back
+                    self._after.pop(key, None)
         return dropped
 
     def held(self) -> tuple[int, int]:
-        """The blocks held now and their samples' bytes (as float32)."""
+        """The blocks held now and their samples' bytes."""
         with self._lock:
-            blocks = [block for ring in self._ring.values() for _, _, block in ring]
-        return len(blocks), sum(4 * len(block.samples) for block in blocks)
+            return self._blocks, self._bytes
+
+    def _forget(self, block: SampleBlock) -> None:
+        """A held block leaves its ring (call with the lock held)."""
+        self._blocks -= 1
+        self._bytes -= block.samples.nbytes

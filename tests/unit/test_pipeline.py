@@ -353,6 +353,22 @@ def test_held_blocks_stay_in_memory_and_an_alert_spools_them_as_one_release(rout
     assert policy.held() == (0, 0)
 
 
+def test_held_blocks_given_up_for_the_byte_cap_are_counted_and_logged(router, caplog):
+    journal, metrics = Journal(), Metrics()
+    worker = _ingest(journal, FakeSpool(journal), router, queue.Queue(), metrics)
+    policy = worker._raw = RawVibrationPolicy("around_alerts", keep_blocks=5, max_bytes=2 * 64 * 4)
+    blocks = [
+        SampleBlock(Source.of(machine=f"m{i}", sensor="vibration"), T0, 10240.0, np.zeros(64, dtype=np.float32))
+        for i in range(3)
+    ]
+    with caplog.at_level("WARNING"):
+        worker.process(_vibration_messages(worker, blocks, first_mid=5))
+    assert metrics.get("storage.raw_hold_evicted") == 1
+    assert policy.held() == (2, 2 * 64 * 4)
+    assert "hold_max_bytes" in caplog.text
+    assert [e for e in journal.events if e[0] == "ack"] == [("ack", 5), ("ack", 6), ("ack", 7)]
+
+
 def test_a_held_block_the_spool_could_not_hold_is_refused_at_once_not_when_released(router):
     journal, metrics = Journal(), Metrics()
     worker = _ingest(journal, FakeSpool(journal), router, queue.Queue(), metrics)

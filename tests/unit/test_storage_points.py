@@ -315,6 +315,56 @@ def test_policy_around_alerts_gives_up_blocks_older_than_hold_s() -> None:
     assert policy.on_alert(quiet) == []
 
 
+def test_policy_around_alerts_gives_up_the_blocks_held_longest_beyond_max_bytes() -> None:
+    one = 4 * len(_block().samples)  # bytes of one block's float32 samples
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=3, max_bytes=4 * one)
+    sources = [Source.of(machine=f"m{i}", sensor="vibration") for i in range(3)]
+    held = [_blocks(2, source=src) for src in sources]  # two blocks each: six in all, room for four
+    evicted = [policy.hold(b) for pair in zip(*held, strict=True) for b in pair]  # m0, m1, m2, m0, m1, m2
+    assert evicted == [0, 0, 0, 0, 1, 1]
+    assert policy.held() == (4, 4 * one)
+    assert _same(policy.on_alert(sources[0]), [held[0][1]])  # its first block was the longest held
+    assert _same(policy.on_alert(sources[1]), [held[1][1]])
+    assert _same(policy.on_alert(sources[2]), held[2])
+    assert policy.held() == (0, 0)
+
+
+def test_policy_keeps_its_byte_count_through_pushed_out_released_and_expired_blocks() -> None:
+    now = [0.0]
+    one = 4 * len(_block().samples)
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=2, hold_s=10.0, max_bytes=3 * one, clock=lambda: now[0])
+    quiet = Source.of(machine="m2", sensor="vibration")
+    for b in _blocks(5):  # the ring keeps two: three pushed out, never over the cap
+        assert policy.hold(b) == 0
+    assert policy.hold(_block(source=quiet)) == 0
+    assert policy.held() == (3, 3 * one)
+    policy.on_alert(SRC)
+    assert policy.held() == (1, one)
+    for _ in range(3000):  # many holds of blocks long gone: the record of holds does not grow with them
+        policy.on_alert(SRC)
+        policy.hold(_block())
+    assert len(policy._order) <= 2 * 2 + 1024
+    now[0] += 11.0
+    assert policy.expire() == 2  # the quiet source's block and SRC's last one
+    assert policy.held() == (0, 0)
+
+
+def test_policy_forgets_a_quiet_source_once_it_has_nothing_held_or_to_store() -> None:
+    now = [0.0]
+    policy = RawVibrationPolicy("around_alerts", keep_blocks=1, hold_s=10.0, clock=lambda: now[0])
+    quiet = Source.of(machine="m2", sensor="vibration")
+    for src in (SRC, quiet):
+        b = _block(source=src)
+        assert policy.decide(b) == "hold"
+        policy.hold(b)
+    policy.on_alert(SRC)  # SRC now has a block to store after its alert: remembered
+    now[0] += 11.0
+    assert policy.expire() == 1
+    assert {key[0] for key in policy._ring} == {SRC}
+    assert policy.decide(_block(source=SRC)) == "store"
+    assert policy.decide(_block(source=quiet)) == "hold"  # back as a new source
+
+
 @pytest.mark.parametrize(
     ("mode", "every_n", "keep_blocks", "message"),
     [
@@ -329,6 +379,8 @@ def test_policy_refuses_bad_settings(mode: str, every_n: int, keep_blocks: int, 
         RawVibrationPolicy(mode, every_n, keep_blocks)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hold_s"):
         RawVibrationPolicy("around_alerts", 1, 1, hold_s=0.0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        RawVibrationPolicy("around_alerts", 1, 1, max_bytes=0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
