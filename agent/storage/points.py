@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
@@ -248,11 +248,10 @@ class RawVibrationPolicy:
         self._lock = threading.Lock()
         self._count: dict[tuple[Source, str], int] = {}
         self._after: dict[tuple[Source, str], int] = {}
-        # Per source/channel its held blocks as (hold number, monotonic time held, block), oldest first.
-        self._ring: dict[tuple[Source, str], deque[tuple[int, float, SampleBlock]]] = {}
-        self._held_n = 0  # holds so far: a release lists its channels' blocks in the order they were held
-        self._order: deque[tuple[int, tuple[Source, str]]] = deque()  # every hold, to find the oldest held
-        self._blocks = 0
+        # Every held block by hold number, in the order held (= by time held): the oldest is the first.
+        self._held: OrderedDict[int, tuple[tuple[Source, str], float, SampleBlock]] = OrderedDict()
+        self._ring: dict[tuple[Source, str], deque[int]] = {}  # per source/channel its held blocks' numbers
+        self._held_n = 0
         self._bytes = 0
 
     def decide(self, block: SampleBlock) -> RawDecision:
@@ -272,7 +271,7 @@ class RawVibrationPolicy:
                 self._after[key] -= 1
                 return "store"
             if key not in self._ring:  # known to on_alert even if none of its blocks gets held
-                self._ring[key] = deque(maxlen=self.keep_blocks)
+                self._ring[key] = deque()
             return "hold"
 
     def hold(self, block: SampleBlock) -> int:
@@ -283,23 +282,17 @@ class RawVibrationPolicy:
         with self._lock:
             ring = self._ring.get(key)
             if ring is None:
-                ring = self._ring[key] = deque(maxlen=self.keep_blocks)
-            if len(ring) == ring.maxlen:
-                self._forget(ring[0][2])  # pushed out by the append below
+                ring = self._ring[key] = deque()
+            if len(ring) == self.keep_blocks:
+                self._forget(ring.popleft())
             self._held_n += 1
-            ring.append((self._held_n, now, block))
-            self._order.append((self._held_n, key))
-            self._blocks += 1
+            ring.append(self._held_n)
+            self._held[self._held_n] = (key, now, block)
             self._bytes += block.samples.nbytes
             evicted = 0
-            while self._bytes > self.max_bytes and self._order:
-                number, oldest = self._order.popleft()
-                oldest_ring = self._ring.get(oldest)
-                if oldest_ring and oldest_ring[0][0] == number:  # else already gone (pushed out, released)
-                    self._forget(oldest_ring.popleft()[2])
-                    evicted += 1
-            if len(self._order) > 2 * self._blocks + 1024:  # mostly holds already gone: keep the live ones
-                self._order = deque(sorted((n, k) for k, r in self._ring.items() for n, _, _ in r))
+            while self._bytes > self.max_bytes:
+                self._forget_oldest()
+                evicted += 1
             return evicted
 
     def on_alert(self, source: Source) -> list[SampleBlock]:
@@ -313,9 +306,9 @@ class RawVibrationPolicy:
         with self._lock:
             for key, ring in self._ring.items():
                 if key[0] == source:
-                    released.extend(ring)
-                    for _, _, block in ring:
-                        self._forget(block)
+                    for number in ring:
+                        _, held_at, block = self._forget(number)
+                        released.append((number, held_at, block))
                     ring.clear()
                     self._after[key] = self.keep_blocks
         return [block for _, held_at, block in sorted(released, key=lambda held: held[0]) if held_at >= cutoff]
@@ -326,21 +319,27 @@ class RawVibrationPolicy:
         cutoff = self._clock() - self.hold_s
         dropped = 0
         with self._lock:
-            for key, ring in list(self._ring.items()):
-                while ring and ring[0][1] < cutoff:
-                    self._forget(ring.popleft()[2])
-                    dropped += 1
-                if not ring and not self._after.get(key):
-                    del self._ring[key]  # decide() makes it again if the source comes back
-                    self._after.pop(key, None)
+            while self._held and next(iter(self._held.values()))[1] < cutoff:
+                self._forget_oldest()
+                dropped += 1
+            for key in [key for key, ring in self._ring.items() if not ring and not self._after.get(key)]:
+                del self._ring[key]  # decide() makes it again if the source comes back
+                self._after.pop(key, None)
         return dropped
 
     def held(self) -> tuple[int, int]:
         """The blocks held now and their samples' bytes."""
         with self._lock:
-            return self._blocks, self._bytes
+            return len(self._held), self._bytes
 
-    def _forget(self, block: SampleBlock) -> None:
-        """A held block leaves its ring (call with the lock held)."""
-        self._blocks -= 1
-        self._bytes -= block.samples.nbytes
+    def _forget(self, number: int) -> tuple[tuple[Source, str], float, SampleBlock]:
+        """Held block ``number`` leaves the index (call with the lock held; its ring is the caller's)."""
+        held = self._held.pop(number)
+        self._bytes -= held[2].samples.nbytes
+        return held
+
+    def _forget_oldest(self) -> None:
+        """The block held longest leaves, from the index and from its ring (where it is the first)."""
+        number = next(iter(self._held))
+        key = self._forget(number)[0]
+        self._ring[key].popleft()
