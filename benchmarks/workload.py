@@ -63,6 +63,18 @@ class Event:
     block: tuple[int, int] | None = None
 
 
+def _first_index(t0_s: float, offset_s: float, step_s: float) -> int:
+    """The smallest ``k >= 0`` whose time ``k * step_s + offset_s`` (computed exactly as ``Fleet.events``
+    computes it) is not before ``t0_s``: the estimate from the division is corrected by that very expression,
+    so the bound agrees with the ``< t1_s`` test of the previous interval to the last bit."""
+    k = max(int(np.ceil((t0_s - offset_s) / step_s)), 0)
+    while k > 0 and (k - 1) * step_s + offset_s >= t0_s:
+        k -= 1
+    while k * step_s + offset_s < t0_s:
+        k += 1
+    return k
+
+
 @dataclass
 class Fleet:
     machines: int
@@ -163,15 +175,20 @@ class Fleet:
         return f"factory/bench/l{machine % 4}/m{machine:04d}/{sensor}"
 
     def events(self, t0_s: float, t1_s: float) -> list[Event]:
-        """Messages of simulated time ``[t0_s, t1_s)``, sorted by offset (``t_s`` is relative to ``t0_s``)."""
+        """Messages of simulated time ``[t0_s, t1_s)``, sorted by offset (``t_s`` is relative to ``t0_s``).
+
+        Consecutive calls over adjacent intervals (``t1_s`` of one is ``t0_s`` of the next) publish each message
+        exactly once, whatever rounding the boundaries carry: a message's time is computed the same way for
+        both bounds (``_first_index``), so none falls into two intervals (which would publish one reading twice,
+        stored once, and read as a loss) or into none.
+        """
         self.prepare()
         out: list[tuple[float, int, Event]] = []
         step_s = 1.0 / self.process_hz
         step_ns = round(step_s * NS)
         for i in range(self.machines):
             offset = i * step_s / self.machines
-            k0 = int(np.ceil((t0_s - offset) / step_s - 1e-9))
-            k = max(k0, 0)
+            k = _first_index(t0_s, offset, step_s)
             topic = self.topic(i, "process")
             pool = self._process[i % len(self._process)]
             while (t := k * step_s + offset) < t1_s:
@@ -183,7 +200,7 @@ class Fleet:
         v = self.vibration_machines
         for j in range(v):
             offset = j * period / v
-            k = max(int(np.ceil((t0_s - offset) / period - 1e-9)), 0)
+            k = _first_index(t0_s, offset, period)
             topic = self.topic(j, "vibration")
             p = j % len(self._healthy)
             while (t := k * period + offset) < t1_s:
