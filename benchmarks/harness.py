@@ -22,6 +22,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import yaml
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import schema
 from agent.alerts.rules import AlertRule
@@ -146,11 +148,20 @@ class AgentProcess:
     heartbeat_s: float = 0.5
     raw_vibration: str = "every_n"  # storage.raw_vibration.mode; every_n stores one block in 10
     command: list[str] | None = None  # default: [python, -m, agent]; experiments run a patched agent
+    # MQTT 5 session expiry: 0 (the default) ends the session with the connection, so that no agent of the run
+    # leaves a session queueing the later phases' messages; > 0 lets ``stop(keep_session=True)`` and ``start``
+    # work off what the broker queued meanwhile (the backlog drain), and ``stop()`` then ends the session.
+    session_expiry_s: int = 0
     process: subprocess.Popen[bytes] | None = None
     counters: dict[str, float] = field(default_factory=dict)
-    counters_at: float = 0.0
+    counters_at: float = 0.0  # perf_counter() when the last heartbeat arrived
+    # The agent's clock (time.time() seconds) when it took the last heartbeat's counters. Rates come from these:
+    # a heartbeat can arrive late and bunched with the next ones while the agent works at its limit.
+    counters_time_s: float = 0.0
+    history: list[tuple[float, float]] = field(default_factory=list)  # (counters_time_s, ingest.messages)
     alerts: list[ReceivedAlert] = field(default_factory=list)
     _online: threading.Event = field(default_factory=threading.Event)
+    _started_clock: float = 0.0  # time.time() at the last start: older (retained) heartbeats are not this process's
     _heartbeat: threading.Condition = field(default_factory=threading.Condition)
     _client: mqtt.Client | None = None
 
@@ -175,7 +186,7 @@ class AgentProcess:
         data = yaml.safe_load((REPO / "config" / "agent.yaml").read_text())
         data["agent"].update(id=self.agent_id, heartbeat_s=self.heartbeat_s, log_level="WARNING")
         data["health"] = {"enabled": True, "host": "127.0.0.1", "port": 0}
-        data["mqtt"].update(host=self.mqtt_host, port=self.mqtt_port, session_expiry_s=0)
+        data["mqtt"].update(host=self.mqtt_host, port=self.mqtt_port, session_expiry_s=self.session_expiry_s)
         data["storage"].update(url=self.influx_url)
         data["storage"]["raw_vibration"].update(mode=self.raw_vibration, every_n=10)
         data["storage"]["v1"]["database"] = self.database
@@ -205,14 +216,19 @@ class AgentProcess:
         raise KeyError(f"no configured model has id {model_id!r}")
 
     def start(self, timeout_s: float = 60.0) -> None:
+        """Start the agent process (again, after ``stop``: same config, spool and id; its counters start at 0)."""
         config = self.write_config()
+        self._online.clear()
+        with self._heartbeat:
+            self.counters, self.counters_at, self.counters_time_s = {}, 0.0, 0.0
+            self._started_clock = time.time()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-listener-{self.name}-{os.getpid()}")
         client.on_connect = lambda c, *_: c.subscribe(f"pdm/{self.agent_id}/#", qos=1)
         client.on_message = self._on_message
         client.connect(self.mqtt_host, self.mqtt_port)
         client.loop_start()
         self._client = client
-        self._log = (self.workdir / f"agent-{self.name}.log").open("w")
+        self._log = (self.workdir / f"agent-{self.name}.log").open("a")
         self.process = subprocess.Popen(
             [*(self.command or [sys.executable, "-m", "agent"]), "run", "--config", str(config)],
             stdout=self._log,
@@ -232,8 +248,15 @@ class AgentProcess:
             self.alerts.append(ReceivedAlert(now, msg.topic, json.loads(msg.payload)))
         elif msg.topic.endswith("/heartbeat"):
             with self._heartbeat:
-                self.counters = json.loads(msg.payload).get("fields", {})  # heartbeat v2: flat fields
+                beat = json.loads(msg.payload)
+                if beat["time_ns"] / 1e9 < self._started_clock:
+                    return  # the retained heartbeat of an earlier process of this agent (before a restart)
+                self.counters = beat.get("fields", {})  # heartbeat v2: flat fields
                 self.counters_at = now
+                self.counters_time_s = beat["time_ns"] / 1e9
+                self.history.append(
+                    (self.counters_time_s, float(self.counters.get(series_field("ingest.messages"), 0.0)))
+                )
                 self._heartbeat.notify_all()
         elif msg.topic.endswith("/status") and b'"online"' in msg.payload:
             self._online.set()
@@ -266,8 +289,9 @@ class AgentProcess:
         assert self.process is not None
         return memory_kb(self.process.pid)
 
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM (the agent drains and flushes its spool), wait; returns the exit code."""
+    def stop(self, timeout_s: float = 60.0, keep_session: bool = False) -> int | None:
+        """SIGTERM (the agent drains and flushes its spool), wait; returns the exit code. With a session expiry,
+        the broker's session of the agent ends too unless ``keep_session`` (it then queues for the next start)."""
         code = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -284,7 +308,29 @@ class AgentProcess:
             self._client = None
         if getattr(self, "_log", None) is not None:
             self._log.close()
+        if self.session_expiry_s and not keep_session:
+            self.end_session()
         return code
+
+    def end_session(self) -> None:
+        """End the agent's MQTT session at the broker (and what it queued): a clean start with its client id and
+        no expiry, then a disconnect."""
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"pdm-agent-{self.agent_id}", protocol=mqtt.MQTTv5
+        )
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0
+        client.connect(self.mqtt_host, self.mqtt_port, clean_start=True, properties=properties)
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + 10
+            while not client.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if not client.is_connected():
+                raise RuntimeError(f"could not connect as the agent {self.name} to end its session")
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     def stored(self) -> dict[str, int]:
         """Readings (process points) and raw vibration samples the agent stored in InfluxDB."""

@@ -84,7 +84,7 @@ from benchmarks.harness import (  # noqa: E402
     cpu_usage,
 )
 from benchmarks.targets import markdown_rows, target_rows  # noqa: E402
-from benchmarks.workload import Fleet  # noqa: E402
+from benchmarks.workload import Event, Fleet  # noqa: E402
 from pdm_tools.dev import services as devservices  # noqa: E402
 
 NS = 1_000_000_000
@@ -101,6 +101,9 @@ FULL: dict[str, Any] = {
     # storage.raw_vibration.mode of the ramp: the shipped config's (held blocks, raw data around alerts)
     "ramp_raw_vibration": "around_alerts",
     "bare_messages_s": 60.0,  # simulated seconds of the fleet for the bare subscriber
+    # Simulated seconds of the fleet queued at the broker while the subscriber is away, for the bare subscriber
+    # and for the ramp's agent (stopped and started again): both work off the same backlog (45,000 messages).
+    "backlog_s": 300.0,
     "bare_points": 600_000,
     "onnx_runs": 400,
     # Bare writer vs the agent's writer, interleaved, best of each: two attempts of the same code differed by
@@ -138,6 +141,7 @@ QUICK: dict[str, Any] = {
     "refine": 0,
     "ramp_raw_vibration": "every_n",  # the smoke run checks the stored raw samples exactly
     "bare_messages_s": 10.0,
+    "backlog_s": 150.0,
     "bare_points": 60_000,
     "onnx_runs": 50,
     "influx_attempts": 1,
@@ -164,6 +168,7 @@ QUICK: dict[str, Any] = {
 }
 PHASES = ("limits", "throughput", "burst", "alerts", "scaling", "commissioned")
 VIB_FRACTION = 0.1  # scaling runs: share of machines that also publish vibration
+MIN_DRAIN_S = 1.0  # a backlog drain timed over less than this (two heartbeats apart) is not reported
 ALERT_TYPE = "vibration-anomaly"  # the alert type (model id) whose events the alert run follows
 ALERT_FAULTY_BLOCKS = 4  # faulty blocks per episode (at least what raise_n / min_duration_s need)
 REFERENCE_RAMP_SPEED = 4.0  # highest sustained ramp speed of docs/benchmarks.md, when the ramp is not run
@@ -405,17 +410,24 @@ class Run:
     """One agent subprocess fed by one publisher; keeps the totals needed for the loss check."""
 
     def __init__(
-        self, services: tuple[str, int, str], workdir: Path, name: str, fleet: Fleet, raw: str = "every_n"
+        self,
+        services: tuple[str, int, str],
+        workdir: Path,
+        name: str,
+        fleet: Fleet,
+        raw: str = "every_n",
+        session_expiry_s: int = 0,
     ) -> None:
         host, port, url = services
         self.fleet = fleet
-        self.agent = AgentProcess(workdir, host, port, url, name, raw_vibration=raw)
+        self.agent = AgentProcess(workdir, host, port, url, name, raw_vibration=raw, session_expiry_s=session_expiry_s)
         self.publisher: Publisher | None = None
         self.host, self.port = host, port
         self.name = name
         self.sim_t = 0.0
         self.blocks: dict[int, int] = {}
         self.readings = 0
+        self.taken_before = 0  # messages taken by the agent's earlier processes (before backlog_drain's restart)
 
     def __enter__(self) -> Run:
         self.fleet.prepare()
@@ -428,10 +440,13 @@ class Run:
             self.publisher.close()
         self.agent.stop()
 
-    def step(self, speed: float, wall_s: float, sent_at: dict | None = None, drain_s: float = 0.0) -> dict[str, Any]:
-        """Publish ``wall_s`` seconds of the fleet at ``speed`` x real time and see whether the agent keeps up."""
+    def due(self) -> int:
+        """Messages the running agent process must have taken (its counters start at 0)."""
         assert self.publisher is not None
-        sim_s = wall_s * speed
+        return self.publisher.published - self.taken_before
+
+    def _next_events(self, sim_s: float) -> list[Event]:
+        """The fleet's next ``sim_s`` simulated seconds, counted for the loss check."""
         events = self.fleet.events(self.sim_t, self.sim_t + sim_s)
         self.sim_t += sim_s
         for e in events:
@@ -439,6 +454,49 @@ class Run:
                 self.blocks[e.block[0]] = self.blocks.get(e.block[0], 0) + 1
             else:
                 self.readings += 1
+        return events
+
+    def backlog_drain(self, sim_s: float, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Stop the agent (keeping its MQTT session), publish ``sim_s`` of the fleet as fast as possible (the
+        broker queues it for the session), start the agent again: the rate at which it works off that backlog,
+        between its first heartbeat that counts a message and the first that counts them all. The same
+        situation as ``bench_bare_backlog``'s subscriber, which comes back to the same number of messages."""
+        assert self.publisher is not None
+        if not self.agent.session_expiry_s:
+            raise ValueError("a backlog drain needs an agent with a session expiry (its session must outlive it)")
+        self.agent.wait_caught_up(self.due(), timeout_s=timeout_s, spool_below=1 << 30)
+        events = self._next_events(sim_s)
+        self.agent.stop(keep_session=True)
+        self.taken_before = self.publisher.published
+        self.publisher.publish(events, speed=None)  # returns once the broker acknowledged (queued) every one
+        restarted, restarted_clock = time.perf_counter(), time.time()
+        self.agent.start()
+        n = len(events)
+        done = self.agent.wait_caught_up(n, timeout_s=timeout_s, spool_below=1 << 30)  # the new process counts from 0
+        beats = [(t, m) for t, m in self.agent.history if t >= restarted_clock]
+        first = next(((t, m) for t, m in beats if m > 0), None)
+        last = next(((t, m) for t, m in beats if m >= n), None)
+        rate = None
+        why = None
+        if done is None or first is None or last is None:
+            why = f"the agent did not work off the {n:,} messages within {timeout_s:.0f} s"
+        elif last[0] - first[0] < MIN_DRAIN_S:
+            why = f"drained between two heartbeats {last[0] - first[0]:.2f} s apart: too short to time"
+        else:
+            rate = (last[1] - first[1]) / (last[0] - first[0])
+        return {
+            "messages": n,
+            "msgs_per_s": rate,
+            "not_measured": why,
+            "timed_msgs": (last[1] - first[1]) if rate else None,
+            "timed_s": (last[0] - first[0]) if rate else None,
+            "start_to_done_s": (time.perf_counter() - restarted) if done is not None else None,
+        }
+
+    def step(self, speed: float, wall_s: float, sent_at: dict | None = None, drain_s: float = 0.0) -> dict[str, Any]:
+        """Publish ``wall_s`` seconds of the fleet at ``speed`` x real time and see whether the agent keeps up."""
+        assert self.publisher is not None
+        events = self._next_events(wall_s * speed)
         before = dict(self.agent.counters)
         cpu0, t0 = self.agent.cpu_s(), time.perf_counter()
         snap0 = cpu_snapshot(self.agent.process.pid)  # type: ignore[union-attr]
@@ -446,19 +504,19 @@ class Run:
         usage = cpu_usage(snap0, cpu_snapshot(self.agent.process.pid))  # type: ignore[union-attr]
         pub_end = time.perf_counter()
         cpu_pub = self.agent.cpu_s()
-        lag_at_end = self.publisher.published - self.agent.counter("ingest.messages")
+        lag_at_end = self.due() - self.agent.counter("ingest.messages")
         allowed = max(1.5, 0.2 * wall_s)
         self.agent.wait_heartbeat(timeout_s=2)
-        n1, h1 = self.agent.counter("ingest.messages"), self.agent.counters_at
-        backlog = self.publisher.published - n1
-        caught_up = self.agent.wait_caught_up(self.publisher.published, timeout_s=allowed)
+        n1, h1 = self.agent.counter("ingest.messages"), self.agent.counters_time_s
+        backlog = self.due() - n1
+        caught_up = self.agent.wait_caught_up(self.due(), timeout_s=allowed)
         t1, cpu1 = time.perf_counter(), self.agent.cpu_s()
         after = dict(self.agent.counters)
         drain_rate = None
         if caught_up is None and drain_s > 0:
             # Fell behind: the rate at which it works off its backlog with the publisher idle.
-            self.agent.wait_caught_up(self.publisher.published, timeout_s=drain_s, spool_below=1 << 30)
-            n2, h2 = self.agent.counter("ingest.messages"), self.agent.counters_at
+            self.agent.wait_caught_up(self.due(), timeout_s=drain_s, spool_below=1 << 30)
+            n2, h2 = self.agent.counter("ingest.messages"), self.agent.counters_time_s
             if backlog > 200 and h2 > h1:
                 drain_rate = (n2 - n1) / (h2 - h1)
 
@@ -501,7 +559,7 @@ class Run:
         assert self.publisher is not None
         # The heartbeat adds a point to the spool every beat, so "empty" is rarely seen: wait for "almost
         # empty"; on SIGTERM the agent writes the rest before it exits.
-        drained = self.agent.wait_caught_up(self.publisher.published, timeout_s=180, spool_below=100)
+        drained = self.agent.wait_caught_up(self.due(), timeout_s=180, spool_below=100)
         # A raw-data release is a spool row of no points (its blocks' points count when written), so "drained"
         # can come before the writer wrote the last releases: wait until the released count stops changing.
         counters = dict(self.agent.counters)
@@ -558,7 +616,8 @@ def bench_throughput(services: tuple[str, int, str], workdir: Path, cfg: dict[st
     fleet = Fleet(machines, vib)
     steps: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    with Run(services, workdir, "ramp", fleet, raw=cfg["ramp_raw_vibration"]) as run:
+    # A session that outlives the agent's process: the backlog drain after the ramp restarts it.
+    with Run(services, workdir, "ramp", fleet, raw=cfg["ramp_raw_vibration"], session_expiry_s=600) as run:
         speeds = list(cfg["speeds"])
         refine = int(cfg["refine"])
         failed: float | None = None  # the lowest speed the agent did not sustain
@@ -576,7 +635,7 @@ def bench_throughput(services: tuple[str, int, str], workdir: Path, cfg: dict[st
             else:
                 failed = speed if failed is None else min(failed, speed)
                 # Fell behind (step() let it drain): it must have worked off its backlog before the next step.
-                if run.agent.wait_caught_up(run.publisher.published, timeout_s=30) is None:  # type: ignore[union-attr]
+                if run.agent.wait_caught_up(run.due(), timeout_s=30) is None:
                     log("ramp: the agent did not drain its backlog within 90 s; stopping the ramp")
                     break
             if failed is None:
@@ -588,12 +647,24 @@ def bench_throughput(services: tuple[str, int, str], workdir: Path, cfg: dict[st
                 speeds = [round(math.sqrt(failed * best["speed"]), 1)]
                 continue
             break
+        drain = run.backlog_drain(cfg["backlog_s"])
+        log(
+            f"backlog drain: {drain['messages']:,} messages queued while the agent was away, worked off at "
+            f"{_f(drain['msgs_per_s'])} msg/s" + (f" ({drain['not_measured']})" if drain["not_measured"] else "")
+        )
         final = run.finish()
     log(
         f"ramp: stored {final['readings_stored']}/{final['readings_published']} readings, "
         f"zero loss {final['zero_loss']}"
     )
-    return {"fleet": fleet.describe(), "step_s": cfg["step_s"], "steps": steps, "max_sustained": best, "final": final}
+    return {
+        "fleet": fleet.describe(),
+        "step_s": cfg["step_s"],
+        "steps": steps,
+        "max_sustained": best,
+        "backlog_drain": drain,
+        "final": final,
+    }
 
 
 def _raw_stored(fin: dict[str, Any]) -> str:
@@ -929,7 +1000,7 @@ def _throughput_summary(result: dict[str, Any]) -> dict[str, Any]:
     onnx = result["limits"]["onnx"]
     agent_rate = best.get("published_msgs_per_s", 0.0)
     drains = [st["drain_msgs_per_s"] for st in thr["steps"] if st.get("drain_msgs_per_s")]
-    agent_drain = max(drains) if drains else None
+    agent_drain = (thr.get("backlog_drain") or {}).get("msgs_per_s")
     bare_backlog = bare.get("backlog", {}).get("receive_msgs_per_s")
     return {
         "agent_max_msgs_per_s": agent_rate,
@@ -945,6 +1016,9 @@ def _throughput_summary(result: dict[str, Any]) -> dict[str, Any]:
         else None,
         "bare_publish_msgs_per_s": bare["publish_msgs_per_s"],
         "agent_backlog_drain_msgs_per_s": agent_drain,
+        "agent_backlog_drain_not_measured": (thr.get("backlog_drain") or {}).get("not_measured"),
+        "agent_ramp_drain_msgs_per_s": max(drains) if drains else None,
+        "backlog_messages": (thr.get("backlog_drain") or {}).get("messages"),
         "bare_backlog_drain_msgs_per_s": bare_backlog,
         "ratio_agent_over_bare_backlog_drain": agent_drain / bare_backlog if agent_drain and bare_backlog else None,
         "bare_influx_points_per_s": influx["bare_points_per_s"],
@@ -1100,10 +1174,14 @@ def _markdown_throughput(result: dict[str, Any]) -> list[str]:
         f"{_f(s['bare_receive_msgs_per_s'])} msg/s |",
         f"| (publisher alone, as fast as it can) | {_f(s['bare_publish_msgs_per_s'])} msg/s |",
         f"| **Agent sustained / bare live receive** | **{_f(s['ratio_agent_over_bare_receive'], 2)}** |",
-        f"| Bare subscriber working off a queued backlog (no publisher running) | "
+        f"| Bare subscriber working off a backlog queued while it was away ({_f(s['backlog_messages'])} messages) | "
         f"{_f(s['bare_backlog_drain_msgs_per_s'])} msg/s |",
-        f"| Agent working off its backlog after falling behind (no publisher running) | "
-        f"{_f(s['agent_backlog_drain_msgs_per_s'])} msg/s |",
+        f"| Agent working off the same backlog, queued while it was stopped (timed from its first message) | "
+        f"{_f(s['agent_backlog_drain_msgs_per_s'])} msg/s"
+        + (f" ({s['agent_backlog_drain_not_measured']})" if s["agent_backlog_drain_not_measured"] else "")
+        + " |",
+        f"| (in the ramp, working off what it fell behind by, publisher idle: best step) | "
+        f"{_f(s['agent_ramp_drain_msgs_per_s'])} msg/s |",
         f"| **Agent / bare, backlog drain** | **{_f(s['ratio_agent_over_bare_backlog_drain'], 2)}** |",
         f"| Bare InfluxV1Sink writes (batches of 5000) | {_f(s['bare_influx_points_per_s'])} points/s |",
         f"| Agent spool + writer process drain (lines made from the spooled entries) | "
@@ -1301,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
                 onnx = bench_onnx(cfg["onnx_runs"])
                 log("limits: bare subscriber")
                 bare = bench_bare_receive(broker.host, broker.port, Fleet(machines, vib), cfg["bare_messages_s"])
-                backlog = bench_bare_backlog(broker.host, broker.port, Fleet(machines, vib), cfg["bare_messages_s"])
+                backlog = bench_bare_backlog(broker.host, broker.port, Fleet(machines, vib), cfg["backlog_s"])
                 bare["backlog"] = backlog
                 log(
                     f"limits: bare subscriber {bare['receive_msgs_per_s']:.0f} msg/s live (publisher "

@@ -75,12 +75,15 @@ def _vibration_mix(result: dict[str, Any]) -> list[dict[str, Any]]:
                 None if live else "bare receive rate missing",
             )
         )
-        drains = [st["drain_msgs_per_s"] for st in thr.get("steps", []) if st.get("drain_msgs_per_s")]
-        agent_drain = max(drains) if drains else None
+        # The agent's drain is timed as the bare subscriber's: the same number of messages queued at the broker
+        # while it was away (``Run.backlog_drain``), not the ramp's drains after falling behind, which exist only
+        # when the ramp outruns the agent and overlap its own catching up with the step's publishing.
+        drain = thr.get("backlog_drain") or {}
+        agent_drain = drain.get("msgs_per_s")
         bare_drain = (bare.get("backlog") or {}).get("receive_msgs_per_s")
         why = None
         if not agent_drain:
-            why = "the agent never fell behind in the ramp: no backlog of its own to drain"
+            why = drain.get("not_measured") or "no backlog drain in this result"
         elif not bare_drain:
             why = "bare backlog drain missing"
         rows.append(

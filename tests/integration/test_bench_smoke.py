@@ -68,6 +68,14 @@ def test_quick_benchmark_writes_json_and_table_with_nonzero_rates(tmp_path: Path
     ):
         assert summary[key] > 0, key
     assert result["throughput"]["steps"], "no throughput step ran"
+    # The backlog drain stopped the agent, queued messages for its session and started it again: it took them
+    # all (timed, or too quick to time, said why), and with the ramp's they all reached InfluxDB.
+    drain = result["throughput"]["backlog_drain"]
+    assert drain["messages"] > 0
+    assert (drain["msgs_per_s"] is None) == bool(drain["not_measured"]), drain
+    assert drain["not_measured"] is None or "too short" in drain["not_measured"], drain
+    assert drain["start_to_done_s"] is not None, drain
+    assert result["throughput"]["final"]["zero_loss"], result["throughput"]["final"]
     alerts = result["alerts"]
     assert alerts["alerts_matched"] > 0, "no injected fault produced an alert"
     assert sum(alerts["accounting"].values()) == alerts["episodes"], "an injected episode is not accounted for"
