@@ -76,8 +76,8 @@ def _vibration_mix(result: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
         # The agent's drain is timed as the bare subscriber's: the same number of messages queued at the broker
-        # while it was away (``Run.backlog_drain``), not the ramp's drains after falling behind, which exist only
-        # when the ramp outruns the agent and overlap its own catching up with the step's publishing.
+        # while it was away (``Run.backlog_drain``). The ramp's drains after a failed step (still in its table)
+        # exist only when the publisher outruns the agent, which a faster agent on the same two cores prevents.
         drain = thr.get("backlog_drain") or {}
         agent_drain = drain.get("msgs_per_s")
         bare_drain = (bare.get("backlog") or {}).get("receive_msgs_per_s")
