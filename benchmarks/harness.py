@@ -162,6 +162,7 @@ class AgentProcess:
     alerts: list[ReceivedAlert] = field(default_factory=list)
     _online: threading.Event = field(default_factory=threading.Event)
     _started_clock: float = 0.0  # time.time() at the last start: older (retained) heartbeats are not this process's
+    _session_open: bool = False  # started with a session expiry, and that session not yet ended
     _heartbeat: threading.Condition = field(default_factory=threading.Condition)
     _client: mqtt.Client | None = None
 
@@ -222,6 +223,7 @@ class AgentProcess:
         with self._heartbeat:
             self.counters, self.counters_at, self.counters_time_s = {}, 0.0, 0.0
             self._started_clock = time.time()
+        self._session_open = self.session_expiry_s > 0
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-listener-{self.name}-{os.getpid()}")
         client.on_connect = lambda c, *_: c.subscribe(f"pdm/{self.agent_id}/#", qos=1)
         client.on_message = self._on_message
@@ -308,8 +310,15 @@ class AgentProcess:
             self._client = None
         if getattr(self, "_log", None) is not None:
             self._log.close()
-        if self.session_expiry_s and not keep_session:
-            self.end_session()
+        if self._session_open and not keep_session:
+            try:
+                self.end_session()
+            except (OSError, RuntimeError) as exc:  # not to hide why the run is stopping (the broker may be gone)
+                print(
+                    f"could not end the MQTT session of agent {self.name} ({exc}); the broker keeps it for "
+                    f"{self.session_expiry_s} s",
+                    file=sys.stderr,
+                )
         return code
 
     def end_session(self) -> None:
@@ -328,6 +337,7 @@ class AgentProcess:
                 time.sleep(0.01)
             if not client.is_connected():
                 raise RuntimeError(f"could not connect as the agent {self.name} to end its session")
+            self._session_open = False
         finally:
             client.disconnect()
             client.loop_stop()
